@@ -1,0 +1,162 @@
+//! The [`Device`] trait: the memory, copies, streams and events the engine and the
+//! backends need from a GPU — and nothing else. The CUDA implementation lives in the
+//! `spillway` crate; [`HostDevice`](crate::HostDevice) implements it on host memory for tests
+//! and GPU-less machines.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::memory::{DeviceBuffer, DevicePtr, PinnedBuffer};
+
+/// What kind of device this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// Host memory standing in for a GPU.
+    Host,
+    /// A CUDA GPU.
+    Cuda,
+}
+
+/// A device's identity, for reports.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    /// Host or CUDA.
+    pub kind: DeviceKind,
+    /// The device's ordinal (0 for the host device).
+    pub ordinal: usize,
+    /// Product name, e.g. "NVIDIA H200".
+    pub name: String,
+    /// Total memory in bytes.
+    pub total_memory: u64,
+}
+
+/// A GPU (or a stand-in) as the runtime sees it. Implementations are cheap to share
+/// (`Arc<dyn Device>`) and safe to call from any thread.
+pub trait Device: Send + Sync + fmt::Debug {
+    /// Identity of the device.
+    fn info(&self) -> DeviceInfo;
+
+    /// Allocates `len` bytes of device memory.
+    fn alloc(&self, len: usize) -> Result<DeviceBuffer>;
+
+    /// Allocates `len` bytes of page-locked host memory that the device's copy engines can
+    /// reach, aligned to at least 4096 bytes.
+    fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer>;
+
+    /// Page-locks existing host memory for the device (cuMemHostRegister). Unregistered
+    /// when the returned guard drops.
+    ///
+    /// # Safety
+    /// `ptr` must stay valid for `len` bytes until the guard is dropped.
+    unsafe fn register_host(&self, ptr: *mut u8, len: usize) -> Result<HostRegistration>;
+
+    /// Creates a new stream on which copies run in order.
+    fn create_stream(&self) -> Result<Arc<dyn Stream>>;
+
+    /// Fills `[dst, dst+len)` with the [`pattern`](crate::pattern) for `seed`, as if the
+    /// region started at byte `offset` of the pattern, and waits until done.
+    fn fill_pattern(&self, dst: DevicePtr, len: usize, seed: u64, offset: u64) -> Result<()>;
+
+    /// Counts the bytes of `[src, src+len)` that differ from the [`pattern`](crate::pattern)
+    /// for `seed` at `offset` (0 means equal), and waits until done.
+    fn count_pattern_mismatches(&self, src: DevicePtr, len: usize, seed: u64, offset: u64) -> Result<u64>;
+
+    /// Copies device memory to host memory and waits (convenience for tests and tools).
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `len` bytes and `src` a live device region of `len` bytes.
+    unsafe fn copy_to_host_sync(&self, dst: *mut u8, src: DevicePtr, len: usize) -> Result<()> {
+        let stream = self.create_stream()?;
+        // SAFETY: forwarded contract.
+        unsafe { stream.copy_d2h(dst, src, len)? };
+        stream.synchronize()
+    }
+
+    /// Copies host memory to device memory and waits (convenience for tests and tools).
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes and `dst` a live device region of `len` bytes.
+    unsafe fn copy_from_host_sync(&self, dst: DevicePtr, src: *const u8, len: usize) -> Result<()> {
+        let stream = self.create_stream()?;
+        // SAFETY: forwarded contract.
+        unsafe { stream.copy_h2d(dst, src, len)? };
+        stream.synchronize()
+    }
+}
+
+/// An ordered queue of device work. Copies are asynchronous: they have happened once an
+/// event recorded after them completes (or after [`Stream::synchronize`]).
+pub trait Stream: Send + Sync + fmt::Debug {
+    /// Enqueues a device→host copy.
+    ///
+    /// # Safety
+    /// `dst` (host, `len` bytes) and `src` (device, `len` bytes) must stay valid until the
+    /// copy has completed on the stream.
+    unsafe fn copy_d2h(&self, dst: *mut u8, src: DevicePtr, len: usize) -> Result<()>;
+
+    /// Enqueues a host→device copy.
+    ///
+    /// # Safety
+    /// As for [`Stream::copy_d2h`], with the directions swapped.
+    unsafe fn copy_h2d(&self, dst: DevicePtr, src: *const u8, len: usize) -> Result<()>;
+
+    /// Enqueues a device→device copy.
+    ///
+    /// # Safety
+    /// Both regions must be live device memory of `len` bytes until the copy completes.
+    unsafe fn copy_d2d(&self, dst: DevicePtr, src: DevicePtr, len: usize) -> Result<()>;
+
+    /// Records a new event at the current end of the stream.
+    fn record(&self) -> Result<Box<dyn Event>>;
+
+    /// Makes later work on this stream wait until `event` has completed.
+    fn wait_event(&self, event: &dyn Event) -> Result<()>;
+
+    /// Blocks until all work enqueued so far has completed.
+    fn synchronize(&self) -> Result<()>;
+
+    /// The native handle (`CUstream` as an integer); 0 for the host device.
+    fn raw_handle(&self) -> u64;
+}
+
+/// A point in a stream's work.
+pub trait Event: Send + Sync + fmt::Debug {
+    /// True once all work before the event has completed.
+    fn query(&self) -> Result<bool>;
+
+    /// Blocks until the event has completed.
+    fn synchronize(&self) -> Result<()>;
+
+    /// The implementation, so a stream of the same device can wait on it.
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Guard of a [`Device::register_host`] registration; unregisters on drop.
+pub struct HostRegistration {
+    release: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl HostRegistration {
+    /// A registration undone by `release` on drop.
+    pub fn new(release: impl FnOnce() + Send + Sync + 'static) -> Self {
+        HostRegistration {
+            release: Some(Box::new(release)),
+        }
+    }
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release();
+        }
+    }
+}
+
+impl fmt::Debug for HostRegistration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HostRegistration")
+    }
+}

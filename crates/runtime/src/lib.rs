@@ -1,0 +1,28 @@
+//! spillway-runtime: the device-agnostic core of spillway.
+//!
+//! - [`Device`]: memory, copies, streams and events of a GPU (or of the host, for tests:
+//!   [`HostDevice`]).
+//! - [`Backend`]: moves extents between memory and storage [`Target`]s, completing through
+//!   [`Ticket`]s.
+//! - [`pattern`]: the deterministic data used to verify round trips.
+//!
+//! Nothing here calls CUDA; the CUDA device lives in the `spillway` crate.
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod device;
+pub mod error;
+pub mod host;
+pub mod memory;
+pub mod pattern;
+pub mod target;
+
+pub use backend::{
+    ticket, Backend, BackendInfo, Completer, GdsMode, IoOp, IoRequest, TargetId, TargetInfo, Ticket,
+};
+pub use device::{Device, DeviceInfo, DeviceKind, Event, HostRegistration, Stream};
+pub use error::{Error, Result};
+pub use host::HostDevice;
+pub use memory::{AlignedBuf, DeviceBuffer, DevicePtr, MemRef, PinnedBuffer};
+pub use target::{open_target, DirectIo, OpenedTarget, Target};
