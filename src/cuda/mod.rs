@@ -1,0 +1,1 @@
+//! CUDA device (placeholder until written).
