@@ -1,1 +1,30 @@
-//! CUDA device (placeholder until written).
+//! The CUDA implementation of [`spillway_runtime::Device`], on the CUDA driver API through
+//! `cudarc` (every CUDA library is loaded at run time: nothing CUDA is needed to build, and
+//! everything here returns errors rather than panicking on a machine without a GPU).
+//!
+//! - [`probe`]: the driver (version, which libcuda) and the GPUs, never panicking.
+//! - [`CudaDevice`]: one GPU, attached through its primary context (shared with the CUDA
+//!   runtime and so with PyTorch): device and pinned memory, host registration, streams,
+//!   and the test-pattern kernels.
+//! - [`CudaStream`], [`CudaEvent`]: non-blocking streams and timing-free events.
+//! - [`kernel_build`]: how the kernels of `kernels/` were built into this binary (PTX from
+//!   nvcc, or CUDA C source compiled by NVRTC at first use; see `build.rs`).
+//!
+//! Layers, bottom up: `raw` wraps single driver calls and holds the unsafe code; `memory`,
+//! `stream` and `kernels` are safe RAII types over it; `device` implements the runtime's
+//! trait with them.
+
+mod device;
+mod error;
+mod kernels;
+mod launch;
+mod memory;
+mod nvrtc;
+mod probe;
+mod raw;
+mod stream;
+
+pub use device::CudaDevice;
+pub use kernels::kernel_build;
+pub use probe::{probe, CudaProbe, DriverInfo, GpuInfo};
+pub use stream::{CudaEvent, CudaStream};

@@ -1,0 +1,200 @@
+//! [`CudaDevice`]: the runtime's [`Device`] on one GPU, in that GPU's primary context.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::CudaContext;
+use spillway_runtime::{
+    Device, DeviceBuffer, DeviceInfo, DeviceKind, DevicePtr, Error, HostRegistration, PinnedBuffer, Result,
+    Stream,
+};
+
+use super::error::{self, DriverResultExt};
+use super::launch::PatternKernels;
+use super::memory::{self, DeviceAlloc, PinnedAlloc};
+use super::probe::{self, GpuInfo};
+use super::raw;
+use super::stream::CudaStream;
+
+/// One GPU, attached through its *primary context* — the context the CUDA runtime (and so
+/// PyTorch) uses — so memory and streams are shared with the framework.
+///
+/// Every method binds the context to the calling thread first, so a `CudaDevice` works from
+/// any thread. Kernels are loaded on first use.
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    gpu: GpuInfo,
+    sm_count: u32,
+    /// The pattern kernels, loaded on first use; the lock also serializes their launches.
+    kernels: Mutex<Option<PatternKernels>>,
+}
+
+impl CudaDevice {
+    /// Attaches to GPU `ordinal`'s primary context (retained with
+    /// cuDevicePrimaryCtxRetain, released when the last user drops).
+    ///
+    /// Never panics. Errors: [`Error::Unavailable`] when there is no libcuda (with what to
+    /// install), when the driver cannot initialize, or when it sees no GPU;
+    /// [`Error::InvalidArgument`] when `ordinal` is not one of the GPUs, naming how many
+    /// there are.
+    pub fn new(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        match std::panic::catch_unwind(|| Self::attach(ordinal)) {
+            Ok(result) => result,
+            Err(panic) => Err(Error::Device(format!(
+                "attaching to GPU {ordinal} failed: {}",
+                probe::panic_message(&*panic)
+            ))),
+        }
+    }
+
+    fn attach(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        let _span = tracing::debug_span!("cuda_attach", gpu = ordinal).entered();
+        probe::init()?;
+        let count = raw::device_count().map_err(|e| error::driver("cuDeviceGetCount", None, e))?;
+        if count == 0 {
+            return Err(probe::unavailable(format!(
+                "the NVIDIA driver sees no GPU{}",
+                probe::visible_devices_note()
+            )));
+        }
+        if ordinal >= count {
+            return Err(Error::InvalidArgument(format!(
+                "GPU {ordinal} requested but this machine has {}{}",
+                gpu_list(count),
+                probe::visible_devices_note()
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| {
+            error::driver(
+                "attaching to the primary context (cuDevicePrimaryCtxRetain)",
+                Some(ordinal),
+                e,
+            )
+        })?;
+        let gpu = probe::gpu_info(ordinal).on_gpu("querying the GPU", ordinal)?;
+        let sm_count = raw::device_attribute(
+            ctx.cu_device(),
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .on_gpu("cuDeviceGetAttribute(MULTIPROCESSOR_COUNT)", ordinal)?;
+        tracing::debug!(
+            gpu = ordinal,
+            name = %gpu.name,
+            pci = %gpu.pci_bus_id,
+            sm_count,
+            "attached to the primary context"
+        );
+        Ok(Arc::new(CudaDevice {
+            ctx,
+            gpu,
+            sm_count: sm_count.max(1) as u32,
+            kernels: Mutex::new(None),
+        }))
+    }
+
+    /// The GPU's CUDA ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.gpu.ordinal
+    }
+
+    /// The GPU's primary context (for threads that call CUDA themselves, e.g. cuFile's).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The GPU's name, memory, compute capability and PCI address.
+    pub fn gpu_info(&self) -> &GpuInfo {
+        &self.gpu
+    }
+
+    /// A new stream, as its concrete type (for callers that need the raw `CUstream`).
+    pub fn cuda_stream(&self) -> Result<CudaStream> {
+        CudaStream::new(&self.ctx, self.gpu.ordinal)
+    }
+
+    /// Loads the kernels if they are not yet, and says where their code came from: "PTX for
+    /// compute_75 built by nvcc" or "PTX for compute_90 compiled by NVRTC 12.4".
+    pub fn kernel_origin(&self) -> Result<String> {
+        self.with_kernels(|k| Ok(k.origin().to_string()))
+    }
+
+    /// Runs `f` with the pattern kernels, loading them on first use.
+    fn with_kernels<T>(&self, f: impl FnOnce(&PatternKernels) -> Result<T>) -> Result<T> {
+        let mut slot = self.kernels.lock().unwrap_or_else(|e| e.into_inner());
+        let kernels = match slot.take() {
+            Some(kernels) => kernels,
+            None => PatternKernels::new(
+                &self.ctx,
+                self.gpu.ordinal,
+                self.gpu.compute_capability,
+                self.sm_count,
+            )?,
+        };
+        f(slot.insert(kernels))
+    }
+}
+
+/// "1 GPU (0)", "2 GPUs (0, 1)", "8 GPUs (0 to 7)".
+fn gpu_list(count: usize) -> String {
+    match count {
+        1 => "1 GPU (0)".to_string(),
+        2 => "2 GPUs (0, 1)".to_string(),
+        n => format!("{n} GPUs (0 to {})", n - 1),
+    }
+}
+
+impl fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CudaDevice(GPU {}: {}, {})",
+            self.gpu.ordinal, self.gpu.name, self.gpu.pci_bus_id
+        )
+    }
+}
+
+impl Device for CudaDevice {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            kind: DeviceKind::Cuda,
+            ordinal: self.gpu.ordinal,
+            name: self.gpu.name.clone(),
+            total_memory: self.gpu.total_memory,
+        }
+    }
+
+    fn alloc(&self, len: usize) -> Result<DeviceBuffer> {
+        let _span = tracing::debug_span!("cuda_alloc", gpu = self.gpu.ordinal, len).entered();
+        Ok(DeviceAlloc::new(&self.ctx, self.gpu.ordinal, len)?.into_buffer())
+    }
+
+    fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer> {
+        let _span = tracing::debug_span!("cuda_alloc_pinned", gpu = self.gpu.ordinal, len).entered();
+        Ok(PinnedAlloc::new(&self.ctx, self.gpu.ordinal, len)?.into_buffer(len))
+    }
+
+    unsafe fn register_host(&self, ptr: *mut u8, len: usize) -> Result<HostRegistration> {
+        let _span = tracing::debug_span!("cuda_register_host", gpu = self.gpu.ordinal, len).entered();
+        // SAFETY: forwarded contract: the memory stays valid until the guard drops.
+        unsafe { memory::register_host(&self.ctx, self.gpu.ordinal, ptr, len) }
+    }
+
+    fn create_stream(&self) -> Result<Arc<dyn Stream>> {
+        Ok(Arc::new(self.cuda_stream()?))
+    }
+
+    fn fill_pattern(&self, dst: DevicePtr, len: usize, seed: u64, offset: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.with_kernels(|k| k.fill(dst, len, seed, offset))
+    }
+
+    fn count_pattern_mismatches(&self, src: DevicePtr, len: usize, seed: u64, offset: u64) -> Result<u64> {
+        if len == 0 {
+            return Ok(0);
+        }
+        self.with_kernels(|k| k.count_mismatches(src, len, seed, offset))
+    }
+}
