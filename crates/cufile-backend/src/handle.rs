@@ -1,0 +1,83 @@
+//! A file registered with cuFile (`cuFileHandleRegister`), deregistered and closed on drop.
+
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use cudarc::cufile::{result, sys};
+use spillway_runtime::{Error, Result};
+
+use crate::driver::guarded;
+use crate::status::cufile_error_text;
+
+/// An open file and its cuFile handle. The handle is deregistered before the file closes.
+pub(crate) struct RegisteredFile {
+    handle: sys::CUfileHandle_t,
+    file: File,
+}
+
+// SAFETY: the cuFile handle is an opaque token for the registered descriptor; the cuFile
+// API reference states that all cuFile APIs are thread-safe, and the handle is only
+// deregistered in Drop, when no other reference exists.
+unsafe impl Send for RegisteredFile {}
+// SAFETY: as above; shared use only passes the handle to thread-safe cuFile calls.
+unsafe impl Sync for RegisteredFile {}
+
+impl RegisteredFile {
+    /// Registers `file` (opened read-write, with O_DIRECT for the GDS path).
+    pub fn register(file: File, path: &Path) -> Result<Self> {
+        let mut handle = sys::CUfileDescr_t__bindgen_ty_1 {
+            handle: std::ptr::null_mut(),
+        };
+        handle.fd = file.as_raw_fd();
+        let descr = sys::CUfileDescr_t {
+            type_: sys::CUfileFileHandleType::CU_FILE_HANDLE_TYPE_OPAQUE_FD,
+            handle,
+            fs_ops: std::ptr::null(),
+        };
+        let registered = guarded("cuFileHandleRegister", || result::handle_register(&descr))?;
+        match registered {
+            Ok(handle) => Ok(RegisteredFile { handle, file }),
+            Err(e) => Err(Error::Target {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "cuFileHandleRegister failed: {}; cuFile needs a regular file or block device on a local filesystem (ext4, xfs) opened with O_DIRECT, or compatibility mode allowed (properties.allow_compat_mode in cufile.json), and in a container /run/udev visible (--volume /run/udev:/run/udev:ro); cuFile's own log, cufile.log, says more; or use --backend uring",
+                    cufile_error_text(&e)
+                ),
+            }),
+        }
+    }
+
+    /// The cuFile handle.
+    pub fn raw(&self) -> sys::CUfileHandle_t {
+        self.handle
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Drop for RegisteredFile {
+    fn drop(&mut self) {
+        let handle = self.handle;
+        // SAFETY: the handle was registered in `register` and is deregistered only here,
+        // once; no I/O uses it any more (every user holds the owning Arc). The file closes
+        // afterwards, when the field drops.
+        let _ = guarded("cuFileHandleDeregister", || unsafe {
+            result::handle_deregister(handle)
+        });
+    }
+}
+
+impl std::fmt::Debug for RegisteredFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "RegisteredFile(fd {}, handle {:p})",
+            self.file.as_raw_fd(),
+            self.handle
+        )
+    }
+}
