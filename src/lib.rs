@@ -1,11 +1,17 @@
 //! spillway: a GPU-centric direct-storage runtime.
 //!
-//! This crate holds the CUDA device ([`cuda`]), backend selection and the `spillway`
-//! command-line tool. The device-agnostic core is `spillway-runtime` (re-exported as
-//! [`runtime`]); the backends are `spillway-uring` and `spillway-cufile`.
+//! This crate holds the CUDA device ([`cuda`]), backend selection ([`select`]) and the
+//! `spillway` command-line tool ([`bench`], [`info`]). The device-agnostic core is
+//! `spillway-runtime` (re-exported as [`runtime`]); the backends are `spillway-uring` and
+//! `spillway-cufile`.
 
 #![warn(missing_docs)]
 
+pub mod bench;
+pub mod cli;
 pub mod cuda;
+pub mod info;
+pub mod select;
+pub mod size;
 
 pub use spillway_runtime as runtime;

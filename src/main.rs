@@ -1,1 +1,56 @@
-fn main() {}
+//! The `spillway` command: `spillway bench` and `spillway info`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use spillway::bench;
+use spillway::cli::{Cli, Command};
+use spillway::info;
+
+fn main() -> ExitCode {
+    keep_cufile_log_out_of_cwd();
+    init_logging();
+    let cli = Cli::parse();
+    let outcome = match &cli.command {
+        Command::Bench(args) => bench::run(args).map(|results| {
+            let failed = results.iter().any(|r| r.verified == Some(false));
+            if args.json {
+                bench::report::print_json(&results);
+            } else {
+                bench::report::print_table(&results);
+            }
+            if failed {
+                eprintln!("error: verification failed: data read back differs from data written");
+                ExitCode::from(3)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }),
+        Command::Info(args) => info::run(args).map(|()| ExitCode::SUCCESS),
+    };
+    outcome.unwrap_or_else(|e| {
+        // The runtime's errors carry their causes in their text.
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Logs go to stderr; `SPILLWAY_LOG` (or `RUST_LOG`) sets the filter, default "warn".
+fn init_logging() {
+    let filter = std::env::var("SPILLWAY_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// libcufile writes `cufile.log` into the current directory unless told otherwise; send it
+/// to the temporary directory instead. Runs first, while the process has one thread.
+fn keep_cufile_log_out_of_cwd() {
+    if std::env::var_os("CUFILE_LOGFILE_PATH").is_none() {
+        let path = std::env::temp_dir().join("spillway-cufile.log");
+        std::env::set_var("CUFILE_LOGFILE_PATH", path);
+    }
+}

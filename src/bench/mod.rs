@@ -1,0 +1,229 @@
+//! `spillway bench`: a gdsio/fio-like benchmark of a backend between GPU (or host) memory
+//! and a file or block device.
+//!
+//! Each operation is timed on its own. Reads need data on the target: when an earlier
+//! operation of the same run has not written it, the file is first filled (untimed). With
+//! `--verify` the buffer holds random data and every byte read back is checked: after a
+//! read, the buffer itself; after a write, the whole file is read back (untimed) and checked.
+
+mod buffer;
+mod driver;
+pub mod report;
+pub mod workload;
+
+use std::path::PathBuf;
+
+use spillway_runtime::{Backend, DirectIo, Error, IoOp, Result, Target, TargetId};
+
+use crate::cli::{BenchArgs, OpChoice};
+use crate::select::{self, Choices, Memory, Setup};
+use buffer::BenchBuffer;
+use report::{BenchResult, Latency};
+use workload::Io;
+
+/// Largest buffer the benchmark allocates without `--verify`; larger sizes reuse it.
+const MAX_BUFFER: u64 = 4 << 30;
+/// Largest `--size` with `--verify` (the whole size is kept in memory to be checked).
+const MAX_VERIFY: u64 = 16 << 30;
+
+/// Runs the benchmark described by `args`.
+pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
+    validate(args)?;
+    let setup = select::setup(Choices {
+        backend: args.backend,
+        mem: args.mem,
+        gpu: args.gpu,
+        queue_depth: args.qd,
+        threads: args.threads,
+    })?;
+    let temp;
+    let path = match &args.path {
+        Some(p) => p.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("spillway-bench-")
+                .suffix(".dat")
+                .tempfile()
+                .map_err(|e| {
+                    Error::io(
+                        format!(
+                            "creating a temporary file in {} (set TMPDIR or pass --path)",
+                            std::env::temp_dir().display()
+                        ),
+                        e,
+                    )
+                })?;
+            temp.path().to_path_buf()
+        }
+    };
+    let target = Target {
+        path: path.clone(),
+        direct: if args.buffered {
+            DirectIo::Off
+        } else {
+            DirectIo::Preferred
+        },
+        create: true,
+        reserve: Some(args.size),
+    };
+    let (id, target_info) = setup.backend.open(&target)?;
+    let mut run = Run {
+        args,
+        setup: &setup,
+        target: id,
+        path,
+        buffer: BenchBuffer::new(&setup.memory, setup.device.clone(), buffer_len(args))?,
+        file_holds_data: false,
+        direct_io: target_info.direct_io,
+        notes: setup.notes.iter().cloned().chain(target_info.warning).collect(),
+    };
+    let results = args.op.iter().map(|op| run.op(*op)).collect::<Result<Vec<_>>>();
+    let closed = setup.backend.close(id);
+    let results = results?;
+    closed?;
+    Ok(results)
+}
+
+fn validate(args: &BenchArgs) -> Result<()> {
+    if args.block > args.size {
+        return Err(Error::invalid(format!(
+            "--block ({}) is larger than --size ({}); make the block smaller or the size larger",
+            args.block, args.size
+        )));
+    }
+    if args.qd == 0 || args.qd > 4096 {
+        return Err(Error::invalid(format!(
+            "--qd {} is out of range: use 1 to 4096",
+            args.qd
+        )));
+    }
+    if args.threads == 0 || args.threads > 256 {
+        return Err(Error::invalid(format!(
+            "--threads {} is out of range: use 1 to 256",
+            args.threads
+        )));
+    }
+    if args.verify && args.size > MAX_VERIFY {
+        return Err(Error::invalid(format!(
+            "--verify keeps all of --size in memory to check it; use a --size of at most {} with --verify",
+            crate::size::format_size(MAX_VERIFY)
+        )));
+    }
+    Ok(())
+}
+
+/// The buffer: the whole size with `--verify`; else up to [`MAX_BUFFER`], a whole number of
+/// blocks so no request wraps around its end.
+fn buffer_len(args: &BenchArgs) -> u64 {
+    if args.verify || args.size <= MAX_BUFFER {
+        args.size
+    } else {
+        (MAX_BUFFER / args.block).max(1) * args.block
+    }
+}
+
+struct Run<'a> {
+    args: &'a BenchArgs,
+    setup: &'a Setup,
+    target: TargetId,
+    path: PathBuf,
+    buffer: BenchBuffer,
+    /// True once the first `size` bytes of the target hold the buffer's data for `seed`.
+    file_holds_data: bool,
+    direct_io: bool,
+    notes: Vec<String>,
+}
+
+impl Run<'_> {
+    fn op(&mut self, op: OpChoice) -> Result<BenchResult> {
+        let args = self.args;
+        let ios = workload::plan(args.size, args.block, op.is_random(), args.seed);
+        let timing = if op.is_write() {
+            self.buffer.fill(args.seed)?;
+            let t = self.pass(IoOp::Write, &ios, true)?;
+            self.setup.backend.flush(self.target)?;
+            self.file_holds_data = true;
+            t
+        } else {
+            if !self.file_holds_data {
+                self.buffer.fill(args.seed)?;
+                self.pass(
+                    IoOp::Write,
+                    &workload::plan(args.size, args.block, false, 0),
+                    false,
+                )?;
+                self.setup.backend.flush(self.target)?;
+                self.file_holds_data = true;
+            }
+            if args.verify {
+                self.buffer.poison(args.seed)?;
+            }
+            self.pass(IoOp::Read, &ios, true)?
+        };
+        let mismatched_bytes = if args.verify {
+            if op.is_write() {
+                self.buffer.poison(args.seed)?;
+                self.pass(
+                    IoOp::Read,
+                    &workload::plan(args.size, args.block, false, 0),
+                    false,
+                )?;
+            }
+            Some(self.buffer.mismatches(args.seed)?)
+        } else {
+            None
+        };
+        Ok(self.result(op, &timing, mismatched_bytes))
+    }
+
+    fn pass(&self, op: IoOp, ios: &[Io], progress: bool) -> Result<driver::Timing> {
+        driver::run(&driver::Pass {
+            backend: self.setup.backend.as_ref() as &dyn Backend,
+            target: self.target,
+            op,
+            ios,
+            buffer: &self.buffer,
+            qd: self.args.qd,
+            threads: self.args.threads,
+            progress: progress && !self.args.json,
+        })
+    }
+
+    fn result(&self, op: OpChoice, t: &driver::Timing, mismatched_bytes: Option<u64>) -> BenchResult {
+        let seconds = t.elapsed.as_secs_f64().max(1e-9);
+        let us = |q: f64| t.latency_ns.value_at_quantile(q) as f64 / 1e3;
+        let backend = self.setup.backend.info();
+        let device = match &self.setup.memory {
+            Memory::Host => "host memory".to_string(),
+            Memory::Gpu(gpu) => format!("{} (GPU {})", self.setup.device.info().name, gpu.ordinal()),
+        };
+        BenchResult {
+            backend: backend.name.to_string(),
+            memory: self.setup.memory.name().to_string(),
+            device,
+            op: op.as_str().to_string(),
+            bytes: t.bytes,
+            block_size: self.args.block,
+            queue_depth: self.args.qd,
+            threads: self.args.threads,
+            seconds,
+            throughput_gbps: t.bytes as f64 / seconds / 1e9,
+            iops: t.ios as f64 / seconds,
+            latency_us: Latency {
+                p50: us(0.5),
+                p99: us(0.99),
+                p999: us(0.999),
+                max: t.latency_ns.max() as f64 / 1e3,
+                mean: t.latency_ns.mean() / 1e3,
+            },
+            direct_io: self.direct_io,
+            host_staging: matches!(self.setup.memory, Memory::Gpu(_)) && backend.host_staging,
+            gds_mode: backend.gds_mode.map(|m| m.as_str().to_string()),
+            path: self.path.display().to_string(),
+            verified: mismatched_bytes.map(|m| m == 0),
+            mismatched_bytes,
+            notes: self.notes.clone(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! `spillway info`: what this machine offers spillway — GPUs, driver, kernels, cuFile and
+//! GDS, io_uring, and O_DIRECT on a path.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use spillway_runtime::{open_target, DirectIo, Result, Target};
+
+use crate::cli::InfoArgs;
+use crate::cuda;
+use crate::size::format_size;
+
+/// Everything `spillway info` reports; `--json` prints it as is.
+#[derive(Debug, Serialize)]
+pub struct InfoReport {
+    /// spillway's version.
+    pub version: String,
+    /// CUDA driver version ("13.0") or why there is none.
+    pub cuda_driver: std::result::Result<String, String>,
+    /// The GPUs the driver sees.
+    pub gpus: Vec<Gpu>,
+    /// How the kernels were built into this binary.
+    pub kernels: String,
+    /// libcufile: loaded (with its version) or why not.
+    pub cufile: std::result::Result<String, String>,
+    /// "gds-nvfs", "gds-p2pdma" or "compat" when cuFile loaded.
+    pub gds_mode: Option<String>,
+    /// cuFile driver properties.
+    pub cufile_details: Vec<(String, String)>,
+    /// io_uring: usable, or why not.
+    pub io_uring: std::result::Result<(), String>,
+    /// O_DIRECT support of `--path`, when given.
+    pub path: Option<PathCheck>,
+}
+
+/// One GPU.
+#[derive(Debug, Serialize)]
+pub struct Gpu {
+    /// CUDA ordinal.
+    pub ordinal: usize,
+    /// Product name.
+    pub name: String,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// "9.0".
+    pub compute_capability: String,
+    /// PCI bus id.
+    pub pci_bus_id: String,
+}
+
+/// Whether a path supports O_DIRECT.
+#[derive(Debug, Serialize)]
+pub struct PathCheck {
+    /// The path checked.
+    pub path: PathBuf,
+    /// True when a file there opened with O_DIRECT.
+    pub direct_io: bool,
+    /// Offset/length alignment O_DIRECT needs there, in bytes.
+    pub offset_align: Option<usize>,
+    /// Memory alignment O_DIRECT needs there, in bytes.
+    pub mem_align: Option<usize>,
+    /// Why not, when it does not.
+    pub error: Option<String>,
+}
+
+/// Gathers the report.
+pub fn gather(path: Option<&Path>) -> InfoReport {
+    let probe = cuda::probe();
+    let cufile = spillway_cufile::probe();
+    InfoReport {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        cuda_driver: probe
+            .driver
+            .map(|d| format!("{}.{} ({})", d.cuda_version.0, d.cuda_version.1, d.library)),
+        gpus: probe
+            .gpus
+            .into_iter()
+            .map(|g| Gpu {
+                ordinal: g.ordinal,
+                name: g.name,
+                memory_bytes: g.total_memory,
+                compute_capability: format!("{}.{}", g.compute_capability.0, g.compute_capability.1),
+                pci_bus_id: g.pci_bus_id,
+            })
+            .collect(),
+        kernels: cuda::kernel_build().to_string(),
+        cufile: cufile.library.map(|lib| match &cufile.version {
+            Some(v) => format!("{lib} (version {v})"),
+            None => lib,
+        }),
+        gds_mode: cufile.gds_mode.map(|m| m.as_str().to_string()),
+        cufile_details: cufile.details,
+        io_uring: spillway_uring::probe(),
+        path: path.map(check_path),
+    }
+}
+
+/// Opens a file at (or, for a directory, inside) `path` with O_DIRECT required.
+pub fn check_path(path: &Path) -> PathCheck {
+    let attempt = || -> Result<(usize, usize)> {
+        let (file, _guard) = if path.is_dir() {
+            let tmp = tempfile::Builder::new()
+                .prefix(".spillway-info-")
+                .tempfile_in(path)
+                .map_err(|e| {
+                    spillway_runtime::Error::io(format!("creating a file in {}", path.display()), e)
+                })?;
+            (tmp.path().to_path_buf(), Some(tmp))
+        } else {
+            (path.to_path_buf(), None)
+        };
+        let opened = open_target(&Target {
+            path: file,
+            direct: DirectIo::Required,
+            create: false,
+            reserve: None,
+        })?;
+        Ok((opened.offset_align, opened.mem_align))
+    };
+    match attempt() {
+        Ok((offset_align, mem_align)) => PathCheck {
+            path: path.to_path_buf(),
+            direct_io: true,
+            offset_align: Some(offset_align),
+            mem_align: Some(mem_align),
+            error: None,
+        },
+        Err(e) => PathCheck {
+            path: path.to_path_buf(),
+            direct_io: false,
+            offset_align: None,
+            mem_align: None,
+            error: Some(e.to_string()),
+        },
+    }
+}
+
+/// `spillway info`.
+pub fn run(args: &InfoArgs) -> Result<()> {
+    let report = gather(args.path.as_deref());
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report)
+                .map_err(|e| spillway_runtime::Error::invalid(e.to_string()))?
+        );
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn print_report(r: &InfoReport) {
+    println!("spillway {}", r.version);
+    match &r.cuda_driver {
+        Ok(v) => println!("CUDA driver:   {v}"),
+        Err(e) => println!("CUDA driver:   unavailable: {e}"),
+    }
+    if r.gpus.is_empty() {
+        println!("GPUs:          none");
+    }
+    for g in &r.gpus {
+        println!(
+            "GPU {}:         {}, {}, compute capability {}, PCI {}",
+            g.ordinal,
+            g.name,
+            format_size(g.memory_bytes),
+            g.compute_capability,
+            g.pci_bus_id
+        );
+    }
+    println!("Kernels:       {}", r.kernels);
+    match &r.cufile {
+        Ok(v) => println!("cuFile:        {v}"),
+        Err(e) => println!("cuFile:        unavailable: {e}"),
+    }
+    if let Some(mode) = &r.gds_mode {
+        let meaning = match mode.as_str() {
+            "compat" => "compat mode: POSIX I/O through host memory inside libcufile, not GPUDirect",
+            _ => "true GPUDirect Storage: DMA between GPU memory and storage, no CPU bounce buffer",
+        };
+        println!("GDS mode:      {mode} ({meaning})");
+    }
+    for (k, v) in &r.cufile_details {
+        println!("  {k}: {v}");
+    }
+    match &r.io_uring {
+        Ok(()) => println!("io_uring:      available"),
+        Err(e) => println!("io_uring:      unavailable: {e}"),
+    }
+    if let Some(p) = &r.path {
+        match (&p.error, p.offset_align, p.mem_align) {
+            (None, Some(o), Some(m)) => println!(
+                "O_DIRECT:      supported at {} (offset alignment {o} B, memory alignment {m} B)",
+                p.path.display()
+            ),
+            (Some(e), _, _) => println!("O_DIRECT:      not usable at {}: {e}", p.path.display()),
+            _ => {}
+        }
+    }
+}

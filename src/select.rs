@@ -1,0 +1,151 @@
+//! Choosing the device and the backend for a run, from the user's choices and what this
+//! machine has. Every refusal says what is missing and what to do instead.
+
+use std::sync::Arc;
+
+use spillway_cufile::{CufileBackend, CufileConfig};
+use spillway_runtime::{Backend, Device, Error, GdsMode, HostDevice, Result};
+use spillway_uring::{UringBackend, UringConfig};
+
+use crate::cli::{BackendChoice, MemChoice};
+use crate::cuda::{self, CudaDevice};
+
+/// Where the data lives for a run.
+#[derive(Clone, Debug)]
+pub enum Memory {
+    /// Host memory.
+    Host,
+    /// GPU memory of this CUDA device.
+    Gpu(Arc<CudaDevice>),
+}
+
+impl Memory {
+    /// "gpu" or "host", as reports name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Memory::Host => "host",
+            Memory::Gpu(_) => "gpu",
+        }
+    }
+}
+
+/// What a run needs: a device (for memory and copies), where its buffers live, and a backend.
+#[derive(Debug)]
+pub struct Setup {
+    /// The device that owns the run's memory (the host device for host memory).
+    pub device: Arc<dyn Device>,
+    /// Host or GPU memory.
+    pub memory: Memory,
+    /// The backend that moves the bytes.
+    pub backend: Arc<dyn Backend>,
+    /// Choices made for the user ("no GPU found: using host memory"…).
+    pub notes: Vec<String>,
+}
+
+/// How to build the backend.
+#[derive(Clone, Copy, Debug)]
+pub struct Choices {
+    /// Backend asked for.
+    pub backend: BackendChoice,
+    /// Memory asked for.
+    pub mem: MemChoice,
+    /// GPU ordinal asked for, if any.
+    pub gpu: Option<usize>,
+    /// io_uring queue depth / requests in flight per thread.
+    pub queue_depth: u32,
+    /// Rings or worker threads.
+    pub threads: usize,
+}
+
+/// Builds the device and backend for `choices`.
+pub fn setup(choices: Choices) -> Result<Setup> {
+    let mut notes = Vec::new();
+    if choices.backend == BackendChoice::Cufile {
+        spillway_cufile::check_library()?;
+    }
+    let memory = match choices.mem {
+        MemChoice::Host => {
+            if let Some(gpu) = choices.gpu {
+                return Err(Error::invalid(format!(
+                    "--gpu {gpu} applies to GPU memory, but --mem host was given; drop one of them"
+                )));
+            }
+            Memory::Host
+        }
+        MemChoice::Gpu => Memory::Gpu(CudaDevice::new(choices.gpu.unwrap_or(0))?),
+        MemChoice::Auto => match choices.gpu {
+            Some(ordinal) => Memory::Gpu(CudaDevice::new(ordinal)?),
+            None => {
+                let probe = cuda::probe();
+                if probe.gpus.is_empty() {
+                    let why = match &probe.driver {
+                        Ok(_) => "the CUDA driver reports no GPU".to_string(),
+                        Err(e) => e.clone(),
+                    };
+                    notes.push(format!("no GPU ({why}): using host memory"));
+                    Memory::Host
+                } else {
+                    Memory::Gpu(CudaDevice::new(0)?)
+                }
+            }
+        },
+    };
+    let device: Arc<dyn Device> = match &memory {
+        Memory::Host => Arc::new(HostDevice::new()),
+        Memory::Gpu(gpu) => gpu.clone(),
+    };
+    let backend: Arc<dyn Backend> = match choices.backend {
+        BackendChoice::Uring => Arc::new(uring(device.clone(), choices)?),
+        BackendChoice::Cufile => Arc::new(cufile(&memory, choices)?),
+        BackendChoice::Auto => match &memory {
+            Memory::Host => Arc::new(uring(device.clone(), choices)?),
+            Memory::Gpu(_) => match spillway_cufile::probe().gds_mode {
+                Some(mode @ (GdsMode::NvidiaFs | GdsMode::P2pDma)) => {
+                    notes.push(format!(
+                        "auto: cuFile runs true GPUDirect Storage ({})",
+                        mode.as_str()
+                    ));
+                    Arc::new(cufile(&memory, choices)?)
+                }
+                other => {
+                    let why = match other {
+                        Some(GdsMode::Compat) => "cuFile would run in compat mode (no nvidia-fs or P2PDMA)",
+                        _ => "cuFile is unavailable",
+                    };
+                    notes.push(format!("auto: using uring ({why})"));
+                    Arc::new(uring(device.clone(), choices)?)
+                }
+            },
+        },
+    };
+    Ok(Setup {
+        device,
+        memory,
+        backend,
+        notes,
+    })
+}
+
+fn uring(device: Arc<dyn Device>, choices: Choices) -> Result<UringBackend> {
+    let config = UringConfig {
+        queue_depth: choices.queue_depth,
+        threads: choices.threads,
+        ..UringConfig::default()
+    };
+    UringBackend::new(device, config)
+}
+
+fn cufile(memory: &Memory, choices: Choices) -> Result<CufileBackend> {
+    match memory {
+        Memory::Gpu(gpu) => {
+            let config = CufileConfig {
+                threads: choices.threads.max(1),
+                ..CufileConfig::default()
+            };
+            CufileBackend::new(gpu.context().clone(), config)
+        }
+        Memory::Host => Err(Error::invalid(
+            "--backend cufile moves GPU memory, but host memory was chosen (or no GPU was found); use --mem gpu on a machine with an NVIDIA GPU, or --backend uring",
+        )),
+    }
+}
