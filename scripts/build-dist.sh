@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds what scripts/gpu-test.sh runs on a GPU machine that has no Rust toolchain: the
+# release `spillway` binary and the GPU test programs, copied (stripped) into dist/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-dist}
+rm -rf "$out" && mkdir -p "$out"
+cargo build --release --locked --bin spillway
+cp target/release/spillway "$out/"
+# Test programs: cargo prints their paths as JSON; keep the GPU ones under stable names.
+cargo test --release --locked --workspace --no-run --message-format=json 2>/dev/null |
+  python3 -c '
+import json, shutil, sys
+wanted = {"gpu_cuda": "gpu_cuda", "gpu_backends": "gpu_backends", "gpu": "cufile_gpu"}
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
+        continue
+    t = msg["target"]
+    if "test" in t["kind"] and t["name"] in wanted:
+        shutil.copy(msg["executable"], sys.argv[1] + "/" + wanted[t["name"]])
+        print("test program:", wanted[t["name"]])
+' "$out"
+strip --strip-debug "$out"/* 2>/dev/null || true
+ls -la "$out"

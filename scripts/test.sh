@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need, then runs every test of the
+# workspace (formatting, lints, unit, integration and CLI tests).
+#
+# Runs on any Linux machine with a Rust toolchain; no GPU needed. As root it installs the
+# Debian packages the tests use; otherwise it checks they are there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages: setpriv (util-linux) runs a CLI test as an unprivileged user; mount
+# (also util-linux) gives the full-filesystem test its small tmpfs; fio is the reference
+# the host benchmark is compared with (benches/fio-compare.sh).
+packages=(util-linux mount fio)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "== installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    echo "warning: missing Debian packages: ${missing[*]} (run as root to install them)" >&2
+  fi
+fi
+
+rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked
