@@ -41,8 +41,9 @@ impl RegisteredFile {
             Err(e) => Err(Error::Target {
                 path: path.to_path_buf(),
                 reason: format!(
-                    "cuFileHandleRegister failed: {}; cuFile needs a regular file or block device on a local filesystem (ext4, xfs) opened with O_DIRECT, or compatibility mode allowed (properties.allow_compat_mode in cufile.json), and in a container /run/udev visible (--volume /run/udev:/run/udev:ro); cuFile's own log, cufile.log, says more; or use --backend uring",
-                    cufile_error_text(&e)
+                    "cuFileHandleRegister failed: {}; {}; cuFile's own log, cufile.log, says more; or use --backend uring",
+                    cufile_error_text(&e),
+                    registration_hint(&file)
                 ),
             }),
         }
@@ -56,6 +57,23 @@ impl RegisteredFile {
     /// The open file.
     pub fn file(&self) -> &File {
         &self.file
+    }
+}
+
+/// The likeliest reason cuFile refused `file`, from what can be seen of it here.
+fn registration_hint(file: &File) -> &'static str {
+    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    // SAFETY: statfs is plain old data; all-zero is a valid value.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs fills the struct for an open descriptor and touches nothing else.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) };
+    let on_tmpfs = rc == 0 && fs.f_type as libc::c_long == TMPFS_MAGIC;
+    if on_tmpfs {
+        "cuFile cannot register files on tmpfs (there is no block device behind them): put the file on a block-device filesystem such as ext4 or xfs"
+    } else if !Path::new("/run/udev/data").is_dir() {
+        "cuFile reads the udev properties of the block device (ID_FS_USAGE, ID_FS_TYPE) and this system has no udev database (/run/udev/data): run udevd, or in a container mount it (--volume /run/udev:/run/udev:ro)"
+    } else {
+        "cuFile needs a regular file or block device on a local filesystem (ext4, xfs) opened with O_DIRECT, or compatibility mode allowed (properties.allow_compat_mode in cufile.json)"
     }
 }
 
