@@ -116,6 +116,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
 
+    /// Memory the requests cycle through: the request at target offset `o` uses buffer
+    /// offset `o % buffer`. Default: all of --size, up to 4 GiB. fio's footprint is
+    /// queue depth × block per thread. With --verify it must hold all of --size.
+    #[arg(long, value_parser = parse_size)]
+    pub buffer: Option<u64>,
+
     /// File or block device to use. Default: a temporary file in $TMPDIR, removed afterwards.
     /// A block device is overwritten.
     #[arg(long)]

@@ -110,6 +110,21 @@ fn bench_json_reports_every_op_verified() {
 }
 
 #[test]
+fn a_small_buffer_is_cycled_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = host_bench(
+        dir.path(),
+        &["--size", "4M", "--block", "64K", "--buffer", "200K", "--json"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    for line in stdout(&out).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["buffer_bytes"], 3 * 65536, "rounded down to whole blocks: {v}");
+        assert_eq!(v["bytes"], 4 << 20);
+    }
+}
+
+#[test]
 fn bench_table_with_odd_sizes_verifies() {
     let dir = tempfile::tempdir().unwrap();
     // 1 MiB + 3 bytes in blocks of 4097: nothing is aligned.
@@ -256,7 +271,7 @@ fn cufile_without_libcufile_is_reported() {
 
 #[test]
 fn bad_sizes_are_refused() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["--size", "0"], "at least 1 byte"),
         (&["--size", "12Q"], "unknown unit"),
         (&["--size", "lots"], "not a size"),
@@ -264,6 +279,14 @@ fn bad_sizes_are_refused() {
         (&["--size", "1M", "--block", "2M"], "larger than --size"),
         (&["--size", "1M", "--qd", "0"], "--qd 0 is out of range"),
         (&["--size", "1M", "--threads", "0"], "--threads 0 is out of range"),
+        (
+            &["--size", "1M", "--block", "64K", "--buffer", "4K"],
+            "smaller than --block",
+        ),
+        (
+            &["--size", "1M", "--buffer", "64K", "--block", "4K", "--verify"],
+            "must be at least --size",
+        ),
     ];
     for (args, expected) in cases {
         let err = bench_fails(&[&["--mem", "host"], args].concat());

@@ -103,6 +103,20 @@ fn validate(args: &BenchArgs) -> Result<()> {
             args.threads
         )));
     }
+    if let Some(buffer) = args.buffer {
+        if buffer < args.block {
+            return Err(Error::invalid(format!(
+                "--buffer ({buffer}) is smaller than --block ({}); a request must fit in the buffer",
+                args.block
+            )));
+        }
+        if args.verify && buffer < args.size {
+            return Err(Error::invalid(format!(
+                "--verify checks all of --size in memory, so --buffer ({buffer}) must be at least --size ({}); drop --buffer or --verify",
+                args.size
+            )));
+        }
+    }
     if args.verify && args.size > MAX_VERIFY {
         return Err(Error::invalid(format!(
             "--verify keeps all of --size in memory to check it; use a --size of at most {} with --verify",
@@ -112,13 +126,15 @@ fn validate(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The buffer: the whole size with `--verify`; else up to [`MAX_BUFFER`], a whole number of
-/// blocks so no request wraps around its end.
+/// The buffer: `--buffer`, or the whole size up to [`MAX_BUFFER`]; never more than the size,
+/// and a whole number of blocks (unless it is the whole size) so no request wraps around
+/// its end.
 fn buffer_len(args: &BenchArgs) -> u64 {
-    if args.verify || args.size <= MAX_BUFFER {
+    let wanted = args.buffer.unwrap_or(MAX_BUFFER).min(args.size);
+    if args.verify || wanted == args.size {
         args.size
     } else {
-        (MAX_BUFFER / args.block).max(1) * args.block
+        (wanted / args.block).max(1) * args.block
     }
 }
 
@@ -204,6 +220,7 @@ impl Run<'_> {
             op: op.as_str().to_string(),
             bytes: t.bytes,
             block_size: self.args.block,
+            buffer_bytes: self.buffer.len(),
             queue_depth: self.args.qd,
             threads: self.args.threads,
             seconds,

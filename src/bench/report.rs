@@ -34,6 +34,8 @@ pub struct BenchResult {
     pub bytes: u64,
     /// Bytes per request.
     pub block_size: u64,
+    /// Bytes of memory the requests cycle through.
+    pub buffer_bytes: u64,
     /// Requests in flight per thread.
     pub queue_depth: u32,
     /// Submitting threads.
@@ -77,8 +79,9 @@ pub fn print_table(results: &[BenchResult]) {
         first.backend, first.memory, first.path
     );
     println!(
-        "  block {}, queue depth {}, threads {}, O_DIRECT {}, host staging {}{}",
+        "  block {}, buffer {}, queue depth {}, threads {}, O_DIRECT {}, host staging {}{}",
         format_size(first.block_size),
+        format_size(first.buffer_bytes),
         first.queue_depth,
         first.threads,
         yes_no(first.direct_io),
