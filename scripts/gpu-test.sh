@@ -27,13 +27,78 @@ step() {
   "$@" || failures+=("$*")
 }
 
-step "$dist/spillway" info --path "$disk"
-step "$dist/spillway" info --path "$shm"
+# Runs a command that must fail with a message containing $1.
+expect_error() {
+  local want=$1 out
+  shift
+  echo "== (must fail with \"$want\") $*"
+  if out=$("$@" 2>&1); then
+    failures+=("succeeded but must fail: $*")
+  elif ! grep -qF -- "$want" <<<"$out"; then
+    failures+=("failed without \"$want\": $*")
+  fi
+  echo "$out"
+}
+
+# The filesystem type and block device (MAJ:MIN) of the top-most mount holding a path.
+fstype() { findmnt -rno FSTYPE -T "$1" | tail -n1; }
+majmin() { findmnt -rno MAJ:MIN -T "$1" | tail -n1; }
+
+# cuFile looks up the udev properties of the block device under a file (ID_FS_USAGE,
+# ID_FS_TYPE) and refuses the file when there are none. A machine without udevd (a bare
+# VM, a container without /run/udev) has no such database: as root, write the two
+# properties cuFile reads for each block device tested, and say so.
+provide_udev_properties() {
+  [[ -e /run/udev/control || $(id -u) -ne 0 ]] && return 0 # udevd runs, or not root
+  mkdir -p /run/udev/data
+  for dir in "$@"; do
+    local majmin fs
+    majmin=$(majmin "$dir") fs=$(fstype "$dir")
+    [[ $majmin == 0:* || -e /run/udev/data/b$majmin ]] && continue # tmpfs, or known
+    printf 'E:ID_FS_USAGE=filesystem\nE:ID_FS_TYPE=%s\n' "$fs" >"/run/udev/data/b$majmin"
+    echo "note: no udev database here; wrote /run/udev/data/b$majmin (ID_FS_TYPE=$fs) for cuFile"
+  done
+}
+
+# A fast block device for cuFile, which cannot use tmpfs: ext4 on a loop device whose
+# backing file lives in /dev/shm (direct I/O through to tmpfs).
+loop_ext4_on_shm() {
+  local img=/dev/shm/spillway-loop.img mnt=/mnt/spillway-shm-ext4
+  command -v mkfs.ext4 >/dev/null && command -v losetup >/dev/null || return 1
+  mountpoint -q "$mnt" && { echo "$mnt"; return 0; }
+  truncate -s "${SPILLWAY_LOOP_SIZE:-12G}" "$img" && mkfs.ext4 -q -F "$img" || return 1
+  local dev
+  dev=$(losetup --direct-io=on -f --show "$img") || return 1
+  mkdir -p "$mnt" && mount "$dev" "$mnt" || return 1
+  echo "$mnt"
+}
+
+storages=("$disk" "$shm")
+shm_ext4=""
+if [[ $(id -u) -eq 0 ]] && shm_ext4=$(loop_ext4_on_shm); then
+  storages+=("$shm_ext4")
+else
+  echo "note: no loop ext4 on /dev/shm (needs root, losetup and mkfs.ext4)"
+fi
+provide_udev_properties "${storages[@]}"
+
+for dir in "${storages[@]}"; do
+  step "$dist/spillway" info --path "$dir"
+done
 step "$dist/gpu_cuda" --include-ignored --test-threads=1
-for dir in "$disk" "$shm"; do
-  step env SPILLWAY_TEST_DIR="$dir" "$dist/gpu_backends" --include-ignored --test-threads=1
-  step env SPILLWAY_TEST_DIR="$dir" "$dist/cufile_gpu" --include-ignored --test-threads=1
-  for backend in uring cufile; do
+expect_error "GPU 7 requested" "$dist/spillway" bench --gpu 7 --size 1M --path "$disk/never.dat"
+expect_error "--gpu 7" "$dist/spillway" bench --mem host --gpu 7 --size 1M --path "$disk/never.dat"
+for dir in "${storages[@]}"; do
+  backends=(uring cufile)
+  if [[ $(fstype "$dir") == tmpfs ]]; then
+    echo "note: $dir is tmpfs, which cuFile cannot register files on: cuFile runs on the other storages"
+    backends=(uring)
+    step env SPILLWAY_TEST_DIR="$dir" "$dist/gpu_backends" --include-ignored --test-threads=1 uring
+  else
+    step env SPILLWAY_TEST_DIR="$dir" "$dist/gpu_backends" --include-ignored --test-threads=1
+    step env SPILLWAY_TEST_DIR="$dir" "$dist/cufile_gpu" --include-ignored --test-threads=1
+  fi
+  for backend in "${backends[@]}"; do
     step "$dist/spillway" bench --mem gpu --backend "$backend" --op write,read,randwrite,randread \
       --size 256M --block 1M --qd 16 --verify --path "$dir/verify-$backend.dat"
     step "$dist/spillway" bench --mem gpu --backend "$backend" --op write,read \
@@ -44,7 +109,7 @@ done
 
 if [[ -z ${SKIP_PERF:-} ]]; then
   step python3 benches/gpu_vs_host.py --spillway "$dist/spillway" --out "$results" \
-    --storage "disk=$disk" --storage "shm=$shm"
+    --storage "disk=$disk" --storage "shm=$shm" ${shm_ext4:+--storage "shm-ext4=$shm_ext4"}
 fi
 
 if ((${#failures[@]})); then
