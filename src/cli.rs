@@ -123,7 +123,7 @@ pub struct BenchArgs {
     pub buffer: Option<u64>,
 
     /// File or block device to use. Default: a temporary file in $TMPDIR, removed afterwards.
-    /// A block device is overwritten.
+    /// Write operations (and --verify) overwrite the first --size bytes of a block device.
     #[arg(long)]
     pub path: Option<PathBuf>,
 

@@ -110,6 +110,30 @@ fn bench_json_reports_every_op_verified() {
 }
 
 #[test]
+fn reading_an_existing_file_leaves_it_alone_unless_verifying() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.dat");
+    let original: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&path, &original).unwrap();
+    let out = host_bench(
+        dir.path(),
+        &["--op", "read,randread", "--size", "1M", "--block", "64K"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        std::fs::read(&path).unwrap() == original,
+        "a plain read must not rewrite the file"
+    );
+
+    let out = host_bench(dir.path(), &["--op", "read", "--size", "1M", "--verify"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        std::fs::read(&path).unwrap() != original,
+        "--verify lays down its own data first"
+    );
+}
+
+#[test]
 fn a_small_buffer_is_cycled_through() {
     let dir = tempfile::tempdir().unwrap();
     let out = host_bench(

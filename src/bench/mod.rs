@@ -1,8 +1,9 @@
 //! `spillway bench`: a gdsio/fio-like benchmark of a backend between GPU (or host) memory
 //! and a file or block device.
 //!
-//! Each operation is timed on its own. Reads need data on the target: when an earlier
-//! operation of the same run has not written it, the file is first filled (untimed). With
+//! Each operation is timed on its own. Reads need data on the target: a file that already
+//! holds `--size` bytes (or a block device) is read as it is; a new or shorter one is first
+//! filled (untimed), so reads never hit unwritten extents. With
 //! `--verify` the buffer holds random data and every byte read back is checked: after a
 //! read, the buffer itself; after a write, the whole file is read back (untimed) and checked.
 
@@ -11,6 +12,7 @@ mod driver;
 pub mod report;
 pub mod workload;
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
 use spillway_runtime::{Backend, DirectIo, Error, IoOp, Result, Target, TargetId};
@@ -56,6 +58,11 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
             temp.path().to_path_buf()
         }
     };
+    // Data already on the target is read as it is (no rewrite) unless --verify needs known
+    // data; a new or shorter file is filled first, so reads never hit unwritten extents.
+    let already_written = std::fs::metadata(&path)
+        .map(|m| m.file_type().is_block_device() || m.len() >= args.size)
+        .unwrap_or(false);
     let target = Target {
         path: path.clone(),
         direct: if args.buffered {
@@ -73,7 +80,8 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
         target: id,
         path,
         buffer: BenchBuffer::new(&setup.memory, setup.device.clone(), buffer_len(args))?,
-        file_holds_data: false,
+        written: already_written,
+        seeded: false,
         direct_io: target_info.direct_io,
         notes: setup.notes.iter().cloned().chain(target_info.warning).collect(),
     };
@@ -144,8 +152,10 @@ struct Run<'a> {
     target: TargetId,
     path: PathBuf,
     buffer: BenchBuffer,
-    /// True once the first `size` bytes of the target hold the buffer's data for `seed`.
-    file_holds_data: bool,
+    /// True once the first `size` bytes of the target hold written data (of any kind).
+    written: bool,
+    /// True once they hold the pattern for `seed` (what --verify checks reads against).
+    seeded: bool,
     direct_io: bool,
     notes: Vec<String>,
 }
@@ -158,10 +168,11 @@ impl Run<'_> {
             self.buffer.fill(args.seed)?;
             let t = self.pass(IoOp::Write, &ios, true)?;
             self.setup.backend.flush(self.target)?;
-            self.file_holds_data = true;
+            self.written = true;
+            self.seeded = true;
             t
         } else {
-            if !self.file_holds_data {
+            if !self.written || (args.verify && !self.seeded) {
                 self.buffer.fill(args.seed)?;
                 self.pass(
                     IoOp::Write,
@@ -169,7 +180,8 @@ impl Run<'_> {
                     false,
                 )?;
                 self.setup.backend.flush(self.target)?;
-                self.file_holds_data = true;
+                self.written = true;
+                self.seeded = true;
             }
             if args.verify {
                 self.buffer.poison(args.seed)?;
