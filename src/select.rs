@@ -10,6 +10,9 @@ use spillway_uring::{UringBackend, UringConfig};
 use crate::cli::{BackendChoice, MemChoice};
 use crate::cuda::{self, CudaDevice};
 
+/// Most cuFile worker threads a run starts (requests in flight beyond this queue up).
+const MAX_CUFILE_THREADS: usize = 64;
+
 /// Where the data lives for a run.
 #[derive(Clone, Debug)]
 pub enum Memory {
@@ -138,8 +141,10 @@ fn uring(device: Arc<dyn Device>, choices: Choices) -> Result<UringBackend> {
 fn cufile(memory: &Memory, choices: Choices) -> Result<CufileBackend> {
     match memory {
         Memory::Gpu(gpu) => {
+            // cuFileRead/Write block their thread: one worker per request in flight.
+            let in_flight = choices.queue_depth as usize * choices.threads.max(1);
             let config = CufileConfig {
-                threads: choices.threads.max(1),
+                threads: in_flight.clamp(1, MAX_CUFILE_THREADS),
                 ..CufileConfig::default()
             };
             CufileBackend::new(gpu.context().clone(), config)
