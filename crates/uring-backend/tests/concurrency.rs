@@ -173,3 +173,44 @@ fn staging_waits_for_slow_device_copies() {
         );
     }
 }
+
+/// One request at a time from each of several threads, each submitted just as the worker
+/// finishes the previous one and goes back to sleep: the pattern that would strand a
+/// request behind a blocked worker if a wake-up were lost. Fails (rather than hangs) when a
+/// request does not complete in time.
+#[test]
+fn back_to_back_requests_always_wake_the_worker() {
+    let backend = Arc::new(backend(UringConfig {
+        queue_depth: 4,
+        threads: 2,
+        chunk_size: 64 << 10,
+        staging_buffers: 2,
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let target = open_direct(&backend, &dir, "ping_pong.dat");
+    let threads = 3;
+    let rounds = 500;
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let backend = backend.clone();
+            scope.spawn(move || {
+                let offset = t as u64 * SLOT;
+                let data = Memory::with_pattern(MemKind::HostAligned, 4096, 7 + t as u64, offset);
+                let back = Memory::new(MemKind::HostAligned, 4096);
+                for round in 0..rounds {
+                    let (op, mem) = if round % 2 == 0 {
+                        (IoOp::Write, &data)
+                    } else {
+                        (IoOp::Read, &back)
+                    };
+                    let ticket = submit(&backend, target, op, offset, mem);
+                    match ticket.wait_timeout(std::time::Duration::from_secs(10)) {
+                        Ok(result) => assert_eq!(result.unwrap(), 4096, "round {round} of thread {t}"),
+                        Err(_) => panic!("round {round} of thread {t} did not complete: a lost wake-up"),
+                    }
+                }
+                back.assert_pattern(7 + t as u64, offset, "the last read");
+            });
+        }
+    });
+}
