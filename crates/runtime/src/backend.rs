@@ -130,6 +130,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
 struct Slot {
     result: Option<Result<usize>>,
     waker: Option<Box<dyn FnOnce() + Send>>,
+    /// Threads blocked on the condition variable: completion notifies only when there are
+    /// any (a notify is a system call, and most tickets are never waited on while pending).
+    sleepers: usize,
 }
 
 #[derive(Default)]
@@ -177,7 +180,9 @@ impl Ticket {
     pub fn wait(self) -> Result<usize> {
         let mut slot = self.lock();
         while slot.result.is_none() {
+            slot.sleepers += 1;
             slot = self.shared.cv.wait(slot).unwrap_or_else(|e| e.into_inner());
+            slot.sleepers -= 1;
         }
         slot.result.take().expect("checked above")
     }
@@ -185,12 +190,14 @@ impl Ticket {
     /// Waits at most `timeout`; gives the ticket back if it has not completed.
     pub fn wait_timeout(self, timeout: Duration) -> std::result::Result<Result<usize>, Ticket> {
         let done = {
-            let slot = self.lock();
-            let (slot, _) = self
+            let mut slot = self.lock();
+            slot.sleepers += 1;
+            let (mut slot, _) = self
                 .shared
                 .cv
                 .wait_timeout_while(slot, timeout, |s| s.result.is_none())
                 .unwrap_or_else(|e| e.into_inner());
+            slot.sleepers -= 1;
             slot.result.is_some()
         };
         if done {
@@ -227,12 +234,15 @@ impl Completer {
     /// Completes the request. Wakes the waiter and runs its waker, if any.
     pub fn complete(mut self, result: Result<usize>) {
         if let Some(shared) = self.shared.take() {
-            let waker = {
+            let (waker, sleepers) = {
                 let mut slot = shared.slot.lock().unwrap_or_else(|e| e.into_inner());
                 slot.result = Some(result);
-                slot.waker.take()
+                (slot.waker.take(), slot.sleepers)
             };
-            shared.cv.notify_all();
+            // Sleepers register under the lock before they block, so none can be missed.
+            if sleepers > 0 {
+                shared.cv.notify_all();
+            }
             if let Some(w) = waker {
                 w();
             }
