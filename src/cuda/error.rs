@@ -77,3 +77,16 @@ impl<T> DriverResultExt<T> for std::result::Result<T, DriverError> {
         self.map_err(|e| driver(call, Some(gpu), e))
     }
 }
+
+/// Runs a release call (free, unregister, unload) from a `Drop` with `ctx` bound to the
+/// thread; a failure is logged, never raised, since drops cannot fail.
+pub(crate) fn release_logged(
+    ctx: &cudarc::driver::CudaContext,
+    gpu: usize,
+    what: &str,
+    release: impl FnOnce() -> std::result::Result<(), DriverError>,
+) {
+    if let Err(e) = super::raw::bind(ctx).and_then(|()| release()) {
+        tracing::warn!(gpu, "{what} failed: {}", describe(e));
+    }
+}

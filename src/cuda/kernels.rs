@@ -16,7 +16,7 @@ use cudarc::driver::sys::{CUfunction, CUmodule, CUresult};
 use cudarc::driver::CudaContext;
 use spillway_runtime::{Error, Result};
 
-use super::error::{self, describe, DriverResultExt};
+use super::error::{self, DriverResultExt};
 use super::nvrtc::{self, Code};
 use super::raw;
 
@@ -164,19 +164,12 @@ fn nvrtc_may_help(e: DriverError) -> bool {
 
 impl Drop for Module {
     fn drop(&mut self) {
-        let done = raw::bind(&self.ctx).and_then(|()| {
+        let what = format!("cuModuleUnload({})", self.name);
+        error::release_logged(&self.ctx, self.gpu, &what, || {
             // SAFETY: loaded in `load`, unloaded only here; owners of its functions finish
             // their launches before dropping the module.
             unsafe { raw::module_unload(self.module) }
         });
-        if let Err(e) = done {
-            tracing::warn!(
-                gpu = self.gpu,
-                module = self.name,
-                "cuModuleUnload failed: {}",
-                describe(e)
-            );
-        }
     }
 }
 

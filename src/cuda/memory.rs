@@ -8,7 +8,7 @@ use cudarc::driver::sys::{self, CUdeviceptr};
 use cudarc::driver::CudaContext;
 use spillway_runtime::{DeviceBuffer, Error, HostRegistration, PinnedBuffer, Result};
 
-use super::error::{self, describe, DriverResultExt};
+use super::error::{self, DriverResultExt};
 use super::raw;
 
 /// Alignment `alloc_pinned` guarantees.
@@ -51,20 +51,12 @@ impl DeviceAlloc {
 
 impl Drop for DeviceAlloc {
     fn drop(&mut self) {
-        let freed = raw::bind(&self.ctx).and_then(|()| {
+        let what = format!("cuMemFree({:#x}, {} bytes)", self.ptr, self.len);
+        error::release_logged(&self.ctx, self.gpu, &what, || {
             // SAFETY: `ptr` came from cuMemAlloc in `new` and is freed only here. The runtime's
             // contract makes users wait for their work before dropping a buffer.
             unsafe { raw::mem_free(self.ptr) }
         });
-        if let Err(e) = freed {
-            tracing::warn!(
-                gpu = self.gpu,
-                ptr = self.ptr,
-                len = self.len,
-                "cuMemFree failed: {}",
-                describe(e)
-            );
-        }
     }
 }
 
@@ -138,18 +130,11 @@ impl PinnedAlloc {
 impl Drop for PinnedAlloc {
     fn drop(&mut self) {
         if self.registered {
-            let done = raw::bind(&self.ctx).and_then(|()| {
+            let what = format!("cuMemHostUnregister of a {}-byte pinned buffer", self.len);
+            error::release_logged(&self.ctx, self.gpu, &what, || {
                 // SAFETY: registered in `new`, unregistered only here.
                 unsafe { raw::host_unregister(self.ptr) }
             });
-            if let Err(e) = done {
-                tracing::warn!(
-                    gpu = self.gpu,
-                    len = self.len,
-                    "cuMemHostUnregister failed: {}",
-                    describe(e)
-                );
-            }
         }
         // SAFETY: the mapping was created in `new` with this length and is unmapped only here.
         if unsafe { libc::munmap(self.ptr.cast(), self.len) } != 0 {
@@ -179,18 +164,11 @@ unsafe impl Sync for Registration {}
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let done = raw::bind(&self.ctx).and_then(|()| {
+        let what = format!("cuMemHostUnregister({:p}, {} bytes)", self.ptr, self.len);
+        error::release_logged(&self.ctx, self.gpu, &what, || {
             // SAFETY: `ptr` was registered in `register_host` and is unregistered only here.
             unsafe { raw::host_unregister(self.ptr) }
         });
-        if let Err(e) = done {
-            tracing::warn!(
-                gpu = self.gpu,
-                len = self.len,
-                "cuMemHostUnregister failed: {}",
-                describe(e)
-            );
-        }
     }
 }
 
