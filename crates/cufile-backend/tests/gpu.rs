@@ -482,23 +482,8 @@ fn concurrent_requests_flush_close_and_reopen() {
     pattern::fill(&mut host, 33, 0);
     upload(&mut src, 0, &host);
     let base = dptr(&src);
-    let tickets: Vec<_> = (0..N)
-        .map(|i| {
-            // SAFETY: `src` outlives every ticket (all are waited for below).
-            unsafe {
-                b.submit(IoRequest {
-                    target: t,
-                    op: IoOp::Write,
-                    offset: (i * LEN) as u64,
-                    mem: MemRef::Device {
-                        ptr: base + (i * LEN) as u64,
-                        len: LEN,
-                    },
-                })
-            }
-            .unwrap()
-        })
-        .collect();
+    // SAFETY: `src` outlives every ticket (all are waited for below).
+    let tickets = unsafe { submit_consecutive_writes(&b, t, base, N, LEN) };
     for (i, tk) in tickets.into_iter().enumerate() {
         assert_eq!(tk.wait().unwrap_or_else(|e| panic!("write {i}: {e}")), LEN);
     }
@@ -537,23 +522,8 @@ fn dropping_the_backend_with_requests_pending_does_not_hang() {
     const LEN: usize = 1 << 20;
     let src = alloc(N * LEN);
     let base = dptr(&src);
-    let tickets: Vec<_> = (0..N)
-        .map(|i| {
-            // SAFETY: `src` outlives every ticket (all are waited for below).
-            unsafe {
-                b.submit(IoRequest {
-                    target: t,
-                    op: IoOp::Write,
-                    offset: (i * LEN) as u64,
-                    mem: MemRef::Device {
-                        ptr: base + (i * LEN) as u64,
-                        len: LEN,
-                    },
-                })
-            }
-            .unwrap()
-        })
-        .collect();
+    // SAFETY: `src` outlives every ticket (all are waited for below).
+    let tickets = unsafe { submit_consecutive_writes(&b, t, base, N, LEN) };
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         drop(b);
@@ -576,4 +546,34 @@ fn dropping_the_backend_with_requests_pending_does_not_hang() {
     }
     eprintln!("{ok} completed, {abandoned} abandoned");
     drop(src);
+}
+
+/// Submits `count` writes of `len` bytes, the i-th from `base + i*len` to offset `i*len`.
+///
+/// # Safety
+/// The device memory must outlive every returned ticket.
+unsafe fn submit_consecutive_writes(
+    b: &CufileBackend,
+    t: TargetId,
+    base: u64,
+    count: usize,
+    len: usize,
+) -> Vec<spillway_runtime::Ticket> {
+    (0..count)
+        .map(|i| {
+            // SAFETY: the caller keeps the memory alive until the tickets complete.
+            unsafe {
+                b.submit(IoRequest {
+                    target: t,
+                    op: IoOp::Write,
+                    offset: (i * len) as u64,
+                    mem: MemRef::Device {
+                        ptr: base + (i * len) as u64,
+                        len,
+                    },
+                })
+            }
+            .unwrap()
+        })
+        .collect()
 }
