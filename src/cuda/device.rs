@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::CudaContext;
 use spillway_runtime::{
-    Device, DeviceBuffer, DeviceInfo, DeviceKind, DevicePtr, Error, HostRegistration, PinnedBuffer, Result,
-    Stream,
+    Device, DeviceBuffer, DeviceInfo, DeviceKind, DevicePtr, Error, HostRegistration, PackPiece,
+    PinnedBuffer, Result, Stream,
 };
 
 use super::error::{self, DriverResultExt};
@@ -196,5 +196,19 @@ impl Device for CudaDevice {
             return Ok(0);
         }
         self.with_kernels(|k| k.count_mismatches(src, len, seed, offset))
+    }
+
+    unsafe fn pack(&self, _: &dyn Stream, _: DevicePtr, _: u64, _: &[PackPiece]) -> Result<()> {
+        Err(Error::Unavailable {
+            what: "the CUDA pack kernel".into(),
+            reason: "not built yet".into(),
+        })
+    }
+
+    unsafe fn unpack(&self, _: &dyn Stream, _: DevicePtr, _: u64, _: &[PackPiece]) -> Result<()> {
+        Err(Error::Unavailable {
+            what: "the CUDA unpack kernel".into(),
+            reason: "not built yet".into(),
+        })
     }
 }

@@ -135,6 +135,10 @@ impl Stream for CudaStream {
     fn raw_handle(&self) -> u64 {
         self.stream as u64
     }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }
 
 /// A CUDA event (CU_EVENT_DISABLE_TIMING), recorded by [`CudaStream::record_event`].

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::memory::{DeviceBuffer, DevicePtr, PinnedBuffer};
+use crate::pack::PackPiece;
 
 /// What kind of device this is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +63,35 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Counts the bytes of `[src, src+len)` that differ from the [`pattern`](crate::pattern)
     /// for `seed` at `offset` (0 means equal), and waits until done.
     fn count_pattern_mismatches(&self, src: DevicePtr, len: usize, seed: u64, offset: u64) -> Result<u64>;
+
+    /// Enqueues on `stream` a gather of `pieces` into the extent `[extent, extent+extent_len)`:
+    /// each piece's memory is copied to `extent + piece.offset`, and every extent byte no
+    /// piece covers is zeroed. Pieces must be sorted by offset and disjoint
+    /// ([`check_pack_layout`](crate::pack::check_pack_layout)); one launch does them all.
+    ///
+    /// # Safety
+    /// `stream` must belong to this device; the extent and every piece's memory must be live
+    /// device memory, not overlapping, until the work has completed on the stream.
+    unsafe fn pack(
+        &self,
+        stream: &dyn Stream,
+        extent: DevicePtr,
+        extent_len: u64,
+        pieces: &[PackPiece],
+    ) -> Result<()>;
+
+    /// Enqueues on `stream` a scatter of `pieces` out of the extent at `extent` (of
+    /// `extent_len` bytes): `extent + piece.offset` is copied to each piece's memory.
+    ///
+    /// # Safety
+    /// As for [`Device::pack`]; the pieces' memory must not overlap each other or the extent.
+    unsafe fn unpack(
+        &self,
+        stream: &dyn Stream,
+        extent: DevicePtr,
+        extent_len: u64,
+        pieces: &[PackPiece],
+    ) -> Result<()>;
 
     /// Copies device memory to host memory and waits (convenience for tests and tools).
     ///
@@ -119,6 +149,9 @@ pub trait Stream: Send + Sync + fmt::Debug {
 
     /// The native handle (`CUstream` as an integer); 0 for the host device.
     fn raw_handle(&self) -> u64;
+
+    /// The implementation, so the device that made the stream can use its own type.
+    fn as_any(&self) -> &dyn Any;
 }
 
 /// A point in a stream's work.

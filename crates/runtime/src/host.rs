@@ -10,6 +10,7 @@ use std::thread;
 use crate::device::{Device, DeviceInfo, DeviceKind, Event, HostRegistration, Stream};
 use crate::error::{Error, Result};
 use crate::memory::{AlignedBuf, DeviceBuffer, DevicePtr, PinnedBuffer};
+use crate::pack::{self, PackPiece};
 use crate::pattern;
 
 /// Alignment of every host-device allocation.
@@ -74,6 +75,52 @@ impl Device for HostDevice {
         let slice = unsafe { std::slice::from_raw_parts(src as *const u8, len) };
         Ok(pattern::count_mismatches(slice, seed, offset))
     }
+
+    unsafe fn pack(
+        &self,
+        stream: &dyn Stream,
+        extent: DevicePtr,
+        extent_len: u64,
+        pieces: &[PackPiece],
+    ) -> Result<()> {
+        pack::check_pack_layout(pieces, extent_len)?;
+        let pieces = pieces.to_vec();
+        host_stream(stream)?.run(move || {
+            // SAFETY: the caller keeps the extent and the pieces live and disjoint until the
+            // stream reaches this task (Device::pack's contract); the layout was checked.
+            let extent = unsafe { std::slice::from_raw_parts_mut(extent as *mut u8, extent_len as usize) };
+            // SAFETY: as above.
+            if let Err(e) = unsafe { pack::pack_host(extent, &pieces) } {
+                tracing::error!("host pack failed after its layout was checked: {e}");
+            }
+        })
+    }
+
+    unsafe fn unpack(
+        &self,
+        stream: &dyn Stream,
+        extent: DevicePtr,
+        extent_len: u64,
+        pieces: &[PackPiece],
+    ) -> Result<()> {
+        pack::check_unpack_layout(pieces, extent_len)?;
+        let pieces = pieces.to_vec();
+        host_stream(stream)?.run(move || {
+            // SAFETY: Device::unpack's contract, as in `pack`.
+            let extent = unsafe { std::slice::from_raw_parts(extent as *const u8, extent_len as usize) };
+            // SAFETY: as above.
+            if let Err(e) = unsafe { pack::unpack_host(extent, &pieces) } {
+                tracing::error!("host unpack failed after its layout was checked: {e}");
+            }
+        })
+    }
+}
+
+fn host_stream(stream: &dyn Stream) -> Result<&HostStream> {
+    stream
+        .as_any()
+        .downcast_ref::<HostStream>()
+        .ok_or_else(|| Error::invalid("the host device can only run work on its own streams"))
 }
 
 /// Completion state shared by a [`HostEvent`] and the stream worker.
@@ -113,6 +160,7 @@ unsafe impl Send for Copy {}
 
 enum Task {
     Copy(Copy),
+    Run(Box<dyn FnOnce() + Send>),
     Signal(Arc<Signal>),
     Wait(Arc<Signal>),
 }
@@ -135,6 +183,7 @@ impl HostStream {
                         // SAFETY: see `Copy`'s Send impl: the regions are valid and do not
                         // overlap (device copies never alias in the runtime).
                         Task::Copy(c) => unsafe { std::ptr::copy(c.src, c.dst, c.len) },
+                        Task::Run(f) => f(),
                         Task::Signal(s) => s.set(),
                         Task::Wait(s) => s.wait(),
                     }
@@ -157,6 +206,10 @@ impl HostStream {
 
     fn copy(&self, dst: *mut u8, src: *const u8, len: usize) -> Result<()> {
         self.push(Task::Copy(Copy { dst, src, len }))
+    }
+
+    fn run(&self, f: impl FnOnce() + Send + 'static) -> Result<()> {
+        self.push(Task::Run(Box::new(f)))
     }
 }
 
@@ -202,6 +255,10 @@ impl Stream for HostStream {
 
     fn raw_handle(&self) -> u64 {
         0
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 

@@ -15,6 +15,7 @@ pub mod device;
 pub mod error;
 pub mod host;
 pub mod memory;
+pub mod pack;
 pub mod pattern;
 pub mod target;
 
@@ -25,4 +26,5 @@ pub use device::{Device, DeviceInfo, DeviceKind, Event, HostRegistration, Stream
 pub use error::{Error, Result};
 pub use host::HostDevice;
 pub use memory::{AlignedBuf, DeviceBuffer, DevicePtr, MemRef, PinnedBuffer};
+pub use pack::PackPiece;
 pub use target::{open_target, DirectIo, OpenedTarget, Target};

@@ -9,8 +9,8 @@ use std::thread;
 use std::time::Duration;
 
 use spillway_runtime::{
-    Device, DeviceBuffer, DeviceInfo, DevicePtr, Error, Event, HostDevice, HostRegistration, PinnedBuffer,
-    Result, Stream,
+    Device, DeviceBuffer, DeviceInfo, DevicePtr, Error, Event, HostDevice, HostRegistration, PackPiece,
+    PinnedBuffer, Result, Stream,
 };
 
 /// The host device, with copies delayed by `delay` each.
@@ -57,6 +57,18 @@ impl Device for SlowDevice {
 
     fn count_pattern_mismatches(&self, src: DevicePtr, len: usize, seed: u64, offset: u64) -> Result<u64> {
         self.inner.count_pattern_mismatches(src, len, seed, offset)
+    }
+
+    unsafe fn pack(&self, _: &dyn Stream, _: DevicePtr, _: u64, _: &[PackPiece]) -> Result<()> {
+        Err(Error::invalid(
+            "the slow test device does not pack (the backend tests never need it)",
+        ))
+    }
+
+    unsafe fn unpack(&self, _: &dyn Stream, _: DevicePtr, _: u64, _: &[PackPiece]) -> Result<()> {
+        Err(Error::invalid(
+            "the slow test device does not unpack (the backend tests never need it)",
+        ))
     }
 }
 
@@ -162,6 +174,10 @@ impl Stream for SlowStream {
 
     fn raw_handle(&self) -> u64 {
         0
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
