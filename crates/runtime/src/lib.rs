@@ -4,6 +4,10 @@
 //!   [`HostDevice`]).
 //! - [`Backend`]: moves extents between memory and storage [`Target`]s, completing through
 //!   [`Ticket`]s.
+//! - [`engine`]: the offload engine — offload, dedup, packing, prefetch, forwarding, fetch.
+//! - [`extents`]: the allocator of aligned extents on storage targets.
+//! - [`pack`]: gathering many tensor pieces into one extent and back (CPU reference).
+//! - [`MemBackend`]: a backend on host memory, for tests.
 //! - [`pattern`]: the deterministic data used to verify round trips.
 //!
 //! Nothing here calls CUDA; the CUDA device lives in the `spillway` crate.
@@ -12,8 +16,11 @@
 
 pub mod backend;
 pub mod device;
+pub mod engine;
 pub mod error;
+pub mod extents;
 pub mod host;
+pub mod mem_backend;
 pub mod memory;
 pub mod pack;
 pub mod pattern;
@@ -24,7 +31,9 @@ pub use backend::{
 };
 pub use device::{Device, DeviceInfo, DeviceKind, Event, HostRegistration, Stream};
 pub use error::{Error, Result};
+pub use extents::{Extent, ExtentAllocator, OutOfSpace, SpaceUsage};
 pub use host::HostDevice;
+pub use mem_backend::MemBackend;
 pub use memory::{AlignedBuf, DeviceBuffer, DevicePtr, MemRef, PinnedBuffer};
 pub use pack::PackPiece;
 pub use target::{open_target, DirectIo, OpenedTarget, Target};

@@ -1,0 +1,477 @@
+//! The I/O side of the engine's state: starting writes and prefetches within the staging
+//! budget, handling their completions, and the staging memory itself.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::backend::{IoOp, IoRequest};
+use crate::error::{Error, Result};
+use crate::extents::Extent;
+use crate::memory::MemRef;
+
+use super::layout;
+use super::state::{LoadState, Msg, State, WriteState};
+use super::stats::{Op, Stats};
+use super::timeline::Track;
+
+impl State {
+    /// Starts whatever the budgets now allow. Called after every change.
+    pub(crate) fn pump(&mut self) {
+        self.free_fenced();
+        self.start_writes();
+        self.start_prefetches();
+    }
+
+    /// True when nothing written or read is outstanding (and nothing is queued to write).
+    pub(crate) fn idle(&self) -> bool {
+        self.open.is_none()
+            && self.write_queue.is_empty()
+            && self.writes_inflight == 0
+            && self.loads_inflight == 0
+            && self.demand_reads_inflight == 0
+    }
+
+    fn start_writes(&mut self) {
+        while let Some(&gid) = self.write_queue.front() {
+            let Some(g) = self.groups.get(&gid) else {
+                self.write_queue.pop_front();
+                continue;
+            };
+            if g.entries.is_empty() {
+                self.groups.remove(&gid);
+                self.write_queue.pop_front();
+                continue;
+            }
+            let (len, staged) = (g.planned, g.staged);
+            if !staged && self.direct_inflight > 0 && self.direct_inflight + len > self.cfg.direct_write_bytes
+            {
+                break;
+            }
+            let staging = if staged {
+                match self.staging_alloc(len, true) {
+                    Some(s) => Some(s),
+                    None => {
+                        self.staging_wait_since.get_or_insert_with(Instant::now);
+                        break;
+                    }
+                }
+            } else {
+                None
+            };
+            self.write_queue.pop_front();
+            let extent = match self.storage.alloc(len) {
+                Ok(Ok(extent)) => extent,
+                Ok(Err(full)) => {
+                    tracing::warn!(
+                        "{full}; keeping {} tensors in GPU memory",
+                        self.groups[&gid].entries.len()
+                    );
+                    if let Some(s) = staging {
+                        self.staging_free(s);
+                    }
+                    self.keep_resident(gid, true);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!("allocating an extent: {e}");
+                    if let Some(s) = staging {
+                        self.staging_free(s);
+                    }
+                    self.keep_resident(gid, false);
+                    continue;
+                }
+            };
+            if let Err(e) = self.prepare(gid, extent, staging) {
+                tracing::error!("preparing a write failed, keeping its tensors in GPU memory: {e}");
+                Stats::add(&self.stats.c.write_errors, 1);
+                self.keep_resident(gid, false);
+            }
+        }
+    }
+
+    /// Lays the group out in its extent and enqueues the pack (or the wait for producers).
+    fn prepare(&mut self, gid: u64, extent: Extent, staging: Option<Extent>) -> Result<()> {
+        let span = tracing::debug_span!(
+            "prepare",
+            group = gid,
+            len = extent.len,
+            staged = staging.is_some()
+        );
+        let _enter = span.enter();
+        let start = Instant::now();
+        if let Some(since) = self.staging_wait_since.take() {
+            Stats::add(&self.stats.c.staging_wait_ns, since.elapsed().as_nanos() as u64);
+        }
+        let align = self.cfg.alignment;
+        let mut at = 0;
+        let mut pieces = Vec::new();
+        let members = self.groups[&gid].entries.clone();
+        for eid in &members {
+            let e = self.entries.get_mut(eid).expect("group members are live");
+            let (segments, next) = layout::place(&e.regions, at, align);
+            pieces.extend(layout::pack_pieces(&e.regions, &segments));
+            e.segments = segments;
+            at = next;
+            if let Some(ready) = &e.ready {
+                self.offload_stream.wait_event(ready.as_ref())?;
+            }
+        }
+        {
+            let g = self.groups.get_mut(&gid).expect("live");
+            g.extent = Some(extent);
+            g.write_staging = staging;
+            g.len = at;
+            g.live = members.len();
+            g.write = WriteState::Preparing;
+            g.io_started = start;
+        }
+        self.writes_inflight += 1;
+        let counter = if staging.is_some() {
+            &self.stats.c.packed_tensors
+        } else {
+            self.direct_inflight += at;
+            &self.stats.c.direct_tensors
+        };
+        Stats::add(counter, members.len() as u64);
+        if let Some(s) = staging {
+            let base = self.staging_buf.ptr() + s.offset;
+            // SAFETY: the staging extent is the group's until its write completes; the
+            // tensors' memory is held until then too (the offload contract), and the stream
+            // waited above for their producers.
+            unsafe {
+                self.device
+                    .pack(self.offload_stream.as_ref(), base, at, &pieces)?
+            };
+        }
+        let ev: Arc<dyn super::super::device::Event> = Arc::from(self.offload_stream.record()?);
+        let tx = self.tx.clone();
+        self.offload_waiter.after(ev, move |r| {
+            let _ = tx.send(Msg::Prepared(gid, r));
+        });
+        Ok(())
+    }
+
+    /// The offload stream has packed the group / its producers are done: submit the writes.
+    pub(crate) fn on_prepared(&mut self, gid: u64, outcome: Result<()>) {
+        let Some(g) = self.groups.get(&gid) else { return };
+        if g.staged {
+            self.timeline
+                .record(Track::Pack, "pack", g.io_started, Instant::now(), g.len);
+        }
+        let submitted = outcome.and_then(|()| self.submit_writes(gid));
+        if let Err(e) = submitted {
+            tracing::error!("writing an extent failed to start, keeping its tensors in GPU memory: {e}");
+            Stats::add(&self.stats.c.write_errors, 1);
+            self.finish_write(gid, Err(e));
+        }
+    }
+
+    fn submit_writes(&mut self, gid: u64) -> Result<()> {
+        let g = &self.groups[&gid];
+        let extent = g.extent.expect("prepared groups have an extent");
+        let mut reqs = Vec::new();
+        if let Some(s) = g.write_staging {
+            reqs.push((extent.offset, self.staging_buf.ptr() + s.offset, g.len));
+        } else {
+            for eid in &g.entries {
+                let e = &self.entries[eid];
+                for (r, s) in e.regions.iter().zip(&e.segments) {
+                    reqs.push((extent.offset + s.at, r.ptr, r.len));
+                }
+            }
+        }
+        let mut tickets = Vec::with_capacity(reqs.len());
+        for (offset, ptr, len) in reqs {
+            let req = IoRequest {
+                target: extent.target,
+                op: IoOp::Write,
+                offset,
+                mem: MemRef::Device {
+                    ptr,
+                    len: len as usize,
+                },
+            };
+            // SAFETY: the memory (staging or the held tensor) stays untouched until the
+            // tickets complete: the group keeps both until its write completion.
+            tickets.push(unsafe { self.backend.submit(req)? });
+        }
+        Stats::add(&self.stats.c.writes, tickets.len() as u64);
+        for t in &tickets {
+            let tx = self.tx.clone();
+            t.on_complete(move || {
+                let _ = tx.send(Msg::WriteIo(gid));
+            });
+        }
+        let g = self.groups.get_mut(&gid).expect("live");
+        g.tickets = tickets;
+        g.write = WriteState::Writing;
+        g.io_started = Instant::now();
+        Ok(())
+    }
+
+    /// A write of the group completed; once all have, the group is on storage.
+    pub(crate) fn on_write_io(&mut self, gid: u64) {
+        let Some(g) = self.groups.get_mut(&gid) else {
+            return;
+        };
+        if !g.tickets.iter().all(|t| t.is_done()) {
+            return;
+        }
+        let outcome = std::mem::take(&mut g.tickets)
+            .into_iter()
+            .map(|t| t.wait())
+            .find(|r| r.is_err())
+            .unwrap_or(Ok(0))
+            .map(|_| ());
+        if let Err(e) = &outcome {
+            tracing::error!("writing an extent failed, keeping its tensors in GPU memory: {e}");
+            Stats::add(&self.stats.c.write_errors, 1);
+        }
+        self.finish_write(gid, outcome);
+    }
+
+    fn finish_write(&mut self, gid: u64, outcome: Result<()>) {
+        let g = self.groups.get_mut(&gid).expect("live");
+        let took = g.io_started.elapsed();
+        self.writes_inflight -= 1;
+        if let Some(s) = g.write_staging.take() {
+            self.staging_free(s);
+        } else {
+            self.direct_inflight -= self.groups[&gid].len;
+        }
+        if outcome.is_err() {
+            self.keep_resident(gid, false);
+            return;
+        }
+        let g = self.groups.get_mut(&gid).expect("live");
+        g.write = WriteState::Done;
+        let len = g.len;
+        Stats::add(&self.stats.c.extents_written, 1);
+        Stats::add(&self.stats.c.bytes_written, len);
+        Stats::add(&self.stats.c.write_ns, took.as_nanos() as u64);
+        self.stats.record(Op::Write, took);
+        self.timeline
+            .record(Track::Write, "write", Instant::now() - took, Instant::now(), len);
+        for eid in g.entries.clone() {
+            let mut e = self.entries.remove(&eid).expect("group members are live");
+            self.release_source(&mut e);
+            if e.handles > 0 {
+                self.entries.insert(eid, e);
+            }
+        }
+        let g = self.groups.get_mut(&gid).expect("live");
+        g.entries.retain(|eid| self.entries.contains_key(eid));
+        self.maybe_free_group(gid);
+    }
+
+    /// Gives up storing the group: its tensors stay in their own memory (resident).
+    fn keep_resident(&mut self, gid: u64, out_of_space: bool) {
+        let Some(g) = self.groups.remove(&gid) else { return };
+        if let Some(extent) = g.extent {
+            if let Err(e) = self.storage.free(extent) {
+                tracing::error!("freeing extent {extent:?}: {e}");
+            }
+        }
+        for eid in g.entries {
+            let Some(e) = self.entries.get_mut(&eid) else {
+                continue;
+            };
+            e.group = None;
+            e.segments.clear();
+            if out_of_space {
+                Stats::add(&self.stats.c.resident_tensors, 1);
+                Stats::add(&self.stats.c.resident_bytes, e.len);
+            }
+            if e.handles == 0 {
+                self.forget_entry(eid);
+            }
+        }
+    }
+
+    fn start_prefetches(&mut self) {
+        while let Some(&gid) = self.prefetch_queue.front() {
+            let len = match self.groups.get(&gid) {
+                Some(g) if matches!(g.load, LoadState::Queued) && g.live > 0 => g.len,
+                Some(g) => {
+                    if matches!(g.load, LoadState::Queued) {
+                        self.groups.get_mut(&gid).expect("live").load = LoadState::Idle;
+                    }
+                    self.prefetch_queue.pop_front();
+                    continue;
+                }
+                None => {
+                    self.prefetch_queue.pop_front();
+                    continue;
+                }
+            };
+            if self.prefetch_held + len > self.cfg.prefetch_bytes {
+                break;
+            }
+            let Some(staging) = self.staging_alloc(len, false) else {
+                break;
+            };
+            self.prefetch_queue.pop_front();
+            if let Err(e) = self.submit_load(gid, staging) {
+                tracing::warn!("prefetch failed to start (fetch will read on demand): {e}");
+                self.staging_free(staging);
+                Stats::add(&self.stats.c.read_errors, 1);
+                self.groups.get_mut(&gid).expect("live").load = LoadState::Idle;
+            }
+        }
+    }
+
+    fn submit_load(&mut self, gid: u64, staging: Extent) -> Result<()> {
+        let g = &self.groups[&gid];
+        let extent = g.extent.expect("written groups have an extent");
+        let req = IoRequest {
+            target: extent.target,
+            op: IoOp::Read,
+            offset: extent.offset,
+            mem: MemRef::Device {
+                ptr: self.staging_buf.ptr() + staging.offset,
+                len: g.len as usize,
+            },
+        };
+        // SAFETY: the staging extent belongs to this load until its completion is handled.
+        let ticket = unsafe { self.backend.submit(req)? };
+        let tx = self.tx.clone();
+        ticket.on_complete(move || {
+            let _ = tx.send(Msg::ReadIo(gid));
+        });
+        let len = g.len;
+        let g = self.groups.get_mut(&gid).expect("live");
+        g.tickets = vec![ticket];
+        g.load = LoadState::Loading(staging);
+        g.io_started = Instant::now();
+        self.prefetch_held += len;
+        self.loads_inflight += 1;
+        Stats::add(&self.stats.c.reads, 1);
+        Stats::add(&self.stats.c.prefetched_extents, 1);
+        Ok(())
+    }
+
+    /// A prefetch read completed.
+    pub(crate) fn on_read_io(&mut self, gid: u64) {
+        let Some(g) = self.groups.get_mut(&gid) else {
+            return;
+        };
+        let LoadState::Loading(staging) = g.load else {
+            return;
+        };
+        let Some(ticket) = g.tickets.pop() else { return };
+        let took = g.io_started.elapsed();
+        self.loads_inflight -= 1;
+        let len = g.len;
+        match ticket.wait() {
+            Ok(_) => {
+                Stats::add(&self.stats.c.bytes_read, len);
+                Stats::add(&self.stats.c.read_ns, took.as_nanos() as u64);
+                self.stats.record(Op::Read, took);
+                self.timeline.record(
+                    Track::Read,
+                    "prefetch",
+                    Instant::now() - took,
+                    Instant::now(),
+                    len,
+                );
+                let members = g.entries.clone();
+                g.load = LoadState::Loaded(staging);
+                let mut awaiting = 0;
+                for eid in members {
+                    if let Some(e) = self.entries.get_mut(&eid) {
+                        e.fetched_since_load = false;
+                        awaiting += usize::from(e.handles > 0);
+                    }
+                }
+                let g = self.groups.get_mut(&gid).expect("live");
+                g.awaiting = awaiting;
+                self.loaded.push_back(gid);
+                if awaiting == 0 {
+                    self.unload(gid);
+                }
+            }
+            Err(e) => {
+                tracing::warn!("prefetch read failed (fetch will read on demand): {e}");
+                Stats::add(&self.stats.c.read_errors, 1);
+                g.load = LoadState::Idle;
+                self.prefetch_held -= len;
+                self.staging_free(staging);
+            }
+        }
+        self.maybe_free_group(gid);
+    }
+
+    /// Drops a group's loaded staging copy (after the deliveries out of it).
+    pub(crate) fn unload(&mut self, gid: u64) {
+        let Some(g) = self.groups.get_mut(&gid) else {
+            return;
+        };
+        let LoadState::Loaded(staging) = g.load else {
+            return;
+        };
+        g.load = LoadState::Idle;
+        g.awaiting = 0;
+        let fence = g.fence.take();
+        self.prefetch_held -= g.len;
+        self.loaded.retain(|&x| x != gid);
+        match fence {
+            Some(f) if !f.query().unwrap_or(true) => {
+                let tx = self.tx.clone();
+                self.fetch_waiter.after(f.clone(), move |_| {
+                    let _ = tx.send(Msg::Fence);
+                });
+                self.fenced_staging.push((staging, f));
+            }
+            _ => self.staging_free(staging),
+        }
+    }
+
+    /// Allocates staging memory; a write may evict loaded extents to get it.
+    fn staging_alloc(&mut self, len: u64, may_evict: bool) -> Option<Extent> {
+        loop {
+            if let Ok(Ok(s)) = self.staging.alloc(len) {
+                self.staging_used += s.len;
+                self.stats.staging_in_use(self.staging_used);
+                return Some(s);
+            }
+            if !may_evict {
+                return None;
+            }
+            let victim = self.loaded.front().copied()?;
+            Stats::add(&self.stats.c.prefetch_evictions, 1);
+            self.unload(victim);
+            self.free_fenced();
+        }
+    }
+
+    pub(crate) fn staging_free(&mut self, s: Extent) {
+        match self.staging.free(s) {
+            Ok(()) => self.staging_used -= s.len,
+            Err(e) => tracing::error!("freeing staging {s:?}: {e}"),
+        }
+    }
+
+    /// Frees staging and releases sources whose fences have completed.
+    fn free_fenced(&mut self) {
+        let done = |f: &Arc<dyn super::super::device::Event>| f.query().unwrap_or(true);
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fenced_staging)
+            .into_iter()
+            .partition(|(_, f)| done(f));
+        self.fenced_staging = waiting;
+        for (s, _) in ready {
+            self.staging_free(s);
+        }
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fenced_sources)
+            .into_iter()
+            .partition(|(_, f)| done(f));
+        self.fenced_sources = waiting;
+        for (callbacks, _) in ready {
+            self.due_callbacks.extend(callbacks);
+        }
+    }
+}
+
+/// The error every operation returns once the engine has shut down.
+pub(crate) fn stopped() -> Error {
+    Error::Abandoned("the engine has shut down".into())
+}

@@ -1,0 +1,569 @@
+//! The offload engine: what a framework calls to move activation tensors to storage in the
+//! forward pass and get them back in the backward pass, with the I/O behind compute.
+//!
+//! - [`Engine::offload`] takes a tensor (its storage key, its memory regions and the event
+//!   its producer recorded) and returns a [`Handle`] at once; the copy-out happens in the
+//!   background. Offloading a key already held adds a handle to the same copy (**dedup**).
+//!   Small tensors are **packed** together into one aligned extent by one kernel launch;
+//!   large ones are written straight from their memory.
+//! - The caller learns through a callback when the tensor's own memory may be freed
+//!   ([`Engine::offload_with_callback`]), or polls [`Engine::source_released`].
+//! - [`Engine::prefetch`] reads a tensor's extent ahead into staging memory, in the order
+//!   asked (the backward pass asks in reverse), within a bound on bytes held.
+//! - [`Engine::fetch`] copies the tensor into memory the caller allocated and returns the
+//!   event to wait on. A tensor still in its own memory is served from there
+//!   (**forwarding**), and its write is dropped if no one else will read it back.
+//! - [`Engine::release`] drops a handle; [`Engine::drain`] waits for outstanding I/O.
+//!
+//! Memory is bounded: the engine allocates its staging memory once
+//! ([`EngineConfig::staging_bytes`]) and makes work wait for it, whatever the workload.
+//! When storage is full, tensors stay in GPU memory and are counted
+//! ([`CounterSnapshot::resident_tensors`]) instead of failing the step.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use spillway_runtime::engine::{Engine, EngineConfig, Region, StorageTarget, TensorKey};
+//! use spillway_runtime::{Backend, Device, HostDevice, MemBackend, Target};
+//! # fn main() -> spillway_runtime::Result<()> {
+//! let device: Arc<dyn Device> = Arc::new(HostDevice::new()); // or spillway::cuda::CudaDevice
+//! let backend: Arc<dyn Backend> = Arc::new(MemBackend::new(device.clone())?); // or the uring / cuFile backend
+//! let config = EngineConfig { staging_bytes: 64 << 20, prefetch_bytes: 32 << 20, ..Default::default() };
+//! let engine = Engine::new(
+//!     device.clone(),
+//!     backend,
+//!     vec![StorageTarget::new(Target::new("/nvme/spill"), 64 << 30)],
+//!     config,
+//! )?;
+//! let tensor = device.alloc(1 << 20)?;
+//! device.fill_pattern(tensor.ptr(), 1 << 20, 7, 0)?;
+//! // SAFETY: `tensor` stays allocated and unchanged until the engine lets go of it.
+//! let h = unsafe { engine.offload(TensorKey::new(7, 0), &[Region::new(tensor.ptr(), 1 << 20)], None)? };
+//! engine.drain()?;
+//! assert!(engine.source_released(h)?); // on storage: `tensor` could be freed now
+//!
+//! let back = device.alloc(1 << 20)?;
+//! engine.prefetch(h)?;
+//! // SAFETY: `back` stays allocated until the returned event has completed.
+//! let ready = unsafe { engine.fetch(h, &[Region::new(back.ptr(), 1 << 20)])? };
+//! ready.synchronize()?; // or make the compute stream wait on it
+//! assert_eq!(device.count_pattern_mismatches(back.ptr(), 1 << 20, 7, 0)?, 0);
+//! engine.release(h)?;
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod io;
+mod layout;
+mod state;
+mod stats;
+mod timeline;
+mod waiter;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::Instant;
+
+pub use config::EngineConfig;
+pub use layout::{copy_plan, CopyStep, Region, Segment};
+pub use stats::{CounterSnapshot, Latency, Op, StatsSnapshot};
+pub use timeline::{Timeline, Track};
+
+use crate::backend::{Backend, TargetId};
+use crate::device::{Device, Event};
+use crate::error::{Error, Result};
+use crate::extents::ExtentAllocator;
+use crate::target::Target;
+use state::{FetchPlan, Msg, SourceFreeFn, State};
+use stats::Stats;
+use waiter::Waiter;
+
+/// Names the bytes of one tensor storage at one point in time: a storage whose contents
+/// change must be offloaded under a new `version`, so it is never confused with its old
+/// contents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorKey {
+    /// The storage's identity (e.g. its data pointer or a framework id).
+    pub storage: u64,
+    /// The storage's version counter.
+    pub version: u64,
+}
+
+impl TensorKey {
+    /// The key of `storage` at `version`.
+    pub fn new(storage: u64, version: u64) -> Self {
+        TensorKey { storage, version }
+    }
+}
+
+/// One offload's claim on a stored tensor. Release it with [`Engine::release`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Handle(pub u64);
+
+/// A storage target and how much of it the engine may use.
+#[derive(Clone, Debug)]
+pub struct StorageTarget {
+    /// The file or block device.
+    pub target: Target,
+    /// Bytes the engine may place there.
+    pub capacity: u64,
+}
+
+impl StorageTarget {
+    /// `capacity` bytes of `target`.
+    pub fn new(target: Target, capacity: u64) -> Self {
+        StorageTarget { target, capacity }
+    }
+}
+
+pub(crate) struct Core {
+    state: Mutex<Option<State>>,
+    changed: Condvar,
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, Option<State>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The offload engine. Shareable across threads (`&self` methods); dropping it waits for
+/// outstanding I/O and closes its targets.
+pub struct Engine {
+    core: Arc<Core>,
+    stats: Arc<Stats>,
+    timeline: Arc<Timeline>,
+    targets: Vec<TargetId>,
+    backend: Arc<dyn Backend>,
+    progress: Option<thread::JoinHandle<()>>,
+    tx: mpsc::Sender<Msg>,
+    config: EngineConfig,
+}
+
+impl Engine {
+    /// Opens `targets` on `backend` and starts the engine on `device`, allocating its
+    /// staging memory.
+    pub fn new(
+        device: Arc<dyn Device>,
+        backend: Arc<dyn Backend>,
+        targets: Vec<StorageTarget>,
+        config: EngineConfig,
+    ) -> Result<Engine> {
+        config.validate()?;
+        if targets.is_empty() {
+            return Err(Error::invalid("the engine needs at least one storage target"));
+        }
+        let mut storage = ExtentAllocator::new(config.alignment)?;
+        let mut opened = Vec::new();
+        let close_all = |opened: &[TargetId]| {
+            for &t in opened {
+                let _ = backend.close(t);
+            }
+        };
+        for st in &targets {
+            let (id, info) = match backend.open(&st.target) {
+                Ok(x) => x,
+                Err(e) => {
+                    close_all(&opened);
+                    return Err(e);
+                }
+            };
+            opened.push(id);
+            if let Some(w) = &info.warning {
+                tracing::warn!("{}: {w}", st.target.path.display());
+            }
+            if config.alignment % info.offset_align as u64 != 0 {
+                close_all(&opened);
+                return Err(Error::invalid(format!(
+                    "{} needs {}-byte aligned I/O, which the engine alignment {} does not give: raise the alignment",
+                    st.target.path.display(),
+                    info.offset_align,
+                    config.alignment
+                )));
+            }
+            if let Err(e) = storage.add_target(id, st.capacity) {
+                close_all(&opened);
+                return Err(e);
+            }
+        }
+        let setup = || -> Result<_> {
+            let staging_buf = device.alloc(config.staging_bytes as usize)?;
+            let mut staging = ExtentAllocator::new(config.alignment)?;
+            staging.add_target(TargetId(0), config.staging_bytes)?;
+            Ok((
+                staging_buf,
+                staging,
+                device.create_stream()?,
+                device.create_stream()?,
+                Waiter::new("spillway-pack-wait")?,
+                Waiter::new("spillway-fetch-wait")?,
+            ))
+        };
+        let (staging_buf, staging, offload_stream, fetch_stream, offload_waiter, fetch_waiter) = match setup()
+        {
+            Ok(x) => x,
+            Err(e) => {
+                close_all(&opened);
+                return Err(e);
+            }
+        };
+        let stats = Arc::new(Stats::new(config.staging_bytes));
+        let timeline = Arc::new(Timeline::new(config.timeline, config.timeline_capacity));
+        let (tx, rx) = mpsc::channel();
+        let state = State {
+            cfg: config.clone(),
+            device,
+            backend: backend.clone(),
+            offload_stream,
+            fetch_stream,
+            offload_waiter,
+            fetch_waiter,
+            tx: tx.clone(),
+            stats: stats.clone(),
+            timeline: timeline.clone(),
+            next_id: 0,
+            handles: HashMap::new(),
+            entries: HashMap::new(),
+            by_key: HashMap::new(),
+            groups: HashMap::new(),
+            open: None,
+            last_offload: Instant::now(),
+            write_queue: VecDeque::new(),
+            prefetch_queue: VecDeque::new(),
+            loaded: VecDeque::new(),
+            storage,
+            staging,
+            staging_buf,
+            staging_used: 0,
+            fenced_staging: Vec::new(),
+            fenced_sources: Vec::new(),
+            due_callbacks: Vec::new(),
+            direct_inflight: 0,
+            prefetch_held: 0,
+            writes_inflight: 0,
+            loads_inflight: 0,
+            demand_reads_inflight: 0,
+            staging_wait_since: None,
+        };
+        let core = Arc::new(Core {
+            state: Mutex::new(Some(state)),
+            changed: Condvar::new(),
+        });
+        let progress = {
+            let core = core.clone();
+            let delay = config.pack_flush_delay;
+            thread::Builder::new()
+                .name("spillway-engine".into())
+                .spawn(move || progress_loop(&core, rx, delay))
+                .map_err(|e| Error::io("starting the engine thread", e))?
+        };
+        Ok(Engine {
+            core,
+            stats,
+            timeline,
+            targets: opened,
+            backend,
+            progress: Some(progress),
+            tx,
+            config,
+        })
+    }
+
+    /// The settings the engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Runs `f` on the state, then the callbacks it made due, outside the lock.
+    fn with_state<T>(&self, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
+        let mut guard = self.core.lock();
+        let st = guard.as_mut().ok_or_else(io::stopped)?;
+        let out = f(st);
+        st.pump();
+        let due = std::mem::take(&mut st.due_callbacks);
+        drop(guard);
+        self.core.changed.notify_all();
+        for cb in due {
+            cb();
+        }
+        out
+    }
+
+    /// Offloads a tensor: `key` names its storage and version, `regions` its bytes in
+    /// device memory, `ready` the event after which they may be read (the producer's
+    /// stream; `None` when they are ready now). Returns at once.
+    ///
+    /// # Safety
+    /// The regions must stay allocated and unmodified until the engine releases them:
+    /// until [`Engine::source_released`] says so (or the callback of
+    /// [`Engine::offload_with_callback`] runs), or the engine is dropped.
+    pub unsafe fn offload(
+        &self,
+        key: TensorKey,
+        regions: &[Region],
+        ready: Option<Arc<dyn Event>>,
+    ) -> Result<Handle> {
+        // SAFETY: forwarded contract.
+        unsafe { self.offload_inner(key, regions, ready, None) }
+    }
+
+    /// [`Engine::offload`], calling `on_source_free` (from an engine thread, once) when
+    /// the engine no longer reads the tensor's memory: its write is done, it was kept in
+    /// its own memory and released, or the engine dropped.
+    ///
+    /// # Safety
+    /// As for [`Engine::offload`].
+    pub unsafe fn offload_with_callback(
+        &self,
+        key: TensorKey,
+        regions: &[Region],
+        ready: Option<Arc<dyn Event>>,
+        on_source_free: impl FnOnce() + Send + 'static,
+    ) -> Result<Handle> {
+        // SAFETY: forwarded contract.
+        unsafe { self.offload_inner(key, regions, ready, Some(Box::new(on_source_free))) }
+    }
+
+    unsafe fn offload_inner(
+        &self,
+        key: TensorKey,
+        regions: &[Region],
+        ready: Option<Arc<dyn Event>>,
+        cb: Option<SourceFreeFn>,
+    ) -> Result<Handle> {
+        let _span = tracing::trace_span!("offload", storage = key.storage, version = key.version).entered();
+        self.with_state(|st| st.offload(key, regions, ready, cb))
+    }
+
+    /// True once the engine no longer reads the memory of the tensor behind `handle`.
+    pub fn source_released(&self, handle: Handle) -> Result<bool> {
+        self.with_state(|st| {
+            let eid = st.entry_of(handle)?;
+            Ok(!st.entries[&eid].source_held)
+        })
+    }
+
+    /// Asks for the handle's extent to be read ahead into staging memory. Requests are
+    /// served in the order made, within [`EngineConfig::prefetch_bytes`].
+    pub fn prefetch(&self, handle: Handle) -> Result<()> {
+        self.with_state(|st| st.prefetch(handle))
+    }
+
+    /// Copies the tensor into `dst` (regions totalling its size, allocated by the caller)
+    /// and returns the event after which `dst` holds it. Blocks only while the bytes are
+    /// still on their way from storage (counted as stall time).
+    ///
+    /// # Safety
+    /// `dst` must be live device memory, not read or written by anything else, until the
+    /// returned event completes.
+    pub unsafe fn fetch(&self, handle: Handle, dst: &[Region]) -> Result<Arc<dyn Event>> {
+        let _span = tracing::trace_span!("fetch", handle = handle.0).entered();
+        let start = Instant::now();
+        let mut guard = self.core.lock();
+        let mut stalled: Option<Instant> = None;
+        let result = loop {
+            let Some(st) = guard.as_mut() else {
+                break Err(io::stopped());
+            };
+            match st.fetch(handle, dst) {
+                Ok(FetchPlan::WaitLoad) => {
+                    stalled.get_or_insert_with(Instant::now);
+                    guard = self.core.changed.wait(guard).unwrap_or_else(|e| e.into_inner());
+                }
+                Ok(FetchPlan::Done(ev)) => break Ok(ev),
+                Ok(FetchPlan::Read(tickets)) => {
+                    st.pump();
+                    drop(guard);
+                    let read_start = Instant::now();
+                    stalled.get_or_insert(read_start);
+                    let mut outcome = Ok(());
+                    for t in tickets {
+                        if let Err(e) = t.wait() {
+                            outcome = Err(e);
+                        }
+                    }
+                    let took = read_start.elapsed();
+                    self.stats.record(Op::Read, took);
+                    Stats::add(&self.stats.c.read_ns, took.as_nanos() as u64);
+                    self.timeline
+                        .record(Track::Read, "demand read", read_start, Instant::now(), 0);
+                    guard = self.core.lock();
+                    let Some(st) = guard.as_mut() else {
+                        break Err(io::stopped());
+                    };
+                    st.demand_reads_inflight -= 1;
+                    if let Err(e) = outcome {
+                        Stats::add(&self.stats.c.read_errors, 1);
+                        break Err(e);
+                    }
+                    break st.fetch_stream.record().map(Arc::from);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        if let Some(st) = guard.as_mut() {
+            st.pump();
+        }
+        let due = guard
+            .as_mut()
+            .map(|st| std::mem::take(&mut st.due_callbacks))
+            .unwrap_or_default();
+        drop(guard);
+        self.core.changed.notify_all();
+        for cb in due {
+            cb();
+        }
+        if let Some(s) = stalled {
+            let now = Instant::now();
+            Stats::add(&self.stats.c.stall_ns, now.duration_since(s).as_nanos() as u64);
+            self.timeline.record(Track::Stall, "fetch waited", s, now, 0);
+        }
+        self.stats.record(Op::Fetch, start.elapsed());
+        result
+    }
+
+    /// Drops a handle. The stored copy goes once no handle names it; a write not yet
+    /// started is then dropped.
+    pub fn release(&self, handle: Handle) -> Result<()> {
+        self.with_state(|st| st.release(handle))
+    }
+
+    /// Writes out everything offloaded so far (sealing a partly filled packed extent) and
+    /// waits until no write or read is in flight.
+    pub fn drain(&self) -> Result<()> {
+        let _span = tracing::debug_span!("drain").entered();
+        let mut guard = self.core.lock();
+        if let Some(st) = guard.as_mut() {
+            st.seal_open();
+            st.pump();
+        }
+        loop {
+            let Some(st) = guard.as_mut() else {
+                return Err(io::stopped());
+            };
+            if st.idle() {
+                break;
+            }
+            guard = self.core.changed.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+        let st = guard.as_mut().ok_or_else(io::stopped)?;
+        let due = std::mem::take(&mut st.due_callbacks);
+        st.offload_stream.synchronize()?;
+        st.fetch_stream.synchronize()?;
+        drop(guard);
+        for cb in due {
+            cb();
+        }
+        // Fences that completed with the synchronize above.
+        self.with_state(|_| Ok(()))
+    }
+
+    /// A copy of the statistics.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// The timeline (empty unless [`EngineConfig::timeline`] is set).
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
+    }
+
+    /// Live handles.
+    pub fn live_handles(&self) -> usize {
+        self.core.lock().as_ref().map_or(0, |st| st.handles.len())
+    }
+
+    /// Storage space in use (bytes), and the allocator's view of it.
+    pub fn storage_usage(&self) -> crate::extents::SpaceUsage {
+        self.core
+            .lock()
+            .as_ref()
+            .map(|st| st.storage.usage())
+            .unwrap_or_default()
+    }
+
+    /// Staging memory in use now (bytes).
+    pub fn staging_in_use(&self) -> u64 {
+        self.core.lock().as_ref().map_or(0, |st| st.staging_used)
+    }
+}
+
+fn progress_loop(core: &Core, rx: Receiver<Msg>, flush_delay: std::time::Duration) {
+    loop {
+        let open = core.lock().as_ref().is_some_and(|st| st.open.is_some());
+        let msg = if open {
+            match rx.recv_timeout(flush_delay) {
+                Ok(m) => Some(m),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => return,
+            }
+        };
+        let mut guard = core.lock();
+        let Some(st) = guard.as_mut() else { return };
+        match msg {
+            Some(Msg::Shutdown) => return,
+            Some(Msg::WriteIo(gid)) => st.on_write_io(gid),
+            Some(Msg::ReadIo(gid)) => st.on_read_io(gid),
+            Some(Msg::Prepared(gid, r)) => st.on_prepared(gid, r),
+            Some(Msg::Fence) | None => {}
+        }
+        if st.open.is_some() && st.last_offload.elapsed() >= flush_delay {
+            st.seal_open();
+        }
+        st.pump();
+        let due = std::mem::take(&mut st.due_callbacks);
+        drop(guard);
+        core.changed.notify_all();
+        for cb in due {
+            cb();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.drain() {
+            tracing::warn!("draining the engine on drop: {e}");
+        }
+        let _ = self.tx.send(Msg::Shutdown);
+        if let Some(t) = self.progress.take() {
+            let _ = t.join();
+        }
+        let state = self.core.lock().take();
+        if let Some(mut st) = state {
+            // Every tensor's memory goes back to its owner; nothing reads it any more.
+            let mut due = std::mem::take(&mut st.due_callbacks);
+            for (cbs, _) in std::mem::take(&mut st.fenced_sources) {
+                due.extend(cbs);
+            }
+            for e in st.entries.values_mut() {
+                due.extend(std::mem::take(&mut e.callbacks));
+            }
+            drop(st); // waiters join, streams and staging memory go
+            for cb in due {
+                cb();
+            }
+        }
+        for &t in &self.targets {
+            if let Err(e) = self.backend.close(t) {
+                tracing::warn!("closing a storage target: {e}");
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("targets", &self.targets)
+            .field("config", &self.config)
+            .finish()
+    }
+}

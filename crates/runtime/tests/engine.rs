@@ -1,0 +1,514 @@
+//! The offload engine on the host device and the memory backend: round trips, packing,
+//! dedup, forwarding and cancellation, prefetch, out-of-space and I/O faults, bad input,
+//! and the staging bound.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use spillway_runtime::engine::{Engine, EngineConfig, Handle, Region, StorageTarget, TensorKey};
+use spillway_runtime::{pattern, Device, DeviceBuffer, HostDevice, MemBackend, Target};
+
+struct Rig {
+    dev: Arc<dyn Device>,
+    backend: Arc<MemBackend>,
+    engine: Engine,
+}
+
+fn rig(cfg: EngineConfig, capacity: u64) -> Rig {
+    let dev: Arc<dyn Device> = Arc::new(HostDevice::new());
+    let backend = Arc::new(MemBackend::new(dev.clone()).unwrap());
+    let engine = Engine::new(
+        dev.clone(),
+        backend.clone(),
+        vec![StorageTarget::new(Target::new("mem0"), capacity)],
+        cfg,
+    )
+    .unwrap();
+    Rig { dev, backend, engine }
+}
+
+fn small_cfg() -> EngineConfig {
+    EngineConfig {
+        staging_bytes: 8 << 20,
+        prefetch_bytes: 4 << 20,
+        pack_threshold: 256 << 10,
+        pack_extent_bytes: 1 << 20,
+        direct_write_bytes: 4 << 20,
+        ..Default::default()
+    }
+}
+
+/// A tensor filled with the pattern for `seed`.
+fn tensor(dev: &Arc<dyn Device>, len: usize, seed: u64) -> DeviceBuffer {
+    let b = dev.alloc(len).unwrap();
+    dev.fill_pattern(b.ptr(), len, seed, 0).unwrap();
+    b
+}
+
+fn region(b: &DeviceBuffer) -> Vec<Region> {
+    vec![Region::new(b.ptr(), b.len() as u64)]
+}
+
+/// Fetches `h` into a fresh buffer and counts mismatches against the pattern for `seed`.
+fn fetch_check(r: &Rig, h: Handle, len: usize, seed: u64) -> u64 {
+    let out = r.dev.alloc(len).unwrap();
+    r.dev.fill_pattern(out.ptr(), len, !seed, 0).unwrap(); // poison
+                                                           // SAFETY: `out` lives until after the event is waited on.
+    let ev = unsafe { r.engine.fetch(h, &region(&out)).unwrap() };
+    ev.synchronize().unwrap();
+    r.dev.count_pattern_mismatches(out.ptr(), len, seed, 0).unwrap()
+}
+
+fn sizes(n: usize, lo: usize, hi: usize, mut seed: u64) -> Vec<usize> {
+    (0..n)
+        .map(|_| {
+            seed = pattern::splitmix64(seed);
+            lo + (seed as usize) % (hi - lo + 1)
+        })
+        .collect()
+}
+
+#[test]
+fn packed_round_trip_through_storage_and_prefetch() {
+    let r = rig(small_cfg(), 1 << 30);
+    let lens = sizes(300, 1, 200 << 10, 1);
+    let srcs: Vec<_> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| tensor(&r.dev, l, i as u64))
+        .collect();
+    let handles: Vec<_> = srcs
+        .iter()
+        .enumerate()
+        // SAFETY: the sources live until the end of the test, after the engine released them.
+        .map(|(i, s)| unsafe {
+            r.engine
+                .offload(TensorKey::new(i as u64, 0), &region(s), None)
+                .unwrap()
+        })
+        .collect();
+    r.engine.drain().unwrap();
+    for &h in &handles {
+        assert!(r.engine.source_released(h).unwrap());
+    }
+    // Poison the sources: fetched bytes must come from storage now.
+    for s in &srcs {
+        r.dev.fill_pattern(s.ptr(), s.len(), 0xdead, 0).unwrap();
+    }
+    for &h in handles.iter().rev() {
+        r.engine.prefetch(h).unwrap();
+    }
+    for (i, &h) in handles.iter().enumerate().rev() {
+        assert_eq!(fetch_check(&r, h, lens[i], i as u64), 0, "tensor {i}");
+    }
+    let s = r.engine.stats().counters;
+    assert_eq!(s.packed_tensors, 300);
+    assert_eq!(s.direct_tensors, 0);
+    assert!(
+        s.extents_written < 100,
+        "packing should make few extents, made {}",
+        s.extents_written
+    );
+    assert_eq!(s.forwarded_fetches, 0);
+    assert!(s.prefetch_hits > 0, "{s:?}");
+    assert_eq!(s.fetches, 300);
+    assert!(s.staging_peak <= 8 << 20);
+    for h in handles {
+        r.engine.release(h).unwrap();
+    }
+    r.engine.drain().unwrap();
+    assert_eq!(r.engine.storage_usage().used, 0);
+    assert_eq!(r.engine.staging_in_use(), 0);
+    assert_eq!(r.engine.live_handles(), 0);
+}
+
+#[test]
+fn padding_is_zeroed_and_pieces_are_aligned_on_storage() {
+    let r = rig(small_cfg(), 1 << 30);
+    let a = tensor(&r.dev, 5, 1);
+    let b = tensor(&r.dev, 4097, 2);
+    // SAFETY: the sources outlive the engine's use (drain below).
+    unsafe {
+        r.engine.offload(TensorKey::new(1, 0), &region(&a), None).unwrap();
+        r.engine.offload(TensorKey::new(2, 0), &region(&b), None).unwrap();
+    }
+    r.engine.drain().unwrap();
+    let (target, _) = (spillway_runtime::TargetId(1), ());
+    let stored = r.backend.contents(target, 0, 3 * 4096);
+    assert_eq!(pattern::count_mismatches(&stored[..5], 1, 0), 0);
+    assert!(
+        stored[5..4096].iter().all(|&x| x == 0),
+        "padding after the first piece"
+    );
+    assert_eq!(pattern::count_mismatches(&stored[4096..8193], 2, 0), 0);
+    assert!(
+        stored[8193..].iter().all(|&x| x == 0),
+        "padding after the second piece"
+    );
+}
+
+#[test]
+fn large_tensors_go_direct_and_multi_region_layouts_round_trip() {
+    let r = rig(small_cfg(), 1 << 30);
+    let big = tensor(&r.dev, 3 << 20, 9);
+    // Three regions of one tensor, fetched into two regions split elsewhere.
+    let parts = [
+        tensor(&r.dev, 1000, 10),
+        tensor(&r.dev, 5000, 11),
+        tensor(&r.dev, 7, 12),
+    ];
+    let regions: Vec<_> = parts.iter().flat_map(region).collect();
+    // SAFETY: the sources outlive the engine's use.
+    let (hb, hm) = unsafe {
+        (
+            r.engine
+                .offload(TensorKey::new(1, 0), &region(&big), None)
+                .unwrap(),
+            r.engine.offload(TensorKey::new(2, 0), &regions, None).unwrap(),
+        )
+    };
+    r.engine.drain().unwrap();
+    assert_eq!(fetch_check(&r, hb, 3 << 20, 9), 0);
+    let out = r.dev.alloc(6007).unwrap();
+    let dst = [Region::new(out.ptr(), 3000), Region::new(out.ptr() + 3000, 3007)];
+    // SAFETY: `out` outlives the event.
+    unsafe { r.engine.fetch(hm, &dst).unwrap() }
+        .synchronize()
+        .unwrap();
+    let mut host = vec![0u8; 6007];
+    // SAFETY: both regions are 6007 bytes and live.
+    unsafe {
+        r.dev
+            .copy_to_host_sync(host.as_mut_ptr(), out.ptr(), 6007)
+            .unwrap()
+    };
+    assert_eq!(pattern::count_mismatches(&host[..1000], 10, 0), 0);
+    assert_eq!(pattern::count_mismatches(&host[1000..6000], 11, 0), 0);
+    assert_eq!(pattern::count_mismatches(&host[6000..], 12, 0), 0);
+    let s = r.engine.stats().counters;
+    assert_eq!((s.direct_tensors, s.packed_tensors, s.demand_reads), (1, 1, 2));
+}
+
+#[test]
+fn dedup_writes_once_and_keeps_the_copy_until_the_last_handle() {
+    let r = rig(small_cfg(), 1 << 30);
+    let t = tensor(&r.dev, 100 << 10, 5);
+    let key = TensorKey::new(42, 3);
+    // SAFETY: `t` outlives the engine's use.
+    let (h1, h2) = unsafe {
+        (
+            r.engine.offload(key, &region(&t), None).unwrap(),
+            r.engine.offload(key, &region(&t), None).unwrap(),
+        )
+    };
+    assert_ne!(h1, h2);
+    r.engine.drain().unwrap();
+    let s = r.engine.stats().counters;
+    assert_eq!((s.dedup_hits, s.dedup_bytes), (1, 100 << 10));
+    assert_eq!(s.packed_tensors, 1, "a deduplicated offload writes nothing");
+    r.engine.release(h1).unwrap();
+    assert_eq!(fetch_check(&r, h2, 100 << 10, 5), 0);
+    // A new version of the same storage is a different tensor.
+    // SAFETY: as above.
+    let h3 = unsafe {
+        r.engine
+            .offload(TensorKey::new(42, 4), &region(&t), None)
+            .unwrap()
+    };
+    assert_eq!(r.engine.stats().counters.dedup_hits, 1);
+    r.engine.release(h2).unwrap();
+    r.engine.release(h3).unwrap();
+    r.engine.drain().unwrap();
+    assert_eq!(r.engine.storage_usage().used, 0);
+}
+
+#[test]
+fn without_dedup_every_offload_is_written() {
+    let cfg = EngineConfig {
+        dedup: false,
+        ..small_cfg()
+    };
+    let r = rig(cfg, 1 << 30);
+    let t = tensor(&r.dev, 10 << 10, 5);
+    for _ in 0..3 {
+        // SAFETY: `t` outlives the engine's use.
+        unsafe { r.engine.offload(TensorKey::new(1, 0), &region(&t), None).unwrap() };
+    }
+    r.engine.drain().unwrap();
+    let s = r.engine.stats().counters;
+    assert_eq!((s.dedup_hits, s.packed_tensors), (0, 3));
+}
+
+#[test]
+fn without_packing_every_small_tensor_gets_its_own_extent() {
+    let cfg = EngineConfig {
+        pack: false,
+        ..small_cfg()
+    };
+    let r = rig(cfg, 1 << 30);
+    let srcs: Vec<_> = (0..20).map(|i| tensor(&r.dev, 3000 + i, i as u64)).collect();
+    let hs: Vec<_> = srcs
+        .iter()
+        .enumerate()
+        // SAFETY: sources outlive the engine's use.
+        .map(|(i, s)| unsafe {
+            r.engine
+                .offload(TensorKey::new(i as u64, 0), &region(s), None)
+                .unwrap()
+        })
+        .collect();
+    r.engine.drain().unwrap();
+    assert_eq!(r.engine.stats().counters.extents_written, 20);
+    for (i, h) in hs.into_iter().enumerate() {
+        assert_eq!(fetch_check(&r, h, 3000 + i, i as u64), 0);
+    }
+}
+
+#[test]
+fn a_fetch_before_the_write_is_forwarded_and_the_write_cancelled() {
+    let cfg = EngineConfig {
+        pack_flush_delay: Duration::from_secs(3600), // keep the packed extent open
+        ..small_cfg()
+    };
+    let r = rig(cfg, 1 << 30);
+    let t = tensor(&r.dev, 64 << 10, 8);
+    let released = Arc::new(AtomicUsize::new(0));
+    let rel = released.clone();
+    // SAFETY: `t` outlives the engine's use.
+    let h = unsafe {
+        r.engine
+            .offload_with_callback(TensorKey::new(1, 0), &region(&t), None, move || {
+                rel.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap()
+    };
+    assert_eq!(fetch_check(&r, h, 64 << 10, 8), 0);
+    r.engine.drain().unwrap();
+    let s = r.engine.stats().counters;
+    assert_eq!((s.forwarded_fetches, s.forwarded_bytes), (1, 64 << 10));
+    assert_eq!((s.cancelled_tensors, s.bytes_written, s.bytes_read), (1, 0, 0));
+    assert_eq!(
+        r.backend.written.load(Ordering::SeqCst),
+        0,
+        "a forwarded, cancelled tensor is never written"
+    );
+    // The engine still reads the tensor's memory (it may be fetched again) until release.
+    assert_eq!(released.load(Ordering::SeqCst), 0);
+    assert!(!r.engine.source_released(h).unwrap());
+    assert_eq!(fetch_check(&r, h, 64 << 10, 8), 0);
+    r.engine.release(h).unwrap();
+    assert_eq!(released.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn the_source_callback_runs_once_the_write_is_done() {
+    let r = rig(small_cfg(), 1 << 30);
+    r.backend.faults().delay_us.store(20_000, Ordering::SeqCst);
+    let t = tensor(&r.dev, 2 << 20, 8); // direct
+    let released = Arc::new(AtomicUsize::new(0));
+    let rel = released.clone();
+    // SAFETY: `t` outlives the engine's use.
+    let h = unsafe {
+        r.engine
+            .offload_with_callback(TensorKey::new(1, 0), &region(&t), None, move || {
+                rel.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap()
+    };
+    // While the write is in flight, a fetch is served from the tensor's memory.
+    assert_eq!(fetch_check(&r, h, 2 << 20, 8), 0);
+    assert_eq!(r.engine.stats().counters.forwarded_fetches, 1);
+    r.engine.drain().unwrap();
+    assert_eq!(released.load(Ordering::SeqCst), 1);
+    assert!(r.engine.source_released(h).unwrap());
+    assert_eq!(
+        r.engine.stats().counters.cancelled_tensors,
+        0,
+        "a started write is not cancelled"
+    );
+}
+
+#[test]
+fn full_storage_keeps_tensors_resident_and_counts_them() {
+    let r = rig(small_cfg(), 64 << 10);
+    let srcs: Vec<_> = (0..4).map(|i| tensor(&r.dev, 300 << 10, i)).collect();
+    let hs: Vec<_> = srcs
+        .iter()
+        .enumerate()
+        // SAFETY: sources outlive the engine's use.
+        .map(|(i, s)| unsafe {
+            r.engine
+                .offload(TensorKey::new(i as u64, 0), &region(s), None)
+                .unwrap()
+        })
+        .collect();
+    r.engine.drain().unwrap();
+    let s = r.engine.stats().counters;
+    assert_eq!((s.resident_tensors, s.resident_bytes), (4, 4 * (300 << 10)));
+    for (i, &h) in hs.iter().enumerate() {
+        assert!(!r.engine.source_released(h).unwrap());
+        assert_eq!(fetch_check(&r, h, 300 << 10, i as u64), 0);
+    }
+    for h in hs {
+        r.engine.release(h).unwrap();
+    }
+}
+
+#[test]
+fn a_failed_write_keeps_tensors_resident_and_a_failed_read_is_reported() {
+    let r = rig(small_cfg(), 1 << 30);
+    r.backend.faults().writes_left.store(0, Ordering::SeqCst);
+    let t = tensor(&r.dev, 2 << 20, 3);
+    // SAFETY: `t` outlives the engine's use.
+    let h = unsafe { r.engine.offload(TensorKey::new(1, 0), &region(&t), None).unwrap() };
+    r.engine.drain().unwrap();
+    assert_eq!(r.engine.stats().counters.write_errors, 1);
+    assert!(
+        !r.engine.source_released(h).unwrap(),
+        "the only copy is the tensor's own memory"
+    );
+    assert_eq!(fetch_check(&r, h, 2 << 20, 3), 0);
+
+    r.backend.faults().writes_left.store(u64::MAX, Ordering::SeqCst);
+    r.backend.faults().reads_left.store(0, Ordering::SeqCst);
+    let t2 = tensor(&r.dev, 2 << 20, 4);
+    // SAFETY: as above.
+    let h2 = unsafe {
+        r.engine
+            .offload(TensorKey::new(2, 0), &region(&t2), None)
+            .unwrap()
+    };
+    r.engine.drain().unwrap();
+    let out = r.dev.alloc(2 << 20).unwrap();
+    // SAFETY: `out` outlives the call (it fails before any event).
+    let e = unsafe { r.engine.fetch(h2, &region(&out)) }.expect_err("the read fails");
+    assert!(e.to_string().contains("injected read failure"), "{e}");
+    r.backend.faults().reads_left.store(u64::MAX, Ordering::SeqCst);
+    assert_eq!(
+        fetch_check(&r, h2, 2 << 20, 4),
+        0,
+        "the engine recovers once reads work again"
+    );
+}
+
+#[test]
+fn bad_calls_get_clear_errors() {
+    let r = rig(small_cfg(), 1 << 30);
+    let t = tensor(&r.dev, 1000, 1);
+    // SAFETY: `t` outlives the engine's use.
+    let h = unsafe { r.engine.offload(TensorKey::new(1, 0), &region(&t), None).unwrap() };
+    let e = r.engine.release(Handle(999_999)).unwrap_err().to_string();
+    assert!(e.contains("unknown handle 999999"), "{e}");
+    let small = r.dev.alloc(10).unwrap();
+    // SAFETY: `small` is live.
+    let e = unsafe { r.engine.fetch(h, &region(&small)) }
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("holds 10 bytes but the tensor has 1000"), "{e}");
+    let other = tensor(&r.dev, 2000, 1);
+    // SAFETY: as above.
+    let e = unsafe { r.engine.offload(TensorKey::new(1, 0), &region(&other), None) }
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("needs a new version"), "{e}");
+    r.engine.release(h).unwrap();
+    let e = r.engine.release(h).unwrap_err().to_string();
+    assert!(e.contains("already released"), "{e}");
+    assert!(r.engine.prefetch(h).is_err());
+
+    let dev: Arc<dyn Device> = Arc::new(HostDevice::new());
+    let backend = Arc::new(MemBackend::new(dev.clone()).unwrap());
+    let e = Engine::new(dev.clone(), backend.clone(), vec![], small_cfg()).unwrap_err();
+    assert!(e.to_string().contains("at least one storage target"), "{e}");
+    let bad = EngineConfig {
+        prefetch_bytes: 1 << 40,
+        ..small_cfg()
+    };
+    let e = Engine::new(
+        dev,
+        backend,
+        vec![StorageTarget::new(Target::new("m"), 1 << 20)],
+        bad,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("prefetch_bytes"), "{e}");
+}
+
+#[test]
+fn staging_stays_within_budget_at_ten_times_the_budget() {
+    let cfg = EngineConfig {
+        staging_bytes: 2 << 20,
+        prefetch_bytes: 1 << 20,
+        pack_threshold: 128 << 10,
+        pack_extent_bytes: 512 << 10,
+        ..Default::default()
+    };
+    let r = rig(cfg, 1 << 30);
+    r.backend.faults().delay_us.store(200, Ordering::SeqCst);
+    let lens = sizes(450, 4 << 10, 100 << 10, 7); // ≈ 23 MiB: over 10× the staging
+    let total: usize = lens.iter().sum();
+    assert!(total >= 10 * (2 << 20), "{total}");
+    let srcs: Vec<_> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| tensor(&r.dev, l, i as u64))
+        .collect();
+    let hs: Vec<_> = srcs
+        .iter()
+        .enumerate()
+        // SAFETY: sources outlive the engine's use.
+        .map(|(i, s)| unsafe {
+            r.engine
+                .offload(TensorKey::new(i as u64, 0), &region(s), None)
+                .unwrap()
+        })
+        .collect();
+    r.engine.drain().unwrap();
+    for &h in hs.iter().rev() {
+        r.engine.prefetch(h).unwrap();
+    }
+    for (i, &h) in hs.iter().enumerate().rev() {
+        assert_eq!(fetch_check(&r, h, lens[i], i as u64), 0);
+    }
+    let s = r.engine.stats().counters;
+    assert!(
+        s.staging_peak <= 2 << 20,
+        "staging peak {} over the 2 MiB budget",
+        s.staging_peak
+    );
+    assert!(s.staging_peak > 0);
+}
+
+#[test]
+fn the_timeline_exports_pack_write_and_read_spans() {
+    let cfg = EngineConfig {
+        timeline: true,
+        ..small_cfg()
+    };
+    let r = rig(cfg, 1 << 30);
+    let t = tensor(&r.dev, 10 << 10, 1);
+    // SAFETY: `t` outlives the engine's use.
+    let h = unsafe { r.engine.offload(TensorKey::new(1, 0), &region(&t), None).unwrap() };
+    r.engine.drain().unwrap();
+    r.engine.prefetch(h).unwrap();
+    assert_eq!(fetch_check(&r, h, 10 << 10, 1), 0);
+    let mut out = Vec::new();
+    r.engine.timeline().write_chrome_trace(&mut out).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let names: Vec<_> = v["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    for want in ["pack", "write"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+    assert!(
+        names.iter().any(|n| n == "prefetch" || n == "demand read"),
+        "{names:?}"
+    );
+}
