@@ -512,3 +512,24 @@ fn the_timeline_exports_pack_write_and_read_spans() {
         "{names:?}"
     );
 }
+
+#[test]
+fn a_partly_filled_packed_extent_is_written_after_the_flush_delay() {
+    let cfg = EngineConfig {
+        pack_flush_delay: Duration::from_millis(5),
+        ..small_cfg()
+    };
+    let r = rig(cfg, 1 << 30);
+    let t = tensor(&r.dev, 1000, 1);
+    // SAFETY: `t` outlives the engine's use.
+    let h = unsafe { r.engine.offload(TensorKey::new(1, 0), &region(&t), None).unwrap() };
+    let start = std::time::Instant::now();
+    while !r.engine.source_released(h).unwrap() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the open extent was never flushed"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(r.engine.stats().counters.extents_written, 1);
+}

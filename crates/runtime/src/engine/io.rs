@@ -254,6 +254,7 @@ impl State {
             .record(Track::Write, "write", Instant::now() - took, Instant::now(), len);
         for eid in g.entries.clone() {
             let mut e = self.entries.remove(&eid).expect("group members are live");
+            self.stats.record(Op::Offload, e.offloaded_at.elapsed());
             self.release_source(&mut e);
             if e.handles > 0 {
                 self.entries.insert(eid, e);

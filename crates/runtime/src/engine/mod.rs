@@ -512,7 +512,7 @@ fn progress_loop(core: &Core, rx: Receiver<Msg>, flush_delay: std::time::Duratio
             Some(Msg::WriteIo(gid)) => st.on_write_io(gid),
             Some(Msg::ReadIo(gid)) => st.on_read_io(gid),
             Some(Msg::Prepared(gid, r)) => st.on_prepared(gid, r),
-            Some(Msg::Fence) | None => {}
+            Some(Msg::Fence | Msg::Wake) | None => {}
         }
         if st.open.is_some() && st.last_offload.elapsed() >= flush_delay {
             st.seal_open();

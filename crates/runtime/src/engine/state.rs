@@ -31,7 +31,7 @@ use crate::memory::DeviceBuffer;
 
 use super::config::EngineConfig;
 use super::layout::{self, Region, Segment};
-use super::stats::{Op, Stats};
+use super::stats::Stats;
 use super::timeline::{Timeline, Track};
 use super::waiter::Waiter;
 use super::{Handle, TensorKey};
@@ -49,6 +49,8 @@ pub(crate) enum Msg {
     Prepared(u64, Result<()>),
     /// A fence event completed: deferred frees may proceed.
     Fence,
+    /// A packed extent was opened: the progress thread must time its flush.
+    Wake,
     /// Stop the progress thread.
     Shutdown,
 }
@@ -289,6 +291,7 @@ impl State {
                     None => {
                         let gid = self.new_group(true, WriteState::Open);
                         self.open = Some(gid);
+                        let _ = self.tx.send(Msg::Wake);
                         gid
                     }
                 }
@@ -629,7 +632,6 @@ impl State {
             }
             _ => self.due_callbacks.extend(callbacks),
         }
-        self.stats.record(Op::Offload, e.offloaded_at.elapsed());
     }
 
     /// Frees a group's storage (and staging) once no live tensor is in it.
