@@ -167,6 +167,7 @@ impl State {
     }
 
     fn submit_writes(&mut self, gid: u64) -> Result<()> {
+        let _span = tracing::debug_span!("submit_writes", group = gid).entered();
         let g = &self.groups[&gid];
         let extent = g.extent.expect("prepared groups have an extent");
         let mut reqs = Vec::new();
@@ -211,6 +212,7 @@ impl State {
 
     /// A write of the group completed; once all have, the group is on storage.
     pub(crate) fn on_write_io(&mut self, gid: u64) {
+        let _span = tracing::trace_span!("write_done", group = gid).entered();
         let Some(g) = self.groups.get_mut(&gid) else {
             return;
         };
@@ -322,6 +324,7 @@ impl State {
     }
 
     fn submit_load(&mut self, gid: u64, staging: Extent) -> Result<()> {
+        let _span = tracing::debug_span!("prefetch", group = gid).entered();
         let g = &self.groups[&gid];
         let extent = g.extent.expect("written groups have an extent");
         let req = IoRequest {
@@ -353,6 +356,7 @@ impl State {
 
     /// A prefetch read completed.
     pub(crate) fn on_read_io(&mut self, gid: u64) {
+        let _span = tracing::trace_span!("prefetch_done", group = gid).entered();
         let Some(g) = self.groups.get_mut(&gid) else {
             return;
         };

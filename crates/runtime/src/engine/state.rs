@@ -413,6 +413,7 @@ impl State {
 
     /// Copies a tensor from its own memory to `dst` on the fetch stream.
     fn forward(&mut self, eid: u64, dst: &[Region]) -> Result<Arc<dyn Event>> {
+        let _span = tracing::trace_span!("forward", entry = eid).entered();
         let start = Instant::now();
         let e = &self.entries[&eid];
         if let Some(ready) = &e.ready {
@@ -437,6 +438,7 @@ impl State {
 
     /// Copies a tensor out of its group's loaded staging copy to `dst`.
     fn unpack(&mut self, eid: u64, gid: u64, staging: Extent, dst: &[Region]) -> Result<Arc<dyn Event>> {
+        let _span = tracing::trace_span!("unpack", entry = eid, group = gid).entered();
         let start = Instant::now();
         let e = &self.entries[&eid];
         let base = self.staging_buf.ptr() + staging.offset;
@@ -475,6 +477,7 @@ impl State {
 
     /// Reads a tensor from storage straight into `dst`.
     fn demand_read(&mut self, eid: u64, gid: u64, dst: &[Region]) -> Result<Vec<Ticket>> {
+        let _span = tracing::debug_span!("demand_read", group = gid).entered();
         let e = &self.entries[&eid];
         let g = &self.groups[&gid];
         let extent = g.extent.expect("a written group has an extent");
