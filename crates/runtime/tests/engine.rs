@@ -533,3 +533,34 @@ fn a_partly_filled_packed_extent_is_written_after_the_flush_delay() {
     }
     assert_eq!(r.engine.stats().counters.extents_written, 1);
 }
+
+#[test]
+fn extents_spread_over_several_targets() {
+    let dev: Arc<dyn Device> = Arc::new(HostDevice::new());
+    let backend = Arc::new(MemBackend::new(dev.clone()).unwrap());
+    let targets = (0..3)
+        .map(|i| StorageTarget::new(Target::new(format!("mem{i}")), 64 << 20))
+        .collect();
+    let cfg = EngineConfig {
+        pack: false,
+        ..small_cfg()
+    };
+    let engine = Engine::new(dev.clone(), backend.clone(), targets, cfg).unwrap();
+    let srcs: Vec<_> = (0..30).map(|i| tensor(&dev, 100 << 10, i)).collect();
+    for (i, s) in srcs.iter().enumerate() {
+        // SAFETY: sources outlive the engine's use.
+        unsafe {
+            engine
+                .offload(TensorKey::new(i as u64, 0), &region(s), None)
+                .unwrap()
+        };
+    }
+    engine.drain().unwrap();
+    for t in 1..=3 {
+        let data = backend.contents(spillway_runtime::TargetId(t), 0, 2 << 20);
+        assert!(data.iter().any(|&b| b != 0), "target {t} got nothing");
+    }
+    let u = engine.storage_usage();
+    assert_eq!(u.capacity, 3 * (64 << 20));
+    assert_eq!(u.live_extents, 30);
+}

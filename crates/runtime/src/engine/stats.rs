@@ -3,6 +3,7 @@
 //! latency histograms per operation. [`Stats::snapshot`] gives a consistent-enough copy
 //! that serialises to JSON.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -147,18 +148,14 @@ pub struct StatsSnapshot {
     pub counters: CounterSnapshot,
     /// Staging memory the engine owns (bytes).
     pub staging_budget: u64,
-    /// Latency of writes, reads, offloads and fetches.
-    pub latency: Vec<(String, Latency)>,
+    /// Latency of writes, reads, offloads and fetches, by operation name.
+    pub latency: BTreeMap<String, Latency>,
 }
 
 impl StatsSnapshot {
     /// The latency of `op`.
     pub fn latency(&self, op: Op) -> Latency {
-        self.latency
-            .iter()
-            .find(|(name, _)| name == op.as_str())
-            .map(|(_, l)| l.clone())
-            .unwrap_or_default()
+        self.latency.get(op.as_str()).cloned().unwrap_or_default()
     }
 }
 
