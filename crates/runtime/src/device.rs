@@ -42,6 +42,12 @@ pub trait Device: Send + Sync + fmt::Debug {
     /// Allocates `len` bytes of device memory.
     fn alloc(&self, len: usize) -> Result<DeviceBuffer>;
 
+    /// True when this device's memory addresses are ordinary host addresses (the host
+    /// device): a backend may then do I/O on them directly instead of staging copies.
+    fn host_addressable(&self) -> bool {
+        false
+    }
+
     /// Allocates `len` bytes of page-locked host memory that the device's copy engines can
     /// reach, aligned to at least 4096 bytes.
     fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer>;

@@ -48,6 +48,10 @@ impl Device for HostDevice {
         Ok(DeviceBuffer::from_raw(ptr as DevicePtr, len, release))
     }
 
+    fn host_addressable(&self) -> bool {
+        true
+    }
+
     fn alloc_pinned(&self, len: usize) -> Result<PinnedBuffer> {
         let (ptr, release) = leak_aligned(len)?;
         // SAFETY: ptr is valid for len bytes until release drops the AlignedBuf.

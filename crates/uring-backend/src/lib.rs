@@ -57,7 +57,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use spillway_runtime::{
-    open_target, ticket, Backend, BackendInfo, Device, Error, IoRequest, Result, Target, TargetId,
+    open_target, ticket, Backend, BackendInfo, Device, Error, IoRequest, MemRef, Result, Target, TargetId,
     TargetInfo, Ticket,
 };
 
@@ -267,12 +267,20 @@ impl Backend for UringBackend {
                 file.path.display()
             )));
         }
+        let mem = match req.mem {
+            // The host device's memory is host memory: no staging copy needed.
+            MemRef::Device { ptr, len } if self.device.host_addressable() => MemRef::Host {
+                ptr: ptr as *mut u8,
+                len,
+            },
+            mem => mem,
+        };
         let (ticket, completer) = ticket();
         let pending = file.pending.begin();
         let job = Job {
             op: req.op,
             offset: req.offset,
-            mem: req.mem,
+            mem,
             file,
             completer,
             pending,
