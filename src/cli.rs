@@ -2,9 +2,27 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::size::parse_size;
+
+/// Parses the process's command line (exiting with clap's message on bad input, as
+/// `Cli::parse` does), and records which `bench` flags were given explicitly in
+/// [`BenchArgs::given`], so flags of the other workload can be refused.
+pub fn parse() -> Cli {
+    let mut command = Cli::command();
+    let matches = command.clone().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut command).exit());
+    if let (Command::Bench(args), Some(sub)) = (&mut cli.command, matches.subcommand_matches("bench")) {
+        args.given = sub
+            .ids()
+            .filter(|id| sub.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+            .map(|id| id.as_str().to_string())
+            .collect();
+    }
+    cli
+}
 
 /// spillway: moves tensors between GPU memory and NVMe storage, and measures how fast.
 #[derive(Debug, Parser)]
@@ -19,7 +37,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Measure GPU↔storage (or host↔storage) bandwidth, IOPS and latency, like gdsio/fio.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Show GPUs, driver and CUDA versions, cuFile/GDS status, io_uring and O_DIRECT support.
     Info(InfoArgs),
 }
@@ -44,6 +62,25 @@ pub enum MemChoice {
     Host,
     /// GPU memory when a GPU is present, host memory otherwise.
     Auto,
+}
+
+/// What `spillway bench` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Large sequential or random I/O straight through the backend, like fio or gdsio.
+    Seq,
+    /// Many small tensors offloaded and fetched back through the offload engine.
+    Tensors,
+}
+
+impl Workload {
+    /// The name used in reports and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Workload::Seq => "seq",
+            Workload::Tensors => "tensors",
+        }
+    }
 }
 
 /// One benchmark operation.
@@ -81,9 +118,15 @@ impl OpChoice {
     }
 }
 
-/// `spillway bench` arguments.
+/// `spillway bench` arguments. Flags under "Seq workload" apply to `--workload seq` only,
+/// those under "Tensors workload" to `--workload tensors` only; the rest to both.
 #[derive(Clone, Debug, Args)]
 pub struct BenchArgs {
+    /// What to measure: `seq` runs --op over --size bytes in --block requests; `tensors`
+    /// offloads --tensors tensors through the offload engine and fetches them back.
+    #[arg(long, value_enum, default_value_t = Workload::Seq)]
+    pub workload: Workload,
+
     /// Backend.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
@@ -97,15 +140,21 @@ pub struct BenchArgs {
     pub gpu: Option<usize>,
 
     /// Operations to run, in order (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "write,read")]
+    #[arg(
+        help_heading = "Seq workload",
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "write,read"
+    )]
     pub op: Vec<OpChoice>,
 
     /// Bytes to move per operation (e.g. 256M, 4GiB).
-    #[arg(long, value_parser = parse_size, default_value = "1GiB")]
+    #[arg(help_heading = "Seq workload", long, value_parser = parse_size, default_value = "1GiB")]
     pub size: u64,
 
     /// Bytes per I/O request.
-    #[arg(long, value_parser = parse_size, default_value = "1MiB")]
+    #[arg(help_heading = "Seq workload", long, value_parser = parse_size, default_value = "1MiB")]
     pub block: u64,
 
     /// Requests in flight per thread.
@@ -119,30 +168,94 @@ pub struct BenchArgs {
     /// Memory the requests cycle through: the request at target offset `o` uses buffer
     /// offset `o % buffer`. Default: all of --size, up to 4 GiB. fio's footprint is
     /// queue depth × block per thread. With --verify it must hold all of --size.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(help_heading = "Seq workload", long, value_parser = parse_size)]
     pub buffer: Option<u64>,
 
     /// File or block device to use. Default: a temporary file in $TMPDIR, removed afterwards.
-    /// Write operations (and --verify) overwrite the first --size bytes of a block device.
+    /// Write operations (and --verify) overwrite the first --size bytes of a block device;
+    /// the tensors workload overwrites up to twice its tensors' bytes.
     #[arg(long)]
     pub path: Option<PathBuf>,
 
     /// Fill with random data and check every byte read back (after writes: the whole file
-    /// is read back and checked, untimed).
-    #[arg(long)]
+    /// is read back and checked, untimed). The tensors workload always verifies.
+    #[arg(help_heading = "Seq workload", long)]
     pub verify: bool,
 
-    /// Seed of the random data.
+    /// Seed of the random data (and of the tensors' sizes and order).
     #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,
 
-    /// Print one JSON object per operation instead of a table.
+    /// Print JSON instead of a table: one object per operation (seq), one per run (tensors).
     #[arg(long)]
     pub json: bool,
 
     /// Use buffered I/O instead of O_DIRECT (for comparison only).
     #[arg(long)]
     pub buffered: bool,
+
+    /// Tensors to offload (each one storage of its own).
+    #[arg(
+        help_heading = "Tensors workload",
+        long,
+        value_name = "N",
+        default_value_t = 20_000
+    )]
+    pub tensors: u64,
+
+    /// Smallest tensor size (sizes are uniform in [--min-size, --max-size]).
+    #[arg(help_heading = "Tensors workload", long, value_parser = parse_size, default_value = "4KiB")]
+    pub min_size: u64,
+
+    /// Largest tensor size.
+    #[arg(help_heading = "Tensors workload", long, value_parser = parse_size, default_value = "256KiB")]
+    pub max_size: u64,
+
+    /// Fraction of offload calls, in [0, 1), that name a tensor offloaded before (the same
+    /// storage saved twice); the engine stores it once unless --no-dedup.
+    #[arg(
+        help_heading = "Tensors workload",
+        long,
+        value_name = "FRACTION",
+        default_value_t = 0.1,
+        allow_negative_numbers = true
+    )]
+    pub dup: f64,
+
+    /// Write every tensor in an extent of its own instead of packing small ones together.
+    #[arg(help_heading = "Tensors workload", long)]
+    pub no_pack: bool,
+
+    /// Write every offload to storage, even one naming a tensor already stored.
+    #[arg(help_heading = "Tensors workload", long)]
+    pub no_dedup: bool,
+
+    /// Device memory the engine allocates for packing and prefetching [default: 512MiB].
+    #[arg(help_heading = "Tensors workload", long, value_parser = parse_size)]
+    pub staging: Option<u64>,
+
+    /// Of the staging memory, how much prefetched extents may hold [default: 256MiB, at
+    /// most half of --staging].
+    #[arg(help_heading = "Tensors workload", long, value_parser = parse_size)]
+    pub prefetch: Option<u64>,
+
+    /// Size of one packed extent [default: 16MiB, at most half of --staging].
+    #[arg(help_heading = "Tensors workload", long, value_parser = parse_size)]
+    pub pack_extent: Option<u64>,
+
+    /// Tensors smaller than this are packed; larger ones are written on their own
+    /// [default: 1MiB, at most --pack-extent].
+    #[arg(help_heading = "Tensors workload", long, value_parser = parse_size)]
+    pub pack_threshold: Option<u64>,
+
+    /// Record the engine's timeline and write it here as Chrome trace JSON
+    /// (chrome://tracing, Perfetto).
+    #[arg(help_heading = "Tensors workload", long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+
+    /// Ids of the flags given on the command line (filled by [`parse`]; empty otherwise).
+    #[arg(skip)]
+    pub given: Vec<String>,
 }
 
 /// `spillway info` arguments.

@@ -2,30 +2,34 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use spillway::bench;
-use spillway::cli::{Cli, Command};
+use spillway::cli::{self, Command, Workload};
 use spillway::info;
 
 fn main() -> ExitCode {
     keep_cufile_log_out_of_cwd();
     init_logging();
-    let cli = Cli::parse();
+    let cli = cli::parse();
     let outcome = match &cli.command {
-        Command::Bench(args) => bench::run(args).map(|results| {
-            let failed = results.iter().any(|r| r.verified == Some(false));
-            if args.json {
-                bench::report::print_json(&results);
-            } else {
-                bench::report::print_table(&results);
-            }
-            if failed {
-                eprintln!("error: verification failed: data read back differs from data written");
-                ExitCode::from(3)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }),
+        Command::Bench(args) => match args.workload {
+            Workload::Seq => bench::run(args).map(|results| {
+                let failed = results.iter().any(|r| r.verified == Some(false));
+                if args.json {
+                    bench::report::print_json(&results);
+                } else {
+                    bench::report::print_table(&results);
+                }
+                verification_exit(failed)
+            }),
+            Workload::Tensors => bench::tensors::run(args).map(|result| {
+                if args.json {
+                    bench::tensors::report::print_json(&result);
+                } else {
+                    bench::tensors::report::print_table(&result);
+                }
+                verification_exit(!result.verified)
+            }),
+        },
         Command::Info(args) => info::run(args).map(|()| ExitCode::SUCCESS),
     };
     outcome.unwrap_or_else(|e| {
@@ -33,6 +37,16 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         ExitCode::FAILURE
     })
+}
+
+/// Status 3 when data read back differed from data written, success otherwise.
+fn verification_exit(failed: bool) -> ExitCode {
+    if failed {
+        eprintln!("error: verification failed: data read back differs from data written");
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// Logs go to stderr; `SPILLWAY_LOG` (or `RUST_LOG`) sets the filter, default "warn".

@@ -323,3 +323,274 @@ fn host_memory_with_a_gpu_ordinal_is_refused() {
     let err = bench_fails(&["--mem", "host", "--gpu", "0", "--size", "1M"]);
     assert!(err.contains("--gpu 0") && err.contains("--mem host"), "{err}");
 }
+
+/// A tensors run in host memory on a file in `dir`: small enough for a 2-core CI machine.
+fn tensors_bench(dir: &Path, extra: &[&str]) -> Output {
+    host_bench(
+        dir,
+        &[
+            &[
+                "--workload",
+                "tensors",
+                "--tensors",
+                "300",
+                "--max-size",
+                "64K",
+                "--staging",
+                "32M",
+            ],
+            extra,
+        ]
+        .concat(),
+    )
+}
+
+/// The one JSON object a tensors run with --json prints.
+fn tensors_json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", stderr(out));
+    let text = stdout(out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON object per run: {text}");
+    serde_json::from_str(lines[0]).expect("the line is one JSON object")
+}
+
+#[test]
+fn tensors_run_in_host_memory_verifies_and_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    // The engine's own defaults (512 MiB staging…), 300 tensors of 4 KiB to 256 KiB.
+    let out = host_bench(
+        dir.path(),
+        &["--workload", "tensors", "--tensors", "300", "--json"],
+    );
+    let v = tensors_json(&out);
+    for key in [
+        "backend",
+        "memory",
+        "device",
+        "path",
+        "command",
+        "tensors",
+        "offload_calls",
+        "dup_fraction",
+        "min_size",
+        "max_size",
+        "total_bytes",
+        "pack",
+        "dedup",
+        "engine",
+        "phases",
+        "verified",
+        "mismatched_bytes",
+        "notes",
+        "engine_stats",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key} in {v}");
+    }
+    assert_eq!(v["workload"], "tensors");
+    assert_eq!(
+        (v["backend"].as_str(), v["memory"].as_str()),
+        (Some("uring"), Some("host"))
+    );
+    assert_eq!(
+        (v["verified"].as_bool(), v["mismatched_bytes"].as_u64()),
+        (Some(true), Some(0))
+    );
+    assert_eq!(
+        (v["tensors"].as_u64(), v["dup_fraction"].as_f64()),
+        (Some(300), Some(0.1))
+    );
+    assert_eq!(
+        (v["min_size"].as_u64(), v["max_size"].as_u64()),
+        (Some(4096), Some(256 << 10))
+    );
+    assert_eq!(
+        (v["pack"].as_bool(), v["dedup"].as_bool()),
+        (Some(true), Some(true))
+    );
+    assert_eq!(v["engine"]["staging_bytes"], 512 << 20);
+    assert_eq!(v["engine"]["pack_extent_bytes"], 16 << 20);
+    // 10% of the calls repeat a tensor: 300 tensors, 33 more calls.
+    let calls = v["offload_calls"].as_u64().unwrap();
+    assert_eq!(calls, 333);
+    let total = v["total_bytes"].as_u64().unwrap();
+    assert!((300 * 4096..=300 * (256 << 10)).contains(&total), "{v}");
+    let phases = v["phases"].as_array().unwrap();
+    let ops: Vec<&str> = phases.iter().map(|p| p["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["offload", "fetch"]);
+    for p in phases {
+        assert_eq!(p["tensors"].as_u64(), Some(calls), "{p}");
+        assert!(p["bytes"].as_u64().unwrap() > total, "duplicates count: {p}");
+        for key in ["seconds", "throughput_gbps", "tensors_per_s"] {
+            assert!(p[key].as_f64().unwrap() > 0.0, "{key} in {p}");
+        }
+    }
+    let s = &v["engine_stats"];
+    assert_eq!(s["offloads"].as_u64(), Some(calls));
+    assert_eq!(s["fetches"].as_u64(), Some(calls));
+    assert_eq!(s["dedup_hits"].as_u64(), Some(33));
+    assert_eq!(s["packed_tensors"].as_u64(), Some(300));
+    assert_eq!(
+        s["forwarded_fetches"].as_u64(),
+        Some(0),
+        "everything came from storage"
+    );
+    assert!(s["extents_written"].as_u64().unwrap() < 300, "packed: {s}");
+    assert!(s.get("latency").is_some());
+}
+
+#[test]
+fn tensors_without_packing_write_one_extent_per_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = tensors_json(&tensors_bench(dir.path(), &["--no-pack", "--json"]));
+    assert_eq!(v["pack"], false);
+    assert_eq!(v["verified"], true);
+    let s = &v["engine_stats"];
+    assert_eq!(s["extents_written"], v["tensors"], "{s}");
+    let written = s["packed_tensors"].as_u64().unwrap() + s["direct_tensors"].as_u64().unwrap();
+    assert_eq!(written, 300, "{s}");
+}
+
+#[test]
+fn tensors_duplicates_are_stored_once_unless_dedup_is_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = tensors_json(&tensors_bench(dir.path(), &["--dup", "0.5", "--json"]));
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["offload_calls"], 600);
+    let hits = v["engine_stats"]["dedup_hits"].as_u64().unwrap();
+    assert!(hits > 0, "{v}");
+    assert_eq!(hits, v["duplicate_calls"].as_u64().unwrap());
+
+    let v = tensors_json(&tensors_bench(
+        dir.path(),
+        &["--dup", "0.5", "--no-dedup", "--json"],
+    ));
+    assert_eq!(
+        (v["dedup"].as_bool(), v["verified"].as_bool()),
+        (Some(false), Some(true))
+    );
+    let s = &v["engine_stats"];
+    assert_eq!(s["dedup_hits"], 0);
+    assert_eq!(s["packed_tensors"], 600, "every call written: {s}");
+}
+
+#[test]
+fn tensors_trace_is_chrome_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.json");
+    let v = tensors_json(&tensors_bench(
+        dir.path(),
+        &["--trace", trace.to_str().unwrap(), "--json"],
+    ));
+    assert_eq!(v["engine"]["timeline"], true);
+    assert_eq!(v["trace"].as_str(), trace.to_str());
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let events = doc["traceEvents"].as_array().expect("traceEvents");
+    assert!(events.iter().any(|e| e["ph"] == "X"), "spans recorded");
+}
+
+#[test]
+fn tensors_table_verifies_and_the_temporary_file_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args([
+            "bench",
+            "--mem",
+            "host",
+            "--workload",
+            "tensors",
+            "--tensors",
+            "100",
+            "--staging",
+            "16M",
+        ])
+        .env("TMPDIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("tensors/s") && text.contains("offload"), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("fetch") && l.ends_with(" ok")),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "temporary file removed"
+    );
+}
+
+#[test]
+fn tensors_bad_flags_are_refused() {
+    let cases: [(&[&str], &str); 12] = [
+        (&["--min-size", "8K", "--max-size", "4K"], "--min-size"),
+        (&["--tensors", "0"], "--tensors 0"),
+        (&["--dup", "1"], "--dup 1 is outside [0, 1)"),
+        (&["--dup", "-0.1"], "--dup -0.1 is outside"),
+        (&["--dup", "nan"], "--dup NaN is outside"),
+        (&["--dup", "half"], "--dup"),
+        (&["--staging", "4K"], "--staging 4 KiB is too small"),
+        (
+            &["--staging", "64M", "--prefetch", "128M"],
+            "--prefetch (128 MiB) exceeds --staging",
+        ),
+        (
+            &["--staging", "64M", "--pack-extent", "64M"],
+            "--pack-extent (64 MiB) must be at most half",
+        ),
+        (
+            &["--pack-extent", "1M", "--pack-threshold", "2M"],
+            "--pack-threshold (2 MiB) exceeds",
+        ),
+        (
+            &["--op", "read", "--size", "1M"],
+            "--op, --size apply to --workload seq only",
+        ),
+        (
+            &["--tensors", "1000000", "--min-size", "1G", "--max-size", "1G"],
+            "lower --tensors or --max-size",
+        ),
+    ];
+    for (args, expected) in cases {
+        let err = bench_fails(&[&["--mem", "host", "--workload", "tensors"], args].concat());
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("missing-dir/trace.json");
+    let err = bench_fails(&[
+        "--mem",
+        "host",
+        "--workload",
+        "tensors",
+        "--tensors",
+        "10",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    assert!(err.contains("--trace") && err.contains("missing-dir"), "{err}");
+}
+
+#[test]
+fn flags_of_the_other_workload_are_refused() {
+    let err = bench_fails(&["--mem", "host", "--size", "1M", "--tensors", "5"]);
+    assert!(
+        err.contains("--tensors applies to --workload tensors only")
+            && err.contains("add --workload tensors"),
+        "{err}"
+    );
+    let err = bench_fails(&[
+        "--mem",
+        "host",
+        "--workload",
+        "seq",
+        "--no-pack",
+        "--trace",
+        "t.json",
+    ]);
+    assert!(
+        err.contains("--no-pack, --trace apply to --workload tensors only"),
+        "{err}"
+    );
+    let err = bench_fails(&["--workload", "bulk"]);
+    assert!(err.contains("--workload") && err.contains("tensors"), "{err}");
+}

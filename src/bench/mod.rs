@@ -6,10 +6,15 @@
 //! filled (untimed), so reads never hit unwritten extents. With
 //! `--verify` the buffer holds random data and every byte read back is checked: after a
 //! read, the buffer itself; after a write, the whole file is read back (untimed) and checked.
+//!
+//! That is the `seq` workload (the default); `--workload tensors` ([`tensors`]) measures
+//! the offload engine on many small tensors instead.
 
 mod buffer;
 mod driver;
+mod flags;
 pub mod report;
+pub mod tensors;
 pub mod workload;
 
 use std::os::unix::fs::FileTypeExt;
@@ -28,8 +33,9 @@ const MAX_BUFFER: u64 = 4 << 30;
 /// Largest `--size` with `--verify` (the whole size is kept in memory to be checked).
 const MAX_VERIFY: u64 = 16 << 30;
 
-/// Runs the benchmark described by `args`.
+/// Runs the `seq` workload described by `args` (see [`tensors::run`] for the other).
 pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
+    flags::check(args)?;
     validate(args)?;
     let setup = select::setup(Choices {
         backend: args.backend,

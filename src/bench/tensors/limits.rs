@@ -1,0 +1,168 @@
+//! The bounds of the tensors workload, checked before anything is allocated: a source and
+//! a destination arena must fit in the memory they live in (GPU or host), beside the
+//! engine's staging memory and some headroom; the storage the engine is given must fit on
+//! the filesystem of `--path`.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+use spillway_runtime::{Error, Result};
+
+use crate::select::Memory;
+use crate::size::format_size;
+
+/// Memory always left free: at least this much…
+const MIN_HEADROOM: u64 = 512 << 20;
+/// …or this fraction of what is available, whichever is more.
+const HEADROOM_FRACTION: u64 = 10;
+
+/// How much of a memory a run may use, and where the figure came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Available {
+    /// Bytes available now.
+    pub bytes: u64,
+    /// What they are, for messages ("MemAvailable in /proc/meminfo").
+    pub source: String,
+}
+
+/// Checks that `arenas` bytes (both arenas) fit in `memory` beside `staging` bytes of engine
+/// staging. Returns notes for the report (e.g. that the memory could not be measured).
+pub fn check(memory: &Memory, arenas: u64, staging: u64) -> Result<Vec<String>> {
+    let available = match available(memory) {
+        Ok(a) => a,
+        Err(why) => {
+            return Ok(vec![format!(
+                "free {} memory unknown ({why}): the memory bound was not checked",
+                memory.name()
+            )])
+        }
+    };
+    let headroom = MIN_HEADROOM.max(available.bytes / HEADROOM_FRACTION);
+    let usable = available.bytes.saturating_sub(staging).saturating_sub(headroom);
+    if arenas > usable {
+        return Err(Error::invalid(format!(
+            "the tensors workload needs {} of {} memory (a source and a destination arena of {} each), but only {} may be used ({} {}, less {} of engine staging and {} of headroom); lower --tensors or --max-size (or --staging)",
+            format_size(arenas),
+            memory.name(),
+            format_size(arenas / 2),
+            format_size(usable),
+            format_size(available.bytes),
+            available.source,
+            format_size(staging),
+            format_size(headroom),
+        )));
+    }
+    Ok(Vec::new())
+}
+
+/// Checks that `capacity` bytes can be reserved for `path` (a file, existing or not): the
+/// free space of its filesystem plus what the file already holds. Block devices, and
+/// filesystems that cannot be asked, are left to the reservation itself.
+pub fn check_storage(path: &Path, capacity: u64) -> Result<()> {
+    let meta = std::fs::metadata(path).ok();
+    if meta.as_ref().is_some_and(|m| m.file_type().is_block_device()) {
+        return Ok(());
+    }
+    let held = meta.map_or(0, |m| m.blocks() * 512);
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Some(free) = free_space(dir) else {
+        return Ok(());
+    };
+    if capacity > free.saturating_add(held) {
+        return Err(Error::invalid(format!(
+            "the tensors workload reserves {} of storage at {} (twice the tensors' bytes), but its filesystem has {} free; free space, pass a --path on a larger filesystem, or lower --tensors or --max-size",
+            format_size(capacity),
+            path.display(),
+            format_size(free.saturating_add(held)),
+        )));
+    }
+    Ok(())
+}
+
+/// Bytes an unprivileged user may still allocate on the filesystem holding `dir`.
+fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain data; all-zero is a valid value to be overwritten.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid statvfs to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// The memory available now in `memory`.
+fn available(memory: &Memory) -> std::result::Result<Available, String> {
+    match memory {
+        Memory::Host => {
+            let text = std::fs::read_to_string("/proc/meminfo")
+                .map_err(|e| format!("reading /proc/meminfo: {e}"))?;
+            let bytes = mem_available(&text).ok_or("no MemAvailable line in /proc/meminfo")?;
+            Ok(Available {
+                bytes,
+                source: "MemAvailable in /proc/meminfo".into(),
+            })
+        }
+        Memory::Gpu(gpu) => match gpu.context().mem_get_info() {
+            Ok((free, _total)) => Ok(Available {
+                bytes: free as u64,
+                source: format!("free on GPU {} (cuMemGetInfo)", gpu.ordinal()),
+            }),
+            Err(e) => {
+                tracing::debug!("cuMemGetInfo failed ({e}); using the GPU's total memory");
+                Ok(Available {
+                    bytes: gpu.gpu_info().total_memory,
+                    source: format!("total on GPU {}", gpu.ordinal()),
+                })
+            }
+        },
+    }
+}
+
+/// The `MemAvailable` figure of a /proc/meminfo text, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut words = line["MemAvailable:".len()..].split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    let unit = match words.next() {
+        Some("kB") => 1024,
+        None => 1,
+        Some(_) => return None,
+    };
+    value.checked_mul(unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_mem_available() {
+        let text = "MemTotal:       24000000 kB\nMemFree:        1000 kB\nMemAvailable:   22000000 kB\n";
+        assert_eq!(mem_available(text), Some(22_000_000 * 1024));
+        assert_eq!(mem_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(mem_available("MemAvailable: lots kB\n"), None);
+    }
+
+    #[test]
+    fn arenas_beyond_host_memory_are_refused_with_the_flags_to_change() {
+        let err = check(&Memory::Host, u64::MAX / 2, 512 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tensors") && err.contains("--max-size"), "{err}");
+        assert!(check(&Memory::Host, 1 << 20, 1 << 20).unwrap().is_empty());
+    }
+
+    #[test]
+    fn storage_beyond_the_filesystem_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.dat");
+        check_storage(&path, 1 << 20).unwrap();
+        let err = check_storage(&path, u64::MAX).unwrap_err().to_string();
+        assert!(err.contains("--path") && err.contains("--tensors"), "{err}");
+    }
+}

@@ -1,0 +1,337 @@
+//! `spillway bench --workload tensors`: many small tensors offloaded through the offload
+//! engine and fetched back, as a training step's forward and backward passes would.
+//!
+//! The tensors live in one source arena (GPU or host memory) at 512-byte aligned offsets,
+//! filled with the [`pattern`](spillway_runtime::pattern) at their arena offsets, so every
+//! tensor's bytes are known. Phases:
+//!
+//! 1. **offload** (timed): every offload call in forward order, then `drain`. The source
+//!    arena is then poisoned (untimed), so what comes back must come from storage.
+//! 2. **fetch** (timed): `prefetch` every handle in reverse order, then `fetch` each, in
+//!    reverse order, into a destination arena of the same layout; wait for the last event
+//!    and `drain`.
+//! 3. **verify** (untimed, always): every tensor of the destination arena against the
+//!    pattern.
+//! 4. release every handle and drain.
+
+mod limits;
+pub mod options;
+mod plan;
+pub mod report;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use spillway_runtime::engine::{Engine, Handle, Region, StorageTarget, TensorKey};
+use spillway_runtime::{open_target, DeviceBuffer, DirectIo, Error, Event, Result, Target};
+
+use super::flags;
+use crate::cli::BenchArgs;
+use crate::select::{self, Choices, Memory, Setup};
+use options::{EngineSettings, Options};
+use plan::Plan;
+use report::{Phase, TensorsResult};
+
+/// Seeds mixed into the data seed to poison the arenas: the source after offloading, the
+/// destination before fetching.
+const POISON_SOURCE: u64 = 0xdead_beef_0bad_f00d;
+const POISON_DESTINATION: u64 = 0x0bad_cafe_dead_d00d;
+
+/// Runs the tensors workload described by `args`.
+pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
+    flags::check(args)?;
+    let opts = Options::from_args(args)?;
+    let setup = select::setup(Choices {
+        backend: args.backend,
+        mem: args.mem,
+        gpu: args.gpu,
+        queue_depth: args.qd,
+        threads: args.threads,
+    })?;
+    let plan = Plan::new(
+        opts.tensors,
+        opts.duplicates,
+        opts.min_size,
+        opts.max_size,
+        opts.seed,
+    );
+    let mut notes = setup.notes.clone();
+    notes.extend(limits::check(
+        &setup.memory,
+        plan.arena_len.saturating_mul(2),
+        opts.engine.staging_bytes,
+    )?);
+    notes.extend(opts.notes.iter().cloned());
+    // Created now, so that a bad --trace path is reported before the run, not after it.
+    let trace_file = match &opts.trace {
+        Some(file) => Some(File::create(file).map_err(|e| trace_error(file, e))?),
+        None => None,
+    };
+
+    let temp;
+    let path = match &args.path {
+        Some(p) => p.clone(),
+        None => {
+            temp = temp_file()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let capacity = plan.storage_capacity(
+        opts.engine.alignment,
+        opts.engine.pack_extent_bytes,
+        opts.engine.dedup,
+    );
+    limits::check_storage(&path, capacity)?;
+    let target = Target {
+        path: path.clone(),
+        direct: if args.buffered {
+            DirectIo::Off
+        } else {
+            DirectIo::Preferred
+        },
+        create: true,
+        reserve: Some(capacity),
+    };
+    // Opened once here for what the report says about it (O_DIRECT or not); the engine
+    // opens it again through the backend.
+    let direct_io = {
+        let opened = open_target(&target)?;
+        notes.extend(opened.warning);
+        opened.direct_io
+    };
+
+    let arenas = Arenas::new(&setup, &plan, opts.seed)?;
+    // Declared after the arenas, so it is dropped (and lets go of their memory) first.
+    let engine = Engine::new(
+        setup.device.clone(),
+        setup.backend.clone(),
+        vec![StorageTarget::new(target, capacity)],
+        opts.engine.clone(),
+    )?;
+    let (handles, offload) = offload_phase(&engine, &arenas, &plan)?;
+    arenas.poison(opts.seed)?;
+    let fetch = fetch_phase(&engine, &arenas, &plan, &handles)?;
+    let (mismatched_bytes, mismatched_tensors) = arenas.mismatches(&plan, opts.seed)?;
+    for h in handles {
+        engine.release(h)?;
+    }
+    engine.drain()?;
+
+    let trace = match (&opts.trace, trace_file) {
+        (Some(file), Some(out)) => {
+            engine
+                .timeline()
+                .write_chrome_trace(BufWriter::new(out))
+                .map_err(|e| trace_error(file, e))?;
+            let dropped = engine.timeline().dropped();
+            if dropped > 0 {
+                notes.push(format!(
+                    "the timeline was full: {dropped} spans were not recorded"
+                ));
+            }
+            Some(file.display().to_string())
+        }
+        _ => None,
+    };
+    let backend = setup.backend.info();
+    Ok(TensorsResult {
+        workload: "tensors".into(),
+        backend: backend.name.to_string(),
+        memory: setup.memory.name().to_string(),
+        device: match &setup.memory {
+            Memory::Host => "host memory".to_string(),
+            Memory::Gpu(gpu) => format!("{} (GPU {})", setup.device.info().name, gpu.ordinal()),
+        },
+        path: path.display().to_string(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        tensors: plan.tensors.len() as u64,
+        offload_calls: plan.calls.len() as u64,
+        duplicate_calls: (plan.calls.len() - plan.tensors.len()) as u64,
+        dup_fraction: opts.dup_fraction,
+        min_size: opts.min_size,
+        max_size: opts.max_size,
+        total_bytes: plan.tensor_bytes(),
+        arena_bytes: plan.arena_len,
+        pack: opts.engine.pack,
+        dedup: opts.engine.dedup,
+        engine: EngineSettings::of(&opts.engine),
+        storage_capacity: capacity,
+        queue_depth: args.qd,
+        threads: args.threads,
+        direct_io,
+        host_staging: matches!(setup.memory, Memory::Gpu(_)) && backend.host_staging,
+        gds_mode: backend.gds_mode.map(|m| m.as_str().to_string()),
+        seed: opts.seed,
+        phases: vec![offload, fetch],
+        verified: mismatched_bytes == 0,
+        mismatched_bytes,
+        mismatched_tensors,
+        trace,
+        notes,
+        engine_stats: engine.stats(),
+    })
+}
+
+/// A temporary file for the storage, removed when dropped.
+fn temp_file() -> Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix("spillway-bench-")
+        .suffix(".dat")
+        .tempfile()
+        .map_err(|e| {
+            Error::io(
+                format!(
+                    "creating a temporary file in {} (set TMPDIR or pass --path)",
+                    std::env::temp_dir().display()
+                ),
+                e,
+            )
+        })
+}
+
+/// The source and destination arenas, in the run's memory.
+struct Arenas<'a> {
+    setup: &'a Setup,
+    source: DeviceBuffer,
+    destination: DeviceBuffer,
+}
+
+impl<'a> Arenas<'a> {
+    /// Allocates both arenas and fills the source with the pattern for `seed` (byte `o` of
+    /// the arena is pattern byte `o`), waiting until it is done.
+    fn new(setup: &'a Setup, plan: &Plan, seed: u64) -> Result<Self> {
+        let len = usize::try_from(plan.arena_len).map_err(|_| {
+            Error::invalid(
+                "the arena does not fit in this machine's address space; lower --tensors or --max-size",
+            )
+        })?;
+        let source = setup.device.alloc(len)?;
+        let destination = setup.device.alloc(len)?;
+        setup.device.fill_pattern(source.ptr(), len, seed, 0)?;
+        Ok(Arenas {
+            setup,
+            source,
+            destination,
+        })
+    }
+
+    /// Overwrites the source with other data and fills the destination with yet other data,
+    /// so that only bytes read back from storage can match the pattern afterwards.
+    fn poison(&self, seed: u64) -> Result<()> {
+        let dev = &self.setup.device;
+        dev.fill_pattern(self.source.ptr(), self.source.len(), seed ^ POISON_SOURCE, 0)?;
+        dev.fill_pattern(
+            self.destination.ptr(),
+            self.destination.len(),
+            seed ^ POISON_DESTINATION,
+            0,
+        )
+    }
+
+    /// Bytes of the destination's tensors that differ from the pattern, and how many
+    /// tensors have any.
+    fn mismatches(&self, plan: &Plan, seed: u64) -> Result<(u64, u64)> {
+        let (mut bytes, mut tensors) = (0, 0);
+        for t in &plan.tensors {
+            let bad = self.setup.device.count_pattern_mismatches(
+                self.destination.ptr() + t.offset,
+                t.len as usize,
+                seed,
+                t.offset,
+            )?;
+            bytes += bad;
+            tensors += u64::from(bad > 0);
+        }
+        Ok((bytes, tensors))
+    }
+
+    fn region(buffer: &DeviceBuffer, t: plan::Tensor) -> [Region; 1] {
+        [Region::new(buffer.ptr() + t.offset, t.len)]
+    }
+}
+
+/// Phase 1: every offload call in forward order, then drain. Refuses to go on when any
+/// tensor stayed in memory (the fetch phase would not read it from storage).
+fn offload_phase(engine: &Engine, arenas: &Arenas, plan: &Plan) -> Result<(Vec<Handle>, Phase)> {
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(plan.calls.len());
+    for &i in &plan.calls {
+        let region = Arenas::region(&arenas.source, plan.tensors[i]);
+        // SAFETY: the source arena outlives the engine (it is dropped after it) and is not
+        // modified until `drain` below has returned and every source is released (checked
+        // below, before the arena is poisoned).
+        let h = unsafe { engine.offload(TensorKey::new(i as u64, 0), &region, None)? };
+        handles.push(h);
+    }
+    engine.drain()?;
+    let seconds = start.elapsed().as_secs_f64();
+    let c = engine.stats().counters;
+    if c.resident_tensors > 0 || c.write_errors > 0 {
+        return Err(Error::invalid(format!(
+            "the engine kept {} tensors in memory ({} failed writes): the fetch phase would not read them from storage; see the warnings above, free space on the storage or pass another --path",
+            c.resident_tensors, c.write_errors
+        )));
+    }
+    for &h in &handles {
+        if !engine.source_released(h)? {
+            return Err(Error::invalid(
+                "a tensor's memory is still in use by the engine after drain; the offload phase cannot be verified",
+            ));
+        }
+    }
+    let phase = Phase::new("offload", plan.call_bytes(), plan.calls.len() as u64, seconds);
+    Ok((handles, phase))
+}
+
+/// Phase 2: prefetch every handle in reverse order, then fetch each in reverse order into
+/// the destination arena; wait for the last event and drain.
+fn fetch_phase(engine: &Engine, arenas: &Arenas, plan: &Plan, handles: &[Handle]) -> Result<Phase> {
+    // Handles of a tensor offloaded more than once fetch into the same place: the next
+    // fetch there waits for the previous one's event.
+    let mut remaining = plan.calls_per_tensor();
+    let mut pending: HashMap<usize, Arc<dyn Event>> = HashMap::new();
+    let start = Instant::now();
+    for &h in handles.iter().rev() {
+        engine.prefetch(h)?;
+    }
+    let mut last = None;
+    for (&h, &i) in handles.iter().zip(&plan.calls).rev() {
+        if let Some(previous) = pending.remove(&i) {
+            previous.synchronize()?;
+        }
+        let region = Arenas::region(&arenas.destination, plan.tensors[i]);
+        // SAFETY: the destination arena outlives the engine; this region is written by
+        // nothing else until the event completes (a second fetch into it waits above, and
+        // the arena is read only after the last event and `drain`).
+        let ready = unsafe { engine.fetch(h, &region)? };
+        remaining[i] -= 1;
+        if remaining[i] > 0 {
+            pending.insert(i, ready.clone());
+        }
+        last = Some(ready);
+    }
+    // Fetch-stream events complete in order: the last one covers them all.
+    if let Some(ready) = last {
+        ready.synchronize()?;
+    }
+    engine.drain()?;
+    let seconds = start.elapsed().as_secs_f64();
+    Ok(Phase::new(
+        "fetch",
+        plan.call_bytes(),
+        handles.len() as u64,
+        seconds,
+    ))
+}
+
+/// An error writing the Chrome trace to `file`.
+fn trace_error(file: &Path, e: std::io::Error) -> Error {
+    Error::io(
+        format!("writing the trace to {} (check --trace)", file.display()),
+        e,
+    )
+}

@@ -1,0 +1,234 @@
+//! The tensors workload's settings: checked against each other, with every refusal naming
+//! the flag to change, and the engine configuration they make.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use spillway_runtime::engine::EngineConfig;
+use spillway_runtime::{Error, Result};
+
+use crate::cli::BenchArgs;
+use crate::size::format_size;
+
+/// Most tensors one run offloads (the plan and the engine's tables grow with it).
+pub const MAX_TENSORS: u64 = 10_000_000;
+/// Most offload calls one run makes, duplicates included.
+pub const MAX_CALLS: u64 = 20_000_000;
+
+/// What one tensors run does.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Distinct tensors (storages) in the source arena.
+    pub tensors: usize,
+    /// Offload calls that repeat a tensor offloaded before.
+    pub duplicates: usize,
+    /// `--dup` as given.
+    pub dup_fraction: f64,
+    /// Smallest tensor, bytes.
+    pub min_size: u64,
+    /// Largest tensor, bytes.
+    pub max_size: u64,
+    /// Seed of the sizes, the order of duplicates and the data.
+    pub seed: u64,
+    /// The engine's settings.
+    pub engine: EngineConfig,
+    /// Where to write the Chrome trace, if asked.
+    pub trace: Option<PathBuf>,
+    /// Remarks for the report (flags that have no effect…).
+    pub notes: Vec<String>,
+}
+
+/// The engine settings a run used, as reported.
+#[derive(Clone, Debug, Serialize)]
+pub struct EngineSettings {
+    /// Alignment of extents and of tensors inside packed extents (bytes).
+    pub alignment: u64,
+    /// Staging memory the engine owns (bytes).
+    pub staging_bytes: u64,
+    /// Of it, what prefetches may hold (bytes).
+    pub prefetch_bytes: u64,
+    /// Tensors smaller than this are packed (bytes).
+    pub pack_threshold: u64,
+    /// Size of a packed extent (bytes).
+    pub pack_extent_bytes: u64,
+    /// A partly filled packed extent is written after this long without offloads (µs).
+    pub pack_flush_delay_us: u64,
+    /// Unpacked writes in flight at once (bytes).
+    pub direct_write_bytes: u64,
+    /// Packing on.
+    pub pack: bool,
+    /// Dedup on.
+    pub dedup: bool,
+    /// Timeline recorded.
+    pub timeline: bool,
+}
+
+impl EngineSettings {
+    /// The report's view of `c`.
+    pub fn of(c: &EngineConfig) -> Self {
+        EngineSettings {
+            alignment: c.alignment,
+            staging_bytes: c.staging_bytes,
+            prefetch_bytes: c.prefetch_bytes,
+            pack_threshold: c.pack_threshold,
+            pack_extent_bytes: c.pack_extent_bytes,
+            pack_flush_delay_us: c.pack_flush_delay.as_micros() as u64,
+            direct_write_bytes: c.direct_write_bytes,
+            pack: c.pack,
+            dedup: c.dedup,
+            timeline: c.timeline,
+        }
+    }
+}
+
+impl Options {
+    /// Checks the tensors workload's flags and resolves the engine's settings: a size left
+    /// out takes the engine default, shrunk to fit a smaller `--staging`.
+    pub fn from_args(args: &BenchArgs) -> Result<Options> {
+        if args.tensors == 0 {
+            return Err(Error::invalid(
+                "--tensors 0: the tensors workload needs at least 1 tensor",
+            ));
+        }
+        if args.tensors > MAX_TENSORS {
+            return Err(Error::invalid(format!(
+                "--tensors {} is more than this benchmark runs ({MAX_TENSORS}); lower --tensors",
+                args.tensors
+            )));
+        }
+        if !(0.0..1.0).contains(&args.dup) {
+            return Err(Error::invalid(format!(
+                "--dup {} is outside [0, 1): it is the fraction of offload calls that repeat an earlier tensor (e.g. 0.1)",
+                args.dup
+            )));
+        }
+        if args.min_size > args.max_size {
+            return Err(Error::invalid(format!(
+                "--min-size ({}) is larger than --max-size ({}); make the minimum smaller or the maximum larger",
+                format_size(args.min_size),
+                format_size(args.max_size)
+            )));
+        }
+        // Far beyond any machine's memory (checked exactly later), and keeps the arena's
+        // arithmetic well inside u64.
+        if args.tensors as u128 * (args.max_size as u128 + 4096) > 1 << 60 {
+            return Err(Error::invalid(format!(
+                "--tensors {} of up to --max-size {} cannot fit in memory; lower --tensors or --max-size",
+                args.tensors,
+                format_size(args.max_size)
+            )));
+        }
+        let duplicates = duplicate_calls(args.tensors, args.dup);
+        let calls = args.tensors.saturating_add(duplicates);
+        if calls > MAX_CALLS {
+            return Err(Error::invalid(format!(
+                "--tensors {} with --dup {} makes {} offload calls, more than this benchmark runs ({MAX_CALLS}); lower --tensors or --dup",
+                args.tensors,
+                args.dup,
+                calls
+            )));
+        }
+        let mut notes = Vec::new();
+        if args.no_pack {
+            for (given, flag) in [
+                (args.pack_extent.is_some(), "--pack-extent"),
+                (args.pack_threshold.is_some(), "--pack-threshold"),
+            ] {
+                if given {
+                    notes.push(format!("{flag} has no effect with --no-pack"));
+                }
+            }
+        }
+        Ok(Options {
+            tensors: args.tensors as usize,
+            duplicates: duplicates as usize,
+            dup_fraction: args.dup,
+            min_size: args.min_size,
+            max_size: args.max_size,
+            seed: args.seed,
+            engine: engine_config(args)?,
+            trace: args.trace.clone(),
+            notes,
+        })
+    }
+
+    /// Offload calls in all: every tensor once, plus the duplicates.
+    pub fn calls(&self) -> usize {
+        self.tensors + self.duplicates
+    }
+}
+
+/// Duplicate calls so that they are `dup` of all calls: `d / (tensors + d) = dup`.
+fn duplicate_calls(tensors: u64, dup: f64) -> u64 {
+    // A float-to-integer `as` saturates: a huge count stays huge and is refused by the caller.
+    (tensors as f64 * dup / (1.0 - dup)).round() as u64
+}
+
+/// The engine configuration of `args`, refusing combinations the engine cannot run with a
+/// message naming the flags.
+fn engine_config(args: &BenchArgs) -> Result<EngineConfig> {
+    let d = EngineConfig::default();
+    let staging = args.staging.unwrap_or(d.staging_bytes);
+    let pack = !args.no_pack;
+    let cfg = EngineConfig {
+        staging_bytes: staging,
+        prefetch_bytes: args.prefetch.unwrap_or(d.prefetch_bytes.min(staging / 2)),
+        pack_extent_bytes: args.pack_extent.unwrap_or(d.pack_extent_bytes.min(staging / 2)),
+        pack,
+        dedup: !args.no_dedup,
+        timeline: args.trace.is_some(),
+        ..d
+    };
+    let cfg = EngineConfig {
+        pack_threshold: args
+            .pack_threshold
+            .unwrap_or(d.pack_threshold.min(cfg.pack_extent_bytes)),
+        ..cfg
+    };
+    let size = format_size;
+    if staging < 2 * cfg.alignment {
+        return Err(Error::invalid(format!(
+            "--staging {} is too small: the engine needs at least {} (two {} alignment units)",
+            size(staging),
+            size(2 * cfg.alignment),
+            size(cfg.alignment)
+        )));
+    }
+    if cfg.prefetch_bytes > staging {
+        return Err(Error::invalid(format!(
+            "--prefetch ({}) exceeds --staging ({}): prefetched extents live in the staging memory; lower --prefetch or raise --staging",
+            size(cfg.prefetch_bytes),
+            size(staging)
+        )));
+    }
+    if pack && cfg.pack_extent_bytes > staging / 2 {
+        return Err(Error::invalid(format!(
+            "--pack-extent ({}) must be at most half of --staging ({}), so that packing and writing overlap; lower --pack-extent or raise --staging",
+            size(cfg.pack_extent_bytes),
+            size(staging)
+        )));
+    }
+    if pack && cfg.pack_threshold > cfg.pack_extent_bytes {
+        return Err(Error::invalid(format!(
+            "--pack-threshold ({}) exceeds --pack-extent ({}): a packed tensor must fit in a packed extent; lower --pack-threshold or raise --pack-extent",
+            size(cfg.pack_threshold),
+            size(cfg.pack_extent_bytes)
+        )));
+    }
+    // Anything the checks above missed is still refused, in the engine's words.
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicates_are_the_given_fraction_of_all_calls() {
+        assert_eq!(duplicate_calls(20_000, 0.0), 0);
+        assert_eq!(duplicate_calls(900, 0.1), 100);
+        assert_eq!(duplicate_calls(300, 0.5), 300);
+        assert!(duplicate_calls(10, 0.999_999_999_999) > 1_000_000);
+    }
+}
