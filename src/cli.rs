@@ -194,6 +194,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub buffered: bool,
 
+    /// Pinned host memory each io_uring ring stages GPU data through (a multiple of its
+    /// 1 MiB chunk) [default: queue depth × 1 MiB, at most 64 MiB per ring].
+    #[arg(long, value_parser = parse_size)]
+    pub pinned: Option<u64>,
+
     /// Tensors to offload (each one storage of its own).
     #[arg(
         help_heading = "Tensors workload",

@@ -58,6 +58,8 @@ pub struct Choices {
     pub queue_depth: u32,
     /// Rings or worker threads.
     pub threads: usize,
+    /// Pinned staging memory per io_uring ring (bytes); `None`: the backend's default.
+    pub pinned_bytes: Option<u64>,
 }
 
 /// Builds the device and backend for `choices`.
@@ -130,11 +132,20 @@ pub fn setup(choices: Choices) -> Result<Setup> {
 }
 
 fn uring(device: Arc<dyn Device>, choices: Choices) -> Result<UringBackend> {
-    let config = UringConfig {
+    let mut config = UringConfig {
         queue_depth: choices.queue_depth,
         threads: choices.threads,
         ..UringConfig::default()
     };
+    if let Some(pinned) = choices.pinned_bytes {
+        let chunk = config.chunk_size as u64;
+        if pinned < chunk || pinned % chunk != 0 {
+            return Err(Error::invalid(format!(
+                "--pinned {pinned} must be a whole number of the {chunk}-byte staging chunks (at least one)"
+            )));
+        }
+        config.staging_buffers = (pinned / chunk) as usize;
+    }
     UringBackend::new(device, config)
 }
 

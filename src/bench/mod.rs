@@ -43,6 +43,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
         gpu: args.gpu,
         queue_depth: args.qd,
         threads: args.threads,
+        pinned_bytes: args.pinned,
     })?;
     let temp;
     let path = match &args.path {

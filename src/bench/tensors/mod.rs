@@ -51,6 +51,7 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
         gpu: args.gpu,
         queue_depth: args.qd,
         threads: args.threads,
+        pinned_bytes: args.pinned,
     })?;
     let plan = Plan::new(
         opts.tensors,

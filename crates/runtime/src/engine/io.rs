@@ -126,10 +126,12 @@ impl State {
             g.io_started = start;
         }
         self.writes_inflight += 1;
-        let counter = if staging.is_some() {
+        let counter = if staging.is_some() && self.cfg.pack {
             &self.stats.c.packed_tensors
         } else {
-            self.direct_inflight += at;
+            if staging.is_none() {
+                self.direct_inflight += at;
+            }
             &self.stats.c.direct_tensors
         };
         Stats::add(counter, members.len() as u64);

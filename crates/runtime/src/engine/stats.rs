@@ -70,9 +70,9 @@ counters! {
     dedup_hits,
     /// Bytes of those offloads.
     dedup_bytes,
-    /// Tensors written inside a packed extent.
+    /// Tensors written inside a packed extent (packing on, below the threshold).
     packed_tensors,
-    /// Tensors written in an extent of their own.
+    /// Tensors written in an extent of their own (large ones, or all with packing off).
     direct_tensors,
     /// Extents written.
     extents_written,
