@@ -1,4 +1,8 @@
-//! Build script: embeds the CUDA kernels of `kernels/*.cu` into the crate.
+//! Build script: embeds the CUDA kernels of `kernels/*.cu` into the crate: today
+//! `pattern.cu` (the test-pattern kernels) and `pack.cu` (the pack/unpack kernels). Every
+//! `.cu` file there is embedded the same way, and `src/cuda/kernels.rs` loads one by its
+//! stem; a file listed in [`REQUIRED`] that is missing gets a cargo warning (the build still
+//! succeeds, and using those kernels is then an error at run time).
 //!
 //! The CUDA C source of every kernel file is always embedded. In addition, when a CUDA
 //! toolkit is found, each file is compiled to PTX and that PTX is embedded as well:
@@ -36,6 +40,9 @@ const ENV_VARS: &[&str] = &[
     "SPILLWAY_NVCC_ARCH",
 ];
 
+/// The kernel files `src/cuda` loads (by stem).
+const REQUIRED: &[&str] = &["pattern", "pack"];
+
 /// A kernel file and what became of it.
 struct Kernel {
     /// File stem: the module's name.
@@ -65,6 +72,17 @@ fn main() {
     }
 
     let sources = kernel_sources(&kernel_dir);
+    for name in REQUIRED {
+        if !sources
+            .iter()
+            .any(|s| s.file_stem().is_some_and(|stem| stem == *name))
+        {
+            warn(&format!(
+                "{} is missing: the CUDA device will report its kernels as not embedded",
+                kernel_dir.join(format!("{name}.cu")).display()
+            ));
+        }
+    }
     let arch = env::var("SPILLWAY_NVCC_ARCH")
         .ok()
         .filter(|a| !a.trim().is_empty())

@@ -1,6 +1,7 @@
 //! [`CudaDevice`]: the runtime's [`Device`] on one GPU, in that GPU's primary context.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUdevice_attribute;
@@ -13,6 +14,8 @@ use spillway_runtime::{
 use super::error::{self, DriverResultExt};
 use super::launch::PatternKernels;
 use super::memory::{self, DeviceAlloc, PinnedAlloc};
+use super::pack::PackKernels;
+use super::pack_table;
 use super::probe::{self, GpuInfo};
 use super::raw;
 use super::stream::CudaStream;
@@ -28,6 +31,10 @@ pub struct CudaDevice {
     sm_count: u32,
     /// The pattern kernels, loaded on first use; the lock also serializes their launches.
     kernels: Mutex<Option<PatternKernels>>,
+    /// The pack kernels, loaded on first use (the lock is held only to load them).
+    pack_kernels: Mutex<Option<Arc<PackKernels>>>,
+    /// log2 of the pack kernels' tile size.
+    pack_tile_shift: AtomicU32,
 }
 
 impl CudaDevice {
@@ -90,6 +97,8 @@ impl CudaDevice {
             gpu,
             sm_count: sm_count.max(1) as u32,
             kernels: Mutex::new(None),
+            pack_kernels: Mutex::new(None),
+            pack_tile_shift: AtomicU32::new(pack_table::DEFAULT_TILE.trailing_zeros()),
         }))
     }
 
@@ -117,6 +126,61 @@ impl CudaDevice {
     /// compute_75 built by nvcc" or "PTX for compute_90 compiled by NVRTC 12.4".
     pub fn kernel_origin(&self) -> Result<String> {
         self.with_kernels(|k| Ok(k.origin().to_string()))
+    }
+
+    /// Loads the pack kernels if they are not yet, and says where their code came from (as
+    /// [`CudaDevice::kernel_origin`] does for the pattern kernels).
+    pub fn pack_kernel_origin(&self) -> Result<String> {
+        Ok(self.pack_kernels()?.origin().to_string())
+    }
+
+    /// The tile size of the pack and unpack kernels, in bytes: how much of the extent
+    /// (pack) or of one piece (unpack) one warp copies before it looks up its next tile.
+    /// 16 KiB unless [`CudaDevice::set_pack_tile_size`] changed it.
+    pub fn pack_tile_size(&self) -> u64 {
+        1 << self.pack_tile_shift.load(Ordering::Relaxed)
+    }
+
+    /// Sets the tile size of later packs and unpacks (a tuning knob: any size gives the same
+    /// bytes). [`Error::InvalidArgument`] unless `bytes` is a power of two from 1 KiB to 16 MiB.
+    pub fn set_pack_tile_size(&self, bytes: u64) -> Result<()> {
+        let shift = pack_table::check_tile_size(bytes)?;
+        self.pack_tile_shift.store(shift, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The pack kernels, loaded on first use.
+    fn pack_kernels(&self) -> Result<Arc<PackKernels>> {
+        let mut slot = self.pack_kernels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(kernels) = slot.as_ref() {
+            return Ok(kernels.clone());
+        }
+        let kernels = Arc::new(PackKernels::new(
+            &self.ctx,
+            self.gpu.ordinal,
+            self.gpu.compute_capability,
+            self.sm_count,
+        )?);
+        *slot = Some(kernels.clone());
+        Ok(kernels)
+    }
+
+    /// `stream` as a stream of this GPU, or an [`Error::InvalidArgument`] saying why not.
+    fn own_stream<'s>(&self, op: &str, stream: &'s dyn Stream) -> Result<&'s CudaStream> {
+        let cuda = stream.as_any().downcast_ref::<CudaStream>().ok_or_else(|| {
+            Error::invalid(format!(
+                "{op} on GPU {} needs one of its own streams, got {stream:?}",
+                self.gpu.ordinal
+            ))
+        })?;
+        if cuda.ordinal() != self.gpu.ordinal {
+            return Err(Error::invalid(format!(
+                "{op} on GPU {} got a stream of GPU {}",
+                self.gpu.ordinal,
+                cuda.ordinal()
+            )));
+        }
+        Ok(cuda)
     }
 
     /// Runs `f` with the pattern kernels, loading them on first use.
@@ -198,17 +262,60 @@ impl Device for CudaDevice {
         self.with_kernels(|k| k.count_mismatches(src, len, seed, offset))
     }
 
-    unsafe fn pack(&self, _: &dyn Stream, _: DevicePtr, _: u64, _: &[PackPiece]) -> Result<()> {
-        Err(Error::Unavailable {
-            what: "the CUDA pack kernel".into(),
-            reason: "not built yet".into(),
-        })
+    unsafe fn pack(
+        &self,
+        stream: &dyn Stream,
+        extent: DevicePtr,
+        extent_len: u64,
+        pieces: &[PackPiece],
+    ) -> Result<()> {
+        let _span = tracing::debug_span!(
+            "cuda_pack",
+            gpu = self.gpu.ordinal,
+            extent,
+            extent_len,
+            pieces = pieces.len()
+        )
+        .entered();
+        let stream = self.own_stream("pack", stream)?;
+        spillway_runtime::pack::check_pack_layout(pieces, extent_len)?;
+        if extent_len == 0 {
+            return Ok(());
+        }
+        memory::check_device_region(&self.ctx, self.gpu.ordinal, "pack extent", extent, extent_len)?;
+        pack_table::check_disjoint_from_extent("pack", pieces, extent, extent_len)?;
+        let kernels = self.pack_kernels()?;
+        let shift = self.pack_tile_shift.load(Ordering::Relaxed);
+        // SAFETY: forwarded contract (live, disjoint memory until the stream passes the
+        // kernel); the stream is this GPU's and the layout was checked above.
+        unsafe { kernels.pack(stream, extent, extent_len, pieces, shift) }
     }
 
-    unsafe fn unpack(&self, _: &dyn Stream, _: DevicePtr, _: u64, _: &[PackPiece]) -> Result<()> {
-        Err(Error::Unavailable {
-            what: "the CUDA unpack kernel".into(),
-            reason: "not built yet".into(),
-        })
+    unsafe fn unpack(
+        &self,
+        stream: &dyn Stream,
+        extent: DevicePtr,
+        extent_len: u64,
+        pieces: &[PackPiece],
+    ) -> Result<()> {
+        let _span = tracing::debug_span!(
+            "cuda_unpack",
+            gpu = self.gpu.ordinal,
+            extent,
+            extent_len,
+            pieces = pieces.len()
+        )
+        .entered();
+        let stream = self.own_stream("unpack", stream)?;
+        spillway_runtime::pack::check_unpack_layout(pieces, extent_len)?;
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        memory::check_device_region(&self.ctx, self.gpu.ordinal, "unpack extent", extent, extent_len)?;
+        pack_table::check_disjoint_from_extent("unpack", pieces, extent, extent_len)?;
+        let kernels = self.pack_kernels()?;
+        let shift = self.pack_tile_shift.load(Ordering::Relaxed);
+        // SAFETY: as in `pack`.
+        unsafe { kernels.unpack(stream, extent, pieces, shift) }
     }
 }

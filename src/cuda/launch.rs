@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdeviceptr, CUfunction};
 use cudarc::driver::CudaContext;
-use spillway_runtime::{Error, Result};
+use spillway_runtime::Result;
 
-use super::error::{describe, DriverResultExt};
+use super::error::DriverResultExt;
 use super::kernels::Module;
-use super::memory::DeviceAlloc;
+use super::memory::{self, DeviceAlloc};
 use super::raw;
 use super::stream::CudaStream;
 
@@ -153,23 +153,7 @@ impl PatternKernels {
     /// Checks that `[ptr, ptr + len)` lies within one device allocation, so a bad pointer
     /// is an error rather than a kernel fault that would wreck the context.
     fn check_region(&self, kernel: &str, ptr: CUdeviceptr, len: usize) -> Result<()> {
-        raw::bind(&self.ctx).on_gpu("cuCtxSetCurrent", self.gpu)?;
-        let (base, size) = raw::mem_address_range(ptr).map_err(|e| {
-            Error::invalid(format!(
-                "{kernel}: {ptr:#x} is not device memory of GPU {} (cuMemGetAddressRange: {})",
-                self.gpu,
-                describe(e)
-            ))
-        })?;
-        let fits = matches!(ptr.checked_add(len as u64), Some(end) if end <= base + size as u64);
-        if !fits {
-            return Err(Error::invalid(format!(
-                "{kernel}: [{ptr:#x}, +{len}) runs past the end of its allocation [{base:#x}, +{size}) \
-                 on GPU {}",
-                self.gpu
-            )));
-        }
-        Ok(())
+        memory::check_device_region(&self.ctx, self.gpu, kernel, ptr, len as u64)
     }
 
     /// Waits for the stream, naming the kernel in the error.

@@ -60,6 +60,32 @@ impl Drop for DeviceAlloc {
     }
 }
 
+/// Checks that `[ptr, ptr + len)` lies within one device allocation of the GPU, so a bad
+/// pointer is an [`Error::InvalidArgument`] naming `what` rather than a kernel fault that
+/// would wreck the context.
+pub(crate) fn check_device_region(
+    ctx: &CudaContext,
+    gpu: usize,
+    what: &str,
+    ptr: CUdeviceptr,
+    len: u64,
+) -> Result<()> {
+    raw::bind(ctx).on_gpu("cuCtxSetCurrent", gpu)?;
+    let (base, size) = raw::mem_address_range(ptr).map_err(|e| {
+        Error::invalid(format!(
+            "{what}: {ptr:#x} is not device memory of GPU {gpu} (cuMemGetAddressRange: {})",
+            error::describe(e)
+        ))
+    })?;
+    let fits = matches!(ptr.checked_add(len), Some(end) if end <= base + size as u64);
+    if !fits {
+        return Err(Error::invalid(format!(
+            "{what}: [{ptr:#x}, +{len}) runs past the end of its allocation [{base:#x}, +{size}) on GPU {gpu}"
+        )));
+    }
+    Ok(())
+}
+
 /// Page-locked host memory: anonymous pages from `mmap`, page-locked for every context with
 /// cuMemHostRegister (PORTABLE); unregistered and unmapped on drop.
 ///
@@ -116,6 +142,12 @@ impl PinnedAlloc {
             .map_err(|e| error::alloc("pinned host", len, "cuMemHostRegister", gpu, e))?;
         alloc.registered = true;
         Ok(alloc)
+    }
+
+    /// The start of the memory (page-aligned), valid for reads and writes of the length
+    /// asked for (rounded up to whole pages) while `self` lives.
+    pub(crate) fn as_mut_ptr(&self) -> *mut u8 {
+        self.ptr
     }
 
     /// Hands the allocation to a runtime [`PinnedBuffer`], which frees it on drop.

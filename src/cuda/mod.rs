@@ -5,14 +5,17 @@
 //! - [`probe`]: the driver (version, which libcuda) and the GPUs, never panicking.
 //! - [`CudaDevice`]: one GPU, attached through its primary context (shared with the CUDA
 //!   runtime and so with PyTorch): device and pinned memory, host registration, streams,
-//!   and the test-pattern kernels.
+//!   the test-pattern kernels, and the pack/unpack kernels (`kernels/pack.cu`: many pieces
+//!   gathered into one extent, or scattered back, in one launch on the caller's stream).
 //! - [`CudaStream`], [`CudaEvent`]: non-blocking streams and timing-free events.
 //! - [`kernel_build`]: how the kernels of `kernels/` were built into this binary (PTX from
 //!   nvcc, or CUDA C source compiled by NVRTC at first use; see `build.rs`).
 //!
 //! Layers, bottom up: `raw` wraps single driver calls and holds the unsafe code; `memory`,
-//! `stream` and `kernels` are safe RAII types over it; `device` implements the runtime's
-//! trait with them.
+//! `stream` and `kernels` are safe RAII types over it; `launch` (pattern kernels) and
+//! `pack` (pack kernels, with `pack_table` building their piece tables and `upload` moving
+//! those to the GPU in stream order) launch kernels; `device` implements the runtime's trait
+//! with them.
 
 mod device;
 mod error;
@@ -20,9 +23,12 @@ mod kernels;
 mod launch;
 mod memory;
 mod nvrtc;
+mod pack;
+mod pack_table;
 mod probe;
 mod raw;
 mod stream;
+mod upload;
 
 pub use device::CudaDevice;
 pub use kernels::kernel_build;

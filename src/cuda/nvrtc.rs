@@ -309,13 +309,17 @@ mod tests {
                         assert!(compiled.target.starts_with("compute_"), "{}", compiled.target);
                         let ptx = ptx.to_string_lossy();
                         assert!(ptx.contains(".target sm_"), "{}: not PTX", module.name);
-                        if module.name == "pattern" {
-                            for entry in ["fill_pattern", "count_pattern_mismatches"] {
-                                assert!(
-                                    ptx.contains(&format!(".entry {entry}(")),
-                                    "no unmangled entry {entry}"
-                                );
-                            }
+                        let entries: &[&str] = match module.name {
+                            "pattern" => &["fill_pattern", "count_pattern_mismatches"],
+                            "pack" => &["pack_pieces", "unpack_pieces"],
+                            _ => &[],
+                        };
+                        for entry in entries {
+                            assert!(
+                                ptx.contains(&format!(".entry {entry}(")),
+                                "no unmangled entry {entry} in kernels/{}.cu",
+                                module.name
+                            );
                         }
                         ptx.len()
                     }

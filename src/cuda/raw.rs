@@ -296,6 +296,17 @@ pub(crate) unsafe fn module_unload(module: CUmodule) -> Result<(), DriverError> 
     unsafe { cu::module::unload(module) }
 }
 
+/// The most blocks of `block` threads of `f` (with no dynamic shared memory) that one
+/// multiprocessor holds at once.
+///
+/// # Safety
+/// `f` belongs to a loaded module.
+pub(crate) unsafe fn occupancy_max_blocks(f: CUfunction, block: u32) -> Result<u32, DriverError> {
+    // SAFETY: the caller's contract; the call only reads the function's attributes.
+    let blocks = unsafe { cu::occupancy::max_active_block_per_multiprocessor(f, block as c_int, 0) }?;
+    Ok(blocks.max(0) as u32)
+}
+
 /// Launches `f` on `stream`.
 ///
 /// # Safety

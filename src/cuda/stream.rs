@@ -154,7 +154,9 @@ unsafe impl Send for CudaEvent {}
 unsafe impl Sync for CudaEvent {}
 
 impl CudaEvent {
-    fn new(ctx: &Arc<CudaContext>, gpu: usize) -> Result<Self> {
+    /// Creates an event (not yet recorded: it counts as complete).
+    pub(crate) fn new(ctx: &Arc<CudaContext>, gpu: usize) -> Result<Self> {
+        raw::bind(ctx).on_gpu("cuCtxSetCurrent", gpu)?;
         let event = raw::event_create().on_gpu("cuEventCreate", gpu)?;
         Ok(CudaEvent {
             ctx: ctx.clone(),
@@ -166,6 +168,21 @@ impl CudaEvent {
     /// The raw `CUevent`, valid while `self` lives.
     pub fn cu_event(&self) -> CUevent {
         self.event
+    }
+
+    /// Records this event (again) at the current end of `stream`, a stream of the same GPU.
+    pub(crate) fn record_on(&self, stream: &CudaStream) -> Result<()> {
+        if stream.ordinal() != self.gpu {
+            return Err(Error::invalid(format!(
+                "an event of GPU {} cannot be recorded on a stream of GPU {}",
+                self.gpu,
+                stream.ordinal()
+            )));
+        }
+        self.bind()?;
+        // SAFETY: both handles are live (owned by `self` and `stream`) and belong to the same
+        // GPU's primary context (checked above).
+        unsafe { raw::event_record(self.event, stream.cu_stream()) }.on_gpu("cuEventRecord", self.gpu)
     }
 
     fn bind(&self) -> Result<()> {
