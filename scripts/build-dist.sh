@@ -5,13 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-dist}
 rm -rf "$out" && mkdir -p "$out"
+target=${CARGO_TARGET_DIR:-target}
 cargo build --release --locked --bin spillway
-cp target/release/spillway "$out/"
+cp "$target/release/spillway" "$out/"
 # Test programs: cargo prints their paths as JSON; keep the GPU ones under stable names.
 cargo test --release --locked --workspace --no-run --message-format=json 2>/dev/null |
   python3 -c '
 import json, shutil, sys
-wanted = {"gpu_cuda": "gpu_cuda", "gpu_backends": "gpu_backends", "gpu": "cufile_gpu"}
+wanted = {"gpu_cuda": "gpu_cuda", "gpu_pack": "gpu_pack", "gpu_backends": "gpu_backends", "gpu_engine": "gpu_engine",
+          "gpu": "cufile_gpu"}
 for line in sys.stdin:
     msg = json.loads(line)
     if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):

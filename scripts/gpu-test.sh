@@ -3,7 +3,9 @@
 # it uses the programs scripts/build-dist.sh put in dist/.
 #
 #   scripts/gpu-test.sh            # tests, --verify benches, then the performance runs
+#                                  # (pack kernel bandwidth, GPU vs host)
 #   SKIP_PERF=1 scripts/gpu-test.sh
+#   SPILLWAY_SANITIZE=1 scripts/gpu-test.sh   # also the pack kernels under compute-sanitizer
 #
 # Storage tested: $SPILLWAY_DISK_DIR (default /var/tmp/spillway, a disk) and
 # $SPILLWAY_SHM_DIR (default /dev/shm/spillway, tmpfs as a fast-storage stand-in).
@@ -73,6 +75,33 @@ loop_ext4_on_shm() {
   echo "$mnt"
 }
 
+# The offload engine's performance runs (also callable alone: PERF_ONLY=engine).
+engine_perf() {
+  # 20k tensors of 4-256 KiB from GPU memory against large sequential I/O and --no-pack.
+  for pair in "disk=$disk" "shm=$shm"; do
+    step python3 benches/engine_vs_seq.py --spillway "$dist/spillway" --path "${pair#*=}" \
+      --rounds 3 --save --out "$results" --name "engine-vs-seq-h200-${pair%%=*}" --mem gpu --backend uring
+  done
+  # Staging stays within its budget when offloading far more than it: 64 MiB of staging
+  # and 32 MiB of pinned memory against 2.5 GB of tensors.
+  step sh -c "'$dist/spillway' bench --workload tensors --mem gpu --backend uring --dup 0.1 \
+    --staging 64MiB --prefetch 32MiB --pack-extent 8MiB --pinned 32MiB --qd 8 \
+    --path '$shm/budget.dat' --json > '$results/engine-staging-budget-h200.json'"
+  # A timeline of a smaller run, to open in Perfetto.
+  step "$dist/spillway" bench --workload tensors --mem gpu --backend uring --tensors 2000 \
+    --path "$shm/trace.dat" --trace "$results/engine-trace-h200.json"
+  rm -f "$shm/budget.dat" "$shm/trace.dat"
+}
+
+if [[ ${PERF_ONLY:-} == engine ]]; then
+  engine_perf
+  if ((${#failures[@]})); then
+    printf 'failed: %s\n' "${failures[@]}"
+    exit 1
+  fi
+  exit 0
+fi
+
 storages=("$disk" "$shm")
 shm_ext4=""
 if [[ $(id -u) -eq 0 ]] && shm_ext4=$(loop_ext4_on_shm); then
@@ -86,6 +115,15 @@ for dir in "${storages[@]}"; do
   step "$dist/spillway" info --path "$dir"
 done
 step "$dist/gpu_cuda" --include-ignored --test-threads=1
+step "$dist/gpu_pack" --include-ignored --test-threads=1 --skip pack_bandwidth
+# SPILLWAY_SANITIZE=1: the pack kernels under compute-sanitizer's memcheck too (it needs a
+# machine where the sanitizer supports the GPU; the tests with exact-size buffers).
+if [[ -n ${SPILLWAY_SANITIZE:-} ]]; then
+  [[ -d /usr/local/cuda/bin ]] && export PATH="$PATH:/usr/local/cuda/bin"
+  step compute-sanitizer --tool memcheck --leak-check no --report-api-errors no --error-exitcode 9 "$dist/gpu_pack" --ignored \
+    --test-threads=1 --exact many_launches_in_flight_stay_correct bad_layouts_are_errors_and_launch_nothing \
+    empty_layouts_zero_the_extent_or_do_nothing
+fi
 expect_error "GPU 7 requested" "$dist/spillway" bench --gpu 7 --size 1M --path "$disk/never.dat"
 expect_error "--gpu 7" "$dist/spillway" bench --mem host --gpu 7 --size 1M --path "$disk/never.dat"
 for dir in "${storages[@]}"; do
@@ -94,22 +132,29 @@ for dir in "${storages[@]}"; do
     echo "note: $dir is tmpfs, which cuFile cannot register files on: cuFile runs on the other storages"
     backends=(uring)
     step env SPILLWAY_TEST_DIR="$dir" "$dist/gpu_backends" --include-ignored --test-threads=1 uring
+    step env SPILLWAY_TEST_DIR="$dir" "$dist/gpu_engine" --include-ignored --test-threads=1 --skip cufile
   else
     step env SPILLWAY_TEST_DIR="$dir" "$dist/gpu_backends" --include-ignored --test-threads=1
     step env SPILLWAY_TEST_DIR="$dir" "$dist/cufile_gpu" --include-ignored --test-threads=1
+    step env SPILLWAY_TEST_DIR="$dir" "$dist/gpu_engine" --include-ignored --test-threads=1
   fi
   for backend in "${backends[@]}"; do
     step "$dist/spillway" bench --mem gpu --backend "$backend" --op write,read,randwrite,randread \
       --size 256M --block 1M --qd 16 --verify --path "$dir/verify-$backend.dat"
     step "$dist/spillway" bench --mem gpu --backend "$backend" --op write,read \
       --size 10000019 --block 65537 --qd 8 --threads 2 --verify --path "$dir/odd-$backend.dat"
+    step "$dist/spillway" bench --workload tensors --mem gpu --backend "$backend" --tensors 3000 \
+      --min-size 1 --max-size 3MiB --dup 0.2 --path "$dir/tensors-$backend.dat"
   done
-  rm -f "$dir"/verify-*.dat "$dir"/odd-*.dat
+  rm -f "$dir"/verify-*.dat "$dir"/odd-*.dat "$dir"/tensors-*.dat
 done
 
 if [[ -z ${SKIP_PERF:-} ]]; then
+  # Pack/unpack kernels against one large cuMemcpyDtoD: pack-kernel-h200.json.
+  step env RESULTS_DIR="$results" "$dist/gpu_pack" --ignored --exact pack_bandwidth --nocapture
   step python3 benches/gpu_vs_host.py --spillway "$dist/spillway" --out "$results" \
     --storage "disk=$disk" --storage "shm=$shm" ${shm_ext4:+--storage "shm-ext4=$shm_ext4"}
+  engine_perf
 fi
 
 if ((${#failures[@]})); then
