@@ -144,7 +144,8 @@ for dir in "${storages[@]}"; do
     step "$dist/spillway" bench --mem gpu --backend "$backend" --op write,read \
       --size 10000019 --block 65537 --qd 8 --threads 2 --verify --path "$dir/odd-$backend.dat"
     step "$dist/spillway" bench --workload tensors --mem gpu --backend "$backend" --tensors 3000 \
-      --min-size 1 --max-size 3MiB --dup 0.2 --path "$dir/tensors-$backend.dat"
+      --min-size 1 --max-size 1500KiB --dup 0.2 --path "$dir/tensors-$backend.dat"
+    rm -f "$dir/tensors-$backend.dat"
   done
   rm -f "$dir"/verify-*.dat "$dir"/odd-*.dat "$dir"/tensors-*.dat
 done
