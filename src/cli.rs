@@ -227,7 +227,8 @@ pub struct BenchArgs {
     )]
     pub dup: f64,
 
-    /// Write every tensor in an extent of its own instead of packing small ones together.
+    /// Write every tensor straight from its own memory into an extent of its own (no pack
+    /// kernel), instead of packing small ones together into aligned slots.
     #[arg(help_heading = "Tensors workload", long)]
     pub no_pack: bool,
 

@@ -30,8 +30,9 @@ pub struct EngineConfig {
     pub pack_flush_delay: Duration,
     /// Bytes of unpacked (direct) writes in flight at once. Default 256 MiB.
     pub direct_write_bytes: u64,
-    /// Pack small tensors together (turning it off writes every tensor on its own, the
-    /// baseline packing is measured against). Default on.
+    /// Pack small tensors together. Off, every tensor is written straight from its own
+    /// memory into an extent of its own (no pack kernel): the baseline packing is
+    /// measured against. Default on.
     pub pack: bool,
     /// Store a tensor only once when the same storage (same id and version) is offloaded
     /// again. Default on.

@@ -126,12 +126,10 @@ impl State {
             g.io_started = start;
         }
         self.writes_inflight += 1;
-        let counter = if staging.is_some() && self.cfg.pack {
+        let counter = if staging.is_some() {
             &self.stats.c.packed_tensors
         } else {
-            if staging.is_none() {
-                self.direct_inflight += at;
-            }
+            self.direct_inflight += at;
             &self.stats.c.direct_tensors
         };
         Stats::add(counter, members.len() as u64);

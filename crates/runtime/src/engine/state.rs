@@ -116,8 +116,7 @@ pub(crate) enum LoadState {
 
 /// One extent on storage and the tensors in it.
 pub(crate) struct Group {
-    /// Written from staging after a pack (packed or staged single tensors); otherwise
-    /// straight from the tensor's memory.
+    /// Written from staging after a pack; otherwise straight from the tensor's memory.
     pub(crate) staged: bool,
     pub(crate) entries: Vec<u64>,
     /// Bytes the group takes if laid out now.
@@ -281,11 +280,12 @@ impl State {
         }
         let planned = layout::place(&entry.regions, 0, self.cfg.alignment).1;
         if len > 0 {
-            let gid = if len >= self.cfg.pack_threshold {
+            // Without packing, every tensor is written straight from its own memory.
+            let gid = if len >= self.cfg.pack_threshold || !self.cfg.pack {
                 let gid = self.new_group(false, WriteState::Queued);
                 self.write_queue.push_back(gid);
                 gid
-            } else if self.cfg.pack {
+            } else {
                 match self.open {
                     Some(gid) => gid,
                     None => {
@@ -295,10 +295,6 @@ impl State {
                         gid
                     }
                 }
-            } else {
-                let gid = self.new_group(true, WriteState::Queued);
-                self.write_queue.push_back(gid);
-                gid
             };
             let g = self.groups.get_mut(&gid).expect("just made");
             g.entries.push(eid);
