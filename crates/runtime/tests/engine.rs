@@ -564,3 +564,36 @@ fn extents_spread_over_several_targets() {
     assert_eq!(u.capacity, 3 * (64 << 20));
     assert_eq!(u.live_extents, 30);
 }
+
+#[test]
+fn every_handle_of_a_deduplicated_tensor_is_served_from_the_prefetched_copy() {
+    let r = rig(small_cfg(), 1 << 30);
+    let t = tensor(&r.dev, 50 << 10, 4);
+    let u = tensor(&r.dev, 70 << 10, 5);
+    // SAFETY: the tensors outlive the engine's use.
+    let (h1, h2, h3) = unsafe {
+        (
+            r.engine.offload(TensorKey::new(1, 0), &region(&t), None).unwrap(),
+            r.engine.offload(TensorKey::new(1, 0), &region(&t), None).unwrap(),
+            r.engine.offload(TensorKey::new(2, 0), &region(&u), None).unwrap(),
+        )
+    };
+    r.engine.drain().unwrap();
+    r.engine.prefetch(h3).unwrap();
+    r.engine.prefetch(h1).unwrap();
+    for (h, len, seed) in [(h3, 70 << 10, 5), (h1, 50 << 10, 4), (h2, 50 << 10, 4)] {
+        assert_eq!(fetch_check(&r, h, len, seed), 0);
+    }
+    let s = r.engine.stats().counters;
+    assert_eq!(
+        (s.prefetched_extents, s.prefetch_hits, s.demand_reads),
+        (1, 3, 0),
+        "{s:?}"
+    );
+    r.engine.drain().unwrap();
+    assert_eq!(
+        r.engine.staging_in_use(),
+        0,
+        "the loaded copy goes once every handle was served"
+    );
+}

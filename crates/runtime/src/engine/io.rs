@@ -379,17 +379,17 @@ impl State {
                     Instant::now(),
                     len,
                 );
-                let members = g.entries.clone();
                 g.load = LoadState::Loaded(staging);
-                let mut awaiting = 0;
-                for eid in members {
-                    if let Some(e) = self.entries.get_mut(&eid) {
-                        e.fetched_since_load = false;
-                        awaiting += usize::from(e.handles > 0);
-                    }
-                }
+                let awaiting = g
+                    .entries
+                    .iter()
+                    .filter_map(|eid| self.entries.get(eid))
+                    .map(|e| e.handles)
+                    .sum();
+                let epoch = self.id();
                 let g = self.groups.get_mut(&gid).expect("live");
                 g.awaiting = awaiting;
+                g.load_epoch = epoch;
                 self.loaded.push_back(gid);
                 if awaiting == 0 {
                     self.unload(gid);

@@ -59,6 +59,8 @@ pub(crate) enum Msg {
 pub(crate) struct HandleRec {
     pub(crate) entry: u64,
     pub(crate) fetched: bool,
+    /// The load of its group during which it was last fetched (0: none).
+    pub(crate) seen_load: u64,
 }
 
 /// One stored tensor (one key), shared by its handles.
@@ -83,8 +85,6 @@ pub(crate) struct Entry {
     pub(crate) source_fence: Option<Arc<dyn Event>>,
     pub(crate) callbacks: Vec<SourceFreeFn>,
     pub(crate) offloaded_at: Instant,
-    /// Fetched since its group was last loaded into staging.
-    pub(crate) fetched_since_load: bool,
 }
 
 /// Write progress of a group.
@@ -129,8 +129,10 @@ pub(crate) struct Group {
     /// Entries with live handles (counted from layout on).
     pub(crate) live: usize,
     pub(crate) load: LoadState,
-    /// Live entries not yet fetched since the load.
+    /// Live handles not yet fetched since the load.
     pub(crate) awaiting: usize,
+    /// Identifies the current load (unique per load), for [`HandleRec::seen_load`].
+    pub(crate) load_epoch: u64,
     pub(crate) tickets: Vec<Ticket>,
     pub(crate) io_started: Instant,
     /// The last delivery out of the loaded staging copy.
@@ -150,6 +152,7 @@ impl Group {
             live: 0,
             load: LoadState::Idle,
             awaiting: 0,
+            load_epoch: 0,
             tickets: Vec::new(),
             io_started: Instant::now(),
             fence: None,
@@ -245,6 +248,11 @@ impl State {
                 }
                 e.handles += 1;
                 e.unfetched += 1;
+                if let Some(g) = e.group.and_then(|gid| self.groups.get_mut(&gid)) {
+                    if matches!(g.load, LoadState::Loaded(_)) {
+                        g.awaiting += 1;
+                    }
+                }
                 if let Some(cb) = on_source_free {
                     if e.source_held {
                         e.callbacks.push(cb);
@@ -271,7 +279,6 @@ impl State {
             source_fence: None,
             callbacks: Vec::new(),
             offloaded_at: now,
-            fetched_since_load: false,
         };
         match on_source_free {
             Some(cb) if entry.source_held => entry.callbacks.push(cb),
@@ -319,6 +326,7 @@ impl State {
             HandleRec {
                 entry: eid,
                 fetched: false,
+                seen_load: 0,
             },
         );
         Handle(h)
@@ -513,17 +521,8 @@ impl State {
         if first {
             e.unfetched -= 1;
         }
-        if !e.fetched_since_load {
-            e.fetched_since_load = true;
-            if let Some(gid) = e.group {
-                let g = self.groups.get_mut(&gid).expect("live");
-                if matches!(g.load, LoadState::Loaded(_)) {
-                    g.awaiting = g.awaiting.saturating_sub(1);
-                    if g.awaiting == 0 {
-                        self.unload(gid);
-                    }
-                }
-            }
+        if let Some(gid) = e.group {
+            self.seen_by(h, gid);
         }
         // Every handle has read it from the tensor's own memory: a write that has not
         // started is no longer needed. The memory stays with the engine until release.
@@ -537,6 +536,21 @@ impl State {
                     Stats::add(&self.stats.c.cancelled_tensors, 1);
                     Stats::add(&self.stats.c.cancelled_bytes, e.len);
                 }
+            }
+        }
+    }
+
+    /// Counts the handle as fetched from its group's loaded copy; the copy goes once
+    /// every live handle has been (or was released).
+    fn seen_by(&mut self, h: Handle, gid: u64) {
+        let (Some(g), Some(rec)) = (self.groups.get_mut(&gid), self.handles.get_mut(&h.0)) else {
+            return;
+        };
+        if matches!(g.load, LoadState::Loaded(_)) && rec.seen_load != g.load_epoch {
+            rec.seen_load = g.load_epoch;
+            g.awaiting = g.awaiting.saturating_sub(1);
+            if g.awaiting == 0 {
+                self.unload(gid);
             }
         }
     }
@@ -560,6 +574,10 @@ impl State {
 
     /// Drops one handle.
     pub(crate) fn release(&mut self, h: Handle) -> Result<()> {
+        let eid = self.entry_of(h)?;
+        if let Some(gid) = self.entries[&eid].group {
+            self.seen_by(h, gid); // a released handle is no longer awaited
+        }
         let rec = self.handles.remove(&h.0).ok_or_else(|| unknown(h))?;
         let e = self
             .entries
@@ -594,9 +612,6 @@ impl State {
                 let g = self.groups.get_mut(&gid).expect("live");
                 g.live -= 1;
                 let write_done = matches!(g.write, WriteState::Done);
-                if !self.entries[&eid].fetched_since_load && matches!(g.load, LoadState::Loaded(_)) {
-                    g.awaiting = g.awaiting.saturating_sub(1);
-                }
                 if write_done {
                     self.forget_entry(eid);
                     self.maybe_free_group(gid);
