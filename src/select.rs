@@ -62,6 +62,20 @@ pub struct Choices {
     pub pinned_bytes: Option<u64>,
 }
 
+impl Choices {
+    /// The choices `spillway bench` flags make (either workload).
+    pub fn from_bench(args: &crate::cli::BenchArgs) -> Self {
+        Choices {
+            backend: args.backend,
+            mem: args.mem,
+            gpu: args.gpu,
+            queue_depth: args.qd,
+            threads: args.threads,
+            pinned_bytes: args.pinned,
+        }
+    }
+}
+
 /// Builds the device and backend for `choices`.
 pub fn setup(choices: Choices) -> Result<Setup> {
     let mut notes = Vec::new();

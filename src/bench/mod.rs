@@ -37,14 +37,7 @@ const MAX_VERIFY: u64 = 16 << 30;
 pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     flags::check(args)?;
     validate(args)?;
-    let setup = select::setup(Choices {
-        backend: args.backend,
-        mem: args.mem,
-        gpu: args.gpu,
-        queue_depth: args.qd,
-        threads: args.threads,
-        pinned_bytes: args.pinned,
-    })?;
+    let setup = select::setup(Choices::from_bench(args))?;
     let temp;
     let path = match &args.path {
         Some(p) => p.clone(),

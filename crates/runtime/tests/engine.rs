@@ -60,6 +60,19 @@ fn fetch_check(r: &Rig, h: Handle, len: usize, seed: u64) -> u64 {
     r.dev.count_pattern_mismatches(out.ptr(), len, seed, 0).unwrap()
 }
 
+/// Offloads `srcs[i]` under key `i`, in order.
+fn offload_all(r: &Rig, srcs: &[DeviceBuffer]) -> Vec<Handle> {
+    srcs.iter()
+        .enumerate()
+        // SAFETY: every test keeps its sources alive until the engine is dropped.
+        .map(|(i, s)| unsafe {
+            r.engine
+                .offload(TensorKey::new(i as u64, 0), &region(s), None)
+                .unwrap()
+        })
+        .collect()
+}
+
 fn sizes(n: usize, lo: usize, hi: usize, mut seed: u64) -> Vec<usize> {
     (0..n)
         .map(|_| {
@@ -78,16 +91,7 @@ fn packed_round_trip_through_storage_and_prefetch() {
         .enumerate()
         .map(|(i, &l)| tensor(&r.dev, l, i as u64))
         .collect();
-    let handles: Vec<_> = srcs
-        .iter()
-        .enumerate()
-        // SAFETY: the sources live until the end of the test, after the engine released them.
-        .map(|(i, s)| unsafe {
-            r.engine
-                .offload(TensorKey::new(i as u64, 0), &region(s), None)
-                .unwrap()
-        })
-        .collect();
+    let handles = offload_all(&r, &srcs);
     r.engine.drain().unwrap();
     for &h in &handles {
         assert!(r.engine.source_released(h).unwrap());
@@ -248,16 +252,7 @@ fn without_packing_every_small_tensor_gets_its_own_extent() {
     };
     let r = rig(cfg, 1 << 30);
     let srcs: Vec<_> = (0..20).map(|i| tensor(&r.dev, 3000 + i, i as u64)).collect();
-    let hs: Vec<_> = srcs
-        .iter()
-        .enumerate()
-        // SAFETY: sources outlive the engine's use.
-        .map(|(i, s)| unsafe {
-            r.engine
-                .offload(TensorKey::new(i as u64, 0), &region(s), None)
-                .unwrap()
-        })
-        .collect();
+    let hs = offload_all(&r, &srcs);
     r.engine.drain().unwrap();
     assert_eq!(r.engine.stats().counters.extents_written, 20);
     for (i, h) in hs.into_iter().enumerate() {
@@ -333,16 +328,7 @@ fn the_source_callback_runs_once_the_write_is_done() {
 fn full_storage_keeps_tensors_resident_and_counts_them() {
     let r = rig(small_cfg(), 64 << 10);
     let srcs: Vec<_> = (0..4).map(|i| tensor(&r.dev, 300 << 10, i)).collect();
-    let hs: Vec<_> = srcs
-        .iter()
-        .enumerate()
-        // SAFETY: sources outlive the engine's use.
-        .map(|(i, s)| unsafe {
-            r.engine
-                .offload(TensorKey::new(i as u64, 0), &region(s), None)
-                .unwrap()
-        })
-        .collect();
+    let hs = offload_all(&r, &srcs);
     r.engine.drain().unwrap();
     let s = r.engine.stats().counters;
     assert_eq!((s.resident_tensors, s.resident_bytes), (4, 4 * (300 << 10)));
@@ -455,16 +441,7 @@ fn staging_stays_within_budget_at_ten_times_the_budget() {
         .enumerate()
         .map(|(i, &l)| tensor(&r.dev, l, i as u64))
         .collect();
-    let hs: Vec<_> = srcs
-        .iter()
-        .enumerate()
-        // SAFETY: sources outlive the engine's use.
-        .map(|(i, s)| unsafe {
-            r.engine
-                .offload(TensorKey::new(i as u64, 0), &region(s), None)
-                .unwrap()
-        })
-        .collect();
+    let hs = offload_all(&r, &srcs);
     r.engine.drain().unwrap();
     for &h in hs.iter().rev() {
         r.engine.prefetch(h).unwrap();

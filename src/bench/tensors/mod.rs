@@ -45,14 +45,7 @@ const POISON_DESTINATION: u64 = 0x0bad_cafe_dead_d00d;
 pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
     flags::check(args)?;
     let opts = Options::from_args(args)?;
-    let setup = select::setup(Choices {
-        backend: args.backend,
-        mem: args.mem,
-        gpu: args.gpu,
-        queue_depth: args.qd,
-        threads: args.threads,
-        pinned_bytes: args.pinned,
-    })?;
+    let setup = select::setup(Choices::from_bench(args))?;
     let plan = Plan::new(
         opts.tensors,
         opts.duplicates,
