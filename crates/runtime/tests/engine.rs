@@ -574,3 +574,54 @@ fn every_handle_of_a_deduplicated_tensor_is_served_from_the_prefetched_copy() {
         "the loaded copy goes once every handle was served"
     );
 }
+
+#[test]
+fn threads_share_one_engine_and_a_panicking_callback_does_not_stop_it() {
+    let r = Arc::new(rig(small_cfg(), 1 << 30));
+    let workers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let r = r.clone();
+            std::thread::spawn(move || {
+                for i in 0..50u64 {
+                    let key = t * 1000 + i;
+                    let len = 1 + (pattern::splitmix64(key) % (300 << 10)) as usize;
+                    let src = tensor(&r.dev, len, key);
+                    let freed = Arc::new(AtomicUsize::new(0));
+                    let f = freed.clone();
+                    // SAFETY: `src` outlives the engine's use: the loop waits for the
+                    // callback below before `src` drops.
+                    let h = unsafe {
+                        r.engine
+                            .offload_with_callback(TensorKey::new(key, 0), &region(&src), None, move || {
+                                f.fetch_add(1, Ordering::SeqCst);
+                                if key % 7 == 0 {
+                                    panic!("a careless callback");
+                                }
+                            })
+                            .unwrap()
+                    };
+                    if i % 3 == 0 {
+                        r.engine.prefetch(h).unwrap();
+                    }
+                    assert_eq!(fetch_check(&r, h, len, key), 0, "thread {t} tensor {i}");
+                    r.engine.release(h).unwrap();
+                    let start = std::time::Instant::now();
+                    while freed.load(Ordering::SeqCst) == 0 {
+                        assert!(
+                            start.elapsed() < Duration::from_secs(20),
+                            "the source was never handed back"
+                        );
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    r.engine.drain().unwrap();
+    assert_eq!(r.engine.live_handles(), 0);
+    assert_eq!(r.engine.storage_usage().used, 0);
+    assert_eq!(r.engine.stats().counters.fetches, 200);
+}

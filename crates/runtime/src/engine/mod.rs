@@ -285,9 +285,7 @@ impl Engine {
         let due = std::mem::take(&mut st.due_callbacks);
         drop(guard);
         self.core.changed.notify_all();
-        for cb in due {
-            cb();
-        }
+        run_callbacks(due);
         out
     }
 
@@ -412,9 +410,7 @@ impl Engine {
             .unwrap_or_default();
         drop(guard);
         self.core.changed.notify_all();
-        for cb in due {
-            cb();
-        }
+        run_callbacks(due);
         if let Some(s) = stalled {
             let now = Instant::now();
             Stats::add(&self.stats.c.stall_ns, now.duration_since(s).as_nanos() as u64);
@@ -453,9 +449,7 @@ impl Engine {
         st.offload_stream.synchronize()?;
         st.fetch_stream.synchronize()?;
         drop(guard);
-        for cb in due {
-            cb();
-        }
+        run_callbacks(due);
         // Fences that completed with the synchronize above.
         self.with_state(|_| Ok(()))
     }
@@ -490,6 +484,16 @@ impl Engine {
     }
 }
 
+/// Runs source-release callbacks outside the lock. A callback that panics is reported and
+/// does not take the engine's thread down with it.
+fn run_callbacks(due: Vec<SourceFreeFn>) {
+    for cb in due {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(cb)).is_err() {
+            tracing::error!("an offload callback panicked; the engine carries on");
+        }
+    }
+}
+
 fn progress_loop(core: &Core, rx: Receiver<Msg>, flush_delay: std::time::Duration) {
     loop {
         let open = core.lock().as_ref().is_some_and(|st| st.open.is_some());
@@ -521,9 +525,7 @@ fn progress_loop(core: &Core, rx: Receiver<Msg>, flush_delay: std::time::Duratio
         let due = std::mem::take(&mut st.due_callbacks);
         drop(guard);
         core.changed.notify_all();
-        for cb in due {
-            cb();
-        }
+        run_callbacks(due);
     }
 }
 
@@ -547,9 +549,7 @@ impl Drop for Engine {
                 due.extend(std::mem::take(&mut e.callbacks));
             }
             drop(st); // waiters join, streams and staging memory go
-            for cb in due {
-                cb();
-            }
+            run_callbacks(due);
         }
         for &t in &self.targets {
             if let Err(e) = self.backend.close(t) {
