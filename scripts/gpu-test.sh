@@ -82,6 +82,11 @@ engine_perf() {
     step python3 benches/engine_vs_seq.py --spillway "$dist/spillway" --path "${pair#*=}" \
       --rounds 3 --save --out "$results" --name "engine-vs-seq-h200-${pair%%=*}" --mem gpu --backend uring
   done
+  # The same through cuFile (compat mode here: no nvidia-fs), which cannot use tmpfs.
+  for pair in "disk=$disk" ${shm_ext4:+"shm-ext4=$shm_ext4"}; do
+    step python3 benches/engine_vs_seq.py --spillway "$dist/spillway" --path "${pair#*=}" \
+      --rounds 3 --save --out "$results" --name "engine-vs-seq-h200-${pair%%=*}-cufile" --mem gpu --backend cufile
+  done
   # Staging stays within its budget when offloading far more than it: 64 MiB of staging
   # and 32 MiB of pinned memory against 2.5 GB of tensors.
   step sh -c "'$dist/spillway' bench --workload tensors --mem gpu --backend uring --dup 0.1 \
@@ -93,15 +98,6 @@ engine_perf() {
   rm -f "$shm/budget.dat" "$shm/trace.dat"
 }
 
-if [[ ${PERF_ONLY:-} == engine ]]; then
-  engine_perf
-  if ((${#failures[@]})); then
-    printf 'failed: %s\n' "${failures[@]}"
-    exit 1
-  fi
-  exit 0
-fi
-
 storages=("$disk" "$shm")
 shm_ext4=""
 if [[ $(id -u) -eq 0 ]] && shm_ext4=$(loop_ext4_on_shm); then
@@ -110,6 +106,15 @@ else
   echo "note: no loop ext4 on /dev/shm (needs root, losetup and mkfs.ext4)"
 fi
 provide_udev_properties "${storages[@]}"
+
+if [[ ${PERF_ONLY:-} == engine ]]; then
+  engine_perf
+  if ((${#failures[@]})); then
+    printf 'failed: %s\n' "${failures[@]}"
+    exit 1
+  fi
+  exit 0
+fi
 
 for dir in "${storages[@]}"; do
   step "$dist/spillway" info --path "$dir"
