@@ -458,6 +458,9 @@ impl State {
 
     /// Frees staging and releases sources whose fences have completed.
     fn free_fenced(&mut self) {
+        if self.fenced_staging.is_empty() && self.fenced_sources.is_empty() {
+            return;
+        }
         let done = |f: &Arc<dyn super::super::device::Event>| f.query().unwrap_or(true);
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fenced_staging)
             .into_iter()

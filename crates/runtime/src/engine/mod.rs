@@ -61,6 +61,7 @@ mod waiter;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
@@ -121,11 +122,31 @@ impl StorageTarget {
 pub(crate) struct Core {
     state: Mutex<Option<State>>,
     changed: Condvar,
+    /// Threads waiting on `changed`; changed and read under `state`'s lock. Notifying is a
+    /// system call, so it is skipped when nobody waits (the common case).
+    sleepers: AtomicUsize,
 }
 
 impl Core {
     fn lock(&self) -> MutexGuard<'_, Option<State>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for the next change; the caller re-checks its condition.
+    fn wait<'a>(&self, guard: MutexGuard<'a, Option<State>>) -> MutexGuard<'a, Option<State>> {
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
+        let guard = self.changed.wait(guard).unwrap_or_else(|e| e.into_inner());
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        guard
+    }
+
+    /// Releases the lock and wakes the waiters, if any.
+    fn unlock_and_notify(&self, guard: MutexGuard<'_, Option<State>>) {
+        let sleepers = self.sleepers.load(Ordering::SeqCst);
+        drop(guard);
+        if sleepers > 0 {
+            self.changed.notify_all();
+        }
     }
 }
 
@@ -250,6 +271,7 @@ impl Engine {
         let core = Arc::new(Core {
             state: Mutex::new(Some(state)),
             changed: Condvar::new(),
+            sleepers: AtomicUsize::new(0),
         });
         let progress = {
             let core = core.clone();
@@ -283,8 +305,7 @@ impl Engine {
         let out = f(st);
         st.pump();
         let due = std::mem::take(&mut st.due_callbacks);
-        drop(guard);
-        self.core.changed.notify_all();
+        self.core.unlock_and_notify(guard);
         run_callbacks(due);
         out
     }
@@ -368,12 +389,12 @@ impl Engine {
             match st.fetch(handle, dst) {
                 Ok(FetchPlan::WaitLoad) => {
                     stalled.get_or_insert_with(Instant::now);
-                    guard = self.core.changed.wait(guard).unwrap_or_else(|e| e.into_inner());
+                    guard = self.core.wait(guard);
                 }
                 Ok(FetchPlan::Done(ev)) => break Ok(ev),
                 Ok(FetchPlan::Read(tickets)) => {
                     st.pump();
-                    drop(guard);
+                    self.core.unlock_and_notify(guard);
                     let read_start = Instant::now();
                     stalled.get_or_insert(read_start);
                     let mut outcome = Ok(());
@@ -408,8 +429,7 @@ impl Engine {
             .as_mut()
             .map(|st| std::mem::take(&mut st.due_callbacks))
             .unwrap_or_default();
-        drop(guard);
-        self.core.changed.notify_all();
+        self.core.unlock_and_notify(guard);
         run_callbacks(due);
         if let Some(s) = stalled {
             let now = Instant::now();
@@ -442,7 +462,7 @@ impl Engine {
             if st.idle() {
                 break;
             }
-            guard = self.core.changed.wait(guard).unwrap_or_else(|e| e.into_inner());
+            guard = self.core.wait(guard);
         }
         let st = guard.as_mut().ok_or_else(io::stopped)?;
         let due = std::mem::take(&mut st.due_callbacks);
@@ -523,8 +543,7 @@ fn progress_loop(core: &Core, rx: Receiver<Msg>, flush_delay: std::time::Duratio
         }
         st.pump();
         let due = std::mem::take(&mut st.due_callbacks);
-        drop(guard);
-        core.changed.notify_all();
+        core.unlock_and_notify(guard);
         run_callbacks(due);
     }
 }
