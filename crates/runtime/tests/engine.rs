@@ -114,6 +114,10 @@ fn packed_round_trip_through_storage_and_prefetch() {
         "packing should make few extents, made {}",
         s.extents_written
     );
+    assert!(
+        s.bytes_written <= s.extents_written * (1 << 20),
+        "a packed extent outgrew pack_extent_bytes: {s:?}"
+    );
     assert_eq!(s.forwarded_fetches, 0);
     assert!(s.prefetch_hits > 0, "{s:?}");
     assert_eq!(s.fetches, 300);
@@ -398,7 +402,16 @@ fn bad_calls_get_clear_errors() {
     let e = unsafe { r.engine.offload(TensorKey::new(1, 0), &region(&other), None) }
         .unwrap_err()
         .to_string();
-    assert!(e.contains("needs a new version"), "{e}");
+    assert!(e.contains("offloaded before with other memory"), "{e}");
+    // The same storage and version naming other memory (another view) is refused too.
+    // SAFETY: as above.
+    let e = unsafe {
+        r.engine
+            .offload(TensorKey::new(1, 0), &[Region::new(other.ptr(), 1000)], None)
+    }
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("offloaded before with other memory"), "{e}");
     r.engine.release(h).unwrap();
     let e = r.engine.release(h).unwrap_err().to_string();
     assert!(e.contains("already released"), "{e}");
@@ -624,4 +637,28 @@ fn threads_share_one_engine_and_a_panicking_callback_does_not_stop_it() {
     assert_eq!(r.engine.live_handles(), 0);
     assert_eq!(r.engine.storage_usage().used, 0);
     assert_eq!(r.engine.stats().counters.fetches, 200);
+}
+
+#[test]
+fn a_tensor_of_many_tiny_regions_is_not_packed_past_the_extent_size() {
+    let r = rig(small_cfg(), 1 << 30);
+    // 600 one-byte regions: 600 bytes, but 600 aligned slots (2.3 MiB) if packed.
+    let t = tensor(&r.dev, 600 * 8, 3);
+    let regions: Vec<_> = (0..600).map(|i| Region::new(t.ptr() + i * 8, 1)).collect();
+    // SAFETY: `t` outlives the engine's use.
+    let h = unsafe { r.engine.offload(TensorKey::new(1, 0), &regions, None).unwrap() };
+    r.engine.drain().unwrap();
+    assert!(r.engine.source_released(h).unwrap());
+    let s = r.engine.stats().counters;
+    assert_eq!((s.direct_tensors, s.packed_tensors), (1, 0));
+    let out = r.dev.alloc(600).unwrap();
+    // SAFETY: `out` outlives the event.
+    unsafe { r.engine.fetch(h, &region(&out)).unwrap() }
+        .synchronize()
+        .unwrap();
+    let mut got = vec![0u8; 600];
+    // SAFETY: 600 live bytes each side.
+    unsafe { r.dev.copy_to_host_sync(got.as_mut_ptr(), out.ptr(), 600).unwrap() };
+    let want: Vec<u8> = (0..600).map(|i| pattern::byte(3, i * 8)).collect();
+    assert_eq!(got, want);
 }

@@ -239,11 +239,21 @@ impl State {
         if self.cfg.dedup {
             if let Some(&eid) = self.by_key.get(&key) {
                 let e = self.entries.get_mut(&eid).expect("by_key names live entries");
-                if e.len != len {
+                let same = e.len == len
+                    && e.regions
+                        .iter()
+                        .copied()
+                        .eq(regions.iter().copied().filter(|r| r.len > 0));
+                if !same {
                     return Err(Error::invalid(format!(
-                        "storage {} version {} was offloaded before with {} bytes and now with {len}: \
-                         a storage whose contents or size change needs a new version",
-                        key.storage, key.version, e.len
+                        "storage {} version {} was offloaded before with other memory ({} bytes in {} regions, now {len} \
+                         bytes in {}): offload a storage whole under its key, and give it a new version when its \
+                         contents change",
+                        key.storage,
+                        key.version,
+                        e.len,
+                        e.regions.len(),
+                        regions.len()
                     )));
                 }
                 e.handles += 1;
@@ -287,12 +297,21 @@ impl State {
         }
         let planned = layout::place(&entry.regions, 0, self.cfg.alignment).1;
         if len > 0 {
-            // Without packing, every tensor is written straight from its own memory.
-            let gid = if len >= self.cfg.pack_threshold || !self.cfg.pack {
+            // Without packing, every tensor is written straight from its own memory. The
+            // threshold applies to the tensor's aligned footprint, so a packed extent never
+            // outgrows pack_extent_bytes (and so the staging memory).
+            let gid = if planned >= self.cfg.pack_threshold || !self.cfg.pack {
                 let gid = self.new_group(false, WriteState::Queued);
                 self.write_queue.push_back(gid);
                 gid
             } else {
+                // A tensor that would overflow the open extent goes to the next one.
+                if let Some(gid) = self.open {
+                    let g = &self.groups[&gid];
+                    if !g.entries.is_empty() && g.planned + planned > self.cfg.pack_extent_bytes {
+                        self.seal_open();
+                    }
+                }
                 match self.open {
                     Some(gid) => gid,
                     None => {
