@@ -60,12 +60,15 @@ impl State {
             };
             self.write_queue.pop_front();
             let extent = match self.storage.alloc(len) {
-                Ok(Ok(extent)) => extent,
+                Ok(Ok(extent)) => {
+                    self.storage_full = false;
+                    extent
+                }
                 Ok(Err(full)) => {
-                    tracing::warn!(
-                        "{full}; keeping {} tensors in GPU memory",
-                        self.groups[&gid].entries.len()
-                    );
+                    // Said once per episode of full storage, not once per extent.
+                    if !std::mem::replace(&mut self.storage_full, true) {
+                        tracing::warn!("{full}; tensors stay in GPU memory until space is freed");
+                    }
                     if let Some(s) = staging {
                         self.staging_free(s);
                     }

@@ -267,6 +267,7 @@ impl Engine {
             loads_inflight: 0,
             demand_reads_inflight: 0,
             staging_wait_since: None,
+            storage_full: false,
         };
         let core = Arc::new(Core {
             state: Mutex::new(Some(state)),

@@ -206,6 +206,8 @@ pub(crate) struct State {
     pub(crate) demand_reads_inflight: usize,
     /// When packing started waiting for staging memory.
     pub(crate) staging_wait_since: Option<Instant>,
+    /// Storage was found full at the last allocation (the warning is given once).
+    pub(crate) storage_full: bool,
 }
 
 /// What a fetch has to do after the state was updated under the lock.
