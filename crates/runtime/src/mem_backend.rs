@@ -25,6 +25,8 @@ pub struct Faults {
     pub writes_left: AtomicU64,
     /// Reads still allowed to succeed before every later one fails.
     pub reads_left: AtomicU64,
+    /// Submissions still accepted before every later one is refused at once.
+    pub submits_left: AtomicU64,
     /// Delay before each completion, in microseconds.
     pub delay_us: AtomicU64,
 }
@@ -64,6 +66,7 @@ impl MemBackend {
         let faults = Arc::new(Faults {
             writes_left: AtomicU64::new(u64::MAX),
             reads_left: AtomicU64::new(u64::MAX),
+            submits_left: AtomicU64::new(u64::MAX),
             delay_us: AtomicU64::new(0),
         });
         let written = Arc::new(AtomicU64::new(0));
@@ -220,6 +223,14 @@ impl Backend for MemBackend {
     }
 
     unsafe fn submit(&self, req: IoRequest) -> Result<Ticket> {
+        if self
+            .faults
+            .submits_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_err()
+        {
+            return Err(Error::Abandoned("injected submission failure".into()));
+        }
         let (t, done) = ticket();
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         tx.as_ref()

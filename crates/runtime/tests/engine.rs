@@ -662,3 +662,63 @@ fn a_tensor_of_many_tiny_regions_is_not_packed_past_the_extent_size() {
     let want: Vec<u8> = (0..600).map(|i| pattern::byte(3, i * 8)).collect();
     assert_eq!(got, want);
 }
+
+#[test]
+fn a_submission_failing_midway_waits_for_the_io_already_in_flight() {
+    let r = rig(small_cfg(), 1 << 30);
+    r.backend.faults().delay_us.store(20_000, Ordering::SeqCst);
+    // A direct tensor of three regions: three writes, the second refused.
+    let parts = [
+        tensor(&r.dev, 1 << 20, 1),
+        tensor(&r.dev, 1 << 20, 2),
+        tensor(&r.dev, 1 << 20, 3),
+    ];
+    let regions: Vec<_> = parts.iter().flat_map(region).collect();
+    r.backend.faults().submits_left.store(1, Ordering::SeqCst);
+    // SAFETY: the parts outlive the engine's use.
+    let h = unsafe { r.engine.offload(TensorKey::new(1, 0), &regions, None).unwrap() };
+    r.engine.drain().unwrap();
+    assert_eq!(
+        r.backend.written.load(Ordering::SeqCst),
+        1 << 20,
+        "the write in flight completed"
+    );
+    let s = r.engine.stats().counters;
+    assert_eq!((s.write_errors, s.extents_written), (1, 0));
+    assert!(
+        !r.engine.source_released(h).unwrap(),
+        "the tensor stays in its own memory"
+    );
+    r.backend.faults().submits_left.store(u64::MAX, Ordering::SeqCst);
+    let out = r.dev.alloc(3 << 20).unwrap();
+    // SAFETY: `out` outlives the event.
+    unsafe { r.engine.fetch(h, &region(&out)).unwrap() }
+        .synchronize()
+        .unwrap();
+    for i in 0..3u64 {
+        let at = out.ptr() + (i << 20);
+        assert_eq!(r.dev.count_pattern_mismatches(at, 1 << 20, i + 1, 0).unwrap(), 0);
+    }
+
+    // A demand read split in three by the destination, the second submission refused: the
+    // fetch fails, but only after the first read has landed.
+    let t = tensor(&r.dev, 3 << 20, 9);
+    // SAFETY: `t` outlives the engine's use.
+    let h2 = unsafe { r.engine.offload(TensorKey::new(2, 0), &region(&t), None).unwrap() };
+    r.engine.drain().unwrap();
+    let read_before = r.backend.read.load(Ordering::SeqCst);
+    r.backend.faults().submits_left.store(1, Ordering::SeqCst);
+    let dst: Vec<_> = (0..3)
+        .map(|i| Region::new(out.ptr() + (i << 20), 1 << 20))
+        .collect();
+    // SAFETY: `out` outlives the call, which waits for the read in flight.
+    let e = unsafe { r.engine.fetch(h2, &dst) }.expect_err("the second read is refused");
+    assert!(e.to_string().contains("injected submission failure"), "{e}");
+    assert_eq!(
+        r.backend.read.load(Ordering::SeqCst) - read_before,
+        1 << 20,
+        "the first read landed first"
+    );
+    r.backend.faults().submits_left.store(u64::MAX, Ordering::SeqCst);
+    assert_eq!(fetch_check(&r, h2, 3 << 20, 9), 0);
+}

@@ -185,6 +185,7 @@ impl State {
             }
         }
         let mut tickets = Vec::with_capacity(reqs.len());
+        let mut failed = None;
         for (offset, ptr, len) in reqs {
             let req = IoRequest {
                 target: extent.target,
@@ -197,7 +198,17 @@ impl State {
             };
             // SAFETY: the memory (staging or the held tensor) stays untouched until the
             // tickets complete: the group keeps both until its write completion.
-            tickets.push(unsafe { self.backend.submit(req)? });
+            match unsafe { self.backend.submit(req) } {
+                Ok(t) => tickets.push(t),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if tickets.is_empty() {
+            // Nothing in flight: the caller gives up on the group at once.
+            return Err(failed.unwrap_or_else(|| Error::invalid("an extent with nothing to write")));
         }
         Stats::add(&self.stats.c.writes, tickets.len() as u64);
         for t in &tickets {
@@ -208,6 +219,8 @@ impl State {
         }
         let g = self.groups.get_mut(&gid).expect("live");
         g.tickets = tickets;
+        // The writes in flight finish before the failure is acted on.
+        g.submit_error = failed;
         g.write = WriteState::Writing;
         g.io_started = Instant::now();
         Ok(())
@@ -222,12 +235,14 @@ impl State {
         if !g.tickets.iter().all(|t| t.is_done()) {
             return;
         }
+        let failed = g.submit_error.take();
         let outcome = std::mem::take(&mut g.tickets)
             .into_iter()
             .map(|t| t.wait())
             .find(|r| r.is_err())
             .unwrap_or(Ok(0))
-            .map(|_| ());
+            .map(|_| ())
+            .and(failed.map_or(Ok(()), Err));
         if let Err(e) = &outcome {
             tracing::error!("writing an extent failed, keeping its tensors in GPU memory: {e}");
             Stats::add(&self.stats.c.write_errors, 1);

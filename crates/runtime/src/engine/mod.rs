@@ -393,12 +393,12 @@ impl Engine {
                     guard = self.core.wait(guard);
                 }
                 Ok(FetchPlan::Done(ev)) => break Ok(ev),
-                Ok(FetchPlan::Read(tickets)) => {
+                Ok(FetchPlan::Read(tickets, failed)) => {
                     st.pump();
                     self.core.unlock_and_notify(guard);
                     let read_start = Instant::now();
                     stalled.get_or_insert(read_start);
-                    let mut outcome = Ok(());
+                    let mut outcome = failed.map_or(Ok(()), Err);
                     for t in tickets {
                         if let Err(e) = t.wait() {
                             outcome = Err(e);

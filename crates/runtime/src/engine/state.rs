@@ -134,6 +134,8 @@ pub(crate) struct Group {
     /// Identifies the current load (unique per load), for [`HandleRec::seen_load`].
     pub(crate) load_epoch: u64,
     pub(crate) tickets: Vec<Ticket>,
+    /// A write submission that failed while earlier ones of the group were in flight.
+    pub(crate) submit_error: Option<Error>,
     pub(crate) io_started: Instant,
     /// The last delivery out of the loaded staging copy.
     pub(crate) fence: Option<Arc<dyn Event>>,
@@ -154,6 +156,7 @@ impl Group {
             awaiting: 0,
             load_epoch: 0,
             tickets: Vec::new(),
+            submit_error: None,
             io_started: Instant::now(),
             fence: None,
         }
@@ -216,8 +219,9 @@ pub(crate) enum FetchPlan {
     Done(Arc<dyn Event>),
     /// The group is being read into staging: wait and look again.
     WaitLoad,
-    /// Reads were submitted straight into the destination: wait for them.
-    Read(Vec<Ticket>),
+    /// Reads were submitted straight into the destination: wait for them (all of them,
+    /// even when submitting a later one failed with the error given).
+    Read(Vec<Ticket>, Option<Error>),
 }
 
 impl State {
@@ -428,10 +432,16 @@ impl State {
             }
             LoadState::Loading(_) => Ok(FetchPlan::WaitLoad),
             LoadState::Idle | LoadState::Queued => {
-                let tickets = self.demand_read(eid, gid, dst)?;
+                let (tickets, failed) = self.demand_read(eid, gid, dst);
+                if tickets.is_empty() {
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
+                }
+                self.demand_reads_inflight += 1;
                 self.after_fetch(h, eid);
                 Stats::add(&self.stats.c.demand_reads, 1);
-                Ok(FetchPlan::Read(tickets))
+                Ok(FetchPlan::Read(tickets, failed))
             }
         }
     }
@@ -501,7 +511,9 @@ impl State {
     }
 
     /// Reads a tensor from storage straight into `dst`.
-    fn demand_read(&mut self, eid: u64, gid: u64, dst: &[Region]) -> Result<Vec<Ticket>> {
+    /// Submits the reads of a tensor from storage straight into `dst`. Stops at the first
+    /// submission that fails; the reads already submitted must still be waited for.
+    fn demand_read(&mut self, eid: u64, gid: u64, dst: &[Region]) -> (Vec<Ticket>, Option<Error>) {
         let _span = tracing::debug_span!("demand_read", group = gid).entered();
         let e = &self.entries[&eid];
         let g = &self.groups[&gid];
@@ -519,12 +531,14 @@ impl State {
             };
             // SAFETY: dst is the caller's and stays valid until fetch returns, which waits
             // for these tickets (Engine::fetch's contract).
-            tickets.push(unsafe { self.backend.submit(req)? });
+            match unsafe { self.backend.submit(req) } {
+                Ok(t) => tickets.push(t),
+                Err(e) => return (tickets, Some(e)),
+            }
             Stats::add(&self.stats.c.reads, 1);
             Stats::add(&self.stats.c.bytes_read, step.len);
         }
-        self.demand_reads_inflight += 1;
-        Ok(tickets)
+        (tickets, None)
     }
 
     /// Marks the handle fetched; drops a write nobody will read back.
