@@ -722,3 +722,52 @@ fn a_submission_failing_midway_waits_for_the_io_already_in_flight() {
     r.backend.faults().submits_left.store(u64::MAX, Ordering::SeqCst);
     assert_eq!(fetch_check(&r, h2, 3 << 20, 9), 0);
 }
+
+/// An event of no device: streams cannot wait on it.
+#[derive(Debug)]
+struct ForeignEvent;
+
+impl spillway_runtime::Event for ForeignEvent {
+    fn query(&self) -> spillway_runtime::Result<bool> {
+        Ok(true)
+    }
+    fn synchronize(&self) -> spillway_runtime::Result<()> {
+        Ok(())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[test]
+fn a_write_that_cannot_be_prepared_keeps_its_tensors_and_drain_still_returns() {
+    let r = rig(small_cfg(), 1 << 30);
+    let small = tensor(&r.dev, 10 << 10, 1);
+    let big = tensor(&r.dev, 2 << 20, 2);
+    let ready: Arc<dyn spillway_runtime::Event> = Arc::new(ForeignEvent);
+    // SAFETY: the tensors outlive the engine's use.
+    let (hs, hb) = unsafe {
+        (
+            r.engine
+                .offload(TensorKey::new(1, 0), &region(&small), Some(ready.clone()))
+                .unwrap(),
+            r.engine
+                .offload(TensorKey::new(2, 0), &region(&big), Some(ready))
+                .unwrap(),
+        )
+    };
+    r.engine.drain().unwrap();
+    let s = r.engine.stats().counters;
+    assert_eq!((s.write_errors, s.extents_written), (2, 0), "{s:?}");
+    assert_eq!(
+        r.engine.staging_in_use(),
+        0,
+        "the packed extent's staging was given back"
+    );
+    assert_eq!(r.engine.storage_usage().used, 0);
+    for h in [hs, hb] {
+        assert!(!r.engine.source_released(h).unwrap());
+    }
+    r.engine.release(hs).unwrap();
+    r.engine.release(hb).unwrap();
+}

@@ -87,7 +87,7 @@ impl State {
             if let Err(e) = self.prepare(gid, extent, staging) {
                 tracing::error!("preparing a write failed, keeping its tensors in GPU memory: {e}");
                 Stats::add(&self.stats.c.write_errors, 1);
-                self.keep_resident(gid, false);
+                self.finish_write(gid, Err(e));
             }
         }
     }
@@ -108,6 +108,7 @@ impl State {
         let align = self.cfg.alignment;
         let mut at = 0;
         let mut pieces = Vec::new();
+        let mut ready = Vec::new();
         let members = self.groups[&gid].entries.clone();
         for eid in &members {
             let e = self.entries.get_mut(eid).expect("group members are live");
@@ -115,10 +116,10 @@ impl State {
             pieces.extend(layout::pack_pieces(&e.regions, &segments));
             e.segments = segments;
             at = next;
-            if let Some(ready) = &e.ready {
-                self.offload_stream.wait_event(ready.as_ref())?;
-            }
+            ready.extend(e.ready.clone());
         }
+        // From here on the group owns its extent and staging: a failure below is undone by
+        // the caller through finish_write.
         {
             let g = self.groups.get_mut(&gid).expect("live");
             g.extent = Some(extent);
@@ -136,6 +137,14 @@ impl State {
             &self.stats.c.direct_tensors
         };
         Stats::add(counter, members.len() as u64);
+        if staging.is_none() && ready.is_empty() {
+            // Written straight from memory that is ready now: no device work to wait for.
+            self.on_prepared(gid, Ok(()));
+            return Ok(());
+        }
+        for ev in &ready {
+            self.offload_stream.wait_event(ev.as_ref())?;
+        }
         if let Some(s) = staging {
             let base = self.staging_buf.ptr() + s.offset;
             // SAFETY: the staging extent is the group's until its write completes; the
