@@ -771,3 +771,35 @@ fn a_write_that_cannot_be_prepared_keeps_its_tensors_and_drain_still_returns() {
     r.engine.release(hs).unwrap();
     r.engine.release(hb).unwrap();
 }
+
+#[test]
+fn a_prefetch_overtaken_by_its_fetch_is_dropped_not_read_late() {
+    let cfg = EngineConfig {
+        staging_bytes: 8 << 20,
+        prefetch_bytes: 1 << 20,
+        pack_threshold: 256 << 10,
+        pack_extent_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let r = rig(cfg, 1 << 30);
+    let srcs: Vec<_> = (0..40).map(|i| tensor(&r.dev, 100 << 10, i)).collect();
+    let hs = offload_all(&r, &srcs);
+    r.engine.drain().unwrap();
+    // Prefetches asked in reverse order, fetches made in forward order: only the first
+    // asked fits the budget; the others are overtaken by their fetches.
+    for &h in hs.iter().rev() {
+        r.engine.prefetch(h).unwrap();
+    }
+    for (i, &h) in hs.iter().enumerate() {
+        assert_eq!(fetch_check(&r, h, 100 << 10, i as u64), 0);
+    }
+    r.engine.drain().unwrap();
+    let s = r.engine.stats().counters;
+    assert_eq!(s.prefetched_extents, 1, "{s:?}");
+    assert!(s.demand_reads > 0 && s.prefetch_hits > 0, "{s:?}");
+    assert_eq!(
+        r.engine.staging_in_use(),
+        0,
+        "no extent was read after its tensors were served"
+    );
+}

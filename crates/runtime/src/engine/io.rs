@@ -318,10 +318,28 @@ impl State {
         }
     }
 
+    /// Starts loading `gid` into staging if the prefetch budget and staging memory allow
+    /// it now: `Ok(true)` when it is loading, `Ok(false)` when there is no room yet. A
+    /// read that fails to start is counted, cleaned up and returned.
+    pub(crate) fn start_load_now(&mut self, gid: u64) -> Result<bool> {
+        let len = self.groups[&gid].len;
+        if self.prefetch_held + len > self.cfg.prefetch_bytes {
+            return Ok(false);
+        }
+        let Some(staging) = self.staging_alloc(len, false) else {
+            return Ok(false);
+        };
+        self.submit_load(gid, staging).map(|()| true).inspect_err(|e| {
+            tracing::warn!("prefetch failed to start (fetch reads on demand): {e}");
+            self.staging_free(staging);
+            Stats::add(&self.stats.c.read_errors, 1);
+        })
+    }
+
     fn start_prefetches(&mut self) {
         while let Some(&gid) = self.prefetch_queue.front() {
-            let len = match self.groups.get(&gid) {
-                Some(g) if matches!(g.load, LoadState::Queued) && g.live > 0 => g.len,
+            match self.groups.get(&gid) {
+                Some(g) if matches!(g.load, LoadState::Queued) && g.live > 0 => {}
                 Some(g) => {
                     if matches!(g.load, LoadState::Queued) {
                         self.groups.get_mut(&gid).expect("live").load = LoadState::Idle;
@@ -333,19 +351,16 @@ impl State {
                     self.prefetch_queue.pop_front();
                     continue;
                 }
-            };
-            if self.prefetch_held + len > self.cfg.prefetch_bytes {
-                break;
             }
-            let Some(staging) = self.staging_alloc(len, false) else {
-                break;
-            };
-            self.prefetch_queue.pop_front();
-            if let Err(e) = self.submit_load(gid, staging) {
-                tracing::warn!("prefetch failed to start (fetch will read on demand): {e}");
-                self.staging_free(staging);
-                Stats::add(&self.stats.c.read_errors, 1);
-                self.groups.get_mut(&gid).expect("live").load = LoadState::Idle;
+            match self.start_load_now(gid) {
+                Ok(true) => {
+                    self.prefetch_queue.pop_front();
+                }
+                Ok(false) => break,
+                Err(_) => {
+                    self.prefetch_queue.pop_front();
+                    self.groups.get_mut(&gid).expect("live").load = LoadState::Idle;
+                }
             }
         }
     }

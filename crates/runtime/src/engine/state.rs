@@ -103,7 +103,7 @@ pub(crate) enum WriteState {
 }
 
 /// Read-ahead progress of a group.
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) enum LoadState {
     Idle,
     /// Asked for; waiting for prefetch budget.
@@ -421,17 +421,21 @@ impl State {
             return Ok(FetchPlan::Done(ev));
         }
         let gid = group.expect("a tensor not held in its own memory is on storage");
-        let g = &self.groups[&gid];
-        match &g.load {
+        let load = self.groups[&gid].load;
+        match load {
             LoadState::Loaded(staging) => {
-                let staging = *staging;
                 let ev = self.unpack(eid, gid, staging, dst)?;
                 self.after_fetch(h, eid);
                 Stats::add(&self.stats.c.prefetch_hits, 1);
                 Ok(FetchPlan::Done(ev))
             }
             LoadState::Loading(_) => Ok(FetchPlan::WaitLoad),
+            // Asked for but not started: start it now if the budget allows, and wait.
+            LoadState::Queued if matches!(self.start_load_now(gid), Ok(true)) => Ok(FetchPlan::WaitLoad),
             LoadState::Idle | LoadState::Queued => {
+                // A queued prefetch that could not start in time would only read the
+                // extent after its tensors were served: drop it.
+                self.groups.get_mut(&gid).expect("live").load = LoadState::Idle;
                 let (tickets, failed) = self.demand_read(eid, gid, dst);
                 if tickets.is_empty() {
                     if let Some(e) = failed {
