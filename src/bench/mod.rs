@@ -42,19 +42,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     let path = match &args.path {
         Some(p) => p.clone(),
         None => {
-            temp = tempfile::Builder::new()
-                .prefix("spillway-bench-")
-                .suffix(".dat")
-                .tempfile()
-                .map_err(|e| {
-                    Error::io(
-                        format!(
-                            "creating a temporary file in {} (set TMPDIR or pass --path)",
-                            std::env::temp_dir().display()
-                        ),
-                        e,
-                    )
-                })?;
+            temp = temp_file()?;
             temp.path().to_path_buf()
         }
     };
@@ -90,6 +78,24 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     let results = results?;
     closed?;
     Ok(results)
+}
+
+/// The benchmark's file when no --path is given: a new file in $TMPDIR, removed when the
+/// returned guard drops.
+fn temp_file() -> Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix("spillway-bench-")
+        .suffix(".dat")
+        .tempfile()
+        .map_err(|e| {
+            Error::io(
+                format!(
+                    "creating a temporary file in {} (set TMPDIR or pass --path)",
+                    std::env::temp_dir().display()
+                ),
+                e,
+            )
+        })
 }
 
 fn validate(args: &BenchArgs) -> Result<()> {

@@ -70,7 +70,7 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
     let path = match &args.path {
         Some(p) => p.clone(),
         None => {
-            temp = temp_file()?;
+            temp = super::temp_file()?;
             temp.path().to_path_buf()
         }
     };
@@ -168,23 +168,6 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
         notes,
         engine_stats: engine.stats(),
     })
-}
-
-/// A temporary file for the storage, removed when dropped.
-fn temp_file() -> Result<tempfile::NamedTempFile> {
-    tempfile::Builder::new()
-        .prefix("spillway-bench-")
-        .suffix(".dat")
-        .tempfile()
-        .map_err(|e| {
-            Error::io(
-                format!(
-                    "creating a temporary file in {} (set TMPDIR or pass --path)",
-                    std::env::temp_dir().display()
-                ),
-                e,
-            )
-        })
 }
 
 /// The source and destination arenas, in the run's memory.
