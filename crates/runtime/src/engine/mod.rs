@@ -467,10 +467,10 @@ impl Engine {
         }
         let st = guard.as_mut().ok_or_else(io::stopped)?;
         let due = std::mem::take(&mut st.due_callbacks);
-        st.offload_stream.synchronize()?;
-        st.fetch_stream.synchronize()?;
+        let synced = st.offload_stream.synchronize().and(st.fetch_stream.synchronize());
         drop(guard);
         run_callbacks(due);
+        synced?;
         // Fences that completed with the synchronize above.
         self.with_state(|_| Ok(()))
     }
