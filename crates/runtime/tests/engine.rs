@@ -556,7 +556,7 @@ fn extents_spread_over_several_targets() {
 }
 
 #[test]
-fn every_handle_of_a_deduplicated_tensor_is_served_from_the_prefetched_copy() {
+fn every_handle_of_a_deduplicated_tensor_is_served_from_one_prefetched_copy() {
     let r = rig(small_cfg(), 1 << 30);
     let t = tensor(&r.dev, 50 << 10, 4);
     let u = tensor(&r.dev, 70 << 10, 5);
@@ -569,8 +569,10 @@ fn every_handle_of_a_deduplicated_tensor_is_served_from_the_prefetched_copy() {
         )
     };
     r.engine.drain().unwrap();
-    r.engine.prefetch(h3).unwrap();
-    r.engine.prefetch(h1).unwrap();
+    // Each handle to be fetched asks for its prefetch; the deduplicated two share a copy.
+    for h in [h3, h1, h2] {
+        r.engine.prefetch(h).unwrap();
+    }
     for (h, len, seed) in [(h3, 70 << 10, 5), (h1, 50 << 10, 4), (h2, 50 << 10, 4)] {
         assert_eq!(fetch_check(&r, h, len, seed), 0);
     }
@@ -802,4 +804,46 @@ fn a_prefetch_overtaken_by_its_fetch_is_dropped_not_read_late() {
         0,
         "no extent was read after its tensors were served"
     );
+}
+
+#[test]
+fn a_copy_read_ahead_for_an_early_request_does_not_wait_for_late_ones() {
+    // A deduplicated tensor needed early and late (as when a framework saves one storage
+    // twice): the extent read for the early request goes once that request is served, so
+    // it does not hold the prefetch budget until the late one, and is read again then.
+    let cfg = EngineConfig {
+        staging_bytes: 8 << 20,
+        prefetch_bytes: 2 << 20,
+        pack_threshold: 256 << 10,
+        pack_extent_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let r = rig(cfg, 1 << 30);
+    let srcs: Vec<_> = (0..40).map(|i| tensor(&r.dev, 100 << 10, i)).collect();
+    let mut hs = offload_all(&r, &srcs);
+    // SAFETY: as for offload_all.
+    let dup = unsafe {
+        r.engine
+            .offload(TensorKey::new(0, 0), &region(&srcs[0]), None)
+            .unwrap()
+    };
+    hs.push(dup);
+    r.engine.drain().unwrap();
+    for &h in hs.iter().rev() {
+        r.engine.prefetch(h).unwrap();
+    }
+    for (i, &h) in hs.iter().enumerate().rev() {
+        assert_eq!(fetch_check(&r, h, 100 << 10, (i % 40) as u64), 0);
+    }
+    let s = r.engine.stats().counters;
+    assert_eq!(
+        s.demand_reads, 0,
+        "every fetch was served from a prefetched copy: {s:?}"
+    );
+    assert_eq!(s.prefetch_hits, 41);
+    assert_eq!(
+        s.prefetched_extents, 5,
+        "four extents, the first read twice: {s:?}"
+    );
+    assert_eq!(r.engine.staging_in_use(), 0);
 }

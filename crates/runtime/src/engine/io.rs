@@ -336,32 +336,31 @@ impl State {
         })
     }
 
+    /// Serves the prefetch queue in order: a request whose extent is loading or loaded is
+    /// attached to that load; otherwise its extent is read, while the prefetch budget and
+    /// staging memory allow. Requests overtaken by their fetch are dropped.
     fn start_prefetches(&mut self) {
-        while let Some(&gid) = self.prefetch_queue.front() {
-            match self.groups.get(&gid) {
-                Some(g) if matches!(g.load, LoadState::Queued) && g.live > 0 => {}
-                Some(g) => {
-                    if matches!(g.load, LoadState::Queued) {
-                        self.groups.get_mut(&gid).expect("live").load = LoadState::Idle;
+        while let Some(&req) = self.prefetch_queue.front() {
+            let live = match (self.handles.get(&req.handle), self.groups.get(&req.group)) {
+                (Some(rec), Some(g)) => rec.fetched_at < req.at && g.live > 0,
+                _ => false,
+            };
+            if !live {
+                self.prefetch_queue.pop_front();
+                continue;
+            }
+            if matches!(self.groups[&req.group].load, LoadState::Idle) {
+                match self.start_load_now(req.group) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(_) => {
+                        self.prefetch_queue.pop_front();
+                        continue;
                     }
-                    self.prefetch_queue.pop_front();
-                    continue;
-                }
-                None => {
-                    self.prefetch_queue.pop_front();
-                    continue;
                 }
             }
-            match self.start_load_now(gid) {
-                Ok(true) => {
-                    self.prefetch_queue.pop_front();
-                }
-                Ok(false) => break,
-                Err(_) => {
-                    self.prefetch_queue.pop_front();
-                    self.groups.get_mut(&gid).expect("live").load = LoadState::Idle;
-                }
-            }
+            self.attach(req.handle, req.group);
+            self.prefetch_queue.pop_front();
         }
     }
 
@@ -385,9 +384,12 @@ impl State {
             let _ = tx.send(Msg::ReadIo(gid));
         });
         let len = g.len;
+        let epoch = self.id();
         let g = self.groups.get_mut(&gid).expect("live");
         g.tickets = vec![ticket];
         g.load = LoadState::Loading(staging);
+        g.load_epoch = epoch;
+        g.pending = 0;
         g.io_started = Instant::now();
         self.prefetch_held += len;
         self.loads_inflight += 1;
@@ -422,19 +424,10 @@ impl State {
                     len,
                 );
                 g.load = LoadState::Loaded(staging);
-                let awaiting = g
-                    .entries
-                    .iter()
-                    .filter_map(|eid| self.entries.get(eid))
-                    .map(|e| e.handles)
-                    .sum();
-                let epoch = self.id();
-                let g = self.groups.get_mut(&gid).expect("live");
-                g.awaiting = awaiting;
-                g.load_epoch = epoch;
+                let pending = g.pending;
                 self.loaded.push_back(gid);
-                if awaiting == 0 {
-                    self.unload(gid);
+                if pending == 0 {
+                    self.unload(gid); // every request for it was released meanwhile
                 }
             }
             Err(e) => {
@@ -457,7 +450,7 @@ impl State {
             return;
         };
         g.load = LoadState::Idle;
-        g.awaiting = 0;
+        g.pending = 0;
         let fence = g.fence.take();
         self.prefetch_held -= g.len;
         self.loaded.retain(|&x| x != gid);

@@ -253,6 +253,7 @@ impl Engine {
             last_offload: Instant::now(),
             write_queue: VecDeque::new(),
             prefetch_queue: VecDeque::new(),
+            seq: 0,
             loaded: VecDeque::new(),
             storage,
             staging,

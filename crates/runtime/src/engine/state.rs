@@ -59,8 +59,20 @@ pub(crate) enum Msg {
 pub(crate) struct HandleRec {
     pub(crate) entry: u64,
     pub(crate) fetched: bool,
-    /// The load of its group during which it was last fetched (0: none).
-    pub(crate) seen_load: u64,
+    /// The load of its group its prefetch request is attached to (0: none).
+    pub(crate) attached_load: u64,
+    /// When it was last fetched (a [`State::seq`] value): prefetch requests made before
+    /// that were overtaken and are dropped.
+    pub(crate) fetched_at: u64,
+}
+
+/// One `prefetch` call, waiting in the prefetch queue.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PrefetchRequest {
+    pub(crate) handle: u64,
+    pub(crate) group: u64,
+    /// When it was made (a [`State::seq`] value).
+    pub(crate) at: u64,
 }
 
 /// One stored tensor (one key), shared by its handles.
@@ -106,8 +118,6 @@ pub(crate) enum WriteState {
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum LoadState {
     Idle,
-    /// Asked for; waiting for prefetch budget.
-    Queued,
     /// Being read into `staging`.
     Loading(Extent),
     /// In `staging`, waiting for its tensors to be fetched.
@@ -129,9 +139,10 @@ pub(crate) struct Group {
     /// Entries with live handles (counted from layout on).
     pub(crate) live: usize,
     pub(crate) load: LoadState,
-    /// Live handles not yet fetched since the load.
-    pub(crate) awaiting: usize,
-    /// Identifies the current load (unique per load), for [`HandleRec::seen_load`].
+    /// Prefetch requests attached to the current load and not yet fetched: the loaded
+    /// copy goes when they are all served (or released).
+    pub(crate) pending: usize,
+    /// Identifies the current load (unique per load), for [`HandleRec::attached_load`].
     pub(crate) load_epoch: u64,
     pub(crate) tickets: Vec<Ticket>,
     /// A write submission that failed while earlier ones of the group were in flight.
@@ -153,7 +164,7 @@ impl Group {
             len: 0,
             live: 0,
             load: LoadState::Idle,
-            awaiting: 0,
+            pending: 0,
             load_epoch: 0,
             tickets: Vec::new(),
             submit_error: None,
@@ -188,7 +199,9 @@ pub(crate) struct State {
     pub(crate) open: Option<u64>,
     pub(crate) last_offload: Instant,
     pub(crate) write_queue: VecDeque<u64>,
-    pub(crate) prefetch_queue: VecDeque<u64>,
+    pub(crate) prefetch_queue: VecDeque<PrefetchRequest>,
+    /// Orders prefetch requests against fetches.
+    pub(crate) seq: u64,
     /// Loaded groups, oldest first (eviction order).
     pub(crate) loaded: VecDeque<u64>,
     pub(crate) storage: ExtentAllocator,
@@ -264,11 +277,6 @@ impl State {
                 }
                 e.handles += 1;
                 e.unfetched += 1;
-                if let Some(g) = e.group.and_then(|gid| self.groups.get_mut(&gid)) {
-                    if matches!(g.load, LoadState::Loaded(_)) {
-                        g.awaiting += 1;
-                    }
-                }
                 if let Some(cb) = on_source_free {
                     if e.source_held {
                         e.callbacks.push(cb);
@@ -351,7 +359,8 @@ impl State {
             HandleRec {
                 entry: eid,
                 fetched: false,
-                seen_load: 0,
+                attached_load: 0,
+                fetched_at: 0,
             },
         );
         Handle(h)
@@ -377,7 +386,9 @@ impl State {
         self.handles.get(&h.0).map(|r| r.entry).ok_or_else(|| unknown(h))
     }
 
-    /// Queues a read-ahead of the handle's extent.
+    /// Queues a read-ahead of the handle's extent. Requests are served in the order made:
+    /// when the queue reaches one, its extent is read into staging (or, already there, kept)
+    /// until the handle is fetched.
     pub(crate) fn prefetch(&mut self, h: Handle) -> Result<()> {
         let eid = self.entry_of(h)?;
         let e = &self.entries[&eid];
@@ -385,15 +396,44 @@ impl State {
             return Ok(()); // a fetch will be forwarded from the tensor's own memory
         }
         let Some(gid) = e.group else { return Ok(()) };
-        let g = self.groups.get_mut(&gid).expect("entries name live groups");
-        if matches!(g.load, LoadState::Idle) && matches!(g.write, WriteState::Done) {
-            if g.len > self.cfg.prefetch_bytes {
-                return Ok(()); // too large to read ahead; fetch reads it straight into place
-            }
-            g.load = LoadState::Queued;
-            self.prefetch_queue.push_back(gid);
+        let g = &self.groups[&gid];
+        if !matches!(g.write, WriteState::Done) || g.len > self.cfg.prefetch_bytes {
+            return Ok(()); // too large to read ahead: fetch reads it straight into place
         }
+        self.seq += 1;
+        self.prefetch_queue.push_back(PrefetchRequest {
+            handle: h.0,
+            group: gid,
+            at: self.seq,
+        });
         Ok(())
+    }
+
+    /// Ties the handle's prefetch request to the group's current load.
+    pub(crate) fn attach(&mut self, h: u64, gid: u64) {
+        let (Some(g), Some(rec)) = (self.groups.get_mut(&gid), self.handles.get_mut(&h)) else {
+            return;
+        };
+        if rec.attached_load != g.load_epoch {
+            rec.attached_load = g.load_epoch;
+            g.pending += 1;
+        }
+    }
+
+    /// The handle no longer waits on the group's loaded copy (fetched or released); the
+    /// copy goes when nothing attached to it is left.
+    fn detach(&mut self, h: Handle, gid: u64) {
+        let (Some(g), Some(rec)) = (self.groups.get_mut(&gid), self.handles.get_mut(&h.0)) else {
+            return;
+        };
+        if rec.attached_load == 0 || rec.attached_load != g.load_epoch {
+            return;
+        }
+        rec.attached_load = 0;
+        g.pending = g.pending.saturating_sub(1);
+        if g.pending == 0 && matches!(g.load, LoadState::Loaded(_)) {
+            self.unload(gid);
+        }
     }
 
     /// Starts delivering the handle's bytes into `dst`.
@@ -430,12 +470,7 @@ impl State {
                 Ok(FetchPlan::Done(ev))
             }
             LoadState::Loading(_) => Ok(FetchPlan::WaitLoad),
-            // Asked for but not started: start it now if the budget allows, and wait.
-            LoadState::Queued if matches!(self.start_load_now(gid), Ok(true)) => Ok(FetchPlan::WaitLoad),
-            LoadState::Idle | LoadState::Queued => {
-                // A queued prefetch that could not start in time would only read the
-                // extent after its tensors were served: drop it.
-                self.groups.get_mut(&gid).expect("live").load = LoadState::Idle;
+            LoadState::Idle => {
                 let (tickets, failed) = self.demand_read(eid, gid, dst);
                 if tickets.is_empty() {
                     if let Some(e) = failed {
@@ -561,7 +596,11 @@ impl State {
             e.unfetched -= 1;
         }
         if let Some(gid) = e.group {
-            self.seen_by(h, gid);
+            self.detach(h, gid);
+        }
+        self.seq += 1;
+        if let Some(rec) = self.handles.get_mut(&h.0) {
+            rec.fetched_at = self.seq; // its prefetch requests still queued are overtaken
         }
         // Every handle has read it from the tensor's own memory: a write that has not
         // started is no longer needed. The memory stays with the engine until release.
@@ -575,21 +614,6 @@ impl State {
                     Stats::add(&self.stats.c.cancelled_tensors, 1);
                     Stats::add(&self.stats.c.cancelled_bytes, e.len);
                 }
-            }
-        }
-    }
-
-    /// Counts the handle as fetched from its group's loaded copy; the copy goes once
-    /// every live handle has been (or was released).
-    fn seen_by(&mut self, h: Handle, gid: u64) {
-        let (Some(g), Some(rec)) = (self.groups.get_mut(&gid), self.handles.get_mut(&h.0)) else {
-            return;
-        };
-        if matches!(g.load, LoadState::Loaded(_)) && rec.seen_load != g.load_epoch {
-            rec.seen_load = g.load_epoch;
-            g.awaiting = g.awaiting.saturating_sub(1);
-            if g.awaiting == 0 {
-                self.unload(gid);
             }
         }
     }
@@ -615,7 +639,7 @@ impl State {
     pub(crate) fn release(&mut self, h: Handle) -> Result<()> {
         let eid = self.entry_of(h)?;
         if let Some(gid) = self.entries[&eid].group {
-            self.seen_by(h, gid); // a released handle is no longer awaited
+            self.detach(h, gid); // a released handle no longer waits on a loaded copy
         }
         let rec = self.handles.remove(&h.0).ok_or_else(|| unknown(h))?;
         let e = self
