@@ -9,7 +9,8 @@
 //! - The caller learns through a callback when the tensor's own memory may be freed
 //!   ([`Engine::offload_with_callback`]), or polls [`Engine::source_released`].
 //! - [`Engine::prefetch`] reads a tensor's extent ahead into staging memory, in the order
-//!   asked (the backward pass asks in reverse), within a bound on bytes held.
+//!   asked (the backward pass asks in reverse), within a bound on bytes held; the loaded
+//!   copy stays until the handles that asked for it have been fetched.
 //! - [`Engine::fetch`] copies the tensor into memory the caller allocated and returns the
 //!   event to wait on. A tensor still in its own memory is served from there
 //!   (**forwarding**), and its write is dropped if no one else will read it back.
@@ -367,7 +368,9 @@ impl Engine {
     }
 
     /// Asks for the handle's extent to be read ahead into staging memory. Requests are
-    /// served in the order made, within [`EngineConfig::prefetch_bytes`].
+    /// served in the order made, within [`EngineConfig::prefetch_bytes`]; the copy stays
+    /// until every handle that asked for it was fetched or released. A fetch that comes
+    /// before its request was served drops the request (and reads what it needs itself).
     pub fn prefetch(&self, handle: Handle) -> Result<()> {
         self.with_state(|st| st.prefetch(handle))
     }
