@@ -557,7 +557,11 @@ fn extents_spread_over_several_targets() {
 
 #[test]
 fn every_handle_of_a_deduplicated_tensor_is_served_from_one_prefetched_copy() {
-    let r = rig(small_cfg(), 1 << 30);
+    let cfg = EngineConfig {
+        pack_flush_delay: Duration::from_secs(3600), // both tensors in one extent
+        ..small_cfg()
+    };
+    let r = rig(cfg, 1 << 30);
     let t = tensor(&r.dev, 50 << 10, 4);
     let u = tensor(&r.dev, 70 << 10, 5);
     // SAFETY: the tensors outlive the engine's use.
@@ -781,6 +785,8 @@ fn a_prefetch_overtaken_by_its_fetch_is_dropped_not_read_late() {
         prefetch_bytes: 1 << 20,
         pack_threshold: 256 << 10,
         pack_extent_bytes: 1 << 20,
+        // Extents fill up to their size whatever the timing (drain seals the last).
+        pack_flush_delay: Duration::from_secs(3600),
         ..Default::default()
     };
     let r = rig(cfg, 1 << 30);
@@ -816,6 +822,8 @@ fn a_copy_read_ahead_for_an_early_request_does_not_wait_for_late_ones() {
         prefetch_bytes: 2 << 20,
         pack_threshold: 256 << 10,
         pack_extent_bytes: 1 << 20,
+        // Extents fill up to their size whatever the timing (drain seals the last).
+        pack_flush_delay: Duration::from_secs(3600),
         ..Default::default()
     };
     let r = rig(cfg, 1 << 30);
