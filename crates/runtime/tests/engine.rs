@@ -73,6 +73,21 @@ fn offload_all(r: &Rig, srcs: &[DeviceBuffer]) -> Vec<Handle> {
         .collect()
 }
 
+/// Offloads `t` under `key` with a callback that counts how often its memory is handed back.
+fn offload_counted(r: &Rig, t: &DeviceBuffer, key: TensorKey) -> (Handle, Arc<AtomicUsize>) {
+    let released = Arc::new(AtomicUsize::new(0));
+    let rel = released.clone();
+    // SAFETY: every test keeps its tensors alive until the engine is dropped.
+    let h = unsafe {
+        r.engine
+            .offload_with_callback(key, &region(t), None, move || {
+                rel.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap()
+    };
+    (h, released)
+}
+
 fn sizes(n: usize, lo: usize, hi: usize, mut seed: u64) -> Vec<usize> {
     (0..n)
         .map(|_| {
@@ -272,16 +287,7 @@ fn a_fetch_before_the_write_is_forwarded_and_the_write_cancelled() {
     };
     let r = rig(cfg, 1 << 30);
     let t = tensor(&r.dev, 64 << 10, 8);
-    let released = Arc::new(AtomicUsize::new(0));
-    let rel = released.clone();
-    // SAFETY: `t` outlives the engine's use.
-    let h = unsafe {
-        r.engine
-            .offload_with_callback(TensorKey::new(1, 0), &region(&t), None, move || {
-                rel.fetch_add(1, Ordering::SeqCst);
-            })
-            .unwrap()
-    };
+    let (h, released) = offload_counted(&r, &t, TensorKey::new(1, 0));
     assert_eq!(fetch_check(&r, h, 64 << 10, 8), 0);
     r.engine.drain().unwrap();
     let s = r.engine.stats().counters;
@@ -305,16 +311,7 @@ fn the_source_callback_runs_once_the_write_is_done() {
     let r = rig(small_cfg(), 1 << 30);
     r.backend.faults().delay_us.store(20_000, Ordering::SeqCst);
     let t = tensor(&r.dev, 2 << 20, 8); // direct
-    let released = Arc::new(AtomicUsize::new(0));
-    let rel = released.clone();
-    // SAFETY: `t` outlives the engine's use.
-    let h = unsafe {
-        r.engine
-            .offload_with_callback(TensorKey::new(1, 0), &region(&t), None, move || {
-                rel.fetch_add(1, Ordering::SeqCst);
-            })
-            .unwrap()
-    };
+    let (h, released) = offload_counted(&r, &t, TensorKey::new(1, 0));
     // While the write is in flight, a fetch is served from the tensor's memory.
     assert_eq!(fetch_check(&r, h, 2 << 20, 8), 0);
     assert_eq!(r.engine.stats().counters.forwarded_fetches, 1);
