@@ -266,10 +266,37 @@ impl Stream for HostStream {
     }
 }
 
-/// An event of a [`HostStream`].
+/// An event of a [`HostStream`], or one completed by hand ([`HostEvent::manual`]).
 #[derive(Debug)]
 pub struct HostEvent {
     signal: Arc<Signal>,
+}
+
+impl HostEvent {
+    /// An event that completes when its [`HostEventTrigger`] fires: work finished on the
+    /// host, signalled to the engine and to host streams.
+    pub fn manual() -> (HostEvent, HostEventTrigger) {
+        let signal = Arc::new(Signal::default());
+        (
+            HostEvent {
+                signal: signal.clone(),
+            },
+            HostEventTrigger { signal },
+        )
+    }
+}
+
+/// Completes the [`HostEvent`] made with it by [`HostEvent::manual`].
+#[derive(Debug)]
+pub struct HostEventTrigger {
+    signal: Arc<Signal>,
+}
+
+impl HostEventTrigger {
+    /// Completes the event (again: a no-op).
+    pub fn fire(&self) {
+        self.signal.set();
+    }
 }
 
 impl Event for HostEvent {

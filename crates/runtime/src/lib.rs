@@ -32,7 +32,7 @@ pub use backend::{
 pub use device::{Device, DeviceInfo, DeviceKind, Event, HostRegistration, Stream};
 pub use error::{Error, Result};
 pub use extents::{Extent, ExtentAllocator, OutOfSpace, SpaceUsage};
-pub use host::HostDevice;
+pub use host::{HostDevice, HostEvent, HostEventTrigger};
 pub use mem_backend::MemBackend;
 pub use memory::{AlignedBuf, DeviceBuffer, DevicePtr, MemRef, PinnedBuffer};
 pub use pack::PackPiece;

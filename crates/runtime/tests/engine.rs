@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spillway_runtime::engine::{Engine, EngineConfig, Handle, Region, StorageTarget, TensorKey};
-use spillway_runtime::{pattern, Device, DeviceBuffer, HostDevice, MemBackend, Target};
+use spillway_runtime::{pattern, Device, DeviceBuffer, Event, HostDevice, HostEvent, MemBackend, Target};
 
 struct Rig {
     dev: Arc<dyn Device>,
@@ -851,4 +851,68 @@ fn a_copy_read_ahead_for_an_early_request_does_not_wait_for_late_ones() {
         "four extents, the first read twice: {s:?}"
     );
     assert_eq!(r.engine.staging_in_use(), 0);
+}
+
+/// Fetches `h` into a poisoned buffer whose memory is free only once a manual event fires,
+/// `hold` after the call. Returns the buffer, whether the buffer was still untouched and
+/// the fetch event pending just before the event fired, and the fetch event.
+fn fetch_into_held_buffer(
+    r: &Rig,
+    h: Handle,
+    len: usize,
+    hold: Duration,
+) -> (DeviceBuffer, bool, Arc<dyn Event>) {
+    let out = r.dev.alloc(len).unwrap();
+    r.dev.fill_pattern(out.ptr(), len, 0x5eed, 0).unwrap(); // poison
+    let (free, trigger) = HostEvent::manual();
+    let free: Arc<dyn Event> = Arc::new(free);
+    let out_ptr = out.ptr();
+    let dev = r.dev.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let opener = std::thread::spawn(move || {
+        std::thread::sleep(hold);
+        let untouched = dev.count_pattern_mismatches(out_ptr, len, 0x5eed, 0).unwrap() == 0;
+        let pending = rx
+            .recv_timeout(Duration::ZERO)
+            .map_or(true, |ev: Arc<dyn Event>| !ev.query().unwrap());
+        trigger.fire();
+        untouched && pending
+    });
+    // SAFETY: `out` lives until the returned event has been waited on by the caller.
+    let ev = unsafe { r.engine.fetch_into(h, &region(&out), Some(free)).unwrap() };
+    let _ = tx.send(ev.clone());
+    let waited = opener.join().unwrap();
+    (out, waited, ev)
+}
+
+#[test]
+fn a_fetch_into_busy_memory_waits_for_it_to_be_free() {
+    // Read straight from storage: the read starts only once the memory is free.
+    let r = rig(small_cfg(), 1 << 30);
+    let t = tensor(&r.dev, 2 << 20, 21); // direct
+    let h = offload_all(&r, std::slice::from_ref(&t))[0];
+    r.engine.drain().unwrap();
+    let (out, waited, ev) = fetch_into_held_buffer(&r, h, 2 << 20, Duration::from_millis(100));
+    ev.synchronize().unwrap();
+    assert!(waited, "nothing was written into the memory before it was free");
+    assert_eq!(
+        r.dev.count_pattern_mismatches(out.ptr(), 2 << 20, 21, 0).unwrap(),
+        0
+    );
+    assert_eq!(r.engine.stats().counters.demand_reads, 1);
+
+    // Forwarded from the tensor's own memory (its write held back): the copy waits on the stream.
+    let r = rig(small_cfg(), 1 << 30);
+    r.backend.faults().delay_us.store(400_000, Ordering::SeqCst);
+    let t = tensor(&r.dev, 2 << 20, 22);
+    let h = offload_all(&r, std::slice::from_ref(&t))[0];
+    let (out, waited, ev) = fetch_into_held_buffer(&r, h, 2 << 20, Duration::from_millis(100));
+    ev.synchronize().unwrap();
+    r.engine.drain().unwrap(); // before `t` can go, even on a failed assertion
+    assert!(waited, "the forwarded copy waited for the memory to be free");
+    assert_eq!(
+        r.dev.count_pattern_mismatches(out.ptr(), 2 << 20, 22, 0).unwrap(),
+        0
+    );
+    assert_eq!(r.engine.stats().counters.forwarded_fetches, 1);
 }

@@ -359,11 +359,16 @@ impl Engine {
         self.with_state(|st| st.offload(key, regions, ready, cb))
     }
 
-    /// True once the engine no longer reads the memory of the tensor behind `handle`.
+    /// True once the engine no longer reads the memory of the tensor behind `handle`
+    /// (including copies it made from there for forwarded fetches).
     pub fn source_released(&self, handle: Handle) -> Result<bool> {
         self.with_state(|st| {
-            let eid = st.entry_of(handle)?;
-            Ok(!st.entries[&eid].source_held)
+            let e = &st.entries[&st.entry_of(handle)?];
+            let fenced = match &e.source_fence {
+                Some(fence) => !fence.query()?,
+                None => false,
+            };
+            Ok(!e.source_held && !fenced)
         })
     }
 
@@ -383,6 +388,23 @@ impl Engine {
     /// `dst` must be live device memory, not read or written by anything else, until the
     /// returned event completes.
     pub unsafe fn fetch(&self, handle: Handle, dst: &[Region]) -> Result<Arc<dyn Event>> {
+        // SAFETY: forwarded contract.
+        unsafe { self.fetch_into(handle, dst, None) }
+    }
+
+    /// [`Engine::fetch`] into memory that becomes free only once `dst_free` completes
+    /// (e.g. memory a framework's allocator hands out in the order of the consumer's
+    /// stream: record an event there). The engine's copies into `dst` wait for the event
+    /// on the device; reads straight from storage wait for it on the host.
+    ///
+    /// # Safety
+    /// As for [`Engine::fetch`], from the completion of `dst_free` on.
+    pub unsafe fn fetch_into(
+        &self,
+        handle: Handle,
+        dst: &[Region],
+        dst_free: Option<Arc<dyn Event>>,
+    ) -> Result<Arc<dyn Event>> {
         let _span = tracing::trace_span!("fetch", handle = handle.0).entered();
         let start = Instant::now();
         let mut guard = self.core.lock();
@@ -391,10 +413,19 @@ impl Engine {
             let Some(st) = guard.as_mut() else {
                 break Err(io::stopped());
             };
-            match st.fetch(handle, dst) {
+            match st.fetch(handle, dst, dst_free.as_ref()) {
                 Ok(FetchPlan::WaitLoad) => {
                     stalled.get_or_insert_with(Instant::now);
                     guard = self.core.wait(guard);
+                }
+                Ok(FetchPlan::WaitDestination(ev)) => {
+                    self.core.unlock_and_notify(guard);
+                    stalled.get_or_insert_with(Instant::now);
+                    let waited = ev.synchronize();
+                    guard = self.core.lock();
+                    if let Err(e) = waited {
+                        break Err(e);
+                    }
                 }
                 Ok(FetchPlan::Done(ev)) => break Ok(ev),
                 Ok(FetchPlan::Read(tickets, failed)) => {

@@ -93,7 +93,8 @@ pub(crate) struct Entry {
     pub(crate) segments: Vec<Segment>,
     /// Whether the engine may still read `regions`.
     pub(crate) source_held: bool,
-    /// The last engine copy out of `regions` (a forwarded fetch).
+    /// The last engine copy out of `regions` (a forwarded fetch). Kept after the source is
+    /// let go, until it completes: the memory is free only then.
     pub(crate) source_fence: Option<Arc<dyn Event>>,
     pub(crate) callbacks: Vec<SourceFreeFn>,
     pub(crate) offloaded_at: Instant,
@@ -235,6 +236,9 @@ pub(crate) enum FetchPlan {
     /// Reads were submitted straight into the destination: wait for them (all of them,
     /// even when submitting a later one failed with the error given).
     Read(Vec<Ticket>, Option<Error>),
+    /// The bytes must be read straight into the destination, which is not free yet: wait
+    /// for its event, then look again.
+    WaitDestination(Arc<dyn Event>),
 }
 
 impl State {
@@ -437,7 +441,15 @@ impl State {
     }
 
     /// Starts delivering the handle's bytes into `dst`.
-    pub(crate) fn fetch(&mut self, h: Handle, dst: &[Region]) -> Result<FetchPlan> {
+    /// Plans the fetch of `h` into `dst`. `dst_free` is the event after which nothing
+    /// else uses `dst`: copies on the fetch stream wait for it, and reads straight from
+    /// storage start only once it has completed.
+    pub(crate) fn fetch(
+        &mut self,
+        h: Handle,
+        dst: &[Region],
+        dst_free: Option<&Arc<dyn Event>>,
+    ) -> Result<FetchPlan> {
         let eid = self.entry_of(h)?;
         let (len, source_held, group) = {
             let e = &self.entries[&eid];
@@ -448,6 +460,9 @@ impl State {
             return Err(Error::invalid(format!(
                 "fetch destination holds {want} bytes but the tensor has {len}: pass regions totalling exactly the offloaded size"
             )));
+        }
+        if let Some(ev) = dst_free {
+            self.fetch_stream.wait_event(ev.as_ref())?;
         }
         if len == 0 {
             let ev: Arc<dyn Event> = Arc::from(self.fetch_stream.record()?);
@@ -471,6 +486,11 @@ impl State {
             }
             LoadState::Loading(_) => Ok(FetchPlan::WaitLoad),
             LoadState::Idle => {
+                if let Some(ev) = dst_free {
+                    if !ev.query()? {
+                        return Ok(FetchPlan::WaitDestination(ev.clone()));
+                    }
+                }
                 let (tickets, failed) = self.demand_read(eid, gid, dst);
                 if tickets.is_empty() {
                     if let Some(e) = failed {
@@ -699,7 +719,7 @@ impl State {
         e.source_held = false;
         e.ready = None;
         let callbacks = std::mem::take(&mut e.callbacks);
-        match e.source_fence.take() {
+        match e.source_fence.clone() {
             Some(fence) if !fence.query().unwrap_or(true) => {
                 let tx = self.tx.clone();
                 self.fetch_waiter.after(fence.clone(), move |_| {
