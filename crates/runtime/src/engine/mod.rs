@@ -126,6 +126,9 @@ pub(crate) struct Core {
     /// Threads waiting on `changed`; changed and read under `state`'s lock. Notifying is a
     /// system call, so it is skipped when nobody waits (the common case).
     sleepers: AtomicUsize,
+    /// Batches of source-release callbacks taken from the state but not yet run (they run
+    /// outside the lock); `drain` returns only once they have.
+    callbacks_running: AtomicUsize,
 }
 
 impl Core {
@@ -139,6 +142,26 @@ impl Core {
         let guard = self.changed.wait(guard).unwrap_or_else(|e| e.into_inner());
         self.sleepers.fetch_sub(1, Ordering::SeqCst);
         guard
+    }
+
+    /// Takes the callbacks made due, to be run (outside the lock) by [`Core::run_due`].
+    fn take_due(&self, st: &mut State) -> Vec<SourceFreeFn> {
+        let due = std::mem::take(&mut st.due_callbacks);
+        if !due.is_empty() {
+            self.callbacks_running.fetch_add(1, Ordering::SeqCst);
+        }
+        due
+    }
+
+    /// Runs callbacks taken by [`Core::take_due`], then wakes whoever waits for them.
+    fn run_due(&self, due: Vec<SourceFreeFn>) {
+        if due.is_empty() {
+            return;
+        }
+        run_callbacks(due);
+        let guard = self.lock();
+        self.callbacks_running.fetch_sub(1, Ordering::SeqCst);
+        self.unlock_and_notify(guard);
     }
 
     /// Releases the lock and wakes the waiters, if any.
@@ -275,6 +298,7 @@ impl Engine {
             state: Mutex::new(Some(state)),
             changed: Condvar::new(),
             sleepers: AtomicUsize::new(0),
+            callbacks_running: AtomicUsize::new(0),
         });
         let progress = {
             let core = core.clone();
@@ -307,9 +331,9 @@ impl Engine {
         let st = guard.as_mut().ok_or_else(io::stopped)?;
         let out = f(st);
         st.pump();
-        let due = std::mem::take(&mut st.due_callbacks);
+        let due = self.core.take_due(st);
         self.core.unlock_and_notify(guard);
-        run_callbacks(due);
+        self.core.run_due(due);
         out
     }
 
@@ -463,10 +487,10 @@ impl Engine {
         }
         let due = guard
             .as_mut()
-            .map(|st| std::mem::take(&mut st.due_callbacks))
+            .map(|st| self.core.take_due(st))
             .unwrap_or_default();
         self.core.unlock_and_notify(guard);
-        run_callbacks(due);
+        self.core.run_due(due);
         if let Some(s) = stalled {
             let now = Instant::now();
             Stats::add(&self.stats.c.stall_ns, now.duration_since(s).as_nanos() as u64);
@@ -495,16 +519,16 @@ impl Engine {
             let Some(st) = guard.as_mut() else {
                 return Err(io::stopped());
             };
-            if st.idle() {
+            if st.idle() && self.core.callbacks_running.load(Ordering::SeqCst) == 0 {
                 break;
             }
             guard = self.core.wait(guard);
         }
         let st = guard.as_mut().ok_or_else(io::stopped)?;
-        let due = std::mem::take(&mut st.due_callbacks);
+        let due = self.core.take_due(st);
         let synced = st.offload_stream.synchronize().and(st.fetch_stream.synchronize());
         drop(guard);
-        run_callbacks(due);
+        self.core.run_due(due);
         synced?;
         // Fences that completed with the synchronize above.
         self.with_state(|_| Ok(()))
@@ -578,9 +602,9 @@ fn progress_loop(core: &Core, rx: Receiver<Msg>, flush_delay: std::time::Duratio
             st.seal_open();
         }
         st.pump();
-        let due = std::mem::take(&mut st.due_callbacks);
+        let due = core.take_due(st);
         core.unlock_and_notify(guard);
-        run_callbacks(due);
+        core.run_due(due);
     }
 }
 

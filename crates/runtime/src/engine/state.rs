@@ -284,6 +284,9 @@ impl State {
                 if let Some(cb) = on_source_free {
                     if e.source_held {
                         e.callbacks.push(cb);
+                    } else if let Some(fence) = e.source_fence.clone() {
+                        // A forwarded copy may still read the memory: freed with it.
+                        self.fenced_sources.push((vec![cb], fence));
                     } else {
                         self.due_callbacks.push(cb);
                     }
