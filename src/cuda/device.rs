@@ -107,6 +107,12 @@ impl CudaDevice {
         self.gpu.ordinal
     }
 
+    /// Checks that `[ptr, ptr+len)` lies inside one allocation of this GPU's memory, naming
+    /// `what` in the error otherwise.
+    pub fn check_region(&self, what: &str, ptr: u64, len: u64) -> Result<()> {
+        memory::check_device_region(&self.ctx, self.gpu.ordinal, what, ptr, len)
+    }
+
     /// The GPU's primary context (for threads that call CUDA themselves, e.g. cuFile's).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx

@@ -7,7 +7,8 @@
 //!   runtime and so with PyTorch): device and pinned memory, host registration, streams,
 //!   the test-pattern kernels, and the pack/unpack kernels (`kernels/pack.cu`: many pieces
 //!   gathered into one extent, or scattered back, in one launch on the caller's stream).
-//! - [`CudaStream`], [`CudaEvent`]: non-blocking streams and timing-free events.
+//! - [`CudaStream`], [`CudaEvent`]: non-blocking streams and timing-free events;
+//!   [`ForeignStream`]: another library's stream (PyTorch's), borrowed to follow its order.
 //! - [`kernel_build`]: how the kernels of `kernels/` were built into this binary (PTX from
 //!   nvcc, or CUDA C source compiled by NVRTC at first use; see `build.rs`).
 //!
@@ -19,6 +20,7 @@
 
 mod device;
 mod error;
+mod foreign;
 mod kernels;
 mod launch;
 mod memory;
@@ -31,6 +33,7 @@ mod stream;
 mod upload;
 
 pub use device::CudaDevice;
+pub use foreign::ForeignStream;
 pub use kernels::kernel_build;
 pub use probe::{probe, CudaProbe, DriverInfo, GpuInfo};
 pub use stream::{CudaEvent, CudaStream};

@@ -68,7 +68,7 @@ pub fn check_storage(path: &Path, capacity: u64) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let Some(free) = free_space(dir) else {
+    let Some(free) = crate::fs::free_space(dir) else {
         return Ok(());
     };
     if capacity > free.saturating_add(held) {
@@ -80,19 +80,6 @@ pub fn check_storage(path: &Path, capacity: u64) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Bytes an unprivileged user may still allocate on the filesystem holding `dir`.
-fn free_space(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs is plain data; all-zero is a valid value to be overwritten.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path and `st` a valid statvfs to fill.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// The memory available now in `memory`.
