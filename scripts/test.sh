@@ -38,3 +38,15 @@ timeout --foreground 1800 cargo test --workspace --locked || {
   [[ $rc -eq 124 ]] && echo "error: the tests took over 30 minutes; one of them hangs" >&2
   exit "$rc"
 }
+
+echo "== python package (crates/python)"
+# A virtual environment of its own, with the build tool and the test dependencies from PyPI;
+# the extension is built in debug mode (the workspace build above already compiled it) and
+# installed in editable mode. Torch tests run where torch is importable (the GPU suite).
+venv=target/python-test-venv
+if [[ ! -x $venv/bin/python ]]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --disable-pip-version-check "maturin>=1.5,<2" pytest numpy
+(cd crates/python && VIRTUAL_ENV="$PWD/../../$venv" "../../$venv/bin/maturin" develop --locked -q)
+"$venv/bin/python" -m pytest -q crates/python/tests

@@ -1,0 +1,145 @@
+"""The engine as Python sees it: a thin layer over the native ``Engine`` that turns its
+JSON answers into dicts and documents every setting in one place (:data:`SETTINGS`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+
+from . import _native
+
+Regions = Sequence[Tuple[int, int]]
+
+#: Every keyword setting of :class:`Engine`: name -> (default, meaning). Sizes take bytes
+#: or a string with a unit ("512MiB").
+SETTINGS: Dict[str, Tuple[Any, str]] = {
+    "device": ("auto", '"auto" (GPU 0 when there is one, else host memory), "host", "cuda", "cuda:N" or N'),
+    "backend": ("auto", '"uring" (io_uring, O_DIRECT), "cufile" (GPUDirect Storage) or "auto" (cuFile when it runs true GDS)'),
+    "queue_depth": (16, "I/O requests in flight per ring or thread"),
+    "threads": (1, "io_uring rings, or cuFile worker groups"),
+    "pinned_bytes": (None, "pinned host staging per io_uring ring (None: the backend's default)"),
+    "alignment": (4096, "alignment of every extent and packed piece on storage (a power of two, >= 512)"),
+    "staging_bytes": (512 << 20, "device memory the engine allocates once for packing and prefetching"),
+    "prefetch_bytes": (256 << 20, "of the staging memory, how much read-ahead may hold"),
+    "pack_threshold": (1 << 20, "tensors smaller than this are packed together into shared extents"),
+    "pack_extent_bytes": (16 << 20, "size of one packed extent"),
+    "pack_flush_delay_ms": (2.0, "a partly filled packed extent is written after this long without offloads"),
+    "direct_write_bytes": (256 << 20, "bytes of unpacked writes in flight"),
+    "pack": (True, "pack small tensors (False: every tensor gets its own extent)"),
+    "dedup": (True, "store a storage+version offloaded twice only once"),
+    "timeline": (False, "record a timeline of every stage (Engine.write_trace)"),
+    "timeline_capacity": (1_000_000, "most timeline events kept"),
+}
+
+assert set(SETTINGS) == set(_native.SETTING_NAMES), "SETTINGS and the native settings differ"
+
+
+class Engine:
+    """The offload engine on one device and one storage target.
+
+    ``Engine(path, capacity=None, **settings)``. ``path`` is a directory (the data then
+    lives in a new file there that is unlinked at once, so nothing is left behind even
+    after a crash), a file (created if missing, kept afterwards) or a block device.
+    ``capacity`` is the most bytes it may store: reserved up front when given; by default
+    half of the filesystem's free space, used as needed. See :data:`SETTINGS`.
+
+    Memory crosses as ``(address, length)`` regions and CUDA streams as raw handles
+    (``torch.cuda.Stream.cuda_stream``). The engine reads an offloaded tensor's memory
+    until :meth:`source_released` says otherwise: keep it allocated and unmodified until
+    then. Every call releases the GIL.
+    """
+
+    def __init__(self, path: "os.PathLike[str] | str", capacity: "int | str | None" = None, **settings: Any):
+        self._native = _native.Engine(os.fspath(path), capacity, **settings)
+
+    # The data path.
+    def offload(self, key: Tuple[int, int], regions: Regions, stream: Optional[int] = None) -> int:
+        """Offloads the bytes in ``regions`` under ``key = (storage_id, version)`` after the
+        work queued on ``stream`` so far; returns a handle at once."""
+        storage, version = key
+        return self._native.offload(storage, version, list(regions), stream)
+
+    def source_released(self, handle: int) -> bool:
+        """True once the engine no longer reads the memory offloaded as ``handle``."""
+        return self._native.source_released(handle)
+
+    def prefetch(self, handle: int) -> None:
+        """Starts reading ``handle``'s bytes ahead into staging memory."""
+        self._native.prefetch(handle)
+
+    def fetch(self, handle: int, regions: Regions, stream: Optional[int] = None) -> None:
+        """Copies ``handle``'s bytes into ``regions``. With ``stream``, the copy is ordered
+        on it (after its earlier work, before its later work) and the call does not wait
+        for the GPU; without, it returns once the bytes are in place."""
+        self._native.fetch(handle, list(regions), stream)
+
+    def release(self, handle: int) -> None:
+        """Drops a handle; the stored copy goes with its last handle."""
+        self._native.release(handle)
+
+    def drain(self) -> None:
+        """Waits for every accepted write."""
+        self._native.drain()
+
+    def close(self) -> None:
+        """Waits for outstanding writes and frees everything; later calls raise."""
+        self._native.close()
+
+    # What it did.
+    def stats(self) -> Dict[str, Any]:
+        """Counters (bytes offloaded, written, read, deduplicated, forwarded; stall time…)
+        and latency percentiles per operation."""
+        return json.loads(self._native.stats_json())
+
+    def storage_usage(self) -> Dict[str, Any]:
+        """Capacity, bytes used, free ranges and fragmentation of the storage."""
+        return json.loads(self._native.storage_usage_json())
+
+    @property
+    def settings(self) -> Dict[str, Any]:
+        """The settings in force."""
+        return json.loads(self._native.settings_json())
+
+    def live_handles(self) -> int:
+        return self._native.live_handles()
+
+    def staging_in_use(self) -> int:
+        return self._native.staging_in_use()
+
+    def write_trace(self, path: "os.PathLike[str] | str") -> None:
+        """Writes the timeline (needs ``timeline=True``) as Chrome trace JSON."""
+        self._native.write_trace(os.fspath(path))
+
+    @property
+    def device(self) -> str:
+        return self._native.device
+
+    @property
+    def backend(self) -> str:
+        return self._native.backend
+
+    @property
+    def path(self) -> str:
+        return self._native.path
+
+    @property
+    def capacity(self) -> int:
+        return self._native.capacity
+
+    @property
+    def notes(self) -> Iterable[str]:
+        return self._native.notes
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return repr(self._native)

@@ -1,0 +1,213 @@
+"""The engine through the Python package, on host memory (numpy buffers): round trips,
+dedup, prefetch, forwarding, the storage file, and the errors bad calls get."""
+
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import spillway
+
+SMALL = dict(
+    device="host",
+    staging_bytes="8MiB",
+    prefetch_bytes="4MiB",
+    pack_extent_bytes="1MiB",
+    pack_threshold="256KiB",
+)
+
+
+def region(a):
+    return [(a.ctypes.data, a.nbytes)]
+
+
+def blob(n, seed):
+    return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8)
+
+
+@pytest.fixture
+def engine(tmp_path):
+    with spillway.Engine(tmp_path, capacity="256MiB", **SMALL) as e:
+        yield e
+
+
+def test_round_trip_of_mixed_sizes_through_storage(engine):
+    sizes = [1, 100, 4096, 5000, 300_000, 3 << 20, 65_536]
+    arrays = [blob(n, i) for i, n in enumerate(sizes)]
+    handles = [engine.offload((i, 0), region(a)) for i, a in enumerate(arrays)]
+    engine.drain()
+    assert all(engine.source_released(h) for h in handles)
+    for h, a in zip(handles, arrays):
+        out = np.full_like(a, 0xAA)
+        engine.fetch(h, region(out))
+        np.testing.assert_array_equal(out, a)
+    s = engine.stats()
+    assert s["offloads"] == len(sizes)
+    assert s["bytes_read"] >= sum(sizes) and s["fetch_bytes"] == sum(sizes)
+    assert s["packed_tensors"] == 5 and s["direct_tensors"] == 2  # by aligned size
+    for h in handles:
+        engine.release(h)
+    assert engine.live_handles() == 0
+    assert engine.storage_usage()["used"] == 0
+
+
+def test_the_same_storage_and_version_is_stored_once(engine):
+    a = blob(2 << 20, 7)
+    h1 = engine.offload((42, 3), region(a))
+    h2 = engine.offload((42, 3), region(a))
+    engine.drain()
+    s = engine.stats()
+    assert (s["dedup_hits"], s["dedup_bytes"]) == (1, a.nbytes)
+    assert s["bytes_written"] == a.nbytes
+    for h in (h1, h2):
+        out = np.zeros_like(a)
+        engine.fetch(h, region(out))
+        np.testing.assert_array_equal(out, a)
+    # A new version is a new copy.
+    engine.offload((42, 4), region(a))
+    engine.drain()
+    assert engine.stats()["bytes_written"] == 2 * a.nbytes
+    with pytest.raises(ValueError, match="other memory"):
+        other = blob(2 << 20, 8)
+        engine.offload((42, 3), region(other))
+
+
+def test_prefetched_tensors_are_served_from_staging(engine):
+    arrays = [blob(200_000, i) for i in range(8)]
+    handles = [engine.offload((i, 0), region(a)) for i, a in enumerate(arrays)]
+    engine.drain()
+    for h in reversed(handles):
+        engine.prefetch(h)
+    for h, a in zip(reversed(handles), reversed(arrays)):
+        out = np.zeros_like(a)
+        engine.fetch(h, region(out))
+        np.testing.assert_array_equal(out, a)
+    s = engine.stats()
+    assert s["prefetch_hits"] == len(arrays) and s["demand_reads"] == 0
+
+
+def test_a_fetch_before_the_write_is_forwarded(tmp_path):
+    with spillway.Engine(tmp_path, capacity="64MiB", pack_flush_delay_ms=60_000, **SMALL) as e:
+        a = blob(64 << 10, 3)
+        h = e.offload((1, 0), region(a))
+        out = np.zeros_like(a)
+        e.fetch(h, region(out))
+        np.testing.assert_array_equal(out, a)
+        s = e.stats()
+        assert s["forwarded_fetches"] == 1 and s["bytes_written"] == 0
+        assert not e.source_released(h), "the engine may still read the array until release"
+        e.release(h)
+        with pytest.raises(ValueError, match="unknown or released handle"):
+            e.source_released(h)
+
+
+def test_threads_share_one_engine(engine):
+    errors = []
+
+    def worker(t):
+        try:
+            for i in range(20):
+                a = blob(10_000 + 997 * i, t * 100 + i)
+                h = engine.offload((t * 1000 + i, 0), region(a))
+                out = np.zeros_like(a)
+                engine.fetch(h, region(out))
+                np.testing.assert_array_equal(out, a)
+                engine.release(h)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert engine.live_handles() == 0
+
+
+def test_full_storage_keeps_tensors_resident(tmp_path):
+    with spillway.Engine(tmp_path, capacity="64KiB", **SMALL) as e:
+        arrays = [blob(2 << 20, i) for i in range(2)]
+        handles = [e.offload((i, 0), region(a)) for i, a in enumerate(arrays)]
+        e.drain()
+        assert e.stats()["resident_tensors"] == 2
+        for h, a in zip(handles, arrays):
+            out = np.zeros_like(a)
+            e.fetch(h, region(out))
+            np.testing.assert_array_equal(out, a)
+            e.release(h)
+
+
+def test_a_directory_gets_an_anonymous_file_and_a_file_is_kept(tmp_path):
+    with spillway.Engine(tmp_path, capacity="1MiB", **SMALL) as e:
+        assert os.listdir(tmp_path) == [], "the anonymous file is unlinked at once"
+        assert e._native.anonymous
+    f = tmp_path / "spill.bin"
+    with spillway.Engine(f, capacity="1MiB", **SMALL) as e:
+        assert not e._native.anonymous
+    assert f.exists() and f.stat().st_size >= 1 << 20
+
+
+def test_the_timeline_is_chrome_trace_json(tmp_path):
+    with spillway.Engine(tmp_path, capacity="16MiB", timeline=True, **SMALL) as e:
+        a = blob(100_000, 1)  # packed
+        h = e.offload((1, 0), region(a))
+        e.drain()
+        out = np.zeros_like(a)  # kept alive: the engine writes into it
+        e.fetch(h, region(out))
+        e.write_trace(tmp_path / "trace.json")
+        e.release(h)
+    trace = json.loads((tmp_path / "trace.json").read_text())
+    names = {ev.get("name") for ev in trace["traceEvents"]}
+    assert {"pack", "write", "demand read"} <= names, names
+
+
+def test_settings_are_documented_and_reported(engine):
+    assert set(spillway.SETTINGS) == set(spillway._native.SETTING_NAMES)
+    s = engine.settings
+    assert s["staging_bytes"] == 8 << 20 and s["pack_threshold"] == 256 << 10
+    assert engine.device == "host" and engine.backend == "uring"
+    assert spillway.parse_size("4KiB") == 4096
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(stagging_bytes=1), "unknown setting \"stagging_bytes\""),
+        (dict(device="tpu"), "device=tpu"),
+        (dict(backend="spdk"), "backend=spdk"),
+        (dict(staging_bytes="lots"), "staging_bytes=lots"),
+        (dict(queue_depth=0), "positive integer"),
+        (dict(pack=1), "True or False"),
+        (dict(alignment=1000), "power of two"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(tmp_path, kwargs, match):
+    settings = {**SMALL, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        spillway.Engine(tmp_path, capacity="1MiB", **settings)
+
+
+def test_bad_calls_get_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="storage path is empty"):
+        spillway.Engine("", capacity="1MiB", **SMALL)
+    with pytest.raises(ValueError, match="capacity=-1"):
+        spillway.Engine(tmp_path, capacity=-1, **SMALL)
+    with pytest.raises(spillway.SpillwayError, match="(?i)space"):
+        spillway.Engine(tmp_path / "huge.bin", capacity=1 << 60, **SMALL)
+    e = spillway.Engine(tmp_path, capacity="1MiB", **SMALL)
+    a = blob(4096, 1)
+    h = e.offload((1, 0), region(a))
+    with pytest.raises(ValueError, match="holds 100 bytes but the tensor has 4096"):
+        e.fetch(h, [(a.ctypes.data, 100)])
+    with pytest.raises(ValueError, match="CUDA stream was given"):
+        e.offload((2, 0), region(a), stream=1234)
+    with pytest.raises(ValueError):
+        e.fetch(987654, region(a))
+    e.close()
+    e.close()  # harmless
+    assert e.closed
+    with pytest.raises(ValueError, match="closed"):
+        e.offload((3, 0), region(a))
