@@ -1,0 +1,635 @@
+#!/usr/bin/env python3
+"""Training a GPT-style decoder with activations offloaded by spillway, against keeping
+them in GPU memory, recomputing them, or parking them in pinned host memory.
+
+The model is a standard pre-LN GPT (token and learned position embeddings; per block
+LayerNorm -> causal self-attention through scaled_dot_product_attention -> residual,
+LayerNorm -> 4x MLP with GELU -> residual; final LayerNorm, LM head, cross-entropy),
+randomly initialised, with parameters in --dtype and an AdamW step (fused when this torch
+has it) in every training step. The data are random token ids from a seeded generator:
+nothing is downloaded. With the defaults (24 layers, d_model 2048, 16 heads, sequence
+2048, micro-batch 8, about 1.3 B parameters in bf16) activations take most of the GPU
+memory a step needs.
+
+Runs, each in a process of its own, in turn, on the same GPU, the same weights and the
+same batches:
+
+  baseline        every activation stays in GPU memory
+  spillway-disk   spillway.torch.Offloader spilling to a file in --disk-dir
+  spillway-shm    spillway.torch.Offloader spilling to a file in --shm-dir (/dev/shm)
+  checkpoint      torch.utils.checkpoint around every transformer block (non-reentrant)
+  save_on_cpu     torch.autograd.graph.save_on_cpu(pin_memory=True) around forward+backward
+
+What each run reports (over --steps timed steps, after --warmup untimed ones; every step
+is forward, backward, optimizer step and zero_grad(set_to_none=True), timed with
+torch.cuda.synchronize() on both sides):
+
+  step_ms            median step time
+  peak_mem_bytes     torch.cuda.max_memory_allocated() over the timed steps
+  act_mem_bytes      peak_mem_bytes minus torch.cuda.memory_allocated() right before a
+                     forward (the smallest such value over the timed steps): parameters,
+                     optimizer state and the batches are left out. Gradients are freed at
+                     every zero_grad, so the ones backward materialises count here, in
+                     every run alike.
+  offloaded_bytes_per_step, fetched_bytes_per_step, stall_ms_per_step
+                     from the Offloader's stats() (differences over the timed steps);
+                     0 for baseline and checkpoint, null for save_on_cpu (not counted)
+  loss               the loss of the last timed step (losses: every timed step). Runs see
+                     the same weights and data, so their losses should agree closely.
+
+and, against baseline: step-time ratio, peak-memory ratio and the activation memory saved,
+1 - act_mem_bytes / baseline act_mem_bytes. A run that fails (out of memory, spillway not
+importable, ...) is reported with its error; the others still run, and the exit status
+is 1 only when every run failed.
+
+The script prints a markdown table, and with --out writes a JSON file holding the command
+line, the options, the device, the torch version, every run's results and the ratios.
+
+    python3 benches/train_gpt.py --out benches/results/train-gpt-h200.json
+    python3 benches/train_gpt.py --small --runs baseline,checkpoint,save_on_cpu
+    python3 benches/train_gpt.py --runs baseline,spillway-shm --policy all --layers 32
+
+Every size option can be set on its own; --small only changes the defaults of those not
+given. The model classes can be imported: `from train_gpt import GPT, GPTConfig`.
+"""
+
+import argparse
+import collections
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+RUNS = ("baseline", "spillway-disk", "spillway-shm", "checkpoint", "save_on_cpu")
+
+# Model-size defaults: the full run (sized for one H200) and the --small smoke preset.
+FULL = {"layers": 24, "d_model": 2048, "heads": 16, "seq": 2048, "batch": 8, "vocab": 32000}
+SMALL = {"layers": 4, "d_model": 256, "heads": 4, "seq": 256, "batch": 4, "vocab": 8192}
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+GIB = 1024 ** 3
+
+
+# --------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 32000
+    seq_len: int = 2048  # the largest sequence the position embedding covers
+    n_layer: int = 24
+    n_head: int = 16
+    d_model: int = 2048
+    mlp_ratio: int = 4
+    bias: bool = True
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg, device=None, dtype=None):
+        super().__init__()
+        if cfg.d_model % cfg.n_head:
+            raise ValueError("d_model must be a multiple of n_head")
+        kw = {"device": device, "dtype": dtype}
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias, **kw)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias, **kw)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        shape = (b, t, self.n_head, c // self.n_head)
+        q = q.view(shape).transpose(1, 2)
+        k = k.view(shape).transpose(1, 2)
+        v = v.view(shape).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        hidden = cfg.mlp_ratio * cfg.d_model
+        self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias, **kw)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias, **kw)
+
+    def forward(self, x):
+        return self.proj(self.act(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.ln1 = nn.LayerNorm(cfg.d_model, **kw)
+        self.attn = CausalSelfAttention(cfg, **kw)
+        self.ln2 = nn.LayerNorm(cfg.d_model, **kw)
+        self.mlp = MLP(cfg, **kw)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """GPT decoder. forward(idx) returns logits; forward(idx, targets) returns the mean
+    cross-entropy loss (computed in fp32). Set `gradient_checkpointing = True` to
+    recompute every block's activations in backward instead of keeping them."""
+
+    def __init__(self, cfg, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.cfg = cfg
+        self.gradient_checkpointing = False
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model, **kw)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model, **kw)
+        self.blocks = nn.ModuleList([Block(cfg, **kw) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.d_model, **kw)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, **kw)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2L)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, 0.02)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        for blk in self.blocks:
+            for proj in (blk.attn.proj, blk.mlp.proj):
+                proj.weight.normal_(0.0, 0.02 / math.sqrt(2 * self.cfg.n_layer))
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        t = idx.shape[1]
+        if t > self.cfg.seq_len:
+            raise ValueError("sequence of %d tokens, longer than seq_len %d" % (t, self.cfg.seq_len))
+        pos = torch.arange(t, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(pos)
+        for blk in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        logits = self.head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# --------------------------------------------------------------------------------------
+# Options
+
+
+def parse_size(text):
+    """Bytes from "64G", "512MiB", "1.5GB", "4096": K/M/G/T and KiB..TiB are powers of
+    1024, KB/MB/GB/TB powers of 1000."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B?)\s*", text.upper())
+    if not m:
+        raise argparse.ArgumentTypeError("not a size: %r" % text)
+    number, unit, suffix = float(m.group(1)), m.group(2), m.group(3)
+    if not unit and suffix not in ("", "B"):
+        raise argparse.ArgumentTypeError("not a size: %r" % text)
+    base = 1000 if suffix == "B" and unit else 1024
+    return int(number * base ** " KMGT".index(unit or " "))
+
+
+def parse_runs(text):
+    runs = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown or not runs:
+        raise argparse.ArgumentTypeError(
+            "unknown run(s) %s; choose from %s" % (", ".join(unknown) or "(none)", ",".join(RUNS)))
+    return runs
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = ap.add_argument_group("model and batch (defaults: full run / --small)")
+    size.add_argument("--small", action="store_true", help="smoke-test sizes for the options below")
+    for name, help_text in (("layers", "transformer blocks"), ("d_model", "model width"),
+                            ("heads", "attention heads"), ("seq", "sequence length"),
+                            ("batch", "micro-batch size"), ("vocab", "vocabulary size")):
+        size.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None,
+                          help="%s (%d / %d)" % (help_text, FULL[name], SMALL[name]))
+    size.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                      help="parameter and activation dtype (default bf16)")
+
+    train = ap.add_argument_group("training")
+    train.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    train.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    train.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default 3e-4)")
+    train.add_argument("--weight-decay", type=float, default=0.1,
+                       help="AdamW weight decay on matrices and embeddings (default 0.1)")
+    train.add_argument("--seed", type=int, default=1234, help="seed for weights and data (default 1234)")
+
+    spill = ap.add_argument_group("spillway")
+    spill.add_argument("--disk-dir", default="/var/tmp",
+                       help="directory of the spillway-disk spill file (default /var/tmp)")
+    spill.add_argument("--shm-dir", default="/dev/shm",
+                       help="directory of the spillway-shm spill file (default /dev/shm)")
+    spill.add_argument("--spill-file-name", default=None,
+                       help="spill file name in those directories (default spillway-train-PID.bin)")
+    spill.add_argument("--policy", choices=("adaptive", "all"), default="adaptive",
+                       help="Offloader policy (default adaptive)")
+    spill.add_argument("--capacity", type=parse_size, default=None,
+                       help="Offloader capacity, e.g. 64G (default: the Offloader's own)")
+
+    run = ap.add_argument_group("runs and output")
+    run.add_argument("--runs", type=parse_runs, default=list(RUNS),
+                     help="comma list of runs (default %s)" % ",".join(RUNS))
+    run.add_argument("--out", default=None, help="write the results as JSON to this file")
+    run.add_argument("--run-timeout", type=float, default=3600.0,
+                     help="seconds one run may take before it is killed (default 3600)")
+    run.add_argument("--run", choices=RUNS, default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    preset = SMALL if args.small else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("train_gpt.py: --steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def model_config(args):
+    return GPTConfig(vocab_size=args.vocab, seq_len=args.seq, n_layer=args.layers,
+                     n_head=args.heads, d_model=args.d_model)
+
+
+def require_cuda():
+    if not torch.cuda.is_available():
+        print("train_gpt.py needs a CUDA GPU (torch.cuda.is_available() is False; torch %s)"
+              % torch.__version__, file=sys.stderr)
+        sys.exit(2)
+
+
+def log(*parts):
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# One run (child process)
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW with decay on matrices and embeddings only; fused when torch has it."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=True), "adamw-fused"
+    except (TypeError, RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95)), "adamw"
+
+
+def make_batches(cfg, batch, count, seed, device):
+    """count (inputs, targets) pairs of random token ids, made on the CPU from a seeded
+    generator (so every run sees the same ones) and moved to the GPU once."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (count, batch, cfg.seq_len + 1), generator=gen)
+    tokens = tokens.to(device)
+    return [(tokens[i, :, :-1], tokens[i, :, 1:]) for i in range(count)]
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def stats_delta(before, after, key):
+    if before is None or after is None or key not in after:
+        return None
+    return after[key] - before.get(key, 0)
+
+
+def run_one(args):
+    """Trains args.run for warmup + steps steps and returns its results as a dict."""
+    name = args.run
+    device = torch.device("cuda")
+    dtype = DTYPES[args.dtype]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    torch.cuda.manual_seed_all(args.seed)
+
+    cfg = model_config(args)
+    model = GPT(cfg, device=device, dtype=dtype)
+    model.train()
+    optimizer, optimizer_kind = make_optimizer(model, args.lr, args.weight_decay)
+    total = args.warmup + args.steps
+    batches = make_batches(cfg, args.batch, total, args.seed + 1, device)
+
+    result = {
+        "run": name,
+        "ok": False,
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "params": model.num_params(),
+        "param_bytes": tensor_bytes(model.parameters()),
+        "optimizer": optimizer_kind,
+    }
+
+    offloader = None
+    spill_path = None
+    context = contextlib.nullcontext
+    if name == "checkpoint":
+        model.gradient_checkpointing = True
+    elif name == "save_on_cpu":
+        def context():
+            return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    elif name.startswith("spillway-"):
+        directory = args.disk_dir if name == "spillway-disk" else args.shm_dir
+        spill_path = os.path.join(directory,
+                                  args.spill_file_name or "spillway-train-%d.bin" % os.getpid())
+        result["spill_path"] = spill_path
+
+    try:
+        if spill_path is not None:
+            import spillway
+            import spillway.torch as st
+
+            result["spillway_version"] = getattr(spillway, "__version__", None)
+            os.makedirs(os.path.dirname(spill_path) or ".", exist_ok=True)
+            offloader = st.Offloader(model, path=spill_path, capacity=args.capacity,
+                                     policy=args.policy)
+            context = offloader.step
+
+        def train_step(x, y):
+            before = torch.cuda.memory_allocated()
+            with context():
+                loss = model(x, y)
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach(), before
+
+        for i in range(args.warmup):
+            loss, _ = train_step(*batches[i])
+            log("%s: warmup %d/%d loss %.4f" % (name, i + 1, args.warmup, loss.item()))
+
+        torch.cuda.synchronize()
+        stats_before = offloader.stats() if offloader is not None else None
+        torch.cuda.reset_peak_memory_stats()
+
+        times_ms, losses, befores = [], [], []
+        for i in range(args.steps):
+            x, y = batches[args.warmup + i]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss, before = train_step(x, y)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            times_ms.append((t1 - t0) * 1e3)
+            befores.append(before)
+            losses.append(loss.item())
+            log("%s: step %d/%d %.1f ms loss %.4f" % (name, i + 1, args.steps, times_ms[-1], losses[-1]))
+
+        peak = torch.cuda.max_memory_allocated()
+        result["optimizer_state_bytes"] = tensor_bytes(
+            t for state in optimizer.state.values() for t in state.values())
+        base = min(befores)
+        step_ms = statistics.median(times_ms)
+        result.update({
+            "step_ms": step_ms,
+            "step_ms_all": times_ms,
+            "tokens_per_s": args.batch * args.seq / (step_ms / 1e3),
+            "peak_mem_bytes": peak,
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+            "mem_before_forward_bytes": base,
+            "act_mem_bytes": peak - base,
+            "loss": losses[-1],
+            "losses": losses,
+        })
+
+        if offloader is not None:
+            stats_after = offloader.stats()
+            offloaded = stats_delta(stats_before, stats_after, "bytes_offloaded")
+            fetched = stats_delta(stats_before, stats_after, "bytes_fetched")
+            stall = stats_delta(stats_before, stats_after, "stall_s")
+            result.update({
+                "offloaded_bytes_per_step": None if offloaded is None else offloaded / args.steps,
+                "fetched_bytes_per_step": None if fetched is None else fetched / args.steps,
+                "stall_ms_per_step": None if stall is None else stall * 1e3 / args.steps,
+                "policy": stats_after.get("policy"),
+                "spillway_stats": stats_after,
+            })
+        elif name == "save_on_cpu":
+            result.update({"offloaded_bytes_per_step": None, "fetched_bytes_per_step": None,
+                           "stall_ms_per_step": None})
+        else:
+            result.update({"offloaded_bytes_per_step": 0, "fetched_bytes_per_step": 0,
+                           "stall_ms_per_step": 0.0})
+        result["ok"] = True
+        return result
+    finally:
+        try:
+            if offloader is not None:
+                offloader.close()
+        finally:
+            if spill_path is not None and os.path.exists(spill_path):
+                os.remove(spill_path)
+
+
+def child_main(args):
+    require_cuda()
+    try:
+        result = run_one(args)
+        code = 0
+    except BaseException as e:  # reported to the parent as this run's result
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        traceback.print_exc(file=sys.stderr)
+        result = {"run": args.run, "ok": False, "error": "%s: %s" % (type(e).__name__, e),
+                  "oom": isinstance(e, getattr(torch.cuda, "OutOfMemoryError", MemoryError))
+                  or "out of memory" in str(e)}
+        code = 1
+    sys.stdout.flush()
+    print(json.dumps(result, default=str), flush=True)
+    return code
+
+
+# --------------------------------------------------------------------------------------
+# Driver (parent process)
+
+
+def _pump(stream, sink, keep):
+    for line in iter(stream.readline, ""):
+        keep.append(line)
+        if sink is not None:
+            sink.write(line)
+            sink.flush()
+    stream.close()
+
+
+def spawn_run(name, argv, timeout):
+    """Runs this script with the options argv plus --run NAME; returns the child's result."""
+    cmd = [sys.executable, os.path.abspath(__file__)] + list(argv) + ["--run", name]
+    log("+", shlex.join(cmd))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_lines, err_lines = [], collections.deque(maxlen=20)
+    pumps = [threading.Thread(target=_pump, args=(proc.stdout, None, out_lines), daemon=True),
+             threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, err_lines), daemon=True)]
+    for t in pumps:
+        t.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        proc.wait()
+    for t in pumps:
+        t.join()
+
+    for line in reversed(out_lines):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                result = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(result, dict) and result.get("run") == name:
+                result["exit_code"] = proc.returncode
+                return result
+    if timed_out:
+        error = "killed after %.0f s (--run-timeout)" % timeout
+    else:
+        tail = "".join(err_lines).strip().splitlines()
+        error = "exit code %d without a result%s" % (
+            proc.returncode, (": " + tail[-1]) if tail else "")
+    return {"run": name, "ok": False, "error": error, "exit_code": proc.returncode}
+
+
+def ratios_to(baseline, result):
+    if not (baseline and baseline.get("ok") and result.get("ok")):
+        return None
+
+    def ratio(key):
+        b, r = baseline.get(key), result.get(key)
+        return r / b if b else None
+
+    act_b, act_r = baseline.get("act_mem_bytes"), result.get("act_mem_bytes")
+    return {
+        "step_time": ratio("step_ms"),
+        "peak_mem": ratio("peak_mem_bytes"),
+        "act_mem_saved": 1.0 - act_r / act_b if act_b else None,
+        "loss_delta": result["loss"] - baseline["loss"],
+    }
+
+
+def fmt(value, spec, scale=1.0):
+    return "-" if value is None else format(value / scale, spec)
+
+
+def markdown_table(runs, ratios):
+    head = ("run", "step ms", "x base", "peak GiB", "x base", "act GiB", "act saved",
+            "offload GiB/step", "stall ms/step", "loss")
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in runs.items():
+        if not r.get("ok"):
+            error = r.get("error", "failed").replace("|", "/").replace("\n", " ")
+            if len(error) > 100:
+                error = error[:97] + "..."
+            rows.append("| %s | failed: %s |%s" % (name, error, " |" * (len(head) - 2)))
+            continue
+        q = ratios.get(name) or {}
+        cells = (name, fmt(r["step_ms"], ".1f"), fmt(q.get("step_time"), ".2f"),
+                 fmt(r["peak_mem_bytes"], ".2f", GIB), fmt(q.get("peak_mem"), ".2f"),
+                 fmt(r["act_mem_bytes"], ".2f", GIB),
+                 "-" if q.get("act_mem_saved") is None else "%.0f%%" % (100 * q["act_mem_saved"]),
+                 fmt(r.get("offloaded_bytes_per_step"), ".2f", GIB),
+                 fmt(r.get("stall_ms_per_step"), ".1f"), fmt(r.get("loss"), ".4f"))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def driver_main(args, argv):
+    require_cuda()
+    cfg = model_config(args)
+    log("train_gpt: %s, batch %d, dtype %s, runs %s"
+        % (asdict(cfg), args.batch, args.dtype, ",".join(args.runs)))
+    runs = collections.OrderedDict()
+    for i, name in enumerate(args.runs):
+        log("[%d/%d] %s" % (i + 1, len(args.runs), name))
+        runs[name] = spawn_run(name, argv, args.run_timeout)
+        r = runs[name]
+        log("[%d/%d] %s: %s" % (i + 1, len(args.runs), name,
+                                "%.1f ms/step, peak %.2f GiB" % (r["step_ms"], r["peak_mem_bytes"] / GIB)
+                                if r.get("ok") else "failed: " + r.get("error", "")))
+
+    baseline = runs.get("baseline")
+    ratios = collections.OrderedDict((n, ratios_to(baseline, r)) for n, r in runs.items())
+    print(markdown_table(runs, ratios))
+
+    device = next((r["device"] for r in runs.values() if r.get("device")), None)
+    if device is None:
+        device = torch.cuda.get_device_name(0)
+    options = {k: v for k, v in vars(args).items() if k != "run"}
+    payload = {
+        "benchmark": "train_gpt",
+        "command": shlex.join([sys.executable, sys.argv[0]] + list(argv)),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "options": options,
+        "model": dict(asdict(cfg), batch=args.batch, dtype=args.dtype,
+                      params=next((r["params"] for r in runs.values() if "params" in r), None)),
+        "device": device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "env": {k: os.environ[k] for k in ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES")
+                if k in os.environ},
+        "runs": runs,
+        "ratios": ratios,
+    }
+    if args.out:
+        parent = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(parent, exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+            f.write("\n")
+        log("wrote", args.out)
+    # Failed runs are results too (a baseline that runs out of memory, say): the exit
+    # status is 1 only when no run succeeded.
+    return 0 if any(r.get("ok") for r in runs.values()) else 1
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    return child_main(args) if args.run else driver_main(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

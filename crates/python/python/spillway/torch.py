@@ -1,0 +1,699 @@
+"""PyTorch integration: offload the activations a training step saves for backward to
+storage during the forward pass, and bring them back, ahead of need, during backward.
+
+    offloader = spillway.torch.Offloader(model, path="/mnt/nvme")
+    for x, y in batches:
+        with offloader.step():
+            loss = loss_fn(model(x), y)
+            loss.backward()
+        opt.step()
+
+or, for one step, ``with spillway.torch.offload(model, path="/mnt/nvme") as ctx: ...``
+(the offloader is kept for the next ``offload`` call with the same model and path).
+
+How it works. Inside ``step()``, every tensor autograd saves passes through
+``torch.autograd.graph.saved_tensors_hooks``:
+
+- Tensors that stay in GPU memory: those on another device than the offloader's (CPU
+  tensors during GPU training), smaller than ``min_tensor_bytes``, sharing storage with a
+  parameter or buffer of the model (weights, their views and transposes), not strided, or
+  saved by the last ``keep_last`` segments of the forward pass (needed first by backward).
+- Every other tensor is offloaded *by storage*: the whole untyped storage is handed to the
+  engine under the key (storage id, version counter), so the views of one storage are
+  stored once (the engine deduplicates) and come back as views of one storage, with
+  their size, stride and offset. The engine reads the memory once the producing stream
+  reaches the point of the save (an event), and the offloader keeps the tensor alive
+  until the engine has finished reading it; then its memory goes back to torch's caching
+  allocator.
+- In backward, a fetched storage is allocated by the caching allocator on the consuming
+  stream; the engine's copy waits for that stream's earlier work and the stream waits for
+  the copy (events only: no ``record_stream``, no synchronization).
+- Prefetch: the forward pass is cut into *segments* at the forward calls of the model's
+  repeated blocks (the children of its largest ``ModuleList``/``Sequential``, or the
+  model's own children). When backward first unpacks a tensor of segment ``i``, the
+  tensors of segments ``i-1 … i-prefetch_segments`` are requested from storage.
+- A tensor modified in place after it was saved is detected through its version counter
+  and raises instead of returning stale data. ``retain_graph=True`` works: a copy stays
+  on storage until autograd frees the saved tensor.
+
+The *adaptive* policy (the default) measures the first step without offloading — the
+forward and backward time of every segment, and the bytes each saves — with the engine's
+write and read bandwidth measured when the offloader starts, and offloads as many
+segments (earliest first) as their writes and reads can hide behind compute. Later steps
+that stall give up a segment. ``policy="all"`` offloads every segment but the last
+``keep_last`` from the first step. The choice and its reason are in ``stats()["policy"]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from ._engine import Engine
+
+__all__ = ["Offloader", "offload", "InPlaceModificationError"]
+
+
+class InPlaceModificationError(RuntimeError):
+    """A tensor saved for backward was modified in place before backward used it."""
+
+
+# ----------------------------------------------------------------------------------------
+# What is saved
+
+
+class _Kept:
+    """A saved tensor left in memory (recorded only to follow backward's progress)."""
+
+    __slots__ = ("tensor", "segment")
+
+    def __init__(self, tensor: torch.Tensor, segment: int):
+        self.tensor = tensor
+        self.segment = segment
+
+
+class _Stored:
+    """A saved tensor whose storage went to the engine: what is needed to rebuild it."""
+
+    __slots__ = (
+        "owner", "handle", "key", "nbytes", "dtype", "size", "stride", "offset",
+        "version", "segment", "source", "alive", "modified", "requested", "__weakref__",
+    )
+
+    def __init__(self, owner: "Offloader", handle: int, key: Tuple[int, int], t: torch.Tensor, segment: int):
+        self.owner = owner
+        self.handle = handle
+        self.key = key
+        self.nbytes = t.untyped_storage().nbytes()
+        self.dtype = t.dtype
+        self.size = t.size()
+        self.stride = t.stride()
+        self.offset = t.storage_offset()
+        self.version = t._version
+        self.segment = segment
+        self.source: Optional[torch.Tensor] = t  # held until the engine has read it
+        self.alive = weakref.ref(t)  # to see later in-place changes while it lives
+        self.modified = False
+        self.requested = False  # a prefetch is outstanding
+
+    def check_version(self) -> None:
+        t = self.source if self.source is not None else self.alive()
+        if t is not None and t._version != self.version:
+            self.modified = True
+
+    def __del__(self) -> None:
+        # Autograd let go of the saved tensor (after backward, or with its graph).
+        owner = self.owner
+        if owner is not None:
+            owner._release(self)
+
+
+# ----------------------------------------------------------------------------------------
+# Segments and the policy
+
+
+@dataclass
+class _Segment:
+    """One stretch of the forward pass (a block's forward call, or what lies between)."""
+
+    index: int
+    name: str
+    saved_bytes: int = 0  # eligible for offloading
+    kept_bytes: int = 0
+    offloaded_bytes: int = 0
+    fwd_start: Optional[torch.cuda.Event] = None
+    bwd_start: Optional[torch.cuda.Event] = None
+    fwd_ms: float = 0.0
+    bwd_ms: float = 0.0
+
+
+@dataclass
+class _Plan:
+    mode: str
+    offload_segments: int  # segments [0, n) are offloaded
+    reason: str
+    details: Dict[str, Any] = field(default_factory=dict)
+
+
+def plan_offload(
+    fwd_ms: List[float],
+    bwd_ms: List[float],
+    seg_bytes: List[int],
+    write_gbps: float,
+    read_gbps: float,
+    keep_last: int,
+    margin: float = 0.8,
+) -> Tuple[int, str]:
+    """How many leading segments can be offloaded with their I/O hidden behind compute.
+
+    A simple model of one step: segment ``i``'s tensors are written one after another,
+    starting once the segment has run; in backward, segments run last to first and the
+    offloaded ones are read in that order, a read starting once its write is done. All
+    of it must finish within ``margin`` of the compute it overlaps: the writes within the
+    step, each read before its segment's backward starts.
+    """
+    n = len(fwd_ms)
+    limit = max(0, n - keep_last)
+    fwd_total = sum(fwd_ms)
+    best, why = 0, "no segment's I/O fits behind compute"
+    for k in range(1, limit + 1):
+        # Forward: write completion times (ms from the step's start).
+        t, write_done = 0.0, []
+        clock = 0.0
+        for i in range(k):
+            clock += fwd_ms[i]
+            t = max(t, clock) + seg_bytes[i] / (write_gbps * 1e6)
+            write_done.append(t)
+        # Backward starts after the forward; segment i's backward starts once every later
+        # segment's has run.
+        bwd_start = {}
+        clock = fwd_total
+        for i in reversed(range(n)):
+            bwd_start[i] = clock
+            clock += bwd_ms[i]
+        ok = True
+        r = fwd_total
+        for i in reversed(range(k)):
+            r = max(r, write_done[i]) + seg_bytes[i] / (read_gbps * 1e6)
+            budget = fwd_total + margin * (bwd_start[i] - fwd_total) if i < n - 1 else fwd_total
+            if r > budget + 1e-9 and seg_bytes[i] > 0:
+                ok = False
+                why = (
+                    f"offloading segment {i} too would need its read done {r - fwd_total:.1f} ms into backward, "
+                    f"but its backward starts {bwd_start[i] - fwd_total:.1f} ms in (margin {margin})"
+                )
+                break
+        if not ok:
+            break
+        best = k
+    if best == limit:
+        why = f"the I/O of every segment but the last {keep_last} fits behind compute"
+    return best, why
+
+
+# ----------------------------------------------------------------------------------------
+# The offloader
+
+#: Storage id of the bandwidth probe's buffers (tensor ids count up from 1).
+_PROBE_ID = (1 << 64) - 1
+
+
+def _holds_storage(obj: Any) -> bool:
+    """True when ``obj`` (a tensor or a record, or None) keeps its storage alive."""
+    if obj is None:
+        return False
+    if isinstance(obj, _Stored):
+        return obj.source is not None
+    return True
+
+
+def _find_segments(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """The model's repeated blocks: the children of its largest ModuleList/Sequential, or
+    its own children."""
+    best: List[torch.nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) and len(m) > len(best):
+            best = list(m)
+    if len(best) >= 2:
+        return best
+    return list(model.children())
+
+
+class Offloader:
+    """Offloads a model's saved activations to storage during training steps.
+
+    Args:
+        model: the module trained; its parameters and buffers are never offloaded.
+        path: directory (an anonymous file is used there), file or block device on fast
+            storage.
+        capacity: bytes the engine may use there (default: half the free space).
+        policy: ``"adaptive"`` (default) or ``"all"``; see the module's documentation.
+        min_tensor_bytes: storages smaller than this stay in memory (default 1 MiB).
+        keep_last: forward segments at the end kept in memory (default 1).
+        prefetch_segments: segments requested ahead in backward (default 2).
+        segments: modules whose forward calls cut the forward pass into segments (default:
+            the model's repeated blocks).
+        device: the device whose tensors are offloaded (default: the model's). A CPU
+            model's CPU tensors go through the host engine.
+        probe_bytes: bytes written and read once at start to measure the storage's
+            bandwidth for the adaptive policy (default 256 MiB).
+        engine: an :class:`spillway.Engine` to use instead of making one.
+        **settings: engine settings (see ``spillway.SETTINGS``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        path: Optional[str] = None,
+        *,
+        capacity: "int | str | None" = None,
+        policy: str = "adaptive",
+        min_tensor_bytes: int = 1 << 20,
+        keep_last: int = 1,
+        prefetch_segments: int = 2,
+        segments: Optional[List[torch.nn.Module]] = None,
+        device: "torch.device | str | None" = None,
+        probe_bytes: int = 256 << 20,
+        engine: Optional[Engine] = None,
+        **settings: Any,
+    ):
+        if policy not in ("adaptive", "all"):
+            raise ValueError(f'policy={policy!r}: expected "adaptive" or "all"')
+        if keep_last < 0 or prefetch_segments < 0 or min_tensor_bytes < 0:
+            raise ValueError("keep_last, prefetch_segments and min_tensor_bytes must be >= 0")
+        self.model = model
+        if device is None:
+            p = next(model.parameters(), None)
+            device = p.device if p is not None else torch.device("cpu")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type not in ("cuda", "cpu"):
+            raise ValueError(f"device {self.device}: spillway offloads CUDA (or CPU) tensors")
+        self._cuda = self.device.type == "cuda"
+        if engine is None:
+            if path is None:
+                raise ValueError("give path= (a directory, file or block device on fast storage) or engine=")
+            dev = f"cuda:{self.device.index}" if self._cuda else "host"
+            engine = Engine(path, capacity, device=dev, **settings)
+            self._own_engine = True
+        else:
+            self._own_engine = False
+        if engine.device != (f"cuda:{self.device.index}" if self._cuda else "host"):
+            raise ValueError(f"the engine works on {engine.device}, but the tensors to offload are on {self.device}")
+        self.engine = engine
+        self.policy = policy
+        self.min_tensor_bytes = min_tensor_bytes
+        self.keep_last = keep_last
+        self.prefetch_segments = prefetch_segments
+        self.probe_bytes = probe_bytes
+        self._blocks = segments if segments is not None else _find_segments(model)
+        self._hooks = [b.register_forward_pre_hook(self._on_block_forward) for b in self._blocks]
+        # Per step.
+        self._active = False
+        self._segments: List[_Segment] = []
+        # Records are held by autograd's graph; the offloader only refers to them weakly,
+        # so a record (and its handle) goes when autograd frees the saved tensor.
+        self._by_segment: Dict[int, List[weakref.ref]] = {}
+        self._inflight: List[weakref.ref] = []  # still holding their source tensors
+        self._param_storages: set = set()
+        self._storage_ids: Dict[int, Tuple[int, int, List[weakref.ref]]] = {}
+        self._next_storage_id = 1
+        self._fetched: Dict[Tuple[int, int], weakref.ref] = {}
+        self._in_backward = False
+        self._profiling = False
+        # Across steps.
+        self._steps = 0
+        self._plan: Optional[_Plan] = None
+        if policy == "all":
+            first = max(0, len(self._blocks) + 1 - keep_last)
+            self._plan = _Plan("all", first, f"policy='all': every segment but the last {keep_last}")
+        self._bandwidth: Optional[Tuple[float, float]] = None
+        self._totals = dict(
+            offloaded_tensors=0, kept_tensors=0, bytes_offloaded=0, bytes_kept=0, bytes_fetched=0,
+            stall_s=0.0, step_s=0.0,
+        )
+        self._last_step: Dict[str, Any] = {}
+        self._closed = False
+
+    # -- the public surface ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator["Offloader"]:
+        """Context manager around one training step's forward and backward."""
+        if self._closed:
+            raise RuntimeError("this Offloader is closed")
+        if self._active:
+            raise RuntimeError("Offloader.step() is already active: steps do not nest")
+        if self.policy == "adaptive" and self._bandwidth is None:
+            self._bandwidth = self._probe_bandwidth()
+        self._begin_step()
+        stall0 = self.engine.stats()["stall_ns"]
+        t0 = time.perf_counter()
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield self
+        finally:
+            self._active = False
+            self._end_step(time.perf_counter() - t0, (self.engine.stats()["stall_ns"] - stall0) / 1e9)
+
+    def stats(self) -> Dict[str, Any]:
+        """Totals since the offloader started, the last step's figures, the engine's
+        counters and the policy's choice with its reason."""
+        e = self.engine.stats()
+        plan = self._plan
+        return dict(
+            steps=self._steps,
+            **self._totals,
+            bytes_written=e["bytes_written"],
+            bytes_read=e["bytes_read"],
+            bytes_deduplicated=e["dedup_bytes"],
+            bytes_forwarded=e["forwarded_bytes"],
+            resident_tensors=e["resident_tensors"],
+            last_step=dict(self._last_step),
+            policy=dict(
+                mode=self.policy,
+                offloaded_segments=None if plan is None else plan.offload_segments,
+                segments=len(self._segments),
+                keep_last=self.keep_last,
+                reason="profiling the first step" if plan is None else plan.reason,
+                **({} if plan is None else plan.details),
+            ),
+            engine=e,
+        )
+
+    def close(self) -> None:
+        """Removes the hooks and closes the engine (if the offloader made it)."""
+        if self._closed:
+            return
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._closed = True
+        self._drop_step_state()
+        if self._own_engine:
+            self.engine.close()
+
+    def __enter__(self) -> "Offloader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def _begin_step(self) -> None:
+        self._drop_step_state()
+        self._active = True
+        self._in_backward = False
+        self._profiling = self._plan is None
+        self._segments = [_Segment(0, "start")]
+        self._param_storages = {
+            t.untyped_storage().data_ptr()
+            for t in list(self.model.parameters()) + list(self.model.buffers())
+            if t.device == self.device
+        }
+        self._storage_ids = {}
+        self._fetched = {}
+        self._mark_segment_start(self._segments[0], forward=True)
+
+    def _end_step(self, seconds: float, stall: float) -> None:
+        self._steps += 1
+        self._totals["stall_s"] += stall
+        self._totals["step_s"] += seconds
+        segs = self._segments
+        self._measure_segments()
+        self._last_step = dict(
+            seconds=seconds,
+            stall_s=stall,
+            segments=len(segs),
+            offloaded_bytes=sum(s.offloaded_bytes for s in segs),
+            kept_bytes=sum(s.kept_bytes for s in segs),
+        )
+        if self.policy == "all" and self._plan is not None:
+            self._plan.offload_segments = max(0, len(segs) - self.keep_last)
+        if self.policy == "adaptive":
+            if self._profiling:
+                self._plan = self._make_plan()
+            elif self._plan is not None and self._plan.offload_segments > 0 and stall > 0.02 * seconds:
+                self._plan.offload_segments -= 1
+                self._plan.reason = (
+                    f"step {self._steps} stalled {stall * 1e3:.1f} ms of {seconds * 1e3:.1f} ms: "
+                    f"offloading one segment fewer ({self._plan.offload_segments})"
+                )
+        self._poll_sources()
+
+    def _drop_step_state(self) -> None:
+        # Saved tensors of earlier steps live on in their graphs (retain_graph) and release
+        # their handles when autograd frees them; the step's bookkeeping goes.
+        self._segments = []
+        self._by_segment = {}
+        self._poll_sources()
+
+    def _mark_segment_start(self, seg: _Segment, forward: bool) -> None:
+        if not (self._profiling and self._cuda):
+            return
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))
+        if forward:
+            seg.fwd_start = ev
+        else:
+            seg.bwd_start = ev
+
+    def _measure_segments(self) -> None:
+        """Forward and backward time of each segment (profiling steps on CUDA)."""
+        segs = self._segments
+        if not (self._profiling and self._cuda and segs):
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(torch.cuda.current_stream(self.device))
+        end.synchronize()
+        fwd_end = segs[-1].bwd_start or end
+        for i, s in enumerate(segs):
+            nxt = segs[i + 1].fwd_start if i + 1 < len(segs) else fwd_end
+            if s.fwd_start is not None and nxt is not None:
+                s.fwd_ms = s.fwd_start.elapsed_time(nxt)
+        # Backward runs last to first: segment i's backward lasts until segment i-1's starts.
+        for i, s in enumerate(segs):
+            if s.bwd_start is None:
+                continue
+            prev = next((segs[j].bwd_start for j in range(i - 1, -1, -1) if segs[j].bwd_start is not None), None)
+            s.bwd_ms = s.bwd_start.elapsed_time(prev if prev is not None else end)
+
+    def _make_plan(self) -> _Plan:
+        segs = self._segments
+        write_gbps, read_gbps = self._bandwidth or (0.0, 0.0)
+        fwd = [s.fwd_ms for s in segs]
+        bwd = [s.bwd_ms for s in segs]
+        nbytes = [s.saved_bytes for s in segs]
+        details = dict(
+            write_gbps=round(write_gbps, 3),
+            read_gbps=round(read_gbps, 3),
+            forward_ms=round(sum(fwd), 3),
+            backward_ms=round(sum(bwd), 3),
+            offloadable_bytes=sum(nbytes),
+        )
+        if not self._cuda:
+            k = max(0, len(segs) - self.keep_last)
+            return _Plan("adaptive", k, "host memory: no compute to hide I/O behind is measured; offloading all but the last segments", details)
+        if write_gbps <= 0 or read_gbps <= 0:
+            return _Plan("adaptive", 0, "the storage bandwidth could not be measured", details)
+        k, why = plan_offload(fwd, bwd, nbytes, write_gbps, read_gbps, self.keep_last)
+        details["planned_bytes"] = sum(nbytes[:k])
+        return _Plan("adaptive", k, why, details)
+
+    def _probe_bandwidth(self) -> Tuple[float, float]:
+        """Writes and reads ``probe_bytes`` through the engine; returns (write, read) GB/s."""
+        if self.probe_bytes <= 0:
+            return (0.0, 0.0)
+        chunk = 16 << 20
+        n = max(1, self.probe_bytes // chunk)
+        bufs = [torch.empty(chunk, dtype=torch.uint8, device=self.device) for _ in range(n)]
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self._cuda else None
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        handles = [self.engine.offload((_PROBE_ID, i), [(b.data_ptr(), chunk)], stream) for i, b in enumerate(bufs)]
+        self.engine.drain()
+        t1 = time.perf_counter()
+        for h in handles:
+            self.engine.prefetch(h)
+        for h, b in zip(handles, bufs):
+            self.engine.fetch(h, [(b.data_ptr(), chunk)], stream)
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        t2 = time.perf_counter()
+        for h in handles:
+            self.engine.release(h)
+        total = n * chunk
+        return (total / (t1 - t0) / 1e9, total / (t2 - t1) / 1e9)
+
+    # -- forward --------------------------------------------------------------------------
+
+    def _on_block_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if not self._active or self._in_backward or not torch.is_grad_enabled():
+            return
+        seg = _Segment(len(self._segments), type(module).__name__)
+        self._segments.append(seg)
+        self._mark_segment_start(seg, forward=True)
+        self._poll_sources()
+
+    def _offloading(self, segment: int) -> bool:
+        if self._profiling:
+            return False
+        plan = self._plan
+        return plan is not None and segment < plan.offload_segments
+
+    def _eligible(self, t: torch.Tensor) -> bool:
+        if type(t) is not torch.Tensor or t.device != self.device or t.layout != torch.strided:
+            return False  # parameters, tensor subclasses, other devices, sparse layouts
+        if t.is_quantized or t.is_nested or t.is_conj() or t.is_neg():
+            return False
+        st = t.untyped_storage()
+        if st.nbytes() < self.min_tensor_bytes:
+            return False
+        return st.data_ptr() not in self._param_storages
+
+    def _storage_key(self, t: torch.Tensor) -> Tuple[int, int]:
+        """(storage id, version): one id per storage, however many views of it are saved.
+
+        Storages are told apart by address, which the allocator reuses once a storage is
+        freed; so an id is reused only while a tensor seen with it is provably alive —
+        still referenced by someone, or held by a record whose write is under way."""
+        st = t.untyped_storage()
+        ptr, nbytes = st.data_ptr(), st.nbytes()
+        known = self._storage_ids.get(ptr)
+        if known is not None:
+            sid, size, refs = known
+            refs[:] = [r for r in refs if _holds_storage(r())]
+            if size == nbytes and refs:
+                refs.append(weakref.ref(t))
+                return (sid, t._version)
+        sid = self._next_storage_id
+        self._next_storage_id += 1
+        self._storage_ids[ptr] = (sid, nbytes, [weakref.ref(t)])
+        return (sid, t._version)
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        if not self._active:
+            return t  # saved outside the step's forward (e.g. in backward): left alone
+        seg = self._segments[-1] if self._segments else _Segment(0, "start")
+        if self._in_backward or not self._eligible(t):
+            return _Kept(t, seg.index)
+        nbytes = t.untyped_storage().nbytes()
+        seg.saved_bytes += nbytes
+        if not self._offloading(seg.index):
+            seg.kept_bytes += nbytes
+            self._totals["kept_tensors"] += 1
+            self._totals["bytes_kept"] += nbytes
+            return _Kept(t, seg.index)
+        key = self._storage_key(t)
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self._cuda else None
+        st = t.untyped_storage()
+        handle = self.engine.offload(key, [(st.data_ptr(), st.nbytes())], stream)
+        rec = _Stored(self, handle, key, t, seg.index)
+        self._storage_ids[st.data_ptr()][2].append(weakref.ref(rec))
+        self._by_segment.setdefault(seg.index, []).append(weakref.ref(rec))
+        self._inflight.append(weakref.ref(rec))
+        seg.offloaded_bytes += nbytes
+        self._totals["offloaded_tensors"] += 1
+        self._totals["bytes_offloaded"] += nbytes
+        if len(self._inflight) % 8 == 0:
+            self._poll_sources()
+        return rec
+
+    def _poll_sources(self) -> None:
+        """Lets go of source tensors the engine has finished reading."""
+        still = []
+        for ref in self._inflight:
+            rec = ref()
+            if rec is None or rec.source is None:
+                continue
+            try:
+                done = self.engine.source_released(rec.handle)
+            except ValueError:  # released already
+                done = True
+            if done:
+                rec.check_version()
+                rec.source = None
+            else:
+                still.append(ref)
+        self._inflight = still
+
+    # -- backward -------------------------------------------------------------------------
+
+    def _unpack(self, saved: Any) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
+        if not self._in_backward and self._active:
+            self._in_backward = True
+            self._on_backward_start()
+        if isinstance(saved, _Kept):
+            self._progress(saved.segment)
+            return saved.tensor
+        rec: _Stored = saved
+        self._progress(rec.segment)
+        rec.check_version()
+        if rec.modified:
+            raise InPlaceModificationError(
+                "a tensor saved for backward was modified in place after it was saved "
+                f"(its version went from {rec.version} to a later one); spillway cannot return "
+                "its saved value. Avoid the in-place operation (use its out-of-place form) or "
+                "clone the tensor before modifying it."
+            )
+        storage = self._fetch_storage(rec)
+        out = torch.empty(0, dtype=rec.dtype, device=self.device)
+        out.set_(storage, rec.offset, rec.size, rec.stride)
+        return out
+
+    def _fetch_storage(self, rec: _Stored) -> torch.UntypedStorage:
+        """The storage behind ``rec``: shared with other views fetched of it, or fetched."""
+        ref = self._fetched.get(rec.key)
+        buf = ref() if ref is not None else None
+        if buf is not None:
+            return buf.untyped_storage()
+        buf = torch.empty(rec.nbytes, dtype=torch.uint8, device=self.device)
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self._cuda else None
+        self.engine.fetch(rec.handle, [(buf.data_ptr(), rec.nbytes)], stream)
+        rec.requested = False
+        self._totals["bytes_fetched"] += rec.nbytes
+        self._fetched[rec.key] = weakref.ref(buf)
+        return buf.untyped_storage()
+
+    def _on_backward_start(self) -> None:
+        self._poll_sources()
+        if self._profiling and self._segments:
+            self._mark_segment_start(self._segments[-1], forward=False)
+
+    def _progress(self, segment: int) -> None:
+        """Backward reached ``segment``: note its start and request the segments before it."""
+        segs = self._segments
+        if self._profiling and 0 <= segment < len(segs) and segs[segment].bwd_start is None:
+            self._mark_segment_start(segs[segment], forward=False)
+        for s in range(segment, max(-1, segment - self.prefetch_segments - 1), -1):
+            for ref in self._by_segment.get(s, ()):
+                rec = ref()
+                if rec is None or rec.requested or rec.handle is None:
+                    continue
+                ref = self._fetched.get(rec.key)
+                if ref is not None and ref() is not None:
+                    continue
+                self.engine.prefetch(rec.handle)
+                rec.requested = True
+
+    def _release(self, rec: _Stored) -> None:
+        handle, rec.handle = rec.handle, None
+        if handle is None or self.engine.closed:
+            return
+        try:
+            self.engine.release(handle)
+        except Exception:  # noqa: BLE001 - the engine is going away; nothing to give back
+            pass
+        rec.source = None
+
+
+# ----------------------------------------------------------------------------------------
+# One-call form
+
+
+_offloaders: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[Any, Offloader]]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def offload(model: torch.nn.Module, path: str, **options: Any) -> Iterator[Offloader]:
+    """``with spillway.torch.offload(model, path=...) as ctx:`` around one step's forward
+    and backward. The :class:`Offloader` (engine, measurements, policy) is made on first
+    use and kept for later calls with the same model, path and options."""
+    per_model = _offloaders.setdefault(model, {})
+    key = (path, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    off = per_model.get(key)
+    if off is None or off._closed:
+        off = per_model[key] = Offloader(model, path, **options)
+    with off.step():
+        yield off

@@ -1,0 +1,337 @@
+"""spillway.torch: every behaviour the PyTorch integration promises, checked against plain
+PyTorch. Runs where torch is importable: on CPU tensors through the host engine, and on
+the GPU when there is one (the GPU suite). Gradients must be bitwise equal to the
+baseline's (deterministic algorithms)."""
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import spillway.torch as st  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3] / "benches"))
+from train_gpt import GPT, GPTConfig  # noqa: E402
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+torch.use_deterministic_algorithms(True)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Small engine so that packing, staging backpressure and prefetch all happen.
+SETTINGS = dict(staging_bytes="16MiB", prefetch_bytes="8MiB", pack_extent_bytes="2MiB", pack_threshold="1MiB")
+
+
+def offloader(model, tmp_path, **kw):
+    opts = dict(policy="all", min_tensor_bytes=64 << 10, keep_last=1)
+    opts.update(kw)
+    return st.Offloader(model, str(tmp_path), capacity="1GiB", **{**SETTINGS, **opts})
+
+
+def gpt(device, layers=4):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=512, seq_len=64, n_layer=layers, n_head=4, d_model=128)
+    return GPT(cfg, device=device)
+
+
+def gpt_batch(device, n=8):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 512, (n, 64), generator=g)
+    y = torch.randint(0, 512, (n, 64), generator=g)
+    return x.to(device), y.to(device)
+
+
+class CNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.Sequential(
+            *[
+                torch.nn.Sequential(
+                    torch.nn.Conv2d(3 if i == 0 else 32, 32, 3, padding=1),
+                    torch.nn.BatchNorm2d(32),
+                    torch.nn.ReLU(),
+                )
+                for i in range(4)
+            ]
+        )
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x, y):
+        h = self.blocks(x).mean((2, 3))
+        return torch.nn.functional.cross_entropy(self.head(h), y)
+
+
+def cnn(device):
+    torch.manual_seed(0)
+    return CNN().to(device)
+
+
+def cnn_batch(device):
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(16, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (16,), generator=g).to(device)
+
+
+def grads(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+def run_step(model, batch, ctx=None):
+    model.zero_grad(set_to_none=True)
+    if ctx is None:
+        loss = model(*batch)
+        loss.backward()
+    else:
+        with ctx:
+            loss = model(*batch)
+            loss.backward()
+    return loss.detach(), grads(model)
+
+
+def assert_bitwise_equal(a, b):
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert torch.equal(x, y), f"gradient {i} differs (max abs diff {(x - y).abs().max().item()})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make, batch", [(gpt, gpt_batch), (cnn, cnn_batch)], ids=["gpt", "cnn"])
+def test_gradients_are_bitwise_equal_to_the_baseline(tmp_path, device, make, batch):
+    model, data = make(device), batch(device)
+    loss0, g0 = run_step(model, data)
+    with offloader(model, tmp_path) as off:
+        for _ in range(3):
+            loss, g = run_step(model, data, off.step())
+            assert torch.equal(loss, loss0)
+            assert_bitwise_equal(g, g0)
+        s = off.stats()
+    assert s["offloaded_tensors"] > 0 and s["bytes_offloaded"] > 0
+    assert s["bytes_fetched"] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_parameters_buffers_and_their_views_are_never_offloaded(tmp_path, device):
+    model = gpt(device)
+    data = gpt_batch(device)
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_storages |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    off = offloader(model, tmp_path, min_tensor_bytes=0)
+    seen = []
+    real = off.engine.offload
+
+    def spy(key, regions, stream=None):
+        seen.extend(ptr for ptr, _ in regions)
+        return real(key, regions, stream)
+
+    off.engine.offload = spy
+    run_step(model, data, off.step())
+    assert seen, "something was offloaded"
+    assert not param_storages & set(seen), "a parameter's storage was offloaded"
+    off.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_views_of_one_storage_are_stored_once_and_restored_as_views(tmp_path, device):
+    torch.manual_seed(3)
+    w = torch.randn(256, 256, device=device, requires_grad=True)
+    model = torch.nn.Linear(1, 1).to(device)  # only for the offloader's bookkeeping
+
+    def f(w):
+        base = w * 3  # one storage, saved through several views
+        a = base[:, :128]
+        b = base.t()
+        c = base[64:192]
+        return (a.sin() * 2).sum() + (b.cos() * 3).sum() + (c.sin() * 5).sum() + base.cos().sum()
+
+    f(w).backward()
+    g0 = w.grad.clone()
+    w.grad = None
+    with offloader(model, tmp_path, keep_last=0, min_tensor_bytes=1024) as off:
+        with off.step():
+            f(w).backward()
+        s = off.stats()
+    assert torch.equal(w.grad, g0)
+    # base (256 KiB) is saved four times as views: written once, deduplicated thrice.
+    assert s["bytes_deduplicated"] >= 3 * 256 * 256 * 4
+    assert s["bytes_written"] < 2 * 256 * 256 * 4 + (1 << 20)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_place_modification_after_save_raises(tmp_path, device):
+    model = torch.nn.Linear(1, 1).to(device)
+    x = torch.randn(512, 512, device=device, requires_grad=True)
+    with offloader(model, tmp_path, keep_last=0, min_tensor_bytes=1024) as off:
+        with pytest.raises(st.InPlaceModificationError, match="modified in place"):
+            with off.step():
+                b = x * 2
+                c = b.sin()  # saves b
+                b.add_(1)  # and now b is not what was saved
+                c.sum().backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_producer_and_consumer_streams_are_followed(tmp_path):
+    model = torch.nn.Linear(1, 1).cuda()
+    x = torch.randn(1024, 1024, device="cuda", requires_grad=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with offloader(model, tmp_path, keep_last=0, min_tensor_bytes=1024) as off:
+        with torch.cuda.stream(side):
+            with off.step():
+                torch.cuda._sleep(200_000_000)  # the stream is busy a while before y exists
+                y = x * 3  # saved by sin()
+                loss = y.sin().sum()
+                loss.backward()
+        torch.cuda.current_stream().wait_stream(side)
+        assert off.stats()["offloaded_tensors"] == 1
+    assert torch.equal(x.grad, torch.cos(x.detach() * 3) * 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_tensors_and_tensors_of_other_devices_stay_in_memory(tmp_path, device):
+    model = torch.nn.Linear(1, 1).to(device)
+    small = torch.randn(16, 16, device=device, requires_grad=True)
+    big = torch.randn(512, 512, device=device, requires_grad=True)
+    other = "cuda" if device == "cpu" and torch.cuda.is_available() else "cpu"
+    foreign = torch.randn(512, 512, device=other, requires_grad=True) if other != device else None
+    with offloader(model, tmp_path, keep_last=0, min_tensor_bytes=64 << 10) as off:
+        with off.step():
+            loss = small.sin().sum() + big.sin().sum()
+            if foreign is not None:
+                loss = loss + foreign.sin().sum().to(device)
+            loss.backward()
+        s = off.stats()
+    assert s["offloaded_tensors"] == 1, s  # big only
+    assert s["bytes_offloaded"] == 512 * 512 * 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_prefetches_and_the_last_segment_stays(tmp_path, device):
+    model, data = gpt(device, layers=6), gpt_batch(device)
+    with offloader(model, tmp_path, keep_last=2, prefetch_segments=2) as off:
+        run_step(model, data, off.step())
+        run_step(model, data, off.step())
+        s = off.stats()
+    e = s["engine"]
+    assert e["prefetch_hits"] > 0, e
+    assert e["prefetch_hits"] >= e["demand_reads"], e
+    last = s["last_step"]
+    assert last["kept_bytes"] > 0 and last["offloaded_bytes"] > 0
+    assert s["policy"]["offloaded_segments"] == s["policy"]["segments"] - 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_retain_graph_and_a_second_backward(tmp_path, device):
+    model, data = gpt(device), gpt_batch(device)
+    model.zero_grad(set_to_none=True)
+    loss = model(*data)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    g0 = grads(model)
+    model.zero_grad(set_to_none=True)
+    with offloader(model, tmp_path) as off:
+        with off.step():
+            loss = model(*data)
+            loss.backward(retain_graph=True)
+            loss.backward()
+        assert_bitwise_equal(grads(model), g0)
+        del loss
+        assert off.engine.live_handles() == 0, "the graph is gone, and with it every handle"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_activation_checkpointing_composes(tmp_path, device):
+    model, data = gpt(device), gpt_batch(device)
+    model.gradient_checkpointing = True
+    _, g0 = run_step(model, data)
+    with offloader(model, tmp_path, min_tensor_bytes=1024) as off:
+        _, g = run_step(model, data, off.step())
+        assert_bitwise_equal(g, g0)
+        assert off.stats()["offloaded_tensors"] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_memory_or_storage_leaks_over_100_steps(tmp_path, device):
+    model, data = gpt(device, layers=2), gpt_batch(device, n=4)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with offloader(model, tmp_path) as off:
+        for i in range(100):
+            with off.step():
+                loss = model(*data)
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i == 9 and device == "cuda":
+                torch.cuda.synchronize()
+                mem10 = torch.cuda.memory_allocated()
+        del loss
+        off.engine.drain()
+        assert off.engine.live_handles() == 0
+        assert off.engine.storage_usage()["used"] == 0, off.engine.storage_usage()
+        assert off.stats()["steps"] == 100
+        if device == "cuda":
+            torch.cuda.synchronize()
+            assert torch.cuda.memory_allocated() <= mem10
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_adaptive_policy_profiles_then_reports_its_choice(tmp_path, device):
+    model, data = gpt(device), gpt_batch(device)
+    _, g0 = run_step(model, data)
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=32 << 20) as off:
+        _, g = run_step(model, data, off.step())
+        first = off.stats()
+        assert first["offloaded_tensors"] == 0, "the first step only measures"
+        _, g = run_step(model, data, off.step())
+        assert_bitwise_equal(g, g0)
+        p = off.stats()["policy"]
+    assert p["mode"] == "adaptive" and p["reason"] and p["segments"] == len(model.blocks) + 1
+    assert 0 <= p["offloaded_segments"] <= p["segments"] - 1
+    if device == "cuda":
+        assert p["write_gbps"] > 0 and p["forward_ms"] > 0 and p["backward_ms"] > 0
+
+
+def test_the_planner_offloads_what_compute_can_hide():
+    fwd, bwd = [10.0] * 5, [20.0] * 5
+    mb = 1_000_000
+    # Plenty of bandwidth: everything but the last segment.
+    k, why = st.plan_offload(fwd, bwd, [100 * mb] * 5, write_gbps=100, read_gbps=100, keep_last=1)
+    assert k == 4 and "every segment" in why
+    # No bandwidth to speak of: nothing.
+    k, why = st.plan_offload(fwd, bwd, [100 * mb] * 5, write_gbps=0.001, read_gbps=0.001, keep_last=1)
+    assert k == 0 and "segment 0" in why
+    # In between: some segments.
+    k, _ = st.plan_offload(fwd, bwd, [100 * mb] * 5, write_gbps=8, read_gbps=8, keep_last=1)
+    assert 0 < k < 4
+
+
+def test_bad_options_are_refused(tmp_path):
+    model = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="policy"):
+        st.Offloader(model, str(tmp_path), policy="sometimes")
+    with pytest.raises(ValueError, match="path="):
+        st.Offloader(model)
+    with pytest.raises(ValueError, match="keep_last"):
+        st.Offloader(model, str(tmp_path), keep_last=-1)
+    off = st.Offloader(model, str(tmp_path), capacity="1MiB", **SETTINGS)
+    with off.step():
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with off.step():
+                pass
+    off.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        with off.step():
+            pass
+
+
+def test_the_one_call_form_keeps_its_offloader(tmp_path):
+    model = gpt("cpu")
+    data = gpt_batch("cpu")
+    _, g0 = run_step(model, data)
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with st.offload(model, str(tmp_path), capacity="256MiB", policy="all", min_tensor_bytes=1024, **SETTINGS) as ctx:
+            model(*data).backward()
+        assert_bitwise_equal(grads(model), g0)
+    assert ctx.stats()["steps"] == 2
+    ctx.close()
