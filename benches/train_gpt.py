@@ -258,6 +258,9 @@ def build_parser():
                        help="spill file name in those directories (default spillway-train-PID.bin)")
     spill.add_argument("--policy", choices=("adaptive", "all"), default="adaptive",
                        help="Offloader policy (default adaptive)")
+    spill.add_argument("--max-pending", type=parse_size, default=None,
+                       help="bound on offloaded bytes still in GPU memory while their "
+                            "writes run: saves beyond it wait (default: no bound)")
     spill.add_argument("--capacity", type=parse_size, default=None,
                        help="Offloader capacity, e.g. 64G (default: the Offloader's own)")
 
@@ -383,7 +386,7 @@ def run_one(args):
             result["spillway_version"] = getattr(spillway, "__version__", None)
             os.makedirs(os.path.dirname(spill_path) or ".", exist_ok=True)
             offloader = st.Offloader(model, path=spill_path, capacity=args.capacity,
-                                     policy=args.policy)
+                                     policy=args.policy, max_pending_bytes=args.max_pending)
             context = offloader.step
 
         def train_step(x, y):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds what scripts/gpu-test.sh runs on a GPU machine that has no Rust toolchain: the
-# release `spillway` binary and the GPU test programs, copied (stripped) into dist/.
+# Builds what scripts/gpu-test.sh runs on a GPU machine that has no Rust toolchain (nor a
+# network): the release `spillway` binary and the GPU test programs, copied (stripped) into
+# dist/, and in dist/wheels the Python package's wheel with pytest's wheels beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-dist}
@@ -24,4 +25,12 @@ for line in sys.stdin:
         print("test program:", wanted[t["name"]])
 ' "$out"
 strip --strip-debug "$out"/* 2>/dev/null || true
-ls -la "$out"
+
+# The Python package (abi3: one wheel for every CPython >= 3.9), built with maturin from the
+# same virtual environment scripts/test.sh uses.
+venv=target/python-test-venv
+[[ -x $venv/bin/python ]] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q --disable-pip-version-check "maturin>=1.5,<2"
+"$venv/bin/maturin" build --release --locked -q -m crates/python/Cargo.toml -o "$out/wheels"
+"$venv/bin/pip" download -q --disable-pip-version-check --only-binary :all: -d "$out/wheels" pytest
+ls -la "$out" "$out/wheels"

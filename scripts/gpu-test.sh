@@ -5,6 +5,7 @@
 #   scripts/gpu-test.sh            # tests, --verify benches, then the performance runs
 #                                  # (pack kernel bandwidth, GPU vs host)
 #   SKIP_PERF=1 scripts/gpu-test.sh
+#   PERF_ONLY=engine|train scripts/gpu-test.sh   # one group of performance runs
 #   SPILLWAY_SANITIZE=1 scripts/gpu-test.sh   # also the pack kernels under compute-sanitizer
 #
 # Storage tested: $SPILLWAY_DISK_DIR (default /var/tmp/spillway, a disk) and
@@ -98,6 +99,28 @@ engine_perf() {
   rm -f "$shm/budget.dat" "$shm/trace.dat"
 }
 
+# The Python package from dist/wheels, installed into a directory of its own put on
+# PYTHONPATH, so that the machine's python3 (with its torch) imports it; nothing is
+# downloaded, nothing of the machine's Python is changed.
+py=python3
+python_env() {
+  local site=/tmp/spillway-python
+  rm -rf "$site"
+  "$py" -m pip install -q --disable-pip-version-check --no-index --no-deps --target "$site" \
+    "$dist"/wheels/spillway-*.whl || return 1
+  "$py" -c "import pytest" 2>/dev/null ||
+    "$py" -m pip install -q --disable-pip-version-check --no-index --find-links "$dist/wheels" \
+      --target "$site" pytest || return 1
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+# The GPT training benchmark: baseline, spillway on disk and on /dev/shm, full
+# recomputation and save_on_cpu, each in a process of its own.
+train_perf() {
+  step "$py" benches/train_gpt.py --disk-dir "$disk" --shm-dir "$shm" \
+    --out "$results/train-gpt-h200.json" ${TRAIN_ARGS:-}
+}
+
 storages=("$disk" "$shm")
 shm_ext4=""
 if [[ $(id -u) -eq 0 ]] && shm_ext4=$(loop_ext4_on_shm); then
@@ -107,8 +130,13 @@ else
 fi
 provide_udev_properties "${storages[@]}"
 
-if [[ ${PERF_ONLY:-} == engine ]]; then
-  engine_perf
+python_env || failures+=("installing the Python package from $dist/wheels")
+if [[ -n ${PERF_ONLY:-} ]]; then
+  case $PERF_ONLY in
+    engine) engine_perf ;;
+    train) train_perf ;;
+    *) failures+=("PERF_ONLY=$PERF_ONLY: expected engine or train") ;;
+  esac
   if ((${#failures[@]})); then
     printf 'failed: %s\n' "${failures[@]}"
     exit 1
@@ -129,6 +157,8 @@ if [[ -n ${SPILLWAY_SANITIZE:-} ]]; then
     --test-threads=1 --exact many_launches_in_flight_stay_correct bad_layouts_are_errors_and_launch_nothing \
     empty_layouts_zero_the_extent_or_do_nothing
 fi
+# The Python package: engine on host memory, and spillway.torch on CPU and GPU tensors.
+step env SPILLWAY_TEST_DIR="$shm" "$py" -m pytest -q -p no:cacheprovider crates/python/tests
 expect_error "GPU 7 requested" "$dist/spillway" bench --gpu 7 --size 1M --path "$disk/never.dat"
 expect_error "--gpu 7" "$dist/spillway" bench --mem host --gpu 7 --size 1M --path "$disk/never.dat"
 for dir in "${storages[@]}"; do
@@ -161,6 +191,7 @@ if [[ -z ${SKIP_PERF:-} ]]; then
   step python3 benches/gpu_vs_host.py --spillway "$dist/spillway" --out "$results" \
     --storage "disk=$disk" --storage "shm=$shm" ${shm_ext4:+--storage "shm-ext4=$shm_ext4"}
   engine_perf
+  train_perf
 fi
 
 if ((${#failures[@]})); then

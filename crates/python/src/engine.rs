@@ -196,6 +196,20 @@ impl PyEngine {
         }
     }
 
+    /// Waits until the engine no longer reads the memory offloaded as `handle` (its write
+    /// is done, or was dropped).
+    fn wait_source_released(&self, py: Python<'_>, handle: u64) -> PyResult<()> {
+        let open = self.open()?;
+        let flag = lock(&open.freed).get(&handle).cloned();
+        match flag {
+            Some(f) => {
+                py.detach(|| f.wait());
+                Ok(())
+            }
+            None => Err(invalid(format!("unknown or released handle {handle}"))),
+        }
+    }
+
     /// Starts reading the tensor behind `handle` ahead into staging memory.
     fn prefetch(&self, py: Python<'_>, handle: u64) -> PyResult<()> {
         let open = self.open()?;

@@ -37,6 +37,7 @@ def test_round_trip_of_mixed_sizes_through_storage(engine):
     sizes = [1, 100, 4096, 5000, 300_000, 3 << 20, 65_536]
     arrays = [blob(n, i) for i, n in enumerate(sizes)]
     handles = [engine.offload((i, 0), region(a)) for i, a in enumerate(arrays)]
+    engine.wait_source_released(handles[-1])
     engine.drain()
     assert all(engine.source_released(h) for h in handles)
     for h, a in zip(handles, arrays):

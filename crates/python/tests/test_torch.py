@@ -335,3 +335,23 @@ def test_the_one_call_form_keeps_its_offloader(tmp_path):
         assert_bitwise_equal(grads(model), g0)
     assert ctx.stats()["steps"] == 2
     ctx.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_max_pending_bytes_bounds_the_memory_held_for_writes(tmp_path, device):
+    model, data = gpt(device), gpt_batch(device)
+    _, g0 = run_step(model, data)
+    limit = 1 << 20
+    with offloader(model, tmp_path, max_pending_bytes=limit) as off:
+        peak = [0]
+        real = off._bound_pending
+
+        def watch():
+            real()
+            peak[0] = max(peak[0], off._pending_bytes)
+
+        off._bound_pending = watch
+        _, g = run_step(model, data, off.step())
+        assert_bitwise_equal(g, g0)
+        assert off.stats()["bytes_offloaded"] > 4 * limit
+    assert 0 < peak[0] <= limit

@@ -64,6 +64,10 @@ class Engine:
         """True once the engine no longer reads the memory offloaded as ``handle``."""
         return self._native.source_released(handle)
 
+    def wait_source_released(self, handle: int) -> None:
+        """Waits until the engine no longer reads the memory offloaded as ``handle``."""
+        self._native.wait_source_released(handle)
+
     def prefetch(self, handle: int) -> None:
         """Starts reading ``handle``'s bytes ahead into staging memory."""
         self._native.prefetch(handle)

@@ -102,6 +102,13 @@ class _Stored:
         self.modified = False
         self.requested = False  # a prefetch is outstanding
 
+    def drop_source(self) -> None:
+        """The engine has read the tensor: let go of it (and of its count as pending)."""
+        if self.source is not None:
+            self.source = None
+            if self.owner is not None:
+                self.owner._pending_bytes -= self.nbytes
+
     def check_version(self) -> None:
         t = self.source if self.source is not None else self.alive()
         if t is not None and t._version != self.version:
@@ -243,6 +250,13 @@ class Offloader:
             model's CPU tensors go through the host engine.
         probe_bytes: bytes written and read once at start to measure the storage's
             bandwidth for the adaptive policy (default 256 MiB).
+        profile_steps: steps the adaptive policy runs without offloading before it
+            decides; the last one is measured (default 2: the first step of a run is
+            slower than the others).
+        max_pending_bytes: most bytes of offloaded tensors still held in GPU memory
+            because their writes are not done; a save beyond it waits for the writes.
+            This bounds GPU memory when storage is slower than compute, at the cost of
+            time (default: no bound).
         engine: an :class:`spillway.Engine` to use instead of making one.
         **settings: engine settings (see ``spillway.SETTINGS``).
     """
@@ -260,6 +274,8 @@ class Offloader:
         segments: Optional[List[torch.nn.Module]] = None,
         device: "torch.device | str | None" = None,
         probe_bytes: int = 256 << 20,
+        profile_steps: int = 2,
+        max_pending_bytes: Optional[int] = None,
         engine: Optional[Engine] = None,
         **settings: Any,
     ):
@@ -267,6 +283,10 @@ class Offloader:
             raise ValueError(f'policy={policy!r}: expected "adaptive" or "all"')
         if keep_last < 0 or prefetch_segments < 0 or min_tensor_bytes < 0:
             raise ValueError("keep_last, prefetch_segments and min_tensor_bytes must be >= 0")
+        if profile_steps < 1:
+            raise ValueError("profile_steps must be at least 1")
+        if max_pending_bytes is not None and max_pending_bytes <= 0:
+            raise ValueError("max_pending_bytes must be positive (or None: no bound)")
         self.model = model
         if device is None:
             p = next(model.parameters(), None)
@@ -293,6 +313,9 @@ class Offloader:
         self.keep_last = keep_last
         self.prefetch_segments = prefetch_segments
         self.probe_bytes = probe_bytes
+        self.profile_steps = profile_steps
+        self.max_pending_bytes = max_pending_bytes
+        self._pending_bytes = 0  # offloaded, source still held
         self._blocks = segments if segments is not None else _find_segments(model)
         self._hooks = [b.register_forward_pre_hook(self._on_block_forward) for b in self._blocks]
         # Per step.
@@ -304,6 +327,7 @@ class Offloader:
         self._inflight: List[weakref.ref] = []  # still holding their source tensors
         self._param_storages: set = set()
         self._storage_ids: Dict[int, Tuple[int, int, List[weakref.ref]]] = {}
+        self._keys_seen: set = set()
         self._next_storage_id = 1
         self._fetched: Dict[Tuple[int, int], weakref.ref] = {}
         self._in_backward = False
@@ -392,7 +416,8 @@ class Offloader:
         self._drop_step_state()
         self._active = True
         self._in_backward = False
-        self._profiling = self._plan is None
+        # Adaptive: the first steps run without offloading; the last of them is measured.
+        self._profiling = self._plan is None and self._steps + 1 >= self.profile_steps
         self._segments = [_Segment(0, "start")]
         self._param_storages = {
             t.untyped_storage().data_ptr()
@@ -400,6 +425,7 @@ class Offloader:
             if t.device == self.device
         }
         self._storage_ids = {}
+        self._keys_seen: set = set()
         self._fetched = {}
         self._mark_segment_start(self._segments[0], forward=True)
 
@@ -421,6 +447,7 @@ class Offloader:
         if self.policy == "adaptive":
             if self._profiling:
                 self._plan = self._make_plan()
+                self._plan.details["profiled_step"] = self._steps
             elif self._plan is not None and self._plan.offload_segments > 0 and stall > 0.02 * seconds:
                 self._plan.offload_segments -= 1
                 self._plan.reason = (
@@ -525,8 +552,6 @@ class Offloader:
         self._poll_sources()
 
     def _offloading(self, segment: int) -> bool:
-        if self._profiling:
-            return False
         plan = self._plan
         return plan is not None and segment < plan.offload_segments
 
@@ -567,13 +592,17 @@ class Offloader:
         if self._in_backward or not self._eligible(t):
             return _Kept(t, seg.index)
         nbytes = t.untyped_storage().nbytes()
-        seg.saved_bytes += nbytes
-        if not self._offloading(seg.index):
-            seg.kept_bytes += nbytes
-            self._totals["kept_tensors"] += 1
-            self._totals["bytes_kept"] += nbytes
-            return _Kept(t, seg.index)
         key = self._storage_key(t)
+        first = key not in self._keys_seen
+        if first:  # counted once per storage and version, however many views are saved
+            self._keys_seen.add(key)
+            seg.saved_bytes += nbytes
+        if not self._offloading(seg.index):
+            if first:
+                seg.kept_bytes += nbytes
+                self._totals["bytes_kept"] += nbytes
+            self._totals["kept_tensors"] += 1
+            return _Kept(t, seg.index)
         stream = torch.cuda.current_stream(self.device).cuda_stream if self._cuda else None
         st = t.untyped_storage()
         handle = self.engine.offload(key, [(st.data_ptr(), st.nbytes())], stream)
@@ -581,12 +610,27 @@ class Offloader:
         self._storage_ids[st.data_ptr()][2].append(weakref.ref(rec))
         self._by_segment.setdefault(seg.index, []).append(weakref.ref(rec))
         self._inflight.append(weakref.ref(rec))
-        seg.offloaded_bytes += nbytes
         self._totals["offloaded_tensors"] += 1
-        self._totals["bytes_offloaded"] += nbytes
+        if first:
+            seg.offloaded_bytes += nbytes
+            self._totals["bytes_offloaded"] += nbytes
+        self._pending_bytes += nbytes
         if len(self._inflight) % 8 == 0:
             self._poll_sources()
+        self._bound_pending()
         return rec
+
+    def _bound_pending(self) -> None:
+        """Waits for the oldest writes while more than ``max_pending_bytes`` are held."""
+        limit = self.max_pending_bytes
+        if limit is None or self._pending_bytes <= limit:
+            return
+        self._poll_sources()
+        while self._pending_bytes > limit and self._inflight:
+            rec = self._inflight[0]()
+            if rec is not None and rec.source is not None and rec.handle is not None:
+                self.engine.wait_source_released(rec.handle)
+            self._poll_sources()
 
     def _poll_sources(self) -> None:
         """Lets go of source tensors the engine has finished reading."""
@@ -596,12 +640,12 @@ class Offloader:
             if rec is None or rec.source is None:
                 continue
             try:
-                done = self.engine.source_released(rec.handle)
+                done = rec.handle is None or self.engine.source_released(rec.handle)
             except ValueError:  # released already
                 done = True
             if done:
                 rec.check_version()
-                rec.source = None
+                rec.drop_source()
             else:
                 still.append(ref)
         self._inflight = still
@@ -675,7 +719,7 @@ class Offloader:
             self.engine.release(handle)
         except Exception:  # noqa: BLE001 - the engine is going away; nothing to give back
             pass
-        rec.source = None
+        rec.drop_source()
 
 
 # ----------------------------------------------------------------------------------------
