@@ -215,6 +215,9 @@ def test_backward_prefetches_and_the_last_segment_stays(tmp_path, device):
     e = s["engine"]
     assert e["prefetch_hits"] > 0, e
     assert e["prefetch_hits"] >= e["demand_reads"], e
+    # Every stored byte is read back once: views share one fetch, nothing is read ahead twice.
+    assert e["bytes_read"] == e["bytes_written"], e
+    assert s["bytes_fetched"] == s["bytes_offloaded"], s
     last = s["last_step"]
     assert last["kept_bytes"] > 0 and last["offloaded_bytes"] > 0
     assert s["policy"]["offloaded_segments"] == s["policy"]["segments"] - 2

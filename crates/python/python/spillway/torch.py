@@ -83,7 +83,7 @@ class _Stored:
 
     __slots__ = (
         "owner", "handle", "key", "nbytes", "dtype", "size", "stride", "offset",
-        "version", "segment", "source", "alive", "modified", "requested", "__weakref__",
+        "version", "segment", "source", "alive", "modified", "requested", "unpacked", "__weakref__",
     )
 
     def __init__(self, owner: "Offloader", handle: int, key: Tuple[int, int], t: torch.Tensor, segment: int):
@@ -101,6 +101,7 @@ class _Stored:
         self.alive = weakref.ref(t)  # to see later in-place changes while it lives
         self.modified = False
         self.requested = False  # a prefetch is outstanding
+        self.unpacked = False  # backward has had it (not prefetched again)
 
     def drop_source(self) -> None:
         """The engine has read the tensor: let go of it (and of its count as pending)."""
@@ -329,7 +330,10 @@ class Offloader:
         self._storage_ids: Dict[int, Tuple[int, int, List[weakref.ref]]] = {}
         self._keys_seen: set = set()
         self._next_storage_id = 1
-        self._fetched: Dict[Tuple[int, int], weakref.ref] = {}
+        # Storages fetched and shared by several saved views: key -> (storage, ids of the
+        # records still to use it). Records of earlier steps (retain_graph) stay findable.
+        self._fetched: Dict[Tuple[int, int], Tuple[torch.UntypedStorage, set]] = {}
+        self._by_key: Dict[Tuple[int, int], List[weakref.ref]] = {}
         self._in_backward = False
         self._profiling = False
         # Across steps.
@@ -426,7 +430,6 @@ class Offloader:
         }
         self._storage_ids = {}
         self._keys_seen: set = set()
-        self._fetched = {}
         self._mark_segment_start(self._segments[0], forward=True)
 
     def _end_step(self, seconds: float, stall: float) -> None:
@@ -608,6 +611,7 @@ class Offloader:
         handle = self.engine.offload(key, [(st.data_ptr(), st.nbytes())], stream)
         rec = _Stored(self, handle, key, t, seg.index)
         self._storage_ids[st.data_ptr()][2].append(weakref.ref(rec))
+        self._by_key.setdefault(key, []).append(weakref.ref(rec))
         self._by_segment.setdefault(seg.index, []).append(weakref.ref(rec))
         self._inflight.append(weakref.ref(rec))
         self._totals["offloaded_tensors"] += 1
@@ -671,24 +675,37 @@ class Offloader:
                 "its saved value. Avoid the in-place operation (use its out-of-place form) or "
                 "clone the tensor before modifying it."
             )
-        storage = self._fetch_storage(rec)
         out = torch.empty(0, dtype=rec.dtype, device=self.device)
-        out.set_(storage, rec.offset, rec.size, rec.stride)
+        out.set_(self._fetch_storage(rec), rec.offset, rec.size, rec.stride)
+        rec.unpacked = True
         return out
 
     def _fetch_storage(self, rec: _Stored) -> torch.UntypedStorage:
-        """The storage behind ``rec``: shared with other views fetched of it, or fetched."""
-        ref = self._fetched.get(rec.key)
-        buf = ref() if ref is not None else None
-        if buf is not None:
-            return buf.untyped_storage()
+        """The storage behind ``rec``: fetched once, then shared with the other saved
+        views of it (kept until each of them has been unpacked or freed)."""
+        shared = self._fetched.get(rec.key)
+        if shared is not None:
+            storage, waiting = shared
+            self._stop_waiting(rec)
+            return storage
         buf = torch.empty(rec.nbytes, dtype=torch.uint8, device=self.device)
         stream = torch.cuda.current_stream(self.device).cuda_stream if self._cuda else None
         self.engine.fetch(rec.handle, [(buf.data_ptr(), rec.nbytes)], stream)
         rec.requested = False
         self._totals["bytes_fetched"] += rec.nbytes
-        self._fetched[rec.key] = weakref.ref(buf)
-        return buf.untyped_storage()
+        storage = buf.untyped_storage()
+        others = {id(o) for o in (r() for r in self._by_key.get(rec.key, ())) if o is not None and o is not rec}
+        if others:
+            self._fetched[rec.key] = (storage, others)
+        return storage
+
+    def _stop_waiting(self, rec: "_Stored") -> None:
+        """``rec`` no longer needs the shared fetched copy of its storage."""
+        shared = self._fetched.get(rec.key)
+        if shared is not None:
+            shared[1].discard(id(rec))
+            if not shared[1]:
+                del self._fetched[rec.key]
 
     def _on_backward_start(self) -> None:
         self._poll_sources()
@@ -703,15 +720,20 @@ class Offloader:
         for s in range(segment, max(-1, segment - self.prefetch_segments - 1), -1):
             for ref in self._by_segment.get(s, ()):
                 rec = ref()
-                if rec is None or rec.requested or rec.handle is None:
+                if rec is None or rec.requested or rec.unpacked or rec.handle is None:
                     continue
-                ref = self._fetched.get(rec.key)
-                if ref is not None and ref() is not None:
+                if rec.key in self._fetched:
                     continue
                 self.engine.prefetch(rec.handle)
                 rec.requested = True
 
     def _release(self, rec: _Stored) -> None:
+        self._stop_waiting(rec)
+        refs = self._by_key.get(rec.key)
+        if refs is not None:
+            refs[:] = [r for r in refs if r() is not None and r() is not rec]
+            if not refs:
+                del self._by_key[rec.key]
         handle, rec.handle = rec.handle, None
         if handle is None or self.engine.closed:
             return
