@@ -43,8 +43,26 @@ pub struct PyEngine {
 struct Open {
     engine: Engine,
     gpu: Option<Arc<CudaDevice>>,
-    /// Per live handle: set once the engine no longer reads the tensor's memory.
-    freed: Mutex<HashMap<u64, Arc<SourceFlag>>>,
+    /// The live handles.
+    handles: Mutex<Handles>,
+}
+
+/// What the Python side knows of its live handles.
+#[derive(Default)]
+struct Handles {
+    /// Per handle: its key, and the flag set once the engine no longer reads its memory.
+    live: HashMap<u64, ((u64, u64), Arc<SourceFlag>)>,
+    /// Live handles per key: handles of one key share one copy and one memory (dedup).
+    per_key: HashMap<(u64, u64), usize>,
+}
+
+impl Handles {
+    fn flag(&self, handle: u64) -> PyResult<Arc<SourceFlag>> {
+        self.live
+            .get(&handle)
+            .map(|(_, f)| f.clone())
+            .ok_or_else(|| invalid(format!("unknown or released handle {handle}")))
+    }
 }
 
 /// Set (by the engine's callback) once the engine no longer reads a tensor's memory.
@@ -179,7 +197,9 @@ impl PyEngine {
                     move || flag.set(),
                 )?
             };
-            lock(&open.freed).insert(h.0, freed);
+            let mut handles = lock(&open.handles);
+            handles.live.insert(h.0, ((storage, version), freed));
+            *handles.per_key.entry((storage, version)).or_default() += 1;
             Ok(h.0)
         })
         .map_err(to_py)
@@ -189,25 +209,17 @@ impl PyEngine {
     /// owner may free or reuse it.
     fn source_released(&self, handle: u64) -> PyResult<bool> {
         let open = self.open()?;
-        let flag = lock(&open.freed).get(&handle).cloned();
-        match flag {
-            Some(f) => Ok(f.is_set()),
-            None => Err(invalid(format!("unknown or released handle {handle}"))),
-        }
+        let flag = lock(&open.handles).flag(handle)?;
+        Ok(flag.is_set())
     }
 
     /// Waits until the engine no longer reads the memory offloaded as `handle` (its write
     /// is done, or was dropped).
     fn wait_source_released(&self, py: Python<'_>, handle: u64) -> PyResult<()> {
         let open = self.open()?;
-        let flag = lock(&open.freed).get(&handle).cloned();
-        match flag {
-            Some(f) => {
-                py.detach(|| f.wait());
-                Ok(())
-            }
-            None => Err(invalid(format!("unknown or released handle {handle}"))),
-        }
+        let flag = lock(&open.handles).flag(handle)?;
+        py.detach(|| flag.wait());
+        Ok(())
     }
 
     /// Starts reading the tensor behind `handle` ahead into staging memory.
@@ -252,15 +264,28 @@ impl PyEngine {
         .map_err(to_py)
     }
 
-    /// Drops a handle; the stored copy goes with its last handle. Returns once the engine
-    /// no longer reads the tensor's memory (a write under way is finished first; one not
-    /// yet started is dropped): the memory may be freed then.
+    /// Drops a handle; the stored copy goes with its last handle. The last handle of a
+    /// key returns once the engine no longer reads the tensor's memory (a write under way
+    /// is finished first; one not yet started is dropped): the memory may be freed then.
+    /// Other handles of the same key share that memory, which stays in use for them.
     fn release(&self, py: Python<'_>, handle: u64) -> PyResult<()> {
         let open = self.open()?;
         py.detach(|| -> Result<(), Error> {
             open.engine.release(Handle(handle))?;
-            let flag = lock(&open.freed).remove(&handle);
-            if let Some(flag) = flag {
+            let last = {
+                let mut handles = lock(&open.handles);
+                handles.live.remove(&handle).and_then(|(key, flag)| {
+                    let n = handles.per_key.get_mut(&key)?;
+                    *n -= 1;
+                    if *n == 0 {
+                        handles.per_key.remove(&key);
+                        Some(flag)
+                    } else {
+                        None
+                    }
+                })
+            };
+            if let Some(flag) = last {
                 flag.wait();
             }
             Ok(())
@@ -479,7 +504,7 @@ fn open_engine(path: PathBuf, capacity: Option<u64>, settings: Settings) -> Resu
         open: Mutex::new(Some(Arc::new(Open {
             engine,
             gpu,
-            freed: Mutex::new(HashMap::new()),
+            handles: Mutex::new(Handles::default()),
         }))),
         info: Info {
             path,

@@ -212,3 +212,24 @@ def test_bad_calls_get_clear_errors(tmp_path):
     assert e.closed
     with pytest.raises(ValueError, match="closed"):
         e.offload((3, 0), region(a))
+
+
+def test_releasing_one_handle_of_a_key_does_not_wait_for_the_others(tmp_path):
+    # Storage too small: the tensor stays in its own memory while any handle lives.
+    with spillway.Engine(tmp_path, capacity="64KiB", **SMALL) as e:
+        a = blob(2 << 20, 5)
+        h1 = e.offload((9, 0), region(a))
+        h2 = e.offload((9, 0), region(a))
+        e.drain()
+        assert e.stats()["resident_tensors"] == 1
+
+        def release_in_thread(h):
+            t = threading.Thread(target=e.release, args=(h,), daemon=True)
+            t.start()
+            t.join(timeout=10)
+            return not t.is_alive()
+
+        assert release_in_thread(h1), "the first release returns while h2 still uses the memory"
+        assert not e.source_released(h2)
+        assert release_in_thread(h2), "the last release returns once the engine let go"
+        assert e.live_handles() == 0
