@@ -1,212 +1,18 @@
-"""PyTorch integration: offload the activations a training step saves for backward to
-storage during the forward pass, and bring them back, ahead of need, during backward.
-
-    offloader = spillway.torch.Offloader(model, path="/mnt/nvme")
-    for x, y in batches:
-        with offloader.step():
-            loss = loss_fn(model(x), y)
-            loss.backward()
-        opt.step()
-
-or, for one step, ``with spillway.torch.offload(model, path="/mnt/nvme") as ctx: ...``
-(the offloader is kept for the next ``offload`` call with the same model and path).
-
-How it works. Inside ``step()``, every tensor autograd saves passes through
-``torch.autograd.graph.saved_tensors_hooks``:
-
-- Tensors that stay in GPU memory: those on another device than the offloader's (CPU
-  tensors during GPU training), smaller than ``min_tensor_bytes``, sharing storage with a
-  parameter or buffer of the model (weights, their views and transposes), not strided, or
-  saved by the last ``keep_last`` segments of the forward pass (needed first by backward).
-- Every other tensor is offloaded *by storage*: the whole untyped storage is handed to the
-  engine under the key (storage id, version counter), so the views of one storage are
-  stored once (the engine deduplicates) and come back as views of one storage, with
-  their size, stride and offset. The engine reads the memory once the producing stream
-  reaches the point of the save (an event), and the offloader keeps the tensor alive
-  until the engine has finished reading it; then its memory goes back to torch's caching
-  allocator.
-- In backward, a fetched storage is allocated by the caching allocator on the consuming
-  stream; the engine's copy waits for that stream's earlier work and the stream waits for
-  the copy (events only: no ``record_stream``, no synchronization).
-- Prefetch: the forward pass is cut into *segments* at the forward calls of the model's
-  repeated blocks (the children of its largest ``ModuleList``/``Sequential``, or the
-  model's own children). When backward first unpacks a tensor of segment ``i``, the
-  tensors of segments ``i-1 … i-prefetch_segments`` are requested from storage.
-- A tensor modified in place after it was saved is detected through its version counter
-  and raises instead of returning stale data. ``retain_graph=True`` works: a copy stays
-  on storage until autograd frees the saved tensor.
-
-The *adaptive* policy (the default) measures the first step without offloading — the
-forward and backward time of every segment, and the bytes each saves — with the engine's
-write and read bandwidth measured when the offloader starts, and offloads as many
-segments (earliest first) as their writes and reads can hide behind compute. Later steps
-that stall give up a segment. ``policy="all"`` offloads every segment but the last
-``keep_last`` from the first step. The choice and its reason are in ``stats()["policy"]``.
-"""
+"""The :class:`Offloader`: saved-tensor hooks that offload a model's activations during a
+training step, and :func:`offload`, its one-call form."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import weakref
-from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ._engine import Engine
-
-__all__ = ["Offloader", "offload", "InPlaceModificationError"]
-
-
-class InPlaceModificationError(RuntimeError):
-    """A tensor saved for backward was modified in place before backward used it."""
-
-
-# ----------------------------------------------------------------------------------------
-# What is saved
-
-
-class _Kept:
-    """A saved tensor left in memory (recorded only to follow backward's progress)."""
-
-    __slots__ = ("tensor", "segment")
-
-    def __init__(self, tensor: torch.Tensor, segment: int):
-        self.tensor = tensor
-        self.segment = segment
-
-
-class _Stored:
-    """A saved tensor whose storage went to the engine: what is needed to rebuild it."""
-
-    __slots__ = (
-        "owner", "handle", "key", "nbytes", "dtype", "size", "stride", "offset",
-        "version", "segment", "source", "alive", "modified", "requested", "unpacked", "__weakref__",
-    )
-
-    def __init__(self, owner: "Offloader", handle: int, key: Tuple[int, int], t: torch.Tensor, segment: int):
-        self.owner = owner
-        self.handle = handle
-        self.key = key
-        self.nbytes = t.untyped_storage().nbytes()
-        self.dtype = t.dtype
-        self.size = t.size()
-        self.stride = t.stride()
-        self.offset = t.storage_offset()
-        self.version = t._version
-        self.segment = segment
-        self.source: Optional[torch.Tensor] = t  # held until the engine has read it
-        self.alive = weakref.ref(t)  # to see later in-place changes while it lives
-        self.modified = False
-        self.requested = False  # a prefetch is outstanding
-        self.unpacked = False  # backward has had it (not prefetched again)
-
-    def drop_source(self) -> None:
-        """The engine has read the tensor: let go of it (and of its count as pending)."""
-        if self.source is not None:
-            self.source = None
-            if self.owner is not None:
-                self.owner._pending_bytes -= self.nbytes
-
-    def check_version(self) -> None:
-        t = self.source if self.source is not None else self.alive()
-        if t is not None and t._version != self.version:
-            self.modified = True
-
-    def __del__(self) -> None:
-        # Autograd let go of the saved tensor (after backward, or with its graph).
-        owner = self.owner
-        if owner is not None:
-            owner._release(self)
-
-
-# ----------------------------------------------------------------------------------------
-# Segments and the policy
-
-
-@dataclass
-class _Segment:
-    """One stretch of the forward pass (a block's forward call, or what lies between)."""
-
-    index: int
-    name: str
-    saved_bytes: int = 0  # eligible for offloading
-    kept_bytes: int = 0
-    offloaded_bytes: int = 0
-    fwd_start: Optional[torch.cuda.Event] = None
-    bwd_start: Optional[torch.cuda.Event] = None
-    fwd_ms: float = 0.0
-    bwd_ms: float = 0.0
-
-
-@dataclass
-class _Plan:
-    mode: str
-    offload_segments: int  # segments [0, n) are offloaded
-    reason: str
-    details: Dict[str, Any] = field(default_factory=dict)
-
-
-def plan_offload(
-    fwd_ms: List[float],
-    bwd_ms: List[float],
-    seg_bytes: List[int],
-    write_gbps: float,
-    read_gbps: float,
-    keep_last: int,
-    margin: float = 0.8,
-) -> Tuple[int, str]:
-    """How many leading segments can be offloaded with their I/O hidden behind compute.
-
-    A simple model of one step: segment ``i``'s tensors are written one after another,
-    starting once the segment has run; in backward, segments run last to first and the
-    offloaded ones are read in that order, a read starting once its write is done. All
-    of it must finish within ``margin`` of the compute it overlaps: the writes within the
-    step, each read before its segment's backward starts.
-    """
-    n = len(fwd_ms)
-    limit = max(0, n - keep_last)
-    fwd_total = sum(fwd_ms)
-    best, why = 0, "no segment's I/O fits behind compute"
-    for k in range(1, limit + 1):
-        # Forward: write completion times (ms from the step's start).
-        t, write_done = 0.0, []
-        clock = 0.0
-        for i in range(k):
-            clock += fwd_ms[i]
-            t = max(t, clock) + seg_bytes[i] / (write_gbps * 1e6)
-            write_done.append(t)
-        # Backward starts after the forward; segment i's backward starts once every later
-        # segment's has run.
-        bwd_start = {}
-        clock = fwd_total
-        for i in reversed(range(n)):
-            bwd_start[i] = clock
-            clock += bwd_ms[i]
-        ok = True
-        r = fwd_total
-        for i in reversed(range(k)):
-            r = max(r, write_done[i]) + seg_bytes[i] / (read_gbps * 1e6)
-            budget = fwd_total + margin * (bwd_start[i] - fwd_total) if i < n - 1 else fwd_total
-            if r > budget + 1e-9 and seg_bytes[i] > 0:
-                ok = False
-                why = (
-                    f"offloading segment {i} too would need its read done {r - fwd_total:.1f} ms into backward, "
-                    f"but its backward starts {bwd_start[i] - fwd_total:.1f} ms in (margin {margin})"
-                )
-                break
-        if not ok:
-            break
-        best = k
-    if best == limit:
-        why = f"the I/O of every segment but the last {keep_last} fits behind compute"
-    return best, why
-
-
-# ----------------------------------------------------------------------------------------
-# The offloader
+from .._engine import Engine
+from .policy import Plan, Segment, plan_offload
+from .saved import InPlaceModificationError, Kept, Stored
 
 #: Storage id of the bandwidth probe's buffers (tensor ids count up from 1).
 _PROBE_ID = (1 << 64) - 1
@@ -216,7 +22,7 @@ def _holds_storage(obj: Any) -> bool:
     """True when ``obj`` (a tensor or a record, or None) keeps its storage alive."""
     if obj is None:
         return False
-    if isinstance(obj, _Stored):
+    if isinstance(obj, Stored):
         return obj.source is not None
     return True
 
@@ -321,7 +127,7 @@ class Offloader:
         self._hooks = [b.register_forward_pre_hook(self._on_block_forward) for b in self._blocks]
         # Per step.
         self._active = False
-        self._segments: List[_Segment] = []
+        self._segments: List[Segment] = []
         # Records are held by autograd's graph; the offloader only refers to them weakly,
         # so a record (and its handle) goes when autograd frees the saved tensor.
         self._by_segment: Dict[int, List[weakref.ref]] = {}
@@ -338,10 +144,10 @@ class Offloader:
         self._profiling = False
         # Across steps.
         self._steps = 0
-        self._plan: Optional[_Plan] = None
+        self._plan: Optional[Plan] = None
         if policy == "all":
             first = max(0, len(self._blocks) + 1 - keep_last)
-            self._plan = _Plan("all", first, f"policy='all': every segment but the last {keep_last}")
+            self._plan = Plan("all", first, f"policy='all': every segment but the last {keep_last}")
         self._bandwidth: Optional[Tuple[float, float]] = None
         self._totals = dict(
             offloaded_tensors=0, kept_tensors=0, bytes_offloaded=0, bytes_kept=0, bytes_fetched=0,
@@ -422,7 +228,7 @@ class Offloader:
         self._in_backward = False
         # Adaptive: the first steps run without offloading; the last of them is measured.
         self._profiling = self._plan is None and self._steps + 1 >= self.profile_steps
-        self._segments = [_Segment(0, "start")]
+        self._segments = [Segment(0, "start")]
         self._param_storages = {
             t.untyped_storage().data_ptr()
             for t in list(self.model.parameters()) + list(self.model.buffers())
@@ -466,7 +272,7 @@ class Offloader:
         self._by_segment = {}
         self._poll_sources()
 
-    def _mark_segment_start(self, seg: _Segment, forward: bool) -> None:
+    def _mark_segment_start(self, seg: Segment, forward: bool) -> None:
         if not (self._profiling and self._cuda):
             return
         ev = torch.cuda.Event(enable_timing=True)
@@ -496,7 +302,7 @@ class Offloader:
             prev = next((segs[j].bwd_start for j in range(i - 1, -1, -1) if segs[j].bwd_start is not None), None)
             s.bwd_ms = s.bwd_start.elapsed_time(prev if prev is not None else end)
 
-    def _make_plan(self) -> _Plan:
+    def _make_plan(self) -> Plan:
         segs = self._segments
         write_gbps, read_gbps = self._bandwidth or (0.0, 0.0)
         fwd = [s.fwd_ms for s in segs]
@@ -511,12 +317,12 @@ class Offloader:
         )
         if not self._cuda:
             k = max(0, len(segs) - self.keep_last)
-            return _Plan("adaptive", k, "host memory: no compute to hide I/O behind is measured; offloading all but the last segments", details)
+            return Plan("adaptive", k, "host memory: no compute to hide I/O behind is measured; offloading all but the last segments", details)
         if write_gbps <= 0 or read_gbps <= 0:
-            return _Plan("adaptive", 0, "the storage bandwidth could not be measured", details)
+            return Plan("adaptive", 0, "the storage bandwidth could not be measured", details)
         k, why = plan_offload(fwd, bwd, nbytes, write_gbps, read_gbps, self.keep_last)
         details["planned_bytes"] = sum(nbytes[:k])
-        return _Plan("adaptive", k, why, details)
+        return Plan("adaptive", k, why, details)
 
     def _probe_bandwidth(self) -> Tuple[float, float]:
         """Writes and reads ``probe_bytes`` through the engine; returns (write, read) GB/s."""
@@ -549,7 +355,7 @@ class Offloader:
     def _on_block_forward(self, module: torch.nn.Module, args: Any) -> None:
         if not self._active or self._in_backward or not torch.is_grad_enabled():
             return
-        seg = _Segment(len(self._segments), type(module).__name__)
+        seg = Segment(len(self._segments), type(module).__name__)
         self._segments.append(seg)
         self._mark_segment_start(seg, forward=True)
         self._poll_sources()
@@ -591,9 +397,9 @@ class Offloader:
     def _pack(self, t: torch.Tensor) -> Any:
         if not self._active:
             return t  # saved outside the step's forward (e.g. in backward): left alone
-        seg = self._segments[-1] if self._segments else _Segment(0, "start")
+        seg = self._segments[-1] if self._segments else Segment(0, "start")
         if self._in_backward or not self._eligible(t):
-            return _Kept(t, seg.index)
+            return Kept(t, seg.index)
         nbytes = t.untyped_storage().nbytes()
         key = self._storage_key(t)
         first = key not in self._keys_seen
@@ -605,11 +411,11 @@ class Offloader:
                 seg.kept_bytes += nbytes
                 self._totals["bytes_kept"] += nbytes
             self._totals["kept_tensors"] += 1
-            return _Kept(t, seg.index)
+            return Kept(t, seg.index)
         stream = torch.cuda.current_stream(self.device).cuda_stream if self._cuda else None
         st = t.untyped_storage()
         handle = self.engine.offload(key, [(st.data_ptr(), st.nbytes())], stream)
-        rec = _Stored(self, handle, key, t, seg.index)
+        rec = Stored(self, handle, key, t, seg.index)
         self._storage_ids[st.data_ptr()][2].append(weakref.ref(rec))
         self._by_key.setdefault(key, []).append(weakref.ref(rec))
         self._by_segment.setdefault(seg.index, []).append(weakref.ref(rec))
@@ -662,10 +468,10 @@ class Offloader:
         if not self._in_backward and self._active:
             self._in_backward = True
             self._on_backward_start()
-        if isinstance(saved, _Kept):
+        if isinstance(saved, Kept):
             self._progress(saved.segment)
             return saved.tensor
-        rec: _Stored = saved
+        rec: Stored = saved
         self._progress(rec.segment)
         rec.check_version()
         if rec.modified:
@@ -680,7 +486,7 @@ class Offloader:
         rec.unpacked = True
         return out
 
-    def _fetch_storage(self, rec: _Stored) -> torch.UntypedStorage:
+    def _fetch_storage(self, rec: Stored) -> torch.UntypedStorage:
         """The storage behind ``rec``: fetched once, then shared with the other saved
         views of it (kept until each of them has been unpacked or freed)."""
         shared = self._fetched.get(rec.key)
@@ -699,7 +505,7 @@ class Offloader:
             self._fetched[rec.key] = (storage, others)
         return storage
 
-    def _stop_waiting(self, rec: "_Stored") -> None:
+    def _stop_waiting(self, rec: "Stored") -> None:
         """``rec`` no longer needs the shared fetched copy of its storage."""
         shared = self._fetched.get(rec.key)
         if shared is not None:
@@ -727,7 +533,7 @@ class Offloader:
                 self.engine.prefetch(rec.handle)
                 rec.requested = True
 
-    def _release(self, rec: _Stored) -> None:
+    def _release(self, rec: Stored) -> None:
         self._stop_waiting(rec)
         refs = self._by_key.get(rec.key)
         if refs is not None:
@@ -742,10 +548,6 @@ class Offloader:
         except Exception:  # noqa: BLE001 - the engine is going away; nothing to give back
             pass
         rec.drop_source()
-
-
-# ----------------------------------------------------------------------------------------
-# One-call form
 
 
 _offloaders: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[Any, Offloader]]" = weakref.WeakKeyDictionary()

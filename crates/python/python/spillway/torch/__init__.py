@@ -1,0 +1,51 @@
+"""PyTorch integration: offload the activations a training step saves for backward to
+storage during the forward pass, and bring them back, ahead of need, during backward.
+
+    offloader = spillway.torch.Offloader(model, path="/mnt/nvme")
+    for x, y in batches:
+        with offloader.step():
+            loss = loss_fn(model(x), y)
+            loss.backward()
+        opt.step()
+
+or, for one step, ``with spillway.torch.offload(model, path="/mnt/nvme") as ctx: ...``
+(the offloader is kept for the next ``offload`` call with the same model and path).
+
+How it works. Inside ``step()``, every tensor autograd saves passes through
+``torch.autograd.graph.saved_tensors_hooks``:
+
+- Tensors that stay in GPU memory: those on another device than the offloader's (CPU
+  tensors during GPU training), smaller than ``min_tensor_bytes``, sharing storage with a
+  parameter or buffer of the model (weights, their views and transposes), not strided, or
+  saved by the last ``keep_last`` segments of the forward pass (needed first by backward).
+- Every other tensor is offloaded *by storage*: the whole untyped storage is handed to the
+  engine under the key (storage id, version counter), so the views of one storage are
+  stored once (the engine deduplicates) and come back as views of one storage, with
+  their size, stride and offset. The engine reads the memory once the producing stream
+  reaches the point of the save (an event), and the offloader keeps the tensor alive
+  until the engine has finished reading it; then its memory goes back to torch's caching
+  allocator.
+- In backward, a fetched storage is allocated by the caching allocator on the consuming
+  stream; the engine's copy waits for that stream's earlier work and the stream waits for
+  the copy (events only: no ``record_stream``, no synchronization).
+- Prefetch: the forward pass is cut into *segments* at the forward calls of the model's
+  repeated blocks (the children of its largest ``ModuleList``/``Sequential``, or the
+  model's own children). When backward first unpacks a tensor of segment ``i``, the
+  tensors of segments ``i-1 … i-prefetch_segments`` are requested from storage.
+- A tensor modified in place after it was saved is detected through its version counter
+  and raises instead of returning stale data. ``retain_graph=True`` works: a copy stays
+  on storage until autograd frees the saved tensor.
+
+The *adaptive* policy (the default) measures the first step without offloading — the
+forward and backward time of every segment, and the bytes each saves — with the engine's
+write and read bandwidth measured when the offloader starts, and offloads as many
+segments (earliest first) as their writes and reads can hide behind compute. Later steps
+that stall give up a segment. ``policy="all"`` offloads every segment but the last
+``keep_last`` from the first step. The choice and its reason are in ``stats()["policy"]``.
+"""
+
+from .offloader import Offloader, offload
+from .policy import plan_offload
+from .saved import InPlaceModificationError
+
+__all__ = ["Offloader", "offload", "plan_offload", "InPlaceModificationError"]
