@@ -443,7 +443,6 @@ impl State {
         }
     }
 
-    /// Starts delivering the handle's bytes into `dst`.
     /// Plans the fetch of `h` into `dst`. `dst_free` is the event after which nothing
     /// else uses `dst`: copies on the fetch stream wait for it, and reads straight from
     /// storage start only once it has completed.

@@ -196,7 +196,11 @@ class Offloader:
                 offloaded_segments=None if plan is None else plan.offload_segments,
                 segments=len(self._segments),
                 keep_last=self.keep_last,
-                reason="profiling the first step" if plan is None else plan.reason,
+                reason=(
+                    f"the first {self.profile_steps} step(s) run without offloading, the last one measured"
+                    if plan is None
+                    else plan.reason
+                ),
                 **({} if plan is None else plan.details),
             ),
             engine=e,
@@ -235,7 +239,7 @@ class Offloader:
             if t.device == self.device
         }
         self._storage_ids = {}
-        self._keys_seen: set = set()
+        self._keys_seen = set()
         self._mark_segment_start(self._segments[0], forward=True)
 
     def _end_step(self, seconds: float, stall: float) -> None:
