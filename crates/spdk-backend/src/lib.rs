@@ -1,0 +1,10 @@
+//! spillway's userspace NVMe driver, after SPDK's model: the controller is driven from user
+//! space through VFIO, with one polled queue pair per I/O thread and no kernel on the I/O
+//! path.
+//!
+//! Modules mirror the hardware:
+//! - [`nvme`]: the NVMe controller as the specification describes it — its registers,
+//!   commands, completion statuses, Identify data and the PRP lists that describe memory.
+//!   Pure data and arithmetic, tested without a device.
+
+pub mod nvme;
