@@ -6,5 +6,8 @@
 //! - [`nvme`]: the NVMe controller as the specification describes it — its registers,
 //!   commands, completion statuses, Identify data and the PRP lists that describe memory.
 //!   Pure data and arithmetic, tested without a device.
+//! - [`vfio`]: access to the PCI function through Linux VFIO — container, group, device,
+//!   BAR0 and config space, and DMA buffers mapped into the IOMMU.
 
 pub mod nvme;
+pub mod vfio;
