@@ -77,7 +77,10 @@ impl Settings {
                         _ => return Err(bad("expected \"auto\", \"uring\" or \"cufile\"")),
                     };
                 }
-                "queue_depth" => choices.queue_depth = count(&v).map_err(|w| bad(&w))? as u32,
+                "queue_depth" => {
+                    choices.queue_depth = u32::try_from(count(&v).map_err(|w| bad(&w))?)
+                        .map_err(|_| bad("expected a queue depth that fits 32 bits"))?
+                }
                 "threads" => choices.threads = count(&v).map_err(|w| bad(&w))? as usize,
                 "pinned_bytes" => choices.pinned_bytes = Some(size(&v).map_err(|w| bad(&w))?),
                 "alignment" => engine.alignment = size(&v).map_err(|w| bad(&w))?,

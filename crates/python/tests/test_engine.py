@@ -181,6 +181,7 @@ def test_settings_are_documented_and_reported(engine):
         (dict(backend="spdk"), "backend=spdk"),
         (dict(staging_bytes="lots"), "staging_bytes=lots"),
         (dict(queue_depth=0), "positive integer"),
+        (dict(queue_depth=1 << 40), "fits 32 bits"),
         (dict(pack=1), "True or False"),
         (dict(alignment=1000), "power of two"),
     ],
