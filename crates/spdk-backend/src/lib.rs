@@ -8,6 +8,11 @@
 //!   Pure data and arithmetic, tested without a device.
 //! - [`vfio`]: access to the PCI function through Linux VFIO — container, group, device,
 //!   BAR0 and config space, and DMA buffers mapped into the IOMMU.
+//! - [`qpair`]: a submission/completion queue pair in DMA memory with its doorbells.
+//! - [`controller`]: a controller brought up over VFIO: reset, enable, admin commands,
+//!   Identify, one I/O queue pair, block reads and writes, and shutdown on drop.
 
+pub mod controller;
 pub mod nvme;
+pub mod qpair;
 pub mod vfio;

@@ -1,0 +1,131 @@
+//! Brings up an NVMe controller through VFIO, prints its identity, and checks block writes
+//! and reads: single blocks, a transfer that needs a PRP list, one larger than MDTS, and an
+//! LBA past the end of the namespace, which must fail with a typed status.
+//!
+//! Usage: `nvme_identify [PCI_ADDRESS [GROUP_PATH]]`, defaulting to the `NVMEVM_PCI` and
+//! `NVMEVM_GROUP` environment variables (set by the nvme-vm test harness).
+
+use std::process::ExitCode;
+
+use spillway_spdk::controller::{Controller, Error};
+use spillway_spdk::nvme::status::StatusKind;
+use spillway_spdk::vfio::DmaBuffer;
+
+fn arg_or_env(arg: Option<String>, var: &str) -> Result<String, String> {
+    arg.or_else(|| std::env::var(var).ok())
+        .ok_or_else(|| format!("missing argument: pass it on the command line or set {var}"))
+}
+
+/// A byte pattern that differs per LBA range and position (xorshift).
+fn fill(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bytes = x.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+}
+
+fn run(pci: &str, group: &str) -> Result<bool, Error> {
+    let mut ctrl = Controller::open(pci, group)?;
+    let info = ctrl.info().clone();
+    let ns = ctrl.namespace().clone();
+    let bs = ns.block_size() as usize;
+    println!(
+        "model={:?} serial={:?} firmware={:?} version={} mdts={} (max transfer {}) nn={}",
+        info.model,
+        info.serial,
+        info.firmware,
+        info.version
+            .map_or_else(|| "unknown".to_owned(), |v| v.to_string()),
+        info.mdts,
+        ctrl.max_transfer()
+            .map_or_else(|| "unlimited".to_owned(), |b| format!("{b} bytes")),
+        info.nn
+    );
+    println!(
+        "namespace 1: {} blocks of {bs} bytes ({} MiB)",
+        ns.nsze,
+        ns.capacity_bytes() >> 20
+    );
+
+    let above_mdts = ctrl.max_transfer().map_or(2 << 20, |m| (2 * m).min(4 << 20)) as usize;
+    let cases: [(&str, u64, usize, usize); 5] = [
+        ("1 block", 0, 0, bs),
+        ("8 blocks", 100, 0, 8 * bs),
+        ("64 KiB + 1 block, PRP list", 1000, 0, 64 * 1024 + bs),
+        ("100 KiB at buffer offset 512, PRP list", 3000, 512, 100 * 1024),
+        ("2x MDTS, split", 5000, 0, above_mdts),
+    ];
+    let size = cases.iter().map(|c| c.2 + c.3).max().unwrap_or(bs);
+    let mut out = DmaBuffer::new(ctrl.container(), size)?;
+    let mut back = DmaBuffer::new(ctrl.container(), size)?;
+    let mut ok = true;
+    for (i, &(name, lba, at, len)) in cases.iter().enumerate() {
+        let range = at..at + len;
+        fill(
+            &mut out.as_mut_slice()[range.clone()],
+            0x9E37_79B9_7F4A_7C15 ^ lba ^ i as u64,
+        );
+        back.as_mut_slice().fill(0);
+        ctrl.write(lba, &out, range.clone())?;
+        ctrl.read(lba, &mut back, range.clone())?;
+        let same = out.as_slice()[range.clone()] == back.as_slice()[range];
+        println!(
+            "{name}: LBA {lba}, {len} bytes: {}",
+            if same { "read back equal" } else { "MISMATCH" }
+        );
+        ok &= same;
+    }
+
+    match ctrl.read(ns.nsze, &mut back, 0..bs) {
+        Err(e @ Error::Status { source, .. }) if source.kind == StatusKind::LbaOutOfRange => {
+            println!("read at LBA {} (past the end): expected error: {e}", ns.nsze);
+        }
+        Err(e) => {
+            println!("read at LBA {} (past the end): wrong error: {e}", ns.nsze);
+            ok = false;
+        }
+        Ok(()) => {
+            println!(
+                "read at LBA {} (past the end): succeeded, expected an error",
+                ns.nsze
+            );
+            ok = false;
+        }
+    }
+    ctrl.close()?;
+    println!("controller shut down (CSTS.SHST complete)");
+    Ok(ok)
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let (pci, group) = match (
+        arg_or_env(args.next(), "NVMEVM_PCI"),
+        arg_or_env(args.next(), "NVMEVM_GROUP"),
+    ) {
+        (Ok(p), Ok(g)) => (p, g),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("nvme_identify: {e}");
+            eprintln!("usage: nvme_identify [PCI_ADDRESS [GROUP_PATH]]");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(&pci, &group) {
+        Ok(true) => {
+            println!("nvme_identify: all checks passed");
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            eprintln!("nvme_identify: some checks failed");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("nvme_identify: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
