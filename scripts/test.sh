@@ -50,3 +50,11 @@ fi
 "$venv/bin/pip" install -q --disable-pip-version-check "maturin>=1.5,<2" pytest numpy
 (cd crates/python && VIRTUAL_ENV="$PWD/../../$venv" "../../$venv/bin/maturin" develop --locked -q)
 "$venv/bin/python" -m pytest -q crates/python/tests
+
+echo "== userspace NVMe driver against QEMU's NVMe controller (tests/nvme-vm)"
+# A small VM (TCG; Debian's kernel and busybox, fetched with apt) with an emulated IOMMU
+# and NVMe controller bound to vfio-pci; the driver's check program runs inside it and
+# its exit status is this step's.
+cargo build --locked -q -p spillway-spdk --example nvme_identify
+bash tests/nvme-vm/build.sh target/nvme-vm target/debug/examples/nvme_identify
+bash tests/nvme-vm/run.sh target/nvme-vm /opt/nvme_identify
