@@ -55,6 +55,8 @@ echo "== userspace NVMe driver against QEMU's NVMe controller (tests/nvme-vm)"
 # A small VM (TCG; Debian's kernel and busybox, fetched with apt) with an emulated IOMMU
 # and NVMe controller bound to vfio-pci; the driver's check program runs inside it and
 # its exit status is this step's.
-cargo build --locked -q -p spillway-spdk --example nvme_identify
-bash tests/nvme-vm/build.sh target/nvme-vm target/debug/examples/nvme_identify
-bash tests/nvme-vm/run.sh target/nvme-vm /opt/nvme_identify
+# nvme_identify: bring-up, Identify, round trips up to 2x MDTS, a typed error; nvme_qd:
+# random verified writes and reads at queue depths 1, 8, 32 and 128.
+cargo build --locked -q -p spillway-spdk --example nvme_identify --example nvme_qd
+bash tests/nvme-vm/build.sh target/nvme-vm target/debug/examples/nvme_identify target/debug/examples/nvme_qd
+bash tests/nvme-vm/run.sh target/nvme-vm sh -c '/opt/nvme_identify && /opt/nvme_qd'

@@ -1,7 +1,9 @@
 //! An NVMe controller driven from user space: reset and enable ("Initialization"), a
 //! synchronous admin command path, Identify, one polled I/O queue pair with block read and
-//! write, and a normal shutdown on drop.
+//! write (synchronous, or asynchronous with many commands in flight), and a normal shutdown
+//! on drop.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,8 +22,10 @@ use crate::vfio::{Bar, Container, Device, DmaBuffer, Group, VfioError};
 
 /// Entries in each admin queue.
 pub const ADMIN_QUEUE_ENTRIES: u32 = 32;
-/// Entries in each I/O queue (capped by CAP.MQES).
-pub const IO_QUEUE_ENTRIES: u32 = 64;
+/// Entries in each I/O queue by default (capped by CAP.MQES): up to 255 commands in flight.
+pub const IO_QUEUE_ENTRIES: u32 = 256;
+/// The most entries an I/O queue is given, whatever is asked for.
+pub const MAX_IO_QUEUE_ENTRIES: u32 = 1024;
 /// The namespace the driver uses.
 pub const NSID: u32 = 1;
 /// How long a command may take before the controller is declared unresponsive.
@@ -89,6 +93,31 @@ pub enum Error {
     },
     #[error("LBA {lba} times the {block_size}-byte block size overflows")]
     LbaOverflow { lba: u64, block_size: u32 },
+    #[error("queue {qid} is full ({in_flight} commands in flight): reap completions before submitting more")]
+    QueueFull { qid: u16, in_flight: usize },
+    #[error(
+        "a transfer of {len} bytes is larger than one command moves ({max} bytes, MDTS); split it or \
+         use the synchronous read/write"
+    )]
+    TooLarge { len: u64, max: u64 },
+}
+
+/// The outcome of one asynchronous command: its identifier, and whether it succeeded.
+pub type IoCompletion = (u16, Result<(), Error>);
+
+/// An I/O command in flight, kept to describe its failure.
+#[derive(Clone, Copy, Debug)]
+struct IoOp {
+    write: bool,
+    lba: u64,
+    blocks: u32,
+}
+
+impl IoOp {
+    fn describe(self) -> String {
+        let name = if self.write { "write" } else { "read" };
+        format!("{name} of {} blocks at LBA {}", self.blocks, self.lba)
+    }
 }
 
 /// An enabled controller with its admin queue, namespace 1 and one I/O queue pair.
@@ -96,7 +125,15 @@ pub enum Error {
 pub struct Controller {
     admin: QueuePair,
     io: QueuePair,
+    /// `list_pages_per_cmd` PRP list pages for each command identifier of the I/O queue.
     prp_lists: DmaBuffer,
+    list_pages_per_cmd: usize,
+    /// The I/O command behind each identifier in flight.
+    pending: Vec<Option<IoOp>>,
+    /// Completions reaped while waiting for a particular command, not yet handed out.
+    done: VecDeque<IoCompletion>,
+    /// The most bytes one I/O command moves.
+    command_max: u64,
     info: ControllerInfo,
     ns: Namespace,
     cap: Cap,
@@ -111,20 +148,46 @@ pub struct Controller {
 
 impl Controller {
     /// Opens the controller at PCI address `pci` through the VFIO group file `group_path`,
-    /// in a container of its own.
+    /// in a container of its own, with an I/O queue of [`IO_QUEUE_ENTRIES`] entries.
     pub fn open(pci: &str, group_path: impl AsRef<Path>) -> Result<Self, Error> {
+        Self::open_with_io_entries(pci, group_path, IO_QUEUE_ENTRIES)
+    }
+
+    /// Like [`Controller::open`], with an I/O queue of `io_entries` entries (at least 2),
+    /// capped at CAP.MQES + 1 and [`MAX_IO_QUEUE_ENTRIES`]; `io_entries - 1` commands can
+    /// be in flight.
+    pub fn open_with_io_entries(
+        pci: &str,
+        group_path: impl AsRef<Path>,
+        io_entries: u32,
+    ) -> Result<Self, Error> {
         let container = Container::open()?;
         let group = Group::open(&container, group_path)?;
         let device = group.device(pci)?;
-        Self::init(container, device, Some(group))
+        Self::init(container, device, Some(group), io_entries)
     }
 
     /// Initializes an opened device whose group is attached to `container`.
     pub fn from_device(container: Arc<Container>, device: Device) -> Result<Self, Error> {
-        Self::init(container, device, None)
+        Self::from_device_with_io_entries(container, device, IO_QUEUE_ENTRIES)
     }
 
-    fn init(container: Arc<Container>, device: Device, group: Option<Group>) -> Result<Self, Error> {
+    /// Like [`Controller::from_device`], with an I/O queue of `io_entries` entries, capped
+    /// as in [`Controller::open_with_io_entries`].
+    pub fn from_device_with_io_entries(
+        container: Arc<Container>,
+        device: Device,
+        io_entries: u32,
+    ) -> Result<Self, Error> {
+        Self::init(container, device, None, io_entries)
+    }
+
+    fn init(
+        container: Arc<Container>,
+        device: Device,
+        group: Option<Group>,
+        io_entries: u32,
+    ) -> Result<Self, Error> {
         device.enable_bus_master()?;
         let bar = Arc::new(device.map_bar0()?);
         let cap = Cap(bar.read64(regs::CAP)?);
@@ -182,7 +245,7 @@ impl Controller {
             return Err(Error::NoIoQueues);
         }
 
-        let entries = IO_QUEUE_ENTRIES.min(cap.max_queue_entries());
+        let entries = io_entries.min(MAX_IO_QUEUE_ENTRIES).min(cap.max_queue_entries());
         let io = QueuePair::new(&container, Arc::clone(&bar), IO_QID, entries, cap.dstrd())?;
         admin_run(
             &mut admin,
@@ -196,17 +259,22 @@ impl Controller {
         )?;
 
         let max_transfer = info.max_transfer_bytes(cap.min_page_size());
-        let chunk_max = max_transfer
+        let command_max = max_transfer
             .unwrap_or(u64::MAX)
             .min(u64::from(crate::nvme::cmd::MAX_BLOCKS_PER_COMMAND) * u64::from(ns.block_size()));
         // Data may start anywhere in a page, so allow for one page more than the chunk.
-        let list_pages = prp::list_pages_needed(4, chunk_max, page).max(1);
-        let prp_lists = DmaBuffer::new(&container, list_pages * page.bytes() as usize)?;
+        let list_pages_per_cmd = prp::list_pages_needed(4, command_max, page).max(1);
+        let capacity = io.capacity();
+        let prp_lists = DmaBuffer::new(&container, capacity * list_pages_per_cmd * page.bytes() as usize)?;
 
         Ok(Controller {
             admin,
             io,
             prp_lists,
+            list_pages_per_cmd,
+            pending: vec![None; capacity],
+            done: VecDeque::new(),
+            command_max,
             info,
             ns,
             cap,
@@ -262,6 +330,25 @@ impl Controller {
     }
 
     fn transfer(&mut self, write: bool, lba: u64, buf: &DmaBuffer, range: Range<usize>) -> Result<(), Error> {
+        let split = self.split(lba, buf, &range, self.max_transfer)?;
+        for chunk in split {
+            let at = range.start + chunk.bytes.start as usize..range.start + chunk.bytes.end as usize;
+            self.wait_for_room()?;
+            let cid = self.submit_io(write, chunk.lba, buf, at)?;
+            self.wait_for(cid)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that `range` fits `buf` and is a whole number of blocks, and cuts it into
+    /// commands of at most `max_transfer` bytes.
+    fn split(
+        &self,
+        lba: u64,
+        buf: &DmaBuffer,
+        range: &Range<usize>,
+        max_transfer: Option<u64>,
+    ) -> Result<prp::Split, Error> {
         let block_size = self.ns.block_size();
         let bad_range = || Error::BufferRange {
             start: range.start,
@@ -275,41 +362,223 @@ impl Controller {
         let offset = lba
             .checked_mul(u64::from(block_size))
             .ok_or(Error::LbaOverflow { lba, block_size })?;
-        let split = prp::split_by_mdts(offset, range.len() as u64, self.max_transfer, block_size).map_err(
-            |e| match e {
-                SplitError::Unaligned { .. } => bad_range(),
-                e => e.into(),
-            },
-        )?;
-        let base = buf.iova() + range.start as u64;
-        let ps = self.page.bytes();
-        let list_iovas: Vec<u64> = (0..self.prp_lists.len() as u64 / ps)
-            .map(|i| self.prp_lists.iova() + i * ps)
-            .collect();
-        for chunk in split {
-            let start = base + chunk.bytes.start;
-            let len = chunk.bytes.end - chunk.bytes.start;
-            let prps = prp::build(len, self.page, |off| start + off, &list_iovas)?;
+        prp::split_by_mdts(offset, range.len() as u64, max_transfer, block_size).map_err(|e| match e {
+            SplitError::Unaligned { .. } => bad_range(),
+            e => e.into(),
+        })
+    }
+
+    /// Entries in the I/O queue.
+    pub fn io_queue_entries(&self) -> u32 {
+        self.io.entries()
+    }
+
+    /// The most I/O commands in flight at once (entries - 1).
+    pub fn max_in_flight(&self) -> usize {
+        self.io.capacity()
+    }
+
+    /// I/O commands submitted whose completions the controller has not posted or the
+    /// driver has not reaped yet.
+    pub fn in_flight(&self) -> usize {
+        self.io.in_flight()
+    }
+
+    /// Whether an asynchronous command can be submitted now without [`Error::QueueFull`].
+    pub fn can_submit(&self) -> bool {
+        self.io.can_submit()
+    }
+
+    /// The most bytes one asynchronous command moves: MDTS, and at most 65536 blocks.
+    pub fn max_command_bytes(&self) -> u64 {
+        self.command_max
+    }
+
+    /// Submits a read of blocks from `lba` of namespace 1 into `range` of `buf` and returns
+    /// its command identifier without waiting; its completion comes from
+    /// [`Controller::poll_completions`] or [`Controller::wait_completions`]. Fails with
+    /// [`Error::TooLarge`] above [`Controller::max_command_bytes`] and with
+    /// [`Error::QueueFull`] when [`Controller::max_in_flight`] commands are in flight.
+    ///
+    /// # Safety
+    ///
+    /// The controller writes `range` of `buf` until the command completes: `buf` must stay
+    /// alive, and that range must not be read or written, until its completion has been
+    /// reaped (or the controller is shut down).
+    pub unsafe fn submit_read(
+        &mut self,
+        lba: u64,
+        buf: &mut DmaBuffer,
+        range: Range<usize>,
+    ) -> Result<u16, Error> {
+        self.submit_one(false, lba, buf, range)
+    }
+
+    /// Submits a write of `range` of `buf` to namespace 1 from `lba` and returns its command
+    /// identifier without waiting, as [`Controller::submit_read`] does.
+    ///
+    /// # Safety
+    ///
+    /// The controller reads `range` of `buf` until the command completes: `buf` must stay
+    /// alive, and that range must not be written, until its completion has been reaped (or
+    /// the controller is shut down).
+    pub unsafe fn submit_write(
+        &mut self,
+        lba: u64,
+        buf: &DmaBuffer,
+        range: Range<usize>,
+    ) -> Result<u16, Error> {
+        self.submit_one(true, lba, buf, range)
+    }
+
+    fn submit_one(
+        &mut self,
+        write: bool,
+        lba: u64,
+        buf: &DmaBuffer,
+        range: Range<usize>,
+    ) -> Result<u16, Error> {
+        let split = self.split(lba, buf, &range, None)?;
+        if split.len() != 1 || range.len() as u64 > self.command_max {
+            return Err(Error::TooLarge {
+                len: range.len() as u64,
+                max: self.command_max,
+            });
+        }
+        if !self.io.can_submit() {
+            return Err(Error::QueueFull {
+                qid: self.io.qid(),
+                in_flight: self.io.in_flight(),
+            });
+        }
+        self.submit_io(write, lba, buf, range)
+    }
+
+    /// Builds the PRPs of a checked single-command transfer in the list pages of the
+    /// identifier it gets, and submits it.
+    fn submit_io(
+        &mut self,
+        write: bool,
+        lba: u64,
+        buf: &DmaBuffer,
+        range: Range<usize>,
+    ) -> Result<u16, Error> {
+        let len = range.len() as u64;
+        let blocks = (len >> self.ns.block_size().trailing_zeros()) as u32;
+        let start = buf.iova() + range.start as u64;
+        let (page, per_cmd) = (self.page, self.list_pages_per_cmd as u64);
+        let lists = &mut self.prp_lists;
+        let cid = self.io.submit_with(|cid| {
+            let first = lists.iova() + u64::from(cid) * per_cmd * page.bytes();
+            let list_iovas: Vec<u64> = (0..per_cmd).map(|i| first + i * page.bytes()).collect();
+            let prps = prp::build(len, page, |off| start + off, &list_iovas)?;
             for list in &prps.list {
-                let at = (list.iova - self.prp_lists.iova()) as usize;
+                let at = (list.iova - lists.iova()) as usize;
                 let bytes = list.to_bytes();
-                self.prp_lists.as_mut_slice()[at..at + bytes.len()].copy_from_slice(&bytes);
+                lists.as_mut_slice()[at..at + bytes.len()].copy_from_slice(&bytes);
             }
-            let (name, cmd) = if write {
-                (
-                    "write",
-                    Command::write(0, NSID, chunk.lba, chunk.blocks, prps.prp1, prps.prp2)?,
-                )
+            Ok(if write {
+                Command::write(cid, NSID, lba, blocks, prps.prp1, prps.prp2)?
             } else {
-                (
-                    "read",
-                    Command::read(0, NSID, chunk.lba, chunk.blocks, prps.prp1, prps.prp2)?,
-                )
-            };
-            let op = format!("{name} of {} blocks at LBA {}", chunk.blocks, chunk.lba);
-            run_sync(&mut self.io, op, cmd)?;
+                Command::read(cid, NSID, lba, blocks, prps.prp1, prps.prp2)?
+            })
+        })?;
+        self.pending[usize::from(cid)] = Some(IoOp { write, lba, blocks });
+        Ok(cid)
+    }
+
+    /// Reaps up to `max` completions of asynchronous commands without waiting. The outer
+    /// error is the queue's (a device that is gone, a corrupt completion); each command's
+    /// own failure is in its entry.
+    pub fn poll_completions(&mut self, max: usize) -> Result<Vec<IoCompletion>, Error> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            match self.done.pop_front() {
+                Some(done) => out.push(done),
+                None => break,
+            }
+        }
+        while out.len() < max {
+            match self.io.poll()? {
+                Some(cqe) => out.push(self.finish(cqe)),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Like [`Controller::poll_completions`], but waits up to [`COMMAND_TIMEOUT`] for at
+    /// least one completion when commands are in flight; returns none when none are.
+    pub fn wait_completions(&mut self, max: usize) -> Result<Vec<IoCompletion>, Error> {
+        let start = Instant::now();
+        loop {
+            let got = self.poll_completions(max)?;
+            if !got.is_empty() || max == 0 || self.io.in_flight() == 0 {
+                return Ok(got);
+            }
+            let waited = start.elapsed();
+            if waited >= COMMAND_TIMEOUT {
+                return Err(Error::Timeout {
+                    op: format!("any of {} I/O commands", self.io.in_flight()),
+                    waited,
+                });
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn finish(&mut self, cqe: Completion) -> IoCompletion {
+        let op = self.pending.get_mut(usize::from(cqe.cid)).and_then(Option::take);
+        let result = cqe.check().map_err(|source| Error::Status {
+            op: op.map_or_else(|| format!("I/O command {}", cqe.cid), IoOp::describe),
+            source,
+        });
+        (cqe.cid, result)
+    }
+
+    /// Waits until a command can be submitted, keeping completions reaped meanwhile for
+    /// [`Controller::poll_completions`].
+    fn wait_for_room(&mut self) -> Result<(), Error> {
+        let start = Instant::now();
+        while !self.io.can_submit() {
+            if let Some(cqe) = self.io.poll()? {
+                let done = self.finish(cqe);
+                self.done.push_back(done);
+                continue;
+            }
+            let waited = start.elapsed();
+            if waited >= COMMAND_TIMEOUT {
+                return Err(Error::Timeout {
+                    op: "a free I/O queue slot".to_owned(),
+                    waited,
+                });
+            }
+            std::hint::spin_loop();
         }
         Ok(())
+    }
+
+    /// Waits for command `cid`, keeping other completions for
+    /// [`Controller::poll_completions`].
+    fn wait_for(&mut self, cid: u16) -> Result<(), Error> {
+        let start = Instant::now();
+        loop {
+            if let Some(cqe) = self.io.poll()? {
+                let (got, result) = self.finish(cqe);
+                if got == cid {
+                    return result;
+                }
+                self.done.push_back((got, result));
+                continue;
+            }
+            let waited = start.elapsed();
+            if waited >= COMMAND_TIMEOUT {
+                let op = self.pending[usize::from(cid)]
+                    .map_or_else(|| format!("I/O command {cid}"), IoOp::describe);
+                return Err(Error::Timeout { op, waited });
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Deletes the I/O queues and shuts the controller down normally (CC.SHN), waiting for

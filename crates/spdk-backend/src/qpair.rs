@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::controller::Error;
 use crate::nvme::cmd::{Command, Completion, COMMAND_SIZE, COMPLETION_SIZE};
-use crate::nvme::queue::{CidPool, SubmissionRing};
+use crate::nvme::queue::{CidPool, QueueError, SubmissionRing};
 use crate::nvme::regs::{doorbell_offset, DoorbellKind};
 use crate::vfio::{Bar, Container, DmaBuffer};
 
@@ -83,10 +83,41 @@ impl QueuePair {
         self.cids.in_flight()
     }
 
+    /// Whether a command can be submitted now: a command identifier and a submission slot
+    /// are free. When not, completions must be reaped with [`QueuePair::poll`] first.
+    pub fn can_submit(&self) -> bool {
+        self.cids.in_flight() < self.cids.capacity() && !self.sq.is_full()
+    }
+
+    /// The most commands in flight at once (`entries - 1`); command identifiers are below it.
+    pub fn capacity(&self) -> usize {
+        self.cids.capacity()
+    }
+
     /// Gives `cmd` a free command identifier, writes it at the submission tail and rings
     /// the tail doorbell. Returns the identifier its completion will carry.
-    pub fn submit(&mut self, mut cmd: Command) -> Result<u16, Error> {
+    pub fn submit(&mut self, cmd: Command) -> Result<u16, Error> {
+        self.submit_with(|_| Ok(cmd))
+    }
+
+    /// Like [`QueuePair::submit`], with the command built by `build` from the identifier it
+    /// will carry (for per-command resources such as PRP list pages); nothing is submitted
+    /// when `build` fails.
+    pub fn submit_with(&mut self, build: impl FnOnce(u16) -> Result<Command, Error>) -> Result<u16, Error> {
+        if self.sq.is_full() {
+            return Err(QueueError::Full {
+                outstanding: self.sq.outstanding(),
+            }
+            .into());
+        }
         let cid = self.cids.alloc().ok_or(Error::NoCommandId { qid: self.qid })?;
+        let mut cmd = match build(cid) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                self.cids.release(cid)?;
+                return Err(e);
+            }
+        };
         let slot = match self.sq.push() {
             Ok(slot) => usize::from(slot),
             Err(e) => {
