@@ -5,16 +5,13 @@
 //! Usage: `nvme_identify [PCI_ADDRESS [GROUP_PATH]]`, defaulting to the `NVMEVM_PCI` and
 //! `NVMEVM_GROUP` environment variables (set by the nvme-vm test harness).
 
+mod common;
+
 use std::process::ExitCode;
 
 use spillway_spdk::controller::{Controller, Error};
 use spillway_spdk::nvme::status::StatusKind;
 use spillway_spdk::vfio::DmaBuffer;
-
-fn arg_or_env(arg: Option<String>, var: &str) -> Result<String, String> {
-    arg.or_else(|| std::env::var(var).ok())
-        .ok_or_else(|| format!("missing argument: pass it on the command line or set {var}"))
-}
 
 /// A byte pattern that differs per LBA range and position (xorshift).
 fn fill(buf: &mut [u8], seed: u64) {
@@ -102,30 +99,8 @@ fn run(pci: &str, group: &str) -> Result<bool, Error> {
 }
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let (pci, group) = match (
-        arg_or_env(args.next(), "NVMEVM_PCI"),
-        arg_or_env(args.next(), "NVMEVM_GROUP"),
-    ) {
-        (Ok(p), Ok(g)) => (p, g),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("nvme_identify: {e}");
-            eprintln!("usage: nvme_identify [PCI_ADDRESS [GROUP_PATH]]");
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(&pci, &group) {
-        Ok(true) => {
-            println!("nvme_identify: all checks passed");
-            ExitCode::SUCCESS
-        }
-        Ok(false) => {
-            eprintln!("nvme_identify: some checks failed");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("nvme_identify: error: {e}");
-            ExitCode::FAILURE
-        }
+    match common::controller_args("nvme_identify") {
+        Ok((pci, group)) => common::exit_status("nvme_identify", run(&pci, &group), "all checks passed"),
+        Err(code) => code,
     }
 }

@@ -6,6 +6,8 @@
 //! Usage: `nvme_qd [PCI_ADDRESS [GROUP_PATH]]`, defaulting to the `NVMEVM_PCI` and
 //! `NVMEVM_GROUP` environment variables (set by the nvme-vm test harness).
 
+mod common;
+
 use std::ops::Range;
 use std::process::ExitCode;
 
@@ -47,11 +49,6 @@ impl Rng {
 struct Io {
     lba: u64,
     bytes: Range<usize>,
-}
-
-fn arg_or_env(arg: Option<String>, var: &str) -> Result<String, String> {
-    arg.or_else(|| std::env::var(var).ok())
-        .ok_or_else(|| format!("missing argument: pass it on the command line or set {var}"))
 }
 
 /// Random non-overlapping commands, in random order: sizes from 1 block to `max_blocks`
@@ -197,30 +194,8 @@ fn run(pci: &str, group: &str) -> Result<bool, Error> {
 }
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let (pci, group) = match (
-        arg_or_env(args.next(), "NVMEVM_PCI"),
-        arg_or_env(args.next(), "NVMEVM_GROUP"),
-    ) {
-        (Ok(p), Ok(g)) => (p, g),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("nvme_qd: {e}");
-            eprintln!("usage: nvme_qd [PCI_ADDRESS [GROUP_PATH]]");
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(&pci, &group) {
-        Ok(true) => {
-            println!("nvme_qd: PASS");
-            ExitCode::SUCCESS
-        }
-        Ok(false) => {
-            eprintln!("nvme_qd: FAIL");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("nvme_qd: error: {e}");
-            ExitCode::FAILURE
-        }
+    match common::controller_args("nvme_qd") {
+        Ok((pci, group)) => common::exit_status("nvme_qd", run(&pci, &group), "PASS"),
+        Err(code) => code,
     }
 }

@@ -4,17 +4,14 @@
 //! Usage: `vfio_probe [PCI_ADDRESS [GROUP_PATH]]`, defaulting to the `NVMEVM_PCI` and
 //! `NVMEVM_GROUP` environment variables (set by the nvme-vm test harness).
 
+mod common;
+
 use std::process::ExitCode;
 
 use spillway_spdk::nvme::regs::{self, Cap, Csts, Version};
 use spillway_spdk::vfio::{sys, Container, DmaBuffer, Group, VfioError};
 
 const DMA_SIZE: usize = 2 << 20;
-
-fn arg_or_env(arg: Option<String>, var: &str) -> Result<String, String> {
-    arg.or_else(|| std::env::var(var).ok())
-        .ok_or_else(|| format!("missing argument: pass it on the command line or set {var}"))
-}
 
 fn run(pci: &str, group_path: &str) -> Result<(), VfioError> {
     let container = Container::open()?;
@@ -94,28 +91,12 @@ fn run(pci: &str, group_path: &str) -> Result<(), VfioError> {
     drop(device);
     drop(group);
     drop(container);
-    println!("vfio_probe: ok");
     Ok(())
 }
 
 fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let (pci, group) = match (
-        arg_or_env(args.next(), "NVMEVM_PCI"),
-        arg_or_env(args.next(), "NVMEVM_GROUP"),
-    ) {
-        (Ok(p), Ok(g)) => (p, g),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("vfio_probe: {e}");
-            eprintln!("usage: vfio_probe [PCI_ADDRESS [GROUP_PATH]]");
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(&pci, &group) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("vfio_probe: error: {e}");
-            ExitCode::FAILURE
-        }
+    match common::controller_args("vfio_probe") {
+        Ok((pci, group)) => common::exit_status("vfio_probe", run(&pci, &group).map(|()| true), "ok"),
+        Err(code) => code,
     }
 }
