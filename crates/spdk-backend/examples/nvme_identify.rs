@@ -9,7 +9,7 @@ mod common;
 
 use std::process::ExitCode;
 
-use spillway_spdk::controller::{Controller, Error};
+use spillway_spdk::controller::{Controller, Error, IO_QUEUE_ENTRIES};
 use spillway_spdk::nvme::status::StatusKind;
 use spillway_spdk::vfio::DmaBuffer;
 
@@ -26,7 +26,7 @@ fn fill(buf: &mut [u8], seed: u64) {
 }
 
 fn run(pci: &str, group: &str) -> Result<bool, Error> {
-    let mut ctrl = Controller::open(pci, group)?;
+    let ctrl = Controller::open(pci, group)?;
     let info = ctrl.info().clone();
     let ns = ctrl.namespace().clone();
     let bs = ns.block_size() as usize;
@@ -56,6 +56,7 @@ fn run(pci: &str, group: &str) -> Result<bool, Error> {
         ("100 KiB at buffer offset 512, PRP list", 3000, 512, 100 * 1024),
         ("2x MDTS, split", 5000, 0, above_mdts),
     ];
+    let mut q = ctrl.create_io_queue(IO_QUEUE_ENTRIES)?;
     let size = cases.iter().map(|c| c.2 + c.3).max().unwrap_or(bs);
     let mut out = DmaBuffer::new(ctrl.container(), size)?;
     let mut back = DmaBuffer::new(ctrl.container(), size)?;
@@ -67,8 +68,8 @@ fn run(pci: &str, group: &str) -> Result<bool, Error> {
             0x9E37_79B9_7F4A_7C15 ^ lba ^ i as u64,
         );
         back.as_mut_slice().fill(0);
-        ctrl.write(lba, &out, range.clone())?;
-        ctrl.read(lba, &mut back, range.clone())?;
+        q.write(lba, &out, range.clone())?;
+        q.read(lba, &mut back, range.clone())?;
         let same = out.as_slice()[range.clone()] == back.as_slice()[range];
         println!(
             "{name}: LBA {lba}, {len} bytes: {}",
@@ -77,7 +78,7 @@ fn run(pci: &str, group: &str) -> Result<bool, Error> {
         ok &= same;
     }
 
-    match ctrl.read(ns.nsze, &mut back, 0..bs) {
+    match q.read(ns.nsze, &mut back, 0..bs) {
         Err(e @ Error::Status { source, .. }) if source.kind == StatusKind::LbaOutOfRange => {
             println!("read at LBA {} (past the end): expected error: {e}", ns.nsze);
         }
@@ -93,6 +94,7 @@ fn run(pci: &str, group: &str) -> Result<bool, Error> {
             ok = false;
         }
     }
+    drop(q);
     ctrl.close()?;
     println!("controller shut down (CSTS.SHST complete)");
     Ok(ok)

@@ -8,7 +8,8 @@
 
 mod common;
 
-use std::ops::Range;
+use common::random_io::{plan, run_at_depth, Io, Rng};
+
 use std::process::ExitCode;
 
 use spillway_spdk::controller::{Controller, Error};
@@ -20,116 +21,15 @@ const IO_ENTRIES: u32 = 256;
 /// Bytes moved in each direction per queue depth, at most.
 const BYTES_PER_DEPTH: u64 = 12 << 20;
 
-/// SplitMix64: a small, deterministic generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let bytes = self.next().to_le_bytes();
-            chunk.copy_from_slice(&bytes[..chunk.len()]);
-        }
-    }
-}
-
-/// One command: its blocks on the namespace and its bytes in the buffers.
-struct Io {
-    lba: u64,
-    bytes: Range<usize>,
-}
-
-/// Random non-overlapping commands, in random order: sizes from 1 block to `max_blocks`
-/// (mostly small, some at the limit), LBAs spread over the namespace with random gaps,
-/// buffer ranges packed with random dword-aligned gaps so that data starts anywhere in a
-/// page.
-fn plan(rng: &mut Rng, count: usize, bs: u64, max_blocks: u64, nsze: u64) -> (Vec<Io>, usize) {
-    let mut ios = Vec::with_capacity(count);
-    let (mut lba, mut at, mut total) = (rng.range(0, 64), 0usize, 0u64);
-    while ios.len() < count {
-        let cap = match rng.next() % 4 {
-            0 | 1 => 8.min(max_blocks),
-            2 => 64.min(max_blocks),
-            _ => max_blocks,
-        };
-        let blocks = if rng.next() % 8 == 0 {
-            cap
-        } else {
-            rng.range(1, cap)
-        };
-        if lba + blocks > nsze || total + blocks * bs > BYTES_PER_DEPTH {
-            break;
-        }
-        at += 4 * rng.range(0, 1023) as usize;
-        let len = (blocks * bs) as usize;
-        ios.push(Io {
-            lba,
-            bytes: at..at + len,
-        });
-        at += len;
-        total += blocks * bs;
-        lba += blocks + rng.range(0, 16);
-    }
-    for i in (1..ios.len()).rev() {
-        ios.swap(i, rng.range(0, i as u64) as usize);
-    }
-    (ios, at)
-}
-
-/// Runs `ios` with at most `qd` in flight; returns the most that were in flight at once.
-fn run_at_depth(
-    ctrl: &mut Controller,
-    qd: usize,
-    ios: &[Io],
-    write: bool,
-    out: &DmaBuffer,
-    back: &mut DmaBuffer,
-) -> Result<usize, Error> {
-    let (mut next, mut done, mut peak) = (0, 0, 0);
-    while done < ios.len() {
-        while next < ios.len() && ctrl.in_flight() < qd {
-            let io = &ios[next];
-            // SAFETY: every command's range is disjoint from the others, neither buffer is
-            // touched until all commands have completed, and both outlive this loop.
-            let submitted = unsafe {
-                if write {
-                    ctrl.submit_write(io.lba, out, io.bytes.clone())
-                } else {
-                    ctrl.submit_read(io.lba, back, io.bytes.clone())
-                }
-            };
-            submitted?;
-            next += 1;
-            peak = peak.max(ctrl.in_flight());
-        }
-        for (_, result) in ctrl.wait_completions(qd)? {
-            result?;
-            done += 1;
-        }
-    }
-    Ok(peak)
-}
-
 fn run(pci: &str, group: &str) -> Result<bool, Error> {
-    let mut ctrl = Controller::open_with_io_entries(pci, group, IO_ENTRIES)?;
-    let ns = ctrl.namespace().clone();
+    let controller = Controller::open(pci, group)?;
+    let ns = controller.namespace().clone();
+    let mut ctrl = controller.create_io_queue(IO_ENTRIES)?;
     let bs = u64::from(ns.block_size());
     let max_blocks = ctrl.max_command_bytes() / bs;
     println!(
         "I/O queue of {} entries ({} in flight at most), {} blocks of {bs} bytes, {} blocks per command at most",
-        ctrl.io_queue_entries(),
+        ctrl.entries(),
         ctrl.max_in_flight(),
         ns.nsze,
         max_blocks
@@ -146,9 +46,9 @@ fn run(pci: &str, group: &str) -> Result<bool, Error> {
             continue;
         }
         let count = (3 * qd).max(96);
-        let (ios, size) = plan(&mut rng, count, bs, max_blocks, ns.nsze);
-        let mut out = DmaBuffer::new(ctrl.container(), size)?;
-        let mut back = DmaBuffer::new(ctrl.container(), size)?;
+        let (ios, size) = plan(&mut rng, count, bs, max_blocks, 0..ns.nsze, BYTES_PER_DEPTH);
+        let mut out = DmaBuffer::new(controller.container(), size)?;
+        let mut back = DmaBuffer::new(controller.container(), size)?;
         rng.fill(out.as_mut_slice());
         back.as_mut_slice().fill(0xA5);
         let peak_w = run_at_depth(&mut ctrl, qd, &ios, true, &out, &mut back)?;
@@ -180,7 +80,7 @@ fn run(pci: &str, group: &str) -> Result<bool, Error> {
         }
     }
     let too_large = (max_blocks + 1) * bs;
-    let big = DmaBuffer::new(ctrl.container(), too_large as usize)?;
+    let big = DmaBuffer::new(controller.container(), too_large as usize)?;
     // SAFETY: `big` is not touched again and outlives the controller's shutdown below.
     match unsafe { ctrl.submit_write(0, &big, 0..too_large as usize) } {
         Err(e @ Error::TooLarge { .. }) => println!("{too_large}-byte submit: expected error: {e}"),
@@ -189,7 +89,8 @@ fn run(pci: &str, group: &str) -> Result<bool, Error> {
             ok = false;
         }
     }
-    ctrl.close()?;
+    drop(ctrl);
+    controller.close()?;
     Ok(ok)
 }
 

@@ -10,9 +10,12 @@
 //!   BAR0 and config space, and DMA buffers mapped into the IOMMU.
 //! - [`qpair`]: a submission/completion queue pair in DMA memory with its doorbells.
 //! - [`controller`]: a controller brought up over VFIO: reset, enable, admin commands,
-//!   Identify, one I/O queue pair, block reads and writes, and shutdown on drop.
+//!   Identify, the number of I/O queues, and shutdown once its last user is gone.
+//! - [`io_queue`]: an I/O queue pair owned by one thread: block reads and writes, many
+//!   commands in flight, no locks.
 
 pub mod controller;
+pub mod io_queue;
 pub mod nvme;
 pub mod qpair;
 pub mod vfio;
