@@ -1,9 +1,11 @@
-//! The `spillway` command line: argument definitions (clap) for `bench` and `info`.
+//! The `spillway` command line: argument definitions (clap) for `bench`, `info` and `nvme`.
 
 use std::path::PathBuf;
 
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+
+use spillway_spdk::pci::PciAddress;
 
 use crate::size::parse_size;
 
@@ -40,6 +42,9 @@ pub enum Command {
     Bench(Box<BenchArgs>),
     /// Show GPUs, driver and CUDA versions, cuFile/GDS status, io_uring and O_DIRECT support.
     Info(InfoArgs),
+    /// List NVMe controllers, and hand them between the kernel's nvme driver and vfio-pci
+    /// (for the userspace driver).
+    Nvme(NvmeArgs),
 }
 
 /// Which backend moves the bytes.
@@ -274,4 +279,37 @@ pub struct InfoArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `spillway nvme` arguments.
+#[derive(Clone, Debug, Args)]
+pub struct NvmeArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: NvmeCommand,
+}
+
+/// The `spillway nvme` subcommands. Binding and unbinding need root.
+#[derive(Clone, Debug, Subcommand)]
+pub enum NvmeCommand {
+    /// List NVMe controllers: address, vendor:device, driver, IOMMU group, and their
+    /// namespaces (nvme driver) or VFIO group (vfio-pci).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bind a controller to vfio-pci so the userspace driver (--backend spdk) can use it.
+    /// Refuses while any namespace or partition is mounted, used as swap, part of an
+    /// LVM/dm/RAID device, or open in a process.
+    Bind {
+        /// The controller's PCI address, e.g. 0000:01:00.0 (see `spillway nvme list`).
+        pci: PciAddress,
+    },
+    /// Give a controller bound to vfio-pci back to the kernel (normally its nvme driver).
+    /// Refuses while a process holds its VFIO group open.
+    Unbind {
+        /// The controller's PCI address, e.g. 0000:01:00.0.
+        pci: PciAddress,
+    },
 }

@@ -1,5 +1,5 @@
 //! `spillway info`: what this machine offers spillway — GPUs, driver, kernels, cuFile and
-//! GDS, io_uring, and O_DIRECT on a path.
+//! GDS, io_uring, NVMe controllers, and O_DIRECT on a path.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +8,7 @@ use spillway_runtime::{open_target, DirectIo, Result, Target};
 
 use crate::cli::InfoArgs;
 use crate::cuda;
+use crate::nvme::{self, NvmeController};
 use crate::size::format_size;
 
 /// Everything `spillway info` reports; `--json` prints it as is.
@@ -29,6 +30,11 @@ pub struct InfoReport {
     pub cufile_details: Vec<(String, String)>,
     /// io_uring: usable, or why not.
     pub io_uring: std::result::Result<(), String>,
+    /// NVMe controllers, their drivers and VFIO groups.
+    pub nvme: Vec<NvmeController>,
+    /// Why the NVMe controllers could not be listed, when they could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nvme_error: Option<String>,
     /// O_DIRECT support of `--path`, when given.
     pub path: Option<PathCheck>,
 }
@@ -67,6 +73,10 @@ pub struct PathCheck {
 pub fn gather(path: Option<&Path>) -> InfoReport {
     let probe = cuda::probe();
     let cufile = spillway_cufile::probe();
+    let (nvme, nvme_error) = match nvme::gather(&spillway_spdk::pci::SysRoots::default()) {
+        Ok(list) => (list, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
     InfoReport {
         version: env!("CARGO_PKG_VERSION").to_string(),
         cuda_driver: probe
@@ -91,6 +101,8 @@ pub fn gather(path: Option<&Path>) -> InfoReport {
         gds_mode: cufile.gds_mode.map(|m| m.as_str().to_string()),
         cufile_details: cufile.details,
         io_uring: spillway_uring::probe(),
+        nvme,
+        nvme_error,
         path: path.map(check_path),
     }
 }
@@ -188,6 +200,7 @@ fn print_report(r: &InfoReport) {
         Ok(()) => println!("io_uring:      available"),
         Err(e) => println!("io_uring:      unavailable: {e}"),
     }
+    print_nvme(r);
     if let Some(p) = &r.path {
         match (&p.error, p.offset_align, p.mem_align) {
             (None, Some(o), Some(m)) => println!(
@@ -197,5 +210,84 @@ fn print_report(r: &InfoReport) {
             (Some(e), _, _) => println!("O_DIRECT:      not usable at {}: {e}", p.path.display()),
             _ => {}
         }
+    }
+}
+
+/// The "NVMe controllers" section: each controller's driver and what it offers spillway.
+fn print_nvme(r: &InfoReport) {
+    for line in nvme_lines(&r.nvme, r.nvme_error.as_deref()) {
+        println!("{line}");
+    }
+}
+
+/// The lines of the "NVMe controllers" section.
+fn nvme_lines(list: &[NvmeController], error: Option<&str>) -> Vec<String> {
+    if let Some(e) = error {
+        return vec![format!("NVMe controllers: cannot list: {e}")];
+    }
+    if list.is_empty() {
+        return vec!["NVMe controllers: none".into()];
+    }
+    let mut lines = vec!["NVMe controllers:".to_string()];
+    for c in list {
+        let driver = c.driver.as_deref().unwrap_or("no driver");
+        let state = match (&c.vfio_group, c.iommu_group) {
+            (Some(group), _) => format!(
+                "vfio-pci, {}: usable by the userspace driver (--backend spdk --pci {})",
+                group.display(),
+                c.address
+            ),
+            (None, None) => {
+                format!("{driver}, no IOMMU group (IOMMU off): not usable by the userspace driver")
+            }
+            (None, Some(g)) => format!(
+                "{driver} ({}), IOMMU group {g}; `spillway nvme bind {}` hands it to the userspace driver",
+                c.devices(),
+                c.address
+            ),
+        };
+        lines.push(format!("  {} ({}:{}): {state}", c.address, c.vendor, c.device));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvme_section_marks_controllers_usable_by_the_userspace_driver() {
+        let kernel = NvmeController {
+            address: "0000:01:00.0".into(),
+            vendor: "144d".into(),
+            device: "a80a".into(),
+            driver: Some("nvme".into()),
+            iommu_group: Some(3),
+            controller: Some("nvme0".into()),
+            namespaces: vec!["nvme0n1".into()],
+            vfio_group: None,
+            userspace_ready: false,
+        };
+        let vfio = NvmeController {
+            address: "0000:02:00.0".into(),
+            driver: Some("vfio-pci".into()),
+            iommu_group: Some(4),
+            controller: None,
+            namespaces: Vec::new(),
+            vfio_group: Some("/dev/vfio/4".into()),
+            userspace_ready: true,
+            ..kernel.clone()
+        };
+        assert_eq!(
+            nvme_lines(&[kernel, vfio], None),
+            [
+                "NVMe controllers:",
+                "  0000:01:00.0 (144d:a80a): nvme (nvme0: nvme0n1), IOMMU group 3; `spillway nvme bind \
+                 0000:01:00.0` hands it to the userspace driver",
+                "  0000:02:00.0 (144d:a80a): vfio-pci, /dev/vfio/4: usable by the userspace driver \
+                 (--backend spdk --pci 0000:02:00.0)",
+            ]
+        );
+        assert_eq!(nvme_lines(&[], None), ["NVMe controllers: none"]);
     }
 }

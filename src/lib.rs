@@ -1,7 +1,7 @@
 //! spillway: a GPU-centric direct-storage runtime.
 //!
 //! This crate holds the CUDA device ([`cuda`]), backend selection ([`select`]) and the
-//! `spillway` command-line tool ([`bench`], [`info`]). The device-agnostic core is
+//! `spillway` command-line tool ([`bench`], [`info`], [`nvme`]). The device-agnostic core is
 //! `spillway-runtime` (re-exported as [`runtime`]); the backends are `spillway-uring` and
 //! `spillway-cufile`.
 
@@ -12,6 +12,7 @@ pub mod cli;
 pub mod cuda;
 pub mod fs;
 pub mod info;
+pub mod nvme;
 pub mod select;
 pub mod size;
 

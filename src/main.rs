@@ -1,10 +1,11 @@
-//! The `spillway` command: `spillway bench` and `spillway info`.
+//! The `spillway` command: `spillway bench`, `spillway info` and `spillway nvme`.
 
 use std::process::ExitCode;
 
 use spillway::bench;
 use spillway::cli::{self, Command, Workload};
 use spillway::info;
+use spillway::nvme;
 
 fn main() -> ExitCode {
     keep_cufile_log_out_of_cwd();
@@ -31,6 +32,15 @@ fn main() -> ExitCode {
             }),
         },
         Command::Info(args) => info::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Nvme(args) => {
+            return nvme::run(args).map_or_else(
+                |e| {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                },
+                |()| ExitCode::SUCCESS,
+            )
+        }
     };
     outcome.unwrap_or_else(|e| {
         // The runtime's errors carry their causes in their text.

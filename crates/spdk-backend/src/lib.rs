@@ -13,9 +13,12 @@
 //!   Identify, the number of I/O queues, and shutdown once its last user is gone.
 //! - [`io_queue`]: an I/O queue pair owned by one thread: block reads and writes, many
 //!   commands in flight, no locks.
+//! - [`pci`]: finding NVMe controllers in sysfs, who uses them, and handing them between
+//!   the kernel's nvme driver and vfio-pci (explicitly, refusing controllers in use).
 
 pub mod controller;
 pub mod io_queue;
 pub mod nvme;
+pub mod pci;
 pub mod qpair;
 pub mod vfio;
