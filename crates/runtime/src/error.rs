@@ -80,6 +80,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A storage device that spillway drives itself (the userspace NVMe driver) failed or
+    /// refused a request.
+    #[error("{target}: {source}")]
+    Storage {
+        /// The device, e.g. "NVMe controller 0000:01:00.0".
+        target: String,
+        /// The driver's error, with what to do.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// A backend was shut down while requests were pending, or a ticket lost its backend.
     #[error("request abandoned: {0}")]
     Abandoned(String),

@@ -15,7 +15,10 @@
 //!   commands in flight, no locks.
 //! - [`pci`]: finding NVMe controllers in sysfs, who uses them, and handing them between
 //!   the kernel's nvme driver and vfio-pci (explicitly, refusing controllers in use).
+//! - [`backend`]: spillway's `Backend` trait on a namespace, one worker thread and I/O
+//!   queue pair each, staging memory mapped for the controller and registered with the GPU.
 
+pub mod backend;
 pub mod controller;
 pub mod io_queue;
 pub mod nvme;
