@@ -54,6 +54,9 @@ pub enum BackendChoice {
     Uring,
     /// NVIDIA cuFile (GPUDirect Storage, or its compat mode).
     Cufile,
+    /// spillway's userspace NVMe driver on the controller given by --pci (bound to
+    /// vfio-pci first with `spillway nvme bind`); its namespace 1 is the target.
+    Spdk,
     /// cuFile when it runs true GDS for GPU memory, io_uring otherwise.
     Auto,
 }
@@ -143,6 +146,11 @@ pub struct BenchArgs {
     /// GPU ordinal (with GPU memory).
     #[arg(long)]
     pub gpu: Option<usize>,
+
+    /// PCI address of the NVMe controller for --backend spdk, e.g. 0000:01:00.0 (see
+    /// `spillway nvme list`). Its namespace 1 is the target: writes overwrite its data.
+    #[arg(long, value_name = "ADDRESS")]
+    pub pci: Option<PciAddress>,
 
     /// Operations to run, in order (comma-separated).
     #[arg(

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use spillway_cufile::{CufileBackend, CufileConfig};
 use spillway_runtime::{Backend, Device, Error, GdsMode, HostDevice, Result};
+use spillway_spdk::backend::{SpdkBackend, SpdkConfig};
+use spillway_spdk::pci::PciAddress;
 use spillway_uring::{UringBackend, UringConfig};
 
 use crate::cli::{BackendChoice, MemChoice};
@@ -60,6 +62,8 @@ pub struct Choices {
     pub threads: usize,
     /// Pinned staging memory per io_uring ring (bytes); `None`: the backend's default.
     pub pinned_bytes: Option<u64>,
+    /// The NVMe controller for the spdk backend.
+    pub pci: Option<PciAddress>,
 }
 
 impl Choices {
@@ -72,6 +76,7 @@ impl Choices {
             queue_depth: args.qd,
             threads: args.threads,
             pinned_bytes: args.pinned,
+            pci: args.pci,
         }
     }
 }
@@ -81,6 +86,19 @@ pub fn setup(choices: Choices) -> Result<Setup> {
     let mut notes = Vec::new();
     if choices.backend == BackendChoice::Cufile {
         spillway_cufile::check_library()?;
+    }
+    match (choices.backend, choices.pci) {
+        (BackendChoice::Spdk, None) => {
+            return Err(Error::invalid(
+                "--backend spdk needs --pci ADDRESS: the NVMe controller to drive (`spillway nvme list` shows them)",
+            ))
+        }
+        (BackendChoice::Spdk, Some(_)) | (_, None) => {}
+        (_, Some(pci)) => {
+            return Err(Error::invalid(format!(
+                "--pci {pci} names a controller for the userspace NVMe driver: add --backend spdk, or drop --pci"
+            )))
+        }
     }
     let memory = match choices.mem {
         MemChoice::Host => {
@@ -116,6 +134,7 @@ pub fn setup(choices: Choices) -> Result<Setup> {
     let backend: Arc<dyn Backend> = match choices.backend {
         BackendChoice::Uring => Arc::new(uring(device.clone(), choices)?),
         BackendChoice::Cufile => Arc::new(cufile(&memory, choices)?),
+        BackendChoice::Spdk => Arc::new(spdk(device.clone(), choices)?),
         BackendChoice::Auto => match &memory {
             Memory::Host => Arc::new(uring(device.clone(), choices)?),
             Memory::Gpu(_) => match spillway_cufile::probe().gds_mode {
@@ -161,6 +180,21 @@ fn uring(device: Arc<dyn Device>, choices: Choices) -> Result<UringBackend> {
         config.staging_buffers = (pinned / chunk) as usize;
     }
     UringBackend::new(device, config)
+}
+
+fn spdk(device: Arc<dyn Device>, choices: Choices) -> Result<SpdkBackend> {
+    let pci = choices.pci.expect("checked in setup");
+    if choices.pinned_bytes.is_some() {
+        return Err(Error::invalid(
+            "--pinned sizes the io_uring backend's staging; the spdk backend stages through --qd slots of 1 MiB per thread: drop --pinned",
+        ));
+    }
+    let config = SpdkConfig {
+        threads: choices.threads,
+        queue_depth: choices.queue_depth,
+        ..SpdkConfig::new(pci.to_string())
+    };
+    SpdkBackend::new(device, config)
 }
 
 fn cufile(memory: &Memory, choices: Choices) -> Result<CufileBackend> {

@@ -608,3 +608,43 @@ fn pinned_memory_must_be_whole_chunks() {
         "{err}"
     );
 }
+
+#[test]
+fn the_userspace_nvme_backend_needs_a_controller_and_says_which() {
+    let err = bench_fails(&["--mem", "host", "--backend", "spdk"]);
+    assert!(err.contains("--backend spdk needs --pci"), "{err}");
+    let err = bench_fails(&["--mem", "host", "--pci", "0000:00:04.0"]);
+    assert!(err.contains("add --backend spdk"), "{err}");
+    let err = bench_fails(&[
+        "--mem",
+        "host",
+        "--backend",
+        "spdk",
+        "--pci",
+        "0000:00:04.0",
+        "--path",
+        "/tmp/x",
+    ]);
+    assert!(
+        err.contains("--path /tmp/x") && err.contains("drop one of them"),
+        "{err}"
+    );
+    let err = bench_fails(&[
+        "--mem",
+        "host",
+        "--backend",
+        "spdk",
+        "--pci",
+        "0000:00:04.0",
+        "--buffered",
+    ]);
+    assert!(err.contains("drop --buffered"), "{err}");
+    let err = bench_fails(&["--mem", "host", "--backend", "spdk", "--pci", "4.0"]);
+    assert!(err.contains("bad PCI address"), "{err}");
+    // No such controller here (and none bound to vfio-pci): named, with what to do.
+    let err = bench_fails(&["--mem", "host", "--backend", "spdk", "--pci", "0000:99:1f.7"]);
+    assert!(
+        err.contains("0000:99:1f.7") && err.contains("spillway nvme list"),
+        "{err}"
+    );
+}

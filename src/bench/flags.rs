@@ -31,6 +31,7 @@ const TENSORS_ONLY: [(&str, &str); 11] = [
 /// Refuses flags given on the command line that the chosen workload does not read.
 /// Only flags recorded in [`BenchArgs::given`] are checked (defaults never are).
 pub fn check(args: &BenchArgs) -> Result<()> {
+    check_nvme_target(args)?;
     let (foreign, owner) = match args.workload {
         Workload::Seq => (&TENSORS_ONLY[..], Workload::Tensors),
         Workload::Tensors => (&SEQ_ONLY[..], Workload::Seq),
@@ -60,4 +61,24 @@ pub fn check(args: &BenchArgs) -> Result<()> {
         owner.as_str(),
         args.workload.as_str(),
     )))
+}
+
+/// Refuses flags that do not apply to the target of `--backend spdk` (`--pci`): a
+/// namespace, with no filesystem and no page cache.
+fn check_nvme_target(args: &BenchArgs) -> Result<()> {
+    let Some(pci) = args.pci else {
+        return Ok(());
+    };
+    if let Some(path) = &args.path {
+        return Err(Error::invalid(format!(
+            "--path {} names a file or block device, but with --pci the target is namespace 1 of NVMe controller {pci}: drop one of them",
+            path.display()
+        )));
+    }
+    if args.buffered {
+        return Err(Error::invalid(
+            "--buffered asks for the page cache, which the userspace NVMe driver (--pci) bypasses: drop --buffered",
+        ));
+    }
+    Ok(())
 }

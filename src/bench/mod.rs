@@ -39,18 +39,21 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     validate(args)?;
     let setup = select::setup(Choices::from_bench(args))?;
     let temp;
-    let path = match &args.path {
-        Some(p) => p.clone(),
-        None => {
+    let path = match (&args.path, args.pci) {
+        (_, Some(pci)) => PathBuf::from(pci.to_string()),
+        (Some(p), None) => p.clone(),
+        (None, None) => {
             temp = temp_file()?;
             temp.path().to_path_buf()
         }
     };
     // Data already on the target is read as it is (no rewrite) unless --verify needs known
     // data; a new or shorter file is filled first, so reads never hit unwritten extents.
-    let already_written = std::fs::metadata(&path)
-        .map(|m| m.file_type().is_block_device() || m.len() >= args.size)
-        .unwrap_or(false);
+    // A namespace, like a block device, always has data.
+    let already_written = args.pci.is_some()
+        || std::fs::metadata(&path)
+            .map(|m| m.file_type().is_block_device() || m.len() >= args.size)
+            .unwrap_or(false);
     let target = Target {
         path: path.clone(),
         direct: if args.buffered {

@@ -67,9 +67,10 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
     };
 
     let temp;
-    let path = match &args.path {
-        Some(p) => p.clone(),
-        None => {
+    let path = match (&args.path, args.pci) {
+        (_, Some(pci)) => std::path::PathBuf::from(pci.to_string()),
+        (Some(p), None) => p.clone(),
+        (None, None) => {
             temp = super::temp_file()?;
             temp.path().to_path_buf()
         }
@@ -79,7 +80,9 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
         opts.engine.pack_extent_bytes,
         opts.engine.dedup,
     );
-    limits::check_storage(&path, capacity)?;
+    if args.pci.is_none() {
+        limits::check_storage(&path, capacity)?;
+    }
     let target = Target {
         path: path.clone(),
         direct: if args.buffered {
@@ -92,7 +95,10 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
     };
     // Opened once here for what the report says about it (O_DIRECT or not); the engine
     // opens it again through the backend.
-    let direct_io = {
+    let direct_io = if args.pci.is_some() {
+        // The userspace NVMe driver: no filesystem, no page cache.
+        true
+    } else {
         let opened = open_target(&target)?;
         notes.extend(opened.warning);
         opened.direct_io

@@ -319,10 +319,12 @@ impl Backend for SpdkBackend {
         }
         if let Some(reserve) = target.reserve {
             if reserve > self.capacity {
-                return Err(Error::NoSpace {
+                return Err(Error::Target {
                     path: target.path.clone(),
-                    offset: 0,
-                    needed: reserve,
+                    reason: format!(
+                        "namespace 1 holds {} bytes, {reserve} were asked for: ask for less (a smaller --size, or fewer or smaller tensors)",
+                        self.capacity
+                    ),
                 });
             }
         }
