@@ -53,10 +53,25 @@ fi
 
 echo "== userspace NVMe driver against QEMU's NVMe controller (tests/nvme-vm)"
 # A small VM (TCG; Debian's kernel and busybox, fetched with apt) with an emulated IOMMU
-# and NVMe controller bound to vfio-pci; the driver's check program runs inside it and
-# its exit status is this step's.
-# nvme_identify: bring-up, Identify, round trips up to 2x MDTS, a typed error; nvme_qd:
-# random verified writes and reads at queue depths 1, 8, 32 and 128.
-cargo build --locked -q -p spillway-spdk --example nvme_identify --example nvme_qd
-bash tests/nvme-vm/build.sh target/nvme-vm target/debug/examples/nvme_identify target/debug/examples/nvme_qd
-bash tests/nvme-vm/run.sh target/nvme-vm sh -c '/opt/nvme_identify && /opt/nvme_qd'
+# and NVMe controller; the check programs run inside it and the exit status is this step's.
+# First boot, controller on vfio-pci:
+#   nvme_identify  bring-up, Identify, round trips up to 2x MDTS, a typed NVMe status
+#   nvme_qd        random verified writes and reads at queue depths 1, 8, 32 and 128
+#   nvme_threads   four queue pairs from four threads at once, verified
+#   nvme_backend   the Backend trait: any offsets, host and device memory, verified
+#   spillway bench --backend spdk, both workloads, verified
+#   nvme_errors    refusals, a controller that stops answering (last: it breaks it)
+# Second boot, controller on the kernel's nvme driver:
+#   nvme_crosscheck  kernel writes / we read, we write / kernel reads, across bind and
+#                    unbind, which are refused while another process uses the controller
+examples=(nvme_identify nvme_qd nvme_threads nvme_backend nvme_errors nvme_crosscheck)
+cargo build --locked -q -p spillway-spdk "${examples[@]/#/--example=}"
+cargo build --locked -q --bin spillway
+bash tests/nvme-vm/build.sh target/nvme-vm "${examples[@]/#/target/debug/examples/}" target/debug/spillway
+bench='spillway bench --backend spdk --pci "$NVMEVM_PCI" --mem host'
+NVMEVM_SMP=2 bash tests/nvme-vm/run.sh target/nvme-vm sh -c "set -e
+  nvme_identify; nvme_qd; nvme_threads; nvme_backend
+  $bench --size 8M --verify --threads 2
+  $bench --workload tensors --tensors 300 --max-size 64K --staging 64M
+  nvme_errors"
+NVMEVM_BIND=nvme bash tests/nvme-vm/run.sh target/nvme-vm nvme_crosscheck

@@ -200,6 +200,10 @@ add_extra_file() {
   local f=$1 root=$2 lib
   [[ -f $f ]] || die "EXTRA_FILE $f is not a regular file"
   cp -L "$f" "$root/opt/$(basename "$f")"
+  # Debug information only makes the initramfs slower to pack and to unpack.
+  if command -v strip >/dev/null; then
+    strip --strip-debug "$root/opt/$(basename "$f")" 2>/dev/null || true
+  fi
   # ldd fails ("not a dynamic executable") for static binaries and non-ELF
   # files: nothing to add then.
   local out
