@@ -10,11 +10,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use spillway::cli::BackendChoice;
 use spillway::cuda::{CudaDevice, ForeignStream};
-use spillway::select::{self, Memory};
+use spillway::select::{self, Memory, Setup};
 use spillway::size::format_size;
 use spillway_runtime::engine::{Engine, Handle, Region, StorageTarget, TensorKey};
 use spillway_runtime::{DirectIo, Error, Event, Target};
+use spillway_spdk::pci::PciAddress;
 
 use crate::errors::{invalid, to_py};
 use crate::settings::{self, Settings};
@@ -448,8 +450,14 @@ impl PyEngine {
 }
 
 /// Sets up the device, backend and storage target, and starts the engine.
-fn open_engine(path: PathBuf, capacity: Option<u64>, settings: Settings) -> Result<PyEngine, Error> {
+fn open_engine(path: PathBuf, capacity: Option<u64>, mut settings: Settings) -> Result<PyEngine, Error> {
+    if settings.choices.backend == BackendChoice::Spdk {
+        settings.choices.pci = Some(controller_address(&path)?);
+    }
     let setup = select::setup(settings.choices)?;
+    if settings.choices.backend == BackendChoice::Spdk {
+        return start(setup, path, false, capacity, None, settings);
+    }
     let (path, anonymous) = storage_file(&path)?;
     let is_block = std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_block_device());
     let (capacity, reserve) = match capacity {
@@ -469,6 +477,37 @@ fn open_engine(path: PathBuf, capacity: Option<u64>, settings: Settings) -> Resu
                 ))
             })?;
             (free / DEFAULT_CAPACITY_FRACTION, None)
+        }
+    };
+    start(setup, path, anonymous, Some(capacity), reserve, settings)
+}
+
+/// With `backend="spdk"` the path names the NVMe controller by its PCI address.
+fn controller_address(path: &Path) -> Result<PciAddress, Error> {
+    let text = path.to_string_lossy();
+    text.parse().map_err(|e| {
+        Error::invalid(format!(
+            "with backend=\"spdk\" the path is the NVMe controller's PCI address (e.g. \"0000:01:00.0\", see `spillway nvme list`), not {text:?}: {e}"
+        ))
+    })
+}
+
+/// Opens the storage target on the backend and starts the engine. Without `capacity`, the
+/// engine may use all of the target (a controller's namespace).
+fn start(
+    setup: Setup,
+    path: PathBuf,
+    anonymous: bool,
+    capacity: Option<u64>,
+    reserve: Option<u64>,
+    settings: Settings,
+) -> Result<PyEngine, Error> {
+    let capacity = match capacity {
+        Some(c) => c,
+        None => {
+            let (id, info) = setup.backend.open(&Target::new(&path))?;
+            setup.backend.close(id)?;
+            info.size
         }
     };
     let align = settings.engine.alignment;

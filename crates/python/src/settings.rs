@@ -42,6 +42,8 @@ pub struct Settings {
     pub engine: EngineConfig,
 }
 
+const EXPECTED_BACKEND: &str = "expected \"auto\", \"uring\", \"cufile\" or \"spdk\"";
+
 impl Settings {
     /// Parses `kwargs`, refusing unknown names and bad values with the reason.
     pub fn parse(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Settings> {
@@ -52,6 +54,7 @@ impl Settings {
             queue_depth: 16,
             threads: 1,
             pinned_bytes: None,
+            pci: None,
         };
         let mut engine = EngineConfig::default();
         let Some(kwargs) = kwargs else {
@@ -67,14 +70,13 @@ impl Settings {
                     choices.gpu = gpu;
                 }
                 "backend" => {
-                    let s: String = v
-                        .extract()
-                        .map_err(|_| bad("expected \"auto\", \"uring\" or \"cufile\""))?;
+                    let s: String = v.extract().map_err(|_| bad(EXPECTED_BACKEND))?;
                     choices.backend = match s.as_str() {
                         "auto" => BackendChoice::Auto,
                         "uring" => BackendChoice::Uring,
                         "cufile" => BackendChoice::Cufile,
-                        _ => return Err(bad("expected \"auto\", \"uring\" or \"cufile\"")),
+                        "spdk" => BackendChoice::Spdk,
+                        _ => return Err(bad(EXPECTED_BACKEND)),
                     };
                 }
                 "queue_depth" => {

@@ -178,7 +178,7 @@ def test_settings_are_documented_and_reported(engine):
     [
         (dict(stagging_bytes=1), "unknown setting \"stagging_bytes\""),
         (dict(device="tpu"), "device=tpu"),
-        (dict(backend="spdk"), "backend=spdk"),
+        (dict(backend="nvme"), "backend=nvme"),
         (dict(staging_bytes="lots"), "staging_bytes=lots"),
         (dict(queue_depth=0), "positive integer"),
         (dict(queue_depth=1 << 40), "fits 32 bits"),
@@ -190,6 +190,14 @@ def test_bad_settings_are_refused_by_name(tmp_path, kwargs, match):
     settings = {**SMALL, **kwargs}
     with pytest.raises(ValueError, match=match):
         spillway.Engine(tmp_path, capacity="1MiB", **settings)
+
+
+def test_the_userspace_nvme_backend_takes_a_controller_address(tmp_path):
+    with pytest.raises(ValueError, match="PCI address"):
+        spillway.Engine(tmp_path, backend="spdk", **SMALL)
+    # No controller there (nor any bound to vfio-pci on a test machine): named, with what to do.
+    with pytest.raises(spillway.SpillwayError, match="0000:99:1f.7.*spillway nvme list"):
+        spillway.Engine("0000:99:1f.7", backend="spdk", **SMALL)
 
 
 def test_bad_calls_get_clear_errors(tmp_path):

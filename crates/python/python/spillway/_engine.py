@@ -15,9 +15,9 @@ Regions = Sequence[Tuple[int, int]]
 #: or a string with a unit ("512MiB").
 SETTINGS: Dict[str, Tuple[Any, str]] = {
     "device": ("auto", '"auto" (GPU 0 when there is one, else host memory), "host", "cuda", "cuda:N" or N'),
-    "backend": ("auto", '"uring" (io_uring, O_DIRECT), "cufile" (GPUDirect Storage) or "auto" (cuFile when it runs true GDS)'),
+    "backend": ("auto", '"uring" (io_uring, O_DIRECT), "cufile" (GPUDirect Storage), "spdk" (spillway\'s userspace NVMe driver: path is then the controller\'s PCI address, bound with `spillway nvme bind`) or "auto" (cuFile when it runs true GDS)'),
     "queue_depth": (16, "I/O requests in flight per ring or thread"),
-    "threads": (1, "io_uring rings, or cuFile worker groups"),
+    "threads": (1, "io_uring rings, cuFile worker groups, or NVMe queue pairs"),
     "pinned_bytes": (None, "pinned host staging per io_uring ring (None: the backend's default)"),
     "alignment": (4096, "alignment of every extent and packed piece on storage (a power of two, >= 512)"),
     "staging_bytes": (512 << 20, "device memory the engine allocates once for packing and prefetching"),
