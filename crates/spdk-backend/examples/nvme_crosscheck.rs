@@ -21,11 +21,10 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode};
-use std::time::{Duration, Instant};
 
 use common::random_io::Rng;
 use spillway_spdk::controller::{Controller, IO_QUEUE_ENTRIES};
-use spillway_spdk::pci::{bind_vfio, find_nvme, unbind_vfio, PciAddress, PciError, SysRoots};
+use spillway_spdk::pci::{bind_vfio, unbind_vfio, PciAddress, PciError, SysRoots};
 use spillway_spdk::vfio::DmaBuffer;
 
 /// Bytes per region, and where the regions are on the namespace.
@@ -75,28 +74,6 @@ fn kernel_read(dev: &PathBuf, at: u64, len: usize) -> Result<Vec<u8>, String> {
     Ok(buf[skew..skew + len].to_vec())
 }
 
-/// The block device of the controller's first namespace once the kernel driver has
-/// created it.
-fn wait_block_device(roots: &SysRoots, addr: PciAddress) -> Result<PathBuf, String> {
-    let start = Instant::now();
-    loop {
-        let f = find_nvme(roots, addr).map_err(|e| e.to_string())?;
-        if let Some(ns) = f.namespaces.first() {
-            let dev = roots.dev.join(ns);
-            if dev.exists() {
-                return Ok(dev);
-            }
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            return Err(format!(
-                "no block device for {addr} after 10 s (driver {:?})",
-                f.driver
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A process that holds `path` open until killed.
 fn holder(path: &str) -> Result<Child, String> {
     let child = Command::new("sh")
@@ -136,7 +113,7 @@ fn run(pci: &str) -> Outcome {
     let mut ok = true;
 
     // 1. The kernel writes K.
-    let dev = wait_block_device(&roots, addr)?;
+    let dev = common::wait_block_device(&roots, addr)?;
     let k = pattern(0x4B45_524E);
     kernel_write(&dev, KERNEL_WRITES_AT, &k)?;
     println!(
@@ -207,7 +184,7 @@ fn run(pci: &str) -> Outcome {
         "gave {addr} back to the kernel: driver {:?}",
         back.function.driver
     );
-    let dev = wait_block_device(&roots, addr)?;
+    let dev = common::wait_block_device(&roots, addr)?;
     let got = kernel_read(&dev, DRIVER_WRITES_AT, REGION)?;
     let same = got == s;
     println!(
