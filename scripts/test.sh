@@ -62,8 +62,9 @@ echo "== userspace NVMe driver against QEMU's NVMe controller (tests/nvme-vm)"
 #   spillway bench --backend spdk, both workloads, verified
 #   nvme_errors    refusals, a controller that stops answering (last: it breaks it)
 # Second boot, controller on the kernel's nvme driver:
-#   nvme_crosscheck  kernel writes / we read, we write / kernel reads, across bind and
-#                    unbind, which are refused while another process uses the controller
+#   nvme_crosscheck  bind refused while mounted, swap or open; kernel writes / we read,
+#                    we write / kernel reads, across bind and unbind (unbind refused
+#                    while another process holds the VFIO group)
 examples=(nvme_identify nvme_qd nvme_threads nvme_backend nvme_errors nvme_crosscheck)
 cargo build --locked -q -p spillway-spdk "${examples[@]/#/--example=}"
 cargo build --locked -q --bin spillway

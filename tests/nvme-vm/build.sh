@@ -28,8 +28,9 @@ EXTRA_FILES=("$@")
 # Modules the guest loads, in any order: dependencies are resolved below.
 WANT_MODULES=(irqbypass vfio vfio_iommu_type1 vfio_pci_core vfio_pci)
 # Shipped but only loaded when the guest is asked to bind the kernel driver
-# (NVMEVM_BIND=nvme, see run.sh).
-OPTIONAL_MODULES=(nvme)
+# (NVMEVM_BIND=nvme, see run.sh); ext4 (which mounts ext2 too; crc32c_generic
+# is its soft dependency) lets a check program mount a namespace.
+OPTIONAL_MODULES=(nvme crc32c_generic ext4)
 
 log() { printf 'nvme-vm build: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -128,7 +129,10 @@ kernel_package() {
 # OUT_DIR/kernel; skipped when OUT_DIR/kernel/source names the same .deb.
 prepare_kernel() {
   local deb=$1 kdir="$OUT_DIR/kernel"
-  if [[ -f $kdir/source && $(cat "$kdir/source") == "$(basename "$deb")" ]]; then
+  # The cache is keyed by the package and the module lists.
+  local key
+  key="$(basename "$deb") ${WANT_MODULES[*]} / ${OPTIONAL_MODULES[*]}"
+  if [[ -f $kdir/source && $(cat "$kdir/source") == "$key" ]]; then
     log "kernel cached: $(basename "$deb")"
     return
   fi
@@ -186,7 +190,7 @@ prepare_kernel() {
   for n in "${OPTIONAL_MODULES[@]}"; do resolve "$n"; done
   printf '%s\n' "${ORDER[@]}" >"$kdir/modules.nvme"
   rm -rf "$tmp"
-  basename "$deb" >"$kdir/source"
+  printf '%s\n' "$key" >"$kdir/source"
 }
 
 # ---------------------------------------------------------------- initramfs

@@ -2,6 +2,8 @@
 //! handing the controller between them with the library's bind and unbind (as `spillway
 //! nvme bind/unbind` does):
 //!
+//! 0. tries to bind to vfio-pci while the namespace holds a mounted filesystem, and while
+//!    it is in use as swap — both must be refused, naming the use;
 //! 1. with the kernel driver bound, writes pattern K through the block device (O_DIRECT);
 //! 2. tries to bind to vfio-pci while another process holds the block device open — this
 //!    must be refused, naming that process;
@@ -94,17 +96,52 @@ fn holder(path: &str) -> Result<Child, String> {
     Ok(child)
 }
 
-fn expect_in_use(name: &str, outcome: Result<impl std::fmt::Debug, PciError>, pid: u32) -> bool {
+fn expect_in_use(name: &str, outcome: Result<impl std::fmt::Debug, PciError>, naming: &str) -> bool {
     match outcome {
-        Err(e @ PciError::InUse { .. }) if e.to_string().contains(&format!("pid {pid}")) => {
+        Err(e @ PciError::InUse { .. }) if e.to_string().contains(naming) => {
             println!("{name}: refused as expected:\n{e}");
             true
         }
         other => {
-            println!("{name}: expected a refusal naming pid {pid}, got {other:?}");
+            println!("{name}: expected a refusal naming {naming:?}, got {other:?}");
             false
         }
     }
+}
+
+/// Runs a shell command in the guest (busybox applets).
+fn sh(command: &str) -> Result<(), String> {
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .status()
+        .map_err(|e| format!("run {command:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} failed: {status}"))
+    }
+}
+
+/// Binding must be refused while the namespace is mounted, and while it is swap.
+fn refused_while_mounted_or_swap(roots: &SysRoots, addr: PciAddress, dev: &str) -> Result<bool, String> {
+    sh(&format!(
+        "mke2fs -q {dev} >/dev/null && mkdir -p /mnt/ns && mount -t ext2 {dev} /mnt/ns"
+    ))?;
+    let ok = expect_in_use(
+        "bind while mounted",
+        bind_vfio(roots, addr),
+        "is mounted at /mnt/ns",
+    );
+    sh("umount /mnt/ns")?;
+    sh(&format!("mkswap {dev} >/dev/null && swapon {dev}"))?;
+    let ok2 = expect_in_use(
+        "bind while used as swap",
+        bind_vfio(roots, addr),
+        "in use as swap",
+    );
+    sh(&format!("swapoff {dev}"))?;
+    Ok(ok && ok2)
 }
 
 fn run(pci: &str) -> Outcome {
@@ -112,8 +149,11 @@ fn run(pci: &str) -> Outcome {
     let addr: PciAddress = pci.parse().map_err(|e: PciError| e.to_string())?;
     let mut ok = true;
 
-    // 1. The kernel writes K.
+    // 0. Refused while mounted or swap.
     let dev = common::wait_block_device(&roots, addr)?;
+    ok &= refused_while_mounted_or_swap(&roots, addr, &dev.to_string_lossy())?;
+
+    // 1. The kernel writes K.
     let k = pattern(0x4B45_524E);
     kernel_write(&dev, KERNEL_WRITES_AT, &k)?;
     println!(
@@ -127,7 +167,7 @@ fn run(pci: &str) -> Outcome {
     ok &= expect_in_use(
         "bind while the block device is open",
         bind_vfio(&roots, addr),
-        h.id(),
+        &format!("pid {}", h.id()),
     );
     let _ = h.kill();
     let _ = h.wait();
@@ -173,7 +213,7 @@ fn run(pci: &str) -> Outcome {
     ok &= expect_in_use(
         "unbind while the VFIO group is open",
         unbind_vfio(&roots, addr),
-        h.id(),
+        &format!("pid {}", h.id()),
     );
     let _ = h.kill();
     let _ = h.wait();
