@@ -111,6 +111,16 @@ fn unanswered(
     Ok(ok)
 }
 
+/// Drops a failed controller, saying how long that took (it must not wait for answers).
+fn drop_timed(ctrl: Controller) {
+    let start = Instant::now();
+    drop(ctrl);
+    println!(
+        "failed controller closed in {:.2} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
 fn run(pci: &str, group: &str) -> Result<bool, Error> {
     let mut ok = true;
 
@@ -125,12 +135,7 @@ fn run(pci: &str, group: &str) -> Result<bool, Error> {
     ok &= unanswered("bus mastering off", &ctrl, q, |e| {
         matches!(e, Error::Fatal { .. } | Error::Timeout { .. })
     })?;
-    let start = Instant::now();
-    drop(ctrl);
-    println!(
-        "failed controller closed in {:.2} s",
-        start.elapsed().as_secs_f64()
-    );
+    drop_timed(ctrl);
 
     // A fresh open resets the controller and turns bus mastering back on.
     let ctrl = Controller::open_with(pci, group, options())?;
@@ -149,12 +154,7 @@ fn run(pci: &str, group: &str) -> Result<bool, Error> {
     ok &= unanswered("controller reset underneath", &ctrl, q, |e| {
         matches!(e, Error::Timeout { .. })
     })?;
-    let start = Instant::now();
-    drop(ctrl);
-    println!(
-        "failed controller closed in {:.2} s",
-        start.elapsed().as_secs_f64()
-    );
+    drop_timed(ctrl);
     Ok(ok)
 }
 

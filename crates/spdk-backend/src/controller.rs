@@ -174,6 +174,8 @@ pub(crate) struct Shared {
     pub(crate) options: Options,
     /// Set on a timeout or a fatal status: no more commands are sent.
     failed: AtomicBool,
+    /// Set once shut down (by `close`), so that drop does not do it again.
+    shut_down: bool,
     pub(crate) bar: Arc<Bar>,
     pub(crate) container: Arc<Container>,
     device: Device,
@@ -299,6 +301,7 @@ impl Controller {
                 list_pages_per_cmd,
                 options,
                 failed: AtomicBool::new(false),
+                shut_down: false,
                 bar,
                 container,
                 device,
@@ -490,6 +493,9 @@ impl Shared {
 
     /// A normal shutdown (CC.SHN); a failed controller is only disabled (CC.EN=0).
     fn shutdown(&mut self) -> Result<(), Error> {
+        if std::mem::replace(&mut self.shut_down, true) {
+            return Ok(());
+        }
         let cc = Cc(self.bar.read32(regs::CC)?);
         if self.has_failed() {
             self.bar.write32(regs::CC, cc.with_enable(false).0)?;

@@ -47,6 +47,8 @@ pub struct IoQueue {
     qp: QueuePair,
     /// `list_pages_per_cmd` PRP list pages for each command identifier.
     prp_lists: DmaBuffer,
+    /// The IOVAs of those pages, identifier by identifier (computed once, not per command).
+    list_iovas: Vec<u64>,
     /// The I/O command behind each identifier in flight.
     pending: Vec<Option<IoOp>>,
     /// Completions reaped while waiting for a particular command, not yet handed out.
@@ -56,7 +58,11 @@ pub struct IoQueue {
 
 impl IoQueue {
     pub(crate) fn new(ctrl: Arc<Shared>, qp: QueuePair, prp_lists: DmaBuffer) -> Self {
+        let page = ctrl.page.bytes();
+        let pages = (qp.capacity() * ctrl.list_pages_per_cmd) as u64;
+        let list_iovas = (0..pages).map(|i| prp_lists.iova() + i * page).collect();
         IoQueue {
+            list_iovas,
             pending: vec![None; qp.capacity()],
             qp,
             prp_lists,
@@ -233,12 +239,12 @@ impl IoQueue {
         let len = range.len() as u64;
         let blocks = (len >> self.ctrl.namespace().block_size().trailing_zeros()) as u32;
         let start = buf.iova() + range.start as u64;
-        let (page, per_cmd) = (self.ctrl.page, self.ctrl.list_pages_per_cmd as u64);
-        let lists = &mut self.prp_lists;
+        let (page, per_cmd) = (self.ctrl.page, self.ctrl.list_pages_per_cmd);
+        let (lists, all_iovas) = (&mut self.prp_lists, &self.list_iovas);
         let cid = self.qp.submit_with(|cid| {
-            let first = lists.iova() + u64::from(cid) * per_cmd * page.bytes();
-            let list_iovas: Vec<u64> = (0..per_cmd).map(|i| first + i * page.bytes()).collect();
-            let prps = prp::build(len, page, |off| start + off, &list_iovas)?;
+            let first = usize::from(cid) * per_cmd;
+            let list_iovas = &all_iovas[first..first + per_cmd];
+            let prps = prp::build(len, page, |off| start + off, list_iovas)?;
             for list in &prps.list {
                 let at = (list.iova - lists.iova()) as usize;
                 let bytes = list.to_bytes();

@@ -156,8 +156,21 @@ impl SpdkBackend {
                 config.threads
             )));
         }
-        let mut workers = Vec::with_capacity(config.threads);
         let device_name = device.info().name;
+        // Built before the workers, so that a failure part way drops it, which joins the
+        // workers already started.
+        let mut backend = SpdkBackend {
+            target_name: target_name.clone(),
+            model: ctrl.info().model.clone(),
+            serial: ctrl.info().serial.clone(),
+            block_size,
+            capacity: ctrl.namespace().capacity_bytes(),
+            registered_with: device_name,
+            config: config.clone(),
+            workers: Vec::with_capacity(config.threads),
+            next_worker: AtomicUsize::new(0),
+            targets: Mutex::new(Vec::new()),
+        };
         for index in 0..config.threads {
             let queue = ctrl.create_io_queue(config.queue_depth + 1).map_err(storage)?;
             let slots = (config.queue_depth as usize).min(queue.max_in_flight());
@@ -183,7 +196,7 @@ impl SpdkBackend {
                 .name(format!("spillway-nvme-{index}"))
                 .spawn(move || worker.run(rx))
                 .map_err(|e| Error::io("starting an NVMe worker thread", e))?;
-            workers.push(WorkerHandle {
+            backend.workers.push(WorkerHandle {
                 tx: Some(tx),
                 load,
                 thread: Some(thread),
@@ -196,18 +209,7 @@ impl SpdkBackend {
             chunk_size = config.chunk_size,
             "userspace NVMe backend started"
         );
-        Ok(SpdkBackend {
-            target_name,
-            model: ctrl.info().model.clone(),
-            serial: ctrl.info().serial.clone(),
-            block_size,
-            capacity: ctrl.namespace().capacity_bytes(),
-            registered_with: device_name,
-            config,
-            workers,
-            next_worker: AtomicUsize::new(0),
-            targets: Mutex::new(Vec::new()),
-        })
+        Ok(backend)
     }
 
     /// The configuration in effect (the chunk size capped at MDTS).
