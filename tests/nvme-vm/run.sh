@@ -61,7 +61,14 @@ shq() { local s=${1//\'/\'\\\'\'}; printf "'%s'" "$s"; }
 # order, like early microcode; an uncompressed archive *after* the gzip one
 # is rejected by this kernel's unpacker).
 mkdir -p "$TMP/cfg/etc/nvmevm"
-printf 'NVMEVM_BIND=%s\n' "$BIND" >"$TMP/cfg/etc/nvmevm/config"
+# What the guest's check programs compare Identify against: the controller's serial
+# number and the size of the disk behind namespace 1.
+SERIAL=deadbeef
+{
+  printf 'NVMEVM_BIND=%s\n' "$BIND"
+  printf 'export NVMEVM_SERIAL=%s\n' "$SERIAL"
+  printf 'export NVMEVM_DISK_BYTES=%s\n' "$(stat -c %s "$DISK")"
+} >"$TMP/cfg/etc/nvmevm/config"
 if [[ $# -gt 0 ]]; then
   {
     printf '#!/bin/sh\n'
@@ -104,7 +111,7 @@ QEMU=(qemu-system-x86_64
   -nographic -vga none -no-reboot
   -kernel "$OUT_DIR/vmlinuz" -initrd "$TMP/initrd" -append "$APPEND"
   -drive "file=$DISK,if=none,id=nvm,format=raw"
-  -device "nvme,serial=deadbeef,drive=nvm"
+  -device "nvme,serial=$SERIAL,drive=nvm"
   -nic none)
 if [[ -n ${NVMEVM_QEMU_ARGS:-} ]]; then
   read -r -a extra <<<"$NVMEVM_QEMU_ARGS"

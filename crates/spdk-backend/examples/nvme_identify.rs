@@ -13,6 +13,9 @@ use spillway_spdk::controller::{Controller, Error, IO_QUEUE_ENTRIES};
 use spillway_spdk::nvme::status::StatusKind;
 use spillway_spdk::vfio::DmaBuffer;
 
+/// The model number QEMU's NVMe controller reports.
+const QEMU_MODEL: &str = "QEMU NVMe Ctrl";
+
 /// A byte pattern that differs per LBA range and position (xorshift).
 fn fill(buf: &mut [u8], seed: u64) {
     let mut x = seed | 1;
@@ -23,6 +26,43 @@ fn fill(buf: &mut [u8], seed: u64) {
         let bytes = x.to_le_bytes();
         chunk.copy_from_slice(&bytes[..chunk.len()]);
     }
+}
+
+/// Checks Identify against what the harness gave QEMU: the model QEMU reports, the serial
+/// number (`NVMEVM_SERIAL`) and the disk image's size (`NVMEVM_DISK_BYTES`).
+fn identity_matches(model: &str, serial: &str, capacity: u64, block_size: usize) -> bool {
+    let mut ok = true;
+    let mut check = |what: &str, same: bool, detail: String| {
+        println!("{what}: {}", if same { "matches" } else { "MISMATCH" });
+        if !same {
+            println!("  {detail}");
+        }
+        ok &= same;
+    };
+    check(
+        "model",
+        model == QEMU_MODEL,
+        format!("{model:?}, expected {QEMU_MODEL:?}"),
+    );
+    if let Ok(want) = std::env::var("NVMEVM_SERIAL") {
+        check("serial", serial == want, format!("{serial:?}, expected {want:?}"));
+    }
+    if let Some(want) = std::env::var("NVMEVM_DISK_BYTES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        check(
+            "namespace size",
+            capacity == want,
+            format!("{capacity} bytes, the disk image holds {want}"),
+        );
+    }
+    check(
+        "block size",
+        block_size == 512 || block_size == 4096,
+        format!("{block_size} bytes, expected 512 or 4096"),
+    );
+    ok
 }
 
 fn run(pci: &str, group: &str) -> Result<bool, Error> {
@@ -47,6 +87,7 @@ fn run(pci: &str, group: &str) -> Result<bool, Error> {
         ns.nsze,
         ns.capacity_bytes() >> 20
     );
+    let mut ok = identity_matches(&info.model, &info.serial, ns.capacity_bytes(), bs);
 
     let above_mdts = ctrl.max_transfer().map_or(2 << 20, |m| (2 * m).min(4 << 20)) as usize;
     let cases: [(&str, u64, usize, usize); 5] = [
@@ -60,7 +101,6 @@ fn run(pci: &str, group: &str) -> Result<bool, Error> {
     let size = cases.iter().map(|c| c.2 + c.3).max().unwrap_or(bs);
     let mut out = DmaBuffer::new(ctrl.container(), size)?;
     let mut back = DmaBuffer::new(ctrl.container(), size)?;
-    let mut ok = true;
     for (i, &(name, lba, at, len)) in cases.iter().enumerate() {
         let range = at..at + len;
         fill(
