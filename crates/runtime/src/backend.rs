@@ -219,6 +219,15 @@ impl Ticket {
         }
     }
 
+    /// Runs `f` with the request's result when it completes (at once if it already has),
+    /// consuming the ticket: for combining requests without a thread waiting on each.
+    pub fn then(self, f: impl FnOnce(Result<usize>) + Send + 'static) {
+        let shared = self.shared.clone();
+        // The waker runs after the result is stored and outside the slot's lock, so the
+        // ticket rebuilt inside it can take the result.
+        self.on_complete(move || f(Ticket { shared }.wait()));
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
         self.shared.slot.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -8,6 +8,7 @@
 //! - [`extents`]: the allocator of aligned extents on storage targets.
 //! - [`pack`]: gathering many tensor pieces into one extent and back (CPU reference).
 //! - [`MemBackend`]: a backend on host memory, for tests.
+//! - [`striped`]: several targets striped into one, each with a backend of its own.
 //! - [`pattern`]: the deterministic data used to verify round trips.
 //!
 //! Nothing here calls CUDA; the CUDA device lives in the `spillway` crate.
@@ -24,6 +25,7 @@ pub mod mem_backend;
 pub mod memory;
 pub mod pack;
 pub mod pattern;
+pub mod striped;
 pub mod target;
 
 pub use backend::{
@@ -36,4 +38,5 @@ pub use host::{HostDevice, HostEvent, HostEventTrigger};
 pub use mem_backend::MemBackend;
 pub use memory::{AlignedBuf, DeviceBuffer, DevicePtr, MemRef, PinnedBuffer};
 pub use pack::PackPiece;
+pub use striped::{Member, MemberStats, StripedBackend};
 pub use target::{open_target, DirectIo, OpenedTarget, Target};

@@ -1,0 +1,597 @@
+//! Striping: one target made of several, like RAID 0, in the runtime instead of in mdadm.
+//!
+//! A [`StripedBackend`] is built from [`Member`]s, each a storage target with a backend of
+//! its own (its own rings, queues and threads), so that a slow member does not hold up the
+//! others. It opens as one target whose bytes are dealt out in `stripe`-byte units, round
+//! robin: unit `u` (bytes `u·stripe .. (u+1)·stripe` of the set) lives on member `u mod n`
+//! at offset `(u div n)·stripe`. A request is cut at unit boundaries and each piece goes to
+//! its member's backend at once; the request completes when every piece has, with the
+//! first error if any failed — naming the member's path, so that a member that went away
+//! shows as a clear error, never as wrong data.
+//!
+//! [`StripedBackend::member_stats`] counts the bytes, requests, errors and busy time of
+//! each member.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::backend::{
+    ticket, Backend, BackendInfo, Completer, IoOp, IoRequest, TargetId, TargetInfo, Ticket,
+};
+use crate::error::{Error, Result};
+use crate::target::Target;
+
+/// One member of a striped set: the target and the backend that moves its bytes.
+#[derive(Clone, Debug)]
+pub struct Member {
+    /// The member's file or block device (its `reserve` is set from the set's).
+    pub target: Target,
+    /// A backend for this member alone.
+    pub backend: Arc<dyn Backend>,
+}
+
+/// What one member has done, for reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MemberStats {
+    /// The member's path.
+    pub path: PathBuf,
+    /// Its backend's name.
+    pub backend: String,
+    /// Bytes written to it.
+    pub bytes_written: u64,
+    /// Bytes read from it.
+    pub bytes_read: u64,
+    /// Pieces of requests it served.
+    pub requests: u64,
+    /// Pieces that failed.
+    pub errors: u64,
+    /// Seconds during which it had at least one piece in flight.
+    pub busy_seconds: f64,
+}
+
+#[derive(Default)]
+struct Counters {
+    bytes_written: AtomicU64,
+    bytes_read: AtomicU64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    in_flight: AtomicUsize,
+    busy: Mutex<Busy>,
+}
+
+#[derive(Default)]
+struct Busy {
+    since: Option<Instant>,
+    total: f64,
+}
+
+impl Counters {
+    fn started(&self) {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+            busy.since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    fn ended(&self, op: IoOp, bytes: usize, ok: bool) {
+        let moved = match op {
+            IoOp::Read => &self.bytes_read,
+            IoOp::Write => &self.bytes_written,
+        };
+        if ok {
+            moved.fetch_add(bytes as u64, Ordering::Relaxed);
+        } else {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+            // Another piece may have started since: only close a period nobody reopened.
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                if let Some(since) = busy.since.take() {
+                    busy.total += since.elapsed().as_secs_f64();
+                }
+            }
+        }
+    }
+
+    fn busy_seconds(&self) -> f64 {
+        let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        busy.total + busy.since.map_or(0.0, |s| s.elapsed().as_secs_f64())
+    }
+}
+
+struct MemberState {
+    member: Member,
+    /// Shared with the completion callbacks of the member's pieces.
+    counters: Arc<Counters>,
+}
+
+/// One open set: the member targets, in member order.
+#[derive(Clone, Debug)]
+struct OpenSet {
+    id: TargetId,
+    members: Vec<TargetId>,
+}
+
+/// Several targets striped into one. See the [module documentation](self).
+pub struct StripedBackend {
+    name: PathBuf,
+    stripe: u64,
+    members: Vec<MemberState>,
+    open: Mutex<Vec<OpenSet>>,
+    next_id: AtomicUsize,
+}
+
+impl StripedBackend {
+    /// A set called `name` (the path its target is opened by) over `members`, dealt out in
+    /// `stripe`-byte units. `stripe` must be a positive multiple of 4096; at least two
+    /// members are needed (one member is no set: use its backend directly).
+    pub fn new(name: impl Into<PathBuf>, members: Vec<Member>, stripe: u64) -> Result<Self> {
+        if members.len() < 2 {
+            return Err(Error::invalid(format!(
+                "striping needs at least two targets, {} given",
+                members.len()
+            )));
+        }
+        if stripe == 0 || stripe % 4096 != 0 {
+            return Err(Error::invalid(format!(
+                "stripe_bytes must be a positive multiple of 4096, not {stripe}"
+            )));
+        }
+        Ok(StripedBackend {
+            name: name.into(),
+            stripe,
+            members: members
+                .into_iter()
+                .map(|member| MemberState {
+                    member,
+                    counters: Arc::default(),
+                })
+                .collect(),
+            open: Mutex::new(Vec::new()),
+            next_id: AtomicUsize::new(0),
+        })
+    }
+
+    /// The name a set is opened by: its members' paths joined by commas.
+    pub fn set_name(paths: &[&Path]) -> PathBuf {
+        let joined: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        PathBuf::from(joined.join(","))
+    }
+
+    /// Bytes per stripe unit.
+    pub fn stripe(&self) -> u64 {
+        self.stripe
+    }
+
+    /// What each member has done so far.
+    pub fn member_stats(&self) -> Vec<MemberStats> {
+        self.members
+            .iter()
+            .map(|m| {
+                let c = &m.counters;
+                MemberStats {
+                    path: m.member.target.path.clone(),
+                    backend: m.member.backend.info().name.to_string(),
+                    bytes_written: c.bytes_written.load(Ordering::Relaxed),
+                    bytes_read: c.bytes_read.load(Ordering::Relaxed),
+                    requests: c.requests.load(Ordering::Relaxed),
+                    errors: c.errors.load(Ordering::Relaxed),
+                    busy_seconds: c.busy_seconds(),
+                }
+            })
+            .collect()
+    }
+
+    fn set(&self, id: TargetId) -> Result<OpenSet> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.iter().find(|s| s.id == id).cloned().ok_or_else(|| {
+            Error::invalid(format!(
+                "target {} is not open on the striped set {}",
+                id.0,
+                self.name.display()
+            ))
+        })
+    }
+
+    /// Where byte `offset` of the set lives: (member index, offset in the member, bytes
+    /// left in its stripe unit).
+    fn locate(&self, offset: u64) -> (usize, u64, u64) {
+        let n = self.members.len() as u64;
+        let unit = offset / self.stripe;
+        let within = offset % self.stripe;
+        (
+            (unit % n) as usize,
+            (unit / n) * self.stripe + within,
+            self.stripe - within,
+        )
+    }
+}
+
+impl fmt::Debug for StripedBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StripedBackend")
+            .field("name", &self.name)
+            .field("stripe", &self.stripe)
+            .field("members", &self.members.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Collects the pieces of one request and completes it when the last one ends.
+struct Gather {
+    remaining: AtomicUsize,
+    first_error: Mutex<Option<Error>>,
+    completer: Mutex<Option<Completer>>,
+    len: usize,
+}
+
+impl Gather {
+    fn piece_done(&self, result: Result<usize>) {
+        if let Err(e) = result {
+            self.first_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(e);
+        }
+        self.pieces_done(1);
+    }
+
+    fn pieces_done(&self, count: usize) {
+        if count > 0 && self.remaining.fetch_sub(count, Ordering::AcqRel) == count {
+            let error = self.first_error.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(c) = self.completer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                c.complete(match error {
+                    Some(e) => Err(e),
+                    None => Ok(self.len),
+                });
+            }
+        }
+    }
+}
+
+impl Backend for StripedBackend {
+    fn info(&self) -> BackendInfo {
+        let first = self.members[0].member.backend.info();
+        let mut details = vec![
+            ("stripe".to_string(), format!("{} bytes", self.stripe)),
+            ("members".to_string(), self.members.len().to_string()),
+        ];
+        for (i, m) in self.members.iter().enumerate() {
+            details.push((
+                format!("member {i}"),
+                format!(
+                    "{} ({})",
+                    m.member.target.path.display(),
+                    m.member.backend.info().name
+                ),
+            ));
+        }
+        BackendInfo {
+            name: first.name,
+            host_staging: first.host_staging,
+            gds_mode: first.gds_mode,
+            details,
+        }
+    }
+
+    fn open(&self, target: &Target) -> Result<(TargetId, TargetInfo)> {
+        if target.path != self.name {
+            return Err(Error::Target {
+                path: target.path.clone(),
+                reason: format!("this striped set opens as {}", self.name.display()),
+            });
+        }
+        let n = self.members.len() as u64;
+        // Each member holds every n-th unit: its share of the reservation, in whole units.
+        let per_member = target.reserve.map(|r| r.div_ceil(n * self.stripe) * self.stripe);
+        let mut opened: Vec<(TargetId, TargetInfo)> = Vec::new();
+        for m in &self.members {
+            let mut t = m.member.target.clone();
+            t.reserve = per_member.or(t.reserve);
+            match m.member.backend.open(&t) {
+                Ok(x) => opened.push(x),
+                Err(e) => {
+                    for (done, (id, _)) in self.members.iter().zip(&opened) {
+                        let _ = done.member.backend.close(*id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let smallest = opened.iter().map(|(_, i)| i.size).min().unwrap_or(0);
+        let info = TargetInfo {
+            direct_io: opened.iter().all(|(_, i)| i.direct_io),
+            offset_align: opened.iter().map(|(_, i)| i.offset_align).max().unwrap_or(1),
+            size: smallest / self.stripe * self.stripe * n,
+            warning: {
+                let w: Vec<String> = opened.iter().filter_map(|(_, i)| i.warning.clone()).collect();
+                (!w.is_empty()).then(|| w.join("; "))
+            },
+        };
+        if self.stripe % info.offset_align as u64 != 0 {
+            for (m, (id, _)) in self.members.iter().zip(&opened) {
+                let _ = m.member.backend.close(*id);
+            }
+            return Err(Error::invalid(format!(
+                "stripe_bytes {} is not a multiple of the {}-byte alignment a member needs",
+                self.stripe, info.offset_align
+            )));
+        }
+        let id = TargetId(self.next_id.fetch_add(1, Ordering::Relaxed) as u32);
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).push(OpenSet {
+            id,
+            members: opened.into_iter().map(|(id, _)| id).collect(),
+        });
+        Ok((id, info))
+    }
+
+    unsafe fn submit(&self, req: IoRequest) -> Result<Ticket> {
+        let set = self.set(req.target)?;
+        let len = req.mem.len();
+        let mut pieces = Vec::new();
+        let (mut at, mut offset) = (0usize, req.offset);
+        while at < len {
+            let (member, member_offset, room) = self.locate(offset);
+            let take = (room.min((len - at) as u64)) as usize;
+            pieces.push((member, member_offset, at, take));
+            at += take;
+            offset += take as u64;
+        }
+        if pieces.is_empty() {
+            return Ok(Ticket::ready(Ok(0)));
+        }
+        let (t, completer) = ticket();
+        let gather = Arc::new(Gather {
+            remaining: AtomicUsize::new(pieces.len()),
+            first_error: Mutex::new(None),
+            completer: Mutex::new(Some(completer)),
+            len,
+        });
+        let count = pieces.len();
+        for (i, &(member, member_offset, at, take)) in pieces.iter().enumerate() {
+            let state = &self.members[member];
+            let piece = IoRequest {
+                target: set.members[member],
+                op: req.op,
+                offset: member_offset,
+                mem: req.mem.slice(at, take),
+            };
+            state.counters.started();
+            // SAFETY: the piece's memory is part of the caller's, which stays valid until
+            // the caller's ticket completes — after every piece has.
+            match unsafe { state.member.backend.submit(piece) } {
+                Ok(piece_ticket) => {
+                    let (gather, counters, op) = (gather.clone(), state.counters.clone(), req.op);
+                    piece_ticket.then(move |result| {
+                        counters.ended(op, take, result.is_ok());
+                        gather.piece_done(result);
+                    });
+                }
+                Err(e) => {
+                    state.counters.ended(req.op, take, false);
+                    gather
+                        .first_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(e);
+                    // This piece and the ones not submitted will never complete: the
+                    // request ends when those already in flight have.
+                    gather.pieces_done(count - i);
+                    break;
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    fn flush(&self, target: TargetId) -> Result<()> {
+        let set = self.set(target)?;
+        for (m, id) in self.members.iter().zip(&set.members) {
+            m.member.backend.flush(*id)?;
+        }
+        Ok(())
+    }
+
+    fn close(&self, target: TargetId) -> Result<()> {
+        let set = self.set(target)?;
+        let mut first = Ok(());
+        for (m, id) in self.members.iter().zip(&set.members) {
+            let closed = m.member.backend.close(*id);
+            if first.is_ok() {
+                first = closed;
+            }
+        }
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|s| s.id != target);
+        first
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{HostDevice, MemBackend, MemRef};
+    use proptest::prelude::*;
+
+    const STRIPE: u64 = 4096;
+
+    fn set(n: usize) -> (StripedBackend, Vec<Arc<MemBackend>>) {
+        let mems: Vec<Arc<MemBackend>> = (0..n)
+            .map(|_| Arc::new(MemBackend::new(Arc::new(HostDevice::new())).unwrap()))
+            .collect();
+        let members = mems
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Member {
+                target: Target::new(format!("/m{i}")),
+                backend: m.clone() as Arc<dyn Backend>,
+            })
+            .collect();
+        (StripedBackend::new("set", members, STRIPE).unwrap(), mems)
+    }
+
+    fn io(b: &StripedBackend, id: TargetId, op: IoOp, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let req = IoRequest {
+            target: id,
+            op,
+            offset,
+            mem: MemRef::Host {
+                ptr: buf.as_mut_ptr(),
+                len: buf.len(),
+            },
+        };
+        // SAFETY: the buffer outlives the wait.
+        unsafe { b.submit(req) }?.wait()
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    #[test]
+    fn units_are_dealt_round_robin_to_the_members() {
+        let (b, mems) = set(3);
+        let (id, _) = b.open(&Target::new("set")).unwrap();
+        let mut data = pattern(6 * STRIPE as usize, 7);
+        assert_eq!(io(&b, id, IoOp::Write, 0, &mut data).unwrap(), data.len());
+        for unit in 0..6u64 {
+            let (m, off) = ((unit % 3) as usize, (unit / 3) * STRIPE);
+            let got = mems[m].contents(TargetId(1), off, STRIPE as usize);
+            let want = &data[(unit * STRIPE) as usize..((unit + 1) * STRIPE) as usize];
+            assert_eq!(got, want, "unit {unit}");
+        }
+        let stats = b.member_stats();
+        assert!(stats
+            .iter()
+            .all(|s| s.bytes_written == 2 * STRIPE && s.requests == 2));
+        assert_eq!(stats[1].path, PathBuf::from("/m1"));
+    }
+
+    proptest! {
+        #[test]
+        fn any_range_round_trips(offset in 0u64..100_000, len in 1usize..60_000, n in 2usize..5) {
+            let (b, _) = set(n);
+            let (id, _) = b.open(&Target::new("set")).unwrap();
+            let mut data = pattern(len, offset as u8);
+            prop_assert_eq!(io(&b, id, IoOp::Write, offset, &mut data).unwrap(), len);
+            let mut back = vec![0u8; len];
+            prop_assert_eq!(io(&b, id, IoOp::Read, offset, &mut back).unwrap(), len);
+            prop_assert_eq!(&back, &data);
+            let moved: u64 = b.member_stats().iter().map(|s| s.bytes_written).sum();
+            prop_assert_eq!(moved, len as u64);
+        }
+    }
+
+    #[test]
+    fn a_failing_member_fails_the_request_after_the_other_pieces_end() {
+        let (b, mems) = set(2);
+        let (id, _) = b.open(&Target::new("set")).unwrap();
+        mems[1].faults().delay_us.store(0, Ordering::Relaxed);
+        mems[1].faults().writes_left.store(0, Ordering::Relaxed);
+        mems[0].faults().delay_us.store(20_000, Ordering::Relaxed);
+        let mut data = pattern(4 * STRIPE as usize, 1);
+        let started = Instant::now();
+        assert!(io(&b, id, IoOp::Write, 0, &mut data).is_err());
+        // Member 0's pieces (slow) had ended before the request reported the failure.
+        assert!(started.elapsed().as_millis() >= 20);
+        let stats = b.member_stats();
+        assert_eq!(stats[0].bytes_written, 2 * STRIPE);
+        assert_eq!(stats[1].errors, 2);
+    }
+
+    #[test]
+    fn a_refused_submission_ends_the_request_once_pieces_in_flight_are_done() {
+        let (b, mems) = set(2);
+        let (id, _) = b.open(&Target::new("set")).unwrap();
+        mems[1].faults().submits_left.store(0, Ordering::Relaxed);
+        let mut data = pattern(4 * STRIPE as usize, 2);
+        let err = io(&b, id, IoOp::Write, 0, &mut data).unwrap_err();
+        assert!(err.to_string().contains("injected submission failure"), "{err}");
+    }
+
+    #[test]
+    fn bad_sets_are_refused_with_the_reason() {
+        let (b, _) = set(2);
+        assert!(matches!(b.open(&Target::new("other")), Err(Error::Target { .. })));
+        let one = vec![Member {
+            target: Target::new("/a"),
+            backend: Arc::new(MemBackend::new(Arc::new(HostDevice::new())).unwrap()),
+        }];
+        assert!(StripedBackend::new("s", one.clone(), STRIPE)
+            .unwrap_err()
+            .to_string()
+            .contains("at least two"));
+        let two = [one.clone(), one].concat();
+        assert!(StripedBackend::new("s", two, 1000)
+            .unwrap_err()
+            .to_string()
+            .contains("stripe_bytes"));
+        let (b, _) = set(2);
+        let mut buf = [0u8; 10];
+        assert!(io(&b, TargetId(9), IoOp::Read, 0, &mut buf).is_err());
+    }
+
+    /// Records the reservation each member target is opened with.
+    #[derive(Debug)]
+    struct Recording {
+        inner: MemBackend,
+        reserved: Mutex<Vec<Option<u64>>>,
+    }
+
+    impl Backend for Recording {
+        fn info(&self) -> BackendInfo {
+            self.inner.info()
+        }
+        fn open(&self, target: &Target) -> Result<(TargetId, TargetInfo)> {
+            self.reserved.lock().unwrap().push(target.reserve);
+            self.inner.open(target)
+        }
+        unsafe fn submit(&self, req: IoRequest) -> Result<Ticket> {
+            // SAFETY: forwarded contract.
+            unsafe { self.inner.submit(req) }
+        }
+        fn flush(&self, target: TargetId) -> Result<()> {
+            self.inner.flush(target)
+        }
+        fn close(&self, target: TargetId) -> Result<()> {
+            self.inner.close(target)
+        }
+    }
+
+    #[test]
+    fn the_reservation_is_shared_out_in_whole_units() {
+        let rec: Vec<Arc<Recording>> = (0..3)
+            .map(|_| {
+                Arc::new(Recording {
+                    inner: MemBackend::new(Arc::new(HostDevice::new())).unwrap(),
+                    reserved: Mutex::new(Vec::new()),
+                })
+            })
+            .collect();
+        let members = rec
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Member {
+                target: Target::new(format!("/m{i}")),
+                backend: r.clone() as Arc<dyn Backend>,
+            })
+            .collect();
+        let b = StripedBackend::new("set", members, STRIPE).unwrap();
+        // 10 units over 3 members: 4 units each (rounded up), so every unit fits.
+        let (id, _) = b.open(&Target::new("set").reserve(10 * STRIPE - 100)).unwrap();
+        for r in &rec {
+            assert_eq!(*r.reserved.lock().unwrap(), vec![Some(4 * STRIPE)]);
+        }
+        b.close(id).unwrap();
+        assert!(b.flush(id).is_err(), "a closed set is gone");
+    }
+}
