@@ -1,10 +1,11 @@
 //! `spillway info`: what this machine offers spillway — GPUs, driver, kernels, cuFile and
-//! GDS, io_uring, NVMe controllers, and O_DIRECT on a path.
+//! GDS, io_uring, NVMe controllers, and O_DIRECT on a path (and, for a directory, how
+//! anonymous offload files are made in it).
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use spillway_runtime::{open_target, DirectIo, Result, Target};
+use spillway_runtime::{anonymous_mode, open_target, AnonymousMode, DirectIo, Result, Target};
 
 use crate::cli::InfoArgs;
 use crate::cuda;
@@ -67,6 +68,13 @@ pub struct PathCheck {
     pub mem_align: Option<usize>,
     /// Why not, when it does not.
     pub error: Option<String>,
+    /// For a directory: how anonymous offload files are made in it, "tmpfile" (O_TMPFILE)
+    /// or "unlinked-at-once" (created 0600 with O_EXCL and unlinked right away).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anonymous_mode: Option<AnonymousMode>,
+    /// For a directory: why no anonymous file could be made in it, when none could.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anonymous_error: Option<String>,
 }
 
 /// Gathers the report.
@@ -107,27 +115,28 @@ pub fn gather(path: Option<&Path>) -> InfoReport {
     }
 }
 
-/// Opens a file at (or, for a directory, inside) `path` with O_DIRECT required.
+/// Opens a file at `path` (for a directory, an anonymous file in it, which leaves nothing
+/// behind) with O_DIRECT required; for a directory also finds how anonymous files are made.
 pub fn check_path(path: &Path) -> PathCheck {
-    let attempt = || -> Result<(usize, usize)> {
-        let (file, _guard) = if path.is_dir() {
-            let tmp = tempfile::Builder::new()
-                .prefix(".spillway-info-")
-                .tempfile_in(path)
-                .map_err(|e| {
-                    spillway_runtime::Error::io(format!("creating a file in {}", path.display()), e)
-                })?;
-            (tmp.path().to_path_buf(), Some(tmp))
-        } else {
-            (path.to_path_buf(), None)
-        };
-        let opened = open_target(&Target {
-            path: file,
+    let is_dir = path.is_dir();
+    let target = if is_dir {
+        Target::anonymous_in(path).direct(DirectIo::Required)
+    } else {
+        Target {
+            path: path.to_path_buf(),
             direct: DirectIo::Required,
             create: false,
             reserve: None,
-        })?;
+        }
+    };
+    let attempt = || -> Result<(usize, usize)> {
+        let opened = open_target(&target)?;
         Ok((opened.offset_align, opened.mem_align))
+    };
+    let (anonymous_mode, anonymous_error) = match is_dir.then(|| anonymous_mode(path)) {
+        Some(Ok(mode)) => (Some(mode), None),
+        Some(Err(e)) => (None, Some(e.to_string())),
+        None => (None, None),
     };
     match attempt() {
         Ok((offset_align, mem_align)) => PathCheck {
@@ -136,6 +145,8 @@ pub fn check_path(path: &Path) -> PathCheck {
             offset_align: Some(offset_align),
             mem_align: Some(mem_align),
             error: None,
+            anonymous_mode,
+            anonymous_error,
         },
         Err(e) => PathCheck {
             path: path.to_path_buf(),
@@ -143,6 +154,8 @@ pub fn check_path(path: &Path) -> PathCheck {
             offset_align: None,
             mem_align: None,
             error: Some(e.to_string()),
+            anonymous_mode,
+            anonymous_error,
         },
     }
 }
@@ -209,6 +222,18 @@ fn print_report(r: &InfoReport) {
             ),
             (Some(e), _, _) => println!("O_DIRECT:      not usable at {}: {e}", p.path.display()),
             _ => {}
+        }
+        match (p.anonymous_mode, &p.anonymous_error) {
+            (Some(mode), _) => println!(
+                "Offload files: anonymous in {}: {}; nothing is left behind, even by a killed job",
+                p.path.display(),
+                mode.describe()
+            ),
+            (None, Some(e)) => println!(
+                "Offload files: no anonymous file can be made in {}: {e}",
+                p.path.display()
+            ),
+            (None, None) => {}
         }
     }
 }

@@ -648,3 +648,198 @@ fn the_userspace_nvme_backend_needs_a_controller_and_says_which() {
         "{err}"
     );
 }
+
+#[test]
+fn info_says_how_anonymous_files_are_made_in_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out = spillway(&["info", "--path", d]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Offload files:"))
+        .unwrap_or_else(|| panic!("an 'Offload files:' line: {text}"));
+    assert!(
+        line.contains(&format!("anonymous in {d}"))
+            && (line.contains("O_TMPFILE") || line.contains("unlinked at once")),
+        "{line}"
+    );
+
+    let out = spillway(&["info", "--json", "--path", d]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let mode = v["path"]["anonymous_mode"].as_str().unwrap_or_default();
+    assert!(["tmpfile", "unlinked-at-once"].contains(&mode), "{}", v["path"]);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left");
+
+    // A file has no anonymous mode.
+    let file = dir.path().join("f.dat");
+    std::fs::write(&file, vec![0u8; 4096]).unwrap();
+    let out = spillway(&["info", "--json", "--path", file.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(v["path"].get("anonymous_mode").is_none(), "{}", v["path"]);
+}
+
+#[test]
+fn bench_in_a_directory_uses_an_anonymous_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out = spillway(&[
+        "bench", "--mem", "host", "--size", "4M", "--verify", "--json", "--path", d,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for line in stdout(&out).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["path"], format!("<anonymous in {d}>"), "{v}");
+        assert_eq!(v["verified"], true, "{v}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left");
+}
+
+/// Free bytes (root's reserve included) of the filesystem holding `dir`.
+fn filesystem_free(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain data; all-zero is a valid value to be overwritten.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid statvfs to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 || st.f_blocks == 0 {
+        return None;
+    }
+    Some((st.f_bfree as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Bytes allocated to the largest file that process `pid` has open in `dir` (a file with no
+/// name shows there as `DIR/#inode (deleted)` or `DIR/name (deleted)`).
+fn largest_open_file_in(pid: u32, dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    fds.filter_map(|fd| {
+        let link = fd.ok()?.path();
+        let to = std::fs::read_link(&link).ok()?;
+        // metadata() follows the link to the open file, named or not.
+        (to.parent() == Some(dir)).then(|| std::fs::metadata(&link).ok())?
+    })
+    .map(|m| m.blocks() * 512)
+    .max()
+    .unwrap_or(0)
+}
+
+#[test]
+fn a_bench_killed_while_offloading_leaves_no_file_and_no_used_space() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::{Duration, Instant};
+    // The run below reserves about 1.2 GiB: 500 tensors of 64 to 192 KiB, each offloaded
+    // ten times and stored every time (--no-dedup), twice over (the workload's slack), with
+    // only 128 MiB of host memory for the two arenas.
+    const FOOTPRINT: u64 = 1 << 30;
+    let dir = tempfile::tempdir().unwrap();
+    let dir_path = std::fs::canonicalize(dir.path()).unwrap();
+    let Some(before) = filesystem_free(&dir_path) else {
+        eprintln!(
+            "the free space of {}'s filesystem cannot be measured; not run",
+            dir_path.display()
+        );
+        return;
+    };
+    if before < 4 * FOOTPRINT {
+        eprintln!(
+            "{} has {} MiB free, under the 4 GiB this test needs; not run",
+            dir_path.display(),
+            before >> 20
+        );
+        return;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args([
+            "bench",
+            "--mem",
+            "host",
+            "--backend",
+            "uring",
+            "--workload",
+            "tensors",
+            "--tensors",
+            "500",
+            "--min-size",
+            "64K",
+            "--max-size",
+            "192K",
+            "--dup",
+            "0.9",
+            "--no-dedup",
+            "--staging",
+            "32M",
+            "--json",
+            "--path",
+        ])
+        .arg(&dir_path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the spillway binary runs");
+    let ended_early = |child: &mut std::process::Child, what: &str| -> ! {
+        use std::io::Read;
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let _ = pipe.read_to_string(&mut err);
+        }
+        panic!("{what} ({status}): {err}");
+    };
+
+    // Wait until the engine has its storage: the target's space reserved (fallocate).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let held = loop {
+        if child.try_wait().unwrap().is_some() {
+            ended_early(&mut child, "the bench ended before it reserved its storage");
+        }
+        let held = largest_open_file_in(child.id(), &dir_path);
+        let dropped = filesystem_free(&dir_path).map_or(0, |now| before.saturating_sub(now));
+        if held >= FOOTPRINT || dropped >= FOOTPRINT {
+            break held;
+        }
+        if Instant::now() > deadline {
+            ended_early(&mut child, "the bench did not reserve its storage in time");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Into the offload phase (it writes about 600 MiB, for most of a second), then SIGKILL.
+    std::thread::sleep(Duration::from_millis(150));
+    if child.try_wait().unwrap().is_some() {
+        ended_early(&mut child, "the bench ended before it could be killed");
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+
+    let left: Vec<_> = std::fs::read_dir(&dir_path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+
+    // The kernel frees the file when the last reference goes (io_uring drops its own
+    // asynchronously): wait for the space to come back. Other activity on a shared
+    // filesystem moves the free space too, so allow half the footprint of slack.
+    let slack = FOOTPRINT / 2;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = filesystem_free(&dir_path).unwrap();
+        if now.saturating_add(slack) >= before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the filesystem's free space did not come back: {} MiB free before the run, {} MiB now (the run held {} MiB)",
+            before >> 20,
+            now >> 20,
+            held >> 20
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

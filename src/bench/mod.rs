@@ -1,6 +1,10 @@
 //! `spillway bench`: a gdsio/fio-like benchmark of a backend between GPU (or host) memory
 //! and a file or block device.
 //!
+//! Without `--path`, or with `--path` naming a directory, the target is an anonymous file
+//! in that directory ($TMPDIR by default; see [`Target::anonymous_in`]): it has no name and
+//! its space is freed when the run ends, even when the run is killed.
+//!
 //! Each operation is timed on its own. Reads need data on the target: a file that already
 //! holds `--size` bytes (or a block device) is read as it is; a new or shorter one is first
 //! filled (untimed), so reads never hit unwritten extents. With
@@ -38,22 +42,15 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     flags::check(args)?;
     validate(args)?;
     let setup = select::setup(Choices::from_bench(args))?;
-    let temp;
-    let path = match (&args.path, args.pci) {
-        (_, Some(pci)) => PathBuf::from(pci.to_string()),
-        (Some(p), None) => p.clone(),
-        (None, None) => {
-            temp = temp_file()?;
-            temp.path().to_path_buf()
-        }
-    };
+    let (path, anonymous) = storage_path(args)?;
     // Data already on the target is read as it is (no rewrite) unless --verify needs known
     // data; a new or shorter file is filled first, so reads never hit unwritten extents.
-    // A namespace, like a block device, always has data.
+    // A namespace, like a block device, always has data; a new anonymous file never does.
     let already_written = args.pci.is_some()
-        || std::fs::metadata(&path)
-            .map(|m| m.file_type().is_block_device() || m.len() >= args.size)
-            .unwrap_or(false);
+        || (!anonymous
+            && std::fs::metadata(&path)
+                .map(|m| m.file_type().is_block_device() || m.len() >= args.size)
+                .unwrap_or(false));
     let target = Target {
         path: path.clone(),
         direct: if args.buffered {
@@ -69,7 +66,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
         args,
         setup: &setup,
         target: id,
-        path,
+        path: display_path(&path, anonymous),
         buffer: BenchBuffer::new(&setup.memory, setup.device.clone(), buffer_len(args))?,
         written: already_written,
         seeded: false,
@@ -83,22 +80,33 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     Ok(results)
 }
 
-/// The benchmark's file when no --path is given: a new file in $TMPDIR, removed when the
-/// returned guard drops.
-fn temp_file() -> Result<tempfile::NamedTempFile> {
-    tempfile::Builder::new()
-        .prefix("spillway-bench-")
-        .suffix(".dat")
-        .tempfile()
-        .map_err(|e| {
-            Error::io(
-                format!(
-                    "creating a temporary file in {} (set TMPDIR or pass --path)",
-                    std::env::temp_dir().display()
-                ),
-                e,
-            )
-        })
+/// What the benchmark stores to, and whether it is an anonymous file in that directory:
+/// the controller of `--pci`, `--path` (a directory: an anonymous file in it), or without
+/// either an anonymous file in $TMPDIR.
+fn storage_path(args: &BenchArgs) -> Result<(PathBuf, bool)> {
+    match (&args.path, args.pci) {
+        (_, Some(pci)) => Ok((PathBuf::from(pci.to_string()), false)),
+        (Some(p), None) => Ok((p.clone(), p.is_dir())),
+        (None, None) => {
+            let dir = std::env::temp_dir();
+            if !dir.is_dir() {
+                return Err(Error::invalid(format!(
+                    "the temporary directory {} does not exist or is not a directory; set TMPDIR to an existing directory or pass --path",
+                    dir.display()
+                )));
+            }
+            Ok((dir, true))
+        }
+    }
+}
+
+/// The path as the report names it: "<anonymous in DIR>" for an anonymous file.
+fn display_path(path: &std::path::Path, anonymous: bool) -> String {
+    if anonymous {
+        format!("<anonymous in {}>", path.display())
+    } else {
+        path.display().to_string()
+    }
 }
 
 fn validate(args: &BenchArgs) -> Result<()> {
@@ -159,7 +167,8 @@ struct Run<'a> {
     args: &'a BenchArgs,
     setup: &'a Setup,
     target: TargetId,
-    path: PathBuf,
+    /// The target as the report names it.
+    path: String,
     buffer: BenchBuffer,
     /// True once the first `size` bytes of the target hold written data (of any kind).
     written: bool,
@@ -257,7 +266,7 @@ impl Run<'_> {
             direct_io: self.direct_io,
             host_staging: matches!(self.setup.memory, Memory::Gpu(_)) && backend.host_staging,
             gds_mode: backend.gds_mode.map(|m| m.as_str().to_string()),
-            path: self.path.display().to_string(),
+            path: self.path.clone(),
             verified: mismatched_bytes.map(|m| m == 0),
             mismatched_bytes,
             notes: self.notes.clone(),

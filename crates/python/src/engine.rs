@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use pyo3::prelude::*;
@@ -25,8 +24,6 @@ use crate::settings::{self, Settings};
 /// the filesystem holding its file (the file grows as tensors are written).
 const DEFAULT_CAPACITY_FRACTION: u64 = 2;
 
-/// Names anonymous spill files apart within one process.
-static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
 
 /// The offload engine on one device and one storage target.
 ///
@@ -364,13 +361,13 @@ impl PyEngine {
         lock(&self.open).is_none()
     }
 
-    /// The storage target (an anonymous file's former name, for the record).
+    /// The storage target: a file or block device, or the directory of an anonymous file.
     #[getter]
     fn path(&self) -> String {
         self.info.path.display().to_string()
     }
 
-    /// True when the data lives in an anonymous file, removed from its directory.
+    /// True when the data lives in an anonymous file (one that never has a name).
     #[getter]
     fn anonymous(&self) -> bool {
         self.info.anonymous
@@ -469,7 +466,11 @@ fn open_engine(path: PathBuf, capacity: Option<u64>, mut settings: Settings) -> 
             )))
         }
         None => {
-            let dir = path.parent().unwrap_or(Path::new("."));
+            let dir = if anonymous {
+                path.as_path()
+            } else {
+                path.parent().unwrap_or(Path::new("."))
+            };
             let free = spillway::fs::free_space(dir).ok_or_else(|| {
                 Error::invalid(format!(
                     "cannot tell how much space {} has: pass capacity= (bytes the engine may use)",
@@ -530,10 +531,6 @@ fn start(
         vec![StorageTarget::new(target, capacity)],
         settings.engine.clone(),
     );
-    if anonymous {
-        // The backend holds the file open; its name is no longer needed.
-        let _ = std::fs::remove_file(&path);
-    }
     let engine = started?;
     let (gpu, device) = match &setup.memory {
         Memory::Gpu(g) => (Some(g.clone()), format!("cuda:{}", g.ordinal())),
@@ -567,9 +564,7 @@ fn storage_file(path: &Path) -> Result<(PathBuf, bool), Error> {
     if !path.is_dir() {
         return Ok((path.to_path_buf(), false));
     }
-    let n = NEXT_FILE.fetch_add(1, Ordering::Relaxed);
-    Ok((
-        path.join(format!(".spillway-{}-{n}.spill", std::process::id())),
-        true,
-    ))
+    // A directory target opens as an anonymous file in it (O_TMPFILE, or created and
+    // unlinked at once): it never has a name, so nothing is left behind even after a kill.
+    Ok((path.to_path_buf(), true))
 }

@@ -1,11 +1,18 @@
 //! Storage targets: a file or block device, opened for direct I/O where the filesystem
 //! allows it, with its alignment and size, and errors that say what to do.
+//!
+//! A target may also be an anonymous file in a directory ([`Target::anonymous_in`]): made
+//! with `O_TMPFILE` where the filesystem supports it, else created with a unique name, mode
+//! 0600 and `O_EXCL`, and unlinked at once, before any data is written. Either way nothing
+//! is left behind, not even by a process killed with SIGKILL: the kernel frees the file's
+//! space when its last descriptor closes.
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -24,7 +31,9 @@ pub enum DirectIo {
 /// What to open: a path and how.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// A regular file (created if missing and `create` is set) or a block device.
+    /// A regular file (created if missing and `create` is set), a block device, or a
+    /// directory: with `create` set, an anonymous file is made in it, which has no name and
+    /// goes away when closed (see [`Target::anonymous_in`]).
     pub path: PathBuf,
     /// O_DIRECT policy.
     pub direct: DirectIo,
@@ -46,6 +55,20 @@ impl Target {
         }
     }
 
+    /// An anonymous file in directory `dir`, O_DIRECT preferred, nothing reserved: made
+    /// with `O_TMPFILE` where the filesystem supports it, else created with a unique name
+    /// (mode 0600, `O_EXCL`) and unlinked right after opening. It has no name while open and
+    /// its space is freed when the last descriptor closes, also when the process is killed.
+    /// [`anonymous_mode`] tells which of the two a directory gets.
+    pub fn anonymous_in(dir: impl Into<PathBuf>) -> Self {
+        Target::new(dir)
+    }
+
+    /// True when opening makes an anonymous file: `path` is a directory and `create` is set.
+    pub fn is_anonymous(&self) -> bool {
+        self.create && self.path.is_dir()
+    }
+
     /// Sets the O_DIRECT policy.
     pub fn direct(mut self, direct: DirectIo) -> Self {
         self.direct = direct;
@@ -64,8 +87,10 @@ impl Target {
 pub struct OpenedTarget {
     /// The open file (with O_DIRECT when `direct_io`).
     pub file: File,
-    /// Its path.
+    /// Its path; for an anonymous file, the directory it was made in.
     pub path: PathBuf,
+    /// How the file was made when it is anonymous; `None` for a named file or a device.
+    pub anonymous: Option<AnonymousMode>,
     /// Whether O_DIRECT is in effect.
     pub direct_io: bool,
     /// Required alignment of offsets and lengths for direct I/O, in bytes.
@@ -80,21 +105,80 @@ pub struct OpenedTarget {
     pub warning: Option<String>,
 }
 
+/// How an anonymous file was made (see [`Target::anonymous_in`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AnonymousMode {
+    /// `O_TMPFILE`: the file never has a name.
+    Tmpfile,
+    /// The filesystem refused `O_TMPFILE`: the file was created with a unique name, mode
+    /// 0600 and `O_EXCL`, and unlinked right after opening, before any data was written.
+    UnlinkedAtOnce,
+}
+
+impl AnonymousMode {
+    /// "tmpfile" or "unlinked-at-once".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnonymousMode::Tmpfile => "tmpfile",
+            AnonymousMode::UnlinkedAtOnce => "unlinked-at-once",
+        }
+    }
+
+    /// A sentence for people: what the mode means.
+    pub fn describe(self) -> &'static str {
+        match self {
+            AnonymousMode::Tmpfile => "O_TMPFILE (the file never has a name)",
+            AnonymousMode::UnlinkedAtOnce => {
+                "created 0600 with O_EXCL and unlinked at once (the filesystem refuses O_TMPFILE)"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for AnonymousMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which mode an anonymous file in `dir` gets: makes one (without O_DIRECT) and closes it,
+/// which leaves nothing behind.
+pub fn anonymous_mode(dir: &Path) -> Result<AnonymousMode> {
+    if !dir.is_dir() {
+        return Err(Error::Target {
+            path: dir.to_path_buf(),
+            reason: "not a directory; anonymous files are made in a directory, so pass one".into(),
+        });
+    }
+    open_anonymous(dir, false, true)
+        .map(|(_, mode)| mode)
+        .map_err(|e| open_error(dir, true, e))
+}
+
 /// The alignment spillway assumes when the kernel does not report one.
 pub const DEFAULT_ALIGN: usize = 4096;
 
-/// Opens `target` read-write.
+/// Opens `target` read-write; a directory with `create` set gets an anonymous file.
 pub fn open_target(target: &Target) -> Result<OpenedTarget> {
     let path = &target.path;
     check_parent(path, target.create)?;
-    if path.is_dir() {
+    let anonymous = path.is_dir();
+    if anonymous && !target.create {
         return Err(Error::Target {
             path: path.clone(),
-            reason: "it is a directory; pass a file path (e.g. DIR/spillway.dat)".into(),
+            reason: "it is a directory; pass a file path (e.g. DIR/spillway.dat), or allow creating a file to get an anonymous one in it".into(),
         });
     }
     let want_direct = target.direct != DirectIo::Off;
-    let (file, direct_io, warning) = match open_file(path, target.create, want_direct) {
+    let open = |direct: bool| -> std::io::Result<(File, Option<AnonymousMode>)> {
+        if anonymous {
+            open_anonymous(path, direct, true).map(|(f, mode)| (f, Some(mode)))
+        } else {
+            open_file(path, target.create, direct).map(|f| (f, None))
+        }
+    };
+    let ((file, anonymous_mode), direct_io, warning) = match open(want_direct) {
         Ok(f) => (f, want_direct, None),
         Err(e) if want_direct && e.raw_os_error() == Some(libc::EINVAL) => {
             if target.direct == DirectIo::Required {
@@ -103,7 +187,7 @@ pub fn open_target(target: &Target) -> Result<OpenedTarget> {
                     reason: "the filesystem does not support O_DIRECT; choose a path on a filesystem that does (ext4, xfs, a block device) or allow buffered I/O".into(),
                 });
             }
-            let f = open_file(path, target.create, false).map_err(|e| open_error(path, e))?;
+            let f = open(false).map_err(|e| open_error(path, anonymous, e))?;
             let w = format!(
                 "{}: the filesystem refused O_DIRECT; using buffered I/O (results include the page cache)",
                 path.display()
@@ -111,7 +195,7 @@ pub fn open_target(target: &Target) -> Result<OpenedTarget> {
             tracing::warn!("{w}");
             (f, false, Some(w))
         }
-        Err(e) => return Err(open_error(path, e)),
+        Err(e) => return Err(open_error(path, anonymous, e)),
     };
     let meta = file
         .metadata()
@@ -145,6 +229,7 @@ pub fn open_target(target: &Target) -> Result<OpenedTarget> {
     Ok(OpenedTarget {
         file,
         path: path.clone(),
+        anonymous: anonymous_mode,
         direct_io,
         offset_align,
         mem_align,
@@ -161,6 +246,94 @@ fn open_file(path: &Path, create: bool, direct: bool) -> std::io::Result<File> {
         opts.custom_flags(libc::O_DIRECT);
     }
     opts.open(path)
+}
+
+/// Makes an anonymous file in `dir`: `O_TMPFILE` when `try_tmpfile` is set and the
+/// filesystem supports it, else a uniquely named file unlinked at once.
+fn open_anonymous(dir: &Path, direct: bool, try_tmpfile: bool) -> std::io::Result<(File, AnonymousMode)> {
+    if try_tmpfile {
+        match open_tmpfile(dir, direct) {
+            Ok(f) => return Ok((f, AnonymousMode::Tmpfile)),
+            Err(e) if !tmpfile_refused(&e) => return Err(e),
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                // EINVAL is also how a filesystem refuses O_DIRECT: when O_TMPFILE alone
+                // works, that is what it meant (the file just made has no name to clean up).
+                if open_tmpfile(dir, false).is_ok() {
+                    return Err(e);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    open_unlinked_at_once(dir, direct).map(|f| (f, AnonymousMode::UnlinkedAtOnce))
+}
+
+/// `open(dir, O_TMPFILE | O_RDWR [| O_DIRECT], 0600)`.
+fn open_tmpfile(dir: &Path, direct: bool) -> std::io::Result<File> {
+    let flags = libc::O_TMPFILE | if direct { libc::O_DIRECT } else { 0 };
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(flags)
+        .open(dir)
+}
+
+/// The errors of a filesystem (or kernel) without `O_TMPFILE` support.
+fn tmpfile_refused(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+    )
+}
+
+/// Creates a uniquely named file in `dir` (mode 0600, `O_EXCL`) and unlinks it before
+/// returning, so that only the descriptor refers to it.
+fn open_unlinked_at_once(dir: &Path, direct: bool) -> std::io::Result<File> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    const ATTEMPTS: usize = 64;
+    for _ in 0..ATTEMPTS {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let name = dir.join(format!(
+            ".spillway-{}-{}-{nanos:08x}.anon",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true).create_new(true).mode(0o600);
+        if direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        match opts.open(&name) {
+            Ok(file) => {
+                return match std::fs::remove_file(&name) {
+                    Ok(()) => Ok(file),
+                    Err(e) => Err(std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "created {} but could not unlink it ({e}); remove it by hand",
+                            name.display()
+                        ),
+                    )),
+                };
+            }
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                if direct && e.raw_os_error() == Some(libc::EINVAL) {
+                    // Some filesystems create the file before refusing O_DIRECT; O_EXCL
+                    // means a file under this name can only be the one just made.
+                    let _ = std::fs::remove_file(&name);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Err(std::io::Error::new(
+        ErrorKind::AlreadyExists,
+        format!("{ATTEMPTS} new file names in a row were taken; remove stale .spillway-*.anon files"),
+    ))
 }
 
 fn check_parent(path: &Path, create: bool) -> Result<()> {
@@ -183,12 +356,20 @@ fn check_parent(path: &Path, create: bool) -> Result<()> {
     Ok(())
 }
 
-fn open_error(path: &Path, e: std::io::Error) -> Error {
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+/// The error for a failed open of `path` (the directory itself when `anonymous`).
+fn open_error(path: &Path, anonymous: bool, e: std::io::Error) -> Error {
+    let parent = if anonymous {
+        path
+    } else {
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    };
     let reason = match (e.kind(), e.raw_os_error()) {
+        (ErrorKind::PermissionDenied, _) if anonymous => format!(
+            "permission denied ({e}); you need write permission on {} to make an anonymous file in it: choose a writable directory or fix its permissions",
+            parent.display()
+        ),
         (ErrorKind::PermissionDenied, _) => format!(
             "permission denied ({e}); you need write permission on {} (or on the file): choose a writable directory or fix its permissions",
             parent.display()
@@ -297,9 +478,143 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_is_refused() {
+    fn a_directory_is_refused_without_create() {
         let dir = tempfile::tempdir().unwrap();
-        let err = open_target(&Target::new(dir.path())).unwrap_err();
+        let target = Target {
+            create: false,
+            ..Target::new(dir.path())
+        };
+        let err = open_target(&target).unwrap_err();
         assert!(err.to_string().contains("is a directory"), "{err}");
+    }
+
+    fn entries(dir: &Path) -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    }
+
+    /// Writes a pattern at offset 0 and reads it back through `t`, with buffers and lengths
+    /// aligned for O_DIRECT.
+    fn round_trip(t: &OpenedTarget) {
+        use std::os::unix::fs::FileExt;
+        let align = t.offset_align.max(t.mem_align).max(DEFAULT_ALIGN);
+        let len = 4 * align;
+        let layout = std::alloc::Layout::from_size_align(len, align).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        // SAFETY: `ptr` is a fresh allocation of `len` bytes, freed at the end of this
+        // function and used through this slice only.
+        let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        t.file.write_all_at(buf, 0).unwrap();
+        buf.fill(0);
+        t.file.read_exact_at(buf, 0).unwrap();
+        let ok = buf.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8);
+        // SAFETY: allocated above with this layout, and `buf` is not used again.
+        unsafe { std::alloc::dealloc(ptr, layout) };
+        assert!(ok, "the data read back differs from the data written");
+    }
+
+    #[test]
+    fn an_anonymous_target_leaves_nothing_in_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = Target::anonymous_in(dir.path()).reserve(1 << 20);
+        assert!(target.is_anonymous());
+        let t = open_target(&target).unwrap();
+        assert!(t.anonymous.is_some());
+        assert_eq!(t.path, dir.path());
+        assert!(t.size >= 1 << 20);
+        assert!(t.offset_align.is_power_of_two());
+        assert!(entries(dir.path()).is_empty(), "nothing named while open");
+        round_trip(&t);
+        drop(t);
+        assert!(entries(dir.path()).is_empty(), "nothing left after closing");
+    }
+
+    #[test]
+    fn a_buffered_anonymous_target_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = open_target(&Target::anonymous_in(dir.path()).direct(DirectIo::Off)).unwrap();
+        assert!(!t.direct_io);
+        round_trip(&t);
+        drop(t);
+        assert!(entries(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn the_fallback_unlinks_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        for direct in [false, true] {
+            let (file, mode) = match open_anonymous(dir.path(), direct, false) {
+                Ok(x) => x,
+                // A filesystem without O_DIRECT: the buffered pass covers the rest.
+                Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => continue,
+                Err(e) => panic!("{e}"),
+            };
+            assert_eq!(mode, AnonymousMode::UnlinkedAtOnce);
+            assert!(entries(dir.path()).is_empty(), "unlinked before returning");
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let meta = file.metadata().unwrap();
+            assert_eq!(meta.nlink(), 0, "no name refers to it");
+            assert_eq!(meta.permissions().mode() & 0o077, 0, "mode 0600");
+            let t = OpenedTarget {
+                file,
+                path: dir.path().to_path_buf(),
+                anonymous: Some(mode),
+                direct_io: direct,
+                offset_align: DEFAULT_ALIGN,
+                mem_align: DEFAULT_ALIGN,
+                size: 0,
+                is_block_device: false,
+                warning: None,
+            };
+            round_trip(&t);
+        }
+        assert!(entries(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn the_mode_probe_answers_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = anonymous_mode(dir.path()).unwrap();
+        // tmpfs, ext4, xfs and btrfs all support O_TMPFILE.
+        assert!(
+            matches!(mode, AnonymousMode::Tmpfile | AnonymousMode::UnlinkedAtOnce),
+            "{mode}"
+        );
+        assert!(entries(dir.path()).is_empty());
+        let t = open_target(&Target::anonymous_in(dir.path())).unwrap();
+        assert_eq!(t.anonymous, Some(mode), "open_target makes the probed kind");
+
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let err = anonymous_mode(&file).unwrap_err().to_string();
+        assert!(err.contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn an_unwritable_directory_is_named() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            return; // root ignores permission bits
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let locked = dir.path().join("locked");
+        std::fs::create_dir(&locked).unwrap();
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let err = open_target(&Target::anonymous_in(&locked))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("permission denied") && err.contains("locked"),
+            "{err}"
+        );
+        assert!(anonymous_mode(&locked).is_err());
     }
 }

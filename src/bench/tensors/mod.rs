@@ -66,21 +66,17 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
         None => None,
     };
 
-    let temp;
-    let path = match (&args.path, args.pci) {
-        (_, Some(pci)) => std::path::PathBuf::from(pci.to_string()),
-        (Some(p), None) => p.clone(),
-        (None, None) => {
-            temp = super::temp_file()?;
-            temp.path().to_path_buf()
-        }
-    };
+    // A directory (or, without --path, $TMPDIR): an anonymous file in it.
+    let (path, anonymous) = super::storage_path(args)?;
     let capacity = plan.storage_capacity(
         opts.engine.alignment,
         opts.engine.pack_extent_bytes,
         opts.engine.dedup,
     );
-    if args.pci.is_none() {
+    if anonymous {
+        // A name that is not there: nothing held yet, free space of the directory itself.
+        limits::check_storage(&path.join("<anonymous file>"), capacity)?;
+    } else if args.pci.is_none() {
         limits::check_storage(&path, capacity)?;
     }
     let target = Target {
@@ -94,12 +90,17 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
         reserve: Some(capacity),
     };
     // Opened once here for what the report says about it (O_DIRECT or not); the engine
-    // opens it again through the backend.
+    // opens it again through the backend. An anonymous file opened here is another file,
+    // gone when closed: nothing to reserve for it.
     let direct_io = if args.pci.is_some() {
         // The userspace NVMe driver: no filesystem, no page cache.
         true
     } else {
-        let opened = open_target(&target)?;
+        let probe = Target {
+            reserve: target.reserve.filter(|_| !anonymous),
+            ..target.clone()
+        };
+        let opened = open_target(&probe)?;
         notes.extend(opened.warning);
         opened.direct_io
     };
@@ -146,7 +147,7 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
             Memory::Host => "host memory".to_string(),
             Memory::Gpu(gpu) => format!("{} (GPU {})", setup.device.info().name, gpu.ordinal()),
         },
-        path: path.display().to_string(),
+        path: super::display_path(&path, anonymous),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         tensors: plan.tensors.len() as u64,
         offload_calls: plan.calls.len() as u64,
