@@ -14,6 +14,7 @@ pub mod fs;
 pub mod info;
 pub mod nvme;
 pub mod select;
+pub mod settings;
 pub mod size;
 
 pub use spillway_runtime as runtime;

@@ -39,7 +39,7 @@ fn parse_size(text: &str) -> PyResult<u64> {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyEngine>()?;
     m.add("SpillwayError", m.py().get_type::<errors::SpillwayError>())?;
-    m.add("SETTING_NAMES", settings::NAMES.to_vec())?;
+    settings::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;

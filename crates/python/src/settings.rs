@@ -1,37 +1,16 @@
-//! The keyword settings of `spillway.Engine(...)`: storage, device, backend and every
-//! engine setting, parsed and checked before anything is opened. Sizes are integers
-//! (bytes) or strings with a unit ("512MiB", "4G").
-
-use std::time::Duration;
+//! The settings of `spillway.Engine(...)`, over spillway's settings table
+//! (`spillway::settings`): defaults, then the TOML file named by `SPILLWAY_CONFIG`, then the
+//! `SPILLWAY_*` environment variables, then the keywords. Everything is parsed and checked
+//! before anything is opened. Sizes are integers (bytes) or strings with a unit ("512MiB").
 
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
-use spillway::cli::{BackendChoice, MemChoice};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
+use pyo3::IntoPyObjectExt;
 use spillway::select::Choices;
-use spillway::size::parse_size;
+use spillway::settings::{self as registry, Kind, Value, SETTINGS};
 use spillway_runtime::engine::EngineConfig;
 
 use crate::errors::invalid;
-
-/// Every keyword `Engine` takes besides `path` and `capacity`, for error messages and docs.
-pub const NAMES: &[&str] = &[
-    "device",
-    "backend",
-    "queue_depth",
-    "threads",
-    "pinned_bytes",
-    "alignment",
-    "staging_bytes",
-    "prefetch_bytes",
-    "pack_threshold",
-    "pack_extent_bytes",
-    "pack_flush_delay_ms",
-    "direct_write_bytes",
-    "pack",
-    "dedup",
-    "timeline",
-    "timeline_capacity",
-];
 
 /// Parsed settings.
 #[derive(Clone, Debug)]
@@ -42,122 +21,109 @@ pub struct Settings {
     pub engine: EngineConfig,
 }
 
-const EXPECTED_BACKEND: &str = "expected \"auto\", \"uring\", \"cufile\" or \"spdk\"";
-
 impl Settings {
-    /// Parses `kwargs`, refusing unknown names and bad values with the reason.
+    /// Loads the file and environment layers and applies `kwargs` over them, refusing
+    /// unknown names and bad values with the reason.
     pub fn parse(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Settings> {
-        let mut choices = Choices {
-            backend: BackendChoice::Auto,
-            mem: MemChoice::Auto,
-            gpu: None,
-            queue_depth: 16,
-            threads: 1,
-            pinned_bytes: None,
-            pci: None,
-        };
-        let mut engine = EngineConfig::default();
-        let Some(kwargs) = kwargs else {
-            return Ok(Settings { choices, engine });
-        };
-        for (k, v) in kwargs.iter() {
-            let name: String = k.extract()?;
-            let bad = |what: &str| invalid(format!("spillway.Engine: {name}={v}: {what}"));
-            match name.as_str() {
-                "device" => {
-                    let (mem, gpu) = parse_device(&v).map_err(|why| bad(&why))?;
-                    choices.mem = mem;
-                    choices.gpu = gpu;
-                }
-                "backend" => {
-                    let s: String = v.extract().map_err(|_| bad(EXPECTED_BACKEND))?;
-                    choices.backend = match s.as_str() {
-                        "auto" => BackendChoice::Auto,
-                        "uring" => BackendChoice::Uring,
-                        "cufile" => BackendChoice::Cufile,
-                        "spdk" => BackendChoice::Spdk,
-                        _ => return Err(bad(EXPECTED_BACKEND)),
-                    };
-                }
-                "queue_depth" => {
-                    choices.queue_depth = u32::try_from(count(&v).map_err(|w| bad(&w))?)
-                        .map_err(|_| bad("expected a queue depth that fits 32 bits"))?
-                }
-                "threads" => choices.threads = count(&v).map_err(|w| bad(&w))? as usize,
-                "pinned_bytes" => choices.pinned_bytes = Some(size(&v).map_err(|w| bad(&w))?),
-                "alignment" => engine.alignment = size(&v).map_err(|w| bad(&w))?,
-                "staging_bytes" => engine.staging_bytes = size(&v).map_err(|w| bad(&w))?,
-                "prefetch_bytes" => engine.prefetch_bytes = size(&v).map_err(|w| bad(&w))?,
-                "pack_threshold" => engine.pack_threshold = size(&v).map_err(|w| bad(&w))?,
-                "pack_extent_bytes" => engine.pack_extent_bytes = size(&v).map_err(|w| bad(&w))?,
-                "direct_write_bytes" => engine.direct_write_bytes = size(&v).map_err(|w| bad(&w))?,
-                "pack_flush_delay_ms" => {
-                    let ms: f64 = v.extract().map_err(|_| bad("expected milliseconds (a number)"))?;
-                    if !(ms.is_finite() && ms >= 0.0) {
-                        return Err(bad("expected milliseconds, zero or more"));
-                    }
-                    engine.pack_flush_delay = Duration::from_secs_f64(ms / 1000.0);
-                }
-                "pack" => engine.pack = flag(&v).map_err(|w| bad(&w))?,
-                "dedup" => engine.dedup = flag(&v).map_err(|w| bad(&w))?,
-                "timeline" => engine.timeline = flag(&v).map_err(|w| bad(&w))?,
-                "timeline_capacity" => engine.timeline_capacity = count(&v).map_err(|w| bad(&w))? as usize,
-                _ => {
-                    return Err(invalid(format!(
-                        "spillway.Engine: unknown setting {name:?}; the settings are path, capacity, {}",
-                        NAMES.join(", ")
-                    )))
-                }
-            }
-        }
-        engine.validate().map_err(crate::errors::to_py)?;
-        Ok(Settings { choices, engine })
+        let resolved = layers(kwargs)?
+            .resolve()
+            .map_err(|e| invalid(format!("spillway.Engine: {e}")))?;
+        Ok(Settings {
+            choices: resolved.choices,
+            engine: resolved.engine,
+        })
     }
 }
 
-/// `"auto"`, `"host"`/`"cpu"`, `"cuda"`, `"cuda:N"`, or a GPU ordinal.
-fn parse_device(v: &Bound<'_, PyAny>) -> Result<(MemChoice, Option<usize>), String> {
-    const WANT: &str = "expected \"auto\", \"host\", \"cuda\", \"cuda:N\" or a GPU ordinal";
-    if let Ok(n) = v.extract::<usize>() {
-        return Ok((MemChoice::Gpu, Some(n)));
+/// Defaults, file and environment, then `kwargs`; not yet checked together.
+fn layers(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<registry::Settings> {
+    let mut layers = registry::Settings::load().map_err(|e| invalid(format!("spillway.Engine: {e}")))?;
+    for (k, v) in kwargs.into_iter().flat_map(|d| d.iter()) {
+        let name: String = k.extract()?;
+        let Some((_, setting)) = registry::find(&name) else {
+            let hint = registry::suggest(&name)
+                .map(|s| format!(" (did you mean {s:?}?)"))
+                .unwrap_or_default();
+            return Err(invalid(format!(
+                "spillway.Engine: unknown setting {name:?}{hint}; the settings are path, capacity, {}",
+                registry::names().collect::<Vec<_>>().join(", ")
+            )));
+        };
+        let bad = |why: &str| invalid(format!("spillway.Engine: {name}={v}: {why}"));
+        let value =
+            value_of(&v).map_err(|why| bad(&format!("{why}; {name} takes {}", setting.kind.accepts())))?;
+        layers.set(&name, value).map_err(|e| bad(e.reason()))?;
     }
-    let s: String = v.extract().map_err(|_| WANT.to_string())?;
-    match s.as_str() {
-        "auto" => Ok((MemChoice::Auto, None)),
-        "host" | "cpu" => Ok((MemChoice::Host, None)),
-        "cuda" | "gpu" => Ok((MemChoice::Gpu, None)),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok((MemChoice::Gpu, Some(n))),
-            _ => Err(WANT.to_string()),
-        },
+    Ok(layers)
+}
+
+/// A Python value as a setting's value: bool, int, float or str.
+fn value_of(v: &Bound<'_, PyAny>) -> Result<Value, String> {
+    if v.is_instance_of::<PyBool>() {
+        return v.extract().map(Value::Bool).map_err(|e: PyErr| e.to_string());
+    }
+    if v.is_instance_of::<PyString>() {
+        return v.extract().map(Value::Str).map_err(|e: PyErr| e.to_string());
+    }
+    if v.is_instance_of::<PyFloat>() {
+        return v.extract().map(Value::Float).map_err(|e: PyErr| e.to_string());
+    }
+    match v.extract::<i64>() {
+        Ok(n) => Ok(Value::Int(n)),
+        Err(_) if v.is_instance_of::<PyInt>() => Err(format!("{v} is too large")),
+        Err(_) => Err(format!(
+            "a {} is not a setting's value",
+            v.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+        )),
+    }
+}
+
+/// A setting's value as a Python object.
+fn py_value(py: Python<'_>, v: &Value) -> PyResult<Py<PyAny>> {
+    match v {
+        Value::Int(n) => n.into_py_any(py),
+        Value::Float(x) => x.into_py_any(py),
+        Value::Bool(b) => b.into_py_any(py),
+        Value::Str(s) => s.into_py_any(py),
     }
 }
 
 /// A size: an integer of bytes or a string with a unit.
 pub fn size(v: &Bound<'_, PyAny>) -> Result<u64, String> {
-    if v.is_instance_of::<PyString>() {
-        let s: String = v.extract().map_err(|e: PyErr| e.to_string())?;
-        return parse_size(&s);
-    }
-    if v.is_instance_of::<pyo3::types::PyBool>() {
-        return Err("expected a size in bytes, not a bool".into());
-    }
-    v.extract::<u64>().map_err(|_| {
-        "expected a size: bytes as a non-negative integer, or a string such as \"512MiB\"".into()
-    })
+    value_of(v)
+        .and_then(|value| value.size())
+        .map_err(|why| format!("{why}; expected {}", Kind::Size.accepts()))
 }
 
-fn count(v: &Bound<'_, PyAny>) -> Result<u64, String> {
-    match v.extract::<u64>() {
-        Ok(n) if n > 0 && !v.is_instance_of::<pyo3::types::PyBool>() => Ok(n),
-        _ => Err("expected a positive integer".into()),
-    }
+/// Every setting's value and where it came from, for `Engine.resolve_settings`: a list of
+/// `(name, value, source)`, the source as "default", "file PATH", "environment variable
+/// NAME" or "argument".
+#[pyfunction]
+#[pyo3(signature = (**kwargs))]
+fn resolve_settings(
+    py: Python<'_>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> PyResult<Vec<(String, Py<PyAny>, String)>> {
+    let layers = layers(kwargs)?;
+    layers
+        .resolve()
+        .map_err(|e| invalid(format!("spillway.Engine: {e}")))?;
+    layers
+        .iter()
+        .map(|(s, value, source)| Ok((s.name.to_string(), py_value(py, &value)?, source.to_string())))
+        .collect()
 }
 
-fn flag(v: &Bound<'_, PyAny>) -> Result<bool, String> {
-    if v.is_instance_of::<pyo3::types::PyBool>() {
-        v.extract::<bool>().map_err(|e: PyErr| e.to_string())
-    } else {
-        Err("expected True or False".into())
-    }
+/// Adds the settings table to the module: `SETTINGS_TABLE`, a list of `(name, default,
+/// meaning, environment variable)`; `SETTING_NAMES`; and `resolve_settings(**kwargs)`.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    let table = SETTINGS
+        .iter()
+        .map(|s| Ok((s.name, py_value(py, &s.default_value())?, s.meaning, s.env_var())))
+        .collect::<PyResult<Vec<_>>>()?;
+    m.add("SETTINGS_TABLE", table)?;
+    m.add("SETTING_NAMES", registry::names().collect::<Vec<_>>())?;
+    m.add_function(wrap_pyfunction!(resolve_settings, m)?)?;
+    Ok(())
 }

@@ -242,3 +242,78 @@ def test_releasing_one_handle_of_a_key_does_not_wait_for_the_others(tmp_path):
         assert not e.source_released(h2)
         assert release_in_thread(h2), "the last release returns once the engine let go"
         assert e.live_handles() == 0
+
+
+def test_settings_come_from_the_file_then_the_environment_then_arguments(tmp_path, monkeypatch):
+    config = tmp_path / "spillway.toml"
+    config.write_text(
+        'staging_bytes = "16MiB"\nprefetch_bytes = "4MiB"\npack_extent_bytes = "1MiB"\n'
+        'queue_depth = 8\ndedup = false\npack_threshold = "64KiB"\n'
+    )
+    monkeypatch.setenv("SPILLWAY_CONFIG", str(config))
+    monkeypatch.setenv("SPILLWAY_STAGING_BYTES", "12MiB")
+    monkeypatch.setenv("SPILLWAY_QUEUE_DEPTH", "4")
+    resolved = spillway.Engine.resolve_settings(staging_bytes="10MiB", device="host")
+    assert resolved["staging_bytes"] == (10 << 20, "argument")
+    assert resolved["queue_depth"] == (4, "environment variable SPILLWAY_QUEUE_DEPTH")
+    assert resolved["dedup"] == (False, f"file {config}")
+    assert resolved["pack_threshold"] == (64 << 10, f"file {config}")
+    assert resolved["alignment"] == (4096, "default")
+    settings = {k: v for k, v in SMALL.items() if k != "staging_bytes"}
+    with spillway.Engine(tmp_path, capacity="1MiB", staging_bytes="10MiB", **settings) as e:
+        s = e.settings
+        assert s["staging_bytes"] == 10 << 20 and s["queue_depth"] == 4
+        assert s["dedup"] is False and s["pack_threshold"] == 256 << 10
+    monkeypatch.delenv("SPILLWAY_STAGING_BYTES")
+    assert spillway.Engine.resolve_settings()["staging_bytes"] == (16 << 20, f"file {config}")
+
+
+def test_the_settings_table_is_the_native_one():
+    table = {name: (default, meaning, env) for name, default, meaning, env in spillway._native.SETTINGS_TABLE}
+    assert list(spillway.SETTINGS) == list(spillway._native.SETTING_NAMES)
+    for name, (default, meaning) in spillway.SETTINGS.items():
+        assert table[name] == (default, meaning, "SPILLWAY_" + name.upper())
+    assert spillway.SETTINGS["staging_bytes"][0] == 512 << 20
+    assert spillway.SETTINGS["pack"][0] is True
+
+
+@pytest.mark.parametrize("layer", ["file", "environment", "argument"])
+def test_a_bad_value_is_refused_naming_the_setting_and_its_source(tmp_path, monkeypatch, layer):
+    config = tmp_path / "spillway.toml"
+    kwargs = {}
+    if layer == "file":
+        config.write_text('prefetch_bytes = "lots"\n')
+        monkeypatch.setenv("SPILLWAY_CONFIG", str(config))
+        where = f'{config}: prefetch_bytes = "lots"'
+    elif layer == "environment":
+        monkeypatch.setenv("SPILLWAY_PREFETCH_BYTES", "lots")
+        where = 'environment variable SPILLWAY_PREFETCH_BYTES="lots"'
+    else:
+        kwargs["prefetch_bytes"] = "lots"
+        where = "prefetch_bytes=lots"
+    with pytest.raises(ValueError) as info:
+        spillway.Engine(tmp_path, capacity="1MiB", **kwargs)
+    msg = str(info.value)
+    assert where in msg and "prefetch_bytes takes" in msg, msg
+
+
+def test_unknown_names_and_unreadable_files_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPILLWAY_STAGING_BYTE", "1GiB")
+    with pytest.raises(ValueError, match="SPILLWAY_STAGING_BYTE is not a spillway setting.*SPILLWAY_STAGING_BYTES"):
+        spillway.Engine.resolve_settings()
+    monkeypatch.delenv("SPILLWAY_STAGING_BYTE")
+    config = tmp_path / "spillway.toml"
+    config.write_text("stagging_bytes = 1\n")
+    monkeypatch.setenv("SPILLWAY_CONFIG", str(config))
+    with pytest.raises(ValueError, match='unknown key "stagging_bytes" \\(did you mean "staging_bytes"\\?\\)'):
+        spillway.Engine(tmp_path, capacity="1MiB", **SMALL)
+    monkeypatch.setenv("SPILLWAY_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(ValueError, match="missing.toml.*SPILLWAY_CONFIG"):
+        spillway.Engine.resolve_settings()
+
+
+def test_settings_that_disagree_name_where_each_was_set(monkeypatch):
+    monkeypatch.setenv("SPILLWAY_PREFETCH_BYTES", "1GiB")
+    with pytest.raises(ValueError, match="prefetch_bytes: environment variable SPILLWAY_PREFETCH_BYTES"):
+        spillway.Engine.resolve_settings()
+    assert spillway.Engine.resolve_settings(staging_bytes="2GiB")["prefetch_bytes"][0] == 1 << 30

@@ -11,28 +11,12 @@ from . import _native
 
 Regions = Sequence[Tuple[int, int]]
 
-#: Every keyword setting of :class:`Engine`: name -> (default, meaning). Sizes take bytes
-#: or a string with a unit ("512MiB").
+#: Every keyword setting of :class:`Engine`: name -> (default, meaning), from the native
+#: settings table (docs/settings.md lists the same, with each setting's environment
+#: variable). Sizes take bytes or a string with a unit ("512MiB").
 SETTINGS: Dict[str, Tuple[Any, str]] = {
-    "device": ("auto", '"auto" (GPU 0 when there is one, else host memory), "host", "cuda", "cuda:N" or N'),
-    "backend": ("auto", '"uring" (io_uring, O_DIRECT), "cufile" (GPUDirect Storage), "spdk" (spillway\'s userspace NVMe driver: path is then the controller\'s PCI address, bound with `spillway nvme bind`) or "auto" (cuFile when it runs true GDS)'),
-    "queue_depth": (16, "I/O requests in flight per ring or thread"),
-    "threads": (1, "io_uring rings, cuFile worker groups, or NVMe queue pairs"),
-    "pinned_bytes": (None, "pinned host staging per io_uring ring (None: the backend's default)"),
-    "alignment": (4096, "alignment of every extent and packed piece on storage (a power of two, >= 512)"),
-    "staging_bytes": (512 << 20, "device memory the engine allocates once for packing and prefetching"),
-    "prefetch_bytes": (256 << 20, "of the staging memory, how much read-ahead may hold"),
-    "pack_threshold": (1 << 20, "tensors smaller than this are packed together into shared extents"),
-    "pack_extent_bytes": (16 << 20, "size of one packed extent"),
-    "pack_flush_delay_ms": (2.0, "a partly filled packed extent is written after this long without offloads"),
-    "direct_write_bytes": (256 << 20, "bytes of unpacked writes in flight"),
-    "pack": (True, "pack small tensors (False: every tensor gets its own extent)"),
-    "dedup": (True, "store a storage+version offloaded twice only once"),
-    "timeline": (False, "record a timeline of every stage (Engine.write_trace)"),
-    "timeline_capacity": (1_000_000, "most timeline events kept"),
+    name: (default, meaning) for name, default, meaning, _env_var in _native.SETTINGS_TABLE
 }
-
-assert set(SETTINGS) == set(_native.SETTING_NAMES), "SETTINGS and the native settings differ"
 
 
 class Engine:
@@ -42,7 +26,9 @@ class Engine:
     lives in a new file there that is unlinked at once, so nothing is left behind even
     after a crash), a file (created if missing, kept afterwards) or a block device.
     ``capacity`` is the most bytes it may store: reserved up front when given; by default
-    half of the filesystem's free space, used as needed. See :data:`SETTINGS`.
+    half of the filesystem's free space, used as needed. See :data:`SETTINGS`. A setting
+    not given here comes from its ``SPILLWAY_*`` environment variable, else from the TOML
+    file named by ``SPILLWAY_CONFIG``, else its default (docs/settings.md).
 
     Memory crosses as ``(address, length)`` regions and CUDA streams as raw handles
     (``torch.cuda.Stream.cuda_stream``). The engine reads an offloaded tensor's memory
@@ -52,6 +38,14 @@ class Engine:
 
     def __init__(self, path: "os.PathLike[str] | str", capacity: "int | str | None" = None, **settings: Any):
         self._native = _native.Engine(os.fspath(path), capacity, **settings)
+
+    @staticmethod
+    def resolve_settings(**settings: Any) -> Dict[str, Tuple[Any, str]]:
+        """The settings an ``Engine(path, **settings)`` would run with, without opening
+        anything: name -> (value, source), the source being "default", "file PATH" (the
+        TOML file named by ``SPILLWAY_CONFIG``), "environment variable SPILLWAY_NAME" or
+        "argument". Raises ``ValueError`` as ``Engine`` would."""
+        return {name: (value, source) for name, value, source in _native.resolve_settings(**settings)}
 
     # The data path.
     def offload(self, key: Tuple[int, int], regions: Regions, stream: Optional[int] = None) -> int:

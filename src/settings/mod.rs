@@ -1,0 +1,327 @@
+//! Settings: every setting of the offload engine, its device and its backend, in one table
+//! ([`SETTINGS`]), given in layers — lowest to highest:
+//!
+//! 1. defaults;
+//! 2. the TOML file named by `SPILLWAY_CONFIG` (none when unset);
+//! 3. `SPILLWAY_*` environment variables (`SPILLWAY_STAGING_BYTES=1GiB`);
+//! 4. API arguments ([`Settings::set`]).
+//!
+//! ```no_run
+//! # fn main() -> Result<(), spillway::settings::SettingsError> {
+//! let mut settings = spillway::settings::Settings::load()?; // defaults, file, environment
+//! settings.set("staging_bytes", "1GiB")?; // an argument overrides them all
+//! let resolved = settings.resolve()?; // checked together
+//! # let _ = resolved; Ok(()) }
+//! ```
+//!
+//! Every refusal names the setting, where its value came from and what it takes.
+//! `docs/settings.md` is generated from the table ([`markdown`]).
+
+mod docs;
+mod environment;
+mod error;
+mod table;
+#[cfg(test)]
+mod tests;
+mod value;
+
+use std::path::Path;
+
+use spillway_runtime::engine::EngineConfig;
+
+use crate::cli::{BackendChoice, MemChoice};
+use crate::select::Choices;
+
+pub use docs::markdown;
+pub use environment::{suggest, CONFIG_VAR, OTHER_VARIABLES, PREFIX};
+pub use error::{SettingsError, Source};
+pub use table::{find, names, Kind, Setting, SETTINGS};
+pub use value::Value;
+
+use environment::Variable;
+
+/// Settings resolved and checked: what [`crate::select::setup`] and the engine take.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// Device and backend choices.
+    pub choices: Choices,
+    /// The engine's settings.
+    pub engine: EngineConfig,
+}
+
+impl Default for Resolved {
+    /// Every setting's default.
+    fn default() -> Self {
+        Resolved {
+            choices: Choices {
+                backend: BackendChoice::Auto,
+                mem: MemChoice::Auto,
+                gpu: None,
+                queue_depth: 16,
+                threads: 1,
+                pinned_bytes: None,
+                pci: None,
+            },
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// Every setting's value and where it came from, layer on layer.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    values: Resolved,
+    /// Per setting (in [`SETTINGS`] order), where its value came from.
+    sources: Vec<Source>,
+}
+
+impl Default for Settings {
+    /// Every setting at its default.
+    fn default() -> Self {
+        Settings {
+            values: Resolved::default(),
+            sources: vec![Source::Default; SETTINGS.len()],
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then the file named by `SPILLWAY_CONFIG`, then the `SPILLWAY_*` variables
+    /// of this process's environment.
+    pub fn load() -> Result<Settings, SettingsError> {
+        let mut env = Vec::new();
+        for (var, value) in std::env::vars_os() {
+            // A variable whose name is not text is none of ours.
+            let Some(var) = var.to_str() else { continue };
+            if var != CONFIG_VAR && !matches!(environment::classify(var), Variable::Setting(_)) {
+                if let Some(value) = value.to_str() {
+                    env.push((var.to_string(), value.to_string()));
+                }
+                continue;
+            }
+            let value = value.into_string().map_err(|raw| {
+                SettingsError::other(
+                    None,
+                    Some(Source::Env(var.to_string())),
+                    format!(
+                        "environment variable {var} is not valid UTF-8 ({raw:?}): set it to text or unset it"
+                    ),
+                )
+            })?;
+            env.push((var.to_string(), value));
+        }
+        Settings::load_from(env)
+    }
+
+    /// Defaults, then the file named by `SPILLWAY_CONFIG` in `env`, then the `SPILLWAY_*`
+    /// variables of `env` (other variables are ignored): [`Settings::load`] on a given
+    /// environment.
+    pub fn load_from<I, K, V>(env: I) -> Result<Settings, SettingsError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .filter(|(k, _)| k.starts_with(PREFIX))
+            .collect();
+        let mut settings = Settings::default();
+        if let Some((_, path)) = env.iter().find(|(k, _)| k == CONFIG_VAR) {
+            if path.trim().is_empty() {
+                return Err(SettingsError::other(
+                    None,
+                    Some(Source::Env(CONFIG_VAR.into())),
+                    format!("{CONFIG_VAR} is set but empty: name a TOML settings file, or unset it"),
+                ));
+            }
+            settings.apply_file(Path::new(path))?;
+        }
+        settings.apply_env(env)?;
+        Ok(settings)
+    }
+
+    /// Applies the TOML settings file at `path`: one top-level key per setting, named as
+    /// the setting. Refuses an unreadable file, invalid TOML, an unknown key and a bad value.
+    pub fn apply_file(&mut self, path: &Path) -> Result<(), SettingsError> {
+        let source = Source::File(path.to_path_buf());
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            SettingsError::other(
+                None,
+                Some(source.clone()),
+                format!(
+                    "cannot read the settings file {} ({CONFIG_VAR} names it): {e}; point {CONFIG_VAR} at a readable TOML file or unset it",
+                    path.display()
+                ),
+            )
+        })?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| {
+            SettingsError::other(
+                None,
+                Some(source.clone()),
+                format!(
+                    "{}: not a valid TOML settings file: {}",
+                    path.display(),
+                    e.to_string().trim_end()
+                ),
+            )
+        })?;
+        for (key, item) in &table {
+            let Some((i, setting)) = find(key) else {
+                return Err(SettingsError::unknown(key, &source, unknown_reason("key", key)));
+            };
+            let value = match item {
+                toml::Value::Integer(n) => Value::Int(*n),
+                toml::Value::Float(x) => Value::Float(*x),
+                toml::Value::Boolean(b) => Value::Bool(*b),
+                toml::Value::String(s) => Value::Str(s.clone()),
+                other => {
+                    return Err(SettingsError::value(
+                        key,
+                        &source,
+                        other,
+                        format!(
+                            "a TOML {} is not a value; {key} takes {}",
+                            other.type_str(),
+                            setting.kind.accepts()
+                        ),
+                    ))
+                }
+            };
+            self.set_at(i, &value, source.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Applies the `SPILLWAY_*` variables of `env` that name settings. Refuses a bad value,
+    /// and an unknown `SPILLWAY_*` variable close to a setting's (a likely misspelling);
+    /// others ([`OTHER_VARIABLES`], or unlike any setting) are ignored.
+    pub fn apply_env<I, K, V>(&mut self, env: I) -> Result<(), SettingsError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let mut env: Vec<(String, String)> = env.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
+        env.sort();
+        for (var, text) in env {
+            match environment::classify(&var) {
+                Variable::Setting(i) => self.set_at(i, &Value::Str(text), Source::Env(var))?,
+                Variable::Lookalike(reason) => {
+                    return Err(SettingsError::unknown(&var, &Source::Env(var.clone()), reason))
+                }
+                Variable::Other => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets `name` to `value` as an API argument, overriding every other layer.
+    pub fn set(&mut self, name: &str, value: impl Into<Value>) -> Result<(), SettingsError> {
+        self.set_from(name, value, Source::Argument)
+    }
+
+    /// Sets `name` to `value`, recording `source` as where it came from.
+    pub fn set_from(
+        &mut self,
+        name: &str,
+        value: impl Into<Value>,
+        source: Source,
+    ) -> Result<(), SettingsError> {
+        let Some((i, _)) = find(name) else {
+            return Err(SettingsError::unknown(
+                name,
+                &source,
+                unknown_reason("setting", name),
+            ));
+        };
+        self.set_at(i, &value.into(), source)
+    }
+
+    fn set_at(&mut self, i: usize, value: &Value, source: Source) -> Result<(), SettingsError> {
+        let setting = &SETTINGS[i];
+        setting.set(&mut self.values, value).map_err(|why| {
+            let reason = format!("{why}; {} takes {}", setting.name, setting.kind.accepts());
+            SettingsError::value(setting.name, &source, value, reason)
+        })?;
+        self.sources[i] = source;
+        Ok(())
+    }
+
+    /// Where the value of `name` came from; `None` for a name that is not a setting.
+    pub fn source(&self, name: &str) -> Option<&Source> {
+        find(name).map(|(i, _)| &self.sources[i])
+    }
+
+    /// The value of `name` now; `None` for a name that is not a setting.
+    pub fn value(&self, name: &str) -> Option<Value> {
+        find(name).map(|(_, s)| s.get(&self.values))
+    }
+
+    /// Every setting with its value and where the value came from, in table order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static Setting, Value, &Source)> + '_ {
+        SETTINGS
+            .iter()
+            .zip(&self.sources)
+            .map(|(s, source)| (s, s.get(&self.values), source))
+    }
+
+    /// The settings, once checked together (`prefetch_bytes` at most `staging_bytes`, …);
+    /// a refusal names each setting involved and where its value came from. Call it after
+    /// the last layer: settings may disagree until then.
+    pub fn resolve(&self) -> Result<Resolved, SettingsError> {
+        self.values.engine.validate().map_err(|e| {
+            let msg = match e {
+                spillway_runtime::Error::InvalidArgument(msg) => msg,
+                other => other.to_string(),
+            };
+            let mut named: Vec<(usize, &Setting, &Source)> = SETTINGS
+                .iter()
+                .zip(&self.sources)
+                .filter_map(|(s, src)| mentioned_at(&msg, s.name).map(|at| (at, s, src)))
+                .collect();
+            named.sort_by_key(|(at, _, _)| *at);
+            let wheres: Vec<String> = named
+                .iter()
+                .map(|(_, s, src)| format!("{}: {src}", s.name))
+                .collect();
+            let blamed = named
+                .iter()
+                .find(|(_, _, src)| **src != Source::Default)
+                .or(named.first());
+            let message = if wheres.is_empty() {
+                msg
+            } else {
+                format!("{msg} (sources: {})", wheres.join("; "))
+            };
+            SettingsError::other(
+                blamed.map(|(_, s, _)| s.name),
+                blamed.map(|(_, _, src)| (*src).clone()),
+                message,
+            )
+        })?;
+        Ok(self.values.clone())
+    }
+}
+
+/// Where `text` first names `word` as a whole word (`pack` is not in `pack_threshold`).
+fn mentioned_at(text: &str, word: &str) -> Option<usize> {
+    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    text.match_indices(word).map(|(at, _)| at).find(|&at| {
+        let before = text[..at].chars().next_back();
+        let after = text[at + word.len()..].chars().next();
+        !before.is_some_and(is_word) && !after.is_some_and(is_word)
+    })
+}
+
+/// "unknown key "x" (did you mean "y"?); the settings are …".
+fn unknown_reason(what: &str, name: &str) -> String {
+    let hint = suggest(name)
+        .map(|s| format!(" (did you mean {s:?}?)"))
+        .unwrap_or_default();
+    format!(
+        "unknown {what} {name:?}{hint}; the settings are {}",
+        names().collect::<Vec<_>>().join(", ")
+    )
+}

@@ -1,0 +1,373 @@
+//! [`SETTINGS`]: the one table of every setting — its name, what values it takes, what it
+//! means, and how it is read from and written to the [`Resolved`] choices. Its default is
+//! what [`Resolved::default`] holds; its environment variable is derived from its name.
+//! Everything else (the layers, the Python package, `docs/settings.md`) reads this table.
+
+use std::time::Duration;
+
+use crate::cli::{BackendChoice, MemChoice};
+
+use super::value::Value;
+use super::Resolved;
+
+/// What values a setting takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A byte count.
+    Size,
+    /// A byte count, or "auto" for the backend's default.
+    SizeOrAuto,
+    /// A positive whole number.
+    Count,
+    /// True or false.
+    Flag,
+    /// Milliseconds, zero or more, with a fraction if need be.
+    Millis,
+    /// Where tensors live: host memory or a GPU.
+    Device,
+    /// The backend that moves the bytes.
+    Backend,
+}
+
+/// The text values of `backend`.
+const BACKENDS: &[&str] = &["auto", "uring", "cufile", "spdk"];
+
+impl Kind {
+    /// What values are accepted, for error messages and the documentation.
+    pub fn accepts(self) -> &'static str {
+        match self {
+            Kind::Size => {
+                "a whole number of bytes, or text with a unit such as \"512MiB\", \"4KiB\" or \"2GB\""
+            }
+            Kind::SizeOrAuto => {
+                "\"auto\" (the backend's default), a whole number of bytes, or text with a unit such as \"64MiB\""
+            }
+            Kind::Count => "a positive whole number",
+            Kind::Flag => {
+                "true or false (True or False in Python; as text also \"1\"/\"0\", \"yes\"/\"no\", \"on\"/\"off\")"
+            }
+            Kind::Millis => "a number of milliseconds, zero or more, such as 2 or 0.5",
+            Kind::Device => "\"auto\", \"host\", \"cuda\", \"cuda:N\" or a GPU ordinal N",
+            Kind::Backend => "\"auto\", \"uring\", \"cufile\" or \"spdk\"",
+        }
+    }
+
+    /// `value` as the documentation writes it: sizes with a binary unit where one fits.
+    pub fn show(self, value: &Value) -> String {
+        match (self, value) {
+            (Kind::Size | Kind::SizeOrAuto, Value::Int(n)) => size_text(*n),
+            (_, v) => v.to_string(),
+        }
+    }
+}
+
+/// A byte count with the largest binary unit that divides it ("512MiB", "4KiB", "1000").
+fn size_text(n: i64) -> String {
+    const UNITS: [(i64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
+    UNITS
+        .iter()
+        .find(|(unit, _)| n != 0 && n % unit == 0)
+        .map(|(unit, name)| format!("{}{name}", n / unit))
+        .unwrap_or_else(|| n.to_string())
+}
+
+/// One setting.
+pub struct Setting {
+    /// Its name: the TOML key and the Python keyword.
+    pub name: &'static str,
+    /// What values it takes.
+    pub kind: Kind,
+    /// What it means, in one line.
+    pub meaning: &'static str,
+    /// Its value in `resolved`.
+    get: fn(&Resolved) -> Value,
+    /// Parses `value` into `resolved`; the reason when it does not fit.
+    set: fn(&mut Resolved, &Value) -> Result<(), String>,
+}
+
+impl Setting {
+    /// The environment variable that sets it: `SPILLWAY_` and its name in capitals.
+    pub fn env_var(&self) -> String {
+        format!("SPILLWAY_{}", self.name.to_ascii_uppercase())
+    }
+
+    /// Its default.
+    pub fn default_value(&self) -> Value {
+        self.get(&Resolved::default())
+    }
+
+    /// Its value in `resolved`.
+    pub fn get(&self, resolved: &Resolved) -> Value {
+        (self.get)(resolved)
+    }
+
+    /// Parses `value` into `resolved`, or says why it does not fit (the caller names the
+    /// setting and where the value came from).
+    pub fn set(&self, resolved: &mut Resolved, value: &Value) -> Result<(), String> {
+        (self.set)(resolved, value)
+    }
+}
+
+impl std::fmt::Debug for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Setting")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A byte count that fits `usize`/`u64` fields alike.
+fn size(v: &Value) -> Result<u64, String> {
+    v.size()
+}
+
+/// A positive count for a `usize` field.
+fn count_usize(v: &Value) -> Result<usize, String> {
+    let n = v.count()?;
+    usize::try_from(n).map_err(|_| format!("{n} is too large"))
+}
+
+/// `"auto"`, `"host"`/`"cpu"`, `"cuda"`/`"gpu"`, `"cuda:N"`, or a GPU ordinal.
+fn device(v: &Value) -> Result<(MemChoice, Option<usize>), String> {
+    let ordinal = |text: &str| text.trim().parse::<usize>().ok();
+    match v {
+        Value::Int(n) => usize::try_from(*n)
+            .map(|n| (MemChoice::Gpu, Some(n)))
+            .map_err(|_| format!("{n} is not a GPU ordinal")),
+        Value::Str(s) => match s.trim() {
+            "auto" => Ok((MemChoice::Auto, None)),
+            "host" | "cpu" => Ok((MemChoice::Host, None)),
+            "cuda" | "gpu" => Ok((MemChoice::Gpu, None)),
+            other => other
+                .strip_prefix("cuda:")
+                .map_or_else(|| ordinal(other), ordinal)
+                .map(|n| (MemChoice::Gpu, Some(n)))
+                .ok_or_else(|| format!("{v} is not a device")),
+        },
+        _ => Err(format!("{v} is not a device")),
+    }
+}
+
+fn device_value(r: &Resolved) -> Value {
+    Value::Str(match (r.choices.mem, r.choices.gpu) {
+        (MemChoice::Host, _) => "host".into(),
+        (_, Some(n)) => format!("cuda:{n}"),
+        (MemChoice::Gpu, None) => "cuda".into(),
+        (MemChoice::Auto, None) => "auto".into(),
+    })
+}
+
+fn backend(v: &Value) -> Result<BackendChoice, String> {
+    Ok(
+        match v.choice(BACKENDS).map_err(|_| format!("{v} is not a backend"))? {
+            "uring" => BackendChoice::Uring,
+            "cufile" => BackendChoice::Cufile,
+            "spdk" => BackendChoice::Spdk,
+            _ => BackendChoice::Auto,
+        },
+    )
+}
+
+fn backend_value(r: &Resolved) -> Value {
+    Value::from(match r.choices.backend {
+        BackendChoice::Auto => "auto",
+        BackendChoice::Uring => "uring",
+        BackendChoice::Cufile => "cufile",
+        BackendChoice::Spdk => "spdk",
+    })
+}
+
+fn millis(v: &Value) -> Result<Duration, String> {
+    let ms = v.non_negative()?;
+    Duration::try_from_secs_f64(ms / 1000.0).map_err(|_| format!("{v} milliseconds is too long"))
+}
+
+/// A whole number as a [`Value`] (saturating: no setting's value comes near `i64::MAX`).
+fn int(n: impl TryInto<i64>) -> Value {
+    Value::Int(n.try_into().unwrap_or(i64::MAX))
+}
+
+/// Every setting, in the order the documentation lists them.
+pub static SETTINGS: &[Setting] = &[
+    Setting {
+        name: "device",
+        kind: Kind::Device,
+        meaning: "where tensors live: \"auto\" (GPU 0 when there is one, else host memory), \"host\", \"cuda\" (GPU 0), \"cuda:N\" or N (GPU N)",
+        get: device_value,
+        set: |r, v| {
+            (r.choices.mem, r.choices.gpu) = device(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "backend",
+        kind: Kind::Backend,
+        meaning: "what moves the bytes: \"uring\" (io_uring, O_DIRECT), \"cufile\" (GPUDirect Storage), \"spdk\" (spillway's userspace NVMe driver: the path is then the controller's PCI address, bound with `spillway nvme bind`) or \"auto\" (cuFile when it runs true GDS, else io_uring)",
+        get: backend_value,
+        set: |r, v| {
+            r.choices.backend = backend(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "queue_depth",
+        kind: Kind::Count,
+        meaning: "I/O requests in flight per io_uring ring, cuFile worker group or NVMe queue pair",
+        get: |r| int(r.choices.queue_depth),
+        set: |r, v| {
+            let n = v.count()?;
+            r.choices.queue_depth = u32::try_from(n)
+                .map_err(|_| format!("{n} is too large: a queue depth fits 32 bits (at most {})", u32::MAX))?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "threads",
+        kind: Kind::Count,
+        meaning: "io_uring rings, cuFile worker groups, or NVMe queue pairs",
+        get: |r| int(r.choices.threads),
+        set: |r, v| {
+            r.choices.threads = count_usize(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "pinned_bytes",
+        kind: Kind::SizeOrAuto,
+        meaning: "pinned host staging memory per io_uring ring (\"auto\": the backend's default)",
+        get: |r| r.choices.pinned_bytes.map_or_else(|| Value::from("auto"), int),
+        set: |r, v| {
+            r.choices.pinned_bytes = match v.as_str().map(str::trim) {
+                Some("auto") => None,
+                _ => Some(size(v)?),
+            };
+            Ok(())
+        },
+    },
+    Setting {
+        name: "alignment",
+        kind: Kind::Size,
+        meaning: "alignment of every extent and packed piece on storage (a power of two, at least 512)",
+        get: |r| int(r.engine.alignment),
+        set: |r, v| {
+            r.engine.alignment = size(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "staging_bytes",
+        kind: Kind::Size,
+        meaning: "device memory the engine allocates once, at start, for packing and prefetching (it never allocates more: work waits for space)",
+        get: |r| int(r.engine.staging_bytes),
+        set: |r, v| {
+            r.engine.staging_bytes = size(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "prefetch_bytes",
+        kind: Kind::Size,
+        meaning: "of the staging memory, how much read-ahead may hold (at most staging_bytes)",
+        get: |r| int(r.engine.prefetch_bytes),
+        set: |r, v| {
+            r.engine.prefetch_bytes = size(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "pack_threshold",
+        kind: Kind::Size,
+        meaning: "tensors smaller than this are packed together into shared extents (at most pack_extent_bytes)",
+        get: |r| int(r.engine.pack_threshold),
+        set: |r, v| {
+            r.engine.pack_threshold = size(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "pack_extent_bytes",
+        kind: Kind::Size,
+        meaning: "size of one packed extent, written once full (at most half of staging_bytes)",
+        get: |r| int(r.engine.pack_extent_bytes),
+        set: |r, v| {
+            r.engine.pack_extent_bytes = size(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "pack_flush_delay_ms",
+        kind: Kind::Millis,
+        meaning: "a partly filled packed extent is written after this long without offloads",
+        get: |r| Value::Float(r.engine.pack_flush_delay.as_secs_f64() * 1000.0),
+        set: |r, v| {
+            r.engine.pack_flush_delay = millis(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "direct_write_bytes",
+        kind: Kind::Size,
+        meaning: "bytes of unpacked (direct) writes in flight at once",
+        get: |r| int(r.engine.direct_write_bytes),
+        set: |r, v| {
+            r.engine.direct_write_bytes = size(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "pack",
+        kind: Kind::Flag,
+        meaning: "pack small tensors together (false: every tensor gets an extent of its own)",
+        get: |r| Value::Bool(r.engine.pack),
+        set: |r, v| {
+            r.engine.pack = v.flag()?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "dedup",
+        kind: Kind::Flag,
+        meaning: "store a storage and version offloaded twice only once",
+        get: |r| Value::Bool(r.engine.dedup),
+        set: |r, v| {
+            r.engine.dedup = v.flag()?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "timeline",
+        kind: Kind::Flag,
+        meaning: "record a timeline of every stage, exportable as Chrome trace JSON (`Engine.write_trace`)",
+        get: |r| Value::Bool(r.engine.timeline),
+        set: |r, v| {
+            r.engine.timeline = v.flag()?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "timeline_capacity",
+        kind: Kind::Count,
+        meaning: "most timeline events kept (later ones are counted and dropped)",
+        get: |r| int(r.engine.timeline_capacity),
+        set: |r, v| {
+            r.engine.timeline_capacity = count_usize(v)?;
+            Ok(())
+        },
+    },
+];
+
+/// The setting called `name`, with its place in [`SETTINGS`].
+pub fn find(name: &str) -> Option<(usize, &'static Setting)> {
+    SETTINGS.iter().enumerate().find(|(_, s)| s.name == name)
+}
+
+/// The names of every setting, in table order.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    SETTINGS.iter().map(|s| s.name)
+}
