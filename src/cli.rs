@@ -184,11 +184,18 @@ pub struct BenchArgs {
     #[arg(help_heading = "Seq workload", long, value_parser = parse_size)]
     pub buffer: Option<u64>,
 
-    /// File or block device to use. Default: a temporary file in $TMPDIR, removed afterwards.
-    /// Write operations (and --verify) overwrite the first --size bytes of a block device;
-    /// the tensors workload overwrites up to twice its tensors' bytes.
+    /// Directory, file or block device to use; a directory gets an anonymous file (one that
+    /// never has a name). Default: an anonymous file in $TMPDIR. Give it several times to
+    /// stripe over them (--stripe), each with a backend of its own; --size is then the
+    /// set's. Write operations (and --verify) overwrite the first --size bytes of a block
+    /// device; the tensors workload overwrites up to twice its tensors' bytes.
     #[arg(long)]
-    pub path: Option<PathBuf>,
+    pub path: Vec<PathBuf>,
+
+    /// With several --path: bytes per stripe unit (a multiple of 4 KiB), dealt round robin
+    /// to the paths.
+    #[arg(long, value_parser = parse_size, default_value = "1MiB")]
+    pub stripe: u64,
 
     /// Fill with random data and check every byte read back (after writes: the whole file
     /// is read back and checked, untimed). The tensors workload always verifies.

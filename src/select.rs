@@ -1,10 +1,11 @@
 //! Choosing the device and the backend for a run, from the user's choices and what this
 //! machine has. Every refusal says what is missing and what to do instead.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use spillway_cufile::{CufileBackend, CufileConfig};
-use spillway_runtime::{Backend, Device, Error, GdsMode, HostDevice, Result};
+use spillway_runtime::{Backend, Device, Error, GdsMode, HostDevice, Member, Result, StripedBackend, Target};
 use spillway_spdk::backend::{SpdkBackend, SpdkConfig};
 use spillway_spdk::pci::PciAddress;
 use spillway_uring::{UringBackend, UringConfig};
@@ -45,6 +46,9 @@ pub struct Setup {
     pub backend: Arc<dyn Backend>,
     /// Choices made for the user ("no GPU found: using host memory"…).
     pub notes: Vec<String>,
+    /// The striped set, when the data is striped over several targets (for its
+    /// per-target stats); `backend` is the same object.
+    pub striped: Option<Arc<StripedBackend>>,
 }
 
 /// How to build the backend.
@@ -131,11 +135,28 @@ pub fn setup(choices: Choices) -> Result<Setup> {
         Memory::Host => Arc::new(HostDevice::new()),
         Memory::Gpu(gpu) => gpu.clone(),
     };
-    let backend: Arc<dyn Backend> = match choices.backend {
+    let backend = make_backend(choices, &memory, device.clone(), &mut notes)?;
+    Ok(Setup {
+        device,
+        memory,
+        backend,
+        notes,
+        striped: None,
+    })
+}
+
+/// One backend as `choices` asks, moving `memory` of `device`.
+fn make_backend(
+    choices: Choices,
+    memory: &Memory,
+    device: Arc<dyn Device>,
+    notes: &mut Vec<String>,
+) -> Result<Arc<dyn Backend>> {
+    Ok(match choices.backend {
         BackendChoice::Uring => Arc::new(uring(device.clone(), choices)?),
-        BackendChoice::Cufile => Arc::new(cufile(&memory, choices)?),
+        BackendChoice::Cufile => Arc::new(cufile(memory, choices)?),
         BackendChoice::Spdk => Arc::new(spdk(device.clone(), choices)?),
-        BackendChoice::Auto => match &memory {
+        BackendChoice::Auto => match memory {
             Memory::Host => Arc::new(uring(device.clone(), choices)?),
             Memory::Gpu(_) => match spillway_cufile::probe().gds_mode {
                 Some(mode @ (GdsMode::NvidiaFs | GdsMode::P2pDma)) => {
@@ -143,7 +164,7 @@ pub fn setup(choices: Choices) -> Result<Setup> {
                         "auto: cuFile runs true GPUDirect Storage ({})",
                         mode.as_str()
                     ));
-                    Arc::new(cufile(&memory, choices)?)
+                    Arc::new(cufile(memory, choices)?)
                 }
                 other => {
                     let why = match other {
@@ -155,13 +176,48 @@ pub fn setup(choices: Choices) -> Result<Setup> {
                 }
             },
         },
-    };
-    Ok(Setup {
-        device,
-        memory,
-        backend,
-        notes,
     })
+}
+
+/// Like [`setup`], with the data striped over `paths` in `stripe`-byte units: each path gets
+/// a backend of its own (its own rings or workers, so a slow one does not hold up the rest)
+/// and the returned target path names the set. One path is no set: its backend is used
+/// directly.
+pub fn setup_striped(choices: Choices, paths: &[PathBuf], stripe: u64) -> Result<(Setup, PathBuf)> {
+    let mut setup = setup(choices)?;
+    match paths {
+        [] => Err(Error::invalid("no storage path given")),
+        [one] => Ok((setup, one.clone())),
+        many => {
+            if choices.backend == BackendChoice::Spdk {
+                return Err(Error::invalid(
+                    "--backend spdk drives the one controller of --pci; striping over several paths takes files or block devices",
+                ));
+            }
+            let mut members = vec![Member {
+                target: Target::new(&many[0]),
+                backend: setup.backend.clone(),
+            }];
+            for path in &many[1..] {
+                let mut notes = Vec::new();
+                members.push(Member {
+                    target: Target::new(path),
+                    backend: make_backend(choices, &setup.memory, setup.device.clone(), &mut notes)?,
+                });
+            }
+            let refs: Vec<&Path> = many.iter().map(PathBuf::as_path).collect();
+            let name = StripedBackend::set_name(&refs);
+            let striped = Arc::new(StripedBackend::new(name.clone(), members, stripe)?);
+            setup.backend = striped.clone();
+            setup.striped = Some(striped);
+            setup.notes.push(format!(
+                "striped over {} targets in {} units",
+                many.len(),
+                crate::size::format_size(stripe)
+            ));
+            Ok((setup, name))
+        }
+    }
 }
 
 fn uring(device: Arc<dyn Device>, choices: Choices) -> Result<UringBackend> {

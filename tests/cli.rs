@@ -843,3 +843,41 @@ fn a_bench_killed_while_offloading_leaves_no_file_and_no_used_space() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn bench_stripes_over_several_paths_and_reports_each() {
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let out = spillway(&[
+        "bench",
+        "--mem",
+        "host",
+        "--size",
+        "16M",
+        "--stripe",
+        "256K",
+        "--verify",
+        "--json",
+        "--path",
+        a.path().to_str().unwrap(),
+        "--path",
+        b.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for line in stdout(&out).lines() {
+        let r: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(r["verified"], true, "{r}");
+        let members = r["members"].as_array().unwrap();
+        assert_eq!(members.len(), 2);
+        for m in members {
+            assert_eq!(m["bytes"], 8 << 20, "{r}");
+        }
+        assert!(r["path"].as_str().unwrap().contains(" + "), "{r}");
+    }
+    // Both were anonymous files: nothing is left.
+    assert_eq!(std::fs::read_dir(a.path()).unwrap().count(), 0);
+    let err = bench_fails(&[
+        "--mem", "host", "--path", "/tmp", "--path", "/tmp", "--stripe", "1000",
+    ]);
+    assert!(err.contains("stripe_bytes") && err.contains("4096"), "{err}");
+}

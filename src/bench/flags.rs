@@ -69,7 +69,7 @@ fn check_nvme_target(args: &BenchArgs) -> Result<()> {
     let Some(pci) = args.pci else {
         return Ok(());
     };
-    if let Some(path) = &args.path {
+    if let Some(path) = args.path.first() {
         return Err(Error::invalid(format!(
             "--path {} names a file or block device, but with --pci the target is namespace 1 of NVMe controller {pci}: drop one of them",
             path.display()

@@ -24,7 +24,7 @@ pub mod workload;
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
-use spillway_runtime::{Backend, DirectIo, Error, IoOp, Result, Target, TargetId};
+use spillway_runtime::{Backend, DirectIo, Error, IoOp, MemberStats, Result, Target, TargetId};
 
 use crate::cli::{BenchArgs, OpChoice};
 use crate::select::{self, Choices, Memory, Setup};
@@ -41,13 +41,16 @@ const MAX_VERIFY: u64 = 16 << 30;
 pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     flags::check(args)?;
     validate(args)?;
-    let setup = select::setup(Choices::from_bench(args))?;
-    let (path, anonymous) = storage_path(args)?;
+    let paths = storage_paths(args)?;
+    let (setup, path) = select::setup_striped(Choices::from_bench(args), &paths, args.stripe)?;
+    let anonymous = paths.len() == 1 && args.pci.is_none() && path.is_dir();
     // Data already on the target is read as it is (no rewrite) unless --verify needs known
     // data; a new or shorter file is filled first, so reads never hit unwritten extents.
-    // A namespace, like a block device, always has data; a new anonymous file never does.
+    // A namespace, like a block device, always has data; a new anonymous file or a new
+    // striped set never does.
     let already_written = args.pci.is_some()
-        || (!anonymous
+        || (paths.len() == 1
+            && !anonymous
             && std::fs::metadata(&path)
                 .map(|m| m.file_type().is_block_device() || m.len() >= args.size)
                 .unwrap_or(false));
@@ -66,7 +69,7 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
         args,
         setup: &setup,
         target: id,
-        path: display_path(&path, anonymous),
+        path: display_paths(&paths, args.pci.is_some()),
         buffer: BenchBuffer::new(&setup.memory, setup.device.clone(), buffer_len(args))?,
         written: already_written,
         seeded: false,
@@ -80,33 +83,36 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     Ok(results)
 }
 
-/// What the benchmark stores to, and whether it is an anonymous file in that directory:
-/// the controller of `--pci`, `--path` (a directory: an anonymous file in it), or without
-/// either an anonymous file in $TMPDIR.
-fn storage_path(args: &BenchArgs) -> Result<(PathBuf, bool)> {
-    match (&args.path, args.pci) {
-        (_, Some(pci)) => Ok((PathBuf::from(pci.to_string()), false)),
-        (Some(p), None) => Ok((p.clone(), p.is_dir())),
-        (None, None) => {
-            let dir = std::env::temp_dir();
-            if !dir.is_dir() {
-                return Err(Error::invalid(format!(
-                    "the temporary directory {} does not exist or is not a directory; set TMPDIR to an existing directory or pass --path",
-                    dir.display()
-                )));
-            }
-            Ok((dir, true))
-        }
+/// What the benchmark stores to: the controller of `--pci`, the `--path`s (a directory: an
+/// anonymous file in it; several: striped), or without either an anonymous file in $TMPDIR.
+fn storage_paths(args: &BenchArgs) -> Result<Vec<PathBuf>> {
+    if let Some(pci) = args.pci {
+        return Ok(vec![PathBuf::from(pci.to_string())]);
     }
+    if !args.path.is_empty() {
+        return Ok(args.path.clone());
+    }
+    let dir = std::env::temp_dir();
+    if !dir.is_dir() {
+        return Err(Error::invalid(format!(
+            "the temporary directory {} does not exist or is not a directory; set TMPDIR to an existing directory or pass --path",
+            dir.display()
+        )));
+    }
+    Ok(vec![dir])
 }
 
-/// The path as the report names it: "<anonymous in DIR>" for an anonymous file.
-fn display_path(path: &std::path::Path, anonymous: bool) -> String {
-    if anonymous {
-        format!("<anonymous in {}>", path.display())
-    } else {
-        path.display().to_string()
-    }
+/// The paths as the report names them: "<anonymous in DIR>" for an anonymous file, and
+/// the members of a striped set joined by " + ".
+fn display_paths(paths: &[PathBuf], controller: bool) -> String {
+    let one = |p: &PathBuf| {
+        if !controller && p.is_dir() {
+            format!("<anonymous in {}>", p.display())
+        } else {
+            p.display().to_string()
+        }
+    };
+    paths.iter().map(one).collect::<Vec<_>>().join(" + ")
 }
 
 fn validate(args: &BenchArgs) -> Result<()> {
@@ -180,6 +186,24 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn op(&mut self, op: OpChoice) -> Result<BenchResult> {
+        let before = self.member_stats();
+        let result = self.op_timed(op)?;
+        Ok(BenchResult {
+            members: report::member_reports(op.is_write(), &before, &self.member_stats(), result.seconds),
+            ..result
+        })
+    }
+
+    /// The striped set's per-target counters (empty for one target).
+    fn member_stats(&self) -> Vec<MemberStats> {
+        self.setup
+            .striped
+            .as_ref()
+            .map(|s| s.member_stats())
+            .unwrap_or_default()
+    }
+
+    fn op_timed(&mut self, op: OpChoice) -> Result<BenchResult> {
         let args = self.args;
         let ios = workload::plan(args.size, args.block, op.is_random(), args.seed);
         let timing = if op.is_write() {
@@ -271,6 +295,7 @@ impl Run<'_> {
             mismatched_bytes,
             notes: self.notes.clone(),
             command: std::env::args().collect::<Vec<_>>().join(" "),
+            members: Vec::new(),
         }
     }
 }

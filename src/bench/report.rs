@@ -1,6 +1,7 @@
 //! Benchmark results: the JSON object (one per operation) and the human-readable table.
 
 use serde::Serialize;
+use spillway_runtime::MemberStats;
 
 use crate::size::format_size;
 
@@ -64,6 +65,54 @@ pub struct BenchResult {
     pub notes: Vec<String>,
     /// The command line that produced this result.
     pub command: String,
+    /// With several --path: what each target of the striped set moved during this
+    /// operation.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberReport>,
+}
+
+/// What one target of a striped set did during one operation.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemberReport {
+    /// The target.
+    pub path: String,
+    /// Bytes it moved in the operation's direction.
+    pub bytes: u64,
+    /// Those bytes over the operation's wall time, in decimal GB/s.
+    pub throughput_gbps: f64,
+    /// Seconds during which it had I/O in flight.
+    pub busy_seconds: f64,
+    /// Pieces of requests that failed on it.
+    pub errors: u64,
+}
+
+/// The per-target reports of one operation (`write`: bytes written, else bytes read, so
+/// that the untimed read-back of --verify does not count), from the counters before and
+/// after it.
+pub fn member_reports(
+    write: bool,
+    before: &[MemberStats],
+    after: &[MemberStats],
+    seconds: f64,
+) -> Vec<MemberReport> {
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| {
+            let bytes = if write {
+                a.bytes_written - b.bytes_written
+            } else {
+                a.bytes_read - b.bytes_read
+            };
+            MemberReport {
+                path: a.path.display().to_string(),
+                bytes,
+                throughput_gbps: bytes as f64 / seconds.max(1e-9) / 1e9,
+                busy_seconds: a.busy_seconds - b.busy_seconds,
+                errors: a.errors - b.errors,
+            }
+        })
+        .collect()
 }
 
 /// Prints the results as a table, with the run's facts above it.

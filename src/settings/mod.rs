@@ -47,6 +47,8 @@ pub struct Resolved {
     pub choices: Choices,
     /// The engine's settings.
     pub engine: EngineConfig,
+    /// Bytes per stripe unit when the storage is several paths.
+    pub stripe_bytes: u64,
 }
 
 impl Default for Resolved {
@@ -63,9 +65,13 @@ impl Default for Resolved {
                 pci: None,
             },
             engine: EngineConfig::default(),
+            stripe_bytes: DEFAULT_STRIPE_BYTES,
         }
     }
 }
+
+/// The default stripe unit: 1 MiB.
+pub const DEFAULT_STRIPE_BYTES: u64 = 1 << 20;
 
 /// Every setting's value and where it came from, layer on layer.
 #[derive(Clone, Debug)]

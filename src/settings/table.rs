@@ -321,6 +321,20 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        name: "stripe_bytes",
+        kind: Kind::Size,
+        meaning: "with several storage paths, bytes per stripe unit, dealt round robin to them (a multiple of 4KiB)",
+        get: |r| int(r.stripe_bytes),
+        set: |r, v| {
+            let bytes = size(v)?;
+            if bytes == 0 || bytes % 4096 != 0 {
+                return Err(format!("{bytes} is not a positive multiple of 4096 bytes"));
+            }
+            r.stripe_bytes = bytes;
+            Ok(())
+        },
+    },
+    Setting {
         name: "pack",
         kind: Kind::Flag,
         meaning: "pack small tensors together (false: every tensor gets an extent of its own)",

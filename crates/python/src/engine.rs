@@ -24,7 +24,6 @@ use crate::settings::{self, Settings};
 /// the filesystem holding its file (the file grows as tensors are written).
 const DEFAULT_CAPACITY_FRACTION: u64 = 2;
 
-
 /// The offload engine on one device and one storage target.
 ///
 /// `Engine(path, capacity=None, **settings)`: `path` is a directory (the engine then keeps
@@ -147,17 +146,27 @@ impl PyEngine {
     #[pyo3(signature = (path, capacity=None, **settings))]
     fn new(
         py: Python<'_>,
-        path: PathBuf,
+        path: &Bound<'_, PyAny>,
         capacity: Option<&Bound<'_, PyAny>>,
         settings: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
+        // One path, or a list of them to stripe over.
+        let paths: Vec<PathBuf> = match path.extract::<PathBuf>() {
+            Ok(one) => vec![one],
+            Err(_) => path.extract().map_err(|_| {
+                invalid(format!(
+                    "spillway.Engine: path={path}: expected a path (str or os.PathLike) or a list of paths to stripe over"
+                ))
+            })?,
+        };
         let settings = Settings::parse(settings)?;
         let capacity = capacity
             .map(|c| {
                 settings::size(c).map_err(|why| invalid(format!("spillway.Engine: capacity={c}: {why}")))
             })
             .transpose()?;
-        py.detach(|| open_engine(path, capacity, settings)).map_err(to_py)
+        py.detach(|| open_engine(paths, capacity, settings))
+            .map_err(to_py)
     }
 
     /// Offloads a tensor: `storage` and `version` name its bytes (the same pair offloaded
@@ -447,7 +456,20 @@ impl PyEngine {
 }
 
 /// Sets up the device, backend and storage target, and starts the engine.
-fn open_engine(path: PathBuf, capacity: Option<u64>, mut settings: Settings) -> Result<PyEngine, Error> {
+fn open_engine(
+    paths: Vec<PathBuf>,
+    capacity: Option<u64>,
+    mut settings: Settings,
+) -> Result<PyEngine, Error> {
+    let path = match paths.as_slice() {
+        [] => {
+            return Err(Error::invalid(
+                "no storage path given: pass a path or a list of paths",
+            ))
+        }
+        [one] => one.clone(),
+        _ => return open_striped(paths, capacity, settings),
+    };
     if settings.choices.backend == BackendChoice::Spdk {
         settings.choices.pci = Some(controller_address(&path)?);
     }
@@ -481,6 +503,48 @@ fn open_engine(path: PathBuf, capacity: Option<u64>, mut settings: Settings) -> 
         }
     };
     start(setup, path, anonymous, Some(capacity), reserve, settings)
+}
+
+/// The engine on several paths striped into one set (`stripe_bytes` units), each with a
+/// backend of its own. Without `capacity`, each path may give the set the same share of
+/// its free space a single path would.
+fn open_striped(paths: Vec<PathBuf>, capacity: Option<u64>, settings: Settings) -> Result<PyEngine, Error> {
+    let mut files = Vec::with_capacity(paths.len());
+    for p in &paths {
+        let (file, anonymous) = storage_file(p)?;
+        if std::fs::metadata(&file).is_ok_and(|m| m.file_type().is_block_device()) && capacity.is_none() {
+            return Err(Error::invalid(format!(
+                "{} is a block device: pass capacity= (the bytes the engine may use over all paths)",
+                file.display()
+            )));
+        }
+        files.push((file, anonymous));
+    }
+    let capacity = match capacity {
+        Some(c) => c,
+        None => {
+            let mut smallest = u64::MAX;
+            for (file, anonymous) in &files {
+                let dir = if *anonymous {
+                    file.as_path()
+                } else {
+                    file.parent().unwrap_or(Path::new("."))
+                };
+                let free = spillway::fs::free_space(dir).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "cannot tell how much space {} has: pass capacity= (bytes the engine may use)",
+                        dir.display()
+                    ))
+                })?;
+                smallest = smallest.min(free / DEFAULT_CAPACITY_FRACTION);
+            }
+            // Every path holds the same share of the set.
+            smallest * files.len() as u64
+        }
+    };
+    let members: Vec<PathBuf> = files.into_iter().map(|(f, _)| f).collect();
+    let (setup, name) = select::setup_striped(settings.choices, &members, settings.stripe_bytes)?;
+    start(setup, name, false, Some(capacity), Some(capacity), settings)
 }
 
 /// With `backend="spdk"` the path names the NVMe controller by its PCI address.

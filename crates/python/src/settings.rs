@@ -19,6 +19,8 @@ pub struct Settings {
     pub choices: Choices,
     /// The engine's settings.
     pub engine: EngineConfig,
+    /// Bytes per stripe unit when the storage is several paths.
+    pub stripe_bytes: u64,
 }
 
 impl Settings {
@@ -31,6 +33,7 @@ impl Settings {
         Ok(Settings {
             choices: resolved.choices,
             engine: resolved.engine,
+            stripe_bytes: resolved.stripe_bytes,
         })
     }
 }

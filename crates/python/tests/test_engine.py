@@ -54,6 +54,26 @@ def test_round_trip_of_mixed_sizes_through_storage(engine):
     assert engine.storage_usage()["used"] == 0
 
 
+def test_a_list_of_paths_is_striped_over(tmp_path):
+    dirs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for d in dirs:
+        d.mkdir()
+    with spillway.Engine(dirs, capacity="96MiB", stripe_bytes="64KiB", **SMALL) as e:
+        arrays = [blob(n, i) for i, n in enumerate([70_000, 3 << 20, 5 << 20, 1000])]
+        handles = [e.offload((i, 0), region(a)) for i, a in enumerate(arrays)]
+        e.drain()
+        for h, a in zip(handles, arrays):
+            out = np.zeros_like(a)
+            e.fetch(h, region(out))
+            np.testing.assert_array_equal(out, a)
+        # Every directory holds an anonymous file: none has a name.
+        assert all(os.listdir(d) == [] for d in dirs)
+    with pytest.raises(ValueError, match="stripe_bytes"):
+        spillway.Engine(dirs, capacity="8MiB", stripe_bytes=1000, **SMALL)
+    with pytest.raises(ValueError, match="list of paths"):
+        spillway.Engine(42, **SMALL)
+
+
 def test_the_same_storage_and_version_is_stored_once(engine):
     a = blob(2 << 20, 7)
     h1 = engine.offload((42, 3), region(a))

@@ -293,6 +293,7 @@ impl Backend for StripedBackend {
         for m in &self.members {
             let mut t = m.member.target.clone();
             t.reserve = per_member.or(t.reserve);
+            t.direct = target.direct;
             match m.member.backend.open(&t) {
                 Ok(x) => opened.push(x),
                 Err(e) => {

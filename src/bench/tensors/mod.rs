@@ -45,7 +45,8 @@ const POISON_DESTINATION: u64 = 0x0bad_cafe_dead_d00d;
 pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
     flags::check(args)?;
     let opts = Options::from_args(args)?;
-    let setup = select::setup(Choices::from_bench(args))?;
+    let paths = super::storage_paths(args)?;
+    let (setup, path) = select::setup_striped(Choices::from_bench(args), &paths, args.stripe)?;
     let plan = Plan::new(
         opts.tensors,
         opts.duplicates,
@@ -66,18 +67,27 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
         None => None,
     };
 
-    // A directory (or, without --path, $TMPDIR): an anonymous file in it.
-    let (path, anonymous) = super::storage_path(args)?;
     let capacity = plan.storage_capacity(
         opts.engine.alignment,
         opts.engine.pack_extent_bytes,
         opts.engine.dedup,
     );
-    if anonymous {
-        // A name that is not there: nothing held yet, free space of the directory itself.
-        limits::check_storage(&path.join("<anonymous file>"), capacity)?;
-    } else if args.pci.is_none() {
-        limits::check_storage(&path, capacity)?;
+    if args.pci.is_none() {
+        // Each target of a striped set holds its share (in whole stripe units).
+        let n = paths.len() as u64;
+        let share = if n > 1 {
+            capacity.div_ceil(n * args.stripe) * args.stripe
+        } else {
+            capacity
+        };
+        for p in &paths {
+            if p.is_dir() {
+                // A directory: an anonymous file in it, not there yet; its free space counts.
+                limits::check_storage(&p.join("<anonymous file>"), share)?;
+            } else {
+                limits::check_storage(p, share)?;
+            }
+        }
     }
     let target = Target {
         path: path.clone(),
@@ -96,8 +106,10 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
         // The userspace NVMe driver: no filesystem, no page cache.
         true
     } else {
+        // The first target stands for a striped set's (they are opened alike).
         let probe = Target {
-            reserve: target.reserve.filter(|_| !anonymous),
+            path: paths[0].clone(),
+            reserve: target.reserve.filter(|_| !paths[0].is_dir() && paths.len() == 1),
             ..target.clone()
         };
         let opened = open_target(&probe)?;
@@ -147,7 +159,7 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
             Memory::Host => "host memory".to_string(),
             Memory::Gpu(gpu) => format!("{} (GPU {})", setup.device.info().name, gpu.ordinal()),
         },
-        path: super::display_path(&path, anonymous),
+        path: super::display_paths(&paths, args.pci.is_some()),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         tensors: plan.tensors.len() as u64,
         offload_calls: plan.calls.len() as u64,

@@ -36,8 +36,19 @@ class Engine:
     then. Every call releases the GIL.
     """
 
-    def __init__(self, path: "os.PathLike[str] | str", capacity: "int | str | None" = None, **settings: Any):
-        self._native = _native.Engine(os.fspath(path), capacity, **settings)
+    def __init__(
+        self,
+        path: "os.PathLike[str] | str | Sequence[os.PathLike[str] | str]",
+        capacity: "int | str | None" = None,
+        **settings: Any,
+    ):
+        # Several paths: the engine stripes over them (``stripe_bytes`` units), each with a
+        # backend of its own.
+        if isinstance(path, (list, tuple)):
+            path = [os.fspath(p) for p in path]
+        elif isinstance(path, (str, bytes, os.PathLike)):
+            path = os.fspath(path)
+        self._native = _native.Engine(path, capacity, **settings)
 
     @staticmethod
     def resolve_settings(**settings: Any) -> Dict[str, Tuple[Any, str]]:
