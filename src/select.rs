@@ -12,6 +12,7 @@ use spillway_uring::{UringBackend, UringConfig};
 
 use crate::cli::{BackendChoice, MemChoice};
 use crate::cuda::{self, CudaDevice};
+use crate::rank;
 
 /// Most cuFile worker threads a run starts (requests in flight beyond this queue up).
 const MAX_CUFILE_THREADS: usize = 64;
@@ -126,7 +127,16 @@ pub fn setup(choices: Choices) -> Result<Setup> {
                     notes.push(format!("no GPU ({why}): using host memory"));
                     Memory::Host
                 } else {
-                    Memory::Gpu(CudaDevice::new(0)?)
+                    // One process per GPU (torchrun, Slurm, MPI): the local rank's GPU.
+                    let ordinal = match rank::detect_from_env()? {
+                        Some(r) => {
+                            let ordinal = rank::gpu_for(r, probe.gpus.len())?;
+                            notes.push(format!("local rank {} ({}): GPU {ordinal}", r.rank, r.source));
+                            ordinal
+                        }
+                        None => 0,
+                    };
+                    Memory::Gpu(CudaDevice::new(ordinal)?)
                 }
             }
         },

@@ -198,7 +198,7 @@ pub static SETTINGS: &[Setting] = &[
     Setting {
         name: "device",
         kind: Kind::Device,
-        meaning: "where tensors live: \"auto\" (GPU 0 when there is one, else host memory), \"host\", \"cuda\" (GPU 0), \"cuda:N\" or N (GPU N)",
+        meaning: "where tensors live: \"auto\" (the local rank's GPU under torchrun, Slurm or Open MPI, else GPU 0 when there is one, else host memory), \"host\", \"cuda\" (GPU 0), \"cuda:N\" or N (GPU N)",
         get: device_value,
         set: |r, v| {
             (r.choices.mem, r.choices.gpu) = device(v)?;

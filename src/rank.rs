@@ -1,0 +1,184 @@
+//! Where this process sits in a multi-GPU job. HPC sites run one process per GPU under
+//! torchrun, Slurm or MPI; each launcher tells a process its rank on the node through an
+//! environment variable, and spillway reads it instead of asking for scripts around it:
+//! the rank picks the process's GPU and, optionally, its own storage paths.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use spillway_runtime::{Error, Result};
+
+/// The variables that carry the local rank, in the order they are looked at, with the
+/// launcher that sets each.
+pub const LOCAL_RANK_VARS: [(&str, &str); 3] = [
+    ("LOCAL_RANK", "torchrun"),
+    ("SLURM_LOCALID", "Slurm"),
+    ("OMPI_COMM_WORLD_LOCAL_RANK", "Open MPI"),
+];
+
+/// This process's rank among the processes of its job on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LocalRank {
+    /// The rank, from 0.
+    pub rank: usize,
+    /// The variable it came from.
+    pub source: &'static str,
+}
+
+/// The local rank, from the first of [`LOCAL_RANK_VARS`] that is set; `None` outside a
+/// multi-process launch. Fails on a value that is not a number, and when two variables are
+/// set to different ranks (a launcher inside another, or a stale variable), naming both.
+pub fn detect(env: impl Fn(&str) -> Option<String>) -> Result<Option<LocalRank>> {
+    let mut found: Option<(LocalRank, String)> = None;
+    for (var, launcher) in LOCAL_RANK_VARS {
+        let Some(value) = env(var) else { continue };
+        let rank: usize = value.trim().parse().map_err(|_| {
+            Error::invalid(format!(
+                "{var}={value:?} (set by {launcher}) is not a local rank: expected a number from 0"
+            ))
+        })?;
+        match &found {
+            None => found = Some((LocalRank { rank, source: var }, value)),
+            Some((first, first_value)) if first.rank != rank => {
+                return Err(Error::invalid(format!(
+                    "{}={first_value} and {var}={value} disagree about this process's local rank: unset the stale one",
+                    first.source
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(found.map(|(r, _)| r))
+}
+
+/// The local rank from this process's environment.
+pub fn detect_from_env() -> Result<Option<LocalRank>> {
+    detect(|var| std::env::var(var).ok())
+}
+
+/// The GPU ordinal for `rank` when `visible` GPUs are visible to the process: the only one
+/// when the launcher gave each process one GPU (CUDA_VISIBLE_DEVICES), else the rank's own.
+/// Fails when there are fewer GPUs than ranks would need.
+pub fn gpu_for(rank: LocalRank, visible: usize) -> Result<usize> {
+    match visible {
+        0 => Err(Error::Unavailable {
+            what: "a GPU".into(),
+            reason: format!("{}={} but no GPU is visible to this process", rank.source, rank.rank),
+        }),
+        1 => Ok(0),
+        n if rank.rank < n => Ok(rank.rank),
+        n => Err(Error::invalid(format!(
+            "{}={} but only {n} GPUs are visible: start at most {n} processes per node, or give each its GPU with CUDA_VISIBLE_DEVICES",
+            rank.source, rank.rank
+        ))),
+    }
+}
+
+/// Storage paths per local rank, written `RANK=PATH[,PATH...]` separated by `;`, e.g.
+/// `0=/nvme0/spill;1=/nvme1/spill` (GPU i → the drive on its PCIe switch). Several paths
+/// for one rank are striped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RankPaths(BTreeMap<usize, Vec<PathBuf>>);
+
+impl RankPaths {
+    /// Parses the `RANK=PATH[,PATH...];...` form; `what` names the setting in errors.
+    pub fn parse(text: &str, what: &str) -> Result<RankPaths> {
+        let mut map = BTreeMap::new();
+        for entry in text.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+            let bad = |why: &str| {
+                Error::invalid(format!(
+                    "{what}: {entry:?} {why}; write RANK=PATH[,PATH...] entries separated by ';', e.g. 0=/nvme0/spill;1=/nvme1/spill"
+                ))
+            };
+            let (rank, paths) = entry.split_once('=').ok_or_else(|| bad("has no '='"))?;
+            let rank: usize = rank
+                .trim()
+                .parse()
+                .map_err(|_| bad("does not start with a rank number"))?;
+            let paths: Vec<PathBuf> = paths
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+                .collect();
+            if paths.is_empty() {
+                return Err(bad("names no path"));
+            }
+            if map.insert(rank, paths).is_some() {
+                return Err(bad("repeats a rank"));
+            }
+        }
+        Ok(RankPaths(map))
+    }
+
+    /// The paths of `rank`, if the list has them.
+    pub fn get(&self, rank: usize) -> Option<&[PathBuf]> {
+        self.0.get(&rank).map(Vec::as_slice)
+    }
+
+    /// Whether the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn each_launcher_s_variable_gives_the_rank() {
+        assert_eq!(detect(env(&[])).unwrap(), None);
+        for (var, _) in LOCAL_RANK_VARS {
+            let r = detect(env(&[(var, "3")])).unwrap().unwrap();
+            assert_eq!((r.rank, r.source), (3, var));
+        }
+        // Agreeing variables are fine (Slurm running torchrun sets both).
+        let r = detect(env(&[("LOCAL_RANK", "1"), ("SLURM_LOCALID", "1")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.source, "LOCAL_RANK");
+    }
+
+    #[test]
+    fn bad_and_conflicting_ranks_are_refused_by_name() {
+        let e = detect(env(&[("SLURM_LOCALID", "x")])).unwrap_err().to_string();
+        assert!(e.contains("SLURM_LOCALID=\"x\"") && e.contains("Slurm"), "{e}");
+        let e = detect(env(&[("LOCAL_RANK", "0"), ("OMPI_COMM_WORLD_LOCAL_RANK", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("LOCAL_RANK=0") && e.contains("OMPI_COMM_WORLD_LOCAL_RANK=1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_gpu_follows_the_rank_unless_the_launcher_gave_one() {
+        let r = |rank| LocalRank {
+            rank,
+            source: "LOCAL_RANK",
+        };
+        assert_eq!(gpu_for(r(1), 8).unwrap(), 1);
+        assert_eq!(gpu_for(r(5), 1).unwrap(), 0);
+        assert!(gpu_for(r(2), 2).unwrap_err().to_string().contains("only 2 GPUs"));
+        assert!(gpu_for(r(0), 0).is_err());
+    }
+
+    #[test]
+    fn rank_paths_parse_and_refuse_with_the_setting_named() {
+        let p = RankPaths::parse(" 0=/nvme0/a ; 1=/nvme1/a,/nvme2/a ", "rank_paths").unwrap();
+        assert_eq!(p.get(0).unwrap(), [PathBuf::from("/nvme0/a")]);
+        assert_eq!(p.get(1).unwrap().len(), 2);
+        assert!(p.get(2).is_none());
+        assert!(RankPaths::parse("", "rank_paths").unwrap().is_empty());
+        for bad in ["0/nvme", "x=/a", "0=", "0=/a;0=/b"] {
+            let e = RankPaths::parse(bad, "rank_paths").unwrap_err().to_string();
+            assert!(e.contains("rank_paths") && e.contains("RANK=PATH"), "{bad}: {e}");
+        }
+    }
+}
