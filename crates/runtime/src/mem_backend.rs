@@ -29,6 +29,36 @@ pub struct Faults {
     pub submits_left: AtomicU64,
     /// Delay before each completion, in microseconds.
     pub delay_us: AtomicU64,
+    /// While closed, no request is carried out: for tests that need I/O in flight for
+    /// as long as they look, whatever the machine's load.
+    pub gate: Gate,
+}
+
+/// A gate requests wait at; open unless closed.
+#[derive(Debug, Default)]
+pub struct Gate {
+    closed: Mutex<bool>,
+    changed: std::sync::Condvar,
+}
+
+impl Gate {
+    /// Holds every request not yet carried out until [`Gate::open`].
+    pub fn close(&self) {
+        *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = true;
+    }
+
+    /// Lets requests through again.
+    pub fn open(&self) {
+        *self.closed.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.changed.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+        while *closed {
+            closed = self.changed.wait(closed).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 struct Job {
@@ -68,6 +98,7 @@ impl MemBackend {
             reads_left: AtomicU64::new(u64::MAX),
             submits_left: AtomicU64::new(u64::MAX),
             delay_us: AtomicU64::new(0),
+            gate: Gate::default(),
         });
         let written = Arc::new(AtomicU64::new(0));
         let read = Arc::new(AtomicU64::new(0));
@@ -79,6 +110,7 @@ impl MemBackend {
                 .name("spillway-mem-backend".into())
                 .spawn(move || {
                     for job in rx {
+                        faults.gate.pass();
                         let delay = faults.delay_us.load(Ordering::Relaxed);
                         if delay > 0 {
                             thread::sleep(Duration::from_micros(delay));

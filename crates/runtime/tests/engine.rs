@@ -309,12 +309,18 @@ fn a_fetch_before_the_write_is_forwarded_and_the_write_cancelled() {
 #[test]
 fn the_source_callback_runs_once_the_write_is_done() {
     let r = rig(small_cfg(), 1 << 30);
-    r.backend.faults().delay_us.store(20_000, Ordering::SeqCst);
+    r.backend.faults().gate.close();
     let t = tensor(&r.dev, 2 << 20, 8); // direct
     let (h, released) = offload_counted(&r, &t, TensorKey::new(1, 0));
     // While the write is in flight, a fetch is served from the tensor's memory.
     assert_eq!(fetch_check(&r, h, 2 << 20, 8), 0);
     assert_eq!(r.engine.stats().counters.forwarded_fetches, 1);
+    assert_eq!(
+        released.load(Ordering::SeqCst),
+        0,
+        "the write has not happened yet"
+    );
+    r.backend.faults().gate.open();
     r.engine.drain().unwrap();
     assert_eq!(released.load(Ordering::SeqCst), 1);
     assert!(r.engine.source_released(h).unwrap());
@@ -903,11 +909,12 @@ fn a_fetch_into_busy_memory_waits_for_it_to_be_free() {
 
     // Forwarded from the tensor's own memory (its write held back): the copy waits on the stream.
     let r = rig(small_cfg(), 1 << 30);
-    r.backend.faults().delay_us.store(400_000, Ordering::SeqCst);
+    r.backend.faults().gate.close();
     let t = tensor(&r.dev, 2 << 20, 22);
     let h = offload_all(&r, std::slice::from_ref(&t))[0];
     let (out, waited, ev) = fetch_into_held_buffer(&r, h, 2 << 20, Duration::from_millis(100));
     ev.synchronize().unwrap();
+    r.backend.faults().gate.open();
     r.engine.drain().unwrap(); // before `t` can go, even on a failed assertion
     assert!(waited, "the forwarded copy waited for the memory to be free");
     assert_eq!(
