@@ -22,6 +22,8 @@ def bench(args, paths, size):
         cmd += ["--path", p]
     if len(paths) > 1:
         cmd += ["--stripe", args.stripe]
+        if args.weights:
+            cmd += ["--stripe-weights", args.weights]
     return {r["op"]: r for r in run_json_lines(cmd)}
 
 
@@ -32,6 +34,7 @@ def main():
     ap.add_argument("--size", default="8G", help="bytes per member (the set moves members x size)")
     ap.add_argument("--block", default="4M")
     ap.add_argument("--stripe", default="1M")
+    ap.add_argument("--weights", default="", help="--stripe-weights of the set, e.g. 2,5")
     ap.add_argument("--qd", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mem", default="gpu")
@@ -72,7 +75,8 @@ def main():
                 "--stripe), interleaved; throughput_gbps medians; ratio = set / sum of members",
         "targets": dict(zip(names, paths)),
         "settings": {"mem": args.mem, "backend": args.backend, "size_per_member": args.size,
-                     "block": args.block, "stripe": args.stripe, "qd": args.qd,
+                     "block": args.block, "stripe": args.stripe, "weights": args.weights or None,
+                     "qd": args.qd,
                      "threads": args.threads, "reps": args.reps},
         "median_gbps": med,
         "ratio_set_over_sum": ratio,

@@ -197,6 +197,11 @@ pub struct BenchArgs {
     #[arg(long, value_parser = parse_size, default_value = "1MiB")]
     pub stripe: u64,
 
+    /// With several --path: stripe units per round for each path, in order (e.g. 1,2 when
+    /// the second is twice as fast). Default: one each.
+    #[arg(long, value_delimiter = ',', value_name = "W,W,...")]
+    pub stripe_weights: Vec<u32>,
+
     /// Fill with random data and check every byte read back (after writes: the whole file
     /// is read back and checked, untimed). The tensors workload always verifies.
     #[arg(help_heading = "Seq workload", long)]

@@ -189,11 +189,17 @@ fn make_backend(
     })
 }
 
-/// Like [`setup`], with the data striped over `paths` in `stripe`-byte units: each path gets
+/// Like [`setup`], with the data striped over `paths` in `stripe`-byte units (`weights`
+/// units per round for each path; empty: one each): each path gets
 /// a backend of its own (its own rings or workers, so a slow one does not hold up the rest)
 /// and the returned target path names the set. One path is no set: its backend is used
 /// directly.
-pub fn setup_striped(choices: Choices, paths: &[PathBuf], stripe: u64) -> Result<(Setup, PathBuf)> {
+pub fn setup_striped(
+    choices: Choices,
+    paths: &[PathBuf],
+    stripe: u64,
+    weights: &[u32],
+) -> Result<(Setup, PathBuf)> {
     let mut setup = setup(choices)?;
     match paths {
         [] => Err(Error::invalid("no storage path given")),
@@ -217,7 +223,11 @@ pub fn setup_striped(choices: Choices, paths: &[PathBuf], stripe: u64) -> Result
             }
             let refs: Vec<&Path> = many.iter().map(PathBuf::as_path).collect();
             let name = StripedBackend::set_name(&refs);
-            let striped = Arc::new(StripedBackend::new(name.clone(), members, stripe)?);
+            let striped = Arc::new(if weights.is_empty() {
+                StripedBackend::new(name.clone(), members, stripe)?
+            } else {
+                StripedBackend::weighted(name.clone(), members, stripe, weights)?
+            });
             setup.backend = striped.clone();
             setup.striped = Some(striped);
             setup.notes.push(format!(

@@ -876,6 +876,40 @@ fn bench_stripes_over_several_paths_and_reports_each() {
     }
     // Both were anonymous files: nothing is left.
     assert_eq!(std::fs::read_dir(a.path()).unwrap().count(), 0);
+    // Weights 1,3: the second path takes three units for every one of the first.
+    let out = spillway(&[
+        "bench",
+        "--mem",
+        "host",
+        "--size",
+        "16M",
+        "--stripe",
+        "256K",
+        "--stripe-weights",
+        "1,3",
+        "--op",
+        "write",
+        "--json",
+        "--path",
+        a.path().to_str().unwrap(),
+        "--path",
+        b.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_str(stdout(&out).lines().next().unwrap()).unwrap();
+    assert_eq!(r["members"][0]["bytes"], 4 << 20, "{r}");
+    assert_eq!(r["members"][1]["bytes"], 12 << 20, "{r}");
+    let err = bench_fails(&[
+        "--mem",
+        "host",
+        "--path",
+        "/tmp",
+        "--path",
+        "/tmp",
+        "--stripe-weights",
+        "1,0",
+    ]);
+    assert!(err.contains("stripe_weights"), "{err}");
     let err = bench_fails(&[
         "--mem", "host", "--path", "/tmp", "--path", "/tmp", "--stripe", "1000",
     ]);

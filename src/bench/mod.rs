@@ -42,7 +42,12 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     flags::check(args)?;
     validate(args)?;
     let paths = storage_paths(args)?;
-    let (setup, path) = select::setup_striped(Choices::from_bench(args), &paths, args.stripe)?;
+    let (setup, path) = select::setup_striped(
+        Choices::from_bench(args),
+        &paths,
+        args.stripe,
+        &args.stripe_weights,
+    )?;
     let anonymous = paths.len() == 1 && args.pci.is_none() && path.is_dir();
     // Data already on the target is read as it is (no rewrite) unless --verify needs known
     // data; a new or shorter file is filled first, so reads never hit unwritten extents.

@@ -28,6 +28,7 @@ const KINDS: &[(Kind, &str)] = &[
     (Kind::Millis, "milliseconds"),
     (Kind::Device, "device"),
     (Kind::Backend, "backend"),
+    (Kind::Weights, "weights"),
 ];
 
 fn label(kind: Kind) -> &'static str {

@@ -49,6 +49,8 @@ pub struct Resolved {
     pub engine: EngineConfig,
     /// Bytes per stripe unit when the storage is several paths.
     pub stripe_bytes: u64,
+    /// Stripe units per round of each path (empty: one each).
+    pub stripe_weights: Vec<u32>,
 }
 
 impl Default for Resolved {
@@ -66,6 +68,7 @@ impl Default for Resolved {
             },
             engine: EngineConfig::default(),
             stripe_bytes: DEFAULT_STRIPE_BYTES,
+            stripe_weights: Vec::new(),
         }
     }
 }

@@ -27,6 +27,8 @@ pub enum Kind {
     Device,
     /// The backend that moves the bytes.
     Backend,
+    /// Positive whole numbers, one per storage path.
+    Weights,
 }
 
 /// The text values of `backend`.
@@ -49,6 +51,9 @@ impl Kind {
             Kind::Millis => "a number of milliseconds, zero or more, such as 2 or 0.5",
             Kind::Device => "\"auto\", \"host\", \"cuda\", \"cuda:N\" or a GPU ordinal N",
             Kind::Backend => "\"auto\", \"uring\", \"cufile\" or \"spdk\"",
+            Kind::Weights => {
+                "comma-separated positive whole numbers, one per storage path, such as \"1,2\" (\"\": equal)"
+            }
         }
     }
 
@@ -123,6 +128,22 @@ impl std::fmt::Debug for Setting {
 }
 
 /// A byte count that fits `usize`/`u64` fields alike.
+/// Stripe weights: "1,2", or one whole number; "" for none (equal).
+fn weights(v: &Value) -> Result<Vec<u32>, String> {
+    let one = |text: &str| -> Result<u32, String> {
+        match text.trim().parse::<u32>() {
+            Ok(w) if w >= 1 => Ok(w),
+            _ => Err(format!("{text:?} is not a positive whole number")),
+        }
+    };
+    match v {
+        Value::Int(n) => one(&n.to_string()).map(|w| vec![w]),
+        Value::Str(text) if text.trim().is_empty() => Ok(Vec::new()),
+        Value::Str(text) => text.split(',').map(one).collect(),
+        other => Err(format!("{other} is not a list of weights")),
+    }
+}
+
 fn size(v: &Value) -> Result<u64, String> {
     v.size()
 }
@@ -331,6 +352,19 @@ pub static SETTINGS: &[Setting] = &[
                 return Err(format!("{bytes} is not a positive multiple of 4096 bytes"));
             }
             r.stripe_bytes = bytes;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "stripe_weights",
+        kind: Kind::Weights,
+        meaning: "with several storage paths, stripe units per round for each, in path order (e.g. their throughputs: a path of weight 2 takes two units for every one of a path of weight 1); \"\": equal",
+        get: |r| {
+            let text: Vec<String> = r.stripe_weights.iter().map(u32::to_string).collect();
+            Value::Str(text.join(","))
+        },
+        set: |r, v| {
+            r.stripe_weights = weights(v)?;
             Ok(())
         },
     },

@@ -543,7 +543,12 @@ fn open_striped(paths: Vec<PathBuf>, capacity: Option<u64>, settings: Settings) 
         }
     };
     let members: Vec<PathBuf> = files.into_iter().map(|(f, _)| f).collect();
-    let (setup, name) = select::setup_striped(settings.choices, &members, settings.stripe_bytes)?;
+    let (setup, name) = select::setup_striped(
+        settings.choices,
+        &members,
+        settings.stripe_bytes,
+        &settings.stripe_weights,
+    )?;
     start(setup, name, false, Some(capacity), Some(capacity), settings)
 }
 

@@ -21,6 +21,8 @@ pub struct Settings {
     pub engine: EngineConfig,
     /// Bytes per stripe unit when the storage is several paths.
     pub stripe_bytes: u64,
+    /// Stripe units per round of each path (empty: one each).
+    pub stripe_weights: Vec<u32>,
 }
 
 impl Settings {
@@ -34,6 +36,7 @@ impl Settings {
             choices: resolved.choices,
             engine: resolved.engine,
             stripe_bytes: resolved.stripe_bytes,
+            stripe_weights: resolved.stripe_weights,
         })
     }
 }
@@ -67,6 +70,11 @@ fn value_of(v: &Bound<'_, PyAny>) -> Result<Value, String> {
     }
     if v.is_instance_of::<PyString>() {
         return v.extract().map(Value::Str).map_err(|e: PyErr| e.to_string());
+    }
+    if let Ok(list) = v.extract::<Vec<i64>>() {
+        // A list of whole numbers (stripe weights) reads like its text, "1,2".
+        let text: Vec<String> = list.iter().map(i64::to_string).collect();
+        return Ok(Value::Str(text.join(",")));
     }
     if v.is_instance_of::<PyFloat>() {
         return v.extract().map(Value::Float).map_err(|e: PyErr| e.to_string());

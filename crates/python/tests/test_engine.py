@@ -68,8 +68,16 @@ def test_a_list_of_paths_is_striped_over(tmp_path):
             np.testing.assert_array_equal(out, a)
         # Every directory holds an anonymous file: none has a name.
         assert all(os.listdir(d) == [] for d in dirs)
+    with spillway.Engine(dirs, capacity="96MiB", stripe_bytes="64KiB", stripe_weights=[1, 2, 1], **SMALL) as e:
+        a = blob(5 << 20, 9)
+        h = e.offload((0, 0), region(a))
+        out = np.zeros_like(a)
+        e.fetch(h, region(out))
+        np.testing.assert_array_equal(out, a)
     with pytest.raises(ValueError, match="stripe_bytes"):
         spillway.Engine(dirs, capacity="8MiB", stripe_bytes=1000, **SMALL)
+    with pytest.raises(ValueError, match="stripe_weights"):
+        spillway.Engine(dirs, capacity="8MiB", stripe_weights="1,2", **SMALL)
     with pytest.raises(ValueError, match="list of paths"):
         spillway.Engine(42, **SMALL)
 

@@ -4,7 +4,10 @@
 //! its own (its own rings, queues and threads), so that a slow member does not hold up the
 //! others. It opens as one target whose bytes are dealt out in `stripe`-byte units, round
 //! robin: unit `u` (bytes `u·stripe .. (u+1)·stripe` of the set) lives on member `u mod n`
-//! at offset `(u div n)·stripe`. A request is cut at unit boundaries and each piece goes to
+//! at offset `(u div n)·stripe`. Members of different speeds can be given weights: a
+//! round then deals `w_i` consecutive units to member `i`, so that each member's share of
+//! the bytes, and of the time, matches what it can do (RAID 0 with equal shares is bound
+//! by `n` times its slowest member). A request is cut at unit boundaries and each piece goes to
 //! its member's backend at once; the request completes when every piece has, with the
 //! first error if any failed — naming the member's path, so that a member that went away
 //! shows as a clear error, never as wrong data.
@@ -121,6 +124,11 @@ struct OpenSet {
 pub struct StripedBackend {
     name: PathBuf,
     stripe: u64,
+    /// Units per round of each member, and the first unit of each member in a round.
+    weights: Vec<u64>,
+    round_start: Vec<u64>,
+    /// Units per round: the sum of the weights.
+    round: u64,
     members: Vec<MemberState>,
     open: Mutex<Vec<OpenSet>>,
     next_id: AtomicUsize,
@@ -131,6 +139,25 @@ impl StripedBackend {
     /// `stripe`-byte units. `stripe` must be a positive multiple of 4096; at least two
     /// members are needed (one member is no set: use its backend directly).
     pub fn new(name: impl Into<PathBuf>, members: Vec<Member>, stripe: u64) -> Result<Self> {
+        let weights = vec![1; members.len()];
+        Self::weighted(name, members, stripe, &weights)
+    }
+
+    /// Like [`StripedBackend::new`], with member `i` taking `weights[i]` consecutive units of
+    /// every round (e.g. its throughput in GB/s, rounded): one weight per member, each at
+    /// least 1.
+    pub fn weighted(
+        name: impl Into<PathBuf>,
+        members: Vec<Member>,
+        stripe: u64,
+        weights: &[u32],
+    ) -> Result<Self> {
+        if weights.len() != members.len() || weights.contains(&0) {
+            return Err(Error::invalid(format!(
+                "stripe_weights {weights:?} must give each of the {} targets a weight of at least 1",
+                members.len()
+            )));
+        }
         if members.len() < 2 {
             return Err(Error::invalid(format!(
                 "striping needs at least two targets, {} given",
@@ -142,9 +169,21 @@ impl StripedBackend {
                 "stripe_bytes must be a positive multiple of 4096, not {stripe}"
             )));
         }
+        let weights: Vec<u64> = weights.iter().map(|&w| u64::from(w)).collect();
+        let round_start = weights
+            .iter()
+            .scan(0, |start, w| {
+                let this = *start;
+                *start += w;
+                Some(this)
+            })
+            .collect();
         Ok(StripedBackend {
             name: name.into(),
             stripe,
+            round: weights.iter().sum(),
+            weights,
+            round_start,
             members: members
                 .into_iter()
                 .map(|member| MemberState {
@@ -201,14 +240,14 @@ impl StripedBackend {
     /// Where byte `offset` of the set lives: (member index, offset in the member, bytes
     /// left in its stripe unit).
     fn locate(&self, offset: u64) -> (usize, u64, u64) {
-        let n = self.members.len() as u64;
         let unit = offset / self.stripe;
         let within = offset % self.stripe;
-        (
-            (unit % n) as usize,
-            (unit / n) * self.stripe + within,
-            self.stripe - within,
-        )
+        let (round, at) = (unit / self.round, unit % self.round);
+        // The member whose units of the round include `at` (the last one starting at or
+        // before it).
+        let member = self.round_start.partition_point(|&start| start <= at) - 1;
+        let member_unit = round * self.weights[member] + (at - self.round_start[member]);
+        (member, member_unit * self.stripe + within, self.stripe - within)
     }
 }
 
@@ -260,6 +299,7 @@ impl Backend for StripedBackend {
         let mut details = vec![
             ("stripe".to_string(), format!("{} bytes", self.stripe)),
             ("members".to_string(), self.members.len().to_string()),
+            ("weights".to_string(), format!("{:?}", self.weights)),
         ];
         for (i, m) in self.members.iter().enumerate() {
             details.push((
@@ -286,13 +326,13 @@ impl Backend for StripedBackend {
                 reason: format!("this striped set opens as {}", self.name.display()),
             });
         }
-        let n = self.members.len() as u64;
-        // Each member holds every n-th unit: its share of the reservation, in whole units.
-        let per_member = target.reserve.map(|r| r.div_ceil(n * self.stripe) * self.stripe);
+        // Each member holds its weight's units of every round: its share of the
+        // reservation, in whole rounds.
+        let rounds = target.reserve.map(|r| r.div_ceil(self.round * self.stripe));
         let mut opened: Vec<(TargetId, TargetInfo)> = Vec::new();
-        for m in &self.members {
+        for (m, w) in self.members.iter().zip(&self.weights) {
             let mut t = m.member.target.clone();
-            t.reserve = per_member.or(t.reserve);
+            t.reserve = rounds.map(|r| r * w * self.stripe).or(t.reserve);
             t.direct = target.direct;
             match m.member.backend.open(&t) {
                 Ok(x) => opened.push(x),
@@ -304,11 +344,17 @@ impl Backend for StripedBackend {
                 }
             }
         }
-        let smallest = opened.iter().map(|(_, i)| i.size).min().unwrap_or(0);
+        // Whole rounds that every member has room for.
+        let rounds = opened
+            .iter()
+            .zip(&self.weights)
+            .map(|((_, i), w)| i.size / (w * self.stripe))
+            .min()
+            .unwrap_or(0);
         let info = TargetInfo {
             direct_io: opened.iter().all(|(_, i)| i.direct_io),
             offset_align: opened.iter().map(|(_, i)| i.offset_align).max().unwrap_or(1),
-            size: smallest / self.stripe * self.stripe * n,
+            size: rounds * self.round * self.stripe,
             warning: {
                 let w: Vec<String> = opened.iter().filter_map(|(_, i)| i.warning.clone()).collect();
                 (!w.is_empty()).then(|| w.join("; "))
@@ -477,7 +523,63 @@ mod tests {
         assert_eq!(stats[1].path, PathBuf::from("/m1"));
     }
 
+    #[test]
+    fn weights_deal_consecutive_units_per_round() {
+        let mems: Vec<Arc<MemBackend>> = (0..2)
+            .map(|_| Arc::new(MemBackend::new(Arc::new(HostDevice::new())).unwrap()))
+            .collect();
+        let members = mems
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Member {
+                target: Target::new(format!("/m{i}")),
+                backend: m.clone() as Arc<dyn Backend>,
+            })
+            .collect();
+        // Weights 1 and 3: units 0 | 1 2 3 | 4 | 5 6 7 ...
+        let b = StripedBackend::weighted("set", members, STRIPE, &[1, 3]).unwrap();
+        let expect = [(0, 0), (1, 0), (1, 1), (1, 2), (0, 1), (1, 3), (1, 4), (1, 5)];
+        for (unit, &(m, mu)) in expect.iter().enumerate() {
+            let (member, offset, room) = b.locate(unit as u64 * STRIPE + 10);
+            assert_eq!(
+                (member, offset, room),
+                (m, mu * STRIPE + 10, STRIPE - 10),
+                "unit {unit}"
+            );
+        }
+        let (id, _) = b.open(&Target::new("set")).unwrap();
+        let mut data = pattern(8 * STRIPE as usize, 3);
+        io(&b, id, IoOp::Write, 0, &mut data).unwrap();
+        let stats = b.member_stats();
+        assert_eq!(
+            (stats[0].bytes_written, stats[1].bytes_written),
+            (2 * STRIPE, 6 * STRIPE)
+        );
+        let members = vec![
+            Member {
+                target: Target::new("/a"),
+                backend: mems[0].clone() as Arc<dyn Backend>,
+            };
+            2
+        ];
+        assert!(StripedBackend::weighted("s", members.clone(), STRIPE, &[1, 0]).is_err());
+        assert!(StripedBackend::weighted("s", members, STRIPE, &[1]).is_err());
+    }
+
     proptest! {
+        #[test]
+        fn weighted_ranges_round_trip(offset in 0u64..100_000, len in 1usize..60_000, w0 in 1u32..4, w1 in 1u32..4) {
+            let (plain, _) = set(2);
+            let members = plain.members.into_iter().map(|m| m.member).collect();
+            let b = StripedBackend::weighted("set", members, STRIPE, &[w0, w1]).unwrap();
+            let (id, _) = b.open(&Target::new("set")).unwrap();
+            let mut data = pattern(len, offset as u8);
+            prop_assert_eq!(io(&b, id, IoOp::Write, offset, &mut data).unwrap(), len);
+            let mut back = vec![0u8; len];
+            prop_assert_eq!(io(&b, id, IoOp::Read, offset, &mut back).unwrap(), len);
+            prop_assert_eq!(&back, &data);
+        }
+
         #[test]
         fn any_range_round_trips(offset in 0u64..100_000, len in 1usize..60_000, n in 2usize..5) {
             let (b, _) = set(n);

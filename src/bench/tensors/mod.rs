@@ -46,7 +46,12 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
     flags::check(args)?;
     let opts = Options::from_args(args)?;
     let paths = super::storage_paths(args)?;
-    let (setup, path) = select::setup_striped(Choices::from_bench(args), &paths, args.stripe)?;
+    let (setup, path) = select::setup_striped(
+        Choices::from_bench(args),
+        &paths,
+        args.stripe,
+        &args.stripe_weights,
+    )?;
     let plan = Plan::new(
         opts.tensors,
         opts.duplicates,
