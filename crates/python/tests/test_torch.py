@@ -371,4 +371,6 @@ def test_full_storage_keeps_tensors_in_memory_and_training_goes_on(tmp_path, dev
             assert_bitwise_equal(g, g0)
         e = off.stats()["engine"]
     assert e["resident_tensors"] > 0, "the storage was too small for every tensor"
-    assert e["bytes_written"] <= 512 << 10
+    # Nothing is released during a forward pass, so each of the two steps writes at most
+    # the capacity (how much depends on when packed extents get flushed).
+    assert e["bytes_written"] <= 2 * (512 << 10)
