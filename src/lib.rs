@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod fs;
 pub mod info;
 pub mod nvme;
+pub mod open;
 pub mod rank;
 pub mod select;
 pub mod settings;

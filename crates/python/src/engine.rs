@@ -2,27 +2,18 @@
 //! boundary as raw memory regions `(address, length)` and CUDA streams as raw handles
 //! (`torch.cuda.Stream.cuda_stream`); the GIL is released during every engine call.
 
-use std::collections::HashMap;
-use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use spillway::cli::BackendChoice;
-use spillway::cuda::{CudaDevice, ForeignStream};
-use spillway::select::{self, Memory, Setup};
+use spillway::open::{open_engine, EngineInfo, OpenedEngine};
 use spillway::size::format_size;
-use spillway_runtime::engine::{Engine, Handle, Region, StorageTarget, TensorKey};
-use spillway_runtime::{DirectIo, Error, Event, Target};
-use spillway_spdk::pci::PciAddress;
+use spillway_runtime::engine::{Handle, Region, TensorKey};
+use spillway_runtime::Error;
 
 use crate::errors::{invalid, to_py};
-use crate::settings::{self, Settings};
-
-/// Without an explicit capacity, the engine may fill this fraction of the free space of
-/// the filesystem holding its file (the file grows as tensors are written).
-const DEFAULT_CAPACITY_FRACTION: u64 = 2;
+use crate::settings;
 
 /// The offload engine on one device and one storage target.
 ///
@@ -34,68 +25,9 @@ const DEFAULT_CAPACITY_FRACTION: u64 = 2;
 /// (`spillway.SETTINGS`).
 #[pyclass(name = "Engine", module = "spillway._native", frozen)]
 pub struct PyEngine {
-    open: Mutex<Option<Arc<Open>>>,
-    info: Info,
-}
-
-struct Open {
-    engine: Engine,
-    gpu: Option<Arc<CudaDevice>>,
-    /// The live handles.
-    handles: Mutex<Handles>,
-}
-
-/// What the Python side knows of its live handles.
-#[derive(Default)]
-struct Handles {
-    /// Per handle: its key, and the flag set once the engine no longer reads its memory.
-    live: HashMap<u64, ((u64, u64), Arc<SourceFlag>)>,
-    /// Live handles per key: handles of one key share one copy and one memory (dedup).
-    per_key: HashMap<(u64, u64), usize>,
-}
-
-impl Handles {
-    fn flag(&self, handle: u64) -> PyResult<Arc<SourceFlag>> {
-        self.live
-            .get(&handle)
-            .map(|(_, f)| f.clone())
-            .ok_or_else(|| invalid(format!("unknown or released handle {handle}")))
-    }
-}
-
-/// Set (by the engine's callback) once the engine no longer reads a tensor's memory.
-#[derive(Default)]
-struct SourceFlag {
-    set: Mutex<bool>,
-    changed: Condvar,
-}
-
-impl SourceFlag {
-    fn set(&self) {
-        *lock(&self.set) = true;
-        self.changed.notify_all();
-    }
-
-    fn is_set(&self) -> bool {
-        *lock(&self.set)
-    }
-
-    fn wait(&self) {
-        let mut set = lock(&self.set);
-        while !*set {
-            set = self.changed.wait(set).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-}
-
-struct Info {
-    path: PathBuf,
-    anonymous: bool,
-    capacity: u64,
-    device: String,
-    backend: String,
-    notes: Vec<String>,
-    settings: Settings,
+    open: Mutex<Option<Arc<OpenedEngine>>>,
+    /// What it was opened on (still known once closed).
+    info: EngineInfo,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,36 +39,10 @@ fn regions_of(regions: &[(u64, u64)]) -> Vec<Region> {
 }
 
 impl PyEngine {
-    fn open(&self) -> PyResult<Arc<Open>> {
+    fn open(&self) -> PyResult<Arc<OpenedEngine>> {
         lock(&self.open)
             .clone()
             .ok_or_else(|| invalid("this spillway Engine is closed; create a new one"))
-    }
-}
-
-impl Open {
-    /// Checks that every region is memory of the engine's GPU.
-    fn check(&self, what: &str, regions: &[Region]) -> Result<(), Error> {
-        if let Some(gpu) = &self.gpu {
-            for r in regions.iter().filter(|r| r.len > 0) {
-                gpu.check_region(what, r.ptr, r.len)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The caller's stream, borrowed; an error when it makes no sense here.
-    fn stream(&self, stream: Option<u64>) -> Result<Option<ForeignStream>, Error> {
-        match (&self.gpu, stream) {
-            // SAFETY: the caller passes the handle of a live stream of this GPU's primary
-            // context (the documented contract of the Python method, which torch's
-            // `Stream.cuda_stream` meets), used only during this call.
-            (Some(gpu), Some(s)) => Ok(Some(unsafe { ForeignStream::from_raw(gpu, s) })),
-            (None, Some(_)) => Err(Error::invalid(
-                "a CUDA stream was given, but this engine works on host memory: pass stream=None",
-            )),
-            (_, None) => Ok(None),
-        }
     }
 }
 
@@ -159,14 +65,19 @@ impl PyEngine {
                 ))
             })?,
         };
-        let settings = Settings::parse(settings)?;
+        let settings = settings::parse(settings)?;
         let capacity = capacity
             .map(|c| {
                 settings::size(c).map_err(|why| invalid(format!("spillway.Engine: capacity={c}: {why}")))
             })
             .transpose()?;
-        py.detach(|| open_engine(paths, capacity, settings))
-            .map_err(to_py)
+        let opened = py
+            .detach(|| open_engine(&paths, capacity, &settings))
+            .map_err(to_py)?;
+        Ok(PyEngine {
+            info: opened.info.clone(),
+            open: Mutex::new(Some(Arc::new(opened))),
+        })
     }
 
     /// Offloads a tensor: `storage` and `version` name its bytes (the same pair offloaded
@@ -186,28 +97,10 @@ impl PyEngine {
     ) -> PyResult<u64> {
         let open = self.open()?;
         py.detach(|| -> Result<u64, Error> {
-            let regions = regions_of(&regions);
-            open.check("offload region", &regions)?;
-            let ready: Option<Arc<dyn Event>> = match open.stream(stream)? {
-                Some(s) => Some(Arc::new(s.record_event()?)),
-                None => None,
-            };
-            let freed = Arc::new(SourceFlag::default());
-            let flag = freed.clone();
             // SAFETY: the caller keeps the memory allocated and unmodified until
-            // `source_released` says so (this method's documented contract); the flag it
-            // polls is set by this callback.
-            let h = unsafe {
-                open.engine.offload_with_callback(
-                    TensorKey::new(storage, version),
-                    &regions,
-                    ready,
-                    move || flag.set(),
-                )?
-            };
-            let mut handles = lock(&open.handles);
-            handles.live.insert(h.0, ((storage, version), freed));
-            *handles.per_key.entry((storage, version)).or_default() += 1;
+            // `source_released` says so, and passes a live stream of the engine's GPU (this
+            // method's documented contract, which torch's `Stream.cuda_stream` meets).
+            let h = unsafe { open.offload(TensorKey::new(storage, version), &regions_of(&regions), stream)? };
             Ok(h.0)
         })
         .map_err(to_py)
@@ -217,17 +110,15 @@ impl PyEngine {
     /// owner may free or reuse it.
     fn source_released(&self, handle: u64) -> PyResult<bool> {
         let open = self.open()?;
-        let flag = lock(&open.handles).flag(handle)?;
-        Ok(flag.is_set())
+        open.source_released(Handle(handle)).map_err(to_py)
     }
 
     /// Waits until the engine no longer reads the memory offloaded as `handle` (its write
     /// is done, or was dropped).
     fn wait_source_released(&self, py: Python<'_>, handle: u64) -> PyResult<()> {
         let open = self.open()?;
-        let flag = lock(&open.handles).flag(handle)?;
-        py.detach(|| flag.wait());
-        Ok(())
+        py.detach(|| open.wait_source_released(Handle(handle)))
+            .map_err(to_py)
     }
 
     /// Starts reading the tensor behind `handle` ahead into staging memory.
@@ -250,24 +141,11 @@ impl PyEngine {
         stream: Option<u64>,
     ) -> PyResult<()> {
         let open = self.open()?;
-        py.detach(|| -> Result<(), Error> {
-            let regions = regions_of(&regions);
-            open.check("fetch region", &regions)?;
-            match open.stream(stream)? {
-                Some(s) => {
-                    let free: Arc<dyn Event> = Arc::new(s.record_event()?);
-                    // SAFETY: the memory is the caller's, not used by anything but its
-                    // stream, whose later work waits for the returned event below.
-                    let ev = unsafe { open.engine.fetch_into(Handle(handle), &regions, Some(free))? };
-                    s.wait_event(ev.as_ref())
-                }
-                None => {
-                    // SAFETY: the memory is the caller's and idle (the documented contract);
-                    // the event is waited on before returning.
-                    let ev = unsafe { open.engine.fetch(Handle(handle), &regions)? };
-                    ev.synchronize()
-                }
-            }
+        py.detach(|| {
+            // SAFETY: the memory is the caller's, used by nothing but its stream (or idle
+            // without one), and the stream is a live one of the engine's GPU (this method's
+            // documented contract).
+            unsafe { open.fetch(Handle(handle), &regions_of(&regions), stream) }
         })
         .map_err(to_py)
     }
@@ -278,27 +156,7 @@ impl PyEngine {
     /// Other handles of the same key share that memory, which stays in use for them.
     fn release(&self, py: Python<'_>, handle: u64) -> PyResult<()> {
         let open = self.open()?;
-        py.detach(|| -> Result<(), Error> {
-            open.engine.release(Handle(handle))?;
-            let last = {
-                let mut handles = lock(&open.handles);
-                handles.live.remove(&handle).and_then(|(key, flag)| {
-                    let n = handles.per_key.get_mut(&key)?;
-                    *n -= 1;
-                    if *n == 0 {
-                        handles.per_key.remove(&key);
-                        Some(flag)
-                    } else {
-                        None
-                    }
-                })
-            };
-            if let Some(flag) = last {
-                flag.wait();
-            }
-            Ok(())
-        })
-        .map_err(to_py)
+        py.detach(|| open.release(Handle(handle))).map_err(to_py)
     }
 
     /// Waits until every accepted write has finished (or failed and been kept resident).
@@ -453,187 +311,4 @@ impl PyEngine {
             if self.closed() { ", closed" } else { "" }
         )
     }
-}
-
-/// Sets up the device, backend and storage target, and starts the engine.
-fn open_engine(
-    paths: Vec<PathBuf>,
-    capacity: Option<u64>,
-    mut settings: Settings,
-) -> Result<PyEngine, Error> {
-    let path = match paths.as_slice() {
-        [] => {
-            return Err(Error::invalid(
-                "no storage path given: pass a path or a list of paths",
-            ))
-        }
-        [one] => one.clone(),
-        _ => return open_striped(paths, capacity, settings),
-    };
-    if settings.choices.backend == BackendChoice::Spdk {
-        settings.choices.pci = Some(controller_address(&path)?);
-    }
-    let setup = select::setup(settings.choices)?;
-    if settings.choices.backend == BackendChoice::Spdk {
-        return start(setup, path, false, capacity, None, settings);
-    }
-    let (path, anonymous) = storage_file(&path)?;
-    let is_block = std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_block_device());
-    let (capacity, reserve) = match capacity {
-        Some(c) => (c, (!is_block).then_some(c)),
-        None if is_block => {
-            return Err(Error::invalid(format!(
-                "{} is a block device: pass capacity= (the bytes the engine may use on it)",
-                path.display()
-            )))
-        }
-        None => {
-            let dir = if anonymous {
-                path.as_path()
-            } else {
-                path.parent().unwrap_or(Path::new("."))
-            };
-            let free = spillway::fs::free_space(dir).ok_or_else(|| {
-                Error::invalid(format!(
-                    "cannot tell how much space {} has: pass capacity= (bytes the engine may use)",
-                    dir.display()
-                ))
-            })?;
-            (free / DEFAULT_CAPACITY_FRACTION, None)
-        }
-    };
-    start(setup, path, anonymous, Some(capacity), reserve, settings)
-}
-
-/// The engine on several paths striped into one set (`stripe_bytes` units), each with a
-/// backend of its own. Without `capacity`, each path may give the set the same share of
-/// its free space a single path would.
-fn open_striped(paths: Vec<PathBuf>, capacity: Option<u64>, settings: Settings) -> Result<PyEngine, Error> {
-    let mut files = Vec::with_capacity(paths.len());
-    for p in &paths {
-        let (file, anonymous) = storage_file(p)?;
-        if std::fs::metadata(&file).is_ok_and(|m| m.file_type().is_block_device()) && capacity.is_none() {
-            return Err(Error::invalid(format!(
-                "{} is a block device: pass capacity= (the bytes the engine may use over all paths)",
-                file.display()
-            )));
-        }
-        files.push((file, anonymous));
-    }
-    let capacity = match capacity {
-        Some(c) => c,
-        None => {
-            let mut smallest = u64::MAX;
-            for (file, anonymous) in &files {
-                let dir = if *anonymous {
-                    file.as_path()
-                } else {
-                    file.parent().unwrap_or(Path::new("."))
-                };
-                let free = spillway::fs::free_space(dir).ok_or_else(|| {
-                    Error::invalid(format!(
-                        "cannot tell how much space {} has: pass capacity= (bytes the engine may use)",
-                        dir.display()
-                    ))
-                })?;
-                smallest = smallest.min(free / DEFAULT_CAPACITY_FRACTION);
-            }
-            // Every path holds the same share of the set.
-            smallest * files.len() as u64
-        }
-    };
-    let members: Vec<PathBuf> = files.into_iter().map(|(f, _)| f).collect();
-    let (setup, name) = select::setup_striped(
-        settings.choices,
-        &members,
-        settings.stripe_bytes,
-        &settings.stripe_weights,
-    )?;
-    start(setup, name, false, Some(capacity), Some(capacity), settings)
-}
-
-/// With `backend="spdk"` the path names the NVMe controller by its PCI address.
-fn controller_address(path: &Path) -> Result<PciAddress, Error> {
-    let text = path.to_string_lossy();
-    text.parse().map_err(|e| {
-        Error::invalid(format!(
-            "with backend=\"spdk\" the path is the NVMe controller's PCI address (e.g. \"0000:01:00.0\", see `spillway nvme list`), not {text:?}: {e}"
-        ))
-    })
-}
-
-/// Opens the storage target on the backend and starts the engine. Without `capacity`, the
-/// engine may use all of the target (a controller's namespace).
-fn start(
-    setup: Setup,
-    path: PathBuf,
-    anonymous: bool,
-    capacity: Option<u64>,
-    reserve: Option<u64>,
-    settings: Settings,
-) -> Result<PyEngine, Error> {
-    let capacity = match capacity {
-        Some(c) => c,
-        None => {
-            let (id, info) = setup.backend.open(&Target::new(&path))?;
-            setup.backend.close(id)?;
-            info.size
-        }
-    };
-    let align = settings.engine.alignment;
-    let capacity = capacity / align * align;
-    if capacity == 0 {
-        return Err(Error::invalid(format!(
-            "the storage capacity at {} is below one {align}-byte unit: free space there or pass a larger capacity=",
-            path.display()
-        )));
-    }
-    let target = Target {
-        path: path.clone(),
-        direct: DirectIo::Preferred,
-        create: true,
-        reserve,
-    };
-    let started = Engine::new(
-        setup.device.clone(),
-        setup.backend.clone(),
-        vec![StorageTarget::new(target, capacity)],
-        settings.engine.clone(),
-    );
-    let engine = started?;
-    let (gpu, device) = match &setup.memory {
-        Memory::Gpu(g) => (Some(g.clone()), format!("cuda:{}", g.ordinal())),
-        Memory::Host => (None, "host".to_string()),
-    };
-    Ok(PyEngine {
-        open: Mutex::new(Some(Arc::new(Open {
-            engine,
-            gpu,
-            handles: Mutex::new(Handles::default()),
-        }))),
-        info: Info {
-            path,
-            anonymous,
-            capacity,
-            device,
-            backend: setup.backend.info().name.to_string(),
-            notes: setup.notes,
-            settings,
-        },
-    })
-}
-
-/// The file to store in: a new anonymous file when `path` is a directory.
-fn storage_file(path: &Path) -> Result<(PathBuf, bool), Error> {
-    if path.as_os_str().is_empty() {
-        return Err(Error::invalid(
-            "the storage path is empty: pass a directory, file or block device on fast storage",
-        ));
-    }
-    if !path.is_dir() {
-        return Ok((path.to_path_buf(), false));
-    }
-    // A directory target opens as an anonymous file in it (O_TMPFILE, or created and
-    // unlinked at once): it never has a name, so nothing is left behind even after a kill.
-    Ok((path.to_path_buf(), true))
 }

@@ -6,39 +6,19 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
 use pyo3::IntoPyObjectExt;
-use spillway::select::Choices;
 use spillway::settings::{self as registry, Kind, Value, SETTINGS};
-use spillway_runtime::engine::EngineConfig;
 
 use crate::errors::invalid;
 
-/// Parsed settings.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    /// Device and backend choices, as `spillway bench` takes them.
-    pub choices: Choices,
-    /// The engine's settings.
-    pub engine: EngineConfig,
-    /// Bytes per stripe unit when the storage is several paths.
-    pub stripe_bytes: u64,
-    /// Stripe units per round of each path (empty: one each).
-    pub stripe_weights: Vec<u32>,
-}
+/// Parsed settings: spillway's, resolved and checked.
+pub use spillway::settings::Resolved as Settings;
 
-impl Settings {
-    /// Loads the file and environment layers and applies `kwargs` over them, refusing
-    /// unknown names and bad values with the reason.
-    pub fn parse(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Settings> {
-        let resolved = layers(kwargs)?
-            .resolve()
-            .map_err(|e| invalid(format!("spillway.Engine: {e}")))?;
-        Ok(Settings {
-            choices: resolved.choices,
-            engine: resolved.engine,
-            stripe_bytes: resolved.stripe_bytes,
-            stripe_weights: resolved.stripe_weights,
-        })
-    }
+/// Loads the file and environment layers and applies `kwargs` over them, refusing unknown
+/// names and bad values with the reason.
+pub fn parse(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Settings> {
+    layers(kwargs)?
+        .resolve()
+        .map_err(|e| invalid(format!("spillway.Engine: {e}")))
 }
 
 /// Defaults, file and environment, then `kwargs`; not yet checked together.

@@ -1,0 +1,268 @@
+//! Opening an offload engine for a library caller (the Python package, the C ABI): storage
+//! paths, a capacity and resolved settings in; a running [`Engine`] with its device and
+//! backend out ([`open_engine`]). A directory gets an anonymous file, several paths are
+//! striped over, and with `backend="spdk"` the path is an NVMe controller's PCI address.
+//!
+//! The [`OpenedEngine`] also keeps track of its callers' handles, so that every binding
+//! offers the same calls ([`OpenedEngine::offload`], [`OpenedEngine::fetch`], …) with the
+//! same meaning.
+
+mod handles;
+mod ops;
+#[cfg(test)]
+mod tests;
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use spillway_runtime::engine::{Engine, StorageTarget};
+use spillway_runtime::{Device, DirectIo, Error, Result, Target};
+use spillway_spdk::pci::PciAddress;
+
+use crate::cli::BackendChoice;
+use crate::cuda::CudaDevice;
+use crate::select::{self, Memory, Setup};
+use crate::settings::Resolved;
+
+use handles::Handles;
+
+/// Without an explicit capacity, the engine may fill this fraction of the free space of
+/// the filesystem holding its file (the file grows as tensors are written).
+const DEFAULT_CAPACITY_FRACTION: u64 = 2;
+
+/// A running engine with what it runs on, and the handles its caller holds.
+pub struct OpenedEngine {
+    /// The engine.
+    pub engine: Engine,
+    /// The device that owns the engine's memory (the host device for host memory).
+    pub device: Arc<dyn Device>,
+    /// Host or GPU memory.
+    pub memory: Memory,
+    /// What the engine was opened on, for reports.
+    pub info: EngineInfo,
+    /// The live handles.
+    handles: Mutex<Handles>,
+}
+
+/// What an engine was opened on: the facts a binding reports.
+#[derive(Clone, Debug)]
+pub struct EngineInfo {
+    /// The storage target: a file or block device, the directory of an anonymous file, a
+    /// controller's PCI address, or the name of a striped set.
+    pub path: PathBuf,
+    /// True when the data lives in an anonymous file (one that never has a name).
+    pub anonymous: bool,
+    /// Bytes the engine may store.
+    pub capacity: u64,
+    /// "cuda:N" or "host".
+    pub device: String,
+    /// The backend moving the bytes ("uring", "cufile", …).
+    pub backend: String,
+    /// Choices made for the caller ("no GPU: using host memory", …).
+    pub notes: Vec<String>,
+    /// The settings the engine was opened with.
+    pub settings: Resolved,
+}
+
+impl OpenedEngine {
+    /// The GPU whose memory the engine moves; `None` for host memory.
+    pub fn gpu(&self) -> Option<&Arc<CudaDevice>> {
+        match &self.memory {
+            Memory::Gpu(gpu) => Some(gpu),
+            Memory::Host => None,
+        }
+    }
+}
+
+impl std::fmt::Debug for OpenedEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedEngine")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sets up the device, backend and storage target for `paths` and starts the engine.
+///
+/// One path is a directory (the engine keeps its data in a new anonymous file there), a
+/// file (created if missing, kept afterwards) or a block device; several are striped over
+/// in `settings.stripe_bytes` units. `capacity` is the most bytes the engine may store: a
+/// size reserved up front, or, when `None`, half of the filesystem's free space, used as
+/// needed (a block device needs one).
+pub fn open_engine(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> Result<OpenedEngine> {
+    let path = match paths {
+        [] => {
+            return Err(Error::invalid(
+                "no storage path given: pass a path or a list of paths",
+            ))
+        }
+        [one] => one.clone(),
+        _ => return open_striped(paths, capacity, settings),
+    };
+    let mut settings = settings.clone();
+    if settings.choices.backend == BackendChoice::Spdk {
+        settings.choices.pci = Some(controller_address(&path)?);
+    }
+    let setup = select::setup(settings.choices)?;
+    if settings.choices.backend == BackendChoice::Spdk {
+        return start(setup, path, false, capacity, None, settings);
+    }
+    let (path, anonymous) = storage_file(&path)?;
+    let is_block = std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_block_device());
+    let (capacity, reserve) = match capacity {
+        Some(c) => (c, (!is_block).then_some(c)),
+        None if is_block => {
+            return Err(Error::invalid(format!(
+                "{} is a block device: pass capacity= (the bytes the engine may use on it)",
+                path.display()
+            )))
+        }
+        None => (default_capacity(&path, anonymous)?, None),
+    };
+    start(setup, path, anonymous, Some(capacity), reserve, settings)
+}
+
+/// The engine on several paths striped into one set (`stripe_bytes` units, `stripe_weights`
+/// of them per path and round), each with a backend of its own. Without `capacity`, each path may give the set the same share of
+/// its free space a single path would.
+fn open_striped(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> Result<OpenedEngine> {
+    let mut files = Vec::with_capacity(paths.len());
+    for p in paths {
+        let (file, anonymous) = storage_file(p)?;
+        if std::fs::metadata(&file).is_ok_and(|m| m.file_type().is_block_device()) && capacity.is_none() {
+            return Err(Error::invalid(format!(
+                "{} is a block device: pass capacity= (the bytes the engine may use over all paths)",
+                file.display()
+            )));
+        }
+        files.push((file, anonymous));
+    }
+    let capacity = match capacity {
+        Some(c) => c,
+        None => {
+            let mut smallest = u64::MAX;
+            for (file, anonymous) in &files {
+                smallest = smallest.min(default_capacity(file, *anonymous)?);
+            }
+            // Every path holds the same share of the set.
+            smallest * files.len() as u64
+        }
+    };
+    let members: Vec<PathBuf> = files.into_iter().map(|(f, _)| f).collect();
+    let (setup, name) = select::setup_striped(
+        settings.choices,
+        &members,
+        settings.stripe_bytes,
+        &settings.stripe_weights,
+    )?;
+    start(
+        setup,
+        name,
+        false,
+        Some(capacity),
+        Some(capacity),
+        settings.clone(),
+    )
+}
+
+/// The capacity of a file (or an anonymous file in directory `path`) when none is given:
+/// a share of the free space of its filesystem.
+fn default_capacity(path: &Path, anonymous: bool) -> Result<u64> {
+    let dir = if anonymous {
+        path
+    } else {
+        path.parent().unwrap_or(Path::new("."))
+    };
+    let free = crate::fs::free_space(dir).ok_or_else(|| {
+        Error::invalid(format!(
+            "cannot tell how much space {} has: pass capacity= (bytes the engine may use)",
+            dir.display()
+        ))
+    })?;
+    Ok(free / DEFAULT_CAPACITY_FRACTION)
+}
+
+/// With `backend="spdk"` the path names the NVMe controller by its PCI address.
+fn controller_address(path: &Path) -> Result<PciAddress> {
+    let text = path.to_string_lossy();
+    text.parse().map_err(|e| {
+        Error::invalid(format!(
+            "with backend=\"spdk\" the path is the NVMe controller's PCI address (e.g. \"0000:01:00.0\", see `spillway nvme list`), not {text:?}: {e}"
+        ))
+    })
+}
+
+/// Opens the storage target on the backend and starts the engine. Without `capacity`, the
+/// engine may use all of the target (a controller's namespace).
+fn start(
+    setup: Setup,
+    path: PathBuf,
+    anonymous: bool,
+    capacity: Option<u64>,
+    reserve: Option<u64>,
+    settings: Resolved,
+) -> Result<OpenedEngine> {
+    let capacity = match capacity {
+        Some(c) => c,
+        None => {
+            let (id, info) = setup.backend.open(&Target::new(&path))?;
+            setup.backend.close(id)?;
+            info.size
+        }
+    };
+    let align = settings.engine.alignment;
+    let capacity = capacity / align * align;
+    if capacity == 0 {
+        return Err(Error::invalid(format!(
+            "the storage capacity at {} is below one {align}-byte unit: free space there or pass a larger capacity=",
+            path.display()
+        )));
+    }
+    let target = Target {
+        path: path.clone(),
+        direct: DirectIo::Preferred,
+        create: true,
+        reserve,
+    };
+    let engine = Engine::new(
+        setup.device.clone(),
+        setup.backend.clone(),
+        vec![StorageTarget::new(target, capacity)],
+        settings.engine.clone(),
+    )?;
+    let device = match &setup.memory {
+        Memory::Gpu(g) => format!("cuda:{}", g.ordinal()),
+        Memory::Host => "host".to_string(),
+    };
+    Ok(OpenedEngine {
+        engine,
+        device: setup.device,
+        memory: setup.memory,
+        info: EngineInfo {
+            path,
+            anonymous,
+            capacity,
+            device,
+            backend: setup.backend.info().name.to_string(),
+            notes: setup.notes,
+            settings,
+        },
+        handles: Mutex::new(Handles::default()),
+    })
+}
+
+/// The file to store in: a new anonymous file when `path` is a directory.
+fn storage_file(path: &Path) -> Result<(PathBuf, bool)> {
+    if path.as_os_str().is_empty() {
+        return Err(Error::invalid(
+            "the storage path is empty: pass a directory, file or block device on fast storage",
+        ));
+    }
+    if !path.is_dir() {
+        return Ok((path.to_path_buf(), false));
+    }
+    // A directory target opens as an anonymous file in it (O_TMPFILE, or created and
+    // unlinked at once): it never has a name, so nothing is left behind even after a kill.
+    Ok((path.to_path_buf(), true))
+}

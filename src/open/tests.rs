@@ -1,0 +1,87 @@
+//! Opening an engine on host memory, and the handle bookkeeping of its calls.
+
+use std::path::PathBuf;
+
+use spillway_runtime::engine::{Handle, Region, TensorKey};
+use spillway_runtime::Error;
+
+use super::{open_engine, OpenedEngine};
+use crate::settings::Settings;
+
+fn open(paths: &[PathBuf], capacity: Option<u64>) -> Result<OpenedEngine, Error> {
+    let mut settings = Settings::default();
+    for (name, value) in [
+        ("device", "host"),
+        ("staging_bytes", "8MiB"),
+        ("prefetch_bytes", "4MiB"),
+        ("pack_extent_bytes", "1MiB"),
+    ] {
+        settings.set(name, value).unwrap();
+    }
+    open_engine(paths, capacity, &settings.resolve().unwrap())
+}
+
+fn region(buf: &mut [u8]) -> Vec<Region> {
+    vec![Region::new(buf.as_mut_ptr() as u64, buf.len() as u64)]
+}
+
+#[test]
+fn a_directory_gets_an_anonymous_file_of_the_given_capacity() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = open(&[dir.path().to_path_buf()], Some((1 << 20) + 100)).unwrap();
+    assert!(e.info.anonymous);
+    assert_eq!(e.info.capacity, 1 << 20, "rounded down to the alignment");
+    assert_eq!(
+        (e.info.device.as_str(), e.info.backend.as_str()),
+        ("host", "uring")
+    );
+    assert!(e.gpu().is_none());
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing is left behind"
+    );
+}
+
+#[test]
+fn bad_paths_and_capacities_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let msg = |r: Result<OpenedEngine, Error>| r.unwrap_err().to_string();
+    assert!(msg(open(&[], None)).contains("no storage path given"));
+    assert!(msg(open(&[PathBuf::new()], None)).contains("storage path is empty"));
+    assert!(msg(open(&[dir.path().to_path_buf()], Some(100))).contains("below one 4096-byte unit"));
+}
+
+#[test]
+fn handles_track_their_source_until_the_last_one_of_a_key_is_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = open(&[dir.path().to_path_buf()], Some(64 << 20)).unwrap();
+    let mut src: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let key = TensorKey::new(7, 1);
+    // SAFETY: `src` outlives the engine's use of it (released below), no stream.
+    let (h1, h2) = unsafe {
+        (
+            e.offload(key, &region(&mut src), None).unwrap(),
+            e.offload(key, &region(&mut src), None).unwrap(),
+        )
+    };
+    e.engine.drain().unwrap();
+    e.wait_source_released(h1).unwrap();
+    assert!(e.source_released(h2).unwrap());
+    let mut back = vec![0u8; src.len()];
+    // SAFETY: `back` is live and idle, no stream.
+    unsafe { e.fetch(h2, &region(&mut back), None) }.unwrap();
+    assert!(back == src);
+    e.release(h1).unwrap();
+    assert!(
+        e.source_released(h2).unwrap(),
+        "the other handle of the key lives on"
+    );
+    e.release(h2).unwrap();
+    let gone = e.source_released(h2).unwrap_err().to_string();
+    assert!(gone.contains("unknown or released handle"), "{gone}");
+    // SAFETY: refused before the stream is used.
+    let stream = unsafe { e.offload(TensorKey::new(8, 0), &region(&mut src), Some(1234)) };
+    assert!(stream.unwrap_err().to_string().contains("CUDA stream was given"));
+    assert!(e.release(Handle(987_654)).is_err());
+}
