@@ -51,6 +51,9 @@ fi
 (cd crates/python && VIRTUAL_ENV="$PWD/../../$venv" "../../$venv/bin/maturin" develop --locked -q)
 "$venv/bin/python" -m pytest -q crates/python/tests
 
+echo "== C ABI: the example program offloads and fetches through libspillway (crates/capi)"
+bash crates/capi/run-example.sh
+
 echo "== userspace NVMe driver against QEMU's NVMe controller (tests/nvme-vm)"
 # A small VM (TCG; Debian's kernel and busybox, fetched with apt) with an emulated IOMMU
 # and NVMe controller; the check programs run inside it and the exit status is this step's.
