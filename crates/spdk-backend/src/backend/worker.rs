@@ -90,7 +90,7 @@ enum Queued {
 
 pub(crate) struct Worker {
     // Field order is drop order: the registration goes before the memory it covers.
-    registration: HostRegistration,
+    _registration: HostRegistration,
     queue: IoQueue,
     staging: DmaBuffer,
     stream: Arc<dyn Stream>,
@@ -114,7 +114,7 @@ impl Worker {
     pub(crate) fn new(p: WorkerParts) -> Self {
         let cids = p.queue.max_in_flight();
         Worker {
-            registration: p.registration,
+            _registration: p.registration,
             queue: p.queue,
             staging: p.staging,
             stream: p.stream,
@@ -135,7 +135,6 @@ impl Worker {
     /// Runs jobs until the channel closes and every job taken has completed.
     pub(crate) fn run(mut self, rx: Receiver<Job>) {
         let _span = tracing::debug_span!("spdk_worker", queue = self.queue.qid()).entered();
-        let _ = &self.registration;
         let mut open = true;
         let mut dog: Option<Watchdog> = None;
         loop {
