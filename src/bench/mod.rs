@@ -41,13 +41,7 @@ const MAX_VERIFY: u64 = 16 << 30;
 pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     flags::check(args)?;
     validate(args)?;
-    let paths = storage_paths(args)?;
-    let (setup, path) = select::setup_striped(
-        Choices::from_bench(args),
-        &paths,
-        args.stripe,
-        &args.stripe_weights,
-    )?;
+    let (paths, setup, path) = storage_setup(args)?;
     let anonymous = paths.len() == 1 && args.pci.is_none() && path.is_dir();
     // Data already on the target is read as it is (no rewrite) unless --verify needs known
     // data; a new or shorter file is filled first, so reads never hit unwritten extents.
@@ -86,6 +80,19 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     let results = results?;
     closed?;
     Ok(results)
+}
+
+/// The run's storage paths, its device and backend (striped over the paths when there are
+/// several), and the path of the target to open.
+fn storage_setup(args: &BenchArgs) -> Result<(Vec<PathBuf>, Setup, PathBuf)> {
+    let paths = storage_paths(args)?;
+    let (setup, path) = select::setup_striped(
+        Choices::from_bench(args),
+        &paths,
+        args.stripe,
+        &args.stripe_weights,
+    )?;
+    Ok((paths, setup, path))
 }
 
 /// What the benchmark stores to: the controller of `--pci`, the `--path`s (a directory: an

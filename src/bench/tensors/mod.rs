@@ -31,7 +31,7 @@ use spillway_runtime::{open_target, DeviceBuffer, DirectIo, Error, Event, Result
 
 use super::flags;
 use crate::cli::BenchArgs;
-use crate::select::{self, Choices, Memory, Setup};
+use crate::select::{Memory, Setup};
 use options::{EngineSettings, Options};
 use plan::Plan;
 use report::{Phase, TensorsResult};
@@ -45,13 +45,7 @@ const POISON_DESTINATION: u64 = 0x0bad_cafe_dead_d00d;
 pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
     flags::check(args)?;
     let opts = Options::from_args(args)?;
-    let paths = super::storage_paths(args)?;
-    let (setup, path) = select::setup_striped(
-        Choices::from_bench(args),
-        &paths,
-        args.stripe,
-        &args.stripe_weights,
-    )?;
+    let (paths, setup, path) = super::storage_setup(args)?;
     let plan = Plan::new(
         opts.tensors,
         opts.duplicates,
