@@ -22,6 +22,7 @@ use spillway_spdk::pci::PciAddress;
 
 use crate::cli::BackendChoice;
 use crate::cuda::CudaDevice;
+use crate::rank;
 use crate::select::{self, Memory, Setup};
 use crate::settings::Resolved;
 
@@ -91,6 +92,14 @@ impl std::fmt::Debug for OpenedEngine {
 /// size reserved up front, or, when `None`, half of the filesystem's free space, used as
 /// needed (a block device needs one).
 pub fn open_engine(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> Result<OpenedEngine> {
+    // Under a multi-process launcher, `rank_paths` may give this rank drives of its own.
+    let (paths, note) = settings.rank_paths.choose(paths, rank::detect_from_env()?)?;
+    let mut opened = open_paths(&paths, capacity, settings)?;
+    opened.info.notes.extend(note);
+    Ok(opened)
+}
+
+fn open_paths(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> Result<OpenedEngine> {
     let path = match paths {
         [] => {
             return Err(Error::invalid(

@@ -120,6 +120,53 @@ impl RankPaths {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// The storage paths of this process: its rank's entry when the list has entries and
+    /// the process has a local rank, else `given`. Also says which were chosen, for the
+    /// caller's notes. A rank missing from a non-empty list is refused: every process of a
+    /// job must know its drives.
+    pub fn choose(
+        &self,
+        given: &[PathBuf],
+        rank: Option<LocalRank>,
+    ) -> Result<(Vec<PathBuf>, Option<String>)> {
+        let Some(rank) = rank.filter(|_| !self.is_empty()) else {
+            return Ok((given.to_vec(), None));
+        };
+        match self.get(rank.rank) {
+            Some(paths) => {
+                let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+                Ok((
+                    paths.to_vec(),
+                    Some(format!(
+                        "local rank {} ({}): storage {} from rank_paths",
+                        rank.rank,
+                        rank.source,
+                        shown.join(", ")
+                    )),
+                ))
+            }
+            None => Err(Error::invalid(format!(
+                "rank_paths has no entry for local rank {} ({}={}): add \"{}=PATH\" to it",
+                rank.rank, rank.source, rank.rank, rank.rank
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for RankPaths {
+    /// The `RANK=PATH[,PATH...];...` form [`RankPaths::parse`] reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let entries: Vec<String> = self
+            .0
+            .iter()
+            .map(|(rank, paths)| {
+                let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+                format!("{rank}={}", paths.join(","))
+            })
+            .collect();
+        f.write_str(&entries.join(";"))
+    }
 }
 
 #[cfg(test)]
@@ -176,9 +223,37 @@ mod tests {
         assert_eq!(p.get(1).unwrap().len(), 2);
         assert!(p.get(2).is_none());
         assert!(RankPaths::parse("", "rank_paths").unwrap().is_empty());
+        assert_eq!(p.to_string(), "0=/nvme0/a;1=/nvme1/a,/nvme2/a");
         for bad in ["0/nvme", "x=/a", "0=", "0=/a;0=/b"] {
             let e = RankPaths::parse(bad, "rank_paths").unwrap_err().to_string();
             assert!(e.contains("rank_paths") && e.contains("RANK=PATH"), "{bad}: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod choose_tests {
+    use super::*;
+
+    #[test]
+    fn a_rank_takes_its_own_paths_and_a_missing_one_is_refused() {
+        let list = RankPaths::parse("0=/nvme0;1=/nvme1,/nvme2", "rank_paths").unwrap();
+        let given = [PathBuf::from("/given")];
+        let rank = |rank| {
+            Some(LocalRank {
+                rank,
+                source: "LOCAL_RANK",
+            })
+        };
+        let (paths, note) = list.choose(&given, rank(1)).unwrap();
+        assert_eq!(paths, [PathBuf::from("/nvme1"), PathBuf::from("/nvme2")]);
+        assert!(note.unwrap().contains("local rank 1 (LOCAL_RANK)"));
+        assert_eq!(list.choose(&given, None).unwrap().0, given);
+        assert_eq!(RankPaths::default().choose(&given, rank(3)).unwrap().0, given);
+        let e = list.choose(&given, rank(2)).unwrap_err().to_string();
+        assert!(
+            e.contains("no entry for local rank 2") && e.contains("2=PATH"),
+            "{e}"
+        );
     }
 }

@@ -29,6 +29,7 @@ const KINDS: &[(Kind, &str)] = &[
     (Kind::Device, "device"),
     (Kind::Backend, "backend"),
     (Kind::Weights, "weights"),
+    (Kind::RankPaths, "rank paths"),
 ];
 
 fn label(kind: Kind) -> &'static str {

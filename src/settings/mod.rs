@@ -30,6 +30,7 @@ use std::path::Path;
 use spillway_runtime::engine::EngineConfig;
 
 use crate::cli::{BackendChoice, MemChoice};
+use crate::rank::RankPaths;
 use crate::select::Choices;
 
 pub use docs::markdown;
@@ -51,6 +52,8 @@ pub struct Resolved {
     pub stripe_bytes: u64,
     /// Stripe units per round of each path (empty: one each).
     pub stripe_weights: Vec<u32>,
+    /// Storage paths per local rank (empty: the paths given).
+    pub rank_paths: RankPaths,
 }
 
 impl Default for Resolved {
@@ -69,6 +72,7 @@ impl Default for Resolved {
             engine: EngineConfig::default(),
             stripe_bytes: DEFAULT_STRIPE_BYTES,
             stripe_weights: Vec::new(),
+            rank_paths: RankPaths::default(),
         }
     }
 }

@@ -9,6 +9,7 @@ use crate::cli::{BackendChoice, MemChoice};
 
 use super::value::Value;
 use super::Resolved;
+use crate::rank::RankPaths;
 
 /// What values a setting takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +30,8 @@ pub enum Kind {
     Backend,
     /// Positive whole numbers, one per storage path.
     Weights,
+    /// Storage paths per local rank.
+    RankPaths,
 }
 
 /// The text values of `backend`.
@@ -51,6 +54,9 @@ impl Kind {
             Kind::Millis => "a number of milliseconds, zero or more, such as 2 or 0.5",
             Kind::Device => "\"auto\", \"host\", \"cuda\", \"cuda:N\" or a GPU ordinal N",
             Kind::Backend => "\"auto\", \"uring\", \"cufile\" or \"spdk\"",
+            Kind::RankPaths => {
+                "RANK=PATH[,PATH...] entries separated by ';', such as \"0=/nvme0/spill;1=/nvme1/spill\" (\"\": none)"
+            }
             Kind::Weights => {
                 "comma-separated positive whole numbers, one per storage path, such as \"1,2\" (\"\": equal)"
             }
@@ -365,6 +371,17 @@ pub static SETTINGS: &[Setting] = &[
         },
         set: |r, v| {
             r.stripe_weights = weights(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "rank_paths",
+        kind: Kind::RankPaths,
+        meaning: "storage paths of each local rank (LOCAL_RANK, SLURM_LOCALID or OMPI_COMM_WORLD_LOCAL_RANK), used instead of the path given, e.g. GPU i's drive on its PCIe switch; several paths for a rank are striped; \"\": the path given",
+        get: |r| Value::Str(r.rank_paths.to_string()),
+        set: |r, v| {
+            let text = v.as_str().ok_or_else(|| format!("{v} is not text"))?;
+            r.rank_paths = RankPaths::parse(text, "rank_paths").map_err(|e| e.to_string())?;
             Ok(())
         },
     },

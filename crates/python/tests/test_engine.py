@@ -82,6 +82,28 @@ def test_a_list_of_paths_is_striped_over(tmp_path):
         spillway.Engine(42, **SMALL)
 
 
+def test_each_local_rank_takes_its_own_paths(tmp_path, monkeypatch):
+    mine, other, given = tmp_path / "rank1", tmp_path / "rank0", tmp_path / "given"
+    for d in (mine, other, given):
+        d.mkdir()
+    paths = f"0={other};1={mine}"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with spillway.Engine(given, capacity="16MiB", rank_paths=paths, **SMALL) as e:
+        assert e.path == str(mine)
+        assert any("local rank 1 (LOCAL_RANK)" in n for n in e.notes), list(e.notes)
+        a = blob(300_000, 5)
+        h = e.offload((0, 0), region(a))
+        out = np.zeros_like(a)
+        e.fetch(h, region(out))
+        np.testing.assert_array_equal(out, a)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(ValueError, match="no entry for local rank 2"):
+        spillway.Engine(given, capacity="16MiB", rank_paths=paths, **SMALL)
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    with pytest.raises(ValueError, match="disagree"):
+        spillway.Engine(given, capacity="16MiB", rank_paths=paths, **SMALL)
+
+
 def test_the_same_storage_and_version_is_stored_once(engine):
     a = blob(2 << 20, 7)
     h1 = engine.offload((42, 3), region(a))
