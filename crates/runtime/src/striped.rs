@@ -470,7 +470,13 @@ mod tests {
     const STRIPE: u64 = 4096;
 
     fn set(n: usize) -> (StripedBackend, Vec<Arc<MemBackend>>) {
-        let mems: Vec<Arc<MemBackend>> = (0..n)
+        weighted_set(&vec![1; n])
+    }
+
+    /// A set over memory backends, one per weight, named "/m0", "/m1", ….
+    fn weighted_set(weights: &[u32]) -> (StripedBackend, Vec<Arc<MemBackend>>) {
+        let mems: Vec<Arc<MemBackend>> = weights
+            .iter()
             .map(|_| Arc::new(MemBackend::new(Arc::new(HostDevice::new())).unwrap()))
             .collect();
         let members = mems
@@ -481,7 +487,8 @@ mod tests {
                 backend: m.clone() as Arc<dyn Backend>,
             })
             .collect();
-        (StripedBackend::new("set", members, STRIPE).unwrap(), mems)
+        let set = StripedBackend::weighted("set", members, STRIPE, weights).unwrap();
+        (set, mems)
     }
 
     fn io(b: &StripedBackend, id: TargetId, op: IoOp, offset: u64, buf: &mut [u8]) -> Result<usize> {
@@ -525,19 +532,8 @@ mod tests {
 
     #[test]
     fn weights_deal_consecutive_units_per_round() {
-        let mems: Vec<Arc<MemBackend>> = (0..2)
-            .map(|_| Arc::new(MemBackend::new(Arc::new(HostDevice::new())).unwrap()))
-            .collect();
-        let members = mems
-            .iter()
-            .enumerate()
-            .map(|(i, m)| Member {
-                target: Target::new(format!("/m{i}")),
-                backend: m.clone() as Arc<dyn Backend>,
-            })
-            .collect();
+        let (b, mems) = weighted_set(&[1, 3]);
         // Weights 1 and 3: units 0 | 1 2 3 | 4 | 5 6 7 ...
-        let b = StripedBackend::weighted("set", members, STRIPE, &[1, 3]).unwrap();
         let expect = [(0, 0), (1, 0), (1, 1), (1, 2), (0, 1), (1, 3), (1, 4), (1, 5)];
         for (unit, &(m, mu)) in expect.iter().enumerate() {
             let (member, offset, room) = b.locate(unit as u64 * STRIPE + 10);
@@ -569,9 +565,7 @@ mod tests {
     proptest! {
         #[test]
         fn weighted_ranges_round_trip(offset in 0u64..100_000, len in 1usize..60_000, w0 in 1u32..4, w1 in 1u32..4) {
-            let (plain, _) = set(2);
-            let members = plain.members.into_iter().map(|m| m.member).collect();
-            let b = StripedBackend::weighted("set", members, STRIPE, &[w0, w1]).unwrap();
+            let (b, _) = weighted_set(&[w0, w1]);
             let (id, _) = b.open(&Target::new("set")).unwrap();
             let mut data = pattern(len, offset as u8);
             prop_assert_eq!(io(&b, id, IoOp::Write, offset, &mut data).unwrap(), len);
