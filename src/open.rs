@@ -22,7 +22,7 @@ use spillway_spdk::pci::PciAddress;
 
 use crate::cli::BackendChoice;
 use crate::cuda::CudaDevice;
-use crate::rank;
+use crate::rank::{self, LocalRank};
 use crate::select::{self, Memory, Setup};
 use crate::settings::Resolved;
 
@@ -91,19 +91,84 @@ impl std::fmt::Debug for OpenedEngine {
 /// in `settings.stripe_bytes` units. `capacity` is the most bytes the engine may store: a
 /// size reserved up front, or, when `None`, half of the filesystem's free space, used as
 /// needed (a block device needs one).
+///
+/// Under a multi-process launcher (a local rank in the environment, see [`rank`]), the
+/// rank's entry in `settings.rank_paths` replaces `paths`; without one, a file path is
+/// made the rank's own ([`rank::namespaced`]) and a block device is left to rank 0.
 pub fn open_engine(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> Result<OpenedEngine> {
-    // Under a multi-process launcher, `rank_paths` may give this rank drives of its own.
-    let (paths, note) = settings.rank_paths.choose(paths, rank::detect_from_env()?)?;
+    open_for_rank(paths, capacity, settings, rank::detect_from_env()?)
+}
+
+fn open_for_rank(
+    paths: &[PathBuf],
+    capacity: Option<u64>,
+    settings: &Resolved,
+    rank: Option<LocalRank>,
+) -> Result<OpenedEngine> {
+    let (mut paths, note) = settings.rank_paths.choose(paths, rank)?;
+    let mut notes: Vec<String> = note.into_iter().collect();
+    // Paths every rank was given alike must not be shared: each rank gets its own file.
+    // (A controller is claimed by one process anyway; rank_paths entries are the rank's.)
+    if let Some(rank) = rank.filter(|_| notes.is_empty() && settings.choices.backend != BackendChoice::Spdk) {
+        for path in &mut paths {
+            if let Some(own) = rank_own_path(path, PathKind::of(path), rank)? {
+                notes.push(format!(
+                    "local rank {} ({}): file {} is this rank's own",
+                    rank.rank,
+                    rank.source,
+                    own.display()
+                ));
+                *path = own;
+            }
+        }
+    }
     let mut opened = open_paths(&paths, capacity, settings)?;
-    opened.info.notes.extend(note);
+    opened.info.notes.extend(notes);
     Ok(opened)
+}
+
+/// What a storage path names, as far as choosing a rank's own storage goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PathKind {
+    Directory,
+    BlockDevice,
+    /// A file, or nothing yet (a file to be made).
+    File,
+}
+
+impl PathKind {
+    fn of(path: &Path) -> PathKind {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => PathKind::Directory,
+            Ok(m) if m.file_type().is_block_device() => PathKind::BlockDevice,
+            _ => PathKind::File,
+        }
+    }
+}
+
+/// The path `rank` stores in instead of the shared `path`: `None` for a directory (its
+/// anonymous file is the process's own) and, on rank 0, for a block device; a rank-named
+/// file for a file path. Other ranks are refused a shared block device.
+fn rank_own_path(path: &Path, kind: PathKind, rank: LocalRank) -> Result<Option<PathBuf>> {
+    match kind {
+        PathKind::Directory => Ok(None),
+        PathKind::BlockDevice if rank.rank == 0 => Ok(None),
+        PathKind::BlockDevice => Err(Error::invalid(format!(
+            "local rank {} ({}={}) was given block device {}, which rank 0 writes: give each rank a device of its own with rank_paths (e.g. SPILLWAY_RANK_PATHS=\"0=/dev/nvme0n1;1=/dev/nvme1n1\"), or a directory",
+            rank.rank,
+            rank.source,
+            rank.rank,
+            path.display()
+        ))),
+        PathKind::File => Ok(Some(rank::namespaced(path, rank.rank))),
+    }
 }
 
 fn open_paths(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> Result<OpenedEngine> {
     let path = match paths {
         [] => {
             return Err(Error::invalid(
-                "no storage path given: pass a path or a list of paths",
+                "no storage path given: pass a path or a list of paths (or, under a launcher, set rank_paths with an entry for each local rank)",
             ))
         }
         [one] => one.clone(),

@@ -169,6 +169,22 @@ impl std::fmt::Display for RankPaths {
     }
 }
 
+/// The name `rank` uses for a storage file named `path` when every rank of a job was given
+/// the same one: the rank goes before the extension (`/nvme/spill.bin` → `/nvme/spill.rank1.bin`,
+/// `/nvme/spill` → `/nvme/spill.rank1`), so the ranks' files sit side by side and never
+/// overwrite each other.
+pub fn namespaced(path: &std::path::Path, rank: usize) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}.rank{rank}.{}", ext.to_string_lossy()),
+        None => format!("{stem}.rank{rank}"),
+    };
+    path.with_file_name(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +230,15 @@ mod tests {
         assert_eq!(gpu_for(r(5), 1).unwrap(), 0);
         assert!(gpu_for(r(2), 2).unwrap_err().to_string().contains("only 2 GPUs"));
         assert!(gpu_for(r(0), 0).is_err());
+    }
+
+    #[test]
+    fn a_shared_file_name_gets_the_rank_before_its_extension() {
+        let n = |p: &str, r| namespaced(std::path::Path::new(p), r);
+        assert_eq!(n("/nvme/spill.bin", 1), PathBuf::from("/nvme/spill.rank1.bin"));
+        assert_eq!(n("/nvme/spill", 0), PathBuf::from("/nvme/spill.rank0"));
+        assert_eq!(n("spill.tar.gz", 3), PathBuf::from("spill.tar.rank3.gz"));
+        assert_eq!(n("/nvme/.hidden", 2), PathBuf::from("/nvme/.hidden.rank2"));
     }
 
     #[test]

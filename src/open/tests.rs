@@ -5,10 +5,16 @@ use std::path::PathBuf;
 use spillway_runtime::engine::{Handle, Region, TensorKey};
 use spillway_runtime::Error;
 
-use super::{open_engine, OpenedEngine};
+use super::{open_engine, open_for_rank, OpenedEngine};
+use crate::rank::LocalRank;
 use crate::settings::Settings;
 
 fn open(paths: &[PathBuf], capacity: Option<u64>) -> Result<OpenedEngine, Error> {
+    open_engine(paths, capacity, &small_host_settings().resolve().unwrap())
+}
+
+/// Host memory and a small engine.
+fn small_host_settings() -> Settings {
     let mut settings = Settings::default();
     for (name, value) in [
         ("device", "host"),
@@ -18,7 +24,7 @@ fn open(paths: &[PathBuf], capacity: Option<u64>) -> Result<OpenedEngine, Error>
     ] {
         settings.set(name, value).unwrap();
     }
-    open_engine(paths, capacity, &settings.resolve().unwrap())
+    settings
 }
 
 fn region(buf: &mut [u8]) -> Vec<Region> {
@@ -84,4 +90,66 @@ fn handles_track_their_source_until_the_last_one_of_a_key_is_released() {
     let stream = unsafe { e.offload(TensorKey::new(8, 0), &region(&mut src), Some(1234)) };
     assert!(stream.unwrap_err().to_string().contains("CUDA stream was given"));
     assert!(e.release(Handle(987_654)).is_err());
+}
+
+#[test]
+fn ranks_given_one_file_name_each_get_their_own_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = small_host_settings().resolve().unwrap();
+    let shared = dir.path().join("spill.bin");
+    let rank = |rank| {
+        Some(LocalRank {
+            rank,
+            source: "LOCAL_RANK",
+        })
+    };
+    let r0 = open_for_rank(std::slice::from_ref(&shared), Some(1 << 20), &settings, rank(0)).unwrap();
+    let r1 = open_for_rank(std::slice::from_ref(&shared), Some(1 << 20), &settings, rank(1)).unwrap();
+    assert_eq!(r0.info.path, dir.path().join("spill.rank0.bin"));
+    assert_eq!(r1.info.path, dir.path().join("spill.rank1.bin"));
+    assert!(
+        r1.info
+            .notes
+            .iter()
+            .any(|n| n.contains("local rank 1 (LOCAL_RANK)")),
+        "{:?}",
+        r1.info.notes
+    );
+    assert!(!shared.exists(), "the shared name itself is never made");
+    // Without a launcher the name is used as given; a directory stays a directory.
+    let alone = open_for_rank(std::slice::from_ref(&shared), Some(1 << 20), &settings, None).unwrap();
+    assert_eq!(alone.info.path, shared);
+    let anon = open_for_rank(&[dir.path().to_path_buf()], Some(1 << 20), &settings, rank(1)).unwrap();
+    assert!(anon.info.anonymous && anon.info.path == dir.path());
+    // A rank's own entry in rank_paths is used as written.
+    let mut own = small_host_settings();
+    let mine = dir.path().join("mine.bin");
+    own.set("rank_paths", format!("1={}", mine.display()).as_str())
+        .unwrap();
+    let r1 = open_for_rank(&[shared], Some(1 << 20), &own.resolve().unwrap(), rank(1)).unwrap();
+    assert_eq!(r1.info.path, mine);
+}
+
+#[test]
+fn a_shared_block_device_is_left_to_rank_0() {
+    use super::{rank_own_path, PathKind};
+    let dev = PathBuf::from("/dev/nvme0n1");
+    let rank = |rank| LocalRank {
+        rank,
+        source: "SLURM_LOCALID",
+    };
+    let e = rank_own_path(&dev, PathKind::BlockDevice, rank(1))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("SLURM_LOCALID=1") && e.contains("/dev/nvme0n1") && e.contains("rank_paths"),
+        "{e}"
+    );
+    assert_eq!(rank_own_path(&dev, PathKind::BlockDevice, rank(0)).unwrap(), None);
+    assert_eq!(rank_own_path(&dev, PathKind::Directory, rank(1)).unwrap(), None);
+    assert_eq!(PathKind::of(std::path::Path::new("/")), PathKind::Directory);
+    assert_eq!(
+        PathKind::of(std::path::Path::new("/no/such/file")),
+        PathKind::File
+    );
 }
