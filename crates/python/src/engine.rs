@@ -57,7 +57,9 @@ impl PyEngine {
         settings: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         // One path, or a list of them to stripe over.
+        // None: the paths come from the rank's entry in `rank_paths`.
         let paths: Vec<PathBuf> = match path.extract::<PathBuf>() {
+            _ if path.is_none() => Vec::new(),
             Ok(one) => vec![one],
             Err(_) => path.extract().map_err(|_| {
                 invalid(format!(

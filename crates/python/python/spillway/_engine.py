@@ -25,6 +25,9 @@ class Engine:
     ``Engine(path, capacity=None, **settings)``. ``path`` is a directory (the data then
     lives in a new file there that is unlinked at once, so nothing is left behind even
     after a crash), a file (created if missing, kept afterwards) or a block device.
+    Under a launcher (``LOCAL_RANK``, ``SLURM_LOCALID``, ``OMPI_COMM_WORLD_LOCAL_RANK``) a
+    file name becomes the rank's own (``spill.bin`` → ``spill.rank1.bin``), and the
+    ``rank_paths`` setting, when set, gives each rank its paths (``path`` may then be None).
     ``capacity`` is the most bytes it may store: reserved up front when given; by default
     half of the filesystem's free space, used as needed. See :data:`SETTINGS`. A setting
     not given here comes from its ``SPILLWAY_*`` environment variable, else from the TOML
@@ -38,7 +41,7 @@ class Engine:
 
     def __init__(
         self,
-        path: "os.PathLike[str] | str | Sequence[os.PathLike[str] | str]",
+        path: "os.PathLike[str] | str | Sequence[os.PathLike[str] | str] | None",
         capacity: "int | str | None" = None,
         **settings: Any,
     ):

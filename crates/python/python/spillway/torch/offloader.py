@@ -45,7 +45,8 @@ class Offloader:
     Args:
         model: the module trained; its parameters and buffers are never offloaded.
         path: directory (an anonymous file is used there), file or block device on fast
-            storage.
+            storage; None when the ``rank_paths`` setting names this rank's (under a
+            launcher, a file name is made the rank's own: see :class:`spillway.Engine`).
         capacity: bytes the engine may use there (default: half the free space).
         policy: ``"adaptive"`` (default) or ``"all"``; see the module's documentation.
         min_tensor_bytes: storages smaller than this stay in memory (default 1 MiB).
@@ -105,8 +106,6 @@ class Offloader:
             raise ValueError(f"device {self.device}: spillway offloads CUDA (or CPU) tensors")
         self._cuda = self.device.type == "cuda"
         if engine is None:
-            if path is None:
-                raise ValueError("give path= (a directory, file or block device on fast storage) or engine=")
             dev = f"cuda:{self.device.index}" if self._cuda else "host"
             engine = Engine(path, capacity, device=dev, **settings)
             self._own_engine = True
