@@ -5,7 +5,7 @@
 #   scripts/gpu-test.sh            # tests, --verify benches, then the performance runs
 #                                  # (pack kernel bandwidth, GPU vs host)
 #   SKIP_PERF=1 scripts/gpu-test.sh
-#   PERF_ONLY=engine|train scripts/gpu-test.sh   # one group of performance runs
+#   PERF_ONLY=engine|train|ranks scripts/gpu-test.sh   # one group of runs (ranks: two GPUs)
 #   SPILLWAY_SANITIZE=1 scripts/gpu-test.sh   # also the pack kernels under compute-sanitizer
 #
 # Storage tested: $SPILLWAY_DISK_DIR (default /var/tmp/spillway, a disk) and
@@ -121,6 +121,31 @@ train_perf() {
     --out "$results/train-gpt-h200.json" ${TRAIN_ARGS:-}
 }
 
+# Two GPUs or more: DDP training under torchrun with spillway on every rank (gradients
+# bitwise equal to the same training without it; each rank's storage from rank_paths, then
+# a file name every rank shares), and each rank's bandwidth alone and with both at once.
+multi_gpu() {
+  local gpus paths="" i
+  gpus=$("$py" -c "import torch; print(torch.cuda.device_count())") || return 1
+  if ((gpus < 2)); then
+    echo "note: $gpus GPU: the multi-GPU checks need two"
+    return 0
+  fi
+  for i in 0 1; do
+    mkdir -p "$shm/rank$i"
+    paths+="${paths:+;}$i=$shm/rank$i"
+  done
+  local run=("$py" -m torch.distributed.run --standalone --nproc-per-node 2)
+  step env SPILLWAY_RANK_PATHS="$paths" "${run[@]}" crates/python/tests/ddp_offload.py \
+    --json "$results/ddp-2gpu-h200.json"
+  step "${run[@]}" crates/python/tests/ddp_offload.py --path "$disk/ddp.bin" --capacity 2GiB
+  rm -f "$disk"/ddp.rank*.bin
+  if [[ -z ${SKIP_PERF:-} ]]; then
+    step env SPILLWAY_RANK_PATHS="$paths" "${run[@]}" benches/ranks.py --out "$results" \
+      --name ranks-2gpu-h200-shm
+  fi
+}
+
 storages=("$disk" "$shm")
 shm_ext4=""
 if [[ $(id -u) -eq 0 ]] && shm_ext4=$(loop_ext4_on_shm); then
@@ -135,7 +160,8 @@ if [[ -n ${PERF_ONLY:-} ]]; then
   case $PERF_ONLY in
     engine) engine_perf ;;
     train) train_perf ;;
-    *) failures+=("PERF_ONLY=$PERF_ONLY: expected engine or train") ;;
+    ranks) multi_gpu ;;
+    *) failures+=("PERF_ONLY=$PERF_ONLY: expected engine, train or ranks") ;;
   esac
   if ((${#failures[@]})); then
     printf 'failed: %s\n' "${failures[@]}"
@@ -159,6 +185,7 @@ if [[ -n ${SPILLWAY_SANITIZE:-} ]]; then
 fi
 # The Python package: engine on host memory, and spillway.torch on CPU and GPU tensors.
 step env SPILLWAY_TEST_DIR="$shm" "$py" -m pytest -q -p no:cacheprovider crates/python/tests
+multi_gpu
 expect_error "GPU 7 requested" "$dist/spillway" bench --gpu 7 --size 1M --path "$disk/never.dat"
 expect_error "--gpu 7" "$dist/spillway" bench --mem host --gpu 7 --size 1M --path "$disk/never.dat"
 for dir in "${storages[@]}"; do
