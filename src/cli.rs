@@ -2,28 +2,44 @@
 
 use std::path::PathBuf;
 
+use clap::error::ErrorKind;
 use clap::parser::ValueSource;
-use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use spillway_spdk::pci::PciAddress;
 
+use crate::bench::layers::{self, Layers};
 use crate::size::parse_size;
 
 /// Parses the process's command line (exiting with clap's message on bad input, as
-/// `Cli::parse` does), and records which `bench` flags were given explicitly in
-/// [`BenchArgs::given`], so flags of the other workload can be refused.
+/// `Cli::parse` does), records which `bench` flags were given explicitly in
+/// [`BenchArgs::given`], so flags of the other workload can be refused, and fills the `bench`
+/// flags left out from the settings layers (environment, settings file; see
+/// [`crate::bench::layers`]). A bad setting exits like bad input: status 2, with a message
+/// naming the setting and where its value came from.
 pub fn parse() -> Cli {
     let mut command = Cli::command();
     let matches = command.clone().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut command).exit());
-    if let (Command::Bench(args), Some(sub)) = (&mut cli.command, matches.subcommand_matches("bench")) {
-        args.given = sub
-            .ids()
-            .filter(|id| sub.value_source(id.as_str()) == Some(ValueSource::CommandLine))
-            .map(|id| id.as_str().to_string())
-            .collect();
+    if let Command::Bench(args) = &mut cli.command {
+        args.given = given_flags(&matches);
+        if let Err(e) = layers::apply(args) {
+            clap::Error::raw(ErrorKind::InvalidValue, format!("{e}\n")).exit();
+        }
     }
     cli
+}
+
+/// The ids of the `bench` flags given on the command line that `matches` holds (empty for
+/// another subcommand).
+pub fn given_flags(matches: &ArgMatches) -> Vec<String> {
+    let Some(sub) = matches.subcommand_matches("bench") else {
+        return Vec::new();
+    };
+    sub.ids()
+        .filter(|id| sub.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.as_str().to_string())
+        .collect()
 }
 
 /// spillway: moves tensors between GPU memory and NVMe storage, and measures how fast.
@@ -35,10 +51,19 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The end of `spillway bench --help`: where flags left out take their values from.
+const BENCH_AFTER_HELP: &str = "\
+Settings: a flag that stands for a setting (--backend, --mem/--gpu, --qd, --threads, --pinned,
+--stripe, --stripe-weights, --staging, --prefetch, --pack-extent, --pack-threshold, --no-pack,
+--no-dedup) overrides it; left out, it takes the setting's SPILLWAY_* environment variable, then
+the TOML file named by SPILLWAY_CONFIG, then its default (docs/settings.md). Without --path, the
+local rank's entry of rank_paths is the path. The report's notes list every value so taken.";
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Measure GPU↔storage (or host↔storage) bandwidth, IOPS and latency, like gdsio/fio.
+    #[command(after_help = BENCH_AFTER_HELP)]
     Bench(Box<BenchArgs>),
     /// Show GPUs, driver and CUDA versions, cuFile/GDS status, io_uring and O_DIRECT support.
     Info(InfoArgs),
@@ -127,7 +152,9 @@ impl OpChoice {
 }
 
 /// `spillway bench` arguments. Flags under "Seq workload" apply to `--workload seq` only,
-/// those under "Tensors workload" to `--workload tensors` only; the rest to both.
+/// those under "Tensors workload" to `--workload tensors` only; the rest to both. A flag that
+/// stands for a setting (`--qd` for `queue_depth`, …) and is left out takes the setting's
+/// value from the environment or the settings file before its default ([`parse`]).
 #[derive(Clone, Debug, Args)]
 pub struct BenchArgs {
     /// What to measure: `seq` runs --op over --size bytes in --block requests; `tensors`
@@ -287,6 +314,11 @@ pub struct BenchArgs {
     /// Ids of the flags given on the command line (filled by [`parse`]; empty otherwise).
     #[arg(skip)]
     pub given: Vec<String>,
+
+    /// What the settings layers gave the flags left out (filled by [`parse`], which also
+    /// writes their values into the fields above; empty otherwise).
+    #[arg(skip)]
+    pub layers: Layers,
 }
 
 /// `spillway info` arguments.

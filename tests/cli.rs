@@ -915,3 +915,247 @@ fn bench_stripes_over_several_paths_and_reports_each() {
     ]);
     assert!(err.contains("stripe_bytes") && err.contains("4096"), "{err}");
 }
+
+/// `spillway ARGS` with `env` as its only settings layers: the `SPILLWAY_*` and local-rank
+/// variables of the test's own environment are removed first.
+fn spillway_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
+    for (var, _) in std::env::vars_os() {
+        let name = var.to_string_lossy();
+        let rank = ["LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK"].contains(&name.as_ref());
+        if rank || (name.starts_with("SPILLWAY_") && name != "SPILLWAY_LOG") {
+            command.env_remove(&var);
+        }
+    }
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("the spillway binary runs")
+}
+
+/// A 4 MiB write from host memory to an anonymous file in `dir`, with `extra` flags and
+/// `env`: its one JSON object.
+fn small_write(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let dir = dir.to_str().unwrap();
+    let args = [
+        &[
+            "bench", "--mem", "host", "--size", "4MiB", "--op", "write", "--json", "--path", dir,
+        ],
+        extra,
+    ]
+    .concat();
+    let out = spillway_with_env(&args, env);
+    assert!(out.status.success(), "{args:?} {env:?}: {}", stderr(&out));
+    serde_json::from_str(stdout(&out).trim()).expect("one JSON object")
+}
+
+/// The settings a report says came from the environment or the file, as
+/// "setting=value from source".
+fn taken(report: &serde_json::Value) -> Vec<String> {
+    let taken = report["from_env_or_file"]
+        .as_array()
+        .expect("from_env_or_file is a list");
+    taken
+        .iter()
+        .map(|t| {
+            format!(
+                "{}={} from {}",
+                t["setting"].as_str().unwrap(),
+                t["value"].as_str().unwrap(),
+                t["source"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+fn notes(report: &serde_json::Value) -> Vec<&str> {
+    report["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn an_environment_variable_sets_a_flag_left_out_and_the_report_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let clean = small_write(dir.path(), &[], &[]);
+    assert_eq!(clean["queue_depth"], 16, "{clean}");
+    assert!(taken(&clean).is_empty(), "{clean}");
+
+    let r = small_write(dir.path(), &[], &[("SPILLWAY_QUEUE_DEPTH", "4")]);
+    assert_eq!(r["queue_depth"], 4, "{r}");
+    assert_eq!(taken(&r), ["queue_depth=4 from SPILLWAY_QUEUE_DEPTH"]);
+    assert!(
+        notes(&r).contains(&"queue_depth=4 from SPILLWAY_QUEUE_DEPTH"),
+        "{r}"
+    );
+
+    // The table says it too.
+    let path = dir.path().to_str().unwrap();
+    let args = [
+        "bench", "--mem", "host", "--size", "4MiB", "--op", "write", "--path", path,
+    ];
+    let out = spillway_with_env(&args, &[("SPILLWAY_QUEUE_DEPTH", "4")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("note: queue_depth=4 from SPILLWAY_QUEUE_DEPTH"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn a_flag_given_overrides_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("SPILLWAY_QUEUE_DEPTH", "4"), ("SPILLWAY_THREADS", "2")];
+    let r = small_write(dir.path(), &["--qd", "8"], &env);
+    assert_eq!((&r["queue_depth"], &r["threads"]), (&8.into(), &2.into()), "{r}");
+    assert_eq!(taken(&r), ["threads=2 from SPILLWAY_THREADS"]);
+    // --mem host is the device: a GPU named by the environment is not used (nor needed).
+    let r = small_write(dir.path(), &[], &[("SPILLWAY_DEVICE", "cuda:0")]);
+    assert_eq!(r["memory"], "host", "{r}");
+    assert!(taken(&r).is_empty(), "{r}");
+}
+
+#[test]
+fn the_settings_file_named_by_spillway_config_is_read_under_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("spillway.toml");
+    std::fs::write(&file, "queue_depth = 3\nthreads = 2\nstripe_bytes = \"512KiB\"\n").unwrap();
+    let config = file.to_str().unwrap();
+    let r = small_write(
+        dir.path(),
+        &[],
+        &[("SPILLWAY_CONFIG", config), ("SPILLWAY_QUEUE_DEPTH", "5")],
+    );
+    assert_eq!((&r["queue_depth"], &r["threads"]), (&5.into(), &2.into()), "{r}");
+    assert_eq!(
+        taken(&r),
+        [
+            "queue_depth=5 from SPILLWAY_QUEUE_DEPTH".to_string(),
+            format!("threads=2 from file {config}"),
+            format!("stripe_bytes=512KiB from file {config}"),
+        ]
+    );
+}
+
+#[test]
+fn a_bad_setting_is_refused_with_status_2_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let args = ["bench", "--mem", "host", "--size", "4MiB", "--path", path];
+    let out = spillway_with_env(&args, &[("SPILLWAY_QUEUE_DEPTH", "lots")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("SPILLWAY_QUEUE_DEPTH") && err.contains("queue_depth takes"),
+        "{err}"
+    );
+
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "queue_depth = 0\n").unwrap();
+    let out = spillway_with_env(&args, &[("SPILLWAY_CONFIG", file.to_str().unwrap())]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("bad.toml: queue_depth = 0"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A value the settings take but the bench refuses: the refusal says where it came from.
+    let out = spillway_with_env(&args, &[("SPILLWAY_THREADS", "1000")]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("out of range") && err.contains("threads=1000 from SPILLWAY_THREADS"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rank_paths_give_the_local_rank_its_path_when_no_path_is_given() {
+    let ranks = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let list = format!("0={};1={}", ranks[0].path().display(), ranks[1].path().display());
+    let args = [
+        "bench", "--mem", "host", "--size", "4MiB", "--op", "write", "--json",
+    ];
+    let env = [("SPILLWAY_RANK_PATHS", list.as_str()), ("LOCAL_RANK", "1")];
+    let out = spillway_with_env(&args, &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(
+        r["path"],
+        format!("<anonymous in {}>", ranks[1].path().display()),
+        "{r}"
+    );
+    assert!(
+        notes(&r).iter().any(|n| n.contains("local rank 1 (LOCAL_RANK)")),
+        "{r}"
+    );
+    assert_eq!(taken(&r), [format!("rank_paths={list} from SPILLWAY_RANK_PATHS")]);
+
+    // --path wins; a rank the list lacks is refused like any bad setting.
+    let r = small_write(ranks[0].path(), &[], &env);
+    assert_eq!(
+        r["path"],
+        format!("<anonymous in {}>", ranks[0].path().display()),
+        "{r}"
+    );
+    let out = spillway_with_env(&args, &[env[0], ("LOCAL_RANK", "2")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no entry for local rank 2"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn the_tensors_engine_takes_settings_that_have_no_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let args = [
+        "bench",
+        "--workload",
+        "tensors",
+        "--mem",
+        "host",
+        "--tensors",
+        "300",
+        "--max-size",
+        "64K",
+        "--staging",
+        "32M",
+        "--json",
+        "--path",
+        path,
+    ];
+    let env = [
+        ("SPILLWAY_ALIGNMENT", "8KiB"),
+        ("SPILLWAY_DIRECT_WRITE_BYTES", "8MiB"),
+        ("SPILLWAY_STAGING_BYTES", "64MiB"),
+        // Read by the seq workload's flags too, but this run's --staging is a flag: it wins.
+        ("SPILLWAY_QUEUE_DEPTH", "8"),
+    ];
+    let out = spillway_with_env(&args, &env);
+    let r = tensors_json(&out);
+    assert_eq!(r["verified"], true, "{r}");
+    let engine = &r["engine"];
+    assert_eq!(engine["alignment"], 8192, "{r}");
+    assert_eq!(engine["direct_write_bytes"], 8 << 20, "{r}");
+    assert_eq!(engine["staging_bytes"], 32 << 20, "{r}");
+    // Left to its default, prefetch still shrinks to fit the smaller staging.
+    assert_eq!(engine["prefetch_bytes"], 16 << 20, "{r}");
+    assert_eq!(r["queue_depth"], 8, "{r}");
+    assert_eq!(
+        taken(&r),
+        [
+            "queue_depth=8 from SPILLWAY_QUEUE_DEPTH",
+            "alignment=8KiB from SPILLWAY_ALIGNMENT",
+            "direct_write_bytes=8MiB from SPILLWAY_DIRECT_WRITE_BYTES",
+        ]
+    );
+}

@@ -13,10 +13,14 @@
 //!
 //! That is the `seq` workload (the default); `--workload tensors` ([`tensors`]) measures
 //! the offload engine on many small tensors instead.
+//!
+//! Flags left out take their settings' values from the environment or the settings file
+//! ([`layers`]), as the library does; the reports list every value so taken.
 
 mod buffer;
 mod driver;
 mod flags;
+pub mod layers;
 pub mod report;
 pub mod tensors;
 pub mod workload;
@@ -37,8 +41,13 @@ const MAX_BUFFER: u64 = 4 << 30;
 /// Largest `--size` with `--verify` (the whole size is kept in memory to be checked).
 const MAX_VERIFY: u64 = 16 << 30;
 
-/// Runs the `seq` workload described by `args` (see [`tensors::run`] for the other).
+/// Runs the `seq` workload described by `args` (see [`tensors::run`] for the other). A
+/// refusal also names the values that came from the environment or the settings file.
 pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
+    run_seq(args).map_err(|e| args.layers.annotate(e))
+}
+
+fn run_seq(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     flags::check(args)?;
     validate(args)?;
     let (paths, setup, path) = storage_setup(args)?;
@@ -73,7 +82,12 @@ pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
         written: already_written,
         seeded: false,
         direct_io: target_info.direct_io,
-        notes: setup.notes.iter().cloned().chain(target_info.warning).collect(),
+        notes: args
+            .layers
+            .report_notes()
+            .chain(setup.notes.iter().cloned())
+            .chain(target_info.warning)
+            .collect(),
     };
     let results = args.op.iter().map(|op| run.op(*op)).collect::<Result<Vec<_>>>();
     let closed = setup.backend.close(id);
@@ -306,6 +320,7 @@ impl Run<'_> {
             verified: mismatched_bytes.map(|m| m == 0),
             mismatched_bytes,
             notes: self.notes.clone(),
+            from_env_or_file: self.args.layers.taken.clone(),
             command: std::env::args().collect::<Vec<_>>().join(" "),
             members: Vec::new(),
         }

@@ -3,6 +3,7 @@
 use serde::Serialize;
 use spillway_runtime::MemberStats;
 
+use super::layers::Taken;
 use crate::size::format_size;
 
 /// Latency percentiles in microseconds.
@@ -61,8 +62,12 @@ pub struct BenchResult {
     pub verified: Option<bool>,
     /// With --verify: bytes that differed.
     pub mismatched_bytes: Option<u64>,
-    /// Warnings and choices made for the user.
+    /// Warnings and choices made for the user; the first ones name each value taken from
+    /// the environment or the settings file ("queue_depth=32 from SPILLWAY_QUEUE_DEPTH").
     pub notes: Vec<String>,
+    /// The settings whose values came from the environment or the settings file instead of
+    /// a flag or a default (empty when none did).
+    pub from_env_or_file: Vec<Taken>,
     /// The command line that produced this result.
     pub command: String,
     /// With several --path: what each target of the striped set moved during this

@@ -57,7 +57,8 @@ fn write_page(md: &mut String) -> std::fmt::Result {
         "Every setting of the offload engine, its device and its backend. A setting's value \
          comes from the highest of these layers that gives it:\n\
          \n\
-         1. an API argument: a keyword of `spillway.Engine(path, capacity=None, **settings)`;\n\
+         1. an API argument: a keyword of `spillway.Engine(path, capacity=None, **settings)`, \
+         or a flag of `spillway bench` (`--qd` for `queue_depth`, …: see its `--help`);\n\
          2. its environment variable: `SPILLWAY_` and the setting's name in capitals \
          (`SPILLWAY_STAGING_BYTES=1GiB`);\n\
          3. the TOML settings file named by `{CONFIG_VAR}`, under the setting's name (no file \

@@ -41,8 +41,13 @@ use report::{Phase, TensorsResult};
 const POISON_SOURCE: u64 = 0xdead_beef_0bad_f00d;
 const POISON_DESTINATION: u64 = 0x0bad_cafe_dead_d00d;
 
-/// Runs the tensors workload described by `args`.
+/// Runs the tensors workload described by `args`. A refusal also names the values that came
+/// from the environment or the settings file.
 pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
+    run_tensors(args).map_err(|e| args.layers.annotate(e))
+}
+
+fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
     flags::check(args)?;
     let opts = Options::from_args(args)?;
     let (paths, setup, path) = super::storage_setup(args)?;
@@ -53,7 +58,8 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
         opts.max_size,
         opts.seed,
     );
-    let mut notes = setup.notes.clone();
+    let mut notes: Vec<String> = args.layers.report_notes().collect();
+    notes.extend(setup.notes.iter().cloned());
     notes.extend(limits::check(
         &setup.memory,
         plan.arena_len.saturating_mul(2),
@@ -184,6 +190,7 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
         mismatched_tensors,
         trace,
         notes,
+        from_env_or_file: args.layers.taken.clone(),
         engine_stats: engine.stats(),
     })
 }

@@ -128,17 +128,7 @@ impl Options {
                 calls
             )));
         }
-        let mut notes = Vec::new();
-        if args.no_pack {
-            for (given, flag) in [
-                (args.pack_extent.is_some(), "--pack-extent"),
-                (args.pack_threshold.is_some(), "--pack-threshold"),
-            ] {
-                if given {
-                    notes.push(format!("{flag} has no effect with --no-pack"));
-                }
-            }
-        }
+        let notes = no_effect_notes(args);
         Ok(Options {
             tensors: args.tensors as usize,
             duplicates: duplicates as usize,
@@ -158,6 +148,28 @@ impl Options {
     }
 }
 
+/// Notes for packing flags given while packing is off (by --no-pack, or by the `pack`
+/// setting from the environment or the settings file).
+fn no_effect_notes(args: &BenchArgs) -> Vec<String> {
+    if !args.no_pack {
+        return Vec::new();
+    }
+    let off = if args.given.iter().any(|g| g == "no_pack") {
+        "--no-pack".to_string()
+    } else {
+        let taken = args.layers.taken.iter().find(|t| t.setting == "pack");
+        taken.map_or_else(|| "packing off".to_string(), ToString::to_string)
+    };
+    [
+        ("pack_extent", "--pack-extent"),
+        ("pack_threshold", "--pack-threshold"),
+    ]
+    .into_iter()
+    .filter(|(id, _)| args.given.iter().any(|g| g == id))
+    .map(|(_, flag)| format!("{flag} has no effect with {off}"))
+    .collect()
+}
+
 /// Duplicate calls so that they are `dup` of all calls: `d / (tensors + d) = dup`.
 fn duplicate_calls(tensors: u64, dup: f64) -> u64 {
     // A float-to-integer `as` saturates: a huge count stays huge and is refused by the caller.
@@ -165,24 +177,28 @@ fn duplicate_calls(tensors: u64, dup: f64) -> u64 {
 }
 
 /// The engine configuration of `args`, refusing combinations the engine cannot run with a
-/// message naming the flags.
+/// message naming the flags. It starts from the settings layers' configuration (so the
+/// settings without a flag, such as `alignment`, come from the environment or the file);
+/// a size that neither a flag nor a layer gave is its default, shrunk to fit the staging.
 fn engine_config(args: &BenchArgs) -> Result<EngineConfig> {
-    let d = EngineConfig::default();
-    let staging = args.staging.unwrap_or(d.staging_bytes);
+    let base = args.layers.engine.clone();
+    let staging = args.staging.unwrap_or(base.staging_bytes);
     let pack = !args.no_pack;
     let cfg = EngineConfig {
         staging_bytes: staging,
-        prefetch_bytes: args.prefetch.unwrap_or(d.prefetch_bytes.min(staging / 2)),
-        pack_extent_bytes: args.pack_extent.unwrap_or(d.pack_extent_bytes.min(staging / 2)),
+        prefetch_bytes: args.prefetch.unwrap_or(base.prefetch_bytes.min(staging / 2)),
+        pack_extent_bytes: args
+            .pack_extent
+            .unwrap_or(base.pack_extent_bytes.min(staging / 2)),
         pack,
         dedup: !args.no_dedup,
-        timeline: args.trace.is_some(),
-        ..d
+        timeline: args.trace.is_some() || base.timeline,
+        ..base
     };
     let cfg = EngineConfig {
         pack_threshold: args
             .pack_threshold
-            .unwrap_or(d.pack_threshold.min(cfg.pack_extent_bytes)),
+            .unwrap_or(cfg.pack_threshold.min(cfg.pack_extent_bytes)),
         ..cfg
     };
     let size = format_size;

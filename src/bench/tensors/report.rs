@@ -4,6 +4,7 @@ use serde::Serialize;
 use spillway_runtime::engine::StatsSnapshot;
 
 use super::options::EngineSettings;
+use crate::bench::layers::Taken;
 use crate::size::format_size;
 
 /// One timed phase.
@@ -99,8 +100,12 @@ pub struct TensorsResult {
     pub mismatched_tensors: u64,
     /// The Chrome trace written, if asked.
     pub trace: Option<String>,
-    /// Warnings and choices made for the user.
+    /// Warnings and choices made for the user; the first ones name each value taken from
+    /// the environment or the settings file ("staging_bytes=1GiB from SPILLWAY_STAGING_BYTES").
     pub notes: Vec<String>,
+    /// The settings whose values came from the environment or the settings file instead of
+    /// a flag or a default (empty when none did).
+    pub from_env_or_file: Vec<Taken>,
     /// The engine's statistics at the end of the run.
     pub engine_stats: StatsSnapshot,
 }
