@@ -8,6 +8,7 @@
  * Exits 0 when every buffer comes back intact and every call behaves as documented.
  * crates/capi/run-example.sh builds and runs it.
  */
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,6 +54,14 @@ static void refuses_a_bad_setting(void) {
     spillway_settings_free(settings);
 }
 
+/* Prints the storage the engine holds now. */
+static void print_storage_usage(const spillway_engine *engine) {
+    spillway_storage_usage usage;
+    CHECK(spillway_engine_storage_usage(engine, &usage, sizeof usage));
+    printf("storage: %" PRIu64 " of %" PRIu64 " bytes used in %" PRIu64 " extents; fragmentation %.2f\n",
+           usage.used, usage.capacity, usage.live_extents, usage.fragmentation);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s DIRECTORY\n", argv[0]);
@@ -94,6 +103,7 @@ int main(int argc, char **argv) {
         CHECK(spillway_engine_offload(engine, /*storage*/ i, /*version*/ 0, &region, 1, NULL, &handles[i]));
     }
     CHECK(spillway_engine_drain(engine));
+    print_storage_usage(engine);
 
     for (unsigned i = 0; i < N_BUFFERS; i++) {
         /* Once the engine no longer reads a source, its owner may reuse it. */
@@ -120,10 +130,20 @@ int main(int argc, char **argv) {
     if (status != SPILLWAY_ERROR_INVALID_ARGUMENT) fail("releasing a handle twice was not refused");
     printf("a released handle is refused as expected: %s\n", spillway_last_error());
 
-    char *stats = NULL;
-    CHECK(spillway_engine_stats_json(engine, &stats));
-    printf("stats: %s\n", stats);
-    spillway_string_free(stats);
+    print_storage_usage(engine); /* nothing held any more */
+
+    /* What the engine did: the main counters and latencies as a struct, everything as JSON. */
+    spillway_stats stats;
+    CHECK(spillway_engine_stats(engine, &stats, sizeof stats));
+    printf("stats: %" PRIu64 " offloads (%" PRIu64 " packed, %" PRIu64 " on their own), %" PRIu64
+           " bytes written, %" PRIu64 " read; fetch latency p50 %" PRIu64 " us, p99 %" PRIu64 " us\n",
+           stats.offloads, stats.packed_tensors, stats.direct_tensors, stats.bytes_written,
+           stats.bytes_read, stats.fetch_latency.p50_us, stats.fetch_latency.p99_us);
+    if (stats.offloads != N_BUFFERS || stats.fetches != N_BUFFERS) fail("the stats miss calls");
+    char *json = NULL;
+    CHECK(spillway_engine_stats_json(engine, &json));
+    printf("stats as JSON: %s\n", json);
+    spillway_string_free(json);
 
     CHECK(spillway_engine_close(engine));
     printf("ok\n");

@@ -21,7 +21,8 @@
 
 // An argument was refused: a NULL pointer, a string that is not UTF-8, an unknown or bad
 // setting, an unknown or released handle, regions of the wrong size, a stream given to a
-// host-memory engine, ...
+// host-memory engine, a struct size from another spillway.h, a trace asked of an engine
+// without its timeline, ...
 #define SPILLWAY_ERROR_INVALID_ARGUMENT 1
 
 // Something the call needs is missing on this machine (a GPU, libcufile, io_uring, ...).
@@ -52,6 +53,122 @@ typedef struct spillway_engine spillway_engine;
 // Settings for `spillway_engine_open`. Made by `spillway_settings_new`, freed by
 // `spillway_settings_free`. Not to be used from several threads at once.
 typedef struct spillway_settings spillway_settings;
+
+// Latency of one kind of operation, in microseconds; all 0 when there were none.
+typedef struct spillway_latency {
+  // Operations measured.
+  uint64_t count;
+  // Mean.
+  double mean_us;
+  // Median.
+  uint64_t p50_us;
+  // 99th percentile.
+  uint64_t p99_us;
+  // Longest.
+  uint64_t max_us;
+} spillway_latency;
+
+// The engine's statistics since it was opened, from `spillway_engine_stats`. The counters
+// have the names of the keys of `spillway_engine_stats_json` (Python's `Engine.stats()`).
+typedef struct spillway_stats {
+  // Offload calls.
+  uint64_t offloads;
+  // Bytes named by offload calls.
+  uint64_t offload_bytes;
+  // Offloads of a storage and version already held: nothing written (dedup).
+  uint64_t dedup_hits;
+  // Bytes of those offloads.
+  uint64_t dedup_bytes;
+  // Tensors written inside a packed extent (below the setting pack_threshold).
+  uint64_t packed_tensors;
+  // Tensors written in an extent of their own (large ones, or all with packing off).
+  uint64_t direct_tensors;
+  // Extents written.
+  uint64_t extents_written;
+  // Bytes written to storage (padding included).
+  uint64_t bytes_written;
+  // Storage write requests.
+  uint64_t writes;
+  // Storage read requests.
+  uint64_t reads;
+  // Bytes read from storage.
+  uint64_t bytes_read;
+  // Fetch calls.
+  uint64_t fetches;
+  // Bytes delivered by fetch calls.
+  uint64_t fetch_bytes;
+  // Fetches served from the tensor's own memory (its write not yet done).
+  uint64_t forwarded_fetches;
+  // Bytes of those fetches.
+  uint64_t forwarded_bytes;
+  // Fetches served from an extent already prefetched into staging memory.
+  uint64_t prefetch_hits;
+  // Fetches that read from storage themselves.
+  uint64_t demand_reads;
+  // Extents read ahead by prefetch calls.
+  uint64_t prefetched_extents;
+  // Prefetched extents dropped from staging before all their tensors were fetched, to
+  // make room.
+  uint64_t prefetch_evictions;
+  // Tensors whose write was cancelled because no one would read it back.
+  uint64_t cancelled_tensors;
+  // Bytes of those tensors.
+  uint64_t cancelled_bytes;
+  // Tensors kept in their own memory because storage was full.
+  uint64_t resident_tensors;
+  // Bytes of those tensors.
+  uint64_t resident_bytes;
+  // Failed storage writes (their tensors stay in their own memory).
+  uint64_t write_errors;
+  // Failed storage reads.
+  uint64_t read_errors;
+  // Time writes were in flight, summed over writes (nanoseconds).
+  uint64_t write_ns;
+  // Time reads were in flight, summed over reads (nanoseconds).
+  uint64_t read_ns;
+  // Time fetch callers were blocked waiting for storage (nanoseconds).
+  uint64_t stall_ns;
+  // Time the packing of an extent waited for staging memory (nanoseconds).
+  uint64_t staging_wait_ns;
+  // Most staging memory in use at once (bytes).
+  uint64_t staging_peak;
+  // Staging memory the engine owns (bytes): the setting staging_bytes.
+  uint64_t staging_budget;
+  // Storage writes, submit to completion.
+  struct spillway_latency write_latency;
+  // Storage reads, submit to completion.
+  struct spillway_latency read_latency;
+  // From an offload call to its tensor being on storage.
+  struct spillway_latency offload_latency;
+  // Fetch calls, as their callers saw them (waits for storage included).
+  struct spillway_latency fetch_latency;
+  // Handles not yet released, at the time of the call (not in the JSON; Python's
+  // `Engine.live_handles()`).
+  uint64_t live_handles;
+  // Staging memory in use at the time of the call, in bytes (not in the JSON; Python's
+  // `Engine.staging_in_use()`).
+  uint64_t staging_in_use;
+} spillway_stats;
+
+// The storage the engine holds, from `spillway_engine_storage_usage` (Python's
+// `Engine.storage_usage()`).
+typedef struct spillway_storage_usage {
+  // Bytes the engine may store (its capacity, rounded down to the setting alignment).
+  uint64_t capacity;
+  // Bytes in extents holding offloaded tensors.
+  uint64_t used;
+  // Bytes not in use: capacity - used.
+  uint64_t free;
+  // The largest free range: the largest extent that can be written now.
+  uint64_t largest_free;
+  // Free ranges (neighbours merged).
+  uint64_t free_ranges;
+  // Extents holding offloaded tensors.
+  uint64_t live_extents;
+  // How split up the free space is, from 0 to 1: 1 - largest_free / free (0 when
+  // nothing is free). Near 1, large tensors find no room although many bytes are free.
+  double fragmentation;
+} spillway_storage_usage;
 
 // A piece of a tensor's memory: `length` bytes at `address` (GPU memory of the engine's
 // device, or host memory for an engine on the host).
@@ -107,6 +224,18 @@ int spillway_settings_new(struct spillway_settings **out);
 // `name` and `value` are NULL or NUL-terminated strings.
 int spillway_settings_set(struct spillway_settings *settings, const char *name, const char *value);
 
+// The settings `settings` would open an engine with, checked together, as a JSON object
+// stored in `*out` (NULL on failure; free it with `spillway_string_free`): one key per
+// setting, each {"value": V, "source": S}, as `spillway_engine_settings_json` describes
+// (Python's `Engine.resolve_settings()`). Settings that do not fit together
+// (prefetch_bytes above staging_bytes, ...) are refused (SPILLWAY_ERROR_INVALID_ARGUMENT)
+// as `spillway_engine_open` would refuse them.
+//
+// # Safety
+// `settings` is NULL or a live `spillway_settings` not written by another thread
+// meanwhile; `out` is NULL or valid for a write of a pointer.
+int spillway_settings_json(const struct spillway_settings *settings, char **out);
+
 // Frees settings made by `spillway_settings_new`; NULL is ignored. Engines opened with
 // them keep their own copy.
 //
@@ -158,13 +287,69 @@ int spillway_engine_close(struct spillway_engine *engine);
 // pointer.
 int spillway_engine_info_json(const struct spillway_engine *engine, char **out);
 
-// The engine's statistics (bytes and operations, stall and copy times, ...) as a JSON object
-// stored in `*out` (free it with `spillway_string_free`).
+// The settings the engine runs with, as a JSON object stored in `*out` (free it with
+// `spillway_string_free`): one key per setting (docs/settings.md lists them), each
+// {"value": V, "source": S}. V is what the engine was opened with: a number (sizes in
+// bytes), true/false or text ("auto", "host", ...; the device and backend "auto" chose are
+// in `spillway_engine_info_json`). S says where it came from: "default",
+// "file PATH" (the TOML file named by `SPILLWAY_CONFIG`), "environment variable
+// SPILLWAY_NAME" or "argument" (`spillway_settings_set`). In Python, `Engine.settings` gives
+// the values and `Engine.resolve_settings()` the sources.
+//
+// # Safety
+// `engine` is NULL or an open `spillway_engine`; `out` is NULL or valid for a write of a
+// pointer.
+int spillway_engine_settings_json(const struct spillway_engine *engine, char **out);
+
+// Writes the engine's timeline to the file at `path` (created, or truncated) as Chrome
+// trace JSON, for Perfetto (ui.perfetto.dev) or chrome://tracing: one row per stage
+// (pack, write, read, ...), one span per piece of work. The timeline is recorded only when
+// the engine was opened with the setting timeline = true (at most timeline_capacity spans;
+// later ones are counted in the trace's "otherData" and dropped): without it the call
+// fails with SPILLWAY_ERROR_INVALID_ARGUMENT and writes nothing. A file that cannot be
+// written fails with SPILLWAY_ERROR_IO.
+//
+// # Safety
+// `engine` is NULL or an open `spillway_engine`; `path` is NULL or a NUL-terminated
+// string.
+int spillway_engine_write_trace(const struct spillway_engine *engine, const char *path);
+
+// Fills `*out` with the engine's statistics: counters of what it offloaded, wrote, read,
+// deduplicated, forwarded, prefetched, cancelled and kept in memory, the time I/O took and
+// callers waited, latency percentiles per operation, and the handles and staging memory in
+// use now. `size` is `sizeof(spillway_stats)`: another size is refused
+// (SPILLWAY_ERROR_INVALID_ARGUMENT), as from a program compiled against another
+// spillway.h. `*out` is left as it was on failure.
+//
+// # Safety
+// `engine` is NULL or an open `spillway_engine`; `out` is NULL or valid for a write of
+// `size` bytes.
+int spillway_engine_stats(const struct spillway_engine *engine,
+                          struct spillway_stats *out,
+                          size_t size);
+
+// The engine's statistics as a JSON object stored in `*out` (NULL on failure; free it with
+// `spillway_string_free`), as Python's `Engine.stats()` gives them: the counters of
+// `spillway_stats` under the same names, "staging_budget", and "latency": an object with
+// "write", "read", "offload" and "fetch", each {"count", "mean_us", "p50_us", "p99_us",
+// "max_us"}. New versions may add keys.
 //
 // # Safety
 // `engine` is NULL or an open `spillway_engine`; `out` is NULL or valid for a write of a
 // pointer.
 int spillway_engine_stats_json(const struct spillway_engine *engine, char **out);
+
+// Fills `*out` with the storage the engine holds now: its capacity, the bytes used and
+// free, the largest free range, and how fragmented the free space is. `size` is
+// `sizeof(spillway_storage_usage)`: another size is refused
+// (SPILLWAY_ERROR_INVALID_ARGUMENT). `*out` is left as it was on failure.
+//
+// # Safety
+// `engine` is NULL or an open `spillway_engine`; `out` is NULL or valid for a write of
+// `size` bytes.
+int spillway_engine_storage_usage(const struct spillway_engine *engine,
+                                  struct spillway_storage_usage *out,
+                                  size_t size);
 
 // Offloads a tensor and stores its handle in `*handle`, at once (the write goes on in the
 // background).

@@ -1,15 +1,17 @@
 //! `spillway_engine`: opening and closing the offload engine, and what it reports.
 
 use std::ffi::{c_char, c_int, OsStr};
+use std::io::BufWriter;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use spillway::open::{open_engine, OpenedEngine};
 use spillway::settings::Settings;
+use spillway_runtime::Error;
 
 use crate::args;
 use crate::error::guard;
-use crate::settings::spillway_settings;
+use crate::settings::{settings_json, spillway_settings};
 use crate::status::Failure;
 use crate::strings::put_string;
 
@@ -18,6 +20,8 @@ use crate::strings::put_string;
 /// made from several threads at once.
 pub struct spillway_engine {
     pub(crate) opened: OpenedEngine,
+    /// The settings it was opened with, layer on layer: where each value came from.
+    pub(crate) layers: Settings,
 }
 
 /// The engine behind `engine`, for a call named `function`.
@@ -68,14 +72,15 @@ pub unsafe extern "C" fn spillway_engine_open(
             let bytes = unsafe { args::bytes(p, &format!("paths[{i}]"))? };
             paths.push(PathBuf::from(OsStr::from_bytes(bytes)));
         }
-        let resolved = if settings.is_null() {
-            Settings::load()?.resolve()?
+        let layers = if settings.is_null() {
+            Settings::load()?
         } else {
             // SAFETY: not NULL, so a live `spillway_settings` (the contract).
-            unsafe { &(*settings).layers }.resolve()?
+            unsafe { &(*settings).layers }.clone()
         };
+        let resolved = layers.resolve()?;
         let opened = open_engine(&paths, (capacity > 0).then_some(capacity), &resolved)?;
-        let engine = Box::into_raw(Box::new(spillway_engine { opened }));
+        let engine = Box::into_raw(Box::new(spillway_engine { opened, layers }));
         // SAFETY: as above.
         unsafe { args::put(out, engine, "out") }
     })
@@ -131,25 +136,72 @@ pub unsafe extern "C" fn spillway_engine_info_json(
     })
 }
 
-/// The engine's statistics (bytes and operations, stall and copy times, ...) as a JSON object
-/// stored in `*out` (free it with `spillway_string_free`).
+/// The settings the engine runs with, as a JSON object stored in `*out` (free it with
+/// `spillway_string_free`): one key per setting (docs/settings.md lists them), each
+/// {"value": V, "source": S}. V is what the engine was opened with: a number (sizes in
+/// bytes), true/false or text ("auto", "host", ...; the device and backend "auto" chose are
+/// in `spillway_engine_info_json`). S says where it came from: "default",
+/// "file PATH" (the TOML file named by `SPILLWAY_CONFIG`), "environment variable
+/// SPILLWAY_NAME" or "argument" (`spillway_settings_set`). In Python, `Engine.settings` gives
+/// the values and `Engine.resolve_settings()` the sources.
 ///
 /// # Safety
 /// `engine` is NULL or an open `spillway_engine`; `out` is NULL or valid for a write of a
 /// pointer.
 #[no_mangle]
-pub unsafe extern "C" fn spillway_engine_stats_json(
+pub unsafe extern "C" fn spillway_engine_settings_json(
     engine: *const spillway_engine,
     out: *mut *mut c_char,
 ) -> c_int {
-    guard("spillway_engine_stats_json", || {
+    guard("spillway_engine_settings_json", || {
         // SAFETY: the pointers are NULL or valid (the contract).
         unsafe { args::put(out, std::ptr::null_mut(), "out")? };
         // SAFETY: as above.
-        let opened = unsafe { opened(engine)? };
-        let json = serde_json::to_string(&opened.engine.stats())
-            .map_err(|e| Failure::invalid(format!("the statistics do not convert to JSON: {e}")))?;
+        let engine = unsafe { args::object(engine, "engine")? };
+        let json = settings_json(&engine.opened.info.settings, &engine.layers);
         // SAFETY: as above.
         unsafe { put_string(out, json, "out") }
+    })
+}
+
+/// Writes the engine's timeline to the file at `path` (created, or truncated) as Chrome
+/// trace JSON, for Perfetto (ui.perfetto.dev) or chrome://tracing: one row per stage
+/// (pack, write, read, ...), one span per piece of work. The timeline is recorded only when
+/// the engine was opened with the setting timeline = true (at most timeline_capacity spans;
+/// later ones are counted in the trace's "otherData" and dropped): without it the call
+/// fails with SPILLWAY_ERROR_INVALID_ARGUMENT and writes nothing. A file that cannot be
+/// written fails with SPILLWAY_ERROR_IO.
+///
+/// # Safety
+/// `engine` is NULL or an open `spillway_engine`; `path` is NULL or a NUL-terminated
+/// string.
+#[no_mangle]
+pub unsafe extern "C" fn spillway_engine_write_trace(
+    engine: *const spillway_engine,
+    path: *const c_char,
+) -> c_int {
+    guard("spillway_engine_write_trace", || {
+        // SAFETY: the pointers are NULL or valid (the contract).
+        let (opened, path) = unsafe { (opened(engine)?, args::bytes(path, "path")?) };
+        if path.is_empty() {
+            return Err(Failure::invalid(
+                "path is empty: pass the name of the file to write the trace to",
+            ));
+        }
+        let timeline = opened.engine.timeline();
+        if !timeline.enabled() {
+            return Err(Failure::invalid(
+                "the engine's timeline is off, so there is no trace to write: open the engine with \
+                 the setting timeline = true (spillway_settings_set(settings, \"timeline\", \"true\") \
+                 or SPILLWAY_TIMELINE=1)",
+            ));
+        }
+        let path = PathBuf::from(OsStr::from_bytes(path));
+        let file = std::fs::File::create(&path)
+            .map_err(|e| Error::io(format!("creating the trace file {}", path.display()), e))?;
+        timeline
+            .write_chrome_trace(BufWriter::new(file))
+            .map_err(|e| Error::io(format!("writing the trace file {}", path.display()), e))?;
+        Ok(())
     })
 }

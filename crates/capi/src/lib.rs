@@ -21,6 +21,7 @@ pub mod engine;
 pub mod error;
 pub mod ops;
 pub mod settings;
+pub mod stats;
 pub mod status;
 pub mod strings;
 #[cfg(test)]

@@ -6,10 +6,11 @@
 
 use std::ffi::{c_char, c_int};
 
-use spillway::settings::Settings;
+use spillway::settings::{Resolved, Settings, Value, SETTINGS};
 
 use crate::args;
 use crate::error::guard;
+use crate::strings::put_string;
 
 /// Settings for `spillway_engine_open`. Made by `spillway_settings_new`, freed by
 /// `spillway_settings_free`. Not to be used from several threads at once.
@@ -64,6 +65,32 @@ pub unsafe extern "C" fn spillway_settings_set(
     })
 }
 
+/// The settings `settings` would open an engine with, checked together, as a JSON object
+/// stored in `*out` (NULL on failure; free it with `spillway_string_free`): one key per
+/// setting, each {"value": V, "source": S}, as `spillway_engine_settings_json` describes
+/// (Python's `Engine.resolve_settings()`). Settings that do not fit together
+/// (prefetch_bytes above staging_bytes, ...) are refused (SPILLWAY_ERROR_INVALID_ARGUMENT)
+/// as `spillway_engine_open` would refuse them.
+///
+/// # Safety
+/// `settings` is NULL or a live `spillway_settings` not written by another thread
+/// meanwhile; `out` is NULL or valid for a write of a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn spillway_settings_json(
+    settings: *const spillway_settings,
+    out: *mut *mut c_char,
+) -> c_int {
+    guard("spillway_settings_json", || {
+        // SAFETY: the pointers are NULL or valid (the contract).
+        unsafe { args::put(out, std::ptr::null_mut(), "out")? };
+        // SAFETY: as above.
+        let layers = &unsafe { args::object(settings, "settings")? }.layers;
+        let resolved = layers.resolve()?;
+        // SAFETY: as above.
+        unsafe { put_string(out, settings_json(&resolved, layers), "out") }
+    })
+}
+
 /// Frees settings made by `spillway_settings_new`; NULL is ignored. Engines opened with
 /// them keep their own copy.
 ///
@@ -79,4 +106,26 @@ pub unsafe extern "C" fn spillway_settings_free(settings: *mut spillway_settings
         }
         Ok(())
     });
+}
+
+/// Every setting's value in `values` and where `layers` got it, as a JSON object: name ->
+/// {"value": V, "source": S}.
+pub(crate) fn settings_json(values: &Resolved, layers: &Settings) -> String {
+    let json: serde_json::Map<String, serde_json::Value> = SETTINGS
+        .iter()
+        .map(|setting| {
+            let value: serde_json::Value = match setting.get(values) {
+                Value::Int(n) => n.into(),
+                Value::Float(x) => x.into(),
+                Value::Bool(b) => b.into(),
+                Value::Str(s) => s.into(),
+            };
+            let source = layers
+                .source(setting.name)
+                .map_or_else(|| "default".to_string(), |s| s.to_string());
+            let entry = serde_json::json!({"value": value, "source": source});
+            (setting.name.to_string(), entry)
+        })
+        .collect();
+    serde_json::Value::Object(json).to_string()
 }

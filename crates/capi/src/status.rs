@@ -9,7 +9,8 @@ use spillway_runtime::Error;
 pub const SPILLWAY_OK: c_int = 0;
 /// An argument was refused: a NULL pointer, a string that is not UTF-8, an unknown or bad
 /// setting, an unknown or released handle, regions of the wrong size, a stream given to a
-/// host-memory engine, ...
+/// host-memory engine, a struct size from another spillway.h, a trace asked of an engine
+/// without its timeline, ...
 pub const SPILLWAY_ERROR_INVALID_ARGUMENT: c_int = 1;
 /// Something the call needs is missing on this machine (a GPU, libcufile, io_uring, ...).
 pub const SPILLWAY_ERROR_UNAVAILABLE: c_int = 2;

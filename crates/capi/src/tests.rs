@@ -7,6 +7,7 @@ use crate::engine::*;
 use crate::error::{guard, spillway_last_error};
 use crate::ops::*;
 use crate::settings::*;
+use crate::stats::*;
 use crate::status::*;
 use crate::strings::*;
 
@@ -404,4 +405,420 @@ fn every_status_has_a_name() {
     // SAFETY: a static NUL-terminated string.
     let version = unsafe { CStr::from_ptr(spillway_version()) }.to_str().unwrap();
     assert_eq!(version, env!("CARGO_PKG_VERSION"));
+}
+
+/// Offloads `n` buffers of `size` bytes (kept in `sources`) and drains; their handles.
+fn offload_some(engine: *const spillway_engine, sources: &mut [Vec<u8>]) -> Vec<spillway_handle> {
+    let mut handles = Vec::new();
+    for (i, src) in sources.iter_mut().enumerate() {
+        let r = [region(src)];
+        let mut h = 0;
+        // SAFETY: the caller keeps `sources` until the handles are released.
+        check(
+            unsafe { spillway_engine_offload(engine, 100 + i as u64, 0, r.as_ptr(), 1, null_mut(), &mut h) },
+            SPILLWAY_OK,
+        );
+        handles.push(h);
+    }
+    // SAFETY: an open engine.
+    check(unsafe { spillway_engine_drain(engine) }, SPILLWAY_OK);
+    handles
+}
+
+/// An engine as [`open_small`]'s that writes a partly filled packed extent only when drained,
+/// so that the number of extents does not hang on timing.
+fn open_packing_until_drained(dir: &std::path::Path) -> *mut spillway_engine {
+    let (status, engine) = open(
+        dir,
+        64 << 20,
+        small_settings(&[("pack_flush_delay_ms", "600000")]),
+    );
+    check(status, SPILLWAY_OK);
+    engine
+}
+
+fn stats_of(engine: *const spillway_engine) -> spillway_stats {
+    let mut stats = spillway_stats::default();
+    // SAFETY: an open engine and a struct of the size given.
+    check(
+        unsafe { spillway_engine_stats(engine, &mut stats, size_of::<spillway_stats>()) },
+        SPILLWAY_OK,
+    );
+    stats
+}
+
+fn usage_of(engine: *const spillway_engine) -> spillway_storage_usage {
+    let mut usage = spillway_storage_usage::default();
+    // SAFETY: an open engine and a struct of the size given.
+    check(
+        unsafe { spillway_engine_storage_usage(engine, &mut usage, size_of::<spillway_storage_usage>()) },
+        SPILLWAY_OK,
+    );
+    usage
+}
+
+fn json_of(call: impl FnOnce(*mut *mut c_char) -> c_int) -> serde_json::Value {
+    let mut json = null_mut();
+    check(call(&mut json), SPILLWAY_OK);
+    serde_json::from_str(&take_string(json)).unwrap()
+}
+
+#[test]
+fn storage_usage_follows_what_is_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_packing_until_drained(dir.path());
+    let empty = usage_of(engine);
+    assert_eq!(
+        empty,
+        spillway_storage_usage {
+            capacity: 64 << 20,
+            used: 0,
+            free: 64 << 20,
+            largest_free: 64 << 20,
+            free_ranges: 1,
+            live_extents: 0,
+            fragmentation: 0.0,
+        }
+    );
+    // One packed extent (small tensors) and one extent of its own (a large one).
+    let mut sources = vec![pattern(4096, 1), pattern(10_000, 2), pattern(2 << 20, 3)];
+    let handles = offload_some(engine, &mut sources);
+    let held = usage_of(engine);
+    assert_eq!(held.capacity, 64 << 20);
+    assert!(held.used >= (2 << 20) + 14_096, "{held:?}");
+    assert_eq!(held.used + held.free, held.capacity, "{held:?}");
+    assert_eq!(held.live_extents, 2, "{held:?}");
+    assert!(held.largest_free <= held.free && (0.0..=1.0).contains(&held.fragmentation));
+    for h in handles {
+        // SAFETY: an open engine.
+        check(unsafe { spillway_engine_release(engine, h) }, SPILLWAY_OK);
+    }
+    assert_eq!(usage_of(engine), empty);
+    // SAFETY: open, closed once.
+    check(unsafe { spillway_engine_close(engine) }, SPILLWAY_OK);
+}
+
+#[test]
+fn stats_count_what_the_engine_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_packing_until_drained(dir.path());
+    assert_eq!(
+        stats_of(engine),
+        spillway_stats {
+            staging_budget: 8 << 20,
+            ..Default::default()
+        }
+    );
+    let mut sources = vec![pattern(4096, 1), pattern(10_000, 2), pattern(2 << 20, 3)];
+    let handles = offload_some(engine, &mut sources);
+    // The same storage and version again: stored once.
+    let mut again = 0;
+    let r = [region(&mut sources[0])];
+    // SAFETY: `sources` outlives the engine's use of it.
+    check(
+        unsafe { spillway_engine_offload(engine, 100, 0, r.as_ptr(), 1, null_mut(), &mut again) },
+        SPILLWAY_OK,
+    );
+    let mut back = vec![0u8; 2 << 20];
+    let r = [region(&mut back)];
+    // SAFETY: `back` is live and idle.
+    check(
+        unsafe { spillway_engine_fetch(engine, handles[2], r.as_ptr(), 1, null_mut()) },
+        SPILLWAY_OK,
+    );
+    let s = stats_of(engine);
+    assert_eq!(s.offloads, 4, "{s:?}");
+    assert_eq!(s.offload_bytes, 4096 * 2 + 10_000 + (2 << 20), "{s:?}");
+    assert_eq!((s.dedup_hits, s.dedup_bytes), (1, 4096), "{s:?}");
+    assert_eq!((s.packed_tensors, s.direct_tensors), (2, 1), "{s:?}");
+    assert_eq!(s.extents_written, 2, "{s:?}");
+    assert!(s.bytes_written >= (2 << 20) + 14_096 && s.writes >= 2, "{s:?}");
+    assert_eq!((s.fetches, s.fetch_bytes), (1, 2 << 20), "{s:?}");
+    assert!(s.bytes_read >= 2 << 20 && s.reads >= 1, "{s:?}");
+    assert_eq!(s.write_latency.count, s.writes, "{s:?}");
+    assert_eq!(s.fetch_latency.count, 1, "{s:?}");
+    assert!(s.fetch_latency.max_us >= s.fetch_latency.p50_us && s.fetch_latency.mean_us > 0.0);
+    assert_eq!(s.live_handles, 4, "{s:?}");
+    assert_eq!(s.staging_budget, 8 << 20);
+
+    // The JSON holds the same counters under the same names, and the struct every one of
+    // them: 8 bytes each, and latency per operation.
+    let json = json_of(|out| {
+        // SAFETY: an open engine, a variable for the result.
+        unsafe { spillway_engine_stats_json(engine, out) }
+    });
+    let counters = json.as_object().unwrap().len() - 1;
+    assert_eq!(
+        size_of::<spillway_stats>(),
+        8 * (counters + 2) + 4 * size_of::<spillway_latency>(),
+        "spillway_stats does not have every counter of the JSON ({json})"
+    );
+    for (name, value) in [
+        ("offloads", s.offloads),
+        ("dedup_bytes", s.dedup_bytes),
+        ("packed_tensors", s.packed_tensors),
+        ("bytes_written", s.bytes_written),
+        ("fetch_bytes", s.fetch_bytes),
+        ("staging_budget", s.staging_budget),
+    ] {
+        assert_eq!(json[name], value, "{name} in {json}");
+    }
+    assert_eq!(json["latency"]["fetch"]["count"], 1, "{json}");
+
+    for h in handles.into_iter().chain([again]) {
+        // SAFETY: an open engine.
+        check(unsafe { spillway_engine_release(engine, h) }, SPILLWAY_OK);
+    }
+    assert_eq!(stats_of(engine).live_handles, 0);
+    // SAFETY: open, closed once.
+    check(unsafe { spillway_engine_close(engine) }, SPILLWAY_OK);
+}
+
+#[test]
+fn stats_and_usage_refuse_bad_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_small(dir.path());
+    let mut stats = spillway_stats {
+        offloads: 77,
+        ..Default::default()
+    };
+    let size = size_of::<spillway_stats>();
+    // SAFETY: NULL pointers are refused, not used.
+    check(
+        unsafe { spillway_engine_stats(null(), &mut stats, size) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    assert_eq!(last_error(), "spillway_engine_stats: engine is NULL");
+    // SAFETY: as above.
+    check(
+        unsafe { spillway_engine_stats(engine, null_mut(), size) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    assert!(
+        last_error().starts_with("spillway_engine_stats: out is NULL"),
+        "{}",
+        last_error()
+    );
+    // A struct of another size (another spillway.h) is refused and left alone.
+    for wrong in [0, size - 8, size + 8] {
+        // SAFETY: refused before anything is written.
+        check(
+            unsafe { spillway_engine_stats(engine, &mut stats, wrong) },
+            SPILLWAY_ERROR_INVALID_ARGUMENT,
+        );
+        assert!(
+            last_error().contains(&format!("size is {wrong} but a spillway_stats is {size} bytes")),
+            "{}",
+            last_error()
+        );
+    }
+    assert_eq!(stats.offloads, 77, "a refused call wrote to the struct");
+
+    let mut usage = spillway_storage_usage::default();
+    let size = size_of::<spillway_storage_usage>();
+    // SAFETY: as above.
+    check(
+        unsafe { spillway_engine_storage_usage(null(), &mut usage, size) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    assert_eq!(last_error(), "spillway_engine_storage_usage: engine is NULL");
+    // SAFETY: as above.
+    check(
+        unsafe { spillway_engine_storage_usage(engine, null_mut(), size) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    // SAFETY: as above.
+    check(
+        unsafe { spillway_engine_storage_usage(engine, &mut usage, size_of::<spillway_stats>()) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    assert!(
+        last_error().contains("pass sizeof(spillway_storage_usage)"),
+        "{}",
+        last_error()
+    );
+    assert_eq!(usage, spillway_storage_usage::default());
+    let mut json = c"untouched".as_ptr().cast_mut();
+    // SAFETY: as above; `*out` is set to NULL first.
+    check(
+        unsafe { spillway_engine_stats_json(null(), &mut json) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    assert!(json.is_null());
+    // SAFETY: open, closed once.
+    check(unsafe { spillway_engine_close(engine) }, SPILLWAY_OK);
+}
+
+#[test]
+fn the_timeline_is_written_as_chrome_trace_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, engine) = open(dir.path(), 64 << 20, small_settings(&[("timeline", "true")]));
+    check(status, SPILLWAY_OK);
+    let mut sources = vec![pattern(100_000, 1)];
+    let handles = offload_some(engine, &mut sources);
+    let mut back = vec![0u8; 100_000];
+    let r = [region(&mut back)];
+    // SAFETY: `back` is live and idle.
+    check(
+        unsafe { spillway_engine_fetch(engine, handles[0], r.as_ptr(), 1, null_mut()) },
+        SPILLWAY_OK,
+    );
+    let trace = dir.path().join("trace.json");
+    let path = CString::new(trace.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: an open engine and a NUL-terminated path.
+    check(
+        unsafe { spillway_engine_write_trace(engine, path.as_ptr()) },
+        SPILLWAY_OK,
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let names: Vec<&str> = doc["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    for want in ["pack", "write", "demand read"] {
+        assert!(names.contains(&want), "no {want:?} span in {names:?}");
+    }
+    // A file that cannot be made is an I/O error, named.
+    let nowhere = CString::new(
+        dir.path()
+            .join("no/such/dir/trace.json")
+            .as_os_str()
+            .as_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: as above.
+    check(
+        unsafe { spillway_engine_write_trace(engine, nowhere.as_ptr()) },
+        SPILLWAY_ERROR_IO,
+    );
+    assert!(
+        last_error().starts_with("spillway_engine_write_trace: creating the trace file"),
+        "{}",
+        last_error()
+    );
+    // SAFETY: NULL pointers are refused, not read.
+    check(
+        unsafe { spillway_engine_write_trace(engine, null()) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    assert!(last_error().contains("path is NULL"), "{}", last_error());
+    // SAFETY: as above.
+    check(
+        unsafe { spillway_engine_write_trace(engine, c"".as_ptr()) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    assert!(last_error().contains("path is empty"), "{}", last_error());
+    // SAFETY: as above.
+    check(
+        unsafe { spillway_engine_write_trace(null(), path.as_ptr()) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    // SAFETY: an open engine.
+    check(
+        unsafe { spillway_engine_release(engine, handles[0]) },
+        SPILLWAY_OK,
+    );
+    // SAFETY: open, closed once.
+    check(unsafe { spillway_engine_close(engine) }, SPILLWAY_OK);
+}
+
+#[test]
+fn a_trace_without_the_timeline_is_refused_with_the_setting_to_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_small(dir.path());
+    let trace = dir.path().join("trace.json");
+    let path = CString::new(trace.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: an open engine and a NUL-terminated path.
+    check(
+        unsafe { spillway_engine_write_trace(engine, path.as_ptr()) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    let msg = last_error();
+    assert!(
+        msg.starts_with("spillway_engine_write_trace: the engine's timeline is off")
+            && msg.contains("timeline = true"),
+        "{msg}"
+    );
+    assert!(!trace.exists(), "a refused trace left a file");
+    // SAFETY: open, closed once.
+    check(unsafe { spillway_engine_close(engine) }, SPILLWAY_OK);
+}
+
+#[test]
+fn settings_read_back_with_their_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let names: Vec<&str> = spillway::settings::names().collect();
+    let settings = small_settings(&[("timeline", "on")]);
+    let before = json_of(|out| {
+        // SAFETY: live settings, a variable for the result.
+        unsafe { spillway_settings_json(settings, out) }
+    });
+    let (status, engine) = open(dir.path(), 64 << 20, settings);
+    check(status, SPILLWAY_OK);
+    let json = json_of(|out| {
+        // SAFETY: an open engine, a variable for the result.
+        unsafe { spillway_engine_settings_json(engine, out) }
+    });
+    assert_eq!(json, before, "the engine runs with the settings it was given");
+    let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    let mut want = names.clone();
+    want.sort_unstable();
+    assert_eq!(keys, want, "one key per setting");
+    let setting = |name: &str| (json[name]["value"].clone(), json[name]["source"].clone());
+    assert_eq!(setting("staging_bytes"), ((8u64 << 20).into(), "argument".into()));
+    assert_eq!(setting("device"), ("host".into(), "argument".into()));
+    assert_eq!(setting("timeline"), (true.into(), "argument".into()));
+    assert_eq!(setting("pack_flush_delay_ms").0, 2.0);
+    for name in ["alignment", "pack", "queue_depth"] {
+        // Unless the environment running the tests sets them.
+        if std::env::var_os(format!("SPILLWAY_{}", name.to_uppercase())).is_none()
+            && std::env::var_os("SPILLWAY_CONFIG").is_none()
+        {
+            assert_eq!(json[name]["source"], "default", "{name}: {json}");
+        }
+    }
+    assert_eq!(json["alignment"]["value"].as_u64().unwrap() % 512, 0);
+    // SAFETY: open, closed once.
+    check(unsafe { spillway_engine_close(engine) }, SPILLWAY_OK);
+}
+
+#[test]
+fn settings_json_refuses_what_open_would() {
+    let mut out = null_mut();
+    // SAFETY: NULL pointers are refused, not used.
+    check(
+        unsafe { spillway_settings_json(null(), &mut out) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    assert_eq!(last_error(), "spillway_settings_json: settings is NULL");
+    assert!(out.is_null());
+    let settings = small_settings(&[("prefetch_bytes", "16MiB")]);
+    // SAFETY: live settings, a variable for the result.
+    check(
+        unsafe { spillway_settings_json(settings, &mut out) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    let msg = last_error();
+    assert!(
+        msg.starts_with("spillway_settings_json: ")
+            && msg.contains("prefetch_bytes")
+            && msg.contains("staging_bytes"),
+        "{msg}"
+    );
+    // SAFETY: as above.
+    check(
+        unsafe { spillway_settings_json(settings, null_mut()) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    // SAFETY: as above.
+    check(
+        unsafe { spillway_engine_settings_json(null(), &mut out) },
+        SPILLWAY_ERROR_INVALID_ARGUMENT,
+    );
+    assert_eq!(last_error(), "spillway_engine_settings_json: engine is NULL");
+    // SAFETY: made by `spillway_settings_new`, freed once.
+    unsafe { spillway_settings_free(settings) };
 }

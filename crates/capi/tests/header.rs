@@ -11,6 +11,7 @@ const SOURCES: &[&str] = &[
     "src/strings.rs",
     "src/settings.rs",
     "src/engine.rs",
+    "src/stats.rs",
     "src/ops.rs",
 ];
 
