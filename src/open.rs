@@ -110,58 +110,11 @@ fn open_for_rank(
     // Paths every rank was given alike must not be shared: each rank gets its own file.
     // (A controller is claimed by one process anyway; rank_paths entries are the rank's.)
     if let Some(rank) = rank.filter(|_| notes.is_empty() && settings.choices.backend != BackendChoice::Spdk) {
-        for path in &mut paths {
-            if let Some(own) = rank_own_path(path, PathKind::of(path), rank)? {
-                notes.push(format!(
-                    "local rank {} ({}): file {} is this rank's own",
-                    rank.rank,
-                    rank.source,
-                    own.display()
-                ));
-                *path = own;
-            }
-        }
+        notes.extend(rank::make_own(&mut paths, rank)?);
     }
     let mut opened = open_paths(&paths, capacity, settings)?;
     opened.info.notes.extend(notes);
     Ok(opened)
-}
-
-/// What a storage path names, as far as choosing a rank's own storage goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum PathKind {
-    Directory,
-    BlockDevice,
-    /// A file, or nothing yet (a file to be made).
-    File,
-}
-
-impl PathKind {
-    fn of(path: &Path) -> PathKind {
-        match std::fs::metadata(path) {
-            Ok(m) if m.is_dir() => PathKind::Directory,
-            Ok(m) if m.file_type().is_block_device() => PathKind::BlockDevice,
-            _ => PathKind::File,
-        }
-    }
-}
-
-/// The path `rank` stores in instead of the shared `path`: `None` for a directory (its
-/// anonymous file is the process's own) and, on rank 0, for a block device; a rank-named
-/// file for a file path. Other ranks are refused a shared block device.
-fn rank_own_path(path: &Path, kind: PathKind, rank: LocalRank) -> Result<Option<PathBuf>> {
-    match kind {
-        PathKind::Directory => Ok(None),
-        PathKind::BlockDevice if rank.rank == 0 => Ok(None),
-        PathKind::BlockDevice => Err(Error::invalid(format!(
-            "local rank {} ({}={}) was given block device {}, which rank 0 writes: give each rank a device of its own with rank_paths (e.g. SPILLWAY_RANK_PATHS=\"0=/dev/nvme0n1;1=/dev/nvme1n1\"), or a directory",
-            rank.rank,
-            rank.source,
-            rank.rank,
-            path.display()
-        ))),
-        PathKind::File => Ok(Some(rank::namespaced(path, rank.rank))),
-    }
 }
 
 fn open_paths(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> Result<OpenedEngine> {

@@ -4,7 +4,8 @@
 //! the rank picks the process's GPU and, optionally, its own storage paths.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 
 use spillway_runtime::{Error, Result};
 
@@ -173,7 +174,7 @@ impl std::fmt::Display for RankPaths {
 /// the same one: the rank goes before the extension (`/nvme/spill.bin` → `/nvme/spill.rank1.bin`,
 /// `/nvme/spill` → `/nvme/spill.rank1`), so the ranks' files sit side by side and never
 /// overwrite each other.
-pub fn namespaced(path: &std::path::Path, rank: usize) -> PathBuf {
+pub fn namespaced(path: &Path, rank: usize) -> PathBuf {
     let stem = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -183,6 +184,64 @@ pub fn namespaced(path: &std::path::Path, rank: usize) -> PathBuf {
         None => format!("{stem}.rank{rank}"),
     };
     path.with_file_name(name)
+}
+
+/// What a storage path names, as far as choosing a rank's own storage goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathKind {
+    /// A directory: its anonymous file is the process's own.
+    Directory,
+    /// A block device.
+    BlockDevice,
+    /// A file, or nothing yet (a file to be made).
+    File,
+}
+
+impl PathKind {
+    /// What `path` names now.
+    pub fn of(path: &Path) -> PathKind {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => PathKind::Directory,
+            Ok(m) if m.file_type().is_block_device() => PathKind::BlockDevice,
+            _ => PathKind::File,
+        }
+    }
+}
+
+/// The path `rank` stores in instead of the shared `path`: `None` for a directory (its
+/// anonymous file is the process's own) and, on rank 0, for a block device; a rank-named
+/// file for a file path. Other ranks are refused a shared block device.
+pub fn own_path(path: &Path, kind: PathKind, rank: LocalRank) -> Result<Option<PathBuf>> {
+    match kind {
+        PathKind::Directory => Ok(None),
+        PathKind::BlockDevice if rank.rank == 0 => Ok(None),
+        PathKind::BlockDevice => Err(Error::invalid(format!(
+            "local rank {} ({}={}) was given block device {}, which rank 0 writes: give each rank a device of its own with rank_paths (e.g. SPILLWAY_RANK_PATHS=\"0=/dev/nvme0n1;1=/dev/nvme1n1\"), or a directory",
+            rank.rank,
+            rank.source,
+            rank.rank,
+            path.display()
+        ))),
+        PathKind::File => Ok(Some(namespaced(path, rank.rank))),
+    }
+}
+
+/// Makes each of `paths` that every rank was given alike `rank`'s own ([`own_path`]), and
+/// says which changed, for the caller's notes.
+pub fn make_own(paths: &mut [PathBuf], rank: LocalRank) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    for path in paths {
+        if let Some(own) = own_path(path, PathKind::of(path), rank)? {
+            notes.push(format!(
+                "local rank {} ({}): file {} is this rank's own",
+                rank.rank,
+                rank.source,
+                own.display()
+            ));
+            *path = own;
+        }
+    }
+    Ok(notes)
 }
 
 #[cfg(test)]
@@ -259,6 +318,29 @@ mod tests {
 #[cfg(test)]
 mod choose_tests {
     use super::*;
+
+    #[test]
+    fn a_shared_block_device_is_left_to_rank_0() {
+        let dev = PathBuf::from("/dev/nvme0n1");
+        let rank = |rank| LocalRank {
+            rank,
+            source: "SLURM_LOCALID",
+        };
+        let e = own_path(&dev, PathKind::BlockDevice, rank(1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SLURM_LOCALID=1") && e.contains("/dev/nvme0n1") && e.contains("rank_paths"),
+            "{e}"
+        );
+        assert_eq!(own_path(&dev, PathKind::BlockDevice, rank(0)).unwrap(), None);
+        assert_eq!(own_path(&dev, PathKind::Directory, rank(1)).unwrap(), None);
+        assert_eq!(PathKind::of(std::path::Path::new("/")), PathKind::Directory);
+        assert_eq!(
+            PathKind::of(std::path::Path::new("/no/such/file")),
+            PathKind::File
+        );
+    }
 
     #[test]
     fn a_rank_takes_its_own_paths_and_a_missing_one_is_refused() {

@@ -250,10 +250,11 @@ pub fn apply_layers(
             layers.taken.push(taken);
         }
     }
-    if let Some(note) = rank_paths(args, &values, local_rank)? {
+    let (from_rank_paths, notes) = rank_storage(args, &values, local_rank)?;
+    if from_rank_paths {
         layers.taken.extend(taken(settings, "rank_paths"));
-        layers.notes.push(note);
     }
+    layers.notes.extend(notes);
     args.layers = layers;
     Ok(())
 }
@@ -303,22 +304,30 @@ fn taken(settings: &Settings, name: &'static str) -> Option<Taken> {
     })
 }
 
-/// Under a multi-process launcher, without `--path` or `--pci`: this local rank's paths from
-/// `rank_paths`, written into `args.path`, and the note saying so. A rank missing from a
-/// non-empty list is refused, as the library does.
-fn rank_paths(
+/// Under a multi-process launcher, this local rank's storage and the notes saying so, as
+/// the library chooses it: without `--path`, the rank's paths from `rank_paths` (true is
+/// returned then); with `--path`, file names made the rank's own (`spill.dat` →
+/// `spill.rank1.dat`; [`rank::make_own`]). A rank missing from a non-empty `rank_paths` is
+/// refused. Nothing changes for `--pci` (a controller is one process's anyway), or without
+/// `--path` and `rank_paths` (the anonymous file in `$TMPDIR` is the process's own).
+fn rank_storage(
     args: &mut BenchArgs,
     values: &Resolved,
     local_rank: impl FnOnce() -> Result<Option<LocalRank>>,
-) -> Result<Option<String>> {
-    if values.rank_paths.is_empty() || !args.path.is_empty() || args.pci.is_some() {
-        return Ok(None);
+) -> Result<(bool, Vec<String>)> {
+    let from_list = args.path.is_empty() && !values.rank_paths.is_empty();
+    if args.pci.is_some() || (args.path.is_empty() && !from_list) {
+        return Ok((false, Vec::new()));
     }
-    let (paths, note) = values.rank_paths.choose(&[], local_rank()?)?;
-    if note.is_some() {
+    let Some(rank) = local_rank()? else {
+        return Ok((false, Vec::new()));
+    };
+    if from_list {
+        let (paths, note) = values.rank_paths.choose(&[], Some(rank))?;
         args.path = paths;
+        return Ok((true, note.into_iter().collect()));
     }
-    Ok(note)
+    Ok((false, rank::make_own(&mut args.path, rank)?))
 }
 
 #[cfg(test)]
@@ -418,10 +427,18 @@ mod tests {
         assert_eq!(args.layers.taken[0].setting, "rank_paths");
         assert!(args.layers.notes[0].contains("local rank 1 (LOCAL_RANK)"));
 
-        let mut args = bench(&["--path", "/given"]);
+        // A path given on the command line wins; a file name is made the rank's own.
+        let mut args = bench(&["--path", "/given/spill.dat", "--path", "/"]);
         apply_layers(&mut args, &settings, rank(1)).unwrap();
-        assert_eq!(args.path, [PathBuf::from("/given")]);
+        assert_eq!(
+            args.path,
+            [PathBuf::from("/given/spill.rank1.dat"), PathBuf::from("/")]
+        );
         assert!(args.layers.taken.is_empty());
+        assert!(args.layers.notes[0].contains("spill.rank1.dat is this rank's own"));
+        let mut args = bench(&["--path", "/given/spill.dat"]);
+        apply_layers(&mut args, &Settings::default(), no_rank).unwrap();
+        assert_eq!(args.path, [PathBuf::from("/given/spill.dat")]);
 
         let mut args = bench(&[]);
         apply_layers(&mut args, &settings, no_rank).unwrap();

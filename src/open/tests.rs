@@ -129,27 +129,3 @@ fn ranks_given_one_file_name_each_get_their_own_file() {
     let r1 = open_for_rank(&[shared], Some(1 << 20), &own.resolve().unwrap(), rank(1)).unwrap();
     assert_eq!(r1.info.path, mine);
 }
-
-#[test]
-fn a_shared_block_device_is_left_to_rank_0() {
-    use super::{rank_own_path, PathKind};
-    let dev = PathBuf::from("/dev/nvme0n1");
-    let rank = |rank| LocalRank {
-        rank,
-        source: "SLURM_LOCALID",
-    };
-    let e = rank_own_path(&dev, PathKind::BlockDevice, rank(1))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("SLURM_LOCALID=1") && e.contains("/dev/nvme0n1") && e.contains("rank_paths"),
-        "{e}"
-    );
-    assert_eq!(rank_own_path(&dev, PathKind::BlockDevice, rank(0)).unwrap(), None);
-    assert_eq!(rank_own_path(&dev, PathKind::Directory, rank(1)).unwrap(), None);
-    assert_eq!(PathKind::of(std::path::Path::new("/")), PathKind::Directory);
-    assert_eq!(
-        PathKind::of(std::path::Path::new("/no/such/file")),
-        PathKind::File
-    );
-}
