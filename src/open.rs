@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use spillway_runtime::engine::{Engine, StorageTarget};
-use spillway_runtime::{Device, DirectIo, Error, Result, Target};
+use spillway_runtime::{Device, DirectIo, Error, MemberStats, Result, StripedBackend, Target};
 use spillway_spdk::pci::PciAddress;
 
 use crate::cli::BackendChoice;
@@ -42,6 +42,8 @@ pub struct OpenedEngine {
     pub memory: Memory,
     /// What the engine was opened on, for reports.
     pub info: EngineInfo,
+    /// The striped set, when the engine stores over several paths (for its members' stats).
+    striped: Option<Arc<StripedBackend>>,
     /// The live handles.
     handles: Mutex<Handles>,
 }
@@ -67,6 +69,28 @@ pub struct EngineInfo {
 }
 
 impl OpenedEngine {
+    /// The engine's statistics ([`Engine::stats`]) as a JSON object, with `members`: what
+    /// each path of a striped set moved ([`MemberStats`]; empty for one path).
+    pub fn stats_json(&self) -> serde_json::Value {
+        let mut json = serde_json::to_value(self.engine.stats()).unwrap_or_default();
+        let members = self.member_stats();
+        if let serde_json::Value::Object(map) = &mut json {
+            map.insert(
+                "members".into(),
+                serde_json::to_value(members).unwrap_or_default(),
+            );
+        }
+        json
+    }
+
+    /// What each path of a striped set has moved, in the order given; empty for one path.
+    pub fn member_stats(&self) -> Vec<MemberStats> {
+        self.striped
+            .as_ref()
+            .map(|s| s.member_stats())
+            .unwrap_or_default()
+    }
+
     /// The GPU whose memory the engine moves; `None` for host memory.
     pub fn gpu(&self) -> Option<&Arc<CudaDevice>> {
         match &self.memory {
@@ -275,6 +299,7 @@ fn start(
             notes: setup.notes,
             settings,
         },
+        striped: setup.striped,
         handles: Mutex::new(Handles::default()),
     })
 }

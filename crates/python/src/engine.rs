@@ -170,7 +170,7 @@ impl PyEngine {
     /// The engine's statistics as a JSON text.
     fn stats_json(&self) -> PyResult<String> {
         let open = self.open()?;
-        serde_json::to_string(&open.engine.stats()).map_err(|e| invalid(e.to_string()))
+        Ok(open.stats_json().to_string())
     }
 
     /// Storage in use, as a JSON text.

@@ -68,12 +68,22 @@ def test_a_list_of_paths_is_striped_over(tmp_path):
             np.testing.assert_array_equal(out, a)
         # Every directory holds an anonymous file: none has a name.
         assert all(os.listdir(d) == [] for d in dirs)
+        # Each path's share, in the order given.
+        members = e.stats()["members"]
+        assert [m["path"] for m in members] == [str(d) for d in dirs]
+        assert all(m["bytes_written"] > 0 and m["bytes_read"] > 0 and m["errors"] == 0 for m in members)
+        assert sum(m["bytes_written"] for m in members) == e.stats()["bytes_written"]
     with spillway.Engine(dirs, capacity="96MiB", stripe_bytes="64KiB", stripe_weights=[1, 2, 1], **SMALL) as e:
         a = blob(5 << 20, 9)
         h = e.offload((0, 0), region(a))
         out = np.zeros_like(a)
         e.fetch(h, region(out))
         np.testing.assert_array_equal(out, a)
+        # The second path takes two stripe units per round: twice the others' share.
+        written = [m["bytes_written"] for m in e.stats()["members"]]
+        assert written[1] == 2 * written[0] and written[0] == written[2], written
+    with spillway.Engine(tmp_path / "a", capacity="8MiB", **SMALL) as e:
+        assert e.stats()["members"] == []
     with pytest.raises(ValueError, match="stripe_bytes"):
         spillway.Engine(dirs, capacity="8MiB", stripe_bytes=1000, **SMALL)
     with pytest.raises(ValueError, match="stripe_weights"):

@@ -37,7 +37,7 @@ pub struct Member {
 }
 
 /// What one member has done, for reports.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct MemberStats {
     /// The member's path.
     pub path: PathBuf,

@@ -100,8 +100,10 @@ class Engine:
 
     # What it did.
     def stats(self) -> Dict[str, Any]:
-        """Counters (bytes offloaded, written, read, deduplicated, forwarded; stall time…)
-        and latency percentiles per operation."""
+        """Counters (bytes offloaded, written, read, deduplicated, forwarded; stall time…),
+        latency percentiles per operation, and ``members``: for a list of paths, what each
+        one moved (path, backend, bytes_written, bytes_read, requests, errors,
+        busy_seconds), in the order given (empty for one path)."""
         return json.loads(self._native.stats_json())
 
     def storage_usage(self) -> Dict[str, Any]:
