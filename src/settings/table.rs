@@ -377,7 +377,7 @@ pub static SETTINGS: &[Setting] = &[
     Setting {
         name: "rank_paths",
         kind: Kind::RankPaths,
-        meaning: "storage paths of each local rank (LOCAL_RANK, SLURM_LOCALID or OMPI_COMM_WORLD_LOCAL_RANK), used instead of the path given, e.g. GPU i's drive on its PCIe switch; several paths for a rank are striped; \"\": the path given",
+        meaning: "storage paths of each local rank (LOCAL_RANK, SLURM_LOCALID or OMPI_COMM_WORLD_LOCAL_RANK), used instead of the path given, e.g. GPU i's drive on its PCIe switch; several paths for a rank are striped; \"\": the path given (under a launcher a file name becomes the rank's own, spill.bin → spill.rank1.bin, and a block device is rank 0's)",
         get: |r| Value::Str(r.rank_paths.to_string()),
         set: |r, v| {
             let text = v.as_str().ok_or_else(|| format!("{v} is not text"))?;
