@@ -80,11 +80,11 @@ class Rank:
 
 def main():
     args = parse_args()
-    dist.init_process_group("nccl")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
     rank, world = dist.get_rank(), dist.get_world_size()
-    local = int(os.environ["LOCAL_RANK"])
-    torch.cuda.set_device(local)
-    me = Rank(args, torch.device("cuda", local))
+    me = Rank(args, device)
     me.measure()  # warm up: the engine's staging, the file's first extents
 
     alone, together = [], []
