@@ -9,6 +9,7 @@
 //! - [`pack`]: gathering many tensor pieces into one extent and back (CPU reference).
 //! - [`MemBackend`]: a backend on host memory, for tests.
 //! - [`striped`]: several targets striped into one, each with a backend of its own.
+//! - [`faults`]: a backend wrapper injecting errors, short I/O, ENOSPC and latency.
 //! - [`pattern`]: the deterministic data used to verify round trips.
 //!
 //! Nothing here calls CUDA; the CUDA device lives in the `spillway` crate.
@@ -20,6 +21,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod extents;
+pub mod faults;
 pub mod host;
 pub mod mem_backend;
 pub mod memory;
@@ -34,6 +36,7 @@ pub use backend::{
 pub use device::{Device, DeviceInfo, DeviceKind, Event, HostRegistration, Stream};
 pub use error::{Error, Result};
 pub use extents::{Extent, ExtentAllocator, OutOfSpace, SpaceUsage};
+pub use faults::{FaultPlan, FaultStats, FaultyBackend};
 pub use host::{HostDevice, HostEvent, HostEventTrigger};
 pub use mem_backend::MemBackend;
 pub use memory::{AlignedBuf, DeviceBuffer, DevicePtr, MemRef, PinnedBuffer};
