@@ -16,6 +16,7 @@ fetched is checked against what was offloaded."""
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -121,7 +122,12 @@ def main():
                   f"{r['together_gbps']['write']:.2f} together ({ratio['write']:.2f}x); read "
                   f"{r['alone_gbps']['read']:.2f} alone, {r['together_gbps']['read']:.2f} together "
                   f"({ratio['read']:.2f}x) GB/s", flush=True)
+        env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPILLWAY_")}
         write_result(args.out, args.name, {
+            "launch": " ".join([f"{k}={v!r}" for k, v in env.items()]
+                               + [f"python -m torch.distributed.run --standalone --nproc-per-node {world}"]
+                               + ["benches/ranks.py"] + sys.argv[1:]),
+            "environment": env,
             "what": "each rank's engine offload (write: offload all, drain) and fetch (read: prefetch "
                     "and fetch all, synchronize) bandwidth alone and with every rank at once; medians",
             "world_size": world,
