@@ -205,6 +205,9 @@ for dir in "${storages[@]}"; do
       --size 256M --block 1M --qd 16 --verify --path "$dir/verify-$backend.dat"
     step "$dist/spillway" bench --mem gpu --backend "$backend" --op write,read \
       --size 10000019 --block 65537 --qd 8 --threads 2 --verify --path "$dir/odd-$backend.dat"
+    # The directory itself: an anonymous file (O_TMPFILE where the filesystem has it).
+    step "$dist/spillway" bench --mem gpu --backend "$backend" --op write,read --size 64M --verify \
+      --path "$dir"
     step "$dist/spillway" bench --workload tensors --mem gpu --backend "$backend" --tensors 3000 \
       --min-size 1 --max-size 1500KiB --dup 0.2 --path "$dir/tensors-$backend.dat"
     rm -f "$dir/tensors-$backend.dat"

@@ -239,6 +239,35 @@ pub fn open_target(target: &Target) -> Result<OpenedTarget> {
     })
 }
 
+impl OpenedTarget {
+    /// The file opened again without the `O_TMPFILE` flag, for libraries that refuse a
+    /// descriptor carrying it (cuFile's `cuFileHandleRegister` answers "unsupported file open
+    /// flags"). A file made with `O_TMPFILE` is reopened through `/proc/self/fd`, which gives a
+    /// new descriptor on the same nameless file (it still has no name); any other file is
+    /// kept as it is. `O_DIRECT` is kept when in effect.
+    pub fn without_tmpfile_flag(self) -> Result<OpenedTarget> {
+        if self.anonymous != Some(AnonymousMode::Tmpfile) {
+            return Ok(self);
+        }
+        let link = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true);
+        if self.direct_io {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let file = opts.open(&link).map_err(|e| {
+            Error::io(
+                format!(
+                    "reopening the anonymous file in {} through {link} (without O_TMPFILE, for a library that refuses it; is /proc mounted?)",
+                    self.path.display()
+                ),
+                e,
+            )
+        })?;
+        Ok(OpenedTarget { file, ..self })
+    }
+}
+
 fn open_file(path: &Path, create: bool, direct: bool) -> std::io::Result<File> {
     let mut opts = OpenOptions::new();
     opts.read(true).write(true).create(create);
@@ -534,6 +563,37 @@ mod tests {
         round_trip(&t);
         drop(t);
         assert!(entries(dir.path()).is_empty(), "nothing left after closing");
+    }
+
+    #[test]
+    fn an_anonymous_file_reopened_without_o_tmpfile_is_the_same_nameless_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        for direct in [DirectIo::Preferred, DirectIo::Off] {
+            let t = open_target(&Target::anonymous_in(dir.path()).direct(direct)).unwrap();
+            let first = t.file.try_clone().unwrap();
+            let (mode, was_direct) = (t.anonymous, t.direct_io);
+            let t = t.without_tmpfile_flag().unwrap();
+            assert_eq!((t.anonymous, t.direct_io), (mode, was_direct));
+            // SAFETY: F_GETFL on a descriptor this test owns.
+            let flags = unsafe { libc::fcntl(t.file.as_raw_fd(), libc::F_GETFL) };
+            assert_ne!(
+                flags & libc::O_TMPFILE,
+                libc::O_TMPFILE,
+                "no O_TMPFILE: {flags:#x}"
+            );
+            assert_eq!(flags & libc::O_DIRECT != 0, was_direct);
+            let (a, b) = (first.metadata().unwrap(), t.file.metadata().unwrap());
+            assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()), "the same file");
+            assert_eq!(b.nlink(), 0, "still nameless");
+            assert!(entries(dir.path()).is_empty());
+            drop(first);
+            round_trip(&t);
+        }
+        // A named file is kept as it is.
+        let named = open_target(&Target::new(dir.path().join("named")).direct(DirectIo::Off)).unwrap();
+        let fd = named.file.as_raw_fd();
+        assert_eq!(named.without_tmpfile_flag().unwrap().file.as_raw_fd(), fd);
     }
 
     #[test]
