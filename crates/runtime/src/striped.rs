@@ -12,13 +12,20 @@
 //! first error if any failed — naming the member's path, so that a member that went away
 //! shows as a clear error, never as wrong data.
 //!
+//! A member may complete a piece with fewer bytes than asked (a short count, which the
+//! [`Backend`] contract allows): the rest of the piece is then submitted to the same member
+//! again, offset and memory advanced, up to [`MAX_PIECE_RESUBMITS`] times. A set request
+//! completes with its full length only once every byte of every piece has moved; a piece
+//! that comes back with nothing moved, or short once too often, fails the request with
+//! [`Error::ShortIo`] naming the member.
+//!
 //! [`StripedBackend::member_stats`] counts the bytes, requests, errors and busy time of
 //! each member.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use crate::backend::{
@@ -43,13 +50,14 @@ pub struct MemberStats {
     pub path: PathBuf,
     /// Its backend's name.
     pub backend: String,
-    /// Bytes written to it.
+    /// Bytes written to it (moved, as its completions counted them).
     pub bytes_written: u64,
-    /// Bytes read from it.
+    /// Bytes read from it (moved, as its completions counted them).
     pub bytes_read: u64,
-    /// Pieces of requests it served.
+    /// Pieces of requests submitted to it (the rest of a piece submitted again after a
+    /// short count counts again).
     pub requests: u64,
-    /// Pieces that failed.
+    /// Of those, the ones that failed (including one given up after a short count).
     pub errors: u64,
     /// Seconds during which it had at least one piece in flight.
     pub busy_seconds: f64,
@@ -79,14 +87,14 @@ impl Counters {
         }
     }
 
-    fn ended(&self, op: IoOp, bytes: usize, ok: bool) {
-        let moved = match op {
+    /// A submission ended, having moved `moved` bytes; `failed` counts it as an error.
+    fn ended(&self, op: IoOp, moved: usize, failed: bool) {
+        let bytes = match op {
             IoOp::Read => &self.bytes_read,
             IoOp::Write => &self.bytes_written,
         };
-        if ok {
-            moved.fetch_add(bytes as u64, Ordering::Relaxed);
-        } else {
+        bytes.fetch_add(moved as u64, Ordering::Relaxed);
+        if failed {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -111,6 +119,8 @@ struct MemberState {
     member: Member,
     /// Shared with the completion callbacks of the member's pieces.
     counters: Arc<Counters>,
+    /// The member's path, for the errors of its pieces.
+    path: Arc<Path>,
 }
 
 /// One open set: the member targets, in member order.
@@ -187,6 +197,7 @@ impl StripedBackend {
             members: members
                 .into_iter()
                 .map(|member| MemberState {
+                    path: Arc::from(member.target.path.as_path()),
                     member,
                     counters: Arc::default(),
                 })
@@ -261,7 +272,13 @@ impl fmt::Debug for StripedBackend {
     }
 }
 
-/// Collects the pieces of one request and completes it when the last one ends.
+/// How many times the rest of a piece is submitted again to its member after short counts
+/// before the request fails. Each resubmission follows a count of at least one byte, so the
+/// bound only stops a member that keeps moving a little at a time.
+pub const MAX_PIECE_RESUBMITS: u32 = 64;
+
+/// Collects the pieces of one request and completes it when the last one ends: with the
+/// request's length only when every piece moved all its bytes.
 struct Gather {
     remaining: AtomicUsize,
     first_error: Mutex<Option<Error>>,
@@ -270,14 +287,28 @@ struct Gather {
 }
 
 impl Gather {
-    fn piece_done(&self, result: Result<usize>) {
+    /// One piece ended: all its bytes moved (`Ok`) or it failed.
+    fn piece_done(&self, result: Result<()>) {
         if let Err(e) = result {
-            self.first_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert(e);
+            self.fail(e);
         }
         self.pieces_done(1);
+    }
+
+    /// Records a failure of the request (the first one is reported).
+    fn fail(&self, e: Error) {
+        self.first_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(e);
+    }
+
+    /// True once a piece has failed: the request will fail, whatever the others do.
+    fn failed(&self) -> bool {
+        self.first_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     fn pieces_done(&self, count: usize) {
@@ -290,6 +321,139 @@ impl Gather {
                 });
             }
         }
+    }
+}
+
+/// One piece of a set request on its member, until every byte of it has moved.
+struct Piece {
+    /// The member's backend: weak, so that a completion callback never holds the last
+    /// reference to the backend whose thread runs it.
+    backend: Weak<dyn Backend>,
+    counters: Arc<Counters>,
+    path: Arc<Path>,
+    gather: Arc<Gather>,
+    /// The part of the piece not yet moved (on the member's target).
+    rest: IoRequest,
+    /// Bytes of the piece moved before `rest`.
+    moved: usize,
+    /// Times `rest` was submitted again after a short count.
+    resubmits: u32,
+}
+
+impl Piece {
+    /// Submits `rest` to the member; its completion is handled by [`Piece::ended`]. A
+    /// submission refused at once is counted and returned.
+    ///
+    /// # Safety
+    /// The memory of `rest` must stay valid (and, for a read, untouched) until the set
+    /// request's ticket completes, which happens only after this piece has ended.
+    unsafe fn start(self) -> Result<()> {
+        let (counters, op) = (self.counters.clone(), self.rest.op);
+        counters.started();
+        let submitted = match self.backend.upgrade() {
+            // SAFETY: the caller's promise, passed on.
+            Some(backend) => unsafe { backend.submit(self.rest) },
+            None => Err(Error::Abandoned(format!(
+                "the striped set was dropped with a request on {} in flight",
+                self.path.display()
+            ))),
+        };
+        match submitted {
+            Ok(ticket) => {
+                ticket.then(move |result| self.ended(result));
+                Ok(())
+            }
+            Err(e) => {
+                counters.ended(op, 0, true);
+                Err(e)
+            }
+        }
+    }
+
+    /// The member completed `rest` with `result`: the piece is done, failed, or (after a
+    /// short count) its rest is submitted again.
+    fn ended(self, result: Result<usize>) {
+        let (counters, gather, op) = (self.counters.clone(), self.gather.clone(), self.rest.op);
+        let wanted = self.rest.mem.len();
+        let n = match result {
+            Ok(n) if n <= wanted => n,
+            Ok(n) => {
+                counters.ended(op, 0, true);
+                return gather.piece_done(Err(self.overrun(n)));
+            }
+            Err(e) => {
+                counters.ended(op, 0, true);
+                return gather.piece_done(Err(e));
+            }
+        };
+        if n == wanted {
+            counters.ended(op, n, false);
+            return gather.piece_done(Ok(()));
+        }
+        tracing::debug!(
+            member = %self.path.display(),
+            op = op.as_str(),
+            offset = self.rest.offset,
+            asked = wanted,
+            moved = n,
+            resubmits = self.resubmits,
+            "short piece"
+        );
+        if n == 0 || self.resubmits >= MAX_PIECE_RESUBMITS || gather.failed() {
+            counters.ended(op, n, true);
+            return gather.piece_done(Err(self.short(n)));
+        }
+        // The rest is in flight before this submission ends: the member stays busy.
+        // SAFETY: the rest is part of the piece's memory, which the caller of the set's
+        // submit keeps valid until the set ticket completes, after this piece has ended.
+        let started = unsafe { self.advance(n).start() };
+        counters.ended(op, n, false);
+        if let Err(e) = started {
+            gather.piece_done(Err(e));
+        }
+    }
+
+    /// The piece after `n` more bytes moved (fewer than `rest` has).
+    fn advance(self, n: usize) -> Piece {
+        let len = self.rest.mem.len();
+        Piece {
+            rest: IoRequest {
+                offset: self.rest.offset + n as u64,
+                mem: self.rest.mem.slice(n, len - n),
+                ..self.rest
+            },
+            moved: self.moved + n,
+            resubmits: self.resubmits + 1,
+            ..self
+        }
+    }
+
+    /// The error for a piece given up after `n` more bytes moved.
+    fn short(&self, n: usize) -> Error {
+        Error::ShortIo {
+            op: self.rest.op.as_str(),
+            path: self.path.to_path_buf(),
+            offset: self.rest.offset - self.moved as u64,
+            done: (self.moved + n) as u64,
+            wanted: (self.moved + self.rest.mem.len()) as u64,
+        }
+    }
+
+    /// The error for a completion claiming `n` bytes of a `rest` that has fewer.
+    fn overrun(&self, n: usize) -> Error {
+        Error::io(
+            format!(
+                "{} of {} bytes at offset {} of {}",
+                self.rest.op.as_str(),
+                self.rest.mem.len(),
+                self.rest.offset,
+                self.path.display()
+            ),
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the member reported {n} bytes moved"),
+            ),
+        )
     }
 }
 
@@ -402,35 +566,28 @@ impl Backend for StripedBackend {
         let count = pieces.len();
         for (i, &(member, member_offset, at, take)) in pieces.iter().enumerate() {
             let state = &self.members[member];
-            let piece = IoRequest {
-                target: set.members[member],
-                op: req.op,
-                offset: member_offset,
-                mem: req.mem.slice(at, take),
+            let piece = Piece {
+                backend: Arc::downgrade(&state.member.backend),
+                counters: state.counters.clone(),
+                path: state.path.clone(),
+                gather: gather.clone(),
+                rest: IoRequest {
+                    target: set.members[member],
+                    op: req.op,
+                    offset: member_offset,
+                    mem: req.mem.slice(at, take),
+                },
+                moved: 0,
+                resubmits: 0,
             };
-            state.counters.started();
             // SAFETY: the piece's memory is part of the caller's, which stays valid until
-            // the caller's ticket completes — after every piece has.
-            match unsafe { state.member.backend.submit(piece) } {
-                Ok(piece_ticket) => {
-                    let (gather, counters, op) = (gather.clone(), state.counters.clone(), req.op);
-                    piece_ticket.then(move |result| {
-                        counters.ended(op, take, result.is_ok());
-                        gather.piece_done(result);
-                    });
-                }
-                Err(e) => {
-                    state.counters.ended(req.op, take, false);
-                    gather
-                        .first_error
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_or_insert(e);
-                    // This piece and the ones not submitted will never complete: the
-                    // request ends when those already in flight have.
-                    gather.pieces_done(count - i);
-                    break;
-                }
+            // the caller's ticket completes — after every piece has ended.
+            if let Err(e) = unsafe { piece.start() } {
+                gather.fail(e);
+                // This piece and the ones not submitted will never complete: the
+                // request ends when those already in flight have.
+                gather.pieces_done(count - i);
+                break;
             }
         }
         Ok(t)
