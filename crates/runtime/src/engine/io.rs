@@ -10,6 +10,7 @@ use crate::extents::Extent;
 use crate::memory::MemRef;
 
 use super::layout;
+use super::pending::{PendingIo, Settled};
 use super::state::{LoadState, Msg, State, WriteState};
 use super::stats::{Op, Stats};
 use super::timeline::Track;
@@ -193,7 +194,8 @@ impl State {
                 }
             }
         }
-        let mut tickets = Vec::with_capacity(reqs.len());
+        let path = self.path(extent.target);
+        let mut ios = Vec::with_capacity(reqs.len());
         let mut failed = None;
         for (offset, ptr, len) in reqs {
             let req = IoRequest {
@@ -206,52 +208,102 @@ impl State {
                 },
             };
             // SAFETY: the memory (staging or the held tensor) stays untouched until the
-            // tickets complete: the group keeps both until its write completion.
-            match unsafe { self.backend.submit(req) } {
-                Ok(t) => tickets.push(t),
+            // writes settle: the group keeps both until its write completion.
+            match unsafe { PendingIo::submit(self.backend.as_ref(), req, path.clone()) } {
+                Ok(io) => ios.push(io),
                 Err(e) => {
                     failed = Some(e);
                     break;
                 }
             }
         }
-        if tickets.is_empty() {
+        if ios.is_empty() {
             // Nothing in flight: the caller gives up on the group at once.
             return Err(failed.unwrap_or_else(|| Error::invalid("an extent with nothing to write")));
         }
-        Stats::add(&self.stats.c.writes, tickets.len() as u64);
-        for t in &tickets {
-            let tx = self.tx.clone();
-            t.on_complete(move || {
-                let _ = tx.send(Msg::WriteIo(gid));
-            });
+        Stats::add(&self.stats.c.writes, ios.len() as u64);
+        for io in &ios {
+            self.notify_on_complete(io, gid, IoOp::Write);
         }
         let g = self.groups.get_mut(&gid).expect("live");
-        g.tickets = tickets;
+        g.ios = ios;
         // The writes in flight finish before the failure is acted on.
-        g.submit_error = failed;
+        g.io_error = failed;
         g.write = WriteState::Writing;
         g.io_started = Instant::now();
         Ok(())
     }
 
-    /// A write of the group completed; once all have, the group is on storage.
+    /// Has the progress thread told (a [`Msg::WriteIo`] or [`Msg::ReadIo`] for `gid`) when
+    /// `io` completes.
+    fn notify_on_complete(&self, io: &PendingIo, gid: u64, op: IoOp) {
+        let tx = self.tx.clone();
+        io.on_complete(move || {
+            let _ = tx.send(match op {
+                IoOp::Write => Msg::WriteIo(gid),
+                IoOp::Read => Msg::ReadIo(gid),
+            });
+        });
+    }
+
+    /// Settles the completed requests among `ios` (`op` is their direction): a short one
+    /// has its rest submitted again while `retry` is set. Returns those still in flight and
+    /// the first failure.
+    fn settle_completed(
+        &mut self,
+        gid: u64,
+        op: IoOp,
+        ios: Vec<PendingIo>,
+        retry: bool,
+    ) -> (Vec<PendingIo>, Option<Error>) {
+        let mut in_flight = Vec::with_capacity(ios.len());
+        let mut failed = None;
+        for io in ios {
+            if !io.is_done() {
+                in_flight.push(io);
+                continue;
+            }
+            match io.settle(self.backend.as_ref(), retry && failed.is_none()) {
+                Settled::Done => {}
+                Settled::Resubmitted(io) => {
+                    let requests = match op {
+                        IoOp::Write => &self.stats.c.writes,
+                        IoOp::Read => &self.stats.c.reads,
+                    };
+                    Stats::add(requests, 1);
+                    self.notify_on_complete(&io, gid, op);
+                    in_flight.push(io);
+                }
+                Settled::Failed(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        (in_flight, failed)
+    }
+
+    /// A write of the group completed: a short one has its rest written; once every write
+    /// has settled, the group is on storage (or, after a failure, kept in memory).
     pub(crate) fn on_write_io(&mut self, gid: u64) {
         let _span = tracing::trace_span!("write_done", group = gid).entered();
         let Some(g) = self.groups.get_mut(&gid) else {
             return;
         };
-        if !g.tickets.iter().all(|t| t.is_done()) {
+        if !matches!(g.write, WriteState::Writing) || g.ios.is_empty() {
+            return; // a late notice of a write already settled
+        }
+        let ios = std::mem::take(&mut g.ios);
+        let retry = g.io_error.is_none();
+        let (in_flight, failed) = self.settle_completed(gid, IoOp::Write, ios, retry);
+        let g = self.groups.get_mut(&gid).expect("live");
+        g.ios = in_flight;
+        if let Some(e) = failed {
+            g.io_error.get_or_insert(e);
+        }
+        if !g.ios.is_empty() {
             return;
         }
-        let failed = g.submit_error.take();
-        let outcome = std::mem::take(&mut g.tickets)
-            .into_iter()
-            .map(|t| t.wait())
-            .find(|r| r.is_err())
-            .unwrap_or(Ok(0))
-            .map(|_| ())
-            .and(failed.map_or(Ok(()), Err));
+        let outcome = g.io_error.take().map_or(Ok(()), Err);
         if let Err(e) = &outcome {
             tracing::error!("writing an extent failed, keeping its tensors in GPU memory: {e}");
             Stats::add(&self.stats.c.write_errors, 1);
@@ -377,16 +429,14 @@ impl State {
                 len: g.len as usize,
             },
         };
-        // SAFETY: the staging extent belongs to this load until its completion is handled.
-        let ticket = unsafe { self.backend.submit(req)? };
-        let tx = self.tx.clone();
-        ticket.on_complete(move || {
-            let _ = tx.send(Msg::ReadIo(gid));
-        });
+        let path = self.path(extent.target);
+        // SAFETY: the staging extent belongs to this load until its read has settled.
+        let io = unsafe { PendingIo::submit(self.backend.as_ref(), req, path)? };
+        self.notify_on_complete(&io, gid, IoOp::Read);
         let len = g.len;
         let epoch = self.id();
         let g = self.groups.get_mut(&gid).expect("live");
-        g.tickets = vec![ticket];
+        g.ios = vec![io];
         g.load = LoadState::Loading(staging);
         g.load_epoch = epoch;
         g.pending = 0;
@@ -398,7 +448,8 @@ impl State {
         Ok(())
     }
 
-    /// A prefetch read completed.
+    /// A prefetch read completed: a short one has its rest read; once it has settled, the
+    /// extent is loaded (or, after a failure, left for fetches to read on demand).
     pub(crate) fn on_read_io(&mut self, gid: u64) {
         let _span = tracing::trace_span!("prefetch_done", group = gid).entered();
         let Some(g) = self.groups.get_mut(&gid) else {
@@ -407,12 +458,27 @@ impl State {
         let LoadState::Loading(staging) = g.load else {
             return;
         };
-        let Some(ticket) = g.tickets.pop() else { return };
+        if g.ios.is_empty() {
+            return; // a late notice of a read already settled
+        }
+        let ios = std::mem::take(&mut g.ios);
+        let (in_flight, failed) = self.settle_completed(gid, IoOp::Read, ios, true);
+        let g = self.groups.get_mut(&gid).expect("live");
+        if !in_flight.is_empty() {
+            g.ios = in_flight;
+            return;
+        }
+        self.finish_load(gid, staging, failed.map_or(Ok(()), Err));
+    }
+
+    /// The read of a load has settled with `outcome`.
+    fn finish_load(&mut self, gid: u64, staging: Extent, outcome: Result<()>) {
+        let g = self.groups.get_mut(&gid).expect("live");
         let took = g.io_started.elapsed();
         self.loads_inflight -= 1;
         let len = g.len;
-        match ticket.wait() {
-            Ok(_) => {
+        match outcome {
+            Ok(()) => {
                 Stats::add(&self.stats.c.bytes_read, len);
                 Stats::add(&self.stats.c.read_ns, took.as_nanos() as u64);
                 self.stats.record(Op::Read, took);

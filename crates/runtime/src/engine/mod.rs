@@ -21,6 +21,12 @@
 //! When storage is full, tensors stay in GPU memory and are counted
 //! ([`CounterSnapshot::resident_tensors`]) instead of failing the step.
 //!
+//! A storage request that comes back with fewer bytes than asked (which the [`Backend`]
+//! contract allows) is never taken as done: the engine submits the rest of it, a bounded
+//! number of times, and otherwise fails it with [`Error::ShortIo`] like any failed I/O — a
+//! write keeps its tensors in GPU memory ([`CounterSnapshot::write_errors`]), a fetch that
+//! reads from storage returns the error, never partial bytes.
+//!
 //! ```
 //! use std::sync::Arc;
 //! use spillway_runtime::engine::{Engine, EngineConfig, Region, StorageTarget, TensorKey};
@@ -55,6 +61,7 @@
 mod config;
 mod io;
 mod layout;
+mod pending;
 mod state;
 mod stats;
 mod timeline;
@@ -202,6 +209,7 @@ impl Engine {
         }
         let mut storage = ExtentAllocator::new(config.alignment)?;
         let mut opened = Vec::new();
+        let mut paths = HashMap::new();
         let close_all = |opened: &[TargetId]| {
             for &t in opened {
                 let _ = backend.close(t);
@@ -216,6 +224,7 @@ impl Engine {
                 }
             };
             opened.push(id);
+            paths.insert(id, Arc::from(st.target.path.as_path()));
             if let Some(w) = &info.warning {
                 tracing::warn!("{}: {w}", st.target.path.display());
             }
@@ -261,6 +270,7 @@ impl Engine {
             cfg: config.clone(),
             device,
             backend: backend.clone(),
+            paths,
             offload_stream,
             fetch_stream,
             offload_waiter,
@@ -452,17 +462,12 @@ impl Engine {
                     }
                 }
                 Ok(FetchPlan::Done(ev)) => break Ok(ev),
-                Ok(FetchPlan::Read(tickets, failed)) => {
+                Ok(FetchPlan::Read(ios, failed)) => {
                     st.pump();
                     self.core.unlock_and_notify(guard);
                     let read_start = Instant::now();
                     stalled.get_or_insert(read_start);
-                    let mut outcome = failed.map_or(Ok(()), Err);
-                    for t in tickets {
-                        if let Err(e) = t.wait() {
-                            outcome = Err(e);
-                        }
-                    }
+                    let outcome = self.wait_reads(ios, failed);
                     let took = read_start.elapsed();
                     self.stats.record(Op::Read, took);
                     Stats::add(&self.stats.c.read_ns, took.as_nanos() as u64);
@@ -498,6 +503,22 @@ impl Engine {
         }
         self.stats.record(Op::Fetch, start.elapsed());
         result
+    }
+
+    /// Waits for the reads of a demand fetch, submitting the rest of any that comes back
+    /// short, and returns the first failure (`failed`: a submission that failed). Every read
+    /// is waited for, even after one has failed; after a failure, short counts are no longer
+    /// resubmitted.
+    fn wait_reads(&self, ios: Vec<pending::PendingIo>, failed: Option<Error>) -> Result<()> {
+        let mut outcome = failed.map_or(Ok(()), Err);
+        for io in ios {
+            let waited = io.wait(self.backend.as_ref(), outcome.is_ok(), &self.stats.c.reads);
+            if let Err(e) = waited {
+                tracing::debug!("a demand read failed: {e}");
+                outcome = outcome.and(Err(e));
+            }
+        }
+        outcome
     }
 
     /// Drops a handle. The stored copy goes once no handle names it; a write not yet

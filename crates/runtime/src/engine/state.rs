@@ -19,11 +19,12 @@
 //! 5. `release` of the last handle frees everything; a write not yet started is dropped.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{Backend, Ticket};
+use crate::backend::{Backend, TargetId};
 use crate::device::{Device, Event, Stream};
 use crate::error::{Error, Result};
 use crate::extents::{Extent, ExtentAllocator};
@@ -31,6 +32,7 @@ use crate::memory::DeviceBuffer;
 
 use super::config::EngineConfig;
 use super::layout::{self, Region, Segment};
+use super::pending::PendingIo;
 use super::stats::Stats;
 use super::timeline::{Timeline, Track};
 use super::waiter::Waiter;
@@ -145,9 +147,11 @@ pub(crate) struct Group {
     pub(crate) pending: usize,
     /// Identifies the current load (unique per load), for [`HandleRec::attached_load`].
     pub(crate) load_epoch: u64,
-    pub(crate) tickets: Vec<Ticket>,
-    /// A write submission that failed while earlier ones of the group were in flight.
-    pub(crate) submit_error: Option<Error>,
+    /// The group's storage requests in flight: its writes, or the read of its load.
+    pub(crate) ios: Vec<PendingIo>,
+    /// The first failure among the group's writes (a submission, or a completion while
+    /// others were in flight): acted on once none is in flight any more.
+    pub(crate) io_error: Option<Error>,
     pub(crate) io_started: Instant,
     /// The last delivery out of the loaded staging copy.
     pub(crate) fence: Option<Arc<dyn Event>>,
@@ -167,8 +171,8 @@ impl Group {
             load: LoadState::Idle,
             pending: 0,
             load_epoch: 0,
-            tickets: Vec::new(),
-            submit_error: None,
+            ios: Vec::new(),
+            io_error: None,
             io_started: Instant::now(),
             fence: None,
         }
@@ -185,6 +189,8 @@ pub(crate) struct State {
     pub(crate) cfg: EngineConfig,
     pub(crate) device: Arc<dyn Device>,
     pub(crate) backend: Arc<dyn Backend>,
+    /// The path of each storage target, for errors.
+    pub(crate) paths: HashMap<TargetId, Arc<Path>>,
     pub(crate) offload_stream: Arc<dyn Stream>,
     pub(crate) fetch_stream: Arc<dyn Stream>,
     pub(crate) offload_waiter: Waiter,
@@ -234,8 +240,9 @@ pub(crate) enum FetchPlan {
     /// The group is being read into staging: wait and look again.
     WaitLoad,
     /// Reads were submitted straight into the destination: wait for them (all of them,
-    /// even when submitting a later one failed with the error given).
-    Read(Vec<Ticket>, Option<Error>),
+    /// even when submitting a later one failed with the error given), resubmitting the
+    /// rest of any that comes back short.
+    Read(Vec<PendingIo>, Option<Error>),
     /// The bytes must be read straight into the destination, which is not free yet: wait
     /// for its event, then look again.
     WaitDestination(Arc<dyn Event>),
@@ -493,8 +500,8 @@ impl State {
                         return Ok(FetchPlan::WaitDestination(ev.clone()));
                     }
                 }
-                let (tickets, failed) = self.demand_read(eid, gid, dst);
-                if tickets.is_empty() {
+                let (ios, failed) = self.demand_read(eid, gid, dst);
+                if ios.is_empty() {
                     if let Some(e) = failed {
                         return Err(e);
                     }
@@ -502,7 +509,7 @@ impl State {
                 self.demand_reads_inflight += 1;
                 self.after_fetch(h, eid);
                 Stats::add(&self.stats.c.demand_reads, 1);
-                Ok(FetchPlan::Read(tickets, failed))
+                Ok(FetchPlan::Read(ios, failed))
             }
         }
     }
@@ -571,15 +578,15 @@ impl State {
         Ok(ev)
     }
 
-    /// Reads a tensor from storage straight into `dst`.
     /// Submits the reads of a tensor from storage straight into `dst`. Stops at the first
     /// submission that fails; the reads already submitted must still be waited for.
-    fn demand_read(&mut self, eid: u64, gid: u64, dst: &[Region]) -> (Vec<Ticket>, Option<Error>) {
+    fn demand_read(&mut self, eid: u64, gid: u64, dst: &[Region]) -> (Vec<PendingIo>, Option<Error>) {
         let _span = tracing::debug_span!("demand_read", group = gid).entered();
         let e = &self.entries[&eid];
         let g = &self.groups[&gid];
         let extent = g.extent.expect("a written group has an extent");
-        let mut tickets = Vec::new();
+        let path = self.path(extent.target);
+        let mut ios = Vec::new();
         for step in layout::copy_plan(&e.segments, dst) {
             let req = crate::backend::IoRequest {
                 target: extent.target,
@@ -591,15 +598,23 @@ impl State {
                 },
             };
             // SAFETY: dst is the caller's and stays valid until fetch returns, which waits
-            // for these tickets (Engine::fetch's contract).
-            match unsafe { self.backend.submit(req) } {
-                Ok(t) => tickets.push(t),
-                Err(e) => return (tickets, Some(e)),
+            // for these reads to settle (Engine::fetch's contract).
+            match unsafe { PendingIo::submit(self.backend.as_ref(), req, path.clone()) } {
+                Ok(io) => ios.push(io),
+                Err(e) => return (ios, Some(e)),
             }
             Stats::add(&self.stats.c.reads, 1);
             Stats::add(&self.stats.c.bytes_read, step.len);
         }
-        (tickets, None)
+        (ios, None)
+    }
+
+    /// The path of a storage target, for errors.
+    pub(crate) fn path(&self, target: TargetId) -> Arc<Path> {
+        self.paths
+            .get(&target)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(Path::new(&format!("<target {}>", target.0))))
     }
 
     /// Marks the handle fetched; drops a write nobody will read back.
