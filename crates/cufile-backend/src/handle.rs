@@ -1,6 +1,7 @@
 //! A file registered with cuFile (`cuFileHandleRegister`), deregistered and closed on drop.
 
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
@@ -68,7 +69,10 @@ fn registration_hint(file: &File) -> &'static str {
     // SAFETY: fstatfs fills the struct for an open descriptor and touches nothing else.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) };
     let on_tmpfs = rc == 0 && fs.f_type as libc::c_long == TMPFS_MAGIC;
-    if on_tmpfs {
+    let nameless = file.metadata().is_ok_and(|m| m.nlink() == 0);
+    if nameless {
+        "this is an anonymous file (a directory was given: the file has no name, so nothing is left behind), and cuFile's compatibility mode opens the file again by its name: pass a file path (e.g. DIR/spillway.dat) to use cuFile, or use the uring backend (what auto picks without GPUDirect Storage)"
+    } else if on_tmpfs {
         "cuFile cannot register files on tmpfs (there is no block device behind them): put the file on a block-device filesystem such as ext4 or xfs"
     } else if !Path::new("/run/udev/data").is_dir() {
         "cuFile reads the udev properties of the block device (ID_FS_USAGE, ID_FS_TYPE) and this system has no udev database (/run/udev/data): run udevd, or in a container mount it (--volume /run/udev:/run/udev:ro)"
