@@ -11,6 +11,7 @@
 //! - [`striped`]: several targets striped into one, each with a backend of its own.
 //! - [`faults`]: a backend wrapper injecting errors, short I/O, ENOSPC and latency.
 //! - [`pattern`]: the deterministic data used to verify round trips.
+//! - [`size`]: byte sizes as spillway reads and prints them ("4KiB", "1M", "2GB").
 //!
 //! Nothing here calls CUDA; the CUDA device lives in the `spillway` crate.
 
@@ -27,6 +28,7 @@ pub mod mem_backend;
 pub mod memory;
 pub mod pack;
 pub mod pattern;
+pub mod size;
 pub mod striped;
 pub mod target;
 

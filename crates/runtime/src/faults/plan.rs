@@ -117,7 +117,10 @@ impl FaultPlan {
                 }
                 "short" => plan.short = probability(key, value).map_err(bad)?,
                 "enospc_after" => {
-                    plan.enospc_after = Some(parse_size(value).map_err(|e| bad(format!("enospc_after {e}")))?)
+                    plan.enospc_after = Some(
+                        crate::size::parse_bytes(value)
+                            .map_err(|e| bad(format!("enospc_after is a size of 0 or more bytes: {e}")))?,
+                    )
                 }
                 "latency" => plan.latency = parse_duration(value).map_err(|e| bad(format!("latency {e}")))?,
                 "latency_p" => {
@@ -238,29 +241,6 @@ fn probability(key: &str, value: &str) -> Result<f64, String> {
         Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
         _ => Err(format!("{key} is a probability from 0 to 1")),
     }
-}
-
-/// A byte count as the rest of spillway writes it: K, M, G, T or KiB…TiB (powers of 1024),
-/// KB…TB (powers of 1000), or bare bytes. Zero is allowed (every write fails). The
-/// `spillway` crate's parser lives in the binary crate, out of the runtime's reach.
-pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
-    const ACCEPTS: &str = "is a size: a whole number with an optional unit, e.g. 4096, 512KiB, 1G, 2GB";
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let value: u64 = digits.parse().map_err(|_| ACCEPTS.to_string())?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        _ => return Err(ACCEPTS.to_string()),
-    };
-    value.checked_mul(mult).ok_or_else(|| "is too large".to_string())
 }
 
 /// A byte count with the largest binary unit that divides it ("512MiB", "1000").
