@@ -6,15 +6,42 @@
 //! 0600 and `O_EXCL`, and unlinked at once, before any data is written. Either way nothing
 //! is left behind, not even by a process killed with SIGKILL: the kernel frees the file's
 //! space when its last descriptor closes.
+//!
+//! # Nothing exposed
+//!
+//! Offloaded activations derive from training data, so no other user may read them. Opening
+//! refuses (never just warns), with an [`Error::Target`] that names the file or directory,
+//! its owner and mode, and the fix:
+//!
+//! - a directory that holds the file (the anonymous file's, or a named file's parent) must
+//!   be owned by you or root, and writable by group or others only with the sticky bit (as
+//!   `/tmp`, `/var/tmp` and `/dev/shm` are): otherwise another user could rename and replace
+//!   files in it. A symbolic link to a directory is fine; the directory it leads to is
+//!   checked ([`check_directory`]).
+//! - files spillway makes are mode 0600 exactly, whatever the umask: anonymous files, and a
+//!   missing named file, which is created `O_EXCL | O_NOFOLLOW` (never a file or link another
+//!   user planted at the name).
+//! - an existing regular file must be yours, with no permission bits for group or others
+//!   (`chmod 600`); it is opened `O_NOFOLLOW`. A symbolic link at the name is followed only
+//!   to a block device (`/dev/disk/by-id/...` names drives that way); block devices are exempt
+//!   from the owner and mode rules, which are the administrator's. Character devices, FIFOs
+//!   and sockets are refused.
+//!
+//! Every check that matters is made on what was opened: files are made and opened relative
+//! to their directory held open, and the opened file's descriptor is what is examined.
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
+
+mod openat;
+mod policy;
+
+use openat::{open_anonymous, open_named, Dir, OpenError};
 
 /// Whether to open with `O_DIRECT`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -143,7 +170,7 @@ impl std::fmt::Display for AnonymousMode {
 }
 
 /// Which mode an anonymous file in `dir` gets: makes one (without O_DIRECT) and closes it,
-/// which leaves nothing behind.
+/// which leaves nothing behind. A directory that fails [`check_directory`] is refused.
 pub fn anonymous_mode(dir: &Path) -> Result<AnonymousMode> {
     if !dir.is_dir() {
         return Err(Error::Target {
@@ -153,16 +180,42 @@ pub fn anonymous_mode(dir: &Path) -> Result<AnonymousMode> {
     }
     open_anonymous(dir, false, true)
         .map(|(_, mode)| mode)
-        .map_err(|e| open_error(dir, true, e))
+        .map_err(|e| target_error(dir, true, e))
+}
+
+/// Checks that `dir` may hold offload files: it is a directory (a symbolic link to one is
+/// judged by the directory it leads to), owned by you or root, and writable by group or
+/// others only with the sticky bit (like `/tmp`), so that no other user can rename or replace
+/// the files in it. An [`Error::Target`] names the directory, its owner and mode, and the fix.
+/// [`open_target`] makes the same check before making or opening a file in a directory.
+pub fn check_directory(dir: &Path) -> Result<()> {
+    let opened = Dir::open(dir).map_err(|e| {
+        let reason = match (e.kind(), e.raw_os_error()) {
+            (ErrorKind::NotFound, _) => {
+                "the directory does not exist; create it first (mkdir -m 700 DIR) or pass an existing one"
+                    .into()
+            }
+            (_, Some(libc::ENOTDIR)) => {
+                "not a directory; anonymous files are made in a directory, so pass one".into()
+            }
+            _ => return target_error(dir, true, OpenError::Os(e)),
+        };
+        Error::Target {
+            path: dir.to_path_buf(),
+            reason,
+        }
+    })?;
+    opened.check().map_err(|e| target_error(dir, true, e))
 }
 
 /// The alignment spillway assumes when the kernel does not report one.
 pub const DEFAULT_ALIGN: usize = 4096;
 
-/// Opens `target` read-write; a directory with `create` set gets an anonymous file.
+/// Opens `target` read-write; a directory with `create` set gets an anonymous file. Files
+/// and directories that would let another user read the data are refused (see the module
+/// documentation).
 pub fn open_target(target: &Target) -> Result<OpenedTarget> {
     let path = &target.path;
-    check_parent(path, target.create)?;
     let anonymous = path.is_dir();
     if anonymous && !target.create {
         return Err(Error::Target {
@@ -171,11 +224,11 @@ pub fn open_target(target: &Target) -> Result<OpenedTarget> {
         });
     }
     let want_direct = target.direct != DirectIo::Off;
-    let open = |direct: bool| -> std::io::Result<(File, Option<AnonymousMode>)> {
+    let open = |direct: bool| -> std::result::Result<(File, Option<AnonymousMode>), OpenError> {
         if anonymous {
             open_anonymous(path, direct, true).map(|(f, mode)| (f, Some(mode)))
         } else {
-            open_file(path, target.create, direct).map(|f| (f, None))
+            open_named(path, target.create, direct).map(|f| (f, None))
         }
     };
     let ((file, anonymous_mode), direct_io, warning) = match open(want_direct) {
@@ -187,7 +240,7 @@ pub fn open_target(target: &Target) -> Result<OpenedTarget> {
                     reason: "the filesystem does not support O_DIRECT; choose a path on a filesystem that does (ext4, xfs, a block device) or allow buffered I/O".into(),
                 });
             }
-            let f = open(false).map_err(|e| open_error(path, anonymous, e))?;
+            let f = open(false).map_err(|e| target_error(path, anonymous, e))?;
             let w = format!(
                 "{}: the filesystem refused O_DIRECT; using buffered I/O (results include the page cache)",
                 path.display()
@@ -195,7 +248,7 @@ pub fn open_target(target: &Target) -> Result<OpenedTarget> {
             tracing::warn!("{w}");
             (f, false, Some(w))
         }
-        Err(e) => return Err(open_error(path, anonymous, e)),
+        Err(e) => return Err(target_error(path, anonymous, e)),
     };
     let meta = file
         .metadata()
@@ -268,121 +321,15 @@ impl OpenedTarget {
     }
 }
 
-fn open_file(path: &Path, create: bool, direct: bool) -> std::io::Result<File> {
-    let mut opts = OpenOptions::new();
-    opts.read(true).write(true).create(create);
-    if direct {
-        opts.custom_flags(libc::O_DIRECT);
-    }
-    opts.open(path)
-}
-
-/// Makes an anonymous file in `dir`: `O_TMPFILE` when `try_tmpfile` is set and the
-/// filesystem supports it, else a uniquely named file unlinked at once.
-fn open_anonymous(dir: &Path, direct: bool, try_tmpfile: bool) -> std::io::Result<(File, AnonymousMode)> {
-    if try_tmpfile {
-        match open_tmpfile(dir, direct) {
-            Ok(f) => return Ok((f, AnonymousMode::Tmpfile)),
-            Err(e) if !tmpfile_refused(&e) => return Err(e),
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                // EINVAL is also how a filesystem refuses O_DIRECT: when O_TMPFILE alone
-                // works, that is what it meant (the file just made has no name to clean up).
-                if open_tmpfile(dir, false).is_ok() {
-                    return Err(e);
-                }
-            }
-            Err(_) => {}
-        }
-    }
-    open_unlinked_at_once(dir, direct).map(|f| (f, AnonymousMode::UnlinkedAtOnce))
-}
-
-/// `open(dir, O_TMPFILE | O_RDWR [| O_DIRECT], 0600)`.
-fn open_tmpfile(dir: &Path, direct: bool) -> std::io::Result<File> {
-    let flags = libc::O_TMPFILE | if direct { libc::O_DIRECT } else { 0 };
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(flags)
-        .open(dir)
-}
-
-/// The errors of a filesystem (or kernel) without `O_TMPFILE` support.
-fn tmpfile_refused(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
-    )
-}
-
-/// Creates a uniquely named file in `dir` (mode 0600, `O_EXCL`) and unlinks it before
-/// returning, so that only the descriptor refers to it.
-fn open_unlinked_at_once(dir: &Path, direct: bool) -> std::io::Result<File> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    const ATTEMPTS: usize = 64;
-    for _ in 0..ATTEMPTS {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let name = dir.join(format!(
-            ".spillway-{}-{}-{nanos:08x}.anon",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut opts = OpenOptions::new();
-        opts.read(true).write(true).create_new(true).mode(0o600);
-        if direct {
-            opts.custom_flags(libc::O_DIRECT);
-        }
-        match opts.open(&name) {
-            Ok(file) => {
-                return match std::fs::remove_file(&name) {
-                    Ok(()) => Ok(file),
-                    Err(e) => Err(std::io::Error::new(
-                        e.kind(),
-                        format!(
-                            "created {} but could not unlink it ({e}); remove it by hand",
-                            name.display()
-                        ),
-                    )),
-                };
-            }
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                if direct && e.raw_os_error() == Some(libc::EINVAL) {
-                    // Some filesystems create the file before refusing O_DIRECT; O_EXCL
-                    // means a file under this name can only be the one just made.
-                    let _ = std::fs::remove_file(&name);
-                }
-                return Err(e);
-            }
-        }
-    }
-    Err(std::io::Error::new(
-        ErrorKind::AlreadyExists,
-        format!("{ATTEMPTS} new file names in a row were taken; remove stale .spillway-*.anon files"),
-    ))
-}
-
-fn check_parent(path: &Path, create: bool) -> Result<()> {
-    if !create || path.exists() {
-        return Ok(());
-    }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => return Ok(()),
-    };
-    if !parent.exists() {
-        return Err(Error::Target {
+/// The error for a failed or refused open of `path` (the directory itself when `anonymous`).
+fn target_error(path: &Path, anonymous: bool, e: OpenError) -> Error {
+    match e {
+        OpenError::Os(e) => open_error(path, anonymous, e),
+        OpenError::Refused(reason) => Error::Target {
             path: path.to_path_buf(),
-            reason: format!(
-                "directory {} does not exist; create it first or pass a path in an existing directory",
-                parent.display()
-            ),
-        });
+            reason,
+        },
     }
-    Ok(())
 }
 
 /// The error for a failed open of `path` (the directory itself when `anonymous`).
@@ -614,7 +561,7 @@ mod tests {
                 Ok(x) => x,
                 // A filesystem without O_DIRECT: the buffered pass covers the rest.
                 Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => continue,
-                Err(e) => panic!("{e}"),
+                Err(e) => panic!("{e:?}"),
             };
             assert_eq!(mode, AnonymousMode::UnlinkedAtOnce);
             assert!(entries(dir.path()).is_empty(), "unlinked before returning");

@@ -20,6 +20,9 @@ fn reads_past_the_end_fail_with_short_io() {
     let mut contents = vec![0u8; 10_000];
     spillway_runtime::pattern::fill(&mut contents, 3, 0);
     std::fs::write(&path, &contents).unwrap();
+    // Offload files must be private to be used.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (target, info) = backend
         .open(&Target::new(&path).direct(DirectIo::Required))
         .unwrap();
