@@ -118,10 +118,17 @@ typedef struct spillway_stats {
   uint64_t resident_tensors;
   // Bytes of those tensors.
   uint64_t resident_bytes;
-  // Failed storage writes (their tensors stay in their own memory).
+  // Failed storage writes, after any retries (their tensors stay in their own memory).
   uint64_t write_errors;
-  // Failed storage reads.
+  // Failed storage reads (after any retries).
   uint64_t read_errors;
+  // Storage writes submitted again after an error that may be transient (EIO, EAGAIN,
+  // EINTR, ETIMEDOUT); they count in `writes` too.
+  uint64_t write_retries;
+  // Storage reads submitted again after an error that may be transient.
+  uint64_t read_retries;
+  // Of `write_errors`, those that failed because the storage was full (ENOSPC).
+  uint64_t no_space_errors;
   // Time writes were in flight, summed over writes (nanoseconds).
   uint64_t write_ns;
   // Time reads were in flight, summed over reads (nanoseconds).

@@ -85,10 +85,17 @@ pub struct spillway_stats {
     pub resident_tensors: u64,
     /// Bytes of those tensors.
     pub resident_bytes: u64,
-    /// Failed storage writes (their tensors stay in their own memory).
+    /// Failed storage writes, after any retries (their tensors stay in their own memory).
     pub write_errors: u64,
-    /// Failed storage reads.
+    /// Failed storage reads (after any retries).
     pub read_errors: u64,
+    /// Storage writes submitted again after an error that may be transient (EIO, EAGAIN,
+    /// EINTR, ETIMEDOUT); they count in `writes` too.
+    pub write_retries: u64,
+    /// Storage reads submitted again after an error that may be transient.
+    pub read_retries: u64,
+    /// Of `write_errors`, those that failed because the storage was full (ENOSPC).
+    pub no_space_errors: u64,
     /// Time writes were in flight, summed over writes (nanoseconds).
     pub write_ns: u64,
     /// Time reads were in flight, summed over reads (nanoseconds).
@@ -192,6 +199,9 @@ fn stats_of(snapshot: &StatsSnapshot, live_handles: usize, staging_in_use: u64) 
         resident_bytes,
         write_errors,
         read_errors,
+        write_retries,
+        read_retries,
+        no_space_errors,
         write_ns,
         read_ns,
         stall_ns,
@@ -225,6 +235,9 @@ fn stats_of(snapshot: &StatsSnapshot, live_handles: usize, staging_in_use: u64) 
         resident_bytes,
         write_errors,
         read_errors,
+        write_retries,
+        read_retries,
+        no_space_errors,
         write_ns,
         read_ns,
         stall_ns,

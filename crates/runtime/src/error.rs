@@ -117,4 +117,134 @@ impl Error {
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidArgument(msg.into())
     }
+
+    /// Whether the same request may succeed if made again: an OS error EIO, EAGAIN,
+    /// EINTR or ETIMEDOUT (or an [`std::io::Error`] without an errno whose kind is
+    /// `Interrupted`, `WouldBlock` or `TimedOut`), directly in [`Error::Io`] or anywhere in
+    /// the source chain of an [`Error::Storage`].
+    ///
+    /// Nothing else is: not ENOSPC ([`Error::NoSpace`]), EINVAL, EBADF or any other errno,
+    /// not a short count ([`Error::ShortIo`]: the end of the target, or a backend that keeps
+    /// moving nothing), not a target that is gone ([`Error::target_gone`]), not a refusal
+    /// of the caller's arguments. The userspace NVMe driver's own timeout is not either: it
+    /// takes the controller out of service, so that the same request would fail again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => transient_io(source),
+            Error::Storage { source, .. } => {
+                let mut next: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+                while let Some(e) = next {
+                    if e.downcast_ref::<std::io::Error>().is_some_and(transient_io) {
+                        return true;
+                    }
+                    next = e.source();
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the error says the storage target itself is gone: its backend was shut down
+    /// ([`Error::Abandoned`]), or the OS says the device is (ENODEV, ENXIO, ENOMEDIUM,
+    /// ESTALE, ESHUTDOWN). Such a target fails every later request too.
+    pub fn target_gone(&self) -> bool {
+        match self {
+            Error::Abandoned(_) => true,
+            Error::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::ENODEV | libc::ENXIO | libc::ENOMEDIUM | libc::ESTALE | libc::ESHUTDOWN)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// EIO, EAGAIN, EINTR, ETIMEDOUT; without an errno, an interrupted, would-block or timed-out
+/// kind.
+fn transient_io(e: &std::io::Error) -> bool {
+    match e.raw_os_error() {
+        Some(code) => matches!(code, libc::EIO | libc::EAGAIN | libc::EINTR | libc::ETIMEDOUT),
+        None => matches!(
+            e.kind(),
+            std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(code: i32) -> Error {
+        Error::io("an I/O", std::io::Error::from_raw_os_error(code))
+    }
+
+    #[test]
+    fn transient_errors_are_told_from_lasting_ones() {
+        for code in [libc::EIO, libc::EAGAIN, libc::EINTR, libc::ETIMEDOUT] {
+            assert!(os(code).is_transient(), "errno {code}");
+            assert!(!os(code).target_gone(), "errno {code}");
+        }
+        for code in [libc::ENOSPC, libc::EINVAL, libc::EBADF, libc::ENODEV, libc::EROFS] {
+            assert!(!os(code).is_transient(), "errno {code}");
+        }
+        let timed_out = Error::io(
+            "a wait",
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "late"),
+        );
+        assert!(timed_out.is_transient());
+        let other = Error::io("a wait", std::io::Error::other("odd"));
+        assert!(!other.is_transient());
+        let no_space = Error::NoSpace {
+            path: "/t".into(),
+            offset: 0,
+            needed: 1,
+        };
+        let short = Error::ShortIo {
+            op: "read",
+            path: "/t".into(),
+            offset: 0,
+            done: 0,
+            wanted: 1,
+        };
+        for e in [
+            no_space,
+            short,
+            Error::invalid("bad"),
+            Error::Abandoned("gone".into()),
+        ] {
+            assert!(!e.is_transient(), "{e}");
+        }
+    }
+
+    #[test]
+    fn storage_errors_are_transient_by_their_source_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("command failed")]
+        struct Wrapped(#[source] std::io::Error);
+        let storage = |source: Box<dyn std::error::Error + Send + Sync>| Error::Storage {
+            target: "NVMe controller 0000:01:00.0".into(),
+            source,
+        };
+        assert!(storage(Box::new(Wrapped(std::io::Error::from_raw_os_error(libc::EIO)))).is_transient());
+        assert!(!storage("the controller failed earlier".into()).is_transient());
+        assert!(!storage(Box::new(Wrapped(std::io::Error::from_raw_os_error(libc::EINVAL)))).is_transient());
+    }
+
+    #[test]
+    fn a_target_that_is_gone_says_so() {
+        for code in [
+            libc::ENODEV,
+            libc::ENXIO,
+            libc::ENOMEDIUM,
+            libc::ESTALE,
+            libc::ESHUTDOWN,
+        ] {
+            assert!(os(code).target_gone(), "errno {code}");
+        }
+        assert!(Error::Abandoned("the backend stopped".into()).target_gone());
+        assert!(!os(libc::EIO).target_gone());
+        assert!(!os(libc::ENOSPC).target_gone());
+    }
 }

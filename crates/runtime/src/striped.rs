@@ -19,13 +19,28 @@
 //! that comes back with nothing moved, or short once too often, fails the request with
 //! [`Error::ShortIo`] naming the member.
 //!
+//! A member whose requests keep failing is taken out of use: once
+//! [`StripedBackend::failure_limit`] pieces in a row ([`MEMBER_FAILURE_LIMIT`] unless set)
+//! have failed on it with errors that are the member's doing, or at once when an error says
+//! it is gone ([`Error::target_gone`]: its backend shut down, ENODEV, ENXIO…). A piece that
+//! moves all its bytes resets the count; errors that are not the member's doing do not count
+//! either way: no space, a short count (the end of the target), a refused argument. From then
+//! on a request touching the member fails at submission, with an [`Error::Storage`] naming
+//! the member and why it was taken out of use, without reaching any member — no hanging, no
+//! partial data — while requests that touch only the other members go on as before. With
+//! round-robin striping every large request touches every member, so in practice the set
+//! serves only small ranges lying on healthy members; choosing where data goes is the
+//! caller's business (the engine keeps the tensors of a failed write in their own memory).
+//! Nothing is retried here: a caller that retries transient errors (the engine does)
+//! submits the whole request again, and each attempt that fails on the member counts.
+//!
 //! [`StripedBackend::member_stats`] counts the bytes, requests, errors and busy time of
-//! each member.
+//! each member, and says whether it was taken out of use and why.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Instant;
 
 use crate::backend::{
@@ -61,6 +76,10 @@ pub struct MemberStats {
     pub errors: u64,
     /// Seconds during which it had at least one piece in flight.
     pub busy_seconds: f64,
+    /// Whether it was taken out of use (requests touching it fail at once).
+    pub failed: bool,
+    /// Why it was taken out of use.
+    pub failure: Option<String>,
 }
 
 #[derive(Default)]
@@ -71,6 +90,10 @@ struct Counters {
     errors: AtomicU64,
     in_flight: AtomicUsize,
     busy: Mutex<Busy>,
+    /// Pieces in a row that failed with an error of the member's doing.
+    failures_in_a_row: AtomicU32,
+    /// Why the member was taken out of use; set once, never cleared.
+    failed: OnceLock<String>,
 }
 
 #[derive(Default)]
@@ -113,7 +136,59 @@ impl Counters {
         let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         busy.total + busy.since.map_or(0.0, |s| s.elapsed().as_secs_f64())
     }
+
+    /// A piece moved all its bytes: the member works.
+    fn succeeded(&self) {
+        self.failures_in_a_row.store(0, Ordering::Relaxed);
+    }
+
+    /// A piece on the member at `path` failed with `e`: takes the member out of use when `e`
+    /// says it is gone, or when it makes `limit` failures of its doing in a row.
+    fn failed_with(&self, e: &Error, limit: u32, path: &Path) {
+        let why = if e.target_gone() {
+            format!("it is gone: {e}")
+        } else if against_member(e) {
+            let in_a_row = self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+            if in_a_row < limit {
+                return;
+            }
+            format!("{in_a_row} requests in a row failed on it, the last with: {e}")
+        } else {
+            return;
+        };
+        if self.failed.set(why).is_ok() {
+            tracing::error!(
+                "striped set member {} taken out of use: {}",
+                path.display(),
+                self.failed.get().map_or("", String::as_str)
+            );
+        }
+    }
 }
+
+/// Whether a failed piece counts against its member: not when the storage is full, the
+/// range ends past the target (a short count), or the request or memory was refused.
+fn against_member(e: &Error) -> bool {
+    match e {
+        Error::Io { source, .. } => !matches!(
+            source.raw_os_error(),
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG | libc::EINVAL)
+        ),
+        Error::Storage { .. } | Error::Abandoned(_) | Error::Target { .. } => true,
+        Error::NoSpace { .. }
+        | Error::ShortIo { .. }
+        | Error::InvalidArgument(_)
+        | Error::OutOfMemory { .. }
+        | Error::Device(_)
+        | Error::Unavailable { .. } => false,
+    }
+}
+
+/// How many pieces in a row may fail on a member, with errors of its doing, before it is
+/// taken out of use (unless [`StripedBackend::with_failure_limit`] says otherwise): twice
+/// what one small request makes when the engine retries it three times, so that a member
+/// failing now and then stays in use.
+pub const MEMBER_FAILURE_LIMIT: u32 = 8;
 
 struct MemberState {
     member: Member,
@@ -142,6 +217,8 @@ pub struct StripedBackend {
     members: Vec<MemberState>,
     open: Mutex<Vec<OpenSet>>,
     next_id: AtomicUsize,
+    /// Failed pieces in a row that take a member out of use.
+    failure_limit: u32,
 }
 
 impl StripedBackend {
@@ -204,7 +281,20 @@ impl StripedBackend {
                 .collect(),
             open: Mutex::new(Vec::new()),
             next_id: AtomicUsize::new(0),
+            failure_limit: MEMBER_FAILURE_LIMIT,
         })
+    }
+
+    /// The set with a member taken out of use after `limit` (at least 1) failed pieces in a
+    /// row instead of [`MEMBER_FAILURE_LIMIT`].
+    pub fn with_failure_limit(mut self, limit: u32) -> Self {
+        self.failure_limit = limit.max(1);
+        self
+    }
+
+    /// Failed pieces in a row that take a member out of use.
+    pub fn failure_limit(&self) -> u32 {
+        self.failure_limit
     }
 
     /// The name a set is opened by: its members' paths joined by commas.
@@ -232,6 +322,8 @@ impl StripedBackend {
                     requests: c.requests.load(Ordering::Relaxed),
                     errors: c.errors.load(Ordering::Relaxed),
                     busy_seconds: c.busy_seconds(),
+                    failed: c.failed.get().is_some(),
+                    failure: c.failed.get().cloned(),
                 }
             })
             .collect()
@@ -246,6 +338,28 @@ impl StripedBackend {
                 self.name.display()
             ))
         })
+    }
+
+    /// The error of a request touching member `index`, taken out of use for `why`.
+    fn member_failed(&self, index: usize, why: &str) -> Error {
+        Error::Storage {
+            target: format!(
+                "{} (member {index} of the striped set {})",
+                self.members[index].path.display(),
+                self.name.display()
+            ),
+            source: format!("taken out of use, so requests touching it fail at once: {why}").into(),
+        }
+    }
+
+    /// The first member taken out of use among `members`, as an error.
+    fn check_members(&self, members: impl IntoIterator<Item = usize>) -> Result<()> {
+        for m in members {
+            if let Some(why) = self.members[m].counters.failed.get() {
+                return Err(self.member_failed(m, why));
+            }
+        }
+        Ok(())
     }
 
     /// Where byte `offset` of the set lives: (member index, offset in the member, bytes
@@ -338,6 +452,8 @@ struct Piece {
     moved: usize,
     /// Times `rest` was submitted again after a short count.
     resubmits: u32,
+    /// Failed pieces in a row that take the member out of use.
+    failure_limit: u32,
 }
 
 impl Piece {
@@ -364,6 +480,7 @@ impl Piece {
                 Ok(())
             }
             Err(e) => {
+                counters.failed_with(&e, self.failure_limit, &self.path);
                 counters.ended(op, 0, true);
                 Err(e)
             }
@@ -378,15 +495,19 @@ impl Piece {
         let n = match result {
             Ok(n) if n <= wanted => n,
             Ok(n) => {
+                let e = self.overrun(n);
+                counters.failed_with(&e, self.failure_limit, &self.path);
                 counters.ended(op, 0, true);
-                return gather.piece_done(Err(self.overrun(n)));
+                return gather.piece_done(Err(e));
             }
             Err(e) => {
+                counters.failed_with(&e, self.failure_limit, &self.path);
                 counters.ended(op, 0, true);
                 return gather.piece_done(Err(e));
             }
         };
         if n == wanted {
+            counters.succeeded();
             counters.ended(op, n, false);
             return gather.piece_done(Ok(()));
         }
@@ -556,6 +677,8 @@ impl Backend for StripedBackend {
         if pieces.is_empty() {
             return Ok(Ticket::ready(Ok(0)));
         }
+        // A member taken out of use fails the request before any piece is submitted.
+        self.check_members(pieces.iter().map(|&(member, ..)| member))?;
         let (t, completer) = ticket();
         let gather = Arc::new(Gather {
             remaining: AtomicUsize::new(pieces.len()),
@@ -579,6 +702,7 @@ impl Backend for StripedBackend {
                 },
                 moved: 0,
                 resubmits: 0,
+                failure_limit: self.failure_limit,
             };
             // SAFETY: the piece's memory is part of the caller's, which stays valid until
             // the caller's ticket completes — after every piece has ended.
@@ -593,12 +717,18 @@ impl Backend for StripedBackend {
         Ok(t)
     }
 
+    /// Flushes every member in use; a member taken out of use fails the flush (after the
+    /// others are flushed): what was written to it is not known to be durable.
     fn flush(&self, target: TargetId) -> Result<()> {
         let set = self.set(target)?;
         for (m, id) in self.members.iter().zip(&set.members) {
-            m.member.backend.flush(*id)?;
+            if m.counters.failed.get().is_none() {
+                m.member.backend.flush(*id).inspect_err(|e| {
+                    m.counters.failed_with(e, self.failure_limit, &m.path);
+                })?;
+            }
         }
-        Ok(())
+        self.check_members(0..self.members.len())
     }
 
     fn close(&self, target: TargetId) -> Result<()> {
@@ -770,6 +900,110 @@ mod tests {
         let mut data = pattern(4 * STRIPE as usize, 2);
         let err = io(&b, id, IoOp::Write, 0, &mut data).unwrap_err();
         assert!(err.to_string().contains("injected submission failure"), "{err}");
+    }
+
+    #[test]
+    fn a_member_failing_again_and_again_is_taken_out_of_use_and_fails_requests_at_once() {
+        let (b, mems) = set(3);
+        let (id, _) = b.open(&Target::new("set")).unwrap();
+        let s = STRIPE as usize;
+        // Units 0 and 2 (members 0 and 2) hold data before member 1 starts failing.
+        let mut data = pattern(3 * s, 5);
+        io(&b, id, IoOp::Write, 0, &mut data).unwrap();
+        mems[1].faults().writes_left.store(0, Ordering::Relaxed);
+        let mut unit1 = pattern(s, 6);
+        for attempt in 1..=MEMBER_FAILURE_LIMIT {
+            let e = io(&b, id, IoOp::Write, STRIPE, &mut unit1).unwrap_err();
+            assert!(e.is_transient(), "attempt {attempt}: the member's own EIO: {e}");
+            assert_eq!(
+                b.member_stats()[1].failed,
+                attempt == MEMBER_FAILURE_LIMIT,
+                "attempt {attempt}"
+            );
+        }
+        let stats = b.member_stats();
+        let why = stats[1].failure.clone().unwrap();
+        assert!(why.contains("8 requests in a row failed on it"), "{why}");
+        assert!(stats.iter().enumerate().all(|(i, s)| s.failed == (i == 1)));
+        let requests = stats[1].requests;
+
+        // Touching member 1: refused at once, naming it; nothing reaches any member.
+        let mut back = vec![0u8; 3 * s];
+        for (op, offset, len) in [
+            (IoOp::Write, STRIPE, s),
+            (IoOp::Read, 0, 3 * s),
+            (IoOp::Read, STRIPE + 10, 1),
+        ] {
+            let e = io(&b, id, op, offset, &mut back[..len]).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.starts_with("/m1 (member 1 of the striped set set): taken out of use"),
+                "{text}"
+            );
+            assert!(!e.is_transient(), "{e}");
+        }
+        assert!(b.flush(id).unwrap_err().to_string().contains("/m1"));
+        let after = b.member_stats();
+        assert_eq!(
+            after[1].requests, requests,
+            "fail fast: member 1 saw nothing more"
+        );
+        assert_eq!(
+            (after[0].requests, after[2].requests),
+            (stats[0].requests, stats[2].requests)
+        );
+
+        // What the other members hold is still served.
+        for unit in [0, 2] {
+            let mut got = vec![0u8; s];
+            io(&b, id, IoOp::Read, unit as u64 * STRIPE, &mut got).unwrap();
+            assert_eq!(got, data[unit * s..(unit + 1) * s], "unit {unit}");
+        }
+    }
+
+    #[test]
+    fn a_success_resets_the_count_and_errors_not_of_the_members_doing_do_not_count() {
+        let (b, mems) = set(2);
+        let b = b.with_failure_limit(3);
+        assert_eq!(b.failure_limit(), 3);
+        let (id, _) = b.open(&Target::new("set")).unwrap();
+        let mut unit = pattern(STRIPE as usize, 1);
+        for _ in 0..3 {
+            mems[1].faults().writes_left.store(0, Ordering::Relaxed);
+            for _ in 0..2 {
+                assert!(io(&b, id, IoOp::Write, STRIPE, &mut unit).is_err());
+            }
+            mems[1].faults().writes_left.store(u64::MAX, Ordering::Relaxed);
+            io(&b, id, IoOp::Write, STRIPE, &mut unit).unwrap();
+        }
+        // Reads past what member 1 holds: short counts, the end of its target.
+        let mut far = vec![0u8; STRIPE as usize];
+        for _ in 0..5 {
+            assert!(matches!(
+                io(&b, id, IoOp::Read, 101 * STRIPE, &mut far),
+                Err(Error::ShortIo { .. })
+            ));
+        }
+        let stats = b.member_stats();
+        assert!(!stats[1].failed, "{stats:?}");
+        assert_eq!(stats[1].errors, 6 + 5);
+    }
+
+    #[test]
+    fn a_member_that_is_gone_is_taken_out_of_use_at_once() {
+        let (b, mems) = set(2);
+        let (id, _) = b.open(&Target::new("set")).unwrap();
+        mems[1].faults().submits_left.store(0, Ordering::Relaxed);
+        let mut data = pattern(2 * STRIPE as usize, 3);
+        let e = io(&b, id, IoOp::Write, 0, &mut data).unwrap_err();
+        assert!(e.to_string().contains("injected submission failure"), "{e}");
+        let stats = b.member_stats();
+        assert!(stats[1].failed && !stats[0].failed, "{stats:?}");
+        assert!(stats[1].failure.as_deref().unwrap().starts_with("it is gone"));
+        let e = io(&b, id, IoOp::Write, 0, &mut data).unwrap_err();
+        assert!(e.to_string().contains("taken out of use"), "{e}");
+        // Member 0 alone still works.
+        io(&b, id, IoOp::Write, 0, &mut data[..STRIPE as usize]).unwrap();
     }
 
     #[test]

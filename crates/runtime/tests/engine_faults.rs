@@ -1,15 +1,23 @@
-//! Short counts: the engine and the striped set over backends whose requests come back with
-//! fewer bytes than asked ([`FaultyBackend`]'s `short=P`, and a backend here that moves
-//! nothing or a little at a time). A short count is never success: the rest is submitted
-//! again and the round trip is byte-exact, or the work fails the way a failed I/O does —
-//! a write keeps its tensors in their own memory, a read is an error to the fetch caller —
-//! and never hands back wrong bytes. Nothing here depends on timing.
+//! The engine and the striped set over storage that misbehaves ([`FaultyBackend`], and a
+//! backend here that moves nothing or a little at a time). Nothing here depends on timing.
+//!
+//! - Short counts: never success; the rest is submitted again and the round trip is
+//!   byte-exact, or the work fails the way a failed I/O does — a write keeps its tensors in
+//!   their own memory, a read is an error to the fetch caller — and never hands back wrong
+//!   bytes.
+//! - Errors that may be transient (EIO): retried up to `io_retries` times and counted; past
+//!   that, a write keeps its tensors in their own memory and a read fails the fetch with an
+//!   error naming the target and offset.
+//! - ENOSPC: the tensors stay in their own memory and are counted as resident, the extent
+//!   goes back, and the engine carries on.
+//! - A striped set's member that keeps failing is taken out of use: requests touching it
+//!   fail at once naming it, the other members serve what they hold.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use spillway_runtime::engine::{Engine, EngineConfig, Handle, Region, StorageTarget, TensorKey};
-use spillway_runtime::striped::MAX_PIECE_RESUBMITS;
+use spillway_runtime::striped::{MAX_PIECE_RESUBMITS, MEMBER_FAILURE_LIMIT};
 use spillway_runtime::{
     pattern, Backend, BackendInfo, Device, DeviceBuffer, Error, FaultPlan, FaultyBackend, HostDevice, IoOp,
     IoRequest, MemBackend, MemRef, Member, Result, StripedBackend, Target, TargetId, TargetInfo, Ticket,
@@ -502,4 +510,360 @@ fn the_engine_over_a_striped_set_of_short_members_round_trips_exactly() {
     assert_eq!((c.write_errors, c.read_errors), (0, 0), "{c:?}");
     let written: u64 = mems.iter().map(|m| m.written.load(Ordering::SeqCst)).sum();
     assert_eq!(written, bytes_written(c.bytes_written));
+}
+
+/// [`small_cfg`] with `io_retries` retries, packed extents sealed only when full or drained
+/// (never by the clock), and packing on or off.
+fn retry_cfg(io_retries: u32, pack: bool) -> EngineConfig {
+    EngineConfig {
+        io_retries,
+        pack,
+        pack_flush_delay: std::time::Duration::from_secs(3600),
+        ..small_cfg()
+    }
+}
+
+fn engine_with(dev: &Arc<dyn Device>, backend: Arc<dyn Backend>, cfg: EngineConfig) -> Engine {
+    Engine::new(
+        dev.clone(),
+        backend,
+        vec![StorageTarget::new(Target::new("/spill/short"), 1 << 30)],
+        cfg,
+    )
+    .unwrap()
+}
+
+/// Under `plan` (errors at 30%) with enough retries that no request runs out of them (each
+/// gives up with probability 0.3^11, about 2e-6): every tensor reaches storage and comes
+/// back byte-exact, and the retries are counted. Packing off: one write per tensor, so
+/// that dozens of requests draw their fate and some surely fail.
+fn exact_with_retries(plan: &str) -> spillway_runtime::engine::CounterSnapshot {
+    let dev = host_device();
+    let mem = mem_backend(&dev);
+    let faults = faulty(mem.clone(), plan);
+    let e = engine_with(&dev, faults.clone(), retry_cfg(10, false));
+    for (i, got) in round_trip(&dev, &e).into_iter().enumerate() {
+        assert_eq!(got.unwrap(), 0, "{plan}: tensor {i} came back wrong");
+    }
+    let c = e.stats().counters;
+    assert_eq!(
+        (
+            c.write_errors,
+            c.read_errors,
+            c.resident_tensors,
+            c.forwarded_fetches
+        ),
+        (0, 0, 0, 0),
+        "{plan}: every tensor went to storage and came back from there: {c:?}"
+    );
+    let s = faults.stats();
+    assert_eq!(
+        s.injected_write_errors, c.write_retries,
+        "{plan}: each failed write was retried"
+    );
+    assert_eq!(
+        s.injected_read_errors, c.read_retries,
+        "{plan}: each failed read was retried"
+    );
+    assert_eq!(s.requests, c.writes + c.reads, "{plan}: retries are requests too");
+    assert_eq!(
+        mem.written.load(Ordering::SeqCst),
+        sizes().iter().map(|&l| l as u64).sum::<u64>(),
+        "{plan}: a failed write wrote nothing, a retried one everything (unpacked: no padding)"
+    );
+    c
+}
+
+#[test]
+fn transient_write_errors_are_retried_and_every_tensor_round_trips() {
+    let c = exact_with_retries("write_error=0.3,seed=11");
+    assert!(c.write_retries > 0, "{c:?}");
+    assert_eq!(c.read_retries, 0);
+}
+
+#[test]
+fn transient_read_errors_are_retried_and_every_fetch_is_byte_exact() {
+    let c = exact_with_retries("read_error=0.3,seed=12");
+    assert!(c.read_retries > 0, "{c:?}");
+    assert_eq!(c.write_retries, 0);
+    assert!(
+        c.prefetch_hits > 0 && c.demand_reads > 0,
+        "both read paths: {c:?}"
+    );
+    let c = exact_with_retries("error=0.3,seed=13");
+    assert!(c.read_retries > 0 && c.write_retries > 0, "{c:?}");
+}
+
+#[test]
+fn writes_that_always_fail_keep_every_tensor_in_its_memory_after_the_retries() {
+    let dev = host_device();
+    let mem = mem_backend(&dev);
+    let faults = faulty(mem.clone(), "write_error=1");
+    let e = engine_with(&dev, faults.clone(), retry_cfg(3, true));
+    let lens = sizes();
+    let srcs: Vec<_> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| tensor(&dev, l, i as u64))
+        .collect();
+    let handles = offload_all(&e, &srcs);
+    e.drain().unwrap();
+    let c = e.stats().counters;
+    assert!(c.write_errors > 0 && c.extents_written == 0, "{c:?}");
+    assert_eq!(
+        c.writes,
+        4 * (c.writes / 4),
+        "each request made 1 + 3 attempts: {c:?}"
+    );
+    assert_eq!(c.write_retries, 3 * c.writes / 4, "{c:?}");
+    assert_eq!(
+        c.write_errors,
+        c.writes / 4,
+        "one write per extent, each given up once: {c:?}"
+    );
+    assert_eq!(
+        (c.resident_tensors, c.no_space_errors),
+        (0, 0),
+        "storage is not full"
+    );
+    assert_eq!(mem.written.load(Ordering::SeqCst), 0);
+    assert_eq!(e.storage_usage().used, 0, "every extent went back");
+    assert_eq!(e.staging_in_use(), 0, "and the packing staging");
+    for (i, &h) in handles.iter().enumerate().rev() {
+        assert!(!e.source_released(h).unwrap(), "tensor {i} is only in its memory");
+        e.prefetch(h).unwrap();
+        assert_eq!(fetch(&dev, &e, h, lens[i], i as u64).unwrap(), 0, "tensor {i}");
+    }
+    let c = e.stats().counters;
+    assert_eq!(c.forwarded_fetches, lens.len() as u64);
+    assert_eq!((c.reads, c.read_errors), (0, 0));
+    for h in handles {
+        e.release(h).unwrap();
+    }
+    e.drain().unwrap();
+}
+
+#[test]
+fn enospc_keeps_the_tensor_resident_gives_its_extent_back_and_the_engine_carries_on() {
+    let dev = host_device();
+    let mem = mem_backend(&dev);
+    // Room for 3 MiB of writes in all, ever: a device that fills up and stays full.
+    let faults = faulty(mem.clone(), "enospc_after=3MiB");
+    let e = engine_with(&dev, faults.clone(), retry_cfg(3, true));
+    let (a, ta) = offload_one(&dev, &e, 1, 1);
+    assert!(e.source_released(a).unwrap(), "the first 2 MiB fit");
+    let (b, _tb) = offload_one(&dev, &e, 2, 2);
+    let c = e.stats().counters;
+    assert_eq!(
+        (c.no_space_errors, c.write_errors, c.write_retries),
+        (1, 1, 0),
+        "ENOSPC is counted and not retried: {c:?}"
+    );
+    assert_eq!((c.resident_tensors, c.resident_bytes), (1, 2 << 20), "{c:?}");
+    assert!(!e.source_released(b).unwrap(), "kept in its own memory");
+    assert_eq!(
+        e.storage_usage().used,
+        2 << 20,
+        "the failed write's extent was given back"
+    );
+    assert_eq!(faults.stats().injected_enospc, 1);
+
+    // Both come back exactly: one from storage, one from its own memory.
+    dev.fill_pattern(ta.ptr(), ta.len(), 0xdead, 0).unwrap();
+    assert_eq!(fetch(&dev, &e, a, 2 << 20, 1).unwrap(), 0);
+    assert_eq!(fetch(&dev, &e, b, 2 << 20, 2).unwrap(), 0);
+    assert_eq!(e.stats().counters.forwarded_fetches, 1);
+    e.release(a).unwrap();
+    e.release(b).unwrap();
+    e.drain().unwrap();
+    assert_eq!(e.storage_usage().used, 0);
+
+    // After the releases the engine goes on offloading: what still fits on the device is
+    // written (into the space given back), what does not stays resident, and a packed
+    // extent fails the same way.
+    let (c1, tc) = offload_one(&dev, &e, 3, 3);
+    assert!(!e.source_released(c1).unwrap(), "2 MiB more do not fit");
+    let small = tensor(&dev, 1 << 20, 4);
+    let tiny = tensor(&dev, 100 << 10, 5);
+    // SAFETY: the tensors outlive the engine's use of them.
+    let (d, t) = unsafe {
+        (
+            e.offload(TensorKey::new(4, 0), &region(&small), None).unwrap(),
+            e.offload(TensorKey::new(5, 0), &region(&tiny), None).unwrap(),
+        )
+    };
+    e.drain().unwrap();
+    assert!(e.source_released(d).unwrap(), "1 MiB still fits");
+    assert_eq!(
+        e.storage_usage().used,
+        1 << 20,
+        "only what was written holds space"
+    );
+    assert!(!e.source_released(t).unwrap(), "nothing more fits");
+    let c = e.stats().counters;
+    assert_eq!((c.no_space_errors, c.resident_tensors), (3, 3), "{c:?}");
+    assert_eq!(e.staging_in_use(), 0, "the packed extent's staging went back");
+    dev.fill_pattern(small.ptr(), small.len(), 0xdead, 0).unwrap();
+    assert_eq!(fetch(&dev, &e, d, 1 << 20, 4).unwrap(), 0);
+    assert_eq!(fetch(&dev, &e, t, 100 << 10, 5).unwrap(), 0);
+    assert_eq!(fetch(&dev, &e, c1, 2 << 20, 3).unwrap(), 0);
+    for h in [c1, d, t] {
+        e.release(h).unwrap();
+    }
+    e.drain().unwrap();
+    assert_eq!(e.storage_usage().used, 0);
+    drop((tc, small, tiny));
+}
+
+#[test]
+fn reads_that_always_fail_are_an_error_naming_the_target_and_offset_never_wrong_bytes() {
+    let dev = host_device();
+    let mem = mem_backend(&dev);
+    let faults = faulty(mem.clone(), "read_error=1,ops=read");
+    let e = engine_with(&dev, faults.clone(), retry_cfg(3, true));
+    let (first, t1) = offload_one(&dev, &e, 1, 1);
+    let (h, t) = offload_one(&dev, &e, 2, 2);
+    assert!(e.source_released(first).unwrap() && e.source_released(h).unwrap());
+    dev.fill_pattern(t1.ptr(), t1.len(), 0xdead, 0).unwrap();
+    dev.fill_pattern(t.ptr(), t.len(), 0xdead, 0).unwrap();
+    let offset = 2 << 20; // the second extent, after the first
+
+    let check = |e: Error| match e {
+        Error::Io { context, source } => {
+            assert_eq!(source.raw_os_error(), Some(libc::EIO), "{context}");
+            assert!(
+                context.starts_with(&format!(
+                    "read of {} bytes at offset {offset} of /spill/short, given up after 3 retries: ",
+                    2 << 20
+                )),
+                "{context}"
+            );
+        }
+        other => panic!("not the read's EIO: {other}"),
+    };
+    // Read ahead: the prefetch fails after its retries, the fetch reads on demand, which
+    // fails after its own.
+    e.prefetch(h).unwrap();
+    check(fetch(&dev, &e, h, 2 << 20, 2).expect_err("no wrong bytes"));
+    let c = e.stats().counters;
+    assert_eq!((c.read_errors, c.read_retries, c.reads), (2, 6, 8), "{c:?}");
+    assert_eq!(c.prefetch_hits, 0);
+    // On demand alone.
+    check(fetch(&dev, &e, h, 2 << 20, 2).expect_err("no wrong bytes"));
+    assert_eq!(e.stats().counters.read_errors, 3);
+    // The bytes are still on storage, intact.
+    for h in [first, h] {
+        e.release(h).unwrap();
+    }
+    e.drain().unwrap();
+    assert_eq!(faults.stats().injected_read_errors, 12);
+}
+
+/// A set of three members over memory backends, member 1 behind a [`FaultyBackend`] that
+/// fails every write; "/m0", "/m1", "/m2" in `stripe`-byte units.
+fn set_with_failing_writes(stripe: u64) -> (StripedBackend, Vec<Arc<MemBackend>>, Arc<FaultyBackend>) {
+    let dev = host_device();
+    let mems: Vec<_> = (0..3).map(|_| mem_backend(&dev)).collect();
+    let failing = faulty(mems[1].clone(), "write_error=1");
+    let members = mems
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Member {
+            target: Target::new(format!("/m{i}")),
+            backend: if i == 1 {
+                failing.clone() as Arc<dyn Backend>
+            } else {
+                m.clone() as Arc<dyn Backend>
+            },
+        })
+        .collect();
+    let set = StripedBackend::new("set", members, stripe).unwrap();
+    (set, mems, failing)
+}
+
+#[test]
+fn a_member_whose_writes_always_fail_is_taken_out_of_use_and_the_others_serve_their_data() {
+    const STRIPE: u64 = 16 << 10;
+    let s = STRIPE as usize;
+    let (set, _mems, failing) = set_with_failing_writes(STRIPE);
+    let (id, _) = set.open(&Target::new("set")).unwrap();
+    let mut data = vec![0u8; 3 * s];
+    pattern::fill(&mut data, 1, 0);
+    for unit in [0, 2] {
+        let at = unit * s;
+        io(&set, id, IoOp::Write, at as u64, &mut data[at..at + s]).unwrap();
+    }
+    for attempt in 1..=MEMBER_FAILURE_LIMIT {
+        let e = io(&set, id, IoOp::Write, STRIPE, &mut data[s..2 * s]).unwrap_err();
+        assert!(e.to_string().contains("of /m1"), "attempt {attempt}: {e}");
+    }
+    let stats = set.member_stats();
+    assert_eq!(
+        stats.iter().map(|m| m.failed).collect::<Vec<_>>(),
+        [false, true, false]
+    );
+    assert_eq!(stats[1].errors, u64::from(MEMBER_FAILURE_LIMIT));
+    let seen = failing.stats().requests;
+
+    let e = io(&set, id, IoOp::Write, 0, &mut data).unwrap_err();
+    assert!(
+        matches!(&e, Error::Storage { target, .. } if target == "/m1 (member 1 of the striped set set)"),
+        "{e}"
+    );
+    let mut back = vec![0u8; 3 * s];
+    let e = io(&set, id, IoOp::Read, 0, &mut back).unwrap_err();
+    assert!(e.to_string().contains("taken out of use"), "{e}");
+    assert_eq!(failing.stats().requests, seen, "nothing more reached member 1");
+    for unit in [0, 2] {
+        let at = unit * s;
+        io(&set, id, IoOp::Read, at as u64, &mut back[at..at + s]).unwrap();
+        assert_eq!(back[at..at + s], data[at..at + s], "unit {unit}");
+    }
+}
+
+#[test]
+fn the_engine_over_a_set_with_a_failing_member_keeps_tensors_resident_and_serves_the_rest() {
+    const STRIPE: u64 = 16 << 10;
+    let dev = host_device();
+    let (set, _mems, _failing) = set_with_failing_writes(STRIPE);
+    let set = Arc::new(set);
+    // Unpacked 4 KiB tensors, each an extent of its own: those placed on members 0 and 2
+    // reach storage, those on member 1 fail (retried, until it is taken out of use, then at
+    // once) and stay in their own memory.
+    let e = Engine::new(
+        dev.clone(),
+        set.clone(),
+        vec![StorageTarget::new(Target::new("set"), 1 << 30)],
+        retry_cfg(3, false),
+    )
+    .unwrap();
+    let srcs: Vec<_> = (0..48).map(|i| tensor(&dev, 4096, i)).collect();
+    let handles = offload_all(&e, &srcs);
+    e.drain().unwrap();
+    let stats = set.member_stats();
+    assert!(
+        stats[1].failed && !stats[0].failed && !stats[2].failed,
+        "{stats:?}"
+    );
+    let c = e.stats().counters;
+    assert!(c.write_errors > 0 && c.extents_written > 0, "{c:?}");
+    let mut on_storage = 0;
+    for (h, s) in handles.iter().zip(&srcs) {
+        if e.source_released(*h).unwrap() {
+            on_storage += 1;
+            dev.fill_pattern(s.ptr(), s.len(), 0xdead, 0).unwrap();
+        }
+    }
+    assert_eq!(on_storage, c.extents_written, "{c:?}");
+    assert_eq!(on_storage + c.write_errors, 48, "{c:?}");
+    for (i, &h) in handles.iter().enumerate() {
+        assert_eq!(fetch(&dev, &e, h, 4096, i as u64).unwrap(), 0, "tensor {i}");
+    }
+    let c = e.stats().counters;
+    assert_eq!(c.read_errors, 0, "every read was of a healthy member");
+    assert_eq!(c.forwarded_fetches, c.write_errors);
+    for h in handles {
+        e.release(h).unwrap();
+    }
+    e.drain().unwrap();
 }

@@ -41,7 +41,18 @@ pub struct EngineConfig {
     pub timeline: bool,
     /// Most events the timeline keeps (later ones are counted and dropped). Default 1 000 000.
     pub timeline_capacity: usize,
+    /// How many times a storage request that failed with an error that may be transient
+    /// (EIO, EAGAIN, EINTR, ETIMEDOUT: [`Error::is_transient`]) is submitted again before
+    /// the engine gives up on it: a write then keeps its tensors in their own memory, a
+    /// read fails the fetch. Other errors (ENOSPC, EINVAL, a short count at the end of the
+    /// target, a target that is gone) are never retried. At most [`MAX_IO_RETRIES`];
+    /// 0 retries nothing. Default 3.
+    pub io_retries: u32,
 }
+
+/// The most [`EngineConfig::io_retries`] may be: a request that failed this often is not
+/// failing by chance, and each retry is another request to a device that is misbehaving.
+pub const MAX_IO_RETRIES: u32 = 100;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -57,6 +68,7 @@ impl Default for EngineConfig {
             dedup: true,
             timeline: false,
             timeline_capacity: 1_000_000,
+            io_retries: 3,
         }
     }
 }
@@ -99,6 +111,12 @@ impl EngineConfig {
         if self.direct_write_bytes == 0 {
             return bad("direct_write_bytes must be at least 1".into());
         }
+        if self.io_retries > MAX_IO_RETRIES {
+            return bad(format!(
+                "io_retries {} exceeds {MAX_IO_RETRIES}: a request failing that often is not failing by chance",
+                self.io_retries
+            ));
+        }
         Ok(())
     }
 }
@@ -129,5 +147,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("pack_extent_bytes"));
+        let e = EngineConfig {
+            io_retries: MAX_IO_RETRIES + 1,
+            ..Default::default()
+        };
+        assert!(e.validate().unwrap_err().to_string().contains("io_retries"));
     }
 }

@@ -86,9 +86,7 @@ impl State {
                 }
             };
             if let Err(e) = self.prepare(gid, extent, staging) {
-                tracing::error!("preparing a write failed, keeping its tensors in GPU memory: {e}");
-                Stats::add(&self.stats.c.write_errors, 1);
-                self.finish_write(gid, Err(e));
+                self.write_failed(gid, e, "preparing a write failed");
             }
         }
     }
@@ -173,9 +171,7 @@ impl State {
         }
         let submitted = outcome.and_then(|()| self.submit_writes(gid));
         if let Err(e) = submitted {
-            tracing::error!("writing an extent failed to start, keeping its tensors in GPU memory: {e}");
-            Stats::add(&self.stats.c.write_errors, 1);
-            self.finish_write(gid, Err(e));
+            self.write_failed(gid, e, "writing an extent failed to start");
         }
     }
 
@@ -209,7 +205,16 @@ impl State {
             };
             // SAFETY: the memory (staging or the held tensor) stays untouched until the
             // writes settle: the group keeps both until its write completion.
-            match unsafe { PendingIo::submit(self.backend.as_ref(), req, path.clone()) } {
+            let submitted = unsafe {
+                PendingIo::submit(
+                    self.backend.as_ref(),
+                    req,
+                    path.clone(),
+                    self.stats.clone(),
+                    self.cfg.io_retries,
+                )
+            };
+            match submitted {
                 Ok(io) => ios.push(io),
                 Err(e) => {
                     failed = Some(e);
@@ -221,7 +226,6 @@ impl State {
             // Nothing in flight: the caller gives up on the group at once.
             return Err(failed.unwrap_or_else(|| Error::invalid("an extent with nothing to write")));
         }
-        Stats::add(&self.stats.c.writes, ios.len() as u64);
         for io in &ios {
             self.notify_on_complete(io, gid, IoOp::Write);
         }
@@ -266,11 +270,6 @@ impl State {
             match io.settle(self.backend.as_ref(), retry && failed.is_none()) {
                 Settled::Done => {}
                 Settled::Resubmitted(io) => {
-                    let requests = match op {
-                        IoOp::Write => &self.stats.c.writes,
-                        IoOp::Read => &self.stats.c.reads,
-                    };
-                    Stats::add(requests, 1);
                     self.notify_on_complete(&io, gid, op);
                     in_flight.push(io);
                 }
@@ -303,14 +302,33 @@ impl State {
         if !g.ios.is_empty() {
             return;
         }
-        let outcome = g.io_error.take().map_or(Ok(()), Err);
-        if let Err(e) = &outcome {
-            tracing::error!("writing an extent failed, keeping its tensors in GPU memory: {e}");
-            Stats::add(&self.stats.c.write_errors, 1);
+        match g.io_error.take() {
+            Some(e) => self.write_failed(gid, e, "writing an extent failed"),
+            None => self.finish_write(gid, Ok(())),
         }
-        self.finish_write(gid, outcome);
     }
 
+    /// Gives up the group's write after `e` (`doing` says at which step): counted in
+    /// `write_errors` (and `no_space_errors` for ENOSPC), its tensors kept in their own
+    /// memory and its extent and staging given back.
+    fn write_failed(&mut self, gid: u64, e: Error, doing: &str) {
+        Stats::add(&self.stats.c.write_errors, 1);
+        if matches!(e, Error::NoSpace { .. }) {
+            Stats::add(&self.stats.c.no_space_errors, 1);
+            // Said once per episode of a full device, not once per extent.
+            if std::mem::replace(&mut self.device_full, true) {
+                tracing::debug!("{doing}: {e}");
+            } else {
+                tracing::warn!("{doing}: {e}; tensors stay in GPU memory while the storage is full");
+            }
+        } else {
+            tracing::error!("{doing}, keeping its tensors in GPU memory: {e}");
+        }
+        self.finish_write(gid, Err(e));
+    }
+
+    /// The group's write has ended: on storage, or after a failure (`outcome`, already
+    /// counted) kept in memory (counted as resident when the storage was full).
     fn finish_write(&mut self, gid: u64, outcome: Result<()>) {
         let g = self.groups.get_mut(&gid).expect("live");
         let took = g.io_started.elapsed();
@@ -320,10 +338,11 @@ impl State {
         } else {
             self.direct_inflight -= self.groups[&gid].len;
         }
-        if outcome.is_err() {
-            self.keep_resident(gid, false);
+        if let Err(e) = outcome {
+            self.keep_resident(gid, matches!(e, Error::NoSpace { .. }));
             return;
         }
+        self.device_full = false;
         let g = self.groups.get_mut(&gid).expect("live");
         g.write = WriteState::Done;
         let len = g.len;
@@ -346,7 +365,8 @@ impl State {
         self.maybe_free_group(gid);
     }
 
-    /// Gives up storing the group: its tensors stay in their own memory (resident).
+    /// Gives up storing the group: its tensors stay in their own memory (resident, counted
+    /// as such when `out_of_space`), and its extent, if it had one, is free again.
     fn keep_resident(&mut self, gid: u64, out_of_space: bool) {
         let Some(g) = self.groups.remove(&gid) else { return };
         if let Some(extent) = g.extent {
@@ -431,7 +451,15 @@ impl State {
         };
         let path = self.path(extent.target);
         // SAFETY: the staging extent belongs to this load until its read has settled.
-        let io = unsafe { PendingIo::submit(self.backend.as_ref(), req, path)? };
+        let io = unsafe {
+            PendingIo::submit(
+                self.backend.as_ref(),
+                req,
+                path,
+                self.stats.clone(),
+                self.cfg.io_retries,
+            )?
+        };
         self.notify_on_complete(&io, gid, IoOp::Read);
         let len = g.len;
         let epoch = self.id();
@@ -443,7 +471,6 @@ impl State {
         g.io_started = Instant::now();
         self.prefetch_held += len;
         self.loads_inflight += 1;
-        Stats::add(&self.stats.c.reads, 1);
         Stats::add(&self.stats.c.prefetched_extents, 1);
         Ok(())
     }

@@ -18,14 +18,21 @@
 //!
 //! Memory is bounded: the engine allocates its staging memory once
 //! ([`EngineConfig::staging_bytes`]) and makes work wait for it, whatever the workload.
-//! When storage is full, tensors stay in GPU memory and are counted
-//! ([`CounterSnapshot::resident_tensors`]) instead of failing the step.
+//! When storage is full — the engine's capacity is used up, or a write fails with ENOSPC
+//! ([`CounterSnapshot::no_space_errors`]) — tensors stay in GPU memory and are counted
+//! ([`CounterSnapshot::resident_tensors`]) instead of failing the step, and the extent of a
+//! write that failed is free again.
 //!
 //! A storage request that comes back with fewer bytes than asked (which the [`Backend`]
 //! contract allows) is never taken as done: the engine submits the rest of it, a bounded
-//! number of times, and otherwise fails it with [`Error::ShortIo`] like any failed I/O — a
-//! write keeps its tensors in GPU memory ([`CounterSnapshot::write_errors`]), a fetch that
-//! reads from storage returns the error, never partial bytes.
+//! number of times, and otherwise fails it with [`Error::ShortIo`] like any failed I/O. A
+//! request that fails with an error that may be transient ([`Error::is_transient`]: EIO,
+//! EAGAIN, EINTR, ETIMEDOUT) is submitted again, up to [`EngineConfig::io_retries`] times
+//! (counted in [`CounterSnapshot::write_retries`] and [`CounterSnapshot::read_retries`]);
+//! other errors are not retried. A write that fails for good keeps its tensors in GPU
+//! memory ([`CounterSnapshot::write_errors`]); a fetch that reads from storage returns the
+//! error — naming the target, the offset and the retries — never partial or stale bytes (a
+//! prefetch that fails leaves the fetch to read on demand).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -75,7 +82,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Instant;
 
-pub use config::EngineConfig;
+pub use config::{EngineConfig, MAX_IO_RETRIES};
 pub use layout::{copy_plan, CopyStep, Region, Segment};
 pub use stats::{CounterSnapshot, Latency, Op, StatsSnapshot};
 pub use timeline::{Timeline, Track};
@@ -303,6 +310,7 @@ impl Engine {
             demand_reads_inflight: 0,
             staging_wait_since: None,
             storage_full: false,
+            device_full: false,
         };
         let core = Arc::new(Core {
             state: Mutex::new(Some(state)),
@@ -512,7 +520,7 @@ impl Engine {
     fn wait_reads(&self, ios: Vec<pending::PendingIo>, failed: Option<Error>) -> Result<()> {
         let mut outcome = failed.map_or(Ok(()), Err);
         for io in ios {
-            let waited = io.wait(self.backend.as_ref(), outcome.is_ok(), &self.stats.c.reads);
+            let waited = io.wait(self.backend.as_ref(), outcome.is_ok());
             if let Err(e) = waited {
                 tracing::debug!("a demand read failed: {e}");
                 outcome = outcome.and(Err(e));

@@ -231,6 +231,8 @@ pub(crate) struct State {
     pub(crate) staging_wait_since: Option<Instant>,
     /// Storage was found full at the last allocation (the warning is given once).
     pub(crate) storage_full: bool,
+    /// The last write to end failed with ENOSPC (the warning is given once).
+    pub(crate) device_full: bool,
 }
 
 /// What a fetch has to do after the state was updated under the lock.
@@ -599,11 +601,19 @@ impl State {
             };
             // SAFETY: dst is the caller's and stays valid until fetch returns, which waits
             // for these reads to settle (Engine::fetch's contract).
-            match unsafe { PendingIo::submit(self.backend.as_ref(), req, path.clone()) } {
+            let submitted = unsafe {
+                PendingIo::submit(
+                    self.backend.as_ref(),
+                    req,
+                    path.clone(),
+                    self.stats.clone(),
+                    self.cfg.io_retries,
+                )
+            };
+            match submitted {
                 Ok(io) => ios.push(io),
                 Err(e) => return (ios, Some(e)),
             }
-            Stats::add(&self.stats.c.reads, 1);
             Stats::add(&self.stats.c.bytes_read, step.len);
         }
         (ios, None)

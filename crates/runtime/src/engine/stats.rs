@@ -105,14 +105,26 @@ counters! {
     cancelled_tensors,
     /// Bytes of those tensors.
     cancelled_bytes,
-    /// Tensors kept in GPU memory because storage was full.
+    /// Tensors kept in GPU memory because storage was full: the engine's capacity was used
+    /// up, or a write failed with ENOSPC.
     resident_tensors,
     /// Bytes of those tensors.
     resident_bytes,
-    /// Failed storage writes (their tensors stay in GPU memory).
+    /// Extent writes that failed for good, after any retries (their tensors stay in GPU
+    /// memory).
     write_errors,
-    /// Failed storage reads.
+    /// Storage reads that failed for good, after any retries: prefetches (the fetch then
+    /// reads on demand) and demand reads (the fetch returns the error).
     read_errors,
+    /// Storage write requests submitted again after an error that may be transient (EIO,
+    /// EAGAIN, EINTR, ETIMEDOUT), each counted once; they count in `writes` too.
+    write_retries,
+    /// Storage read requests submitted again after an error that may be transient; they
+    /// count in `reads` too.
+    read_retries,
+    /// Of `write_errors`, those that failed because the storage was full (ENOSPC): their
+    /// tensors count in `resident_tensors`.
+    no_space_errors,
     /// Time writes were in flight, summed over writes (ns).
     write_ns,
     /// Time reads were in flight, summed over reads (ns).
