@@ -341,7 +341,9 @@ int spillway_engine_stats(const struct spillway_engine *engine,
 // "write", "read", "offload" and "fetch", each {"count", "mean_us", "p50_us", "p99_us",
 // "max_us"}; and "members": for an engine striped over several paths, one object per path
 // in the order given ({"path", "backend", "bytes_written", "bytes_read", "requests",
-// "errors", "busy_seconds"}), empty for one path. New versions may add keys.
+// "errors", "busy_seconds", "failed", "failure"}), empty for one path; and, only when the
+// setting faults injects some, "faults": {"plan", "stats", …} (what was injected). New
+// versions may add keys.
 //
 // # Safety
 // `engine` is NULL or an open `spillway_engine`; `out` is NULL or valid for a write of a
