@@ -6,6 +6,7 @@ use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
+use spillway_runtime::FaultPlan;
 use spillway_spdk::pci::PciAddress;
 
 use crate::bench::layers::{self, Layers};
@@ -54,10 +55,11 @@ pub struct Cli {
 /// The end of `spillway bench --help`: where flags left out take their values from.
 const BENCH_AFTER_HELP: &str = "\
 Settings: a flag that stands for a setting (--backend, --mem/--gpu, --qd, --threads, --pinned,
---stripe, --stripe-weights, --staging, --prefetch, --pack-extent, --pack-threshold, --no-pack,
---no-dedup) overrides it; left out, it takes the setting's SPILLWAY_* environment variable, then
-the TOML file named by SPILLWAY_CONFIG, then its default (docs/settings.md). Without --path, the
-local rank's entry of rank_paths is the path. The report's notes list every value so taken.";
+--stripe, --stripe-weights, --faults, --staging, --prefetch, --pack-extent, --pack-threshold,
+--no-pack, --no-dedup) overrides it; left out, it takes the setting's SPILLWAY_* environment
+variable, then the TOML file named by SPILLWAY_CONFIG, then its default (docs/settings.md).
+Without --path, the local rank's entry of rank_paths is the path. The report's notes list every
+value so taken.";
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
@@ -250,6 +252,15 @@ pub struct BenchArgs {
     /// 1 MiB chunk) [default: queue depth × 1 MiB, at most 64 MiB per ring].
     #[arg(long, value_parser = parse_size)]
     pub pinned: Option<u64>,
+
+    /// For testing resilience only: inject storage faults into the backend's requests, e.g.
+    /// "write_error=0.01,short=0.05,seed=7" (keys: read_error, write_error, error, short,
+    /// enospc_after, latency, latency_p, seed, ops; docs/settings.md, setting `faults`). An
+    /// injected error ends a seq run with status 1; short counts are resubmitted; the
+    /// tensors workload keeps tensors whose writes failed in memory and forwards them. The
+    /// report counts what was injected.
+    #[arg(long, value_name = "PLAN", value_parser = FaultPlan::parse, default_value = "none")]
+    pub faults: FaultPlan,
 
     /// Tensors to offload (each one storage of its own).
     #[arg(

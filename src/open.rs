@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use spillway_runtime::engine::{Engine, StorageTarget};
-use spillway_runtime::{Device, DirectIo, Error, MemberStats, Result, StripedBackend, Target};
+use spillway_runtime::{Device, DirectIo, Error, FaultyBackend, MemberStats, Result, StripedBackend, Target};
 use spillway_spdk::pci::PciAddress;
 
 use crate::cli::BackendChoice;
@@ -44,6 +44,9 @@ pub struct OpenedEngine {
     pub info: EngineInfo,
     /// The striped set, when the engine stores over several paths (for its members' stats).
     striped: Option<Arc<StripedBackend>>,
+    /// With the `faults` setting on, the fault-injecting backend of each path (for their
+    /// stats); empty when it is off.
+    faults: Vec<Arc<FaultyBackend>>,
     /// The live handles.
     handles: Mutex<Handles>,
 }
@@ -70,17 +73,34 @@ pub struct EngineInfo {
 
 impl OpenedEngine {
     /// The engine's statistics ([`Engine::stats`]) as a JSON object, with `members`: what
-    /// each path of a striped set moved ([`MemberStats`]; empty for one path).
+    /// each path of a striped set moved ([`MemberStats`]; empty for one path), and, only
+    /// while the `faults` setting injects faults, `faults`: the plan and what was injected
+    /// so far ([`select::FaultReport`]: `plan`, `stats`, and for a striped set `members`,
+    /// each path's own). Without fault injection there is no `faults` key, so that every
+    /// other top-level key but `latency` and `members` is a counter (as the C ABI's
+    /// `spillway_stats` mirrors them).
     pub fn stats_json(&self) -> serde_json::Value {
         let mut json = serde_json::to_value(self.engine.stats()).unwrap_or_default();
         let members = self.member_stats();
+        let paths: Vec<PathBuf> = members.iter().map(|m| m.path.clone()).collect();
+        let faults = select::fault_report(&self.faults, &paths, &[]);
         if let serde_json::Value::Object(map) = &mut json {
             map.insert(
                 "members".into(),
                 serde_json::to_value(members).unwrap_or_default(),
             );
+            if let Some(faults) = faults {
+                map.insert("faults".into(), serde_json::to_value(faults).unwrap_or_default());
+            }
         }
         json
+    }
+
+    /// With the `faults` setting on, the plan and what was injected so far; `None` when it
+    /// is off.
+    pub fn fault_report(&self) -> Option<select::FaultReport> {
+        let paths: Vec<PathBuf> = self.member_stats().into_iter().map(|m| m.path).collect();
+        select::fault_report(&self.faults, &paths, &[])
     }
 
     /// What each path of a striped set has moved, in the order given; empty for one path.
@@ -155,7 +175,7 @@ fn open_paths(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> 
     if settings.choices.backend == BackendChoice::Spdk {
         settings.choices.pci = Some(controller_address(&path)?);
     }
-    let setup = select::setup(settings.choices)?;
+    let setup = select::setup(settings.choices, &settings.faults)?;
     if settings.choices.backend == BackendChoice::Spdk {
         return start(setup, path, false, capacity, None, settings);
     }
@@ -203,6 +223,7 @@ fn open_striped(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -
     let members: Vec<PathBuf> = files.into_iter().map(|(f, _)| f).collect();
     let (setup, name) = select::setup_striped(
         settings.choices,
+        &settings.faults,
         &members,
         settings.stripe_bytes,
         &settings.stripe_weights,
@@ -300,6 +321,7 @@ fn start(
             settings,
         },
         striped: setup.striped,
+        faults: setup.faults,
         handles: Mutex::new(Handles::default()),
     })
 }

@@ -4,8 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::Serialize;
 use spillway_cufile::{CufileBackend, CufileConfig};
-use spillway_runtime::{Backend, Device, Error, GdsMode, HostDevice, Member, Result, StripedBackend, Target};
+use spillway_runtime::{
+    Backend, Device, Error, FaultPlan, FaultStats, FaultyBackend, GdsMode, HostDevice, Member, Result,
+    StripedBackend, Target,
+};
 use spillway_spdk::backend::{SpdkBackend, SpdkConfig};
 use spillway_spdk::pci::PciAddress;
 use spillway_uring::{UringBackend, UringConfig};
@@ -50,6 +54,11 @@ pub struct Setup {
     /// The striped set, when the data is striped over several targets (for its
     /// per-target stats); `backend` is the same object.
     pub striped: Option<Arc<StripedBackend>>,
+    /// With fault injection on (the `faults` setting), the [`FaultyBackend`] of each target,
+    /// in path order, for their statistics ([`fault_report`]); empty when it is off. One
+    /// target's is `backend` itself; a striped set's wrap its members (see
+    /// [`setup_striped`]).
+    pub faults: Vec<Arc<FaultyBackend>>,
 }
 
 /// How to build the backend.
@@ -86,8 +95,10 @@ impl Choices {
     }
 }
 
-/// Builds the device and backend for `choices`.
-pub fn setup(choices: Choices) -> Result<Setup> {
+/// Builds the device and backend for `choices`. When `faults` injects anything
+/// ([`FaultPlan::is_none`] is false), the backend is wrapped in a [`FaultyBackend`] following
+/// it, kept in [`Setup::faults`], and the notes say so ("fault injection on: PLAN").
+pub fn setup(choices: Choices, faults: &FaultPlan) -> Result<Setup> {
     let mut notes = Vec::new();
     if choices.backend == BackendChoice::Cufile {
         spillway_cufile::check_library()?;
@@ -145,14 +156,35 @@ pub fn setup(choices: Choices) -> Result<Setup> {
         Memory::Host => Arc::new(HostDevice::new()),
         Memory::Gpu(gpu) => gpu.clone(),
     };
-    let backend = make_backend(choices, &memory, device.clone(), &mut notes)?;
+    let mut backend = make_backend(choices, &memory, device.clone(), &mut notes)?;
+    let mut wrappers = Vec::new();
+    if !faults.is_none() {
+        let faulty = inject(backend, faults, 0)?;
+        notes.push(format!(
+            "fault injection on: {faults} (for testing resilience only: requests fail, come up short or complete late on purpose)"
+        ));
+        backend = faulty.clone();
+        wrappers.push(faulty);
+    }
     Ok(Setup {
         device,
         memory,
         backend,
         notes,
         striped: None,
+        faults: wrappers,
     })
+}
+
+/// `backend` wrapped in a [`FaultyBackend`] following `plan`, its seed advanced by
+/// `member` (the place of the target in a striped set), so that the targets of a set draw
+/// different faults.
+fn inject(backend: Arc<dyn Backend>, plan: &FaultPlan, member: u64) -> Result<Arc<FaultyBackend>> {
+    let plan = FaultPlan {
+        seed: plan.seed.wrapping_add(member),
+        ..plan.clone()
+    };
+    Ok(Arc::new(FaultyBackend::new(backend, plan)?))
 }
 
 /// One backend as `choices` asks, moving `memory` of `device`.
@@ -194,13 +226,19 @@ fn make_backend(
 /// a backend of its own (its own rings or workers, so a slow one does not hold up the rest)
 /// and the returned target path names the set. One path is no set: its backend is used
 /// directly.
+///
+/// With fault injection on, each path's backend is wrapped on its own, not the set: the
+/// i-th path's [`FaultyBackend`] follows `faults` with its seed plus i, so the targets do
+/// not fail in lockstep, one target of the set can fail while the others work (as a failing
+/// drive of a real set would), and `enospc_after` counts what each target was sent.
 pub fn setup_striped(
     choices: Choices,
+    faults: &FaultPlan,
     paths: &[PathBuf],
     stripe: u64,
     weights: &[u32],
 ) -> Result<(Setup, PathBuf)> {
-    let mut setup = setup(choices)?;
+    let mut setup = setup(choices, faults)?;
     match paths {
         [] => Err(Error::invalid("no storage path given")),
         [one] => Ok((setup, one.clone())),
@@ -214,11 +252,17 @@ pub fn setup_striped(
                 target: Target::new(&many[0]),
                 backend: setup.backend.clone(),
             }];
-            for path in &many[1..] {
+            for (i, path) in many.iter().enumerate().skip(1) {
                 let mut notes = Vec::new();
+                let mut backend = make_backend(choices, &setup.memory, setup.device.clone(), &mut notes)?;
+                if !faults.is_none() {
+                    let faulty = inject(backend, faults, i as u64)?;
+                    backend = faulty.clone();
+                    setup.faults.push(faulty);
+                }
                 members.push(Member {
                     target: Target::new(path),
-                    backend: make_backend(choices, &setup.memory, setup.device.clone(), &mut notes)?,
+                    backend,
                 });
             }
             let refs: Vec<&Path> = many.iter().map(PathBuf::as_path).collect();
@@ -235,6 +279,14 @@ pub fn setup_striped(
                 many.len(),
                 crate::size::format_size(stripe)
             ));
+            if !faults.is_none() {
+                setup.notes.push(format!(
+                    "fault injection: each of the {} targets injects on its own (seeds {} to {}, in path order)",
+                    many.len(),
+                    faults.seed,
+                    faults.seed.wrapping_add(many.len() as u64 - 1)
+                ));
+            }
             Ok((setup, name))
         }
     }
@@ -287,5 +339,153 @@ fn cufile(memory: &Memory, choices: Choices) -> Result<CufileBackend> {
         Memory::Host => Err(Error::invalid(
             "--backend cufile moves GPU memory, but host memory was chosen (or no GPU was found); use --mem gpu on a machine with an NVIDIA GPU, or --backend uring",
         )),
+    }
+}
+
+/// What fault injection did, for reports: the bench's `faults` and the engine's
+/// `stats()["faults"]`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FaultReport {
+    /// The plan, as the `faults` setting takes it (with the seed of the first target).
+    pub plan: String,
+    /// What was injected, over every target.
+    pub stats: FaultStats,
+    /// With several targets (a striped set): each one's plan and what it injected, in path
+    /// order. Left out of the JSON for one target.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberFaults>,
+}
+
+/// What fault injection did on one target of a striped set.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MemberFaults {
+    /// The target.
+    pub path: String,
+    /// Its plan (the set's, with its own seed).
+    pub plan: String,
+    /// What it injected.
+    pub stats: FaultStats,
+}
+
+/// What each of `faults` has injected so far (in path order).
+pub fn fault_stats(faults: &[Arc<FaultyBackend>]) -> Vec<FaultStats> {
+    faults.iter().map(|f| f.stats()).collect()
+}
+
+/// The report of `faults` (a [`Setup::faults`]): what they injected since the snapshot
+/// `before` ([`fault_stats`]; empty: since they were made). `paths` names the targets of a
+/// striped set in order (from [`StripedBackend::member_stats`]). `None` when fault
+/// injection is off.
+pub fn fault_report(
+    faults: &[Arc<FaultyBackend>],
+    paths: &[PathBuf],
+    before: &[FaultStats],
+) -> Option<FaultReport> {
+    let first = faults.first()?;
+    let zero = FaultStats::default();
+    let now: Vec<FaultStats> = faults
+        .iter()
+        .enumerate()
+        .map(|(i, f)| stats_since(&f.stats(), before.get(i).unwrap_or(&zero)))
+        .collect();
+    let mut stats = FaultStats::default();
+    for s in &now {
+        add_stats(&mut stats, s);
+    }
+    let members = if faults.len() > 1 {
+        faults
+            .iter()
+            .zip(now)
+            .enumerate()
+            .map(|(i, (f, stats))| MemberFaults {
+                path: paths
+                    .get(i)
+                    .map_or_else(|| format!("<target {i}>"), |p| p.display().to_string()),
+                plan: f.plan().to_string(),
+                stats,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Some(FaultReport {
+        plan: first.plan().to_string(),
+        stats,
+        members,
+    })
+}
+
+/// `after - before`, counter by counter.
+fn stats_since(after: &FaultStats, before: &FaultStats) -> FaultStats {
+    let mut d = after.clone();
+    d.requests = d.requests.saturating_sub(before.requests);
+    d.passed = d.passed.saturating_sub(before.passed);
+    d.injected_read_errors = d.injected_read_errors.saturating_sub(before.injected_read_errors);
+    d.injected_write_errors = d
+        .injected_write_errors
+        .saturating_sub(before.injected_write_errors);
+    d.injected_enospc = d.injected_enospc.saturating_sub(before.injected_enospc);
+    d.injected_short = d.injected_short.saturating_sub(before.injected_short);
+    d.delayed = d.delayed.saturating_sub(before.delayed);
+    d.bytes_written = d.bytes_written.saturating_sub(before.bytes_written);
+    d
+}
+
+/// Adds `s` into `total`, counter by counter.
+fn add_stats(total: &mut FaultStats, s: &FaultStats) {
+    total.requests += s.requests;
+    total.passed += s.passed;
+    total.injected_read_errors += s.injected_read_errors;
+    total.injected_write_errors += s.injected_write_errors;
+    total.injected_enospc += s.injected_enospc;
+    total.injected_short += s.injected_short;
+    total.delayed += s.delayed;
+    total.bytes_written += s.bytes_written;
+}
+
+/// "3 write errors, 1 short count of 40 requests": what `s` counts, the faults left out
+/// when none of their kind was injected.
+pub fn fault_summary(s: &FaultStats) -> String {
+    let mut items = Vec::new();
+    for (n, one, many) in [
+        (s.injected_read_errors, "read error", "read errors"),
+        (s.injected_write_errors, "write error", "write errors"),
+        (s.injected_enospc, "ENOSPC", "ENOSPC"),
+        (s.injected_short, "short count", "short counts"),
+        (s.delayed, "delayed completion", "delayed completions"),
+    ] {
+        if n > 0 {
+            items.push(format!("{n} {}", if n == 1 { one } else { many }));
+        }
+    }
+    if items.is_empty() {
+        items.push("nothing".into());
+    }
+    format!("{} injected into {} requests", items.join(", "), s.requests)
+}
+
+/// `e`, saying that it came while `what` ran with fault injection on, the plan and what had
+/// been injected so far: an injected fault must never pass for a real one, nor go unnoticed.
+/// `e` is returned as it is when fault injection is off (`faults` empty).
+pub fn fault_context(e: Error, what: &str, faults: &[Arc<FaultyBackend>]) -> Error {
+    let Some(report) = fault_report(faults, &[], &[]) else {
+        return e;
+    };
+    let prefix = format!(
+        "{what} failed with fault injection on (faults={}; so far {})",
+        report.plan,
+        fault_summary(&report.stats)
+    );
+    match e {
+        Error::Io { context, source } => Error::Io {
+            context: format!("{prefix}: {context}"),
+            source,
+        },
+        Error::InvalidArgument(msg) => Error::InvalidArgument(format!("{prefix}: {msg}")),
+        Error::Device(msg) => Error::Device(format!("{prefix}: {msg}")),
+        other => Error::Storage {
+            target: prefix,
+            source: Box::new(other),
+        },
     }
 }

@@ -115,6 +115,16 @@ fn reading_an_existing_file_leaves_it_alone_unless_verifying() {
     let path = dir.path().join("bench.dat");
     let original: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&path, &original).unwrap();
+    // A file made by another tool is used once it is private (0644 is refused: see below).
+    let private = |mode| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    private(0o644);
+    let out = host_bench(dir.path(), &["--op", "read", "--size", "1M"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+    private(0o600);
     let out = host_bench(
         dir.path(),
         &["--op", "read,randread", "--size", "1M", "--block", "64K"],
@@ -1157,5 +1167,191 @@ fn the_tensors_engine_takes_settings_that_have_no_flag() {
             "alignment=8KiB from SPILLWAY_ALIGNMENT",
             "direct_write_bytes=8MiB from SPILLWAY_DIRECT_WRITE_BYTES",
         ]
+    );
+}
+
+/// `spillway bench --mem host --size 4MiB --path DIR EXTRA`, with no settings from the test's
+/// environment.
+fn faulty_bench(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let dir = dir.to_str().unwrap();
+    let args = [
+        &["bench", "--mem", "host", "--size", "4MiB", "--path", dir],
+        extra,
+    ]
+    .concat();
+    spillway_with_env(&args, env)
+}
+
+#[test]
+fn an_injected_write_error_ends_the_run_naming_the_op_and_the_faults() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = faulty_bench(dir.path(), &["--faults", "write_error=1"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("error: bench op write failed with fault injection on (faults=write_error=1;")
+            && err.contains("write errors injected")
+            && err.contains("injected fault: write of"),
+        "{err}"
+    );
+
+    // The read of a run whose writes work, from the environment this time.
+    let out = faulty_bench(
+        dir.path(),
+        &["--op", "write,read"],
+        &[("SPILLWAY_FAULTS", "read_error=1")],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("bench op read failed with fault injection on (faults=read_error=1;")
+            && err.contains("faults=read_error=1 from SPILLWAY_FAULTS"),
+        "{err}"
+    );
+
+    // ENOSPC after 2 MiB of the 4 MiB written.
+    let out = faulty_bench(dir.path(), &["--faults", "enospc_after=2MiB"], &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("faults=enospc_after=2MiB") && err.contains("no space left"),
+        "{err}"
+    );
+}
+
+#[test]
+fn short_counts_are_resubmitted_and_the_round_trip_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = faulty_bench(
+        dir.path(),
+        &[
+            "--faults",
+            "short=0.5",
+            "--block",
+            "256K",
+            "--op",
+            "write,randread",
+            "--verify",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for r in &lines {
+        assert_eq!(
+            (&r["verified"], &r["mismatched_bytes"]),
+            (&true.into(), &0.into()),
+            "{r}"
+        );
+        assert_eq!(r["backend"], "uring+faults", "{r}");
+        assert_eq!(r["faults"]["plan"], "short=0.5", "{r}");
+        let stats = &r["faults"]["stats"];
+        assert!(stats["injected_short"].as_u64().unwrap() > 0, "{r}");
+        // Every short count had the rest of its request submitted again.
+        assert!(
+            stats["requests"].as_u64().unwrap() >= 16 + stats["injected_short"].as_u64().unwrap(),
+            "{r}"
+        );
+        assert!(
+            notes(r).contains(&"fault injection on: short=0.5 (for testing resilience only: requests fail, come up short or complete late on purpose)"),
+            "{r}"
+        );
+    }
+
+    // Without --faults the report says null.
+    let r = small_write(dir.path(), &[], &[]);
+    assert!(r["faults"].is_null(), "{r}");
+}
+
+#[test]
+fn a_bad_fault_plan_is_refused_with_status_2_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = faulty_bench(dir.path(), &[], &[("SPILLWAY_FAULTS", "bogus=1")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("environment variable SPILLWAY_FAULTS=\"bogus=1\"")
+            && err.contains("unknown key \"bogus\"")
+            && err.contains("faults takes"),
+        "{err}"
+    );
+    let out = faulty_bench(dir.path(), &["--faults", "short=2"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--faults") && stderr(&out).contains("probability"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn tensors_whose_writes_fail_stay_in_memory_and_are_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let run = |faults: &str, extra: &[&str]| {
+        let args = [
+            &[
+                "bench",
+                "--workload",
+                "tensors",
+                "--mem",
+                "host",
+                "--tensors",
+                "300",
+                "--max-size",
+                "64K",
+                "--staging",
+                "32M",
+                "--json",
+                "--path",
+                path,
+                "--faults",
+                faults,
+            ],
+            extra,
+        ]
+        .concat();
+        tensors_json(&spillway_with_env(&args, &[]))
+    };
+    // One extent per tensor: 300 writes, a fifth of whose requests fail.
+    let r = run("write_error=0.2,seed=3", &["--no-pack"]);
+    assert_eq!(
+        (&r["verified"], &r["mismatched_bytes"]),
+        (&true.into(), &0.into()),
+        "{r}"
+    );
+    assert_eq!(r["faults"]["plan"], "write_error=0.2,seed=3", "{r}");
+    let injected = r["faults"]["stats"]["injected_write_errors"].as_u64().unwrap();
+    assert!(injected > 0, "{r}");
+    let s = &r["engine_stats"];
+    // Each injected error is retried by the engine or fails its write for good (its tensor
+    // stays in memory and is forwarded); an engine without retries counts no write_retries.
+    let retries = s.get("write_retries").and_then(|v| v.as_u64()).unwrap_or(0);
+    let errors = s["write_errors"].as_u64().unwrap();
+    assert!((1..=injected).contains(&(retries + errors)), "{r}");
+    assert_eq!(s["forwarded_fetches"].as_u64().unwrap() > 0, errors > 0, "{r}");
+    assert!(
+        s.get("read_errors").is_some() && s.get("resident_tensors").is_some(),
+        "{r}"
+    );
+
+    // Every write fails: every tensor stays in memory, every fetch is forwarded.
+    let r = run("write_error=1", &[]);
+    assert_eq!(r["verified"], true, "{r}");
+    let s = &r["engine_stats"];
+    assert!(s["write_errors"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(s["forwarded_fetches"], s["fetches"], "{r}");
+    assert_eq!(s["bytes_written"], 0, "{r}");
+    assert!(
+        notes(&r)
+            .iter()
+            .any(|n| n.starts_with("300 tensors stayed in their own memory")),
+        "{r}"
     );
 }

@@ -1,5 +1,12 @@
 //! The timed loop: `threads` submitters, each keeping `qd` requests in flight and taking
 //! completions in whatever order they arrive, with per-request latency in a histogram.
+//!
+//! A request that completes with fewer bytes than asked (a short count, which the
+//! [`Backend`] contract allows and `--faults short=P` injects) is never taken as done: the
+//! rest of it — offset and memory advanced by the count — is submitted again in the same
+//! slot, up to [`MAX_RESUBMITS`] times, as the engine does. Its latency runs from the first
+//! submission to the last completion. A completion moving nothing, one claiming more than
+//! was asked, or one short count too many fails the pass.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -108,10 +115,71 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
 }
 
+/// How many times the rest of one request is submitted again after short counts before the
+/// pass fails (the engine's bound too). Each time at least one more byte has moved.
+pub const MAX_RESUBMITS: u32 = 64;
+
 struct InFlight {
     ticket: Ticket,
+    /// When the request was first submitted.
     issued: Instant,
-    len: u64,
+    /// The whole request.
+    io: Io,
+    /// Bytes of it moved before the part in flight.
+    moved: u64,
+    /// Times the rest was submitted after a short count.
+    resubmits: u32,
+}
+
+/// Submits bytes `[moved, io.len)` of `io`; the ticket completes `slot` on `tx`.
+fn submit_part(
+    pass: &Pass<'_>,
+    io: Io,
+    moved: u64,
+    slot: usize,
+    tx: &mpsc::Sender<(usize, Instant)>,
+) -> Result<Ticket> {
+    let req = IoRequest {
+        target: pass.target,
+        op: pass.op,
+        offset: io.offset + moved,
+        mem: pass
+            .buffer
+            .region(io.offset % pass.buffer.len() + moved, io.len - moved),
+    };
+    // SAFETY: the buffer outlives the pass: every submitted ticket is waited for before
+    // `submitter` returns.
+    let ticket = unsafe { pass.backend.submit(req)? };
+    let tx = tx.clone();
+    ticket.on_complete(move || {
+        let _ = tx.send((slot, Instant::now()));
+    });
+    Ok(ticket)
+}
+
+/// The error for a request given up after a short count: `moved` of its bytes moved, the
+/// last part `n` of `asked`.
+fn short_error(op: IoOp, io: Io, moved: u64, n: usize, asked: u64, resubmits: u32) -> Error {
+    let why = if n == 0 {
+        format!("a part of {asked} bytes completed with 0 bytes moved")
+    } else {
+        format!(
+            "still {} bytes short after {resubmits} resubmissions",
+            asked - n as u64
+        )
+    };
+    Error::io(
+        format!(
+            "{} of {} bytes at offset {}: {moved} moved",
+            op.as_str(),
+            io.len,
+            io.offset
+        ),
+        std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("short {}: {why}", op.as_str()),
+        ),
+    )
 }
 
 fn submitter(
@@ -128,33 +196,21 @@ fn submitter(
     let mut next = 0usize;
     let mut in_flight = 0usize;
     let mut first_error: Option<Error> = None;
-    let buf_len = pass.buffer.len();
-
     loop {
         // Fill every free slot while there is work and nothing has failed.
         while first_error.is_none() && !failed.load(Ordering::Relaxed) && next < ios.len() {
             let Some(slot) = free.pop_front() else { break };
             let io = ios[next];
             next += 1;
-            let req = IoRequest {
-                target: pass.target,
-                op: pass.op,
-                offset: io.offset,
-                mem: pass.buffer.region(io.offset % buf_len, io.len),
-            };
             let issued = Instant::now();
-            // SAFETY: the buffer outlives the pass: every submitted ticket is waited for
-            // below before this function returns.
-            match unsafe { pass.backend.submit(req) } {
+            match submit_part(pass, io, 0, slot, &tx) {
                 Ok(ticket) => {
-                    let tx = tx.clone();
-                    ticket.on_complete(move || {
-                        let _ = tx.send((slot, Instant::now()));
-                    });
                     slots[slot] = Some(InFlight {
                         ticket,
                         issued,
-                        len: io.len,
+                        io,
+                        moved: 0,
+                        resubmits: 0,
                     });
                     in_flight += 1;
                 }
@@ -172,23 +228,46 @@ fn submitter(
             .map_err(|_| Error::Abandoned("completion channel closed".into()))?;
         let entry = slots[slot].take().expect("a completion names an occupied slot");
         in_flight -= 1;
-        free.push_back(slot);
+        let asked = entry.io.len - entry.moved;
         match entry.ticket.wait() {
-            Ok(n) if n as u64 == entry.len => {
+            Ok(n) if n as u64 == asked => {
                 let ns = completed.saturating_duration_since(entry.issued).as_nanos() as u64;
                 hist.saturating_record(ns.max(1));
-                done_bytes.fetch_add(entry.len, Ordering::Relaxed);
+                done_bytes.fetch_add(asked, Ordering::Relaxed);
+            }
+            Ok(n) if (n as u64) < asked => {
+                done_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                let moved = entry.moved + n as u64;
+                if first_error.is_some() || failed.load(Ordering::Relaxed) {
+                    // The pass has failed: its rest is not worth moving.
+                } else if n == 0 || entry.resubmits >= MAX_RESUBMITS {
+                    first_error = Some(short_error(pass.op, entry.io, moved, n, asked, entry.resubmits));
+                } else {
+                    match submit_part(pass, entry.io, moved, slot, &tx) {
+                        Ok(ticket) => {
+                            slots[slot] = Some(InFlight {
+                                ticket,
+                                moved,
+                                resubmits: entry.resubmits + 1,
+                                ..entry
+                            });
+                            in_flight += 1;
+                            continue;
+                        }
+                        Err(e) => first_error = Some(e),
+                    }
+                }
             }
             Ok(n) => {
                 first_error.get_or_insert(Error::invalid(format!(
-                    "backend reported {n} bytes for a {}-byte request",
-                    entry.len
+                    "backend reported {n} bytes for a {asked}-byte request"
                 )));
             }
             Err(e) => {
                 first_error.get_or_insert(e);
             }
         }
+        free.push_back(slot);
     }
     match first_error {
         Some(e) => Err(e),

@@ -148,6 +148,12 @@ const MAPPED: &[Mapped] = &[
         take: |a, r| a.stripe_weights = r.stripe_weights.clone(),
     },
     Mapped {
+        setting: "faults",
+        flags: &["faults"],
+        tensors_only: false,
+        take: |a, r| a.faults = r.faults.clone(),
+    },
+    Mapped {
         setting: "staging_bytes",
         flags: &["staging"],
         tensors_only: true,
@@ -197,6 +203,12 @@ const MAPPED: &[Mapped] = &[
     },
     Mapped {
         setting: "direct_write_bytes",
+        flags: &[],
+        tensors_only: true,
+        take: |_, _| {},
+    },
+    Mapped {
+        setting: "io_retries",
         flags: &[],
         tensors_only: true,
         take: |_, _| {},
@@ -467,6 +479,30 @@ mod tests {
             (d.stripe_bytes, &d.stripe_weights)
         );
         assert_eq!((!args.no_pack, !args.no_dedup), (d.engine.pack, d.engine.dedup));
+        assert_eq!(args.faults, d.faults);
+    }
+
+    #[test]
+    fn faults_come_from_the_flag_else_the_environment() {
+        let settings = env(&[("SPILLWAY_FAULTS", "write_error=0.5,seed=3")]);
+        let mut args = bench(&[]);
+        apply_layers(&mut args, &settings, no_rank).unwrap();
+        assert_eq!((args.faults.write_error, args.faults.seed), (0.5, 3));
+        let notes: Vec<String> = args.layers.report_notes().collect();
+        assert_eq!(notes, ["faults=write_error=0.5,seed=3 from SPILLWAY_FAULTS"]);
+
+        let mut args = bench(&["--faults", "short=0.25", "--workload", "tensors"]);
+        apply_layers(&mut args, &settings, no_rank).unwrap();
+        assert_eq!(
+            (args.faults.short, args.faults.write_error),
+            (0.25, 0.0),
+            "the flag wins"
+        );
+        assert!(args.layers.taken.is_empty());
+
+        let mut args = bench(&["--faults", "off"]);
+        apply_layers(&mut args, &settings, no_rank).unwrap();
+        assert!(args.faults.is_none(), "off turns off what the environment set");
     }
 
     #[test]

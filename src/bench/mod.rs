@@ -16,6 +16,13 @@
 //!
 //! Flags left out take their settings' values from the environment or the settings file
 //! ([`layers`]), as the library does; the reports list every value so taken.
+//!
+//! `--faults PLAN` (the `faults` setting) wraps the backend in a
+//! [`FaultyBackend`](spillway_runtime::FaultyBackend) ([`select::setup`]), to see how the
+//! run copes with storage that misbehaves. Nothing injected passes unnoticed: an error
+//! ends the run with one naming the pass, the plan and what was injected so far; a short
+//! count has the rest of its request submitted again ([`driver`]); and every report notes
+//! the plan and counts the faults (`faults` in the JSON, null when off).
 
 mod buffer;
 mod driver;
@@ -102,6 +109,7 @@ fn storage_setup(args: &BenchArgs) -> Result<(Vec<PathBuf>, Setup, PathBuf)> {
     let paths = storage_paths(args)?;
     let (setup, path) = select::setup_striped(
         Choices::from_bench(args),
+        &args.faults,
         &paths,
         args.stripe,
         &args.stripe_weights,
@@ -213,9 +221,13 @@ struct Run<'a> {
 impl Run<'_> {
     fn op(&mut self, op: OpChoice) -> Result<BenchResult> {
         let before = self.member_stats();
+        let faults_before = select::fault_stats(&self.setup.faults);
         let result = self.op_timed(op)?;
+        let after = self.member_stats();
+        let paths: Vec<PathBuf> = after.iter().map(|m| m.path.clone()).collect();
         Ok(BenchResult {
-            members: report::member_reports(op.is_write(), &before, &self.member_stats(), result.seconds),
+            members: report::member_reports(op.is_write(), &before, &after, result.seconds),
+            faults: select::fault_report(&self.setup.faults, &paths, &faults_before),
             ..result
         })
     }
@@ -232,9 +244,10 @@ impl Run<'_> {
     fn op_timed(&mut self, op: OpChoice) -> Result<BenchResult> {
         let args = self.args;
         let ios = workload::plan(args.size, args.block, op.is_random(), args.seed);
+        let name = op.as_str();
         let timing = if op.is_write() {
             self.buffer.fill(args.seed)?;
-            let t = self.pass(IoOp::Write, &ios, true)?;
+            let t = self.pass(IoOp::Write, &ios, true, &format!("bench op {name}"))?;
             self.setup.backend.flush(self.target)?;
             self.written = true;
             self.seeded = true;
@@ -246,6 +259,7 @@ impl Run<'_> {
                     IoOp::Write,
                     &workload::plan(args.size, args.block, false, 0),
                     false,
+                    &format!("the write filling the target before bench op {name} (untimed)"),
                 )?;
                 self.setup.backend.flush(self.target)?;
                 self.written = true;
@@ -254,7 +268,7 @@ impl Run<'_> {
             if args.verify {
                 self.buffer.poison(args.seed)?;
             }
-            self.pass(IoOp::Read, &ios, true)?
+            self.pass(IoOp::Read, &ios, true, &format!("bench op {name}"))?
         };
         let mismatched_bytes = if args.verify {
             if op.is_write() {
@@ -263,6 +277,7 @@ impl Run<'_> {
                     IoOp::Read,
                     &workload::plan(args.size, args.block, false, 0),
                     false,
+                    &format!("the read-back checking bench op {name} (--verify, untimed)"),
                 )?;
             }
             Some(self.buffer.mismatches(args.seed)?)
@@ -272,7 +287,8 @@ impl Run<'_> {
         Ok(self.result(op, &timing, mismatched_bytes))
     }
 
-    fn pass(&self, op: IoOp, ios: &[Io], progress: bool) -> Result<driver::Timing> {
+    /// One pass of `ios`; `what` names it in the error of a run with fault injection on.
+    fn pass(&self, op: IoOp, ios: &[Io], progress: bool, what: &str) -> Result<driver::Timing> {
         driver::run(&driver::Pass {
             backend: self.setup.backend.as_ref() as &dyn Backend,
             target: self.target,
@@ -283,6 +299,7 @@ impl Run<'_> {
             threads: self.args.threads,
             progress: progress && !self.args.json,
         })
+        .map_err(|e| select::fault_context(e, what, &self.setup.faults))
     }
 
     fn result(&self, op: OpChoice, t: &driver::Timing, mismatched_bytes: Option<u64>) -> BenchResult {
@@ -323,6 +340,7 @@ impl Run<'_> {
             from_env_or_file: self.args.layers.taken.clone(),
             command: std::env::args().collect::<Vec<_>>().join(" "),
             members: Vec::new(),
+            faults: None,
         }
     }
 }

@@ -4,6 +4,7 @@ use serde::Serialize;
 use spillway_runtime::MemberStats;
 
 use super::layers::Taken;
+use crate::select::{fault_summary, FaultReport};
 use crate::size::format_size;
 
 /// Latency percentiles in microseconds.
@@ -74,6 +75,9 @@ pub struct BenchResult {
     /// operation.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberReport>,
+    /// With --faults: the plan and what was injected during this operation (its untimed
+    /// fill or --verify read-back included); null without.
+    pub faults: Option<FaultReport>,
 }
 
 /// What one target of a striped set did during one operation.
@@ -173,6 +177,11 @@ pub fn print_table(results: &[BenchResult]) {
             r.latency_us.max,
             verify
         );
+    }
+    for r in results {
+        if let Some(f) = &r.faults {
+            println!("faults during {}: {}", r.op, fault_summary(&f.stats));
+        }
     }
 }
 

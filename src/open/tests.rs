@@ -129,3 +129,104 @@ fn ranks_given_one_file_name_each_get_their_own_file() {
     let r1 = open_for_rank(&[shared], Some(1 << 20), &own.resolve().unwrap(), rank(1)).unwrap();
     assert_eq!(r1.info.path, mine);
 }
+
+#[test]
+fn faults_wrap_the_backend_and_their_stats_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = open_for_rank(
+        &[dir.path().to_path_buf()],
+        Some(16 << 20),
+        &small_host_settings().resolve().unwrap(),
+        None,
+    )
+    .unwrap();
+    assert!(plain.stats_json().get("faults").is_none(), "absent when off");
+    assert!(plain.fault_report().is_none());
+    drop(plain);
+
+    let mut settings = small_host_settings();
+    settings.set("faults", "write_error=1").unwrap();
+    let e = open_for_rank(
+        &[dir.path().to_path_buf()],
+        Some(16 << 20),
+        &settings.resolve().unwrap(),
+        None,
+    )
+    .unwrap();
+    assert_eq!(e.info.backend, "uring+faults");
+    assert!(
+        e.info
+            .notes
+            .iter()
+            .any(|n| n.starts_with("fault injection on: write_error=1")),
+        "{:?}",
+        e.info.notes
+    );
+    let mut src: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    // SAFETY: `src` outlives the engine's use of it (released below), no stream.
+    let h = unsafe { e.offload(TensorKey::new(1, 0), &region(&mut src), None) }.unwrap();
+    e.engine.drain().unwrap();
+    assert!(
+        !e.source_released(h).unwrap(),
+        "a tensor whose write failed stays in its memory"
+    );
+    let mut back = vec![0u8; src.len()];
+    // SAFETY: `back` is live and idle, no stream.
+    unsafe { e.fetch(h, &region(&mut back), None) }.unwrap();
+    assert!(back == src, "forwarded from its own memory");
+    let json = e.stats_json();
+    assert!(json["write_errors"].as_u64().unwrap() > 0, "{json}");
+    assert_eq!(json["faults"]["plan"], "write_error=1", "{json}");
+    assert!(
+        json["faults"]["stats"]["injected_write_errors"].as_u64().unwrap() > 0,
+        "{json}"
+    );
+    assert_eq!(json["faults"]["stats"]["passed"], 0, "{json}");
+    assert!(json["faults"].get("members").is_none(), "one path: {json}");
+    e.release(h).unwrap();
+}
+
+#[test]
+fn each_path_of_a_striped_set_injects_faults_with_a_seed_of_its_own() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let paths: Vec<PathBuf> = dirs.iter().map(|d| d.path().to_path_buf()).collect();
+    let mut settings = small_host_settings();
+    settings.set("faults", "short=0.5,seed=10").unwrap();
+    let e = open_for_rank(&paths, Some(16 << 20), &settings.resolve().unwrap(), None).unwrap();
+    let mut src: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    // SAFETY: `src` outlives the engine's use of it (released below), no stream.
+    let h = unsafe { e.offload(TensorKey::new(1, 0), &region(&mut src), None) }.unwrap();
+    e.engine.drain().unwrap();
+    assert!(
+        e.source_released(h).unwrap(),
+        "short counts are resubmitted, not failures"
+    );
+    let mut back = vec![0u8; src.len()];
+    // SAFETY: `back` is live and idle, no stream.
+    unsafe { e.fetch(h, &region(&mut back), None) }.unwrap();
+    assert!(back == src);
+    let report = e.fault_report().expect("faults are on");
+    assert_eq!(report.plan, "short=0.5,seed=10");
+    let plans: Vec<&str> = report.members.iter().map(|m| m.plan.as_str()).collect();
+    assert_eq!(plans, ["short=0.5,seed=10", "short=0.5,seed=11"]);
+    let members: Vec<String> = report.members.iter().map(|m| m.path.clone()).collect();
+    assert_eq!(
+        members,
+        e.member_stats()
+            .iter()
+            .map(|m| m.path.display().to_string())
+            .collect::<Vec<_>>()
+    );
+    let total: u64 = report.members.iter().map(|m| m.stats.requests).sum();
+    assert_eq!(report.stats.requests, total);
+    assert!(report.stats.injected_short > 0, "{report:?}");
+    assert!(
+        e.info
+            .notes
+            .iter()
+            .any(|n| n.contains("each of the 2 targets injects on its own (seeds 10 to 11")),
+        "{:?}",
+        e.info.notes
+    );
+    e.release(h).unwrap();
+}

@@ -24,12 +24,14 @@ const KINDS: &[(Kind, &str)] = &[
     (Kind::Size, "size"),
     (Kind::SizeOrAuto, "size or \"auto\""),
     (Kind::Count, "count"),
+    (Kind::Whole, "whole number"),
     (Kind::Flag, "boolean"),
     (Kind::Millis, "milliseconds"),
     (Kind::Device, "device"),
     (Kind::Backend, "backend"),
     (Kind::Weights, "weights"),
     (Kind::RankPaths, "rank paths"),
+    (Kind::Faults, "fault plan"),
 ];
 
 fn label(kind: Kind) -> &'static str {

@@ -28,6 +28,7 @@ mod value;
 use std::path::Path;
 
 use spillway_runtime::engine::EngineConfig;
+use spillway_runtime::FaultPlan;
 
 use crate::cli::{BackendChoice, MemChoice};
 use crate::rank::RankPaths;
@@ -54,6 +55,10 @@ pub struct Resolved {
     pub stripe_weights: Vec<u32>,
     /// Storage paths per local rank (empty: the paths given).
     pub rank_paths: RankPaths,
+    /// Faults to inject into the backend's requests, for testing resilience
+    /// ([`FaultPlan::is_none`]: none, the default). [`crate::select::setup`] wraps the
+    /// backend in a [`spillway_runtime::FaultyBackend`] when it injects anything.
+    pub faults: FaultPlan,
 }
 
 impl Default for Resolved {
@@ -73,6 +78,7 @@ impl Default for Resolved {
             stripe_bytes: DEFAULT_STRIPE_BYTES,
             stripe_weights: Vec::new(),
             rank_paths: RankPaths::default(),
+            faults: FaultPlan::default(),
         }
     }
 }

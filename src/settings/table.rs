@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use spillway_runtime::FaultPlan;
+
 use crate::cli::{BackendChoice, MemChoice};
 
 use super::value::Value;
@@ -20,6 +22,8 @@ pub enum Kind {
     SizeOrAuto,
     /// A positive whole number.
     Count,
+    /// A whole number, zero or more.
+    Whole,
     /// True or false.
     Flag,
     /// Milliseconds, zero or more, with a fraction if need be.
@@ -32,6 +36,8 @@ pub enum Kind {
     Weights,
     /// Storage paths per local rank.
     RankPaths,
+    /// A fault injection plan: comma-separated `key=value` items.
+    Faults,
 }
 
 /// The text values of `backend`.
@@ -48,6 +54,7 @@ impl Kind {
                 "\"auto\" (the backend's default), a whole number of bytes, or text with a unit such as \"64MiB\""
             }
             Kind::Count => "a positive whole number",
+            Kind::Whole => "a whole number, zero or more",
             Kind::Flag => {
                 "true or false (True or False in Python; as text also \"1\"/\"0\", \"yes\"/\"no\", \"on\"/\"off\")"
             }
@@ -59,6 +66,9 @@ impl Kind {
             }
             Kind::Weights => {
                 "comma-separated positive whole numbers, one per storage path, such as \"1,2\" (\"\": equal)"
+            }
+            Kind::Faults => {
+                "comma-separated KEY=VALUE items: read_error, write_error, error (both) and short (probabilities from 0 to 1), enospc_after (a size), latency (a duration such as \"2ms\" or \"500us\"), latency_p (a probability), seed (a whole number), ops (\"read\", \"write\" or \"both\"), such as \"write_error=0.01,short=0.05,seed=7\" (\"\", \"none\" or \"off\": no faults)"
             }
         }
     }
@@ -215,6 +225,22 @@ fn millis(v: &Value) -> Result<Duration, String> {
     Duration::try_from_secs_f64(ms / 1000.0).map_err(|_| format!("{v} milliseconds is too long"))
 }
 
+/// A fault plan: its text, parsed by [`FaultPlan::parse`] (whose own `faults: ` prefix is
+/// dropped: the caller names the setting).
+fn faults(v: &Value) -> Result<FaultPlan, String> {
+    let text = v.as_str().ok_or_else(|| format!("{v} is not text"))?;
+    FaultPlan::parse(text).map_err(|e| e.strip_prefix("faults: ").map(str::to_string).unwrap_or(e))
+}
+
+/// The plan as text: `""` for the plan that injects nothing with the default seed and ops
+/// (what [`FaultPlan`]'s `Display` calls `none`), else its `Display` form.
+fn faults_value(r: &Resolved) -> Value {
+    match r.faults.to_string() {
+        none if none == "none" => Value::from(""),
+        text => Value::Str(text),
+    }
+}
+
 /// A whole number as a [`Value`] (saturating: no setting's value comes near `i64::MAX`).
 fn int(n: impl TryInto<i64>) -> Value {
     Value::Int(n.try_into().unwrap_or(i64::MAX))
@@ -338,6 +364,17 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        name: "io_retries",
+        kind: Kind::Whole,
+        meaning: "times a storage request failing with an error that may pass (EIO, EAGAIN, EINTR, ETIMEDOUT) is submitted again before the engine gives up on it (a write's tensors then stay in GPU memory, a read is an error to the fetch); at most 100, 0: never",
+        get: |r| int(r.engine.io_retries),
+        set: |r, v| {
+            let n = v.whole_number()?;
+            r.engine.io_retries = u32::try_from(n).map_err(|_| format!("{n} is too large"))?;
+            Ok(())
+        },
+    },
+    Setting {
         name: "direct_write_bytes",
         kind: Kind::Size,
         meaning: "bytes of unpacked (direct) writes in flight at once",
@@ -422,6 +459,16 @@ pub static SETTINGS: &[Setting] = &[
         get: |r| int(r.engine.timeline_capacity),
         set: |r, v| {
             r.engine.timeline_capacity = count_usize(v)?;
+            Ok(())
+        },
+    },
+    Setting {
+        name: "faults",
+        kind: Kind::Faults,
+        meaning: "storage faults injected into the backend's requests, FOR TESTING RESILIENCE ONLY (never in production): read_error, write_error or error = P fail that share of reads, writes or both with EIO (nothing moves); short = P completes that share of requests over 4KiB with a shorter count (a multiple of 4KiB: the caller must submit the rest); enospc_after = SIZE fails a write with ENOSPC once it would take the bytes written to a target past SIZE; latency = DURATION delays completions (latency_p = P of them, default all); seed = N fixes the draws (the same submissions get the same faults); ops = read or write limits them to one direction. Each path of a striped set injects on its own (seed + i for the i-th path). \"\": none. Reports note that it is on and count what was injected",
+        get: faults_value,
+        set: |r, v| {
+            r.faults = faults(v)?;
             Ok(())
         },
     },

@@ -338,3 +338,75 @@ fn every_setting_has_a_distinct_snake_case_name_and_a_meaning() {
         assert!(OTHER_VARIABLES.iter().all(|(v, _)| *v != s.env_var()));
     }
 }
+
+#[test]
+fn faults_parse_into_a_plan_in_every_layer_and_default_to_none() {
+    let r = Settings::default().resolve().unwrap();
+    assert!(r.faults.is_none());
+    assert_eq!(Settings::default().value("faults"), Some(Value::from("")));
+
+    let dir = TempDir::new().unwrap();
+    let s = layered(&dir, "faults", &[(Layer::File, "\"read_error=0.5,seed=9\"")]).unwrap();
+    let r = s.resolve().unwrap();
+    assert_eq!(
+        (r.faults.read_error, r.faults.write_error, r.faults.seed),
+        (0.5, 0.0, 9)
+    );
+
+    let s = layered(
+        &dir,
+        "faults",
+        &[
+            (Layer::File, "\"error=1\""),
+            (Layer::Env, "short=0.25,enospc_after=1MiB,latency=2ms"),
+        ],
+    )
+    .unwrap();
+    let r = s.resolve().unwrap();
+    assert_eq!(
+        (r.faults.short, r.faults.read_error),
+        (0.25, 0.0),
+        "the environment wins"
+    );
+    assert_eq!(r.faults.enospc_after, Some(1 << 20));
+    assert_eq!(r.faults.latency, std::time::Duration::from_millis(2));
+    assert_eq!(
+        s.value("faults"),
+        Some(Value::from("short=0.25,enospc_after=1MiB,latency=2ms"))
+    );
+    assert_eq!(s.source("faults"), Some(&Source::Env("SPILLWAY_FAULTS".into())));
+
+    for off in ["none", "off", " "] {
+        let mut s = Settings::default();
+        s.set("faults", off).unwrap();
+        assert!(s.resolve().unwrap().faults.is_none(), "{off:?}");
+        assert_eq!(s.value("faults"), Some(Value::from("")), "{off:?}");
+    }
+
+    for (bad, why) in [
+        ("bogus=1", "unknown key \"bogus\""),
+        ("read_error=2", "probability from 0 to 1"),
+        ("write_error", "expected key=value"),
+        ("latency_p=0.5", "latency_p needs latency"),
+        ("ops=write,read_error=0.1", "no effect with ops=write"),
+    ] {
+        let e = layered(&dir, "faults", &[(Layer::Env, bad)]).unwrap_err();
+        let msg = e.to_string();
+        assert_eq!(e.setting(), Some("faults"), "{msg}");
+        assert!(
+            msg.starts_with(&format!("environment variable SPILLWAY_FAULTS=\"{bad}\": ")),
+            "{msg}"
+        );
+        assert!(msg.contains(why) && msg.contains("faults takes"), "{bad}: {msg}");
+    }
+}
+
+#[test]
+fn io_retries_takes_zero_and_refuses_more_than_the_engine_allows() {
+    let mut s = Settings::default();
+    s.set("io_retries", 0i64).unwrap();
+    assert_eq!(s.resolve().unwrap().engine.io_retries, 0);
+    s.set("io_retries", "101").unwrap();
+    let e = s.resolve().unwrap_err().to_string();
+    assert!(e.contains("io_retries"), "{e}");
+}

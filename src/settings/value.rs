@@ -92,6 +92,12 @@ impl Value {
         }
     }
 
+    /// A whole number, zero or more: an integer, or text of digits.
+    pub fn whole_number(&self) -> Result<u64, String> {
+        self.whole()
+            .unwrap_or_else(|| Err(format!("{self} is not a whole number")))
+    }
+
     /// A positive whole number: an integer, or text of digits.
     pub fn count(&self) -> Result<u64, String> {
         match self.whole() {

@@ -201,6 +201,31 @@ def test_full_storage_keeps_tensors_resident(tmp_path):
             e.release(h)
 
 
+def test_injected_write_errors_keep_tensors_in_memory_and_are_reported(tmp_path):
+    with spillway.Engine(tmp_path, capacity="64MiB", faults="write_error=1", **SMALL) as e:
+        assert e.backend == "uring+faults"
+        assert any(n.startswith("fault injection on: write_error=1") for n in e.notes), e.notes
+        arrays = [blob(n, i) for i, n in enumerate([5000, 300_000, 2 << 20])]
+        handles = [e.offload((i, 0), region(a)) for i, a in enumerate(arrays)]
+        e.drain()
+        assert not any(e.source_released(h) for h in handles), "their writes failed"
+        for h, a in zip(handles, arrays):
+            out = np.zeros_like(a)
+            e.fetch(h, region(out))
+            np.testing.assert_array_equal(out, a)
+        s = e.stats()
+        assert s["write_errors"] > 0 and s["bytes_written"] == 0, s
+        assert s["forwarded_fetches"] == len(arrays), s
+        faults = s["faults"]
+        assert faults["plan"] == "write_error=1", faults
+        assert faults["stats"]["injected_write_errors"] > 0, faults
+        assert faults["stats"]["passed"] == 0, faults
+        for h in handles:
+            e.release(h)
+    with spillway.Engine(tmp_path, capacity="1MiB", **SMALL) as e:
+        assert "faults" not in e.stats()
+
+
 def test_a_directory_gets_an_anonymous_file_and_a_file_is_kept(tmp_path):
     with spillway.Engine(tmp_path, capacity="1MiB", **SMALL) as e:
         assert os.listdir(tmp_path) == [], "the anonymous file is unlinked at once"

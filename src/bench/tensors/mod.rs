@@ -13,13 +13,19 @@
 //! 3. **verify** (untimed, always): every tensor of the destination arena against the
 //!    pattern.
 //! 4. release every handle and drain.
+//!
+//! With `--faults` (the `faults` setting) the backend injects faults: a write that fails
+//! leaves its tensors in their own memory, which the engine then forwards at fetch. Those
+//! tensors' sources are not poisoned (the engine still reads them) and the run goes on;
+//! without faults, any tensor left in memory stops the run, since the fetch phase would not
+//! read it from storage. An error a phase ends with names the phase and the faults.
 
 mod limits;
 pub mod options;
 mod plan;
 pub mod report;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::Path;
@@ -31,7 +37,7 @@ use spillway_runtime::{open_target, DeviceBuffer, DirectIo, Error, Event, Result
 
 use super::flags;
 use crate::cli::BenchArgs;
-use crate::select::{Memory, Setup};
+use crate::select::{self, Memory, Setup};
 use options::{EngineSettings, Options};
 use plan::Plan;
 use report::{Phase, TensorsResult};
@@ -130,9 +136,17 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         vec![StorageTarget::new(target, capacity)],
         opts.engine.clone(),
     )?;
-    let (handles, offload) = offload_phase(&engine, &arenas, &plan)?;
-    arenas.poison(opts.seed)?;
-    let fetch = fetch_phase(&engine, &arenas, &plan, &handles)?;
+    let faulty = |e, what: &str| select::fault_context(e, what, &setup.faults);
+    let (handles, held, offload) = offload_phase(&engine, &arenas, &plan, !setup.faults.is_empty())
+        .map_err(|e| faulty(e, "the offload phase"))?;
+    arenas.poison(&plan, &held, opts.seed)?;
+    if !held.is_empty() {
+        notes.push(format!(
+            "{} tensors stayed in their own memory (their writes failed under fault injection): their sources were not poisoned, and fetching them forwards them",
+            held.len()
+        ));
+    }
+    let fetch = fetch_phase(&engine, &arenas, &plan, &handles).map_err(|e| faulty(e, "the fetch phase"))?;
     let (mismatched_bytes, mismatched_tensors) = arenas.mismatches(&plan, opts.seed)?;
     for h in handles {
         engine.release(h)?;
@@ -192,7 +206,17 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         notes,
         from_env_or_file: args.layers.taken.clone(),
         engine_stats: engine.stats(),
+        faults: select::fault_report(&setup.faults, &member_paths(&setup), &[]),
     })
+}
+
+/// The paths of a striped set's targets, in order (empty for one target).
+fn member_paths(setup: &Setup) -> Vec<std::path::PathBuf> {
+    setup
+        .striped
+        .as_ref()
+        .map(|s| s.member_stats().into_iter().map(|m| m.path).collect())
+        .unwrap_or_default()
 }
 
 /// The source and destination arenas, in the run's memory.
@@ -222,10 +246,25 @@ impl<'a> Arenas<'a> {
     }
 
     /// Overwrites the source with other data and fills the destination with yet other data,
-    /// so that only bytes read back from storage can match the pattern afterwards.
-    fn poison(&self, seed: u64) -> Result<()> {
+    /// so that only bytes read back from storage can match the pattern afterwards. The
+    /// tensors of `held` (whose memory the engine still holds: their writes failed) are
+    /// left as they are.
+    fn poison(&self, plan: &Plan, held: &HashSet<usize>, seed: u64) -> Result<()> {
         let dev = &self.setup.device;
-        dev.fill_pattern(self.source.ptr(), self.source.len(), seed ^ POISON_SOURCE, 0)?;
+        if held.is_empty() {
+            dev.fill_pattern(self.source.ptr(), self.source.len(), seed ^ POISON_SOURCE, 0)?;
+        } else {
+            for (i, t) in plan.tensors.iter().enumerate() {
+                if !held.contains(&i) {
+                    dev.fill_pattern(
+                        self.source.ptr() + t.offset,
+                        t.len as usize,
+                        seed ^ POISON_SOURCE,
+                        t.offset,
+                    )?;
+                }
+            }
+        }
         dev.fill_pattern(
             self.destination.ptr(),
             self.destination.len(),
@@ -256,9 +295,16 @@ impl<'a> Arenas<'a> {
     }
 }
 
-/// Phase 1: every offload call in forward order, then drain. Refuses to go on when any
-/// tensor stayed in memory (the fetch phase would not read it from storage).
-fn offload_phase(engine: &Engine, arenas: &Arenas, plan: &Plan) -> Result<(Vec<Handle>, Phase)> {
+/// Phase 1: every offload call in forward order, then drain. Returns the handles, the
+/// tensors whose memory the engine still holds and the phase. Without fault injection
+/// (`faults` false), refuses to go on when any tensor stayed in memory (the fetch phase
+/// would not read it from storage); with it, tensors whose writes failed are expected.
+fn offload_phase(
+    engine: &Engine,
+    arenas: &Arenas,
+    plan: &Plan,
+    faults: bool,
+) -> Result<(Vec<Handle>, HashSet<usize>, Phase)> {
     let start = Instant::now();
     let mut handles = Vec::with_capacity(plan.calls.len());
     for &i in &plan.calls {
@@ -272,21 +318,25 @@ fn offload_phase(engine: &Engine, arenas: &Arenas, plan: &Plan) -> Result<(Vec<H
     engine.drain()?;
     let seconds = start.elapsed().as_secs_f64();
     let c = engine.stats().counters;
-    if c.resident_tensors > 0 || c.write_errors > 0 {
+    if !faults && (c.resident_tensors > 0 || c.write_errors > 0) {
         return Err(Error::invalid(format!(
             "the engine kept {} tensors in memory ({} failed writes): the fetch phase would not read them from storage; see the warnings above, free space on the storage or pass another --path",
             c.resident_tensors, c.write_errors
         )));
     }
-    for &h in &handles {
+    let mut held = HashSet::new();
+    for (&h, &i) in handles.iter().zip(&plan.calls) {
         if !engine.source_released(h)? {
-            return Err(Error::invalid(
-                "a tensor's memory is still in use by the engine after drain; the offload phase cannot be verified",
-            ));
+            if !faults {
+                return Err(Error::invalid(
+                    "a tensor's memory is still in use by the engine after drain; the offload phase cannot be verified",
+                ));
+            }
+            held.insert(i);
         }
     }
     let phase = Phase::new("offload", plan.call_bytes(), plan.calls.len() as u64, seconds);
-    Ok((handles, phase))
+    Ok((handles, held, phase))
 }
 
 /// Phase 2: prefetch every handle in reverse order, then fetch each in reverse order into

@@ -5,6 +5,7 @@ use spillway_runtime::engine::StatsSnapshot;
 
 use super::options::EngineSettings;
 use crate::bench::layers::Taken;
+use crate::select::{fault_summary, FaultReport};
 use crate::size::format_size;
 
 /// One timed phase.
@@ -108,6 +109,8 @@ pub struct TensorsResult {
     pub from_env_or_file: Vec<Taken>,
     /// The engine's statistics at the end of the run.
     pub engine_stats: StatsSnapshot,
+    /// With --faults: the plan and what was injected during the run; null without.
+    pub faults: Option<FaultReport>,
 }
 
 /// Prints one JSON object on one line.
@@ -203,6 +206,15 @@ pub fn print_table(r: &TensorsResult) {
         s.stall_ns as f64 / 1e9,
         format_size(s.staging_peak)
     );
+    if s.write_errors > 0 || s.read_errors > 0 || s.resident_tensors > 0 {
+        println!(
+            "        {} write errors, {} read errors, {} tensors kept in memory",
+            s.write_errors, s.read_errors, s.resident_tensors
+        );
+    }
+    if let Some(f) = &r.faults {
+        println!("faults: {} ({})", fault_summary(&f.stats), f.plan);
+    }
     if let Some(trace) = &r.trace {
         println!("        timeline: {trace}");
     }

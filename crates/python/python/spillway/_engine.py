@@ -103,7 +103,17 @@ class Engine:
         """Counters (bytes offloaded, written, read, deduplicated, forwarded; stall time…),
         latency percentiles per operation, and ``members``: for a list of paths, what each
         one moved (path, backend, bytes_written, bytes_read, requests, errors,
-        busy_seconds), in the order given (empty for one path)."""
+        busy_seconds), in the order given (empty for one path).
+
+        ``faults`` is there only while the ``faults`` setting injects faults (for testing
+        resilience only; ``stats().get("faults")`` is ``None`` otherwise): then it is
+        ``{"plan": ..., "stats": {...}}``, ``stats`` counting over all paths the requests,
+        those passed through whole, and the injected faults (``requests``, ``passed``,
+        ``injected_read_errors``, ``injected_write_errors``, ``injected_enospc``,
+        ``injected_short``, ``delayed``, ``bytes_written``); for a list of paths,
+        ``members`` gives each path's own plan (its seed) and stats. A write that failed
+        keeps its tensors in their own memory (``write_errors``); they are forwarded at
+        fetch."""
         return json.loads(self._native.stats_json())
 
     def storage_usage(self) -> Dict[str, Any]:
