@@ -84,17 +84,7 @@ impl Kind {
 
 /// A byte count with the largest binary unit that divides it ("512MiB", "4KiB", "1000").
 fn size_text(n: i64) -> String {
-    const UNITS: [(i64, &str); 4] = [
-        (1 << 40, "TiB"),
-        (1 << 30, "GiB"),
-        (1 << 20, "MiB"),
-        (1 << 10, "KiB"),
-    ];
-    UNITS
-        .iter()
-        .find(|(unit, _)| n != 0 && n % unit == 0)
-        .map(|(unit, name)| format!("{}{name}", n / unit))
-        .unwrap_or_else(|| n.to_string())
+    u64::try_from(n).map_or_else(|_| n.to_string(), spillway_runtime::size::exact_size_text)
 }
 
 /// One setting.

@@ -65,6 +65,22 @@ pub fn format_size(bytes: u64) -> String {
     }
 }
 
+/// A byte count with the largest binary unit that divides it, as [`parse_bytes`] reads it
+/// back exactly ("512MiB", "4KiB", "1000").
+pub fn exact_size_text(n: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
+    UNITS
+        .iter()
+        .find(|(unit, _)| n != 0 && n % unit == 0)
+        .map(|(unit, name)| format!("{}{name}", n / unit))
+        .unwrap_or_else(|| n.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,7 +214,7 @@ impl fmt::Display for FaultPlan {
             items.push(format!("short={}", self.short));
         }
         if let Some(n) = self.enospc_after {
-            items.push(format!("enospc_after={}", size_text(n)));
+            items.push(format!("enospc_after={}", crate::size::exact_size_text(n)));
         }
         if !self.latency.is_zero() {
             items.push(format!("latency={}", duration_text(self.latency)));
@@ -241,21 +241,6 @@ fn probability(key: &str, value: &str) -> Result<f64, String> {
         Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
         _ => Err(format!("{key} is a probability from 0 to 1")),
     }
-}
-
-/// A byte count with the largest binary unit that divides it ("512MiB", "1000").
-fn size_text(n: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [
-        (1 << 40, "TiB"),
-        (1 << 30, "GiB"),
-        (1 << 20, "MiB"),
-        (1 << 10, "KiB"),
-    ];
-    UNITS
-        .iter()
-        .find(|(unit, _)| n != 0 && n % unit == 0)
-        .map(|(unit, name)| format!("{}{name}", n / unit))
-        .unwrap_or_else(|| n.to_string())
 }
 
 /// A duration: a number (decimals allowed) and a unit, `ns`, `us`, `ms` or `s`.
