@@ -36,7 +36,7 @@ pub struct InfoReport {
     /// Why the NVMe controllers could not be listed, when they could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nvme_error: Option<String>,
-    /// O_DIRECT support of `--path`, when given.
+    /// Whether `--path`, when given, can be a target, and its O_DIRECT support.
     pub path: Option<PathCheck>,
 }
 
@@ -55,7 +55,7 @@ pub struct Gpu {
     pub pci_bus_id: String,
 }
 
-/// Whether a path supports O_DIRECT.
+/// Whether a path can be a storage target, and whether it supports O_DIRECT.
 #[derive(Debug, Serialize)]
 pub struct PathCheck {
     /// The path checked.
@@ -66,8 +66,13 @@ pub struct PathCheck {
     pub offset_align: Option<usize>,
     /// Memory alignment O_DIRECT needs there, in bytes.
     pub mem_align: Option<usize>,
-    /// Why not, when it does not.
+    /// Why not, when it does not: the error opening the target.
     pub error: Option<String>,
+    /// True when the target was refused whatever the O_DIRECT setting: a file that others
+    /// may read (its owner or mode: `chmod 600`), a kind of file that cannot hold data, a
+    /// path that cannot be opened at all. `error` then says why; O_DIRECT was not what
+    /// failed, and is not known.
+    pub refused: bool,
     /// For a directory: how anonymous offload files are made in it, "tmpfile" (O_TMPFILE)
     /// or "unlinked-at-once" (created 0600 with O_EXCL and unlinked right away).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -129,8 +134,11 @@ pub fn check_path(path: &Path) -> PathCheck {
             reserve: None,
         }
     };
-    let attempt = || -> Result<(usize, usize)> {
-        let opened = open_target(&target)?;
+    let attempt = |direct: DirectIo| -> Result<(usize, usize)> {
+        let opened = open_target(&Target {
+            direct,
+            ..target.clone()
+        })?;
         Ok((opened.offset_align, opened.mem_align))
     };
     let (anonymous_mode, anonymous_error) = match is_dir.then(|| anonymous_mode(path)) {
@@ -138,25 +146,32 @@ pub fn check_path(path: &Path) -> PathCheck {
         Some(Err(e)) => (None, Some(e.to_string())),
         None => (None, None),
     };
-    match attempt() {
+    match attempt(DirectIo::Required) {
         Ok((offset_align, mem_align)) => PathCheck {
             path: path.to_path_buf(),
             direct_io: true,
             offset_align: Some(offset_align),
             mem_align: Some(mem_align),
             error: None,
+            refused: false,
             anonymous_mode,
             anonymous_error,
         },
-        Err(e) => PathCheck {
-            path: path.to_path_buf(),
-            direct_io: false,
-            offset_align: None,
-            mem_align: None,
-            error: Some(e.to_string()),
-            anonymous_mode,
-            anonymous_error,
-        },
+        Err(e) => {
+            // Only a target that opens without O_DIRECT is refused for O_DIRECT; else the
+            // target itself is refused, and that error says why.
+            let refused = attempt(DirectIo::Off).err();
+            PathCheck {
+                path: path.to_path_buf(),
+                direct_io: false,
+                offset_align: None,
+                mem_align: None,
+                error: Some(refused.as_ref().unwrap_or(&e).to_string()),
+                refused: refused.is_some(),
+                anonymous_mode,
+                anonymous_error,
+            }
+        }
     }
 }
 
@@ -214,28 +229,40 @@ fn print_report(r: &InfoReport) {
         Err(e) => println!("io_uring:      unavailable: {e}"),
     }
     print_nvme(r);
-    if let Some(p) = &r.path {
-        match (&p.error, p.offset_align, p.mem_align) {
-            (None, Some(o), Some(m)) => println!(
-                "O_DIRECT:      supported at {} (offset alignment {o} B, memory alignment {m} B)",
-                p.path.display()
-            ),
-            (Some(e), _, _) => println!("O_DIRECT:      not usable at {}: {e}", p.path.display()),
-            _ => {}
-        }
-        match (p.anonymous_mode, &p.anonymous_error) {
-            (Some(mode), _) => println!(
-                "Offload files: anonymous in {}: {}; nothing is left behind, even by a killed job",
-                p.path.display(),
-                mode.describe()
-            ),
-            (None, Some(e)) => println!(
-                "Offload files: no anonymous file can be made in {}: {e}",
-                p.path.display()
-            ),
-            (None, None) => {}
-        }
+    for line in r.path.iter().flat_map(path_lines) {
+        println!("{line}");
     }
+}
+
+/// The lines about `--path`: the target refused and why, or its O_DIRECT support; for a
+/// directory, how offload files are made in it.
+fn path_lines(p: &PathCheck) -> Vec<String> {
+    let path = p.path.display();
+    let mut lines = Vec::new();
+    match (&p.error, p.offset_align, p.mem_align) {
+        (Some(e), _, _) if p.refused => {
+            lines.push(format!("Target:        refused: {e}"));
+            lines.push(format!(
+                "O_DIRECT:      not checked at {path}: the target was refused"
+            ));
+        }
+        (Some(e), _, _) => lines.push(format!("O_DIRECT:      not usable at {path}: {e}")),
+        (None, Some(o), Some(m)) => lines.push(format!(
+            "O_DIRECT:      supported at {path} (offset alignment {o} B, memory alignment {m} B)"
+        )),
+        _ => {}
+    }
+    match (p.anonymous_mode, &p.anonymous_error) {
+        (Some(mode), _) => lines.push(format!(
+            "Offload files: anonymous in {path}: {}; nothing is left behind, even by a killed job",
+            mode.describe()
+        )),
+        (None, Some(e)) => lines.push(format!(
+            "Offload files: no anonymous file can be made in {path}: {e}"
+        )),
+        (None, None) => {}
+    }
+    lines
 }
 
 /// The "NVMe controllers" section: each controller's driver and what it offers spillway.
@@ -314,5 +341,62 @@ mod tests {
             ]
         );
         assert_eq!(nvme_lines(&[], None), ["NVMe controllers: none"]);
+    }
+
+    #[test]
+    fn a_refused_target_is_reported_as_refused_not_as_o_direct() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.dat");
+        std::fs::write(&file, vec![0u8; 4096]).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let check = check_path(&file);
+        let error = check.error.clone().unwrap_or_default();
+        assert!(check.refused && !check.direct_io, "{check:?}");
+        assert!(
+            error.contains("mode 0644") && error.contains("chmod 600"),
+            "{error}"
+        );
+        let lines = path_lines(&check);
+        assert_eq!(
+            lines,
+            [
+                format!("Target:        refused: {error}"),
+                format!(
+                    "O_DIRECT:      not checked at {}: the target was refused",
+                    file.display()
+                ),
+            ]
+        );
+
+        // Mode 0600: the target is fine; O_DIRECT works, or is what failed.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let check = check_path(&file);
+        assert!(!check.refused, "{check:?}");
+        let lines = path_lines(&check);
+        assert!(
+            lines.len() == 1
+                && (lines[0].starts_with("O_DIRECT:      supported at")
+                    || lines[0].starts_with("O_DIRECT:      not usable at")),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn a_path_refusing_o_direct_alone_says_so() {
+        let check = PathCheck {
+            path: "/mnt/f.dat".into(),
+            direct_io: false,
+            offset_align: None,
+            mem_align: None,
+            error: Some("the filesystem does not support O_DIRECT".into()),
+            refused: false,
+            anonymous_mode: None,
+            anonymous_error: None,
+        };
+        assert_eq!(
+            path_lines(&check),
+            ["O_DIRECT:      not usable at /mnt/f.dat: the filesystem does not support O_DIRECT"]
+        );
     }
 }

@@ -6,9 +6,8 @@
 //! accepted must read back as given (a setting's reported value sets it again to the same
 //! value, a fault plan and a rank list print as text that parses back to them).
 //!
-//! Known bugs kept out of the properties (see the `#[ignore]`d tests at the end): an
-//! `alignment` of 2^63 overflows `EngineConfig::validate`, and a size setting past
-//! `i64::MAX` is reported as `i64::MAX`.
+//! Bugs they found are kept as tests at the end: an `alignment` of 2^63 overflowed
+//! `EngineConfig::validate`, and a size setting past `i64::MAX` was reported as `i64::MAX`.
 
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -349,19 +348,8 @@ fn config_file() -> impl Strategy<Value = Option<ConfigFile>> {
 // Checks shared by the properties.
 // ---------------------------------------------------------------------------------------
 
-/// Whether `settings` hold an alignment of 2^63 or more, which `resolve` cannot check
-/// without overflowing (the known bug; see
-/// `alignment_of_two_to_the_63_is_refused_by_resolve`). Reported values saturate at
-/// `i64::MAX`, so that is what such an alignment reads as.
-fn overflowing_alignment(settings: &Settings) -> bool {
-    settings.value("alignment") == Some(Value::Int(i64::MAX))
-}
-
 /// Resolves `settings`: a value or an error naming a setting, never a panic.
 fn check_resolve(settings: &Settings) -> Result<(), TestCaseError> {
-    if overflowing_alignment(settings) {
-        return Ok(());
-    }
     match settings.resolve() {
         Ok(resolved) => {
             prop_assert!(resolved.engine.validate().is_ok());
@@ -381,13 +369,9 @@ fn check_resolve(settings: &Settings) -> Result<(), TestCaseError> {
 
 /// Every setting's reported value, set again as an argument, is accepted and reads back the
 /// same: what `Settings::iter` (and the C ABI's and Python's settings) report can be given
-/// back. Values reported as `i64::MAX` are left out: a value past it is reported as
-/// `i64::MAX` (the known bug of `values_past_i64_max_are_reported_as_they_are`).
+/// back, values past `i64::MAX` too.
 fn check_round_trip(settings: &Settings) -> Result<(), TestCaseError> {
     for (setting, value, _) in settings.iter() {
-        if value == Value::Int(i64::MAX) {
-            continue;
-        }
         let mut again = settings.clone();
         if let Err(e) = again.set(setting.name, value.clone()) {
             return Err(TestCaseError::fail(format!(
@@ -566,13 +550,13 @@ proptest! {
     }
 }
 
-/// BUG: an `alignment` of 2^63 (a power of two, so accepted by the setting) makes
-/// `EngineConfig::validate` compute `2 * self.alignment`, which overflows: a panic in debug
+/// An `alignment` of 2^63 (a power of two, so accepted by the setting) made
+/// `EngineConfig::validate` compute `2 * self.alignment`, which overflowed: a panic in debug
 /// builds ("attempt to multiply with overflow", through `Settings::resolve`, the C ABI's
 /// `spillway_settings_json`/`spillway_engine_open` and Python), and in release builds the
-/// product wraps to 0 and the alignment is accepted. It should be refused.
+/// product wrapped to 0 and the alignment was accepted. It is refused: an alignment is at
+/// most 1 GiB.
 #[test]
-#[ignore = "bug: alignment 2^63 overflows `2 * alignment` in EngineConfig::validate (crates/runtime/src/engine/config.rs)"]
 fn alignment_of_two_to_the_63_is_refused_by_resolve() {
     let mut settings = Settings::default();
     settings.set("alignment", "9223372036854775808").unwrap();
@@ -584,21 +568,30 @@ fn alignment_of_two_to_the_63_is_refused_by_resolve() {
     }
 }
 
-/// BUG: a size setting takes any `u64` (`"9223372036854775808"`, `"16383P"`…), but reports
-/// its value as an `i64` that saturates (`int` in src/settings/table.rs assumes "no
-/// setting's value comes near i64::MAX"): past `i64::MAX`, `Settings::value`,
-/// `Settings::iter`, the C ABI's `spillway_settings_json`/`spillway_engine_settings_json`
-/// and Python's `Engine.settings` report 9223372036854775807, which is not the value in use;
-/// for `stripe_bytes` (a multiple of 4096) the reported value is not even accepted back. Such
-/// values should be refused, or reported as they are.
+/// A size setting takes any `u64` (`"9223372036854775808"`, `"16383P"`…), but reported its
+/// value as an `i64` that saturated (`int` in src/settings/table.rs): past `i64::MAX`,
+/// `Settings::value`, `Settings::iter`, the C ABI's
+/// `spillway_settings_json`/`spillway_engine_settings_json` and Python's `Engine.settings`
+/// reported 9223372036854775807, which is not the value in use; for `stripe_bytes` (a
+/// multiple of 4096) the reported value was not even accepted back. Such values are
+/// reported as they are (as text of their digits, as TOML and Python give them).
 #[test]
-#[ignore = "bug: settings past i64::MAX are reported as i64::MAX (src/settings/table.rs `int`), and stripe_bytes cannot be set back"]
 fn values_past_i64_max_are_reported_as_they_are() {
     let mut settings = Settings::default();
     settings.set("stripe_bytes", "9223372036854775808").unwrap();
     settings.set("staging_bytes", "18446744073709551615").unwrap();
     let reported_stripe = settings.value("stripe_bytes").unwrap();
     let reported_staging = settings.value("staging_bytes").unwrap();
+    assert_eq!(
+        reported_stripe.size(),
+        Ok(1 << 63),
+        "stripe_bytes reads {reported_stripe}"
+    );
+    assert_eq!(
+        reported_staging.size(),
+        Ok(u64::MAX),
+        "staging_bytes reads {reported_staging}"
+    );
     let mut again = Settings::default();
     again
         .set("stripe_bytes", reported_stripe.clone())

@@ -73,18 +73,16 @@ impl Kind {
         }
     }
 
-    /// `value` as the documentation writes it: sizes with a binary unit where one fits.
+    /// `value` as the documentation writes it: sizes with the largest binary unit that
+    /// divides them ("512MiB", "4KiB", "1000"), whole numbers bare, also those past
+    /// `i64::MAX` that a setting reports as text.
     pub fn show(self, value: &Value) -> String {
-        match (self, value) {
-            (Kind::Size | Kind::SizeOrAuto, Value::Int(n)) => size_text(*n),
-            (_, v) => v.to_string(),
+        match (self, value.whole_number()) {
+            (Kind::Size | Kind::SizeOrAuto, Ok(n)) => spillway_runtime::size::exact_size_text(n),
+            (Kind::Count | Kind::Whole, Ok(n)) => n.to_string(),
+            _ => value.to_string(),
         }
     }
-}
-
-/// A byte count with the largest binary unit that divides it ("512MiB", "4KiB", "1000").
-fn size_text(n: i64) -> String {
-    u64::try_from(n).map_or_else(|_| n.to_string(), spillway_runtime::size::exact_size_text)
 }
 
 /// One setting.
@@ -231,9 +229,12 @@ fn faults_value(r: &Resolved) -> Value {
     }
 }
 
-/// A whole number as a [`Value`] (saturating: no setting's value comes near `i64::MAX`).
-fn int(n: impl TryInto<i64>) -> Value {
-    Value::Int(n.try_into().unwrap_or(i64::MAX))
+/// A whole number as a [`Value`], exactly: an integer up to `i64::MAX`, past it (a size or
+/// count up to `u64::MAX`) the text of its digits, which is how TOML and Python give such a
+/// value too (their integers stop at `i64::MAX`), so that it sets the setting again.
+fn int<N: TryInto<i64> + ToString + Copy>(n: N) -> Value {
+    n.try_into()
+        .map_or_else(|_| Value::Str(n.to_string()), Value::Int)
 }
 
 /// Every setting, in the order the documentation lists them.
@@ -296,7 +297,7 @@ pub static SETTINGS: &[Setting] = &[
     Setting {
         name: "alignment",
         kind: Kind::Size,
-        meaning: "alignment of every extent and packed piece on storage (a power of two, at least 512)",
+        meaning: "alignment of every extent and packed piece on storage (a power of two from 512 bytes to 1 GiB)",
         get: |r| int(r.engine.alignment),
         set: |r, v| {
             r.engine.alignment = size(v)?;
@@ -472,4 +473,37 @@ pub fn find(name: &str) -> Option<(usize, &'static Setting)> {
 /// The names of every setting, in table order.
 pub fn names() -> impl Iterator<Item = &'static str> {
     SETTINGS.iter().map(|s| s.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_numbers_are_reported_exactly_up_to_u64_max() {
+        assert_eq!(int(4096u64), Value::Int(4096));
+        assert_eq!(int(i64::MAX as u64), Value::Int(i64::MAX));
+        assert_eq!(int(1u64 << 63), Value::from("9223372036854775808"));
+        assert_eq!(int(u64::MAX), Value::from("18446744073709551615"));
+        assert_eq!(int(usize::MAX), Value::Str(usize::MAX.to_string()));
+        assert_eq!(int(u32::MAX), Value::Int(u32::MAX.into()));
+    }
+
+    #[test]
+    fn shown_values_keep_their_units_past_i64_max() {
+        assert_eq!(Kind::Size.show(&Value::Int(512 << 20)), "512MiB");
+        assert_eq!(Kind::Size.show(&Value::Int(1000)), "1000");
+        assert_eq!(Kind::Size.show(&Value::from("9223372036854775808")), "8388608TiB");
+        assert_eq!(
+            Kind::SizeOrAuto.show(&Value::from("18446744073709551615")),
+            "18446744073709551615"
+        );
+        assert_eq!(Kind::SizeOrAuto.show(&Value::from("auto")), "\"auto\"");
+        assert_eq!(
+            Kind::Count.show(&Value::from("18446744073709551615")),
+            "18446744073709551615"
+        );
+        assert_eq!(Kind::Count.show(&Value::Int(16)), "16");
+        assert_eq!(Kind::Flag.show(&Value::Bool(true)), "true");
+    }
 }

@@ -214,6 +214,10 @@ pub struct StripedBackend {
     round_start: Vec<u64>,
     /// Units per round: the sum of the weights.
     round: u64,
+    /// Bytes per round: `round` units of `stripe` bytes. Checked to fit 64 bits when the
+    /// set is made, so that every offset of the set, and each member's share of one, can be
+    /// computed without overflow.
+    round_bytes: u64,
     members: Vec<MemberState>,
     open: Mutex<Vec<OpenSet>>,
     next_id: AtomicUsize,
@@ -223,8 +227,9 @@ pub struct StripedBackend {
 
 impl StripedBackend {
     /// A set called `name` (the path its target is opened by) over `members`, dealt out in
-    /// `stripe`-byte units. `stripe` must be a positive multiple of 4096; at least two
-    /// members are needed (one member is no set: use its backend directly).
+    /// `stripe`-byte units. `stripe` must be a positive multiple of 4096, and a round of
+    /// units (`stripe` times the number of members) must fit 64 bits; at least two members
+    /// are needed (one member is no set: use its backend directly).
     pub fn new(name: impl Into<PathBuf>, members: Vec<Member>, stripe: u64) -> Result<Self> {
         let weights = vec![1; members.len()];
         Self::weighted(name, members, stripe, &weights)
@@ -232,7 +237,8 @@ impl StripedBackend {
 
     /// Like [`StripedBackend::new`], with member `i` taking `weights[i]` consecutive units of
     /// every round (e.g. its throughput in GB/s, rounded): one weight per member, each at
-    /// least 1.
+    /// least 1, and `stripe` times the sum of the weights (a round's bytes) must fit 64
+    /// bits.
     pub fn weighted(
         name: impl Into<PathBuf>,
         members: Vec<Member>,
@@ -256,6 +262,18 @@ impl StripedBackend {
                 "stripe_bytes must be a positive multiple of 4096, not {stripe}"
             )));
         }
+        // A round's bytes must fit 64 bits, or the set's offsets cannot be computed.
+        let round_bytes = weights
+            .iter()
+            .try_fold(0u64, |sum, &w| sum.checked_add(u64::from(w)))
+            .and_then(|round| round.checked_mul(stripe))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "stripe_bytes {stripe} times the sum of the stripe weights {weights:?} passes 2^64 bytes, \
+                     so the offsets of the striped set cannot be computed: choose a smaller stripe_bytes \
+                     (1MiB suits most drives) or smaller stripe_weights"
+                ))
+            })?;
         let weights: Vec<u64> = weights.iter().map(|&w| u64::from(w)).collect();
         let round_start = weights
             .iter()
@@ -268,7 +286,8 @@ impl StripedBackend {
         Ok(StripedBackend {
             name: name.into(),
             stripe,
-            round: weights.iter().sum(),
+            round: round_bytes / stripe,
+            round_bytes,
             weights,
             round_start,
             members: members
@@ -362,8 +381,28 @@ impl StripedBackend {
         Ok(())
     }
 
+    /// What each member reserves for a set of `reserve` bytes: its weight's units of every
+    /// round, in whole rounds (rounded up). Refused when a share would pass 2^64 bytes.
+    fn shares(&self, reserve: u64) -> Result<Vec<u64>> {
+        let rounds = reserve.div_ceil(self.round_bytes);
+        self.weights
+            .iter()
+            // A member's units of a round are part of the round: `w * stripe` fits.
+            .map(|&w| rounds.checked_mul(w * self.stripe))
+            .collect::<Option<Vec<u64>>>()
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "a capacity of {reserve} bytes is too large for the striped set {}: in whole rounds of \
+                     {} bytes, a member's share passes 2^64 bytes; ask for a smaller capacity",
+                    self.name.display(),
+                    self.round_bytes
+                ))
+            })
+    }
+
     /// Where byte `offset` of the set lives: (member index, offset in the member, bytes
-    /// left in its stripe unit).
+    /// left in its stripe unit). The offset in the member is at most `offset`, so nothing
+    /// here overflows, whatever `offset` is.
     fn locate(&self, offset: u64) -> (usize, u64, u64) {
         let unit = offset / self.stripe;
         let within = offset % self.stripe;
@@ -613,11 +652,11 @@ impl Backend for StripedBackend {
         }
         // Each member holds its weight's units of every round: its share of the
         // reservation, in whole rounds.
-        let rounds = target.reserve.map(|r| r.div_ceil(self.round * self.stripe));
+        let shares = target.reserve.map(|r| self.shares(r)).transpose()?;
         let mut opened: Vec<(TargetId, TargetInfo)> = Vec::new();
-        for (m, w) in self.members.iter().zip(&self.weights) {
+        for (i, m) in self.members.iter().enumerate() {
             let mut t = m.member.target.clone();
-            t.reserve = rounds.map(|r| r * w * self.stripe).or(t.reserve);
+            t.reserve = shares.as_ref().map(|s| s[i]).or(t.reserve);
             t.direct = target.direct;
             match m.member.backend.open(&t) {
                 Ok(x) => opened.push(x),
@@ -629,17 +668,18 @@ impl Backend for StripedBackend {
                 }
             }
         }
-        // Whole rounds that every member has room for.
+        // Whole rounds that every member has room for, and that offsets of 64 bits reach.
         let rounds = opened
             .iter()
             .zip(&self.weights)
             .map(|((_, i), w)| i.size / (w * self.stripe))
             .min()
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .min(u64::MAX / self.round_bytes);
         let info = TargetInfo {
             direct_io: opened.iter().all(|(_, i)| i.direct_io),
             offset_align: opened.iter().map(|(_, i)| i.offset_align).max().unwrap_or(1),
-            size: rounds * self.round * self.stripe,
+            size: rounds * self.round_bytes,
             warning: {
                 let w: Vec<String> = opened.iter().filter_map(|(_, i)| i.warning.clone()).collect();
                 (!w.is_empty()).then(|| w.join("; "))
@@ -665,6 +705,14 @@ impl Backend for StripedBackend {
     unsafe fn submit(&self, req: IoRequest) -> Result<Ticket> {
         let set = self.set(req.target)?;
         let len = req.mem.len();
+        if req.offset.checked_add(len as u64).is_none() {
+            return Err(Error::invalid(format!(
+                "a {} of {len} bytes at offset {} of the striped set {} ends past 2^64 bytes",
+                req.op.as_str(),
+                req.offset,
+                self.name.display()
+            )));
+        }
         let mut pieces = Vec::new();
         let (mut at, mut offset) = (0usize, req.offset);
         while at < len {
@@ -1081,5 +1129,118 @@ mod tests {
         }
         b.close(id).unwrap();
         assert!(b.flush(id).is_err(), "a closed set is gone");
+    }
+
+    /// `n` members over memory backends, named "/m0", "/m1", ….
+    fn mem_members(n: usize) -> Vec<Member> {
+        (0..n)
+            .map(|i| Member {
+                target: Target::new(format!("/m{i}")),
+                backend: Arc::new(MemBackend::new(Arc::new(HostDevice::new())).unwrap()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_round_past_two_to_the_64_bytes_is_refused_when_the_set_is_made() {
+        for (stripe, weights) in [
+            (1u64 << 63, vec![1u32, 1]),
+            (u64::MAX - 4095, vec![1, 1]),
+            (1 << 62, vec![1, 3]),
+            (1 << 32, vec![u32::MAX, u32::MAX]),
+        ] {
+            let e = StripedBackend::weighted("s", mem_members(weights.len()), stripe, &weights).unwrap_err();
+            let text = e.to_string();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{text}");
+            assert!(
+                text.contains(&format!("stripe_bytes {stripe} times"))
+                    && text.contains(&format!("{weights:?}"))
+                    && text.contains("smaller stripe_bytes"),
+                "{text}"
+            );
+        }
+        let e = StripedBackend::new("s", mem_members(2), 1 << 63).unwrap_err();
+        assert!(e.to_string().contains("[1, 1]"), "{e}");
+        // Just under: three units of 2^62 bytes make a round.
+        StripedBackend::weighted("s", mem_members(2), 1 << 62, &[1, 2]).unwrap();
+    }
+
+    #[test]
+    fn offsets_near_the_end_of_a_huge_set_are_computed_without_overflow() {
+        let b = StripedBackend::weighted("set", mem_members(2), 1 << 62, &[1, 2]).unwrap();
+        // Unit 3 is the first of round 1, on member 0, whose second unit it is.
+        assert_eq!(b.locate(u64::MAX), (0, (1 << 63) - 1, 1));
+        assert_eq!(b.locate(3 << 62), (0, 1 << 62, 1 << 62));
+        assert_eq!(b.locate((2 << 62) + 5), (1, (1 << 62) + 5, (1 << 62) - 5));
+        // A reservation whose whole rounds pass 2^64 bytes on a member is refused.
+        for reserve in [u64::MAX, (3 << 62) + 1] {
+            let e = b.open(&Target::new("set").reserve(reserve)).unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains(&format!("capacity of {reserve} bytes is too large")),
+                "{e}"
+            );
+        }
+        let (id, _) = b.open(&Target::new("set").reserve(3 << 62)).unwrap();
+        // A request running past 2^64 bytes is refused before any member sees it.
+        let mut buf = vec![0u8; 4096];
+        for offset in [u64::MAX, u64::MAX - 4094] {
+            let e = io(&b, id, IoOp::Read, offset, &mut buf).unwrap_err();
+            assert!(e.to_string().contains("ends past 2^64 bytes"), "{e}");
+        }
+        assert!(b.member_stats().iter().all(|s| s.requests == 0));
+    }
+
+    /// A memory backend whose targets say they hold `size` bytes.
+    #[derive(Debug)]
+    struct Huge {
+        inner: MemBackend,
+        size: u64,
+    }
+
+    impl Backend for Huge {
+        fn info(&self) -> BackendInfo {
+            self.inner.info()
+        }
+        fn open(&self, target: &Target) -> Result<(TargetId, TargetInfo)> {
+            let (id, info) = self.inner.open(target)?;
+            Ok((
+                id,
+                TargetInfo {
+                    size: self.size,
+                    ..info
+                },
+            ))
+        }
+        unsafe fn submit(&self, req: IoRequest) -> Result<Ticket> {
+            // SAFETY: forwarded contract.
+            unsafe { self.inner.submit(req) }
+        }
+        fn flush(&self, target: TargetId) -> Result<()> {
+            self.inner.flush(target)
+        }
+        fn close(&self, target: TargetId) -> Result<()> {
+            self.inner.close(target)
+        }
+    }
+
+    #[test]
+    fn a_set_of_huge_members_is_as_large_as_64_bit_offsets_reach() {
+        let members = (0..2)
+            .map(|i| Member {
+                target: Target::new(format!("/m{i}")),
+                backend: Arc::new(Huge {
+                    inner: MemBackend::new(Arc::new(HostDevice::new())).unwrap(),
+                    size: u64::MAX,
+                }),
+            })
+            .collect();
+        let b = StripedBackend::new("set", members, STRIPE).unwrap();
+        let (_, info) = b.open(&Target::new("set")).unwrap();
+        let round = 2 * STRIPE;
+        assert_eq!(info.size, u64::MAX / round * round);
+        let (member, offset, room) = b.locate(info.size - 1);
+        assert_eq!((member, room), (1, 1));
+        assert_eq!(offset, info.size / 2 - 1);
     }
 }

@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 #[derive(Clone, Debug, PartialEq)]
 pub struct EngineConfig {
     /// Alignment of every extent, and of every piece inside a packed extent (bytes, a power
-    /// of two; 4096 suits every NVMe namespace and O_DIRECT filesystem). Default 4 KiB.
+    /// of two from 512 B to 1 GiB; 4096 suits every NVMe namespace and O_DIRECT
+    /// filesystem). Default 4 KiB.
     pub alignment: u64,
     /// Device memory the engine allocates once, at start, for packing and prefetching. The
     /// engine never allocates more, whatever the workload: work waits for space instead
@@ -50,6 +51,14 @@ pub struct EngineConfig {
     pub io_retries: u32,
 }
 
+/// The least [`EngineConfig::alignment`] may be: the smallest sector of any storage.
+const MIN_ALIGNMENT: u64 = 512;
+
+/// The most [`EngineConfig::alignment`] may be: 1 GiB. No storage asks for more (NVMe
+/// namespaces and O_DIRECT filesystems ask for 512 B or 4 KiB), every extent and packed
+/// piece is rounded up to it, and the staging memory must hold two units of it.
+const MAX_ALIGNMENT: u64 = 1 << 30;
+
 /// The most [`EngineConfig::io_retries`] may be: a request that failed this often is not
 /// failing by chance, and each retry is another request to a device that is misbehaving.
 pub const MAX_IO_RETRIES: u32 = 100;
@@ -74,20 +83,30 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
-    /// Checks that the settings fit together, naming the one that does not.
+    /// Checks that the settings fit together, naming the one that does not. Never
+    /// overflows, whatever the values: arithmetic on them is checked.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::invalid(format!("engine settings: {msg}")));
-        if !self.alignment.is_power_of_two() || self.alignment < 512 {
+        if !self.alignment.is_power_of_two() || !(MIN_ALIGNMENT..=MAX_ALIGNMENT).contains(&self.alignment) {
             return bad(format!(
-                "alignment {} must be a power of two of at least 512 bytes",
+                "alignment {} must be a power of two from {MIN_ALIGNMENT} bytes to 1 GiB ({MAX_ALIGNMENT} bytes): \
+                 set it to 4096, which suits every NVMe namespace and O_DIRECT filesystem, or to what the storage needs",
                 self.alignment
             ));
         }
-        if self.staging_bytes < 2 * self.alignment {
+        let two_units = match self.alignment.checked_mul(2) {
+            Some(n) => n,
+            None => {
+                return bad(format!(
+                    "alignment {} is too large: two alignment units pass 2^64 bytes; set it to 4096",
+                    self.alignment
+                ))
+            }
+        };
+        if self.staging_bytes < two_units {
             return bad(format!(
-                "staging_bytes {} is too small: at least two alignment units ({} bytes) are needed",
+                "staging_bytes {} is too small: at least two alignment units ({two_units} bytes) are needed",
                 self.staging_bytes,
-                2 * self.alignment
             ));
         }
         if self.prefetch_bytes > self.staging_bytes {
@@ -152,5 +171,73 @@ mod tests {
             ..Default::default()
         };
         assert!(e.validate().unwrap_err().to_string().contains("io_retries"));
+    }
+
+    #[test]
+    fn alignments_past_the_maximum_are_refused_without_overflow() {
+        for shift in 0..64 {
+            let e = EngineConfig {
+                alignment: 1 << shift,
+                staging_bytes: u64::MAX,
+                prefetch_bytes: 0,
+                ..Default::default()
+            };
+            let ok = (MIN_ALIGNMENT..=MAX_ALIGNMENT).contains(&e.alignment);
+            match e.validate() {
+                Ok(()) => assert!(ok, "alignment 2^{shift} accepted"),
+                Err(err) => {
+                    assert!(!ok, "alignment 2^{shift}: {err}");
+                    let text = err.to_string();
+                    assert!(
+                        text.contains(&format!("alignment {} must be", e.alignment))
+                            && text.contains("1 GiB")
+                            && text.contains("4096"),
+                        "{text}"
+                    );
+                }
+            }
+        }
+        let e = EngineConfig {
+            alignment: 1 << 63,
+            ..Default::default()
+        };
+        let text = e.validate().unwrap_err().to_string();
+        assert!(text.contains("alignment 9223372036854775808"), "{text}");
+        // The largest alignment needs two units of staging memory.
+        let e = EngineConfig {
+            alignment: MAX_ALIGNMENT,
+            staging_bytes: 2 * MAX_ALIGNMENT - 1,
+            prefetch_bytes: 0,
+            ..Default::default()
+        };
+        assert!(e.validate().unwrap_err().to_string().contains("staging_bytes"));
+        EngineConfig {
+            staging_bytes: 2 * MAX_ALIGNMENT,
+            ..e
+        }
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn the_largest_sizes_are_checked_without_overflow() {
+        let e = EngineConfig {
+            staging_bytes: u64::MAX,
+            prefetch_bytes: u64::MAX,
+            pack_extent_bytes: u64::MAX / 2,
+            pack_threshold: u64::MAX / 2,
+            direct_write_bytes: u64::MAX,
+            ..Default::default()
+        };
+        e.validate().unwrap();
+        let e = EngineConfig {
+            pack_extent_bytes: u64::MAX / 2 + 1,
+            ..e
+        };
+        assert!(e
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("pack_extent_bytes"));
     }
 }
