@@ -72,6 +72,16 @@ impl SourceFlag {
             set = self.changed.wait(set).unwrap_or_else(|e| e.into_inner());
         }
     }
+
+    /// Waits until [`SourceFlag::set`] is called or `timeout` has passed; true when set.
+    pub(super) fn wait_for(&self, timeout: std::time::Duration) -> bool {
+        let set = lock(&self.set);
+        let (set, _) = self
+            .changed
+            .wait_timeout_while(set, timeout, |set| !*set)
+            .unwrap_or_else(|e| e.into_inner());
+        *set
+    }
 }
 
 /// Locks `m`, going on past a poisoned lock (the data stays consistent: every critical

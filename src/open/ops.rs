@@ -10,6 +10,10 @@ use super::handles::{lock, SourceFlag};
 use super::OpenedEngine;
 use crate::cuda::ForeignStream;
 
+/// How often [`OpenedEngine::wait_source_released`] asks the engine whether it keeps the
+/// memory (it is told of a release at once).
+const KEPT_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
 impl OpenedEngine {
     /// Checks that every region is memory of the engine's GPU (any memory passes with host
     /// memory). `what` names the regions in the error ("offload region").
@@ -74,11 +78,23 @@ impl OpenedEngine {
     }
 
     /// Waits until the engine no longer reads the memory offloaded as `handle` (its write
-    /// is done, or was dropped).
-    pub fn wait_source_released(&self, handle: Handle) -> Result<()> {
+    /// is done, or was dropped): true. False, as soon as it is known, when the engine keeps
+    /// using that memory until the handle is released, having no copy on storage
+    /// ([`Engine::source_kept`](spillway_runtime::engine::Engine::source_kept): the storage
+    /// was full, the write failed, or every handle fetched the tensor before its write
+    /// started) — waiting longer would wait forever.
+    pub fn wait_source_released(&self, handle: Handle) -> Result<bool> {
         let flag = lock(&self.handles).flag(handle.0)?;
-        flag.wait();
-        Ok(())
+        loop {
+            if flag.wait_for(KEPT_POLL) {
+                return Ok(true);
+            }
+            if self.engine.source_kept(handle)? {
+                // Released meanwhile after all (a last look, since the flag is set after
+                // the engine lets go).
+                return Ok(flag.is_set());
+            }
+        }
     }
 
     /// Copies the tensor behind `handle` into `regions` (memory of its size). With

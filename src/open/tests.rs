@@ -72,7 +72,7 @@ fn handles_track_their_source_until_the_last_one_of_a_key_is_released() {
         )
     };
     e.engine.drain().unwrap();
-    e.wait_source_released(h1).unwrap();
+    assert!(e.wait_source_released(h1).unwrap());
     assert!(e.source_released(h2).unwrap());
     let mut back = vec![0u8; src.len()];
     // SAFETY: `back` is live and idle, no stream.
@@ -229,4 +229,28 @@ fn each_path_of_a_striped_set_injects_faults_with_a_seed_of_its_own() {
         e.info.notes
     );
     e.release(h).unwrap();
+}
+
+#[test]
+fn waiting_for_a_source_kept_in_memory_says_so_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // 64 KiB of storage: a 1 MiB tensor does not fit, so it stays in its own memory.
+    let e = open(&[dir.path().to_path_buf()], Some(64 << 10)).unwrap();
+    let mut big = vec![3u8; 1 << 20];
+    let mut small = vec![4u8; 4096];
+    // SAFETY: both buffers outlive the engine's use of them (released below).
+    let (kept, stored) = unsafe {
+        (
+            e.offload(TensorKey::new(1, 0), &region(&mut big), None).unwrap(),
+            e.offload(TensorKey::new(2, 0), &region(&mut small), None).unwrap(),
+        )
+    };
+    e.engine.drain().unwrap();
+    assert!(!e.wait_source_released(kept).unwrap(), "kept until release");
+    assert!(e.engine.source_kept(kept).unwrap());
+    assert!(e.wait_source_released(stored).unwrap(), "on storage");
+    assert!(!e.engine.source_kept(stored).unwrap());
+    assert_eq!(e.engine.stats().counters.resident_tensors, 1);
+    e.release(kept).unwrap();
+    e.release(stored).unwrap();
 }

@@ -398,12 +398,17 @@ int spillway_engine_source_released(const struct spillway_engine *engine,
                                     bool *released);
 
 // Waits until the engine no longer reads the memory offloaded as `handle` (its write is
-// done, or was dropped).
+// done, or was dropped) and stores true in `*released` (when not NULL). Returns at once,
+// storing false, when the engine keeps using that memory until the handle is released
+// because it has no copy of the tensor on storage: the storage was full (the stats'
+// `resident_tensors`), the write failed, or every handle fetched the tensor before its
+// write started. Waiting would then never end.
 //
 // # Safety
-// `engine` is NULL or an open `spillway_engine`.
+// `engine` is NULL or an open `spillway_engine`; `released` is NULL or valid for a write.
 int spillway_engine_wait_source_released(const struct spillway_engine *engine,
-                                         spillway_handle handle);
+                                         spillway_handle handle,
+                                         bool *released);
 
 // Starts reading the tensor behind `handle` ahead into staging memory, so that a later
 // fetch is served from there.

@@ -115,19 +115,29 @@ pub unsafe extern "C" fn spillway_engine_source_released(
 }
 
 /// Waits until the engine no longer reads the memory offloaded as `handle` (its write is
-/// done, or was dropped).
+/// done, or was dropped) and stores true in `*released` (when not NULL). Returns at once,
+/// storing false, when the engine keeps using that memory until the handle is released
+/// because it has no copy of the tensor on storage: the storage was full (the stats'
+/// `resident_tensors`), the write failed, or every handle fetched the tensor before its
+/// write started. Waiting would then never end.
 ///
 /// # Safety
-/// `engine` is NULL or an open `spillway_engine`.
+/// `engine` is NULL or an open `spillway_engine`; `released` is NULL or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn spillway_engine_wait_source_released(
     engine: *const spillway_engine,
     handle: spillway_handle,
+    released: *mut bool,
 ) -> c_int {
     guard("spillway_engine_wait_source_released", || {
         // SAFETY: `engine` is NULL or open (the contract).
         let opened = unsafe { opened(engine)? };
-        opened.wait_source_released(Handle(handle)).map_err(Failure::from)
+        let done = opened.wait_source_released(Handle(handle))?;
+        if !released.is_null() {
+            // SAFETY: not NULL, so writable (the contract).
+            unsafe { args::put(released, done, "released")? };
+        }
+        Ok(())
     })
 }
 

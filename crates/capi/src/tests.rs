@@ -121,7 +121,7 @@ fn buffers_round_trip_through_storage() {
         let mut released = false;
         // SAFETY: an open engine, a variable for the result.
         check(
-            unsafe { spillway_engine_wait_source_released(engine, h) },
+            unsafe { spillway_engine_wait_source_released(engine, h, null_mut()) },
             SPILLWAY_OK,
         );
         check(

@@ -12,11 +12,11 @@
 //! The crate builds a C library only (no rlib to link a test against), so its sources are
 //! compiled into this test as modules, as the library compiles them.
 //!
-//! Known bugs kept out of the properties (see the `#[ignore]`d tests at the end): an
-//! `alignment` of 2^63 overflows in `EngineConfig::validate`; a striped set whose
-//! `stripe_bytes` times its weights passes 2^64 overflows in `StripedBackend::open`; and
-//! waiting for the source of a tensor whose every handle fetched it before its write
-//! started never returns (the engine keeps the memory until release).
+//! Bugs they found are kept as tests at the end: waiting for the source of a tensor whose
+//! every handle fetched it before its write started never returned (the engine keeps the
+//! memory until release; the wait now says so at once), an `alignment` of 2^63 overflowed
+//! in `EngineConfig::validate`, and a striped set whose `stripe_bytes` times its weights
+//! passes 2^64 overflowed in `StripedBackend::open`.
 //!
 //! Opening engines here never reserves much storage: cases that would give a file more
 //! than 256 MiB up front (a striped set without a capacity reserves half the free space of
@@ -305,25 +305,6 @@ fn open_engine(dir: &Path, extra: &[(&str, &str)]) -> *mut spillway_engine {
     engine
 }
 
-/// Whether settings `shadow` hold a value that makes the library panic (the known bugs;
-/// see the `#[ignore]`d tests): an alignment of 2^63 (reported as `i64::MAX`, its value
-/// saturated), or, for a striped set of `n_paths`, `stripe_bytes` times the sum of the
-/// weights past `u64::MAX`.
-fn known_overflow(shadow: &Settings, n_paths: usize) -> bool {
-    if shadow.value("alignment") == Some(Value::Int(i64::MAX)) {
-        return true;
-    }
-    let Ok(resolved) = shadow.resolve() else {
-        return false;
-    };
-    let round: u64 = if resolved.stripe_weights.is_empty() {
-        n_paths as u64
-    } else {
-        resolved.stripe_weights.iter().map(|&w| u64::from(w)).sum()
-    };
-    n_paths >= 2 && round.checked_mul(resolved.stripe_bytes).is_none()
-}
-
 /// Whether opening an engine with settings `shadow` on `n_paths` paths and `capacity`
 /// reserves little: no file is given more than 256 MiB up front, or more than a file can
 /// hold (refused before anything is reserved). A striped set reserves on each path its
@@ -412,7 +393,7 @@ proptest! {
                 },
             }
         }
-        if !known_overflow(&shadow, 1) {
+        {
             let f = "spillway_settings_json";
             // SAFETY: live settings; `out` is NULL or a variable.
             let json = json_call(f, json_out_null, |out| unsafe { spillway_settings_json(settings, out) })?;
@@ -763,7 +744,7 @@ fn call_on_empty_engine(
             spillway_engine_release(e, *h)
         })?,
         Call::Wait(h) => no_handle("spillway_engine_wait_source_released", unsafe {
-            spillway_engine_wait_source_released(e, *h)
+            spillway_engine_wait_source_released(e, *h, null_mut())
         })?,
         Call::SourceReleased { handle, out_null } => {
             let mut released = false;
@@ -1036,8 +1017,8 @@ fn open_setting() -> impl Strategy<Value = (&'static str, String)> {
         size(&["0", "0.5", "2", "5"]).prop_map(|v| ("pack_flush_delay_ms", v)),
         size(&["0", "3", "100", "101", "4294967296"]).prop_map(|v| ("io_retries", v)),
         // Stripes of any size, weights of any size: the reservation of each member is one
-        // weight of stripes at least, so the product stays small, or past 2^64 (the known
-        // bug, kept out by `known_overflow`).
+        // weight of stripes at least, so the product stays small, or past 2^64 (a set
+        // refused when it is made).
         size(&[
             "4096",
             "1MiB",
@@ -1140,7 +1121,8 @@ fn open_takes_any_arguments() {
                 return Ok(()); // only values the setting takes: the rest is `settings_take_any_strings`
             }
         }
-        if known_overflow(&shadow, n_paths) || !reserves_little(&shadow, n_paths, case.capacity) {
+        // A NULL array of paths (of any count) is refused before anything is reserved.
+        if case.paths.is_ok() && !reserves_little(&shadow, n_paths, case.capacity) {
             return Ok(());
         }
         let settings = if settings_null {
@@ -1607,21 +1589,19 @@ fn steps_on(
             Step::Wait(p) => {
                 let (h, at) = model.resolve(*p);
                 let live = model.live(at);
-                // With faults, a tensor whose write failed stays in its own memory until
-                // released: waiting for it would wait for ever.
-                if !model.faults || !live {
-                    if let Some(i) = at.filter(|_| live) {
-                        if model.kept_until_release.contains(&model.held[i].entry) {
-                            // The engine may keep it until release: not waited for.
-                            continue;
-                        }
-                        // A source never released would hang the wait: a failure instead.
-                        released_soon(engine, h)?;
-                    }
-                    // SAFETY: an open engine.
-                    let status = unsafe { spillway_engine_wait_source_released(engine, h) };
-                    expect_live("spillway_engine_wait_source_released", status, live)?;
+                // A tensor whose write failed (with faults) or was dropped after its fetch may
+                // stay in its own memory until released: the wait then says so at once.
+                let may_keep = model.faults
+                    || at.is_some_and(|i| model.kept_until_release.contains(&model.held[i].entry));
+                if live && !may_keep {
+                    // A source never released would hang the wait: a failure instead.
+                    released_soon(engine, h)?;
                 }
+                let mut released = false;
+                // SAFETY: an open engine, a variable for the result.
+                let status = unsafe { spillway_engine_wait_source_released(engine, h, &mut released) };
+                expect_live("spillway_engine_wait_source_released", status, live)?;
+                prop_assert!(!live || may_keep || released, "handle {} not released after the wait", h);
             }
             Step::Released(p) => {
                 let (h, at) = model.resolve(*p);
@@ -1692,17 +1672,13 @@ fn expect_live(function: &str, status: c_int, live: bool) -> Result<(), TestCase
 // Known bugs.
 // ---------------------------------------------------------------------------------------
 
-/// BUG (a hang): once every handle of a tensor has fetched it before its write started,
-/// the engine drops the write ("cancelled_tensors") but keeps reading the tensor's own memory
-/// until the last handle is released (`State::after_fetch` in
-/// crates/runtime/src/engine/state.rs: "The memory stays with the engine until release"). So
-/// `spillway_engine_wait_source_released` on it never returns, although its documentation
-/// says it waits until "its write is done, or was dropped", and `source_released` stays
-/// false: a caller that offloads, fetches, then waits for the source before releasing it
-/// (to free the memory) deadlocks. A later offload of the same key (dedup) inherits it.
-/// Found by `offload_fetch_release_in_any_order` (offload 4 KiB packed, fetch, wait).
+/// Once every handle of a tensor has fetched it before its write started, the engine drops
+/// the write ("cancelled_tensors") and keeps reading the tensor's own memory until the last
+/// handle is released. `spillway_engine_wait_source_released` used to wait for that memory
+/// forever (found by `offload_fetch_release_in_any_order`: offload 4 KiB packed, fetch,
+/// wait); it now returns at once with `released` false, as it does for a tensor kept in
+/// memory because the storage was full.
 #[test]
-#[ignore = "bug: wait_source_released never returns after a fetch cancelled the write (the source is held until release)"]
 fn waiting_for_a_fetched_source_returns() {
     let dir = tempfile::tempdir().unwrap();
     // A long flush delay: the packed extent is still open when the fetch comes.
@@ -1739,50 +1715,52 @@ fn waiting_for_a_fetched_source_returns() {
     std::thread::scope(|scope| {
         scope.spawn(move || {
             // SAFETY: an open engine (the calls but close may come from any thread).
-            let status = unsafe { spillway_engine_wait_source_released(waiter.0, h) };
-            let _ = tx.send(status);
+            let mut released = true;
+            let status = unsafe { spillway_engine_wait_source_released(waiter.0, h, &mut released) };
+            let _ = tx.send((status, released));
         });
         let done = rx.recv_timeout(std::time::Duration::from_secs(5));
         // SAFETY: an open engine. Releasing lets the waiter go, so that the scope ends.
         unsafe { spillway_engine_release(engine.0, h) };
         assert_eq!(
             done,
-            Ok(SPILLWAY_OK),
-            "spillway_engine_wait_source_released did not return within 5 s of a fetch that dropped the write"
+            Ok((SPILLWAY_OK, false)),
+            "spillway_engine_wait_source_released did not say within 5 s that the memory stays in use"
         );
     });
     // SAFETY: open, used by no one else; closed once.
     unsafe { spillway_engine_close(engine.0) };
 }
 
-/// BUG: an `alignment` of 2^63 is accepted by `spillway_settings_set` (a power of two),
-/// then `EngineConfig::validate` computes `2 * self.alignment`, which overflows: in a debug
-/// build the panic is caught and `spillway_settings_json` / `spillway_engine_open` return
-/// SPILLWAY_ERROR_INTERNAL ("attempt to multiply with overflow", crates/runtime/src/engine/
-/// config.rs); in a release build the product wraps to 0 and the alignment passes the check.
+/// An `alignment` of 2^63 is accepted by `spillway_settings_set` (a power of two), then
+/// `EngineConfig::validate` computed `2 * self.alignment`, which overflowed: in a debug
+/// build the panic was caught and `spillway_settings_json` / `spillway_engine_open`
+/// returned SPILLWAY_ERROR_INTERNAL ("attempt to multiply with overflow"); in a release
+/// build the product wrapped to 0 and the alignment passed the check. It is refused: an
+/// alignment is at most 1 GiB.
 #[test]
-#[ignore = "bug: alignment 2^63 overflows `2 * alignment` in EngineConfig::validate (crates/runtime/src/engine/config.rs)"]
 fn an_alignment_of_two_to_the_63_is_refused() {
     let settings = new_settings(&[("alignment", "9223372036854775808")]);
     let mut out = null_mut();
     // SAFETY: live settings, a variable for the result.
     let status = unsafe { spillway_settings_json(settings, &mut out) };
+    let message = last_error();
     // SAFETY: from `spillway_settings_new`, freed once.
     unsafe { spillway_settings_free(settings) };
-    assert_eq!(status, SPILLWAY_ERROR_INVALID_ARGUMENT, "{}", last_error());
+    assert_eq!(status, SPILLWAY_ERROR_INVALID_ARGUMENT, "{message}");
+    assert!(message.contains("alignment 9223372036854775808"), "{message}");
 }
 
-/// BUG: striping over several paths with `stripe_bytes` times the sum of `stripe_weights`
-/// (or the number of paths) past 2^64 — e.g. two paths and stripe_bytes = 2^63, a positive
-/// multiple of 4096, so accepted — overflows `self.round * self.stripe` in
+/// Striping over several paths with `stripe_bytes` times the sum of `stripe_weights` (or
+/// the number of paths) past 2^64 — e.g. two paths and stripe_bytes = 2^63, a positive
+/// multiple of 4096, so accepted — overflowed `self.round * self.stripe` in
 /// `StripedBackend::open` (crates/runtime/src/striped.rs, the reservation of each member):
-/// a debug build panics ("attempt to multiply with overflow"; caught here as
-/// SPILLWAY_ERROR_INTERNAL); in a release build the product wraps (here to 0, and
-/// `div_ceil(0)` panics: "attempt to divide by zero"). Every engine opened on several paths
-/// with a capacity goes there: `spillway::open::open_engine`, so the C ABI and Python's
-/// `Engine` too.
+/// a debug build panicked ("attempt to multiply with overflow"; caught here as
+/// SPILLWAY_ERROR_INTERNAL); in a release build the product wrapped (here to 0, and
+/// `div_ceil(0)` panicked: "attempt to divide by zero"). Every engine opened on several
+/// paths with a capacity goes there: `spillway::open::open_engine`, so the C ABI and
+/// Python's `Engine` too. Such a set is refused when it is made, naming stripe_bytes.
 #[test]
-#[ignore = "bug: stripe_bytes x weights past 2^64 overflows in StripedBackend::open (crates/runtime/src/striped.rs)"]
 fn a_stripe_too_large_for_its_set_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (dir.path().join("a"), dir.path().join("b"));
@@ -1800,10 +1778,12 @@ fn a_stripe_too_large_for_its_set_is_refused() {
     let mut engine = null_mut();
     // SAFETY: two live paths, live settings, a variable for the result.
     let status = unsafe { spillway_engine_open(paths.as_ptr(), 2, 1 << 20, settings, &mut engine) };
+    let message = last_error();
     // SAFETY: from `spillway_settings_new`, freed once; NULL or open, closed once.
     unsafe {
         spillway_settings_free(settings);
         spillway_engine_close(engine);
     }
-    assert_eq!(status, SPILLWAY_ERROR_INVALID_ARGUMENT, "{}", last_error());
+    assert_eq!(status, SPILLWAY_ERROR_INVALID_ARGUMENT, "{message}");
+    assert!(message.contains("stripe_bytes 9223372036854775808"), "{message}");
 }

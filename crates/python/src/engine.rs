@@ -116,8 +116,9 @@ impl PyEngine {
     }
 
     /// Waits until the engine no longer reads the memory offloaded as `handle` (its write
-    /// is done, or was dropped).
-    fn wait_source_released(&self, py: Python<'_>, handle: u64) -> PyResult<()> {
+    /// is done, or was dropped): true; false at once when the engine keeps it until the
+    /// handle is released (no copy on storage).
+    fn wait_source_released(&self, py: Python<'_>, handle: u64) -> PyResult<bool> {
         let open = self.open()?;
         py.detach(|| open.wait_source_released(Handle(handle)))
             .map_err(to_py)

@@ -72,9 +72,12 @@ class Engine:
         """True once the engine no longer reads the memory offloaded as ``handle``."""
         return self._native.source_released(handle)
 
-    def wait_source_released(self, handle: int) -> None:
-        """Waits until the engine no longer reads the memory offloaded as ``handle``."""
-        self._native.wait_source_released(handle)
+    def wait_source_released(self, handle: int) -> bool:
+        """Waits until the engine no longer reads the memory offloaded as ``handle``: True.
+        Returns False at once when the engine keeps reading that memory until the handle is
+        released, having no copy on storage (the storage was full, the write failed, or
+        every handle fetched the tensor before its write started): waiting would never end."""
+        return self._native.wait_source_released(handle)
 
     def prefetch(self, handle: int) -> None:
         """Starts reading ``handle``'s bytes ahead into staging memory."""

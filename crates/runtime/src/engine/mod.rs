@@ -414,6 +414,17 @@ impl Engine {
         })
     }
 
+    /// True when the engine keeps reading the tensor's own memory until the handle is
+    /// released, because no copy of it is on storage or on its way: the storage was full,
+    /// its write failed, or every handle fetched it before its write started. False while
+    /// the write is pending or under way, and once the memory is released.
+    pub fn source_kept(&self, handle: Handle) -> Result<bool> {
+        self.with_state(|st| {
+            let e = &st.entries[&st.entry_of(handle)?];
+            Ok(e.source_held && e.group.is_none())
+        })
+    }
+
     /// Asks for the handle's extent to be read ahead into staging memory. Requests are
     /// served in the order made, within [`EngineConfig::prefetch_bytes`]; the copy stays
     /// until every handle that asked for it was fetched or released. A fetch that comes

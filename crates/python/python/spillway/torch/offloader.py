@@ -442,7 +442,8 @@ class Offloader:
         while self._pending_bytes > limit and self._inflight:
             rec = self._inflight[0]()
             if rec is not None and rec.source is not None and rec.handle is not None:
-                self.engine.wait_source_released(rec.handle)
+                if not self.engine.wait_source_released(rec.handle):
+                    rec.keep_source()  # held until release: waiting would never end
             self._poll_sources()
 
     def _poll_sources(self) -> None:
@@ -450,7 +451,7 @@ class Offloader:
         still = []
         for ref in self._inflight:
             rec = ref()
-            if rec is None or rec.source is None:
+            if rec is None or rec.source is None or rec.kept:
                 continue
             try:
                 done = rec.handle is None or self.engine.source_released(rec.handle)

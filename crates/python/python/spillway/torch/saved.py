@@ -31,7 +31,7 @@ class Stored:
 
     __slots__ = (
         "owner", "handle", "key", "nbytes", "dtype", "size", "stride", "offset",
-        "version", "segment", "source", "alive", "modified", "requested", "unpacked", "__weakref__",
+        "version", "segment", "source", "alive", "modified", "requested", "unpacked", "kept", "__weakref__",
     )
 
     def __init__(self, owner: "Offloader", handle: int, key: Tuple[int, int], t: torch.Tensor, segment: int):
@@ -50,11 +50,21 @@ class Stored:
         self.modified = False
         self.requested = False  # a prefetch is outstanding
         self.unpacked = False  # backward has had it (not prefetched again)
+        self.kept = False  # the engine reads it until release (no copy on storage)
 
     def drop_source(self) -> None:
         """The engine has read the tensor: let go of it (and of its count as pending)."""
         if self.source is not None:
             self.source = None
+            if self.owner is not None and not self.kept:
+                self.owner._pending_bytes -= self.nbytes
+
+    def keep_source(self) -> None:
+        """The engine keeps reading the tensor until its handle is released, having no copy
+        on storage (the storage was full, or the write failed): it stays held, and no
+        longer counts as pending a write."""
+        if self.source is not None and not self.kept:
+            self.kept = True
             if self.owner is not None:
                 self.owner._pending_bytes -= self.nbytes
 
