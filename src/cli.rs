@@ -232,7 +232,9 @@ pub struct BenchArgs {
     pub stripe_weights: Vec<u32>,
 
     /// Fill with random data and check every byte read back (after writes: the whole file
-    /// is read back and checked, untimed). The tensors workload always verifies.
+    /// is read back and checked, untimed). The tensors workload always checks what it
+    /// fetched; --verify also turns its engine's checksums on (the `checksums` setting:
+    /// every read checked against the CRC-32C written, on the GPU, timed).
     #[arg(help_heading = "Seq workload", long)]
     pub verify: bool,
 

@@ -208,6 +208,13 @@ const MAPPED: &[Mapped] = &[
         take: |_, _| {},
     },
     Mapped {
+        // For the tensors workload, --verify is the engine's checksums setting.
+        setting: "checksums",
+        flags: &["verify"],
+        tensors_only: true,
+        take: |a, r| a.verify = r.engine.checksums,
+    },
+    Mapped {
         setting: "io_retries",
         flags: &[],
         tensors_only: true,

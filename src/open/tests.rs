@@ -242,7 +242,8 @@ fn waiting_for_a_source_kept_in_memory_says_so_at_once() {
     let (kept, stored) = unsafe {
         (
             e.offload(TensorKey::new(1, 0), &region(&mut big), None).unwrap(),
-            e.offload(TensorKey::new(2, 0), &region(&mut small), None).unwrap(),
+            e.offload(TensorKey::new(2, 0), &region(&mut small), None)
+                .unwrap(),
         )
     };
     e.engine.drain().unwrap();

@@ -434,6 +434,16 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        name: "checksums",
+        kind: Kind::Flag,
+        meaning: "keep a CRC-32C of every 32 KiB stored, computed on the GPU when written, and check the bytes read back before a fetch hands them out (a mismatch is an error, never wrong data)",
+        get: |r| Value::Bool(r.engine.checksums),
+        set: |r, v| {
+            r.engine.checksums = v.flag()?;
+            Ok(())
+        },
+    },
+    Setting {
         name: "timeline",
         kind: Kind::Flag,
         meaning: "record a timeline of every stage, exportable as Chrome trace JSON (`Engine.write_trace`)",

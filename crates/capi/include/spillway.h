@@ -45,6 +45,10 @@
 // report it.
 #define SPILLWAY_ERROR_INTERNAL 7
 
+// Bytes read back from storage failed their checksum (the `checksums` setting): the
+// storage returned other bytes than were written. The destination holds no valid tensor.
+#define SPILLWAY_ERROR_CORRUPT 8
+
 // The offload engine on one device and one storage target. Made by
 // `spillway_engine_open`, freed by `spillway_engine_close`. Every other call on it may be
 // made from several threads at once.
@@ -155,6 +159,12 @@ typedef struct spillway_stats {
   // Staging memory in use at the time of the call, in bytes (not in the JSON; Python's
   // `Engine.staging_in_use()`).
   uint64_t staging_in_use;
+  // Bytes read back whose checksums were checked (the setting `checksums`).
+  uint64_t verified_bytes;
+  // Reads whose bytes differed from those written (checksums on): a prefetch, dropped
+  // and read again by its fetch, or a fetch's own read, which returned
+  // `SPILLWAY_ERROR_CORRUPT`.
+  uint64_t checksum_errors;
 } spillway_stats;
 
 // The storage the engine holds, from `spillway_engine_storage_usage` (Python's

@@ -122,6 +122,12 @@ pub struct spillway_stats {
     /// Staging memory in use at the time of the call, in bytes (not in the JSON; Python's
     /// `Engine.staging_in_use()`).
     pub staging_in_use: u64,
+    /// Bytes read back whose checksums were checked (the setting `checksums`).
+    pub verified_bytes: u64,
+    /// Reads whose bytes differed from those written (checksums on): a prefetch, dropped
+    /// and read again by its fetch, or a fetch's own read, which returned
+    /// `SPILLWAY_ERROR_CORRUPT`.
+    pub checksum_errors: u64,
 }
 
 /// The storage the engine holds, from `spillway_engine_storage_usage` (Python's
@@ -202,6 +208,8 @@ fn stats_of(snapshot: &StatsSnapshot, live_handles: usize, staging_in_use: u64) 
         write_retries,
         read_retries,
         no_space_errors,
+        verified_bytes,
+        checksum_errors,
         write_ns,
         read_ns,
         stall_ns,
@@ -238,6 +246,8 @@ fn stats_of(snapshot: &StatsSnapshot, live_handles: usize, staging_in_use: u64) 
         write_retries,
         read_retries,
         no_space_errors,
+        verified_bytes,
+        checksum_errors,
         write_ns,
         read_ns,
         stall_ns,

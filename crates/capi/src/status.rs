@@ -26,6 +26,9 @@ pub const SPILLWAY_ERROR_DEVICE: c_int = 6;
 /// A bug in spillway (a panic, caught at the boundary); the message says where. Please
 /// report it.
 pub const SPILLWAY_ERROR_INTERNAL: c_int = 7;
+/// Bytes read back from storage failed their checksum (the `checksums` setting): the
+/// storage returned other bytes than were written. The destination holds no valid tensor.
+pub const SPILLWAY_ERROR_CORRUPT: c_int = 8;
 
 /// A failed call: its status and message.
 #[derive(Debug)]
@@ -54,6 +57,7 @@ impl From<Error> for Failure {
             Error::NoSpace { .. } => SPILLWAY_ERROR_NO_SPACE,
             Error::OutOfMemory { .. } => SPILLWAY_ERROR_OUT_OF_MEMORY,
             Error::Device(_) => SPILLWAY_ERROR_DEVICE,
+            Error::Corrupt { .. } => SPILLWAY_ERROR_CORRUPT,
             Error::Io { .. }
             | Error::Target { .. }
             | Error::ShortIo { .. }
@@ -88,6 +92,7 @@ pub extern "C" fn spillway_status_name(status: c_int) -> *const c_char {
         SPILLWAY_ERROR_OUT_OF_MEMORY => c"SPILLWAY_ERROR_OUT_OF_MEMORY",
         SPILLWAY_ERROR_DEVICE => c"SPILLWAY_ERROR_DEVICE",
         SPILLWAY_ERROR_INTERNAL => c"SPILLWAY_ERROR_INTERNAL",
+        SPILLWAY_ERROR_CORRUPT => c"SPILLWAY_ERROR_CORRUPT",
         _ => c"unknown status",
     };
     name.as_ptr()

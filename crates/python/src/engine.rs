@@ -280,6 +280,7 @@ impl PyEngine {
             "direct_write_bytes": c.direct_write_bytes,
             "pack": c.pack,
             "dedup": c.dedup,
+            "checksums": c.checksums,
             "timeline": c.timeline,
             "timeline_capacity": c.timeline_capacity,
             "queue_depth": self.info.settings.choices.queue_depth,

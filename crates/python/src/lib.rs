@@ -39,6 +39,7 @@ fn parse_size(text: &str) -> PyResult<u64> {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyEngine>()?;
     m.add("SpillwayError", m.py().get_type::<errors::SpillwayError>())?;
+    m.add("CorruptDataError", m.py().get_type::<errors::CorruptDataError>())?;
     settings::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;

@@ -99,6 +99,30 @@ pub trait Device: Send + Sync + fmt::Debug {
         pieces: &[PackPiece],
     ) -> Result<()>;
 
+    /// Enqueues on `stream` the CRC-32C (Castagnoli, the value [`crc32c::crc32c`] gives) of
+    /// each of `pieces`, given as (device address, length). The values are read with
+    /// [`PendingChecksums::wait`] once the stream has passed this point.
+    ///
+    /// This default copies each piece to the host after waiting for the stream, so it blocks
+    /// the caller; devices override it with work that is queued on the stream (the CUDA
+    /// device runs a kernel, the host device its stream's worker thread).
+    ///
+    /// # Safety
+    /// Every piece must be live device memory of this device until the work has completed
+    /// on the stream, and nothing may write to it before then.
+    unsafe fn crc32c(&self, stream: &dyn Stream, pieces: &[(DevicePtr, u64)]) -> Result<PendingChecksums> {
+        stream.synchronize()?;
+        let mut sums = Vec::with_capacity(pieces.len());
+        let mut host = Vec::new();
+        for &(ptr, len) in pieces {
+            host.resize(len as usize, 0u8);
+            // SAFETY: forwarded contract; `host` holds `len` bytes.
+            unsafe { self.copy_to_host_sync(host.as_mut_ptr(), ptr, len as usize)? };
+            sums.push(crc32c::crc32c(&host));
+        }
+        Ok(PendingChecksums::ready(sums))
+    }
+
     /// Copies device memory to host memory and waits (convenience for tests and tools).
     ///
     /// # Safety
@@ -170,6 +194,47 @@ pub trait Event: Send + Sync + fmt::Debug {
 
     /// The implementation, so a stream of the same device can wait on it.
     fn as_any(&self) -> &dyn Any;
+}
+
+/// Checksums queued on a stream by [`Device::crc32c`].
+pub struct PendingChecksums {
+    done: Option<Box<dyn Event>>,
+    read: Box<dyn FnOnce() -> Result<Vec<u32>> + Send>,
+}
+
+impl PendingChecksums {
+    /// Checksums that are known once `done` has completed, then read by `read`.
+    pub fn new(done: Box<dyn Event>, read: impl FnOnce() -> Result<Vec<u32>> + Send + 'static) -> Self {
+        PendingChecksums {
+            done: Some(done),
+            read: Box::new(read),
+        }
+    }
+
+    /// Checksums already computed.
+    pub fn ready(sums: Vec<u32>) -> Self {
+        PendingChecksums {
+            done: None,
+            read: Box::new(move || Ok(sums)),
+        }
+    }
+
+    /// Waits until the stream has computed them (at once if an event recorded after them
+    /// has completed) and returns one CRC-32C per piece, in the order of the pieces.
+    pub fn wait(self) -> Result<Vec<u32>> {
+        if let Some(done) = &self.done {
+            done.synchronize()?;
+        }
+        (self.read)()
+    }
+}
+
+impl fmt::Debug for PendingChecksums {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingChecksums")
+            .field("queued", &self.done.is_some())
+            .finish()
+    }
 }
 
 /// Guard of a [`Device::register_host`] registration; unregisters on drop.

@@ -91,6 +91,26 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// Bytes read back from storage are not the bytes written there: their checksum
+    /// differs. Nothing was handed out as the tensor.
+    #[error(
+        "checksum mismatch: {what} read from {path} (stored at offset {offset}) differs from what was written \
+         (crc32c {expected:#010x} written, {found:#010x} read); the storage returned corrupt data: check the device \
+         (dmesg, `nvme smart-log`, `smartctl -a`) and its cabling"
+    )]
+    Corrupt {
+        /// What was read, e.g. "bytes 32768..65536 of a 1048576-byte tensor".
+        what: String,
+        /// The target's path.
+        path: PathBuf,
+        /// Where the tensor's extent starts on the target.
+        offset: u64,
+        /// The CRC-32C written.
+        expected: u32,
+        /// The CRC-32C of the bytes read.
+        found: u32,
+    },
+
     /// A backend was shut down while requests were pending, or a ticket lost its backend.
     #[error("request abandoned: {0}")]
     Abandoned(String),

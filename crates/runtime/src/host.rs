@@ -7,7 +7,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
-use crate::device::{Device, DeviceInfo, DeviceKind, Event, HostRegistration, Stream};
+use crate::device::{Device, DeviceInfo, DeviceKind, Event, HostRegistration, PendingChecksums, Stream};
 use crate::error::{Error, Result};
 use crate::memory::{AlignedBuf, DeviceBuffer, DevicePtr, PinnedBuffer};
 use crate::pack::{self, PackPiece};
@@ -117,6 +117,31 @@ impl Device for HostDevice {
                 tracing::error!("host unpack failed after its layout was checked: {e}");
             }
         })
+    }
+
+    unsafe fn crc32c(&self, stream: &dyn Stream, pieces: &[(DevicePtr, u64)]) -> Result<PendingChecksums> {
+        let stream = host_stream(stream)?;
+        let pieces = pieces.to_vec();
+        let sums = Arc::new(Mutex::new(Vec::new()));
+        let out = sums.clone();
+        stream.run(move || {
+            let computed = pieces
+                .iter()
+                .map(|&(ptr, len)| {
+                    // SAFETY: for the host device a DevicePtr is a host address; the caller
+                    // keeps each piece live and unwritten until the stream reaches this task
+                    // (Device::crc32c's contract).
+                    crc32c::crc32c(unsafe { std::slice::from_raw_parts(ptr as *const u8, len as usize) })
+                })
+                .collect();
+            *out.lock().unwrap_or_else(|e| e.into_inner()) = computed;
+        })?;
+        let done = stream.record()?;
+        Ok(PendingChecksums::new(done, move || {
+            Ok(std::mem::take(
+                &mut *sums.lock().unwrap_or_else(|e| e.into_inner()),
+            ))
+        }))
     }
 }
 

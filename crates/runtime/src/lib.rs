@@ -6,6 +6,7 @@
 //!   [`Ticket`]s.
 //! - [`engine`]: the offload engine — offload, dedup, packing, prefetch, forwarding, fetch.
 //! - [`extents`]: the allocator of aligned extents on storage targets.
+//! - [`checksum`]: CRC-32C block lists of stored tensors, checked on the bytes read back.
 //! - [`pack`]: gathering many tensor pieces into one extent and back (CPU reference).
 //! - [`MemBackend`]: a backend on host memory, for tests.
 //! - [`striped`]: several targets striped into one, each with a backend of its own.
@@ -18,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod checksum;
 pub mod device;
 pub mod engine;
 pub mod error;
@@ -35,7 +37,7 @@ pub mod target;
 pub use backend::{
     ticket, Backend, BackendInfo, Completer, GdsMode, IoOp, IoRequest, TargetId, TargetInfo, Ticket,
 };
-pub use device::{Device, DeviceInfo, DeviceKind, Event, HostRegistration, Stream};
+pub use device::{Device, DeviceInfo, DeviceKind, Event, HostRegistration, PendingChecksums, Stream};
 pub use error::{Error, Result};
 pub use extents::{Extent, ExtentAllocator, OutOfSpace, SpaceUsage};
 pub use faults::{FaultPlan, FaultStats, FaultyBackend};

@@ -176,6 +176,7 @@ fn against_member(e: &Error) -> bool {
         ),
         Error::Storage { .. } | Error::Abandoned(_) | Error::Target { .. } => true,
         Error::NoSpace { .. }
+        | Error::Corrupt { .. }
         | Error::ShortIo { .. }
         | Error::InvalidArgument(_)
         | Error::OutOfMemory { .. }

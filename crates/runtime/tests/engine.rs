@@ -30,6 +30,7 @@ fn rig(cfg: EngineConfig, capacity: u64) -> Rig {
 
 fn small_cfg() -> EngineConfig {
     EngineConfig {
+        checksums: true,
         staging_bytes: 8 << 20,
         prefetch_bytes: 4 << 20,
         pack_threshold: 256 << 10,

@@ -102,6 +102,7 @@ fn faulty(inner: Arc<dyn Backend>, plan: &str) -> Arc<FaultyBackend> {
 
 fn small_cfg() -> EngineConfig {
     EngineConfig {
+        checksums: true,
         staging_bytes: 8 << 20,
         prefetch_bytes: 4 << 20,
         pack_threshold: 256 << 10,

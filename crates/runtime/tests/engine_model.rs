@@ -128,6 +128,7 @@ struct Setup {
     pack: bool,
     dedup: bool,
     io_retries: u32,
+    checksums: bool,
     faults: Faults,
 }
 
@@ -149,6 +150,7 @@ impl Setup {
             pack: self.pack,
             dedup: self.dedup,
             io_retries: self.io_retries,
+            checksums: self.checksums,
             alignment: self.alignment,
             ..EngineConfig::default()
         }
@@ -282,6 +284,7 @@ fn setup() -> impl Strategy<Value = Setup> {
             prop_oneof![4 => Just(true), 1 => Just(false)],
             prop_oneof![4 => Just(true), 1 => Just(false)],
             0u32..=3,
+            prop_oneof![4 => Just(true), 1 => Just(false)],
             faults(),
         ),
     )
@@ -295,7 +298,7 @@ fn setup() -> impl Strategy<Value = Setup> {
                     flush_delay_us,
                     direct_write_kib,
                 ),
-                (capacity_kib, targets, alignment, storage, pack, dedup, io_retries, faults),
+                (capacity_kib, targets, alignment, storage, pack, dedup, io_retries, checksums, faults),
             )| Setup {
                 staging_extents,
                 prefetch_pct,
@@ -310,6 +313,7 @@ fn setup() -> impl Strategy<Value = Setup> {
                 pack,
                 dedup,
                 io_retries,
+                checksums,
                 faults,
             },
         )
@@ -1381,6 +1385,10 @@ impl Rig {
         check!(
             c.read_retries <= s.injected_read_errors && c.write_retries <= s.injected_write_errors,
             "more retries than injected errors: {c:?} {s:?}"
+        );
+        check!(
+            c.checksum_errors == 0 && (self.setup.checksums || c.verified_bytes == 0),
+            "checksums failed (or ran while off) though no fault changes data: {c:?}"
         );
         check!(
             c.no_space_errors <= s.injected_enospc,

@@ -35,6 +35,11 @@ fn lens(n: usize, max: usize, mut seed: u64) -> Vec<usize> {
 /// Offloads `lens` tensors from one arena at odd offsets, reads them back in reverse order
 /// with prefetch, and checks every byte.
 fn round_trip(cfg: EngineConfig, n: usize, max: usize) -> spillway_runtime::engine::StatsSnapshot {
+    // Every read checked against the checksums written, as tests run by default.
+    let cfg = EngineConfig {
+        checksums: true,
+        ..cfg
+    };
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let dev = common::device();
     let e = engine(&dev, dir.path().join("spill"), cfg, 4 << 30);
@@ -84,7 +89,14 @@ fn round_trip(cfg: EngineConfig, n: usize, max: usize) -> spillway_runtime::engi
     }
     e.drain().unwrap();
     assert_eq!(e.storage_usage().used, 0);
-    e.stats()
+    let s = e.stats();
+    let c = &s.counters;
+    assert_eq!(c.checksum_errors, 0, "{c:?}");
+    assert!(
+        c.verified_bytes >= c.fetch_bytes - c.forwarded_bytes,
+        "every read was checked: {c:?}"
+    );
+    s
 }
 
 #[test]

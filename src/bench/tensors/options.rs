@@ -61,6 +61,8 @@ pub struct EngineSettings {
     pub dedup: bool,
     /// Timeline recorded.
     pub timeline: bool,
+    /// Reads checked against the CRC-32C written (`--verify`, the `checksums` setting).
+    pub checksums: bool,
 }
 
 impl EngineSettings {
@@ -77,6 +79,7 @@ impl EngineSettings {
             pack: c.pack,
             dedup: c.dedup,
             timeline: c.timeline,
+            checksums: c.checksums,
         }
     }
 }
@@ -192,6 +195,7 @@ fn engine_config(args: &BenchArgs) -> Result<EngineConfig> {
             .unwrap_or(base.pack_extent_bytes.min(staging / 2)),
         pack,
         dedup: !args.no_dedup,
+        checksums: args.verify,
         timeline: args.trace.is_some() || base.timeline,
         ..base
     };

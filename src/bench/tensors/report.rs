@@ -206,6 +206,13 @@ pub fn print_table(r: &TensorsResult) {
         s.stall_ns as f64 / 1e9,
         format_size(s.staging_peak)
     );
+    if r.engine.checksums {
+        println!(
+            "        checksums: {} read back and checked, {} reads failed their checksum",
+            format_size(s.verified_bytes),
+            s.checksum_errors
+        );
+    }
     if s.write_errors > 0 || s.read_errors > 0 || s.resident_tensors > 0 {
         println!(
             "        {} write errors, {} read errors, {} tensors kept in memory",

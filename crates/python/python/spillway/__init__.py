@@ -16,7 +16,7 @@ torch installed)::
 Settings: :data:`SETTINGS` lists every engine setting with its default and meaning.
 """
 
-from ._native import SpillwayError, __version__, init_logging, parse_size
+from ._native import CorruptDataError, SpillwayError, __version__, init_logging, parse_size
 from ._engine import SETTINGS, Engine
 
-__all__ = ["Engine", "SpillwayError", "SETTINGS", "init_logging", "parse_size", "__version__"]
+__all__ = ["CorruptDataError", "Engine", "SpillwayError", "SETTINGS", "init_logging", "parse_size", "__version__"]

@@ -49,6 +49,13 @@ pub struct EngineConfig {
     /// target, a target that is gone) are never retried. At most [`MAX_IO_RETRIES`];
     /// 0 retries nothing. Default 3.
     pub io_retries: u32,
+    /// Keep a CRC-32C of every 32 KiB of each stored tensor ([`crate::checksum`]),
+    /// computed on the device from the tensor's memory when it is written, and check the
+    /// bytes read back against it before a fetch hands them out: a prefetched extent that
+    /// fails is dropped and read again by the fetch; a fetch that reads bytes that fail
+    /// returns [`Error::Corrupt`]. Costs a device pass over every byte written and read
+    /// and 4 bytes of host memory per 32 KiB stored. Default off.
+    pub checksums: bool,
 }
 
 /// The least [`EngineConfig::alignment`] may be: the smallest sector of any storage.
@@ -78,6 +85,7 @@ impl Default for EngineConfig {
             timeline: false,
             timeline_capacity: 1_000_000,
             io_retries: 3,
+            checksums: false,
         }
     }
 }

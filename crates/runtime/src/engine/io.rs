@@ -136,7 +136,7 @@ impl State {
             &self.stats.c.direct_tensors
         };
         Stats::add(counter, members.len() as u64);
-        if staging.is_none() && ready.is_empty() {
+        if staging.is_none() && ready.is_empty() && !self.cfg.checksums {
             // Written straight from memory that is ready now: no device work to wait for.
             self.on_prepared(gid, Ok(()));
             return Ok(());
@@ -144,6 +144,7 @@ impl State {
         for ev in &ready {
             self.offload_stream.wait_event(ev.as_ref())?;
         }
+        self.queue_write_sums(gid)?;
         if let Some(s) = staging {
             let base = self.staging_buf.ptr() + s.offset;
             // SAFETY: the staging extent is the group's until its write completes; the
@@ -169,7 +170,9 @@ impl State {
             self.timeline
                 .record(Track::Pack, "pack", g.io_started, Instant::now(), g.len);
         }
-        let submitted = outcome.and_then(|()| self.submit_writes(gid));
+        let submitted = outcome
+            .and_then(|()| self.store_sums(gid))
+            .and_then(|()| self.submit_writes(gid));
         if let Err(e) = submitted {
             self.write_failed(gid, e, "writing an extent failed to start");
         }
@@ -498,9 +501,33 @@ impl State {
         self.finish_load(gid, staging, failed.map_or(Ok(()), Err));
     }
 
-    /// The read of a load has settled with `outcome`.
+    /// The read of a load has settled with `outcome`: the load ends, or, with checksums
+    /// on, its bytes are checked first ([`State::on_verified`] ends it).
     fn finish_load(&mut self, gid: u64, staging: Extent, outcome: Result<()>) {
+        let outcome = match outcome.and_then(|()| self.queue_load_check(gid, staging)) {
+            Ok(true) => return,
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.end_load(gid, staging, outcome);
+    }
+
+    /// The checksums of a loaded group's bytes are computed (`outcome`: whether the device
+    /// got there): compare them, and end the load.
+    pub(crate) fn on_verified(&mut self, gid: u64, outcome: Result<()>) {
+        let Some(g) = self.groups.get(&gid) else { return };
+        let (LoadState::Loading(staging), true) = (g.load, g.checksums.is_some()) else {
+            return;
+        };
+        let outcome = outcome.and_then(|()| self.check_load(gid));
+        self.end_load(gid, staging, outcome);
+    }
+
+    /// The load has ended with `outcome`: loaded, or after a failure left for fetches to
+    /// read on demand.
+    fn end_load(&mut self, gid: u64, staging: Extent, outcome: Result<()>) {
         let g = self.groups.get_mut(&gid).expect("live");
+        g.checksums = None; // not taken when the device failed to compute them
         let took = g.io_started.elapsed();
         self.loads_inflight -= 1;
         let len = g.len;

@@ -72,6 +72,7 @@ mod pending;
 mod state;
 mod stats;
 mod timeline;
+mod verify;
 mod waiter;
 
 use std::collections::{HashMap, VecDeque};
@@ -481,12 +482,14 @@ impl Engine {
                     }
                 }
                 Ok(FetchPlan::Done(ev)) => break Ok(ev),
-                Ok(FetchPlan::Read(ios, failed)) => {
+                Ok(FetchPlan::Read(ios, failed, check)) => {
                     st.pump();
                     self.core.unlock_and_notify(guard);
                     let read_start = Instant::now();
                     stalled.get_or_insert(read_start);
-                    let outcome = self.wait_reads(ios, failed);
+                    let outcome = self
+                        .wait_reads(ios, failed)
+                        .and_then(|()| check.map_or(Ok(()), |c| c.run(dst)));
                     let took = read_start.elapsed();
                     self.stats.record(Op::Read, took);
                     Stats::add(&self.stats.c.read_ns, took.as_nanos() as u64);
@@ -636,6 +639,7 @@ fn progress_loop(core: &Core, rx: Receiver<Msg>, flush_delay: std::time::Duratio
             Some(Msg::WriteIo(gid)) => st.on_write_io(gid),
             Some(Msg::ReadIo(gid)) => st.on_read_io(gid),
             Some(Msg::Prepared(gid, r)) => st.on_prepared(gid, r),
+            Some(Msg::Verified(gid, r)) => st.on_verified(gid, r),
             Some(Msg::Fence | Msg::Wake) | None => {}
         }
         if st.open.is_some() && st.last_offload.elapsed() >= flush_delay {

@@ -25,7 +25,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::{Backend, TargetId};
-use crate::device::{Device, Event, Stream};
+use crate::checksum::{Plan, Sums};
+use crate::device::{Device, Event, PendingChecksums, Stream};
 use crate::error::{Error, Result};
 use crate::extents::{Extent, ExtentAllocator};
 use crate::memory::DeviceBuffer;
@@ -35,6 +36,7 @@ use super::layout::{self, Region, Segment};
 use super::pending::PendingIo;
 use super::stats::Stats;
 use super::timeline::{Timeline, Track};
+use super::verify::DemandCheck;
 use super::waiter::Waiter;
 use super::{Handle, TensorKey};
 
@@ -49,6 +51,8 @@ pub(crate) enum Msg {
     ReadIo(u64),
     /// The offload stream has packed the group (or its producers are done): submit writes.
     Prepared(u64, Result<()>),
+    /// The checksums of a prefetched extent's bytes have been computed: check them.
+    Verified(u64, Result<()>),
     /// A fence event completed: deferred frees may proceed.
     Fence,
     /// A packed extent was opened: the progress thread must time its flush.
@@ -100,6 +104,8 @@ pub(crate) struct Entry {
     pub(crate) source_fence: Option<Arc<dyn Event>>,
     pub(crate) callbacks: Vec<SourceFreeFn>,
     pub(crate) offloaded_at: Instant,
+    /// The checksums of its bytes, once its write has been prepared (`checksums` on).
+    pub(crate) sums: Option<Sums>,
 }
 
 /// Write progress of a group.
@@ -155,6 +161,17 @@ pub(crate) struct Group {
     pub(crate) io_started: Instant,
     /// The last delivery out of the loaded staging copy.
     pub(crate) fence: Option<Arc<dyn Event>>,
+    /// Checksums being computed: of the tensors' memory while the write is prepared, or of
+    /// the loaded bytes before the load counts as done.
+    pub(crate) checksums: Option<PendingSums>,
+}
+
+/// Checksums queued on a stream for some of a group's tensors.
+pub(crate) struct PendingSums {
+    pub(crate) pending: PendingChecksums,
+    pub(crate) plan: Plan,
+    /// The tensors, in the order they were added to `plan`.
+    pub(crate) entries: Vec<u64>,
 }
 
 impl Group {
@@ -175,6 +192,7 @@ impl Group {
             io_error: None,
             io_started: Instant::now(),
             fence: None,
+            checksums: None,
         }
     }
 
@@ -243,8 +261,8 @@ pub(crate) enum FetchPlan {
     WaitLoad,
     /// Reads were submitted straight into the destination: wait for them (all of them,
     /// even when submitting a later one failed with the error given), resubmitting the
-    /// rest of any that comes back short.
-    Read(Vec<PendingIo>, Option<Error>),
+    /// rest of any that comes back short; then check the bytes, when there is a check.
+    Read(Vec<PendingIo>, Option<Error>, Option<DemandCheck>),
     /// The bytes must be read straight into the destination, which is not free yet: wait
     /// for its event, then look again.
     WaitDestination(Arc<dyn Event>),
@@ -319,6 +337,7 @@ impl State {
             source_fence: None,
             callbacks: Vec::new(),
             offloaded_at: now,
+            sums: None,
         };
         match on_source_free {
             Some(cb) if entry.source_held => entry.callbacks.push(cb),
@@ -508,10 +527,11 @@ impl State {
                         return Err(e);
                     }
                 }
+                let check = self.demand_check(eid, gid);
                 self.demand_reads_inflight += 1;
                 self.after_fetch(h, eid);
                 Stats::add(&self.stats.c.demand_reads, 1);
-                Ok(FetchPlan::Read(ios, failed))
+                Ok(FetchPlan::Read(ios, failed, check))
             }
         }
     }

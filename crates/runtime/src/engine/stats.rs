@@ -125,6 +125,11 @@ counters! {
     /// Of `write_errors`, those that failed because the storage was full (ENOSPC): their
     /// tensors count in `resident_tensors`.
     no_space_errors,
+    /// Bytes read back whose checksums were checked (the `checksums` setting).
+    verified_bytes,
+    /// Reads whose bytes differed from those written (checksums on): a prefetch, dropped
+    /// (the fetch reads again), or a demand read, whose fetch returned the error.
+    checksum_errors,
     /// Time writes were in flight, summed over writes (ns).
     write_ns,
     /// Time reads were in flight, summed over reads (ns).
