@@ -452,12 +452,23 @@ impl State {
                 len: g.len as usize,
             },
         };
+        // A tensor written straight from its memory ends where its bytes end, off the
+        // alignment; past it, at the end of a target that grows as written, there is nothing
+        // to read. Only the bytes of the tensors still in the group must come.
+        let needed = g
+            .entries
+            .iter()
+            .filter_map(|eid| self.entries.get(eid))
+            .filter_map(|e| e.segments.last().map(|s| s.at + s.len))
+            .max()
+            .unwrap_or(g.len);
         let path = self.path(extent.target);
         // SAFETY: the staging extent belongs to this load until its read has settled.
         let io = unsafe {
-            PendingIo::submit(
+            PendingIo::submit_needing(
                 self.backend.as_ref(),
                 req,
+                needed as usize,
                 path,
                 self.stats.clone(),
                 self.cfg.io_retries,
