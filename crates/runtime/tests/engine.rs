@@ -924,3 +924,25 @@ fn a_fetch_into_busy_memory_waits_for_it_to_be_free() {
     );
     assert_eq!(r.engine.stats().counters.forwarded_fetches, 1);
 }
+
+#[test]
+fn an_empty_tensor_round_trips_and_is_counted() {
+    let r = rig(small_cfg(), 1 << 20);
+    // SAFETY: no memory is named.
+    let h = unsafe { r.engine.offload(TensorKey::new(9, 0), &[], None) }.unwrap();
+    r.engine.drain().unwrap();
+    assert!(r.engine.source_released(h).unwrap());
+    r.engine.prefetch(h).unwrap();
+    // SAFETY: no memory is named.
+    unsafe { r.engine.fetch(h, &[]) }.unwrap().synchronize().unwrap();
+    let c = r.engine.stats().counters;
+    assert_eq!(
+        (c.fetches, c.fetch_bytes, c.forwarded_fetches),
+        (1, 0, 1),
+        "{c:?}"
+    );
+    assert_eq!((c.extents_written, c.reads), (0, 0), "{c:?}");
+    r.engine.release(h).unwrap();
+    r.engine.drain().unwrap();
+    assert_eq!(r.engine.storage_usage().used, 0);
+}

@@ -495,7 +495,10 @@ impl State {
             self.fetch_stream.wait_event(ev.as_ref())?;
         }
         if len == 0 {
+            // Nothing to move; counted as served from the tensor's (empty) memory.
             let ev: Arc<dyn Event> = Arc::from(self.fetch_stream.record()?);
+            self.after_fetch(h, eid);
+            Stats::add(&self.stats.c.forwarded_fetches, 1);
             return Ok(FetchPlan::Done(ev));
         }
         if source_held {
