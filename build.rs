@@ -1,5 +1,6 @@
 //! Build script: embeds the CUDA kernels of `kernels/*.cu` into the crate: today
-//! `pattern.cu` (the test-pattern kernels) and `pack.cu` (the pack/unpack kernels). Every
+//! `pattern.cu` (the test-pattern kernels), `pack.cu` (the pack/unpack kernels) and
+//! `crc32c.cu` (the CRC-32C kernel). Every
 //! `.cu` file there is embedded the same way, and `src/cuda/kernels.rs` loads one by its
 //! stem; a file listed in [`REQUIRED`] that is missing gets a cargo warning (the build still
 //! succeeds, and using those kernels is then an error at run time).
@@ -41,7 +42,7 @@ const ENV_VARS: &[&str] = &[
 ];
 
 /// The kernel files `src/cuda` loads (by stem).
-const REQUIRED: &[&str] = &["pattern", "pack"];
+const REQUIRED: &[&str] = &["pattern", "pack", "crc32c"];
 
 /// A kernel file and what became of it.
 struct Kernel {

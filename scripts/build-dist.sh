@@ -13,8 +13,8 @@ cp "$target/release/spillway" "$out/"
 cargo test --release --locked --workspace --no-run --message-format=json 2>/dev/null |
   python3 -c '
 import json, shutil, sys
-wanted = {"gpu_cuda": "gpu_cuda", "gpu_pack": "gpu_pack", "gpu_backends": "gpu_backends", "gpu_engine": "gpu_engine",
-          "gpu": "cufile_gpu"}
+wanted = {"gpu_cuda": "gpu_cuda", "gpu_pack": "gpu_pack", "gpu_crc": "gpu_crc", "gpu_backends": "gpu_backends",
+          "gpu_engine": "gpu_engine", "gpu": "cufile_gpu"}
 for line in sys.stdin:
     msg = json.loads(line)
     if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):

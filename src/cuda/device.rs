@@ -8,9 +8,10 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::CudaContext;
 use spillway_runtime::{
     Device, DeviceBuffer, DeviceInfo, DeviceKind, DevicePtr, Error, HostRegistration, PackPiece,
-    PinnedBuffer, Result, Stream,
+    PendingChecksums, PinnedBuffer, Result, Stream,
 };
 
+use super::crc::{self, CrcKernels};
 use super::error::{self, DriverResultExt};
 use super::launch::PatternKernels;
 use super::memory::{self, DeviceAlloc, PinnedAlloc};
@@ -35,6 +36,10 @@ pub struct CudaDevice {
     pack_kernels: Mutex<Option<Arc<PackKernels>>>,
     /// log2 of the pack kernels' tile size.
     pack_tile_shift: AtomicU32,
+    /// The CRC-32C kernel, loaded on first use (the lock is held only to load it).
+    crc_kernels: Mutex<Option<Arc<CrcKernels>>>,
+    /// log2 of the CRC-32C kernel's segment size.
+    crc_segment_shift: AtomicU32,
 }
 
 impl CudaDevice {
@@ -99,6 +104,8 @@ impl CudaDevice {
             kernels: Mutex::new(None),
             pack_kernels: Mutex::new(None),
             pack_tile_shift: AtomicU32::new(pack_table::DEFAULT_TILE.trailing_zeros()),
+            crc_kernels: Mutex::new(None),
+            crc_segment_shift: AtomicU32::new(crc::DEFAULT_SEGMENT.trailing_zeros()),
         }))
     }
 
@@ -153,6 +160,44 @@ impl CudaDevice {
         let shift = pack_table::check_tile_size(bytes)?;
         self.pack_tile_shift.store(shift, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Loads the CRC-32C kernel if it is not yet, and says where its code came from (as
+    /// [`CudaDevice::kernel_origin`] does for the pattern kernels).
+    pub fn crc_kernel_origin(&self) -> Result<String> {
+        Ok(self.crc_kernels()?.origin().to_string())
+    }
+
+    /// The segment size of the CRC-32C kernel, in bytes: pieces are cut at multiples of it
+    /// (of address), and one warp checksums one segment before it looks up its next. 8 KiB
+    /// unless [`CudaDevice::set_crc_segment_size`] changed it.
+    pub fn crc_segment_size(&self) -> u64 {
+        1 << self.crc_segment_shift.load(Ordering::Relaxed)
+    }
+
+    /// Sets the segment size of later CRC-32C calls (a tuning knob: any size gives the same
+    /// checksums). [`Error::InvalidArgument`] unless `bytes` is a power of two from 512 bytes
+    /// to 1 MiB.
+    pub fn set_crc_segment_size(&self, bytes: u64) -> Result<()> {
+        let shift = crc::check_segment_size(bytes)?;
+        self.crc_segment_shift.store(shift, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The CRC-32C kernel, loaded on first use.
+    fn crc_kernels(&self) -> Result<Arc<CrcKernels>> {
+        let mut slot = self.crc_kernels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(kernels) = slot.as_ref() {
+            return Ok(kernels.clone());
+        }
+        let kernels = Arc::new(CrcKernels::new(
+            &self.ctx,
+            self.gpu.ordinal,
+            self.gpu.compute_capability,
+            self.sm_count,
+        )?);
+        *slot = Some(kernels.clone());
+        Ok(kernels)
     }
 
     /// The pack kernels, loaded on first use.
@@ -323,5 +368,34 @@ impl Device for CudaDevice {
         let shift = self.pack_tile_shift.load(Ordering::Relaxed);
         // SAFETY: as in `pack`.
         unsafe { kernels.unpack(stream, extent, pieces, shift) }
+    }
+
+    /// The CRC-32C kernel (`kernels/crc32c.cu`) on the caller's stream: one launch for all
+    /// the pieces, results copied into pinned memory, nothing waited for. Every non-empty
+    /// piece must lie in one device allocation of this GPU: checked with one
+    /// cuMemGetAddressRange per allocation the pieces lie in (see `crc::check_pieces`), so a
+    /// bad pointer is an error rather than a fault that would wreck the context. Empty pieces
+    /// are never read (their CRC is 0); a call with none but empty pieces launches nothing.
+    unsafe fn crc32c(&self, stream: &dyn Stream, pieces: &[(DevicePtr, u64)]) -> Result<PendingChecksums> {
+        let _span = tracing::debug_span!(
+            "cuda_crc32c",
+            gpu = self.gpu.ordinal,
+            pieces = pieces.len(),
+            bytes = pieces.iter().fold(0u64, |sum, p| sum.saturating_add(p.1))
+        )
+        .entered();
+        let stream = self.own_stream("crc32c", stream)?;
+        if pieces.is_empty() {
+            return Ok(PendingChecksums::ready(Vec::new()));
+        }
+        crc::check_pieces(&self.ctx, self.gpu.ordinal, pieces)?;
+        if pieces.iter().all(|&(_, len)| len == 0) {
+            return Ok(PendingChecksums::ready(vec![0; pieces.len()]));
+        }
+        let kernels = self.crc_kernels()?;
+        let shift = self.crc_segment_shift.load(Ordering::Relaxed);
+        // SAFETY: forwarded contract (live memory, unwritten until the stream passes the
+        // kernel); the stream is this GPU's and the pieces were checked above.
+        unsafe { kernels.checksums(stream, pieces, shift) }
     }
 }
