@@ -38,6 +38,8 @@ def parse_args():
     ap.add_argument("--dup", type=float, default=0.1)
     ap.add_argument("--capacity", default="2GiB")
     ap.add_argument("--faults", default="", help="fault plan (setting faults), e.g. read_error=0.01,write_error=0.01")
+    ap.add_argument("--no-checksums", action="store_true",
+                    help="leave the engine's checksums off (on by default here: every read checked on the GPU)")
     ap.add_argument("--warmup", type=int, default=10, help="cycles before the first sample")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=1)
@@ -124,6 +126,7 @@ def main():
     settings = dict(device=f"cuda:{device.index}" if device.type == "cuda" else "host")
     if args.faults:
         settings["faults"] = args.faults
+    settings["checksums"] = not args.no_checksums
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     engine = spillway.Engine(args.path, capacity=args.capacity, **settings)
 
@@ -161,6 +164,7 @@ def main():
              "resources sampled after each cycle once warmed up",
         settings=dict(path=args.path, seconds=args.seconds, tensors=args.tensors, max_size=args.max_size,
                       dup=args.dup, capacity=args.capacity, faults=args.faults or None, device=str(device),
+                      checksums=not args.no_checksums,
                       seed=args.seed),
         seconds=seconds,
         **totals,
@@ -169,7 +173,9 @@ def main():
         engine_errors=dict(write_errors=stats["write_errors"], read_errors=stats["read_errors"],
                            write_retries=stats.get("write_retries"), read_retries=stats.get("read_retries"),
                            no_space_errors=stats.get("no_space_errors"),
-                           resident_tensors=stats["resident_tensors"]),
+                           resident_tensors=stats["resident_tensors"],
+                           checksum_errors=stats.get("checksum_errors")),
+        verified_bytes=stats.get("verified_bytes"),
         faults=stats.get("faults"),
         resources=watched,
         leaked=sorted(leaks),

@@ -3,10 +3,11 @@
 # it uses the programs scripts/build-dist.sh put in dist/.
 #
 #   scripts/gpu-test.sh            # tests, --verify benches, then the performance runs
-#                                  # (pack kernel bandwidth, GPU vs host)
+#                                  # (pack and crc32c kernel bandwidth, GPU vs host)
 #   SKIP_PERF=1 scripts/gpu-test.sh
 #   PERF_ONLY=engine|train|ranks scripts/gpu-test.sh   # one group of runs (ranks: two GPUs)
-#   SPILLWAY_SANITIZE=1 scripts/gpu-test.sh   # also the pack kernels under compute-sanitizer
+#   SPILLWAY_SANITIZE=1 scripts/gpu-test.sh   # also the pack and crc32c kernels under
+#                                             # compute-sanitizer (memcheck and racecheck)
 #
 # Storage tested: $SPILLWAY_DISK_DIR (default /var/tmp/spillway, a disk) and
 # $SPILLWAY_SHM_DIR (default /dev/shm/spillway, tmpfs as a fast-storage stand-in).
@@ -93,6 +94,9 @@ engine_perf() {
   step sh -c "'$dist/spillway' bench --workload tensors --mem gpu --backend uring --dup 0.1 \
     --staging 64MiB --prefetch 32MiB --pack-extent 8MiB --pinned 32MiB --qd 8 \
     --path '$shm/budget.dat' --json > '$results/engine-staging-budget-h200.json'"
+  # What the checksums cost: the tensors workload with and without --verify, interleaved.
+  step python3 benches/checksum_cost.py --spillway "$dist/spillway" --path "$shm" --mem gpu \
+    --backend uring --rounds 3 --save --out "$results" --name checksum-cost-h200-shm
   # A timeline of a smaller run, to open in Perfetto.
   step "$dist/spillway" bench --workload tensors --mem gpu --backend uring --tensors 2000 \
     --path "$shm/trace.dat" --trace "$results/engine-trace-h200.json"
@@ -175,13 +179,23 @@ for dir in "${storages[@]}"; do
 done
 step "$dist/gpu_cuda" --include-ignored --test-threads=1
 step "$dist/gpu_pack" --include-ignored --test-threads=1 --skip pack_bandwidth
-# SPILLWAY_SANITIZE=1: the pack kernels under compute-sanitizer's memcheck too (it needs a
-# machine where the sanitizer supports the GPU; the tests with exact-size buffers).
+step "$dist/gpu_crc" --include-ignored --test-threads=1 --skip crc32c_bandwidth
+# SPILLWAY_SANITIZE=1: the pack and crc32c kernels under compute-sanitizer too (it needs a
+# machine where the sanitizer supports the GPU): memcheck on the tests with exact-size
+# buffers, and racecheck (shared-memory hazards) on the smaller of them, since it
+# instruments every shared-memory access and the crc32c kernel makes one per byte.
 if [[ -n ${SPILLWAY_SANITIZE:-} ]]; then
   [[ -d /usr/local/cuda/bin ]] && export PATH="$PATH:/usr/local/cuda/bin"
-  step compute-sanitizer --tool memcheck --leak-check no --report-api-errors no --error-exitcode 9 "$dist/gpu_pack" --ignored \
-    --test-threads=1 --exact many_launches_in_flight_stay_correct bad_layouts_are_errors_and_launch_nothing \
-    empty_layouts_zero_the_extent_or_do_nothing
+  memcheck=(compute-sanitizer --tool memcheck --leak-check no --report-api-errors no --error-exitcode 9)
+  racecheck=(compute-sanitizer --tool racecheck --racecheck-report all --report-api-errors no --error-exitcode 9)
+  pack_tests=(many_launches_in_flight_stay_correct bad_layouts_are_errors_and_launch_nothing
+    empty_layouts_zero_the_extent_or_do_nothing)
+  crc_tests=(pieces_at_allocation_edges empty_and_zero_length_pieces bad_streams_and_pointers_are_refused)
+  step "${memcheck[@]}" "$dist/gpu_pack" --ignored --test-threads=1 --exact "${pack_tests[@]}"
+  step "${memcheck[@]}" "$dist/gpu_crc" --ignored --test-threads=1 --exact "${crc_tests[@]}" \
+    many_calls_in_flight_stay_correct every_segment_size_gives_the_same_checksums
+  step "${racecheck[@]}" "$dist/gpu_pack" --ignored --test-threads=1 --exact "${pack_tests[@]}"
+  step "${racecheck[@]}" "$dist/gpu_crc" --ignored --test-threads=1 --exact "${crc_tests[@]}"
 fi
 # The Python package: engine on host memory, and spillway.torch on CPU and GPU tensors.
 step env SPILLWAY_TEST_DIR="$shm" "$py" -m pytest -q -p no:cacheprovider crates/python/tests
@@ -213,8 +227,9 @@ for dir in "${storages[@]}"; do
     else
       step "${anon[@]}"
     fi
+    # --verify: the engine's checksums on too (the CRC-32C kernel on every write and read).
     step "$dist/spillway" bench --workload tensors --mem gpu --backend "$backend" --tensors 3000 \
-      --min-size 1 --max-size 1500KiB --dup 0.2 --path "$dir/tensors-$backend.dat"
+      --min-size 1 --max-size 1500KiB --dup 0.2 --verify --path "$dir/tensors-$backend.dat"
     rm -f "$dir/tensors-$backend.dat"
   done
   rm -f "$dir"/verify-*.dat "$dir"/odd-*.dat "$dir"/tensors-*.dat
@@ -223,6 +238,8 @@ done
 if [[ -z ${SKIP_PERF:-} ]]; then
   # Pack/unpack kernels against one large cuMemcpyDtoD: pack-kernel-h200.json.
   step env RESULTS_DIR="$results" "$dist/gpu_pack" --ignored --exact pack_bandwidth --nocapture
+  # The crc32c kernel against a cuMemcpyDtoD of the same size: crc32c-kernel-h200.json.
+  step env RESULTS_DIR="$results" "$dist/gpu_crc" --ignored --exact crc32c_bandwidth --nocapture
   step python3 benches/gpu_vs_host.py --spillway "$dist/spillway" --out "$results" \
     --storage "disk=$disk" --storage "shm=$shm" ${shm_ext4:+--storage "shm-ext4=$shm_ext4"}
   engine_perf

@@ -114,6 +114,8 @@ fn round_trip(
     eprintln!("{name}: {s:?}");
     assert_eq!(s.fetches, n as u64);
     assert_eq!(s.forwarded_fetches, 0);
+    assert_eq!(s.checksum_errors, 0);
+    assert!(s.verified_bytes >= s.fetch_bytes, "every read was checked: {s:?}");
     for h in handles {
         e.release(h).unwrap();
     }
@@ -126,6 +128,8 @@ fn round_trip(
 fn packed_cfg() -> EngineConfig {
     EngineConfig {
         pack_threshold: 1 << 20,
+        // Every read checked against the CRC-32C computed by the GPU kernel when written.
+        checksums: true,
         ..Default::default()
     }
 }
@@ -188,6 +192,66 @@ fn gpu_fetches_before_the_write_are_forwarded() {
         (1, 1, 0)
     );
     e.release(h).unwrap();
+    drop(e);
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU; run by scripts/gpu-test.sh"]
+fn gpu_checksums_catch_a_flipped_byte_in_the_file() {
+    let dev = CudaDevice::new(0).unwrap();
+    let cfg = EngineConfig {
+        pack_flush_delay: std::time::Duration::from_secs(3600),
+        ..packed_cfg()
+    };
+    let (e, path) = engine(&dev, uring(&dev), "corrupt", cfg);
+    // A packed tensor and one written straight from GPU memory, at odd addresses.
+    let lens = [256_001u64, 3 << 20];
+    let bufs: Vec<_> = lens.iter().map(|&l| dev.alloc(l as usize + 3).unwrap()).collect();
+    let handles: Vec<_> = (0..2)
+        .map(|i| {
+            dev.fill_pattern(bufs[i].ptr() + 3, lens[i] as usize, 40 + i as u64, 0)
+                .unwrap();
+            // SAFETY: the buffers outlive the engine's use of them.
+            unsafe {
+                e.offload(
+                    TensorKey::new(i as u64, 0),
+                    &[Region::new(bufs[i].ptr() + 3, lens[i])],
+                    None,
+                )
+                .unwrap()
+            }
+        })
+        .collect();
+    e.drain().unwrap();
+    let file = std::fs::read(&path).unwrap();
+    for i in 0..2 {
+        let mut head = vec![0u8; 64];
+        // SAFETY: `head` holds 64 bytes of the live buffer's tensor.
+        unsafe { dev.copy_to_host_sync(head.as_mut_ptr(), bufs[i].ptr() + 3, 64) }.unwrap();
+        let at = file
+            .windows(64)
+            .position(|w| w == head.as_slice())
+            .expect("tensor in the file") as u64;
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        use std::os::unix::fs::FileExt;
+        let flip_at = at + lens[i] - 5;
+        f.write_all_at(&[file[flip_at as usize] ^ 1], flip_at).unwrap();
+        f.sync_all().unwrap();
+    }
+    for (i, &h) in handles.iter().enumerate() {
+        let out = dev.alloc(lens[i] as usize).unwrap();
+        e.prefetch(h).unwrap();
+        // SAFETY: `out` outlives the call, which fails before handing anything out.
+        let err = unsafe { e.fetch(h, &[Region::new(out.ptr(), lens[i])]) }.expect_err("corrupt");
+        assert!(matches!(err, spillway_runtime::Error::Corrupt { .. }), "{err}");
+    }
+    let s = e.stats().counters;
+    eprintln!("corrupt: {s:?}");
+    assert!(s.checksum_errors >= 2, "{s:?}");
+    for h in handles {
+        e.release(h).unwrap();
+    }
     drop(e);
     let _ = std::fs::remove_file(path);
 }
