@@ -398,9 +398,9 @@ impl Backend for CufileBackend {
     }
 
     fn open(&self, target: &Target) -> Result<(TargetId, TargetInfo)> {
-        // cuFile refuses a descriptor opened with O_TMPFILE: an anonymous file is registered
-        // through a second descriptor on it, which has no such flag (and the file no name).
-        let opened = open_target(target)?.without_tmpfile_flag()?;
+        // cuFile refuses a descriptor opened with O_TMPFILE or O_NOFOLLOW (how spillway opens
+        // its files): the file is registered through a second descriptor on it, without them.
+        let opened = open_target(target)?.without_refused_flags()?;
         let mut warnings: Vec<String> = opened.warning.iter().cloned().collect();
         if !opened.direct_io {
             warnings.push(format!(

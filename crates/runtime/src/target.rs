@@ -293,13 +293,17 @@ pub fn open_target(target: &Target) -> Result<OpenedTarget> {
 }
 
 impl OpenedTarget {
-    /// The file opened again without the `O_TMPFILE` flag, for libraries that refuse a
-    /// descriptor carrying it (cuFile's `cuFileHandleRegister` answers "unsupported file open
-    /// flags"). A file made with `O_TMPFILE` is reopened through `/proc/self/fd`, which gives a
-    /// new descriptor on the same nameless file (it still has no name); any other file is
-    /// kept as it is. `O_DIRECT` is kept when in effect.
-    pub fn without_tmpfile_flag(self) -> Result<OpenedTarget> {
-        if self.anonymous != Some(AnonymousMode::Tmpfile) {
+    /// The file opened again without the `O_TMPFILE` and `O_NOFOLLOW` flags, for libraries
+    /// that refuse a descriptor carrying them (cuFile's `cuFileHandleRegister` answers
+    /// "unsupported file open flags"). Such a file is reopened through `/proc/self/fd`,
+    /// which gives a new descriptor on the same file (the same inode: no path is looked up
+    /// again, and a nameless file stays nameless); any other is kept as it is. `O_DIRECT` is
+    /// kept when in effect.
+    pub fn without_refused_flags(self) -> Result<OpenedTarget> {
+        // SAFETY: F_GETFL on a descriptor this value owns.
+        let flags = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GETFL) };
+        let tmpfile = self.anonymous == Some(AnonymousMode::Tmpfile);
+        if !tmpfile && (flags < 0 || flags & libc::O_NOFOLLOW == 0) {
             return Ok(self);
         }
         let link = format!("/proc/self/fd/{}", self.file.as_raw_fd());
@@ -311,7 +315,7 @@ impl OpenedTarget {
         let file = opts.open(&link).map_err(|e| {
             Error::io(
                 format!(
-                    "reopening the anonymous file in {} through {link} (without O_TMPFILE, for a library that refuses it; is /proc mounted?)",
+                    "reopening {} through {link} (without O_TMPFILE and O_NOFOLLOW, for a library that refuses them; is /proc mounted?)",
                     self.path.display()
                 ),
                 e,
@@ -513,14 +517,14 @@ mod tests {
     }
 
     #[test]
-    fn an_anonymous_file_reopened_without_o_tmpfile_is_the_same_nameless_file() {
+    fn files_reopened_without_refused_flags_are_the_same_files() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         for direct in [DirectIo::Preferred, DirectIo::Off] {
             let t = open_target(&Target::anonymous_in(dir.path()).direct(direct)).unwrap();
             let first = t.file.try_clone().unwrap();
             let (mode, was_direct) = (t.anonymous, t.direct_io);
-            let t = t.without_tmpfile_flag().unwrap();
+            let t = t.without_refused_flags().unwrap();
             assert_eq!((t.anonymous, t.direct_io), (mode, was_direct));
             // SAFETY: F_GETFL on a descriptor this test owns.
             let flags = unsafe { libc::fcntl(t.file.as_raw_fd(), libc::F_GETFL) };
@@ -537,10 +541,18 @@ mod tests {
             drop(first);
             round_trip(&t);
         }
-        // A named file is kept as it is.
+        // A named file (opened O_NOFOLLOW) is reopened: the same file, without the flag.
         let named = open_target(&Target::new(dir.path().join("named")).direct(DirectIo::Off)).unwrap();
-        let fd = named.file.as_raw_fd();
-        assert_eq!(named.without_tmpfile_flag().unwrap().file.as_raw_fd(), fd);
+        // SAFETY: F_GETFL on a descriptor this test owns.
+        let flags = unsafe { libc::fcntl(named.file.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(flags & libc::O_NOFOLLOW, 0, "opened O_NOFOLLOW: {flags:#x}");
+        let ino = named.file.metadata().unwrap().ino();
+        let named = named.without_refused_flags().unwrap();
+        // SAFETY: as above.
+        let flags = unsafe { libc::fcntl(named.file.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NOFOLLOW, 0, "{flags:#x}");
+        assert_eq!(named.file.metadata().unwrap().ino(), ino);
+        round_trip(&named);
     }
 
     #[test]
