@@ -1601,7 +1601,11 @@ fn steps_on(
                 // SAFETY: an open engine, a variable for the result.
                 let status = unsafe { spillway_engine_wait_source_released(engine, h, &mut released) };
                 expect_live("spillway_engine_wait_source_released", status, live)?;
-                prop_assert!(!live || may_keep || released, "handle {} not released after the wait", h);
+                prop_assert!(
+                    !live || may_keep || released,
+                    "handle {} not released after the wait",
+                    h
+                );
             }
             Step::Released(p) => {
                 let (h, at) = model.resolve(*p);
