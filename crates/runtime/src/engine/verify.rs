@@ -11,7 +11,7 @@ use crate::device::{Device, Stream};
 use crate::error::{Error, Result};
 use crate::extents::Extent;
 
-use super::layout::Region;
+use super::layout::{self, Region};
 use super::state::{Msg, PendingSums, State};
 use super::stats::Stats;
 
@@ -37,19 +37,15 @@ impl DemandCheck {
         // its reads have settled, and this waits for the device before returning.
         let pending = unsafe { self.device.crc32c(self.stream.as_ref(), plan.pieces())? };
         let found = fold_one(&plan, pending.wait()?)?;
-        Stats::add(&self.stats.c.verified_bytes, total(dst));
+        Stats::add(&self.stats.c.verified_bytes, layout::total_len(dst));
         match self.expected.first_mismatch(&found) {
             None => Ok(()),
             Some(m) => {
                 Stats::add(&self.stats.c.checksum_errors, 1);
-                Err(corrupt(&self.tensor, m, &self.path, self.offset, total(dst)))
+                Err(corrupt(&self.tensor, m, &self.path, self.offset, layout::total_len(dst)))
             }
         }
     }
-}
-
-fn total(regions: &[Region]) -> u64 {
-    regions.iter().map(|r| r.len).sum()
 }
 
 /// The sums of each tensor of `plan`, from the CRCs of its pieces.
