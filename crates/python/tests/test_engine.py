@@ -402,3 +402,30 @@ def test_settings_that_disagree_name_where_each_was_set(monkeypatch):
     with pytest.raises(ValueError, match="prefetch_bytes: environment variable SPILLWAY_PREFETCH_BYTES"):
         spillway.Engine.resolve_settings()
     assert spillway.Engine.resolve_settings(staging_bytes="2GiB")["prefetch_bytes"][0] == 1 << 30
+
+
+def test_a_flipped_byte_in_the_file_is_a_corrupt_data_error_with_checksums(tmp_path):
+    path = tmp_path / "spill.bin"
+    a, b = blob(300_000, 21), blob(2 << 20, 22)  # packed, and written on its own
+    with spillway.Engine(path, capacity="64MiB", checksums=True, pack_flush_delay_ms=60_000, **SMALL) as e:
+        assert e.settings["checksums"] is True
+        handles = [e.offload((i, 0), region(x)) for i, x in enumerate((a, b))]
+        e.drain()
+        data = bytearray(path.read_bytes())
+        for x in (a, b):
+            at = bytes(data).find(x[:64].tobytes())
+            assert at >= 0, "the tensor is in the file"
+            with open(path, "r+b") as f:
+                f.seek(at + x.nbytes - 7)
+                f.write(bytes([data[at + x.nbytes - 7] ^ 0x80]))
+                os.fsync(f.fileno())
+        for h, x in zip(handles, (a, b)):
+            out = np.zeros_like(x)
+            e.prefetch(h)
+            with pytest.raises(spillway.CorruptDataError, match="checksum mismatch"):
+                e.fetch(h, region(out))
+        s = e.stats()
+        assert s["checksum_errors"] >= 2 and s["read_errors"] >= 2
+        assert issubclass(spillway.CorruptDataError, spillway.SpillwayError)
+        for h in handles:
+            e.release(h)

@@ -374,3 +374,19 @@ def test_full_storage_keeps_tensors_in_memory_and_training_goes_on(tmp_path, dev
     # Nothing is released during a forward pass, so each of the two steps writes at most
     # the capacity (how much depends on when packed extents get flushed).
     assert e["bytes_written"] <= 2 * (512 << 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_full_storage_with_max_pending_bytes_does_not_hang(tmp_path, device):
+    # With a bound on pending writes the Offloader waits for the oldest write; a tensor kept
+    # in memory because the storage is full has none coming, and the wait says so at once.
+    model, data = gpt(device), gpt_batch(device)
+    _, g0 = run_step(model, data)
+    off = st.Offloader(model, str(tmp_path), capacity="512KiB", policy="all", min_tensor_bytes=64 << 10,
+                       max_pending_bytes=256 << 10, **SETTINGS)
+    with off:
+        for _ in range(2):
+            _, g = run_step(model, data, off.step())
+            assert_bitwise_equal(g, g0)
+        e = off.stats()["engine"]
+    assert e["resident_tensors"] > 0, "the storage was too small for every tensor"
