@@ -16,61 +16,18 @@
 //! `$RESULTS_DIR/crc32c-kernel-h200.json` when RESULTS_DIR is set. The tests that run without
 //! a GPU check the same harness against the host device.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
 use spillway::cuda::{self, CudaDevice};
 use spillway::runtime::{Device, DeviceBuffer, DevicePtr, Error, HostDevice, PendingChecksums, Stream};
 
+use common::Rng;
+
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-/// splitmix64: a small, seedable generator (the tests need no better).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, n)` (0 when n is 0).
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 {
-            0
-        } else {
-            self.next() % n
-        }
-    }
-
-    /// Uniform in `[lo, hi]`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-
-    /// Log-uniform in `[lo, hi]`: as many 1–2 byte lengths as 32–64 KiB ones.
-    fn log_range(&mut self, lo: u64, hi: u64) -> u64 {
-        let (a, b) = ((lo as f64).ln(), (hi as f64 + 1.0).ln());
-        let x = a + (b - a) * (self.next() >> 11) as f64 / (1u64 << 53) as f64;
-        (x.exp() as u64).clamp(lo, hi)
-    }
-
-    fn chance(&mut self, one_in: u64) -> bool {
-        self.below(one_in) == 0
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len + 8);
-        while out.len() < len {
-            out.extend_from_slice(&self.next().to_le_bytes());
-        }
-        out.truncate(len);
-        out
-    }
-}
 
 fn gpu() -> Arc<CudaDevice> {
     let dev = CudaDevice::new(0).unwrap_or_else(|e| panic!("cannot attach to GPU 0: {e}"));
