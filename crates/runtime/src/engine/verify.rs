@@ -37,12 +37,13 @@ impl DemandCheck {
         // its reads have settled, and this waits for the device before returning.
         let pending = unsafe { self.device.crc32c(self.stream.as_ref(), plan.pieces())? };
         let found = fold_one(&plan, pending.wait()?)?;
-        Stats::add(&self.stats.c.verified_bytes, layout::total_len(dst));
+        let len = layout::total_len(dst);
+        Stats::add(&self.stats.c.verified_bytes, len);
         match self.expected.first_mismatch(&found) {
             None => Ok(()),
             Some(m) => {
                 Stats::add(&self.stats.c.checksum_errors, 1);
-                Err(corrupt(&self.tensor, m, &self.path, self.offset, layout::total_len(dst)))
+                Err(corrupt(&self.tensor, m, &self.path, self.offset, len))
             }
         }
     }
