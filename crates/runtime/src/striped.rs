@@ -34,14 +34,22 @@
 //! Nothing is retried here: a caller that retries transient errors (the engine does)
 //! submits the whole request again, and each attempt that fails on the member counts.
 //!
+//! A member taken out of use for its failures (not one that is gone) is tried again after
+//! a cool-down ([`MEMBER_RETRY_AFTER`] unless [`StripedBackend::with_retry_after`] says
+//! otherwise), doubled each time it is taken out again, up to [`MEMBER_RETRY_MAX`]: the
+//! requests touching it then reach it, the first piece that moves all its bytes puts it
+//! back in use, and the next failure takes it out again at once. A drive that went through
+//! a bad patch (a controller reset, a cable) comes back instead of shrinking the set for the
+//! rest of a days-long run; one that stays bad costs one failed request per cool-down.
+//!
 //! [`StripedBackend::member_stats`] counts the bytes, requests, errors and busy time of
 //! each member, and says whether it was taken out of use and why.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use crate::backend::{
     ticket, Backend, BackendInfo, Completer, IoOp, IoRequest, TargetId, TargetInfo, Ticket,
@@ -76,10 +84,15 @@ pub struct MemberStats {
     pub errors: u64,
     /// Seconds during which it had at least one piece in flight.
     pub busy_seconds: f64,
-    /// Whether it was taken out of use (requests touching it fail at once).
+    /// Whether it is out of use now (requests touching it fail at once).
     pub failed: bool,
-    /// Why it was taken out of use.
+    /// Why it was last taken out of use (kept after it is back in use).
     pub failure: Option<String>,
+    /// Times it was taken out of use.
+    pub times_taken_out: u32,
+    /// Seconds until it is tried again, while out of use for its failures; `None` when in
+    /// use or gone for good.
+    pub retry_in_seconds: Option<f64>,
 }
 
 #[derive(Default)]
@@ -92,8 +105,31 @@ struct Counters {
     busy: Mutex<Busy>,
     /// Pieces in a row that failed with an error of the member's doing.
     failures_in_a_row: AtomicU32,
-    /// Why the member was taken out of use; set once, never cleared.
-    failed: OnceLock<String>,
+    /// Whether the member is out of use, and why; see [`OutOfUse`].
+    out: Mutex<OutOfUse>,
+    /// Set while `out` holds a cool-down or says gone: the fast path of every request
+    /// (the lock is taken only when it is set).
+    taken_out: AtomicBool,
+}
+
+/// A member's standing: in use, out of use until a time (then tried again), or gone.
+#[derive(Default)]
+struct OutOfUse {
+    /// Why it was last taken out of use.
+    why: Option<String>,
+    /// It is gone: never tried again.
+    gone: bool,
+    /// Out of use until then; requests reach it again after (`None`: in use, or gone).
+    until: Option<Instant>,
+    /// Times taken out of use.
+    times: u32,
+}
+
+impl OutOfUse {
+    /// Whether requests must not reach the member now: gone, or resting.
+    fn refuses(&self) -> bool {
+        self.gone || self.until.is_some_and(|t| Instant::now() < t)
+    }
 }
 
 #[derive(Default)]
@@ -137,32 +173,65 @@ impl Counters {
         busy.total + busy.since.map_or(0.0, |s| s.elapsed().as_secs_f64())
     }
 
-    /// A piece moved all its bytes: the member works.
-    fn succeeded(&self) {
-        self.failures_in_a_row.store(0, Ordering::Relaxed);
+    /// A piece moved all its bytes: the member works (and is back in use if it was out).
+    fn succeeded(&self, path: &Path) {
+        // Out of use only after failures in a row, which no success has reset since.
+        if self.failures_in_a_row.swap(0, Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        if out.until.take().is_some() {
+            self.taken_out.store(false, Ordering::Release);
+            tracing::warn!("striped set member {} is back in use", path.display());
+        }
     }
 
     /// A piece on the member at `path` failed with `e`: takes the member out of use when `e`
-    /// says it is gone, or when it makes `limit` failures of its doing in a row.
-    fn failed_with(&self, e: &Error, limit: u32, path: &Path) {
-        let why = if e.target_gone() {
-            format!("it is gone: {e}")
+    /// says it is gone (for good), or when it makes `limit` failures of its doing in a row
+    /// (until a cool-down, doubled each time, has passed).
+    fn failed_with(&self, e: &Error, policy: FailurePolicy, path: &Path) {
+        let FailurePolicy { limit, retry_after } = policy;
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        if out.gone {
+            return;
+        }
+        if e.target_gone() {
+            out.gone = true;
+            out.until = None;
+            out.why = Some(format!("it is gone: {e}"));
         } else if against_member(e) {
             let in_a_row = self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
-            if in_a_row < limit {
-                return;
+            if in_a_row < limit || out.until.is_some_and(|t| Instant::now() < t) {
+                return; // below the limit, or out of use already (a piece in flight)
             }
-            format!("{in_a_row} requests in a row failed on it, the last with: {e}")
+            let cool = retry_after
+                .saturating_mul(1 << out.times.min(16))
+                .min(MEMBER_RETRY_MAX.max(retry_after));
+            out.until = Some(Instant::now() + cool);
+            out.why = Some(format!(
+                "{in_a_row} requests in a row failed on it, the last with: {e}; tried again after {:.0} s",
+                cool.as_secs_f64()
+            ));
         } else {
             return;
-        };
-        if self.failed.set(why).is_ok() {
-            tracing::error!(
-                "striped set member {} taken out of use: {}",
-                path.display(),
-                self.failed.get().map_or("", String::as_str)
-            );
         }
+        out.times += 1;
+        self.taken_out.store(true, Ordering::Release);
+        tracing::error!(
+            "striped set member {} taken out of use: {}",
+            path.display(),
+            out.why.as_deref().unwrap_or("")
+        );
+    }
+
+    /// Why requests must not reach the member now; `None` when they may (in use, or its
+    /// cool-down has passed: they try it again).
+    fn refusal(&self) -> Option<String> {
+        if !self.taken_out.load(Ordering::Acquire) {
+            return None;
+        }
+        let out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        out.refuses().then(|| out.why.clone().unwrap_or_default())
     }
 }
 
@@ -190,6 +259,14 @@ fn against_member(e: &Error) -> bool {
 /// what one small request makes when the engine retries it three times, so that a member
 /// failing now and then stays in use.
 pub const MEMBER_FAILURE_LIMIT: u32 = 8;
+
+/// How long a member taken out of use for its failures rests before requests reach it
+/// again (unless [`StripedBackend::with_retry_after`] says otherwise); doubled each time it
+/// is taken out again.
+pub const MEMBER_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// The longest a member rests between tries: 10 minutes.
+pub const MEMBER_RETRY_MAX: Duration = Duration::from_secs(600);
 
 struct MemberState {
     member: Member,
@@ -222,8 +299,17 @@ pub struct StripedBackend {
     members: Vec<MemberState>,
     open: Mutex<Vec<OpenSet>>,
     next_id: AtomicUsize,
+    /// When a member is taken out of use, and for how long.
+    policy: FailurePolicy,
+}
+
+/// When a member is taken out of use for its failures, and how long it rests.
+#[derive(Clone, Copy, Debug)]
+struct FailurePolicy {
     /// Failed pieces in a row that take a member out of use.
-    failure_limit: u32,
+    limit: u32,
+    /// Its first cool-down (doubled each time it is taken out again).
+    retry_after: Duration,
 }
 
 impl StripedBackend {
@@ -301,20 +387,31 @@ impl StripedBackend {
                 .collect(),
             open: Mutex::new(Vec::new()),
             next_id: AtomicUsize::new(0),
-            failure_limit: MEMBER_FAILURE_LIMIT,
+            policy: FailurePolicy {
+                limit: MEMBER_FAILURE_LIMIT,
+                retry_after: MEMBER_RETRY_AFTER,
+            },
         })
     }
 
     /// The set with a member taken out of use after `limit` (at least 1) failed pieces in a
     /// row instead of [`MEMBER_FAILURE_LIMIT`].
     pub fn with_failure_limit(mut self, limit: u32) -> Self {
-        self.failure_limit = limit.max(1);
+        self.policy.limit = limit.max(1);
         self
     }
 
     /// Failed pieces in a row that take a member out of use.
     pub fn failure_limit(&self) -> u32 {
-        self.failure_limit
+        self.policy.limit
+    }
+
+    /// The set with members out of use for their failures tried again after `cool_down`
+    /// (doubled each time, up to [`MEMBER_RETRY_MAX`] or `cool_down` if longer) instead of
+    /// [`MEMBER_RETRY_AFTER`].
+    pub fn with_retry_after(mut self, cool_down: Duration) -> Self {
+        self.policy.retry_after = cool_down;
+        self
     }
 
     /// The name a set is opened by: its members' paths joined by commas.
@@ -334,6 +431,7 @@ impl StripedBackend {
             .iter()
             .map(|m| {
                 let c = &m.counters;
+                let out = c.out.lock().unwrap_or_else(|e| e.into_inner());
                 MemberStats {
                     path: m.member.target.path.clone(),
                     backend: m.member.backend.info().name.to_string(),
@@ -342,8 +440,12 @@ impl StripedBackend {
                     requests: c.requests.load(Ordering::Relaxed),
                     errors: c.errors.load(Ordering::Relaxed),
                     busy_seconds: c.busy_seconds(),
-                    failed: c.failed.get().is_some(),
-                    failure: c.failed.get().cloned(),
+                    failed: out.refuses(),
+                    failure: out.why.clone(),
+                    times_taken_out: out.times,
+                    retry_in_seconds: out
+                        .until
+                        .map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64()),
                 }
             })
             .collect()
@@ -375,8 +477,8 @@ impl StripedBackend {
     /// The first member taken out of use among `members`, as an error.
     fn check_members(&self, members: impl IntoIterator<Item = usize>) -> Result<()> {
         for m in members {
-            if let Some(why) = self.members[m].counters.failed.get() {
-                return Err(self.member_failed(m, why));
+            if let Some(why) = self.members[m].counters.refusal() {
+                return Err(self.member_failed(m, &why));
             }
         }
         Ok(())
@@ -492,8 +594,8 @@ struct Piece {
     moved: usize,
     /// Times `rest` was submitted again after a short count.
     resubmits: u32,
-    /// Failed pieces in a row that take the member out of use.
-    failure_limit: u32,
+    /// When the member is taken out of use.
+    policy: FailurePolicy,
 }
 
 impl Piece {
@@ -520,7 +622,7 @@ impl Piece {
                 Ok(())
             }
             Err(e) => {
-                counters.failed_with(&e, self.failure_limit, &self.path);
+                counters.failed_with(&e, self.policy, &self.path);
                 counters.ended(op, 0, true);
                 Err(e)
             }
@@ -536,18 +638,18 @@ impl Piece {
             Ok(n) if n <= wanted => n,
             Ok(n) => {
                 let e = self.overrun(n);
-                counters.failed_with(&e, self.failure_limit, &self.path);
+                counters.failed_with(&e, self.policy, &self.path);
                 counters.ended(op, 0, true);
                 return gather.piece_done(Err(e));
             }
             Err(e) => {
-                counters.failed_with(&e, self.failure_limit, &self.path);
+                counters.failed_with(&e, self.policy, &self.path);
                 counters.ended(op, 0, true);
                 return gather.piece_done(Err(e));
             }
         };
         if n == wanted {
-            counters.succeeded();
+            counters.succeeded(&self.path);
             counters.ended(op, n, false);
             return gather.piece_done(Ok(()));
         }
@@ -751,7 +853,7 @@ impl Backend for StripedBackend {
                 },
                 moved: 0,
                 resubmits: 0,
-                failure_limit: self.failure_limit,
+                policy: self.policy,
             };
             // SAFETY: the piece's memory is part of the caller's, which stays valid until
             // the caller's ticket completes — after every piece has ended.
@@ -771,9 +873,9 @@ impl Backend for StripedBackend {
     fn flush(&self, target: TargetId) -> Result<()> {
         let set = self.set(target)?;
         for (m, id) in self.members.iter().zip(&set.members) {
-            if m.counters.failed.get().is_none() {
+            if m.counters.refusal().is_none() {
                 m.member.backend.flush(*id).inspect_err(|e| {
-                    m.counters.failed_with(e, self.failure_limit, &m.path);
+                    m.counters.failed_with(e, self.policy, &m.path);
                 })?;
             }
         }
@@ -1036,6 +1138,73 @@ mod tests {
         let stats = b.member_stats();
         assert!(!stats[1].failed, "{stats:?}");
         assert_eq!(stats[1].errors, 6 + 5);
+    }
+
+    #[test]
+    fn a_member_out_of_use_is_tried_again_after_its_cool_down_and_comes_back_once_it_works() {
+        let (b, mems) = set(2);
+        let cool = std::time::Duration::from_millis(60);
+        let b = b.with_failure_limit(2).with_retry_after(cool);
+        let (id, _) = b.open(&Target::new("set")).unwrap();
+        let mut unit = pattern(STRIPE as usize, 4);
+        mems[1].faults().writes_left.store(0, Ordering::Relaxed);
+        for _ in 0..2 {
+            assert!(io(&b, id, IoOp::Write, STRIPE, &mut unit)
+                .unwrap_err()
+                .is_transient());
+        }
+        let s = b.member_stats()[1].clone();
+        assert!(s.failed && s.times_taken_out == 1, "{s:?}");
+        assert!(s.retry_in_seconds.unwrap() <= cool.as_secs_f64(), "{s:?}");
+        let requests = s.requests;
+        let e = io(&b, id, IoOp::Write, STRIPE, &mut unit).unwrap_err();
+        assert!(e.to_string().contains("taken out of use"), "{e}");
+        assert_eq!(
+            b.member_stats()[1].requests,
+            requests,
+            "resting: nothing reached it"
+        );
+
+        // Rested, still failing: the request reaches it, fails, and it rests twice as long.
+        std::thread::sleep(cool + std::time::Duration::from_millis(20));
+        let e = io(&b, id, IoOp::Write, STRIPE, &mut unit).unwrap_err();
+        assert!(e.is_transient(), "it was tried: {e}");
+        let s = b.member_stats()[1].clone();
+        assert!(s.failed && s.times_taken_out == 2, "{s:?}");
+        assert!(s.retry_in_seconds.unwrap() > cool.as_secs_f64(), "doubled: {s:?}");
+        assert!(
+            s.failure.as_deref().unwrap().contains("tried again after"),
+            "{s:?}"
+        );
+
+        // Rested again and working: back in use.
+        mems[1].faults().writes_left.store(u64::MAX, Ordering::Relaxed);
+        std::thread::sleep(2 * cool + std::time::Duration::from_millis(20));
+        io(&b, id, IoOp::Write, STRIPE, &mut unit).unwrap();
+        let s = b.member_stats()[1].clone();
+        assert!(
+            !s.failed && s.retry_in_seconds.is_none() && s.times_taken_out == 2,
+            "{s:?}"
+        );
+        let mut back = vec![0u8; STRIPE as usize];
+        io(&b, id, IoOp::Read, STRIPE, &mut back).unwrap();
+        assert_eq!(back, unit);
+    }
+
+    #[test]
+    fn a_gone_member_is_never_tried_again() {
+        let (b, mems) = set(2);
+        let b = b.with_retry_after(std::time::Duration::from_millis(1));
+        let (id, _) = b.open(&Target::new("set")).unwrap();
+        mems[1].faults().submits_left.store(0, Ordering::Relaxed);
+        let mut unit = pattern(STRIPE as usize, 2);
+        assert!(io(&b, id, IoOp::Write, STRIPE, &mut unit).is_err());
+        mems[1].faults().submits_left.store(u64::MAX, Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let e = io(&b, id, IoOp::Write, STRIPE, &mut unit).unwrap_err();
+        assert!(e.to_string().contains("fail at once: it is gone"), "{e}");
+        let s = b.member_stats()[1].clone();
+        assert!(s.failed && s.retry_in_seconds.is_none(), "{s:?}");
     }
 
     #[test]
