@@ -18,42 +18,14 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use spillway::cuda::{self, CudaDevice};
 use spillway::runtime::{Device, DeviceBuffer, DevicePtr, Error, HostDevice, PendingChecksums, Stream};
 
-use common::Rng;
+use common::{alloc, download, gpu, upload, Rng};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-fn gpu() -> Arc<CudaDevice> {
-    let dev = CudaDevice::new(0).unwrap_or_else(|e| panic!("cannot attach to GPU 0: {e}"));
-    eprintln!("{dev:?}; kernels: {}", cuda::kernel_build());
-    dev
-}
-
-fn alloc(dev: &dyn Device, len: u64) -> DeviceBuffer {
-    dev.alloc(len as usize)
-        .unwrap_or_else(|e| panic!("cannot allocate {len} bytes: {e}"))
-}
-
-fn upload(dev: &dyn Device, dst: u64, data: &[u8]) {
-    // SAFETY: `data` is live for the call, which waits; the callers pass regions inside
-    // their own device buffers.
-    unsafe { dev.copy_from_host_sync(dst, data.as_ptr(), data.len()) }
-        .unwrap_or_else(|e| panic!("H2D copy of {} bytes to {dst:#x} failed: {e}", data.len()));
-}
-
-fn download(dev: &dyn Device, src: u64, len: u64) -> Vec<u8> {
-    let mut out = vec![0u8; len as usize];
-    // SAFETY: as in `upload`.
-    unsafe { dev.copy_to_host_sync(out.as_mut_ptr(), src, len as usize) }
-        .unwrap_or_else(|e| panic!("D2H copy of {len} bytes from {src:#x} failed: {e}"));
-    out
-}
 
 /// Queues the checksums of `pieces` on `stream`.
 ///

@@ -16,14 +16,13 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use spillway::cuda::{self, CudaDevice};
+use spillway::cuda::CudaDevice;
 use spillway::runtime::pack::{pack_host, unpack_host};
 use spillway::runtime::{Device, DeviceBuffer, Error, HostDevice, PackPiece, Stream};
 
-use common::Rng;
+use common::{alloc, download, gpu, upload, Rng};
 
 /// What every byte of an output buffer holds before a run.
 const POISON: u8 = 0xA5;
@@ -32,32 +31,6 @@ const GUARD: u64 = 64;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-fn gpu() -> Arc<CudaDevice> {
-    let dev = CudaDevice::new(0).unwrap_or_else(|e| panic!("cannot attach to GPU 0: {e}"));
-    eprintln!("{dev:?}; kernels: {}", cuda::kernel_build());
-    dev
-}
-
-fn alloc(dev: &dyn Device, len: u64) -> DeviceBuffer {
-    dev.alloc(len as usize)
-        .unwrap_or_else(|e| panic!("cannot allocate {len} bytes: {e}"))
-}
-
-fn upload(dev: &dyn Device, dst: u64, data: &[u8]) {
-    // SAFETY: `data` is live for the call, which waits; the callers pass regions inside
-    // their own device buffers.
-    unsafe { dev.copy_from_host_sync(dst, data.as_ptr(), data.len()) }
-        .unwrap_or_else(|e| panic!("H2D copy of {} bytes to {dst:#x} failed: {e}", data.len()));
-}
-
-fn download(dev: &dyn Device, src: u64, len: u64) -> Vec<u8> {
-    let mut out = vec![0u8; len as usize];
-    // SAFETY: as in `upload`.
-    unsafe { dev.copy_to_host_sync(out.as_mut_ptr(), src, len as usize) }
-        .unwrap_or_else(|e| panic!("D2H copy of {len} bytes from {src:#x} failed: {e}"));
-    out
-}
 
 /// The first differing position and how many positions differ.
 fn diff(got: &[u8], want: &[u8]) -> Option<(usize, usize)> {

@@ -20,12 +20,11 @@ use std::ffi::c_void;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::sys::CUfunction;
 use cudarc::driver::CudaContext;
 use spillway_runtime::{DevicePtr, Error, Event, PendingChecksums, Result, Stream};
 
 use super::error::{self, DriverResultExt};
-use super::kernels::Module;
+use super::kernels::{Kernel, Module};
 use super::memory::{DeviceAlloc, PinnedAlloc};
 use super::raw;
 use super::stream::{CudaEvent, CudaStream};
@@ -435,8 +434,7 @@ pub(crate) struct CrcKernels {
     consts: DeviceAlloc,
     ctx: Arc<CudaContext>,
     gpu: usize,
-    f: CUfunction,
-    max_blocks: u32,
+    kernel: Kernel,
     module: Module,
 }
 
@@ -451,10 +449,7 @@ impl CrcKernels {
     /// its constant table (waiting for that copy).
     pub(crate) fn new(ctx: &Arc<CudaContext>, gpu: usize, cc: (u32, u32), sm_count: u32) -> Result<Self> {
         let module = Module::load(ctx, gpu, cc, "crc32c")?;
-        let f = module.function("crc32c_pieces")?;
-        // SAFETY: `f` belongs to `module`, which is loaded.
-        let per_sm = unsafe { raw::occupancy_max_blocks(f, BLOCK) }
-            .on_gpu("cuOccupancyMaxActiveBlocksPerMultiprocessor(crc32c_pieces)", gpu)?;
+        let kernel = Kernel::new(&module, gpu, "crc32c_pieces", BLOCK, sm_count)?;
         let table = constants();
         let bytes = table.len() * std::mem::size_of::<u32>();
         let consts = DeviceAlloc::new(ctx, gpu, bytes)?;
@@ -464,11 +459,10 @@ impl CrcKernels {
         unsafe { raw::memcpy_htod_async(consts.ptr(), table.as_ptr().cast(), bytes, stream.cu_stream()) }
             .on_gpu("uploading the crc32c constants (cuMemcpyHtoDAsync)", gpu)?;
         stream.synchronize()?;
-        let max_blocks = sm_count.max(1) * per_sm.max(1);
         tracing::debug!(
             gpu,
             origin = module.origin(),
-            max_blocks,
+            max_blocks = kernel.max_blocks,
             "loaded the crc32c kernel"
         );
         Ok(CrcKernels {
@@ -481,8 +475,7 @@ impl CrcKernels {
             consts,
             ctx: ctx.clone(),
             gpu,
-            f,
-            max_blocks,
+            kernel,
             module,
         })
     }
@@ -505,7 +498,7 @@ impl CrcKernels {
             .iter()
             .map(|&(ptr, len)| segment_count(ptr, len, seg_shift))
             .sum();
-        let grid = grid(segments, self.max_blocks);
+        let grid = grid(segments, self.kernel.max_blocks);
         let out_bytes = n * std::mem::size_of::<u32>();
         let mut lease = ResultPool::lease(&self.results, n)?;
         self.uploads.with_table(
@@ -544,7 +537,7 @@ impl CrcKernels {
                     // event recorded after this work; the constants live as long as `self`;
                     // the pieces' memory stays valid until the kernel completes (the caller's
                     // contract) and was checked to lie in device allocations.
-                    unsafe { raw::launch(self.f, grid, BLOCK, s, &mut params) }
+                    unsafe { raw::launch(self.kernel.f, grid, BLOCK, s, &mut params) }
                         .on_gpu("launching crc32c_pieces (cuLaunchKernel)", self.gpu)?;
                     // SAFETY: both buffers belong to the slot (`cap >= n` u32s each), which is
                     // not handed out again before the event recorded after this copy.
@@ -568,7 +561,7 @@ impl fmt::Debug for CrcKernels {
         write!(
             f,
             "CrcKernels({:?}, max {} blocks, {:?})",
-            self.module, self.max_blocks, self.uploads
+            self.module, self.kernel.max_blocks, self.uploads
         )
     }
 }

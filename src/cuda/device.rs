@@ -186,34 +186,26 @@ impl CudaDevice {
 
     /// The CRC-32C kernel, loaded on first use.
     fn crc_kernels(&self) -> Result<Arc<CrcKernels>> {
-        let mut slot = self.crc_kernels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(kernels) = slot.as_ref() {
-            return Ok(kernels.clone());
-        }
-        let kernels = Arc::new(CrcKernels::new(
-            &self.ctx,
-            self.gpu.ordinal,
-            self.gpu.compute_capability,
-            self.sm_count,
-        )?);
-        *slot = Some(kernels.clone());
-        Ok(kernels)
+        loaded_once(&self.crc_kernels, || {
+            CrcKernels::new(
+                &self.ctx,
+                self.gpu.ordinal,
+                self.gpu.compute_capability,
+                self.sm_count,
+            )
+        })
     }
 
     /// The pack kernels, loaded on first use.
     fn pack_kernels(&self) -> Result<Arc<PackKernels>> {
-        let mut slot = self.pack_kernels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(kernels) = slot.as_ref() {
-            return Ok(kernels.clone());
-        }
-        let kernels = Arc::new(PackKernels::new(
-            &self.ctx,
-            self.gpu.ordinal,
-            self.gpu.compute_capability,
-            self.sm_count,
-        )?);
-        *slot = Some(kernels.clone());
-        Ok(kernels)
+        loaded_once(&self.pack_kernels, || {
+            PackKernels::new(
+                &self.ctx,
+                self.gpu.ordinal,
+                self.gpu.compute_capability,
+                self.sm_count,
+            )
+        })
     }
 
     /// `stream` as a stream of this GPU, or an [`Error::InvalidArgument`] saying why not.
@@ -251,6 +243,18 @@ impl CudaDevice {
 }
 
 /// "1 GPU (0)", "2 GPUs (0, 1)", "8 GPUs (0 to 7)".
+/// What `slot` holds, made by `load` the first time (a failed load is tried again by the
+/// next caller).
+fn loaded_once<T>(slot: &Mutex<Option<Arc<T>>>, load: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
+    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(loaded) = slot.as_ref() {
+        return Ok(loaded.clone());
+    }
+    let loaded = Arc::new(load()?);
+    *slot = Some(loaded.clone());
+    Ok(loaded)
+}
+
 fn gpu_list(count: usize) -> String {
     match count {
         1 => "1 GPU (0)".to_string(),

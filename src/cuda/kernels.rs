@@ -162,6 +162,31 @@ fn nvrtc_may_help(e: DriverError) -> bool {
     )
 }
 
+/// One kernel of a loaded module and the most blocks of it worth launching at once (what
+/// fits on the GPU: the SM count times the blocks of `block` threads one SM holds).
+#[derive(Debug)]
+pub(crate) struct Kernel {
+    pub(crate) f: CUfunction,
+    pub(crate) max_blocks: u32,
+}
+
+impl Kernel {
+    /// Kernel `name` of `module`, launched in blocks of `block` threads on a GPU with
+    /// `sm_count` SMs.
+    pub(crate) fn new(module: &Module, gpu: usize, name: &str, block: u32, sm_count: u32) -> Result<Kernel> {
+        let f = module.function(name)?;
+        // SAFETY: `f` belongs to `module`, which is loaded.
+        let per_sm = unsafe { raw::occupancy_max_blocks(f, block) }.on_gpu(
+            &format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({name})"),
+            gpu,
+        )?;
+        Ok(Kernel {
+            f,
+            max_blocks: sm_count.max(1) * per_sm.max(1),
+        })
+    }
+}
+
 impl Drop for Module {
     fn drop(&mut self) {
         let what = format!("cuModuleUnload({})", self.name);

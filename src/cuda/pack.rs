@@ -9,38 +9,15 @@ use std::ffi::c_void;
 use std::fmt;
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUfunction;
 use cudarc::driver::CudaContext;
 use spillway_runtime::{DevicePtr, PackPiece, Result};
 
 use super::error::DriverResultExt;
-use super::kernels::Module;
+use super::kernels::{Kernel, Module};
 use super::pack_table::{self, TableArrays, BLOCK};
 use super::raw;
 use super::stream::CudaStream;
 use super::upload::Uploads;
-
-/// One kernel and the most blocks of it worth launching (what fits on the GPU at once).
-#[derive(Debug)]
-struct Kernel {
-    f: CUfunction,
-    max_blocks: u32,
-}
-
-impl Kernel {
-    fn new(module: &Module, gpu: usize, name: &str, sm_count: u32) -> Result<Kernel> {
-        let f = module.function(name)?;
-        // SAFETY: `f` belongs to `module`, which is loaded.
-        let per_sm = unsafe { raw::occupancy_max_blocks(f, BLOCK) }.on_gpu(
-            &format!("cuOccupancyMaxActiveBlocksPerMultiprocessor({name})"),
-            gpu,
-        )?;
-        Ok(Kernel {
-            f,
-            max_blocks: sm_count.max(1) * per_sm.max(1),
-        })
-    }
-}
 
 /// The pack and unpack kernels of one GPU, with the slots their piece tables go through.
 pub(crate) struct PackKernels {
@@ -64,8 +41,8 @@ impl PackKernels {
     /// Loads the kernels for a GPU of compute capability `cc` with `sm_count` SMs.
     pub(crate) fn new(ctx: &Arc<CudaContext>, gpu: usize, cc: (u32, u32), sm_count: u32) -> Result<Self> {
         let module = Module::load(ctx, gpu, cc, "pack")?;
-        let pack = Kernel::new(&module, gpu, "pack_pieces", sm_count)?;
-        let unpack = Kernel::new(&module, gpu, "unpack_pieces", sm_count)?;
+        let pack = Kernel::new(&module, gpu, "pack_pieces", BLOCK, sm_count)?;
+        let unpack = Kernel::new(&module, gpu, "unpack_pieces", BLOCK, sm_count)?;
         tracing::debug!(
             gpu,
             origin = module.origin(),

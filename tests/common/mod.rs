@@ -2,6 +2,11 @@
 
 #![allow(dead_code)] // each program uses its own part
 
+use std::sync::Arc;
+
+use spillway::cuda::{self, CudaDevice};
+use spillway::runtime::{Device, DeviceBuffer};
+
 /// splitmix64: a small, seedable generator (the tests need no better).
 pub struct Rng(pub u64);
 
@@ -54,4 +59,34 @@ impl Rng {
             items.swap(i, j);
         }
     }
+}
+
+/// GPU 0, with where its kernels came from printed.
+pub fn gpu() -> Arc<CudaDevice> {
+    let dev = CudaDevice::new(0).unwrap_or_else(|e| panic!("cannot attach to GPU 0: {e}"));
+    eprintln!("{dev:?}; kernels: {}", cuda::kernel_build());
+    dev
+}
+
+/// `len` bytes of device memory, or a panic saying why not.
+pub fn alloc(dev: &dyn Device, len: u64) -> DeviceBuffer {
+    dev.alloc(len as usize)
+        .unwrap_or_else(|e| panic!("cannot allocate {len} bytes: {e}"))
+}
+
+/// Copies `data` to `dst` and waits.
+pub fn upload(dev: &dyn Device, dst: u64, data: &[u8]) {
+    // SAFETY: `data` is live for the call, which waits; the callers pass regions inside
+    // their own device buffers.
+    unsafe { dev.copy_from_host_sync(dst, data.as_ptr(), data.len()) }
+        .unwrap_or_else(|e| panic!("H2D copy of {} bytes to {dst:#x} failed: {e}", data.len()));
+}
+
+/// `len` bytes copied from `src`.
+pub fn download(dev: &dyn Device, src: u64, len: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len as usize];
+    // SAFETY: as in `upload`.
+    unsafe { dev.copy_to_host_sync(out.as_mut_ptr(), src, len as usize) }
+        .unwrap_or_else(|e| panic!("D2H copy of {len} bytes from {src:#x} failed: {e}"));
+    out
 }
