@@ -543,6 +543,31 @@ mod tests {
     }
 
     #[test]
+    fn freed_space_is_reused_before_untouched_space() {
+        // Untouched space is the tail after the highest extent ever handed out: on a file
+        // that grows as it is written (or on tmpfs, where every written byte is memory),
+        // reusing freed ranges first keeps the bytes in use from creeping up.
+        let mut a = alloc_with(&[(A, 1 << 20)], 4096);
+        let first = ok(a.alloc(8192));
+        let second = ok(a.alloc(8192));
+        a.free(first).unwrap();
+        let again = ok(a.alloc(8192));
+        assert_eq!(
+            again.offset, first.offset,
+            "lands in the freed range, not past {second:?}"
+        );
+        // A freed range larger than the request is split: its parts are used before the tail.
+        a.free(again).unwrap();
+        assert_eq!(ok(a.alloc(4096)).offset, 0);
+        assert_eq!(ok(a.alloc(4096)).offset, 4096);
+        assert_eq!(
+            ok(a.alloc(4096)).offset,
+            second.end(),
+            "only now past the second extent"
+        );
+    }
+
+    #[test]
     fn free_coalesces_with_both_neighbours() {
         let mut a = alloc_with(&[(A, 4 * 4096)], 4096);
         let e: Vec<Extent> = (0..4).map(|_| ok(a.alloc(4096))).collect();
