@@ -7,6 +7,7 @@
 //! offers the same calls ([`OpenedEngine::offload`], [`OpenedEngine::fetch`], …) with the
 //! same meaning.
 
+mod capacity;
 mod handles;
 mod ops;
 #[cfg(test)]
@@ -27,10 +28,6 @@ use crate::select::{self, Memory, Setup};
 use crate::settings::Resolved;
 
 use handles::Handles;
-
-/// Without an explicit capacity, the engine may fill this fraction of the free space of
-/// the filesystem holding its file (the file grows as tensors are written).
-const DEFAULT_CAPACITY_FRACTION: u64 = 2;
 
 /// A running engine with what it runs on, and the handles its caller holds.
 pub struct OpenedEngine {
@@ -134,7 +131,12 @@ impl std::fmt::Debug for OpenedEngine {
 /// file (created if missing, kept afterwards) or a block device; several are striped over
 /// in `settings.stripe_bytes` units. `capacity` is the most bytes the engine may store: a
 /// size reserved up front, or, when `None`, half of the filesystem's free space, used as
-/// needed (a block device needs one).
+/// needed (a block device needs one). Paths on one filesystem share its space: by default
+/// they take half of its free space together, and a `capacity` that asks more of a
+/// filesystem than it has free is refused. On tmpfs or ramfs the space is the host's
+/// memory: by default at most half of the available memory is taken, and a `capacity`
+/// leaving less than a headroom of it (a tenth of the host's memory, at most 4 GiB) is
+/// refused.
 ///
 /// Under a multi-process launcher (a local rank in the environment, see [`rank`]), the
 /// rank's entry in `settings.rank_paths` replaces `paths`; without one, a file path is
@@ -181,22 +183,21 @@ fn open_paths(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> 
     }
     let (path, anonymous) = storage_file(&path)?;
     let is_block = std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_block_device());
-    let (capacity, reserve) = match capacity {
-        Some(c) => (c, (!is_block).then_some(c)),
-        None if is_block => {
-            return Err(Error::invalid(format!(
-                "{} is a block device: pass capacity= (the bytes the engine may use on it)",
-                path.display()
-            )))
-        }
-        None => (default_capacity(&path, anonymous)?, None),
-    };
+    if is_block && capacity.is_none() {
+        return Err(Error::invalid(format!(
+            "{} is a block device: pass capacity= (the bytes the engine may use on it)",
+            path.display()
+        )));
+    }
+    let reserve = capacity.filter(|_| !is_block);
+    let capacity = storage_capacity(&[(path.clone(), anonymous)], &[], 1, capacity)?;
     start(setup, path, anonymous, Some(capacity), reserve, settings)
 }
 
 /// The engine on several paths striped into one set (`stripe_bytes` units, `stripe_weights`
-/// of them per path and round), each with a backend of its own. Without `capacity`, each path may give the set the same share of
-/// its free space a single path would.
+/// of them per path and round), each with a backend of its own. Each path reserves its
+/// weight's share of the capacity; without `capacity`, the paths on each filesystem share
+/// half of its free space (see [`storage_capacity`]).
 fn open_striped(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> Result<OpenedEngine> {
     let mut files = Vec::with_capacity(paths.len());
     for p in paths {
@@ -209,18 +210,7 @@ fn open_striped(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -
         }
         files.push((file, anonymous));
     }
-    let capacity = match capacity {
-        Some(c) => c,
-        None => {
-            let mut smallest = u64::MAX;
-            for (file, anonymous) in &files {
-                smallest = smallest.min(default_capacity(file, *anonymous)?);
-            }
-            // Every path holds the same share of the set.
-            smallest * files.len() as u64
-        }
-    };
-    let members: Vec<PathBuf> = files.into_iter().map(|(f, _)| f).collect();
+    let members: Vec<PathBuf> = files.iter().map(|(f, _)| f.clone()).collect();
     let (setup, name) = select::setup_striped(
         settings.choices,
         &settings.faults,
@@ -228,6 +218,7 @@ fn open_striped(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -
         settings.stripe_bytes,
         &settings.stripe_weights,
     )?;
+    let capacity = storage_capacity(&files, &settings.stripe_weights, settings.stripe_bytes, capacity)?;
     start(
         setup,
         name,
@@ -238,21 +229,21 @@ fn open_striped(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -
     )
 }
 
-/// The capacity of a file (or an anonymous file in directory `path`) when none is given:
-/// a share of the free space of its filesystem.
-fn default_capacity(path: &Path, anonymous: bool) -> Result<u64> {
-    let dir = if anonymous {
-        path
-    } else {
-        path.parent().unwrap_or(Path::new("."))
-    };
-    let free = crate::fs::free_space(dir).ok_or_else(|| {
-        Error::invalid(format!(
-            "cannot tell how much space {} has: pass capacity= (bytes the engine may use)",
-            dir.display()
-        ))
-    })?;
-    Ok(free / DEFAULT_CAPACITY_FRACTION)
+/// The capacity of the engine over storage `files` (each with whether it is a directory
+/// for an anonymous file), striped in `unit`-byte units with `weights` (one path: unit 1,
+/// no weights): `capacity` checked against the space of each filesystem and, for paths on
+/// tmpfs or ramfs, the host's memory; or, without it, half the free space of each
+/// filesystem, split among its paths (see [`capacity`]).
+fn storage_capacity(
+    files: &[(PathBuf, bool)],
+    weights: &[u32],
+    unit: u64,
+    capacity: Option<u64>,
+) -> Result<u64> {
+    // Host memory the engine takes besides its storage, counted with the storage on tmpfs
+    // or ramfs against the host's memory: none yet (a host-memory tier passes its size).
+    let extra_ram = 0;
+    capacity::storage_capacity(files, weights, unit, capacity, extra_ram)
 }
 
 /// With `backend="spdk"` the path names the NVMe controller by its PCI address.

@@ -1,11 +1,11 @@
 //! Opening an engine on host memory, and the handle bookkeeping of its calls.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use spillway_runtime::engine::{Handle, Region, TensorKey};
 use spillway_runtime::Error;
 
-use super::{open_engine, open_for_rank, OpenedEngine};
+use super::{open_engine, open_for_rank, storage_capacity, OpenedEngine};
 use crate::rank::LocalRank;
 use crate::settings::Settings;
 
@@ -254,4 +254,60 @@ fn waiting_for_a_source_kept_in_memory_says_so_at_once() {
     assert_eq!(e.engine.stats().counters.resident_tensors, 1);
     e.release(kept).unwrap();
     e.release(stored).unwrap();
+}
+
+#[test]
+fn a_striped_set_on_one_tmpfs_gets_half_of_it_once() {
+    let shm = Path::new("/dev/shm");
+    if !shm.exists() {
+        eprintln!("skipped: there is no /dev/shm");
+        return;
+    }
+    let fs = crate::fs::filesystem(shm).expect("statfs /dev/shm");
+    assert!(fs.ram_backed, "/dev/shm is not tmpfs: {fs:?}");
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir_in(shm).unwrap()).collect();
+    let paths: Vec<PathBuf> = dirs.iter().map(|d| d.path().to_path_buf()).collect();
+    let settings = small_host_settings().resolve().unwrap();
+    let stripe = settings.stripe_bytes;
+    // The capacity opening without capacity= takes. (Opening so would reserve all of it up
+    // front: half of the tmpfs, in memory. The engine is opened small below.)
+    let files: Vec<(PathBuf, bool)> = paths.iter().map(|p| (p.clone(), true)).collect();
+    let free_before = crate::fs::free_space(shm).unwrap();
+    let default = storage_capacity(&files, &[], stripe, None).unwrap();
+    let free = free_before.max(crate::fs::free_space(shm).unwrap());
+    assert!(default > 0 && default % (3 * stripe) == 0, "{default}");
+    assert!(
+        default <= free / 2,
+        "three paths on one tmpfs get {default} bytes, more than half of its {free} free"
+    );
+    let e = open(&paths, Some(6 << 20)).unwrap();
+    assert_eq!(e.info.capacity, 6 << 20);
+    assert_eq!(e.member_stats().len(), 3);
+    let mut src: Vec<u8> = (0..2_500_000u32).map(|i| (i % 249) as u8).collect();
+    // SAFETY: `src` outlives the engine's use of it (released below), no stream.
+    let h = unsafe { e.offload(TensorKey::new(1, 0), &region(&mut src), None) }.unwrap();
+    e.engine.drain().unwrap();
+    let mut back = vec![0u8; src.len()];
+    // SAFETY: `back` is live and idle, no stream.
+    unsafe { e.fetch(h, &region(&mut back), None) }.unwrap();
+    assert!(back == src);
+    e.release(h).unwrap();
+    drop(e);
+    // More than the tmpfs holds is refused before anything is reserved.
+    let too_much = free.saturating_mul(2).saturating_add(3 * stripe);
+    let msg = open(&paths, Some(too_much)).unwrap_err().to_string();
+    for want in [
+        format!("capacity={too_much}"),
+        "of the filesystem at /dev/shm".to_string(),
+        "its space is RAM".to_string(),
+    ] {
+        assert!(msg.contains(&want), "{want:?} not in {msg}");
+    }
+    for d in &dirs {
+        assert_eq!(
+            std::fs::read_dir(d.path()).unwrap().count(),
+            0,
+            "nothing is left behind"
+        );
+    }
 }
