@@ -18,7 +18,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use spillway_runtime::engine::{Engine, StorageTarget};
-use spillway_runtime::{Device, DirectIo, Error, FaultyBackend, MemberStats, Result, StripedBackend, Target};
+use spillway_runtime::{
+    Backend, Device, DirectIo, Error, FaultyBackend, HostTierBackend, HostTierConfig, HostTierStats,
+    MemberStats, Result, StripedBackend, Target,
+};
 use spillway_spdk::pci::PciAddress;
 
 use crate::cli::BackendChoice;
@@ -44,6 +47,8 @@ pub struct OpenedEngine {
     /// With the `faults` setting on, the fault-injecting backend of each path (for their
     /// stats); empty when it is off.
     faults: Vec<Arc<FaultyBackend>>,
+    /// The pinned host-memory tier in front of storage (the `host_tier` setting).
+    host_tier: Option<Arc<HostTierBackend>>,
     /// The live handles.
     handles: Mutex<Handles>,
 }
@@ -89,6 +94,9 @@ impl OpenedEngine {
             if let Some(faults) = faults {
                 map.insert("faults".into(), serde_json::to_value(faults).unwrap_or_default());
             }
+            if let Some(tier) = self.host_tier_stats() {
+                map.insert("host_tier".into(), serde_json::to_value(tier).unwrap_or_default());
+            }
         }
         json
     }
@@ -106,6 +114,11 @@ impl OpenedEngine {
             .as_ref()
             .map(|s| s.member_stats())
             .unwrap_or_default()
+    }
+
+    /// What the host tier holds and has moved; `None` without one.
+    pub fn host_tier_stats(&self) -> Option<HostTierStats> {
+        self.host_tier.as_ref().map(|t| t.stats())
     }
 
     /// The GPU whose memory the engine moves; `None` for host memory.
@@ -190,7 +203,7 @@ fn open_paths(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> 
         )));
     }
     let reserve = capacity.filter(|_| !is_block);
-    let capacity = storage_capacity(&[(path.clone(), anonymous)], &[], 1, capacity)?;
+    let capacity = storage_capacity(&[(path.clone(), anonymous)], &[], 1, capacity, settings.host_tier)?;
     start(setup, path, anonymous, Some(capacity), reserve, settings)
 }
 
@@ -218,7 +231,13 @@ fn open_striped(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -
         settings.stripe_bytes,
         &settings.stripe_weights,
     )?;
-    let capacity = storage_capacity(&files, &settings.stripe_weights, settings.stripe_bytes, capacity)?;
+    let capacity = storage_capacity(
+        &files,
+        &settings.stripe_weights,
+        settings.stripe_bytes,
+        capacity,
+        settings.host_tier,
+    )?;
     start(
         setup,
         name,
@@ -239,11 +258,11 @@ fn storage_capacity(
     weights: &[u32],
     unit: u64,
     capacity: Option<u64>,
+    host_tier: u64,
 ) -> Result<u64> {
-    // Host memory the engine takes besides its storage, counted with the storage on tmpfs
-    // or ramfs against the host's memory: none yet (a host-memory tier passes its size).
-    let extra_ram = 0;
-    capacity::storage_capacity(files, weights, unit, capacity, extra_ram)
+    // The host tier's pinned memory counts, with storage on tmpfs or ramfs, against the
+    // host's memory.
+    capacity::storage_capacity(files, weights, unit, capacity, host_tier)
 }
 
 /// With `backend="spdk"` the path names the NVMe controller by its PCI address.
@@ -288,9 +307,10 @@ fn start(
         create: true,
         reserve,
     };
+    let (backend, host_tier) = with_host_tier(&setup, &settings)?;
     let engine = Engine::new(
         setup.device.clone(),
-        setup.backend.clone(),
+        backend,
         vec![StorageTarget::new(target, capacity)],
         settings.engine.clone(),
     )?;
@@ -313,8 +333,31 @@ fn start(
         },
         striped: setup.striped,
         faults: setup.faults,
+        host_tier,
         handles: Mutex::new(Handles::default()),
     })
+}
+
+/// The backend the engine writes through: `setup`'s, behind a pinned host-memory tier when
+/// the `host_tier` setting asks for one (refused when the host cannot give that much).
+fn with_host_tier(
+    setup: &Setup,
+    settings: &Resolved,
+) -> Result<(Arc<dyn Backend>, Option<Arc<HostTierBackend>>)> {
+    if settings.host_tier == 0 {
+        return Ok((setup.backend.clone(), None));
+    }
+    capacity::check_host_tier(settings.host_tier, crate::fs::host_memory())?;
+    let tier = Arc::new(HostTierBackend::new(
+        setup.backend.clone(),
+        setup.device.clone(),
+        HostTierConfig {
+            bytes: settings.host_tier,
+            align: settings.engine.alignment.max(4096),
+            ..HostTierConfig::default()
+        },
+    )?);
+    Ok((tier.clone(), Some(tier)))
 }
 
 /// The file to store in: a new anonymous file when `path` is a directory.

@@ -63,6 +63,24 @@ pub(crate) fn ram_headroom(total: u64) -> u64 {
     (total / RAM_HEADROOM_FRACTION).min(RAM_HEADROOM_MAX)
 }
 
+/// Refuses a host tier (`host_tier` bytes of pinned host memory) larger than the host's
+/// available memory less [`ram_headroom`]; nothing to check when `mem` is unknown.
+pub(crate) fn check_host_tier(host_tier: u64, mem: Option<HostMemory>) -> Result<()> {
+    let Some(mem) = mem else { return Ok(()) };
+    let room = mem.available.saturating_sub(ram_headroom(mem.total));
+    if host_tier <= room {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "host_tier={host_tier} asks for {} of pinned host memory, but the host has {} available, {} of which \
+         stay free for everything else: set host_tier to at most {}",
+        bytes(host_tier),
+        bytes(mem.available),
+        bytes(ram_headroom(mem.total)),
+        bytes(room),
+    )))
+}
+
 /// Bytes of one round: `unit` times the sum of the weights.
 fn round_bytes(paths: &[PathFacts], unit: u64) -> u128 {
     u128::from(unit) * paths.iter().map(|p| u128::from(p.weight)).sum::<u128>()
@@ -471,6 +489,23 @@ mod tests {
 
     fn mem(available: u64, total: u64) -> Option<HostMemory> {
         Some(HostMemory { available, total })
+    }
+
+    #[test]
+    fn a_host_tier_past_the_available_memory_less_headroom_is_refused_naming_the_setting() {
+        // 100 GiB available of 128: 4 GiB headroom leaves 96.
+        assert!(check_host_tier(96 * GIB, mem(100 * GIB, 128 * GIB)).is_ok());
+        let err = check_host_tier(97 * GIB, mem(100 * GIB, 128 * GIB))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("host_tier=") && err.contains("at most 103079215104 bytes"),
+            "{err}"
+        );
+        assert!(
+            check_host_tier(u64::MAX, None).is_ok(),
+            "unknown memory: nothing to check"
+        );
     }
 
     /// Bytes `capacity` puts on each filesystem (by id), as the striped set reserves them.

@@ -49,6 +49,8 @@ pub struct Resolved {
     pub choices: Choices,
     /// The engine's settings.
     pub engine: EngineConfig,
+    /// Bytes of the pinned host-memory tier in front of storage (0: none).
+    pub host_tier: u64,
     /// Bytes per stripe unit when the storage is several paths.
     pub stripe_bytes: u64,
     /// Stripe units per round of each path (empty: one each).
@@ -75,6 +77,7 @@ impl Default for Resolved {
                 pci: None,
             },
             engine: EngineConfig::default(),
+            host_tier: 0,
             stripe_bytes: DEFAULT_STRIPE_BYTES,
             stripe_weights: Vec::new(),
             rank_paths: RankPaths::default(),

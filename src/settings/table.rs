@@ -376,6 +376,16 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        name: "host_tier",
+        kind: Kind::Size,
+        meaning: "pinned host memory the engine fills first, by one device copy, before storage: offloads complete at the speed of the host link and spill to storage in the background once half of it holds bytes not yet written there (0: off; it counts against host memory with the storage on tmpfs)",
+        get: |r| int(r.host_tier),
+        set: |r, v| {
+            r.host_tier = size(v)?;
+            Ok(())
+        },
+    },
+    Setting {
         name: "stripe_bytes",
         kind: Kind::Size,
         meaning: "with several storage paths, bytes per stripe unit, dealt round robin to them (a multiple of 4KiB)",

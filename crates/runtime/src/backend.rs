@@ -110,6 +110,13 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// ticket has completed.
     unsafe fn submit(&self, req: IoRequest) -> Result<Ticket>;
 
+    /// Tells the backend that bytes `[offset, offset + len)` of `target` are no longer
+    /// needed: a cache in front of storage may drop them instead of writing them out. A hint:
+    /// the default does nothing, and the bytes may still read back as they were.
+    fn discard(&self, target: TargetId, offset: u64, len: u64) {
+        let _ = (target, offset, len);
+    }
+
     /// Makes completed writes to the target durable (fdatasync).
     fn flush(&self, target: TargetId) -> Result<()>;
 

@@ -9,6 +9,7 @@
 //! - [`checksum`]: CRC-32C block lists of stored tensors, checked on the bytes read back.
 //! - [`pack`]: gathering many tensor pieces into one extent and back (CPU reference).
 //! - [`MemBackend`]: a backend on host memory, for tests.
+//! - [`host_tier`]: a pinned host-memory arena in front of a backend, spilling to it.
 //! - [`striped`]: several targets striped into one, each with a backend of its own.
 //! - [`faults`]: a backend wrapper injecting errors, short I/O, ENOSPC and latency.
 //! - [`pattern`]: the deterministic data used to verify round trips.
@@ -26,6 +27,7 @@ pub mod error;
 pub mod extents;
 pub mod faults;
 pub mod host;
+pub mod host_tier;
 pub mod mem_backend;
 pub mod memory;
 pub mod pack;
@@ -42,6 +44,7 @@ pub use error::{Error, Result};
 pub use extents::{Extent, ExtentAllocator, OutOfSpace, SpaceUsage};
 pub use faults::{FaultPlan, FaultStats, FaultyBackend};
 pub use host::{HostDevice, HostEvent, HostEventTrigger};
+pub use host_tier::{HostTierBackend, HostTierConfig, HostTierStats};
 pub use mem_backend::MemBackend;
 pub use memory::{AlignedBuf, DeviceBuffer, DevicePtr, MemRef, PinnedBuffer};
 pub use pack::PackPiece;

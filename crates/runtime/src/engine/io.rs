@@ -373,9 +373,7 @@ impl State {
     fn keep_resident(&mut self, gid: u64, out_of_space: bool) {
         let Some(g) = self.groups.remove(&gid) else { return };
         if let Some(extent) = g.extent {
-            if let Err(e) = self.storage.free(extent) {
-                tracing::error!("freeing extent {extent:?}: {e}");
-            }
+            self.free_storage(extent);
         }
         for eid in g.entries {
             let Some(e) = self.entries.get_mut(&eid) else {

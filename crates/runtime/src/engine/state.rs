@@ -781,6 +781,15 @@ impl State {
         }
     }
 
+    /// Gives an extent's storage space back, telling the backend its bytes are not needed
+    /// (a host tier in front of storage then drops them instead of writing them out).
+    pub(crate) fn free_storage(&mut self, extent: Extent) {
+        if let Err(e) = self.storage.free(extent) {
+            tracing::error!("freeing extent {extent:?}: {e}");
+        }
+        self.backend.discard(extent.target, extent.offset, extent.len);
+    }
+
     /// Frees a group's storage (and staging) once no live tensor is in it.
     pub(crate) fn maybe_free_group(&mut self, gid: u64) {
         let g = &self.groups[&gid];
@@ -793,9 +802,7 @@ impl State {
         self.unload(gid);
         let g = self.groups.remove(&gid).expect("live");
         if let Some(extent) = g.extent {
-            if let Err(e) = self.storage.free(extent) {
-                tracing::error!("freeing extent {extent:?}: {e}");
-            }
+            self.free_storage(extent);
         }
     }
 }
