@@ -1355,3 +1355,40 @@ fn tensors_whose_writes_fail_stay_in_memory_and_are_forwarded() {
         "{r}"
     );
 }
+
+#[test]
+fn a_file_another_process_holds_is_refused_naming_it() {
+    // This test process holds the file as an engine would (the library's open takes the
+    // lock); the bench, another process, must refuse it rather than share its offsets.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("same.bin");
+    let held = spillway_runtime::open_target(&spillway_runtime::Target::new(&path).reserve(8 << 20)).unwrap();
+    let pid = std::process::id();
+    let p = path.to_str().unwrap();
+    let tensors = [
+        "--workload",
+        "tensors",
+        "--tensors",
+        "50",
+        "--max-size",
+        "64K",
+        "--staging",
+        "32M",
+    ];
+    for (workload, flags) in [("seq", &["--size", "8M"][..]), ("tensors", &tensors[..])] {
+        let out = spillway(&[&["bench", "--mem", "host", "--path", p], flags].concat());
+        assert_eq!(out.status.code(), Some(1), "{workload}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!(
+                "{p} is in use by another spillway engine (process {pid})"
+            )) && err.contains("give each engine its own file, or use a directory"),
+            "{workload}: {err}"
+        );
+    }
+    drop(held);
+    let out = spillway(&[
+        "bench", "--mem", "host", "--size", "8M", "--op", "write", "--path", p,
+    ]);
+    assert!(out.status.success(), "free once closed: {}", stderr(&out));
+}

@@ -29,6 +29,14 @@
 //!
 //! Every check that matters is made on what was opened: files are made and opened relative
 //! to their directory held open, and the opened file's descriptor is what is examined.
+//!
+//! # One engine per target
+//!
+//! A named file or block device is locked as it is opened (`flock(LOCK_EX | LOCK_NB)` on
+//! its descriptor), for as long as that descriptor is open: a second engine or bench on the
+//! same file, in this process or another, is refused with an [`Error::Target`] naming the
+//! process that holds it, instead of both allocating from offset 0 and reading each other's
+//! bytes. Anonymous files need no lock.
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
@@ -38,6 +46,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+mod lock;
 mod openat;
 mod policy;
 
@@ -112,7 +121,8 @@ impl Target {
 /// An opened target.
 #[derive(Debug)]
 pub struct OpenedTarget {
-    /// The open file (with O_DIRECT when `direct_io`).
+    /// The open file (with O_DIRECT when `direct_io`); for a named target it holds the
+    /// target's lock until it is closed.
     pub file: File,
     /// Its path; for an anonymous file, the directory it was made in.
     pub path: PathBuf,
@@ -213,7 +223,9 @@ pub const DEFAULT_ALIGN: usize = 4096;
 
 /// Opens `target` read-write; a directory with `create` set gets an anonymous file. Files
 /// and directories that would let another user read the data are refused (see the module
-/// documentation).
+/// documentation). A named file or block device is locked for as long as the returned
+/// descriptor is open, and refused when another descriptor holds its lock (see "One engine
+/// per target" in the module documentation).
 pub fn open_target(target: &Target) -> Result<OpenedTarget> {
     let path = &target.path;
     let anonymous = path.is_dir();
@@ -250,6 +262,9 @@ pub fn open_target(target: &Target) -> Result<OpenedTarget> {
         }
         Err(e) => return Err(target_error(path, anonymous, e)),
     };
+    if anonymous_mode.is_none() {
+        lock::lock_target(&file, path).map_err(|e| target_error(path, false, e))?;
+    }
     let meta = file
         .metadata()
         .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
@@ -298,7 +313,9 @@ impl OpenedTarget {
     /// "unsupported file open flags"). Such a file is reopened through `/proc/self/fd`,
     /// which gives a new descriptor on the same file (the same inode: no path is looked up
     /// again, and a nameless file stays nameless); any other is kept as it is. `O_DIRECT` is
-    /// kept when in effect.
+    /// kept when in effect. A named target's lock (see [`open_target`]) passes to the new
+    /// descriptor: the first is closed, then the new one locked, so another engine that
+    /// takes the lock in between makes this one refuse, as it would have at the open.
     pub fn without_refused_flags(self) -> Result<OpenedTarget> {
         // SAFETY: F_GETFL on a descriptor this value owns.
         let flags = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GETFL) };
@@ -321,7 +338,15 @@ impl OpenedTarget {
                 e,
             )
         })?;
-        Ok(OpenedTarget { file, ..self })
+        // The lock is the first descriptor's: closing it lets go, and the new one takes it
+        // (a lock cannot move between descriptors, and the old one would refuse the new).
+        let mut reopened = self;
+        drop(std::mem::replace(&mut reopened.file, file));
+        if reopened.anonymous.is_none() {
+            lock::lock_target(&reopened.file, &reopened.path)
+                .map_err(|e| target_error(&reopened.path, false, e))?;
+        }
+        Ok(reopened)
     }
 }
 
@@ -553,6 +578,58 @@ mod tests {
         assert_eq!(flags & libc::O_NOFOLLOW, 0, "{flags:#x}");
         assert_eq!(named.file.metadata().unwrap().ino(), ino);
         round_trip(&named);
+    }
+
+    fn open_err(target: &Target) -> String {
+        match open_target(target) {
+            Ok(t) => panic!("{} opened: {t:?}", target.path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_named_target_is_refused_while_another_descriptor_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("same.bin");
+        let target = Target::new(&path).direct(DirectIo::Off).reserve(1 << 20);
+        let first = open_target(&target).unwrap();
+        let err = open_err(&target);
+        let pid = std::process::id();
+        assert!(
+            err.contains(&format!(
+                "{} is in use by another spillway engine (process {pid}, this process)",
+                path.display()
+            )),
+            "{err}"
+        );
+        assert!(
+            err.contains("give each engine its own file, or use a directory"),
+            "{err}"
+        );
+        // Another name of the same file is the same file.
+        let err = open_err(&Target::new(dir.path().join(".").join("same.bin")));
+        assert!(err.contains("in use by another spillway engine"), "{err}");
+        // Anonymous files in the same directory take no lock.
+        let a = open_target(&Target::anonymous_in(dir.path()).direct(DirectIo::Off)).unwrap();
+        let b = open_target(&Target::anonymous_in(dir.path()).direct(DirectIo::Off)).unwrap();
+        // Closed: free again.
+        drop(first);
+        drop(open_target(&target).unwrap());
+        drop((a, b));
+    }
+
+    #[test]
+    fn the_lock_passes_to_the_descriptor_reopened_without_refused_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("named");
+        let target = Target::new(&path).direct(DirectIo::Off);
+        // The reopen does not refuse itself, and the new descriptor holds the lock.
+        let t = open_target(&target).unwrap().without_refused_flags().unwrap();
+        let err = open_err(&target);
+        assert!(err.contains("in use by another spillway engine"), "{err}");
+        round_trip(&t);
+        drop(t);
+        drop(open_target(&target).unwrap());
     }
 
     #[test]

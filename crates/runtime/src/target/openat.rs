@@ -540,6 +540,7 @@ mod tests {
         chmod(&path, 0o600);
         let t = open_target(&Target::new(&path).direct(DirectIo::Off)).unwrap();
         assert_eq!(t.size, 4096);
+        drop(t);
         let t = open_target(&Target {
             create: false,
             ..Target::new(&path)
