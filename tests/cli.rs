@@ -1392,3 +1392,36 @@ fn a_file_another_process_holds_is_refused_naming_it() {
     ]);
     assert!(out.status.success(), "free once closed: {}", stderr(&out));
 }
+
+#[test]
+fn one_file_twice_as_path_is_refused_with_status_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("x.bin");
+    let linked = dir.path().join("linked");
+    std::os::unix::fs::symlink(dir.path(), &linked).unwrap();
+    let dotted = dir.path().join(".").join("x.bin");
+    let via_link = linked.join("x.bin");
+    for exists in [false, true] {
+        if exists {
+            std::fs::write(&f, b"").unwrap();
+            std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        }
+        for second in [&f, &dotted, &via_link] {
+            let (a, b) = (f.to_str().unwrap(), second.to_str().unwrap());
+            let out = spillway(&[
+                "bench", "--mem", "host", "--size", "8M", "--verify", "--path", a, "--path", b,
+            ]);
+            assert_eq!(out.status.code(), Some(2), "{a} {b}: {}", stderr(&out));
+            let err = stderr(&out);
+            let said = if a == b {
+                format!("{a} is listed twice, the same file both times")
+            } else {
+                format!("{b} and {a} are the same file")
+            };
+            assert!(
+                err.contains(&said) && err.contains("list each file once"),
+                "{err}"
+            );
+        }
+    }
+}

@@ -36,7 +36,8 @@
 //! its descriptor), for as long as that descriptor is open: a second engine or bench on the
 //! same file, in this process or another, is refused with an [`Error::Target`] naming the
 //! process that holds it, instead of both allocating from offset 0 and reading each other's
-//! bytes. Anonymous files need no lock.
+//! bytes. Anonymous files need no lock. [`check_distinct`] refuses one file given twice
+//! (two names of it, or the same name twice) in one set of targets, with its own message.
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
@@ -216,6 +217,96 @@ pub fn check_directory(dir: &Path) -> Result<()> {
         }
     })?;
     opened.check().map_err(|e| target_error(dir, true, e))
+}
+
+/// What a target path stands for, to tell two names of one file from two files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Identity {
+    /// An existing file, by its filesystem and inode.
+    File { dev: u64, ino: u64 },
+    /// A block device, by its device number (any node that names it is the same disk).
+    BlockDevice { rdev: u64 },
+    /// A file not made yet: its directory's real path and its name.
+    Missing(PathBuf),
+}
+
+impl Identity {
+    /// What `path` names now, following links; `None` for a directory (each open of it
+    /// makes another anonymous file) and for a path that cannot be looked at.
+    fn of(path: &Path) -> Option<Identity> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => None,
+            Ok(m) if m.file_type().is_block_device() => Some(Identity::BlockDevice { rdev: m.rdev() }),
+            Ok(m) => Some(Identity::File {
+                dev: m.dev(),
+                ino: m.ino(),
+            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let name = path.file_name()?;
+                let dir = match path.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                Some(Identity::Missing(dir.canonicalize().ok()?.join(name)))
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// How the two paths are the same, for the refusal.
+    fn describe(&self) -> String {
+        match self {
+            Identity::File { dev, ino } => {
+                format!("device {}:{}, inode {ino}", libc::major(*dev), libc::minor(*dev))
+            }
+            Identity::BlockDevice { rdev } => {
+                format!("block device {}:{}", libc::major(*rdev), libc::minor(*rdev))
+            }
+            Identity::Missing(path) => format!("both name {}", path.display()),
+        }
+    }
+}
+
+/// Refuses a set of targets (the members of a striped set, or an engine's targets) that
+/// holds one file twice: the same path given twice, two names of one file (`DIR/./f`, a
+/// link, a linked directory, a hard link), or two device nodes of one block device. Each
+/// would use the file from offset 0, so every piece written would overwrite another and
+/// nothing would read back right. The [`Error::Target`] names both paths. Directories are
+/// fine (each gets an anonymous file of its own), and so are paths that cannot be looked at
+/// now (opening them says why).
+///
+/// It looks at the paths as they are, before anything is opened; the lock each named
+/// target takes as it is opened (see [`open_target`]) refuses a file that became the same
+/// as another member meanwhile.
+pub fn check_distinct(paths: &[&Path]) -> Result<()> {
+    let mut seen: Vec<(&Path, Identity)> = Vec::new();
+    for &path in paths {
+        let Some(id) = Identity::of(path) else {
+            continue;
+        };
+        if let Some((first, _)) = seen.iter().find(|(_, other)| *other == id) {
+            return Err(Error::Target {
+                path: path.to_path_buf(),
+                reason: same_file(first, path, &id),
+            });
+        }
+        seen.push((path, id));
+    }
+    Ok(())
+}
+
+/// The refusal of `second`, the same file as `first`.
+fn same_file(first: &Path, second: &Path, id: &Identity) -> String {
+    let (a, b) = (first.display(), second.display());
+    let twice = if first.as_os_str() == second.as_os_str() {
+        format!("{a} is listed twice, the same file both times")
+    } else {
+        format!("{b} and {a} are the same file ({})", id.describe())
+    };
+    format!(
+        "{twice}: a set of targets that holds one file twice would write its pieces over each other, so nothing would read back right; list each file once"
+    )
 }
 
 /// The alignment spillway assumes when the kernel does not report one.
@@ -630,6 +721,56 @@ mod tests {
         round_trip(&t);
         drop(t);
         drop(open_target(&target).unwrap());
+    }
+
+    #[test]
+    fn one_file_twice_in_a_set_is_refused_naming_both_paths() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.bin");
+        let other = dir.path().join("y.bin");
+        let dotted = dir.path().join(".").join("x.bin");
+        let linked_dir = dir.path().join("linked");
+        symlink(dir.path(), &linked_dir).unwrap();
+        let via_link = linked_dir.join("x.bin");
+        let refused = |paths: &[&Path]| match check_distinct(paths) {
+            Ok(()) => panic!("{paths:?} passed"),
+            Err(e) => e.to_string(),
+        };
+        // Before the file exists (nothing opened yet), and after.
+        for exists in [false, true] {
+            if exists {
+                std::fs::write(&f, b"").unwrap();
+            }
+            let err = refused(&[&f, &f]);
+            assert!(
+                err.contains(&format!(
+                    "{} is listed twice, the same file both times",
+                    f.display()
+                )) && err.contains("list each file once"),
+                "{err}"
+            );
+            for second in [&dotted, &via_link] {
+                let err = refused(&[&f, &other, second]);
+                assert!(
+                    err.contains(&format!(
+                        "{} and {} are the same file",
+                        second.display(),
+                        f.display()
+                    )),
+                    "{err}"
+                );
+                assert!(err.contains("list each file once"), "{err}");
+            }
+        }
+        // A hard link is the same file too.
+        let hard = dir.path().join("hard.bin");
+        std::fs::hard_link(&f, &hard).unwrap();
+        let err = refused(&[&hard, &f]);
+        assert!(err.contains("are the same file (device "), "{err}");
+        // Distinct files, and one directory twice (an anonymous file each), are fine.
+        check_distinct(&[&f, &other]).unwrap();
+        check_distinct(&[dir.path(), dir.path()]).unwrap();
     }
 
     #[test]

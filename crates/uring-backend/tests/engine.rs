@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use spillway_runtime::engine::{Engine, EngineConfig, Region, StorageTarget, TensorKey};
-use spillway_runtime::{pattern, Device, DeviceBuffer, DirectIo, Result, Target};
+use spillway_runtime::{pattern, Device, DeviceBuffer, DirectIo, Member, Result, StripedBackend, Target};
 use spillway_uring::{UringBackend, UringConfig};
 
 fn engine(dev: &Arc<dyn Device>, path: std::path::PathBuf, cfg: EngineConfig, capacity: u64) -> Engine {
@@ -257,4 +257,47 @@ fn a_second_engine_on_the_same_file_is_refused_instead_of_sharing_its_offsets() 
     // Closed, the file is free for the next engine.
     drop(e1);
     drop(try_engine(&dev, uring(&dev), &path).unwrap());
+}
+
+#[test]
+fn one_file_twice_in_a_striped_set_is_refused_naming_both_paths() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let f = dir.path().join("x.bin");
+    let linked = dir.path().join("linked");
+    std::os::unix::fs::symlink(dir.path(), &linked).unwrap();
+    let dev = common::device();
+    for exists in [false, true] {
+        if exists {
+            drop(try_engine(&dev, uring(&dev), &f).unwrap());
+        }
+        for second in [
+            f.clone(),
+            dir.path().join(".").join("x.bin"),
+            linked.join("x.bin"),
+        ] {
+            let members = [&f, &second]
+                .iter()
+                .map(|p| Member {
+                    target: Target::new(p.as_path()),
+                    backend: uring(&dev),
+                })
+                .collect();
+            let refs = [f.as_path(), second.as_path()];
+            let name = StripedBackend::set_name(&refs);
+            let set = Arc::new(StripedBackend::new(name.clone(), members, 1 << 20).unwrap());
+            let err = match try_engine(&dev, set, &name) {
+                Ok(_) => panic!("a set of {f:?} and {second:?} opened"),
+                Err(e) => e.to_string(),
+            };
+            let said = if second.as_os_str() == f.as_os_str() {
+                format!("{} is listed twice, the same file both times", f.display())
+            } else {
+                format!("{} and {} are the same file", second.display(), f.display())
+            };
+            assert!(
+                err.contains(&said) && err.contains("list each file once"),
+                "{err}"
+            );
+        }
+    }
 }
