@@ -23,9 +23,11 @@
 //!   user planted at the name).
 //! - an existing regular file must be yours, with no permission bits for group or others
 //!   (`chmod 600`); it is opened `O_NOFOLLOW`. A symbolic link at the name is followed only
-//!   to a block device (`/dev/disk/by-id/...` names drives that way); block devices are exempt
-//!   from the owner and mode rules, which are the administrator's. Character devices, FIFOs
-//!   and sockets are refused.
+//!   to a block device (`/dev/disk/by-id/...` names drives that way), and only when the link
+//!   itself is owned by you or root and sits in a directory that passes the directory rule
+//!   above: a link another user planted (say `/tmp/spill.bin` → `/dev/sda`) is refused, naming
+//!   its owner, before it is followed. Block devices are exempt from the owner and mode rules,
+//!   which are the administrator's. Character devices, FIFOs and sockets are refused.
 //!
 //! Every check that matters is made on what was opened: files are made and opened relative
 //! to their directory held open, and the opened file's descriptor is what is examined.

@@ -8,20 +8,24 @@
 //! - A new named file: the directory is checked, then the file created `O_CREAT | O_EXCL |
 //!   O_NOFOLLOW` and set to mode 0600, whatever the umask. A name taken meanwhile is opened
 //!   as an existing file, with its checks: a planted file or link is never written.
-//! - An existing name: a symbolic link is followed only to a block device; anything else is
-//!   opened `O_NOFOLLOW`, and a regular file must be yours, private, in a checked directory.
+//! - An existing name: a symbolic link is followed only to a block device, and only when the
+//!   link (seen with `fstatat(AT_SYMLINK_NOFOLLOW)` in the directory held open) is yours or
+//!   root's and the directory passes its checks, so that no one else can have made or
+//!   replaced it; anything else is opened `O_NOFOLLOW`, and a regular file must be yours,
+//!   private, in a checked directory.
 
 use std::ffi::{CStr, CString};
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::ErrorKind;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::policy::{
-    created_file_problem, directory_problem, existing_file_problem, symlink_problem, Inode, Kind,
+    created_file_problem, directory_problem, existing_file_problem, symlink_owner_problem, symlink_problem,
+    Inode, Kind,
 };
 use super::AnonymousMode;
 
@@ -240,8 +244,14 @@ fn open_existing(dir: &Dir, name: &CStr, path: &Path, direct: bool) -> Result<Fi
     let found = dir.stat_at(name, false)?;
     let follow = match found.kind {
         Kind::Symlink => {
+            let link = read_link_at(dir, name).ok();
+            // Whose link it is, and where, before anything is followed: a link another user
+            // made (or could replace) would choose the device written to.
+            if let Some(reason) = symlink_owner_problem(path, link.as_deref(), found, euid()) {
+                return Err(OpenError::Refused(reason));
+            }
+            dir.check()?;
             let points_to = dir.stat_at(name, true).ok().map(|st| st.kind);
-            let link = std::fs::read_link(path).ok();
             if let Some(reason) = symlink_problem(path, link.as_deref(), points_to) {
                 return Err(OpenError::Refused(reason));
             }
@@ -279,6 +289,26 @@ fn open_existing(dir: &Dir, name: &CStr, path: &Path, direct: bool) -> Result<Fi
         )),
         _ => Err(refusal(path, opened)),
     }
+}
+
+/// What the symbolic link `name` in `dir` points at (`readlinkat`), for messages.
+fn read_link_at(dir: &Dir, name: &CStr) -> std::io::Result<PathBuf> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: the descriptor is open, `name` is NUL-terminated and `buf` is writable for
+    // its length.
+    let n = unsafe {
+        libc::readlinkat(
+            dir.fd.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(buf)))
 }
 
 /// The refusal of an existing target that is not a file spillway may use.
@@ -454,6 +484,87 @@ mod tests {
         symlink("/dev/null", &null).unwrap();
         let err = open_err(&Target::new(&null).direct(DirectIo::Off));
         assert!(err.contains("is a symbolic link to /dev/null"), "{err}");
+    }
+
+    /// A block device of this machine, if it has one (only ever linked to here, never
+    /// opened: every open below is refused before following the link).
+    fn some_block_device() -> Option<PathBuf> {
+        use std::os::unix::fs::FileTypeExt;
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/dev")
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_block_device()))
+            .map(|e| e.path())
+            .collect();
+        found.sort();
+        found.into_iter().next()
+    }
+
+    /// Places to link to: a block device when there is one (what a link is followed to), a
+    /// character device and a name that does not exist.
+    fn link_destinations(dir: &Path) -> Vec<PathBuf> {
+        let mut to: Vec<PathBuf> = some_block_device().into_iter().collect();
+        to.push(PathBuf::from("/dev/loop-control"));
+        to.push(dir.join("victim"));
+        to
+    }
+
+    #[test]
+    fn a_link_another_user_owns_is_refused_naming_its_owner_before_it_is_followed() {
+        if !is_root() {
+            eprintln!(
+                "a_link_another_user_owns_is_refused_naming_its_owner_before_it_is_followed: lchown needs root; not run"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // Like /tmp: root's, sticky and world-writable, which the directory rule allows.
+        let tmp = subdir(dir.path(), "tmp", 0o1777);
+        chown(&tmp, 0);
+        for (i, to) in link_destinations(dir.path()).iter().enumerate() {
+            let link = tmp.join(format!("spill-{i}.bin"));
+            symlink(to, &link).unwrap();
+            std::os::unix::fs::lchown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+            for create in [true, false] {
+                let err = open_err(&Target {
+                    create,
+                    ..Target::new(&link).direct(DirectIo::Off)
+                });
+                assert!(
+                    err.contains(&format!(
+                        "{} is a symbolic link to {} owned by uid 65534",
+                        link.display(),
+                        to.display()
+                    )) && err.contains("not by you (uid 0"),
+                    "{err}"
+                );
+                assert!(err.contains("ln -s DEVICE"), "{err}");
+            }
+        }
+        assert!(
+            !dir.path().join("victim").exists(),
+            "nothing made where a link points"
+        );
+    }
+
+    #[test]
+    fn a_link_in_a_directory_others_can_change_is_refused_before_it_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = subdir(dir.path(), "open", 0o777);
+        for (i, to) in link_destinations(dir.path()).iter().enumerate() {
+            let link = open.join(format!("spill-{i}.bin"));
+            symlink(to, &link).unwrap();
+            let err = open_err(&Target::new(&link).direct(DirectIo::Off));
+            assert!(
+                err.contains(&format!("directory {}", open.display()))
+                    && err.contains("without the sticky bit"),
+                "{err}"
+            );
+        }
+        assert!(
+            !dir.path().join("victim").exists(),
+            "nothing made where a link points"
+        );
     }
 
     #[test]
