@@ -502,6 +502,40 @@ fn tensors_trace_is_chrome_json() {
 }
 
 #[test]
+fn a_trace_path_that_is_a_symlink_is_refused_and_its_file_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    let trace = dir.path().join("trace.json");
+    std::os::unix::fs::symlink(&victim, &trace).unwrap();
+    let out = tensors_bench(dir.path(), &["--trace", trace.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "creating the trace file {} (check --trace): {} is a symbolic link to {}",
+            trace.display(),
+            trace.display(),
+            victim.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    // A trace of one's own is replaced, and made private.
+    std::fs::remove_file(&trace).unwrap();
+    std::fs::write(&trace, b"an old trace").unwrap();
+    let v = tensors_json(&tensors_bench(
+        dir.path(),
+        &["--trace", trace.to_str().unwrap(), "--json"],
+    ));
+    assert_eq!(v["trace"].as_str(), trace.to_str());
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    assert!(doc["traceEvents"].is_array());
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&trace).unwrap().mode() & 0o7777, 0o600);
+}
+
+#[test]
 fn tensors_table_verifies_and_the_temporary_file_goes() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_spillway"))

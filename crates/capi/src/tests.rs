@@ -682,6 +682,42 @@ fn the_timeline_is_written_as_chrome_trace_json() {
     for want in ["pack", "write", "demand read"] {
         assert!(names.contains(&want), "no {want:?} span in {names:?}");
     }
+    // Made private; written again, the file of ours is replaced.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(std::fs::metadata(&trace).unwrap().mode() & 0o7777, 0o600);
+    std::fs::write(&trace, b"an old trace").unwrap();
+    std::fs::set_permissions(&trace, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // SAFETY: an open engine and a NUL-terminated path.
+    check(
+        unsafe { spillway_engine_write_trace(engine, path.as_ptr()) },
+        SPILLWAY_OK,
+    );
+    let again: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    assert!(again["traceEvents"].is_array());
+    assert_eq!(std::fs::metadata(&trace).unwrap().mode() & 0o7777, 0o600);
+    // A symbolic link at the path (another user's, in a shared directory) is refused, and
+    // the file it leads to is left alone.
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    let link = dir.path().join("linked-trace.json");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let link_c = CString::new(link.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: as above.
+    check(
+        unsafe { spillway_engine_write_trace(engine, link_c.as_ptr()) },
+        SPILLWAY_ERROR_IO,
+    );
+    let msg = last_error();
+    assert!(
+        msg.starts_with("spillway_engine_write_trace: creating the trace file")
+            && msg.contains(&format!(
+                "{} is a symbolic link to {}",
+                link.display(),
+                victim.display()
+            )),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     // A file that cannot be made is an I/O error, named.
     let nowhere = CString::new(
         dir.path()

@@ -47,5 +47,5 @@ pub use memory::{AlignedBuf, DeviceBuffer, DevicePtr, MemRef, PinnedBuffer};
 pub use pack::PackPiece;
 pub use striped::{Member, MemberStats, StripedBackend};
 pub use target::{
-    anonymous_mode, check_distinct, open_target, AnonymousMode, DirectIo, OpenedTarget, Target,
+    anonymous_mode, check_distinct, open_target, AnonymousMode, DirectIo, OpenedTarget, PrivateFile, Target,
 };

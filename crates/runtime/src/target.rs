@@ -51,7 +51,10 @@ use crate::error::{Error, Result};
 
 mod lock;
 mod openat;
+mod output;
 mod policy;
+
+pub use output::PrivateFile;
 
 use openat::{open_anonymous, open_named, Dir, OpenError};
 

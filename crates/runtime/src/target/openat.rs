@@ -64,7 +64,7 @@ pub(crate) fn euid() -> u32 {
 /// where files are made, even if its path is renamed or replaced meanwhile.
 pub(crate) struct Dir {
     fd: File,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
 impl Dir {
@@ -93,7 +93,7 @@ impl Dir {
     }
 
     /// `fstatat` of `name` in the directory; a symbolic link itself unless `follow`.
-    fn stat_at(&self, name: &CStr, follow: bool) -> std::io::Result<Inode> {
+    pub(crate) fn stat_at(&self, name: &CStr, follow: bool) -> std::io::Result<Inode> {
         let flags = if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
         // SAFETY: `stat` is plain old data that the kernel fills.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -107,7 +107,7 @@ impl Dir {
     }
 
     /// `openat(dir, name, flags | O_CLOEXEC, 0600)`.
-    fn open_at(&self, name: &CStr, flags: libc::c_int) -> std::io::Result<File> {
+    pub(crate) fn open_at(&self, name: &CStr, flags: libc::c_int) -> std::io::Result<File> {
         let mode: libc::c_uint = 0o600;
         // SAFETY: the descriptor is open and `name` is NUL-terminated; the mode is read only
         // with O_CREAT or O_TMPFILE.
@@ -120,9 +120,22 @@ impl Dir {
     }
 
     /// `unlinkat(dir, name, 0)`.
-    fn unlink_at(&self, name: &CStr) -> std::io::Result<()> {
+    pub(crate) fn unlink_at(&self, name: &CStr) -> std::io::Result<()> {
         // SAFETY: the descriptor is open and `name` is NUL-terminated.
         let rc = unsafe { libc::unlinkat(self.fd.as_raw_fd(), name.as_ptr(), 0) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// `renameat(dir, from, dir, to)`: `to` is replaced as a name, whatever it is (a link
+    /// there is replaced, never followed).
+    pub(crate) fn rename_at(&self, from: &CStr, to: &CStr) -> std::io::Result<()> {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: the descriptor is open and both names are NUL-terminated.
+        let rc = unsafe { libc::renameat(fd, from.as_ptr(), fd, to.as_ptr()) };
         if rc == 0 {
             Ok(())
         } else {
@@ -156,7 +169,7 @@ fn set_direct(file: &File) -> std::io::Result<()> {
 /// Sets a file spillway has just made to mode 0600 exactly (the umask may have taken bits
 /// from the 0600 it was made with, never added any), and refuses it when the filesystem
 /// leaves bits for group or others (one without Unix permissions).
-fn make_private(file: &File) -> Result<(), OpenError> {
+pub(crate) fn make_private(file: &File) -> Result<(), OpenError> {
     let mut mode = file.metadata()?.mode();
     if mode & 0o7777 != 0o600 {
         // A filesystem that cannot store the mode may refuse; the check below decides.
@@ -170,7 +183,7 @@ fn make_private(file: &File) -> Result<(), OpenError> {
 }
 
 /// The directory and the last component of the named target `path`.
-fn split(path: &Path) -> Result<(&Path, CString), OpenError> {
+pub(crate) fn split(path: &Path) -> Result<(&Path, CString), OpenError> {
     let name = path.file_name().ok_or_else(|| {
         OpenError::Refused("the path does not name a file; pass a file, a block device or a directory".into())
     })?;
@@ -292,7 +305,7 @@ fn open_existing(dir: &Dir, name: &CStr, path: &Path, direct: bool) -> Result<Fi
 }
 
 /// What the symbolic link `name` in `dir` points at (`readlinkat`), for messages.
-fn read_link_at(dir: &Dir, name: &CStr) -> std::io::Result<PathBuf> {
+pub(crate) fn read_link_at(dir: &Dir, name: &CStr) -> std::io::Result<PathBuf> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize];
     // SAFETY: the descriptor is open, `name` is NUL-terminated and `buf` is writable for
     // its length.
