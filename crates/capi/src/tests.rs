@@ -860,3 +860,45 @@ fn settings_json_refuses_what_open_would() {
     // SAFETY: made by `spillway_settings_new`, freed once.
     unsafe { spillway_settings_free(settings) };
 }
+
+#[test]
+fn a_file_another_engine_has_open_or_listed_twice_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("same.bin");
+    let first = open_small(&file);
+    let (status, second) = open(&file, 64 << 20, small_settings(&[]));
+    check(status, SPILLWAY_ERROR_IO);
+    assert!(second.is_null());
+    let msg = last_error();
+    assert!(
+        msg.starts_with("spillway_engine_open:")
+            && msg.contains(&format!(
+                "{} is in use by another spillway engine (process {}, this process)",
+                file.display(),
+                std::process::id()
+            )),
+        "{msg}"
+    );
+    // SAFETY: open, closed once.
+    check(unsafe { spillway_engine_close(first) }, SPILLWAY_OK);
+
+    // One file twice in a striped set.
+    let path = CString::new(file.as_os_str().as_encoded_bytes()).unwrap();
+    let paths = [path.as_ptr(), path.as_ptr()];
+    let mut engine = null_mut();
+    let settings = small_settings(&[]);
+    // SAFETY: two live path strings, live settings, a variable for the result.
+    let status = unsafe { spillway_engine_open(paths.as_ptr(), 2, 64 << 20, settings, &mut engine) };
+    // SAFETY: made by `spillway_settings_new`, not used after this.
+    unsafe { spillway_settings_free(settings) };
+    check(status, SPILLWAY_ERROR_IO);
+    assert!(engine.is_null());
+    let msg = last_error();
+    assert!(
+        msg.contains(&format!(
+            "{} is listed twice, the same file both times",
+            file.display()
+        )) && msg.contains("list each file once"),
+        "{msg}"
+    );
+}
