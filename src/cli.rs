@@ -17,7 +17,8 @@ use crate::size::parse_size;
 /// [`BenchArgs::given`], so flags of the other workload can be refused, and fills the `bench`
 /// flags left out from the settings layers (environment, settings file; see
 /// [`crate::bench::layers`]). A bad setting exits like bad input: status 2, with a message
-/// naming the setting and where its value came from.
+/// naming the setting and where its value came from; so does one file given twice as
+/// `--path` (under two names or one), which a striped set cannot use.
 pub fn parse() -> Cli {
     let mut command = Cli::command();
     let matches = command.clone().get_matches();
@@ -26,6 +27,10 @@ pub fn parse() -> Cli {
         args.given = given_flags(&matches);
         if let Err(e) = layers::apply(args) {
             clap::Error::raw(ErrorKind::InvalidValue, format!("{e}\n")).exit();
+        }
+        let paths: Vec<&std::path::Path> = args.path.iter().map(PathBuf::as_path).collect();
+        if let Err(e) = spillway_runtime::check_distinct(&paths) {
+            clap::Error::raw(ErrorKind::ArgumentConflict, format!("--path: {e}\n")).exit();
         }
     }
     cli

@@ -502,6 +502,40 @@ fn tensors_trace_is_chrome_json() {
 }
 
 #[test]
+fn a_trace_path_that_is_a_symlink_is_refused_and_its_file_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    let trace = dir.path().join("trace.json");
+    std::os::unix::fs::symlink(&victim, &trace).unwrap();
+    let out = tensors_bench(dir.path(), &["--trace", trace.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "creating the trace file {} (check --trace): {} is a symbolic link to {}",
+            trace.display(),
+            trace.display(),
+            victim.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    // A trace of one's own is replaced, and made private.
+    std::fs::remove_file(&trace).unwrap();
+    std::fs::write(&trace, b"an old trace").unwrap();
+    let v = tensors_json(&tensors_bench(
+        dir.path(),
+        &["--trace", trace.to_str().unwrap(), "--json"],
+    ));
+    assert_eq!(v["trace"].as_str(), trace.to_str());
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    assert!(doc["traceEvents"].is_array());
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&trace).unwrap().mode() & 0o7777, 0o600);
+}
+
+#[test]
 fn tensors_table_verifies_and_the_temporary_file_goes() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
@@ -1354,4 +1388,74 @@ fn tensors_whose_writes_fail_stay_in_memory_and_are_forwarded() {
             .any(|n| n.starts_with("300 tensors stayed in their own memory")),
         "{r}"
     );
+}
+
+#[test]
+fn a_file_another_process_holds_is_refused_naming_it() {
+    // This test process holds the file as an engine would (the library's open takes the
+    // lock); the bench, another process, must refuse it rather than share its offsets.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("same.bin");
+    let held = spillway_runtime::open_target(&spillway_runtime::Target::new(&path).reserve(8 << 20)).unwrap();
+    let pid = std::process::id();
+    let p = path.to_str().unwrap();
+    let tensors = [
+        "--workload",
+        "tensors",
+        "--tensors",
+        "50",
+        "--max-size",
+        "64K",
+        "--staging",
+        "32M",
+    ];
+    for (workload, flags) in [("seq", &["--size", "8M"][..]), ("tensors", &tensors[..])] {
+        let out = spillway(&[&["bench", "--mem", "host", "--path", p], flags].concat());
+        assert_eq!(out.status.code(), Some(1), "{workload}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!(
+                "{p} is in use by another spillway engine (process {pid})"
+            )) && err.contains("give each engine its own file, or use a directory"),
+            "{workload}: {err}"
+        );
+    }
+    drop(held);
+    let out = spillway(&[
+        "bench", "--mem", "host", "--size", "8M", "--op", "write", "--path", p,
+    ]);
+    assert!(out.status.success(), "free once closed: {}", stderr(&out));
+}
+
+#[test]
+fn one_file_twice_as_path_is_refused_with_status_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("x.bin");
+    let linked = dir.path().join("linked");
+    std::os::unix::fs::symlink(dir.path(), &linked).unwrap();
+    let dotted = dir.path().join(".").join("x.bin");
+    let via_link = linked.join("x.bin");
+    for exists in [false, true] {
+        if exists {
+            std::fs::write(&f, b"").unwrap();
+            std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        }
+        for second in [&f, &dotted, &via_link] {
+            let (a, b) = (f.to_str().unwrap(), second.to_str().unwrap());
+            let out = spillway(&[
+                "bench", "--mem", "host", "--size", "8M", "--verify", "--path", a, "--path", b,
+            ]);
+            assert_eq!(out.status.code(), Some(2), "{a} {b}: {}", stderr(&out));
+            let err = stderr(&out);
+            let said = if a == b {
+                format!("{a} is listed twice, the same file both times")
+            } else {
+                format!("{b} and {a} are the same file")
+            };
+            assert!(
+                err.contains(&said) && err.contains("list each file once"),
+                "{err}"
+            );
+        }
+    }
 }

@@ -318,13 +318,15 @@ int spillway_engine_info_json(const struct spillway_engine *engine, char **out);
 // pointer.
 int spillway_engine_settings_json(const struct spillway_engine *engine, char **out);
 
-// Writes the engine's timeline to the file at `path` (created, or truncated) as Chrome
-// trace JSON, for Perfetto (ui.perfetto.dev) or chrome://tracing: one row per stage
-// (pack, write, read, ...), one span per piece of work. The timeline is recorded only when
-// the engine was opened with the setting timeline = true (at most timeline_capacity spans;
-// later ones are counted in the trace's "otherData" and dropped): without it the call
-// fails with SPILLWAY_ERROR_INVALID_ARGUMENT and writes nothing. A file that cannot be
-// written fails with SPILLWAY_ERROR_IO.
+// Writes the engine's timeline to the file at `path` as Chrome trace JSON, for Perfetto
+// (ui.perfetto.dev) or chrome://tracing: one row per stage (pack, write, read, ...), one
+// span per piece of work. The timeline is recorded only when the engine was opened with the
+// setting timeline = true (at most timeline_capacity spans; later ones are counted in the
+// trace's "otherData" and dropped): without it the call fails with
+// SPILLWAY_ERROR_INVALID_ARGUMENT and writes nothing. The file is made mode 0600 in a
+// directory checked like a data directory and put in place by a rename, so an existing
+// file of yours is replaced; a symbolic link, another user's file or anything but a regular
+// file at `path` is refused, as is a file that cannot be written: SPILLWAY_ERROR_IO.
 //
 // # Safety
 // `engine` is NULL or an open `spillway_engine`; `path` is NULL or a NUL-terminated

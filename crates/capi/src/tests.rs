@@ -682,6 +682,42 @@ fn the_timeline_is_written_as_chrome_trace_json() {
     for want in ["pack", "write", "demand read"] {
         assert!(names.contains(&want), "no {want:?} span in {names:?}");
     }
+    // Made private; written again, the file of ours is replaced.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(std::fs::metadata(&trace).unwrap().mode() & 0o7777, 0o600);
+    std::fs::write(&trace, b"an old trace").unwrap();
+    std::fs::set_permissions(&trace, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // SAFETY: an open engine and a NUL-terminated path.
+    check(
+        unsafe { spillway_engine_write_trace(engine, path.as_ptr()) },
+        SPILLWAY_OK,
+    );
+    let again: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    assert!(again["traceEvents"].is_array());
+    assert_eq!(std::fs::metadata(&trace).unwrap().mode() & 0o7777, 0o600);
+    // A symbolic link at the path (another user's, in a shared directory) is refused, and
+    // the file it leads to is left alone.
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    let link = dir.path().join("linked-trace.json");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let link_c = CString::new(link.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: as above.
+    check(
+        unsafe { spillway_engine_write_trace(engine, link_c.as_ptr()) },
+        SPILLWAY_ERROR_IO,
+    );
+    let msg = last_error();
+    assert!(
+        msg.starts_with("spillway_engine_write_trace: creating the trace file")
+            && msg.contains(&format!(
+                "{} is a symbolic link to {}",
+                link.display(),
+                victim.display()
+            )),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     // A file that cannot be made is an I/O error, named.
     let nowhere = CString::new(
         dir.path()
@@ -823,4 +859,46 @@ fn settings_json_refuses_what_open_would() {
     assert_eq!(last_error(), "spillway_engine_settings_json: engine is NULL");
     // SAFETY: made by `spillway_settings_new`, freed once.
     unsafe { spillway_settings_free(settings) };
+}
+
+#[test]
+fn a_file_another_engine_has_open_or_listed_twice_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("same.bin");
+    let first = open_small(&file);
+    let (status, second) = open(&file, 64 << 20, small_settings(&[]));
+    check(status, SPILLWAY_ERROR_IO);
+    assert!(second.is_null());
+    let msg = last_error();
+    assert!(
+        msg.starts_with("spillway_engine_open:")
+            && msg.contains(&format!(
+                "{} is in use by another spillway engine (process {}, this process)",
+                file.display(),
+                std::process::id()
+            )),
+        "{msg}"
+    );
+    // SAFETY: open, closed once.
+    check(unsafe { spillway_engine_close(first) }, SPILLWAY_OK);
+
+    // One file twice in a striped set.
+    let path = CString::new(file.as_os_str().as_encoded_bytes()).unwrap();
+    let paths = [path.as_ptr(), path.as_ptr()];
+    let mut engine = null_mut();
+    let settings = small_settings(&[]);
+    // SAFETY: two live path strings, live settings, a variable for the result.
+    let status = unsafe { spillway_engine_open(paths.as_ptr(), 2, 64 << 20, settings, &mut engine) };
+    // SAFETY: made by `spillway_settings_new`, not used after this.
+    unsafe { spillway_settings_free(settings) };
+    check(status, SPILLWAY_ERROR_IO);
+    assert!(engine.is_null());
+    let msg = last_error();
+    assert!(
+        msg.contains(&format!(
+            "{} is listed twice, the same file both times",
+            file.display()
+        )) && msg.contains("list each file once"),
+        "{msg}"
+    );
 }

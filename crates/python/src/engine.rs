@@ -10,7 +10,7 @@ use pyo3::types::PyDict;
 use spillway::open::{open_engine, EngineInfo, OpenedEngine};
 use spillway::size::format_size;
 use spillway_runtime::engine::{Handle, Region, TensorKey};
-use spillway_runtime::Error;
+use spillway_runtime::{Error, PrivateFile};
 
 use crate::errors::{invalid, to_py};
 use crate::settings;
@@ -201,16 +201,19 @@ impl PyEngine {
     }
 
     /// Writes the timeline (when the engine was made with `timeline=True`) as Chrome trace
-    /// JSON, for Perfetto or chrome://tracing.
+    /// JSON, for Perfetto or chrome://tracing. The file is made mode 0600 in a directory
+    /// checked like a data directory, and put in place by a rename: a symbolic link, another
+    /// user's file or anything but a regular file at the path is refused, and an existing
+    /// file of yours is replaced.
     fn write_trace(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         let open = self.open()?;
         py.detach(|| -> Result<(), Error> {
-            let file = std::fs::File::create(&path)
-                .map_err(|e| Error::io(format!("creating the trace file {}", path.display()), e))?;
+            let mut file = PrivateFile::create(&path, "trace file")?;
             open.engine
                 .timeline()
-                .write_chrome_trace(std::io::BufWriter::new(file))
-                .map_err(|e| Error::io(format!("writing the trace file {}", path.display()), e))
+                .write_chrome_trace(std::io::BufWriter::new(&mut file))
+                .map_err(|e| Error::io(format!("writing the trace file {}", path.display()), e))?;
+            file.persist()
         })
         .map_err(to_py)
     }

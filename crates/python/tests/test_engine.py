@@ -250,6 +250,40 @@ def test_the_timeline_is_chrome_trace_json(tmp_path):
     assert {"pack", "write", "demand read"} <= names, names
 
 
+def test_a_trace_path_that_is_a_symlink_is_refused_and_its_file_left_alone(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    link = tmp_path / "trace.json"
+    link.symlink_to(victim)
+    with spillway.Engine(tmp_path, capacity="16MiB", timeline=True, **SMALL) as e:
+        with pytest.raises(spillway.SpillwayError, match="is a symbolic link"):
+            e.write_trace(link)
+        assert victim.read_bytes() == b"precious"
+        link.unlink()
+        link.write_bytes(b"an old trace")
+        e.write_trace(link)  # a file of one's own is replaced
+    assert "traceEvents" in json.loads(link.read_text())
+    assert link.stat().st_mode & 0o7777 == 0o600
+
+
+def test_a_file_another_engine_has_open_is_refused(tmp_path):
+    f = tmp_path / "same.bin"
+    with spillway.Engine(f, capacity="16MiB", **SMALL) as e1:
+        with pytest.raises(spillway.SpillwayError, match="is in use by another spillway engine"):
+            spillway.Engine(f, capacity="16MiB", **SMALL)
+        ones = np.ones(2 << 20, dtype=np.uint8)
+        h = e1.offload((1, 0), region(ones))
+        e1.drain()
+        out = np.zeros_like(ones)
+        e1.fetch(h, region(out))
+        np.testing.assert_array_equal(out, ones)
+        e1.release(h)
+    with spillway.Engine(f, capacity="16MiB", **SMALL):
+        pass  # free once the first is closed
+    with pytest.raises(spillway.SpillwayError, match="listed twice, the same file both times"):
+        spillway.Engine([f, f], capacity="16MiB", **SMALL)
+
+
 def test_settings_are_documented_and_reported(engine):
     assert set(spillway.SETTINGS) == set(spillway._native.SETTING_NAMES)
     s = engine.settings

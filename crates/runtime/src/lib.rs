@@ -49,4 +49,6 @@ pub use mem_backend::MemBackend;
 pub use memory::{AlignedBuf, DeviceBuffer, DevicePtr, MemRef, PinnedBuffer};
 pub use pack::PackPiece;
 pub use striped::{Member, MemberStats, StripedBackend};
-pub use target::{anonymous_mode, open_target, AnonymousMode, DirectIo, OpenedTarget, Target};
+pub use target::{
+    anonymous_mode, check_distinct, open_target, AnonymousMode, DirectIo, OpenedTarget, PrivateFile, Target,
+};

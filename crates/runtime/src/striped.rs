@@ -55,7 +55,7 @@ use crate::backend::{
     ticket, Backend, BackendInfo, Completer, IoOp, IoRequest, TargetId, TargetInfo, Ticket,
 };
 use crate::error::{Error, Result};
-use crate::target::Target;
+use crate::target::{check_distinct, Target};
 
 /// One member of a striped set: the target and the backend that moves its bytes.
 #[derive(Clone, Debug)]
@@ -756,6 +756,13 @@ impl Backend for StripedBackend {
         // Each member holds its weight's units of every round: its share of the
         // reservation, in whole rounds.
         let shares = target.reserve.map(|r| self.shares(r)).transpose()?;
+        // One file twice would have every piece written over another's.
+        let paths: Vec<&Path> = self
+            .members
+            .iter()
+            .map(|m| m.member.target.path.as_path())
+            .collect();
+        check_distinct(&paths)?;
         let mut opened: Vec<(TargetId, TargetInfo)> = Vec::new();
         for (i, m) in self.members.iter().enumerate() {
             let mut t = m.member.target.clone();
@@ -767,7 +774,9 @@ impl Backend for StripedBackend {
                     for (done, (id, _)) in self.members.iter().zip(&opened) {
                         let _ = done.member.backend.close(*id);
                     }
-                    return Err(e);
+                    // A file an earlier member just made may be this one under another
+                    // name (its lock refused it): say so rather than "in use".
+                    return Err(check_distinct(&paths[..=i]).err().unwrap_or(e));
                 }
             }
         }

@@ -23,12 +23,23 @@
 //!   user planted at the name).
 //! - an existing regular file must be yours, with no permission bits for group or others
 //!   (`chmod 600`); it is opened `O_NOFOLLOW`. A symbolic link at the name is followed only
-//!   to a block device (`/dev/disk/by-id/...` names drives that way); block devices are exempt
-//!   from the owner and mode rules, which are the administrator's. Character devices, FIFOs
-//!   and sockets are refused.
+//!   to a block device (`/dev/disk/by-id/...` names drives that way), and only when the link
+//!   itself is owned by you or root and sits in a directory that passes the directory rule
+//!   above: a link another user planted (say `/tmp/spill.bin` → `/dev/sda`) is refused, naming
+//!   its owner, before it is followed. Block devices are exempt from the owner and mode rules,
+//!   which are the administrator's. Character devices, FIFOs and sockets are refused.
 //!
 //! Every check that matters is made on what was opened: files are made and opened relative
 //! to their directory held open, and the opened file's descriptor is what is examined.
+//!
+//! # One engine per target
+//!
+//! A named file or block device is locked as it is opened (`flock(LOCK_EX | LOCK_NB)` on
+//! its descriptor), for as long as that descriptor is open: a second engine or bench on the
+//! same file, in this process or another, is refused with an [`Error::Target`] naming the
+//! process that holds it, instead of both allocating from offset 0 and reading each other's
+//! bytes. Anonymous files need no lock. [`check_distinct`] refuses one file given twice
+//! (two names of it, or the same name twice) in one set of targets, with its own message.
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
@@ -38,8 +49,12 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+mod lock;
 mod openat;
+mod output;
 mod policy;
+
+pub use output::PrivateFile;
 
 use openat::{open_anonymous, open_named, Dir, OpenError};
 
@@ -112,7 +127,8 @@ impl Target {
 /// An opened target.
 #[derive(Debug)]
 pub struct OpenedTarget {
-    /// The open file (with O_DIRECT when `direct_io`).
+    /// The open file (with O_DIRECT when `direct_io`); for a named target it holds the
+    /// target's lock until it is closed.
     pub file: File,
     /// Its path; for an anonymous file, the directory it was made in.
     pub path: PathBuf,
@@ -208,12 +224,104 @@ pub fn check_directory(dir: &Path) -> Result<()> {
     opened.check().map_err(|e| target_error(dir, true, e))
 }
 
+/// What a target path stands for, to tell two names of one file from two files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Identity {
+    /// An existing file, by its filesystem and inode.
+    File { dev: u64, ino: u64 },
+    /// A block device, by its device number (any node that names it is the same disk).
+    BlockDevice { rdev: u64 },
+    /// A file not made yet: its directory's real path and its name.
+    Missing(PathBuf),
+}
+
+impl Identity {
+    /// What `path` names now, following links; `None` for a directory (each open of it
+    /// makes another anonymous file) and for a path that cannot be looked at.
+    fn of(path: &Path) -> Option<Identity> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => None,
+            Ok(m) if m.file_type().is_block_device() => Some(Identity::BlockDevice { rdev: m.rdev() }),
+            Ok(m) => Some(Identity::File {
+                dev: m.dev(),
+                ino: m.ino(),
+            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let name = path.file_name()?;
+                let dir = match path.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                Some(Identity::Missing(dir.canonicalize().ok()?.join(name)))
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// How the two paths are the same, for the refusal.
+    fn describe(&self) -> String {
+        match self {
+            Identity::File { dev, ino } => {
+                format!("device {}:{}, inode {ino}", libc::major(*dev), libc::minor(*dev))
+            }
+            Identity::BlockDevice { rdev } => {
+                format!("block device {}:{}", libc::major(*rdev), libc::minor(*rdev))
+            }
+            Identity::Missing(path) => format!("both name {}", path.display()),
+        }
+    }
+}
+
+/// Refuses a set of targets (the members of a striped set, or an engine's targets) that
+/// holds one file twice: the same path given twice, two names of one file (`DIR/./f`, a
+/// link, a linked directory, a hard link), or two device nodes of one block device. Each
+/// would use the file from offset 0, so every piece written would overwrite another and
+/// nothing would read back right. The [`Error::Target`] names both paths. Directories are
+/// fine (each gets an anonymous file of its own), and so are paths that cannot be looked at
+/// now (opening them says why).
+///
+/// It looks at the paths as they are, before anything is opened; the lock each named
+/// target takes as it is opened (see [`open_target`]) refuses a file that became the same
+/// as another member meanwhile.
+pub fn check_distinct(paths: &[&Path]) -> Result<()> {
+    let mut seen: Vec<(&Path, Identity)> = Vec::new();
+    for &path in paths {
+        let Some(id) = Identity::of(path) else {
+            continue;
+        };
+        if let Some((first, _)) = seen.iter().find(|(_, other)| *other == id) {
+            return Err(Error::Target {
+                path: path.to_path_buf(),
+                reason: same_file(first, path, &id),
+            });
+        }
+        seen.push((path, id));
+    }
+    Ok(())
+}
+
+/// The refusal of `second`, the same file as `first`.
+fn same_file(first: &Path, second: &Path, id: &Identity) -> String {
+    let (a, b) = (first.display(), second.display());
+    let twice = if first.as_os_str() == second.as_os_str() {
+        format!("{a} is listed twice, the same file both times")
+    } else {
+        format!("{b} and {a} are the same file ({})", id.describe())
+    };
+    format!(
+        "{twice}: a set of targets that holds one file twice would write its pieces over each other, so nothing would read back right; list each file once"
+    )
+}
+
 /// The alignment spillway assumes when the kernel does not report one.
 pub const DEFAULT_ALIGN: usize = 4096;
 
 /// Opens `target` read-write; a directory with `create` set gets an anonymous file. Files
 /// and directories that would let another user read the data are refused (see the module
-/// documentation).
+/// documentation). A named file or block device is locked for as long as the returned
+/// descriptor is open, and refused when another descriptor holds its lock (see "One engine
+/// per target" in the module documentation).
 pub fn open_target(target: &Target) -> Result<OpenedTarget> {
     let path = &target.path;
     let anonymous = path.is_dir();
@@ -250,6 +358,9 @@ pub fn open_target(target: &Target) -> Result<OpenedTarget> {
         }
         Err(e) => return Err(target_error(path, anonymous, e)),
     };
+    if anonymous_mode.is_none() {
+        lock::lock_target(&file, path).map_err(|e| target_error(path, false, e))?;
+    }
     let meta = file
         .metadata()
         .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
@@ -298,7 +409,9 @@ impl OpenedTarget {
     /// "unsupported file open flags"). Such a file is reopened through `/proc/self/fd`,
     /// which gives a new descriptor on the same file (the same inode: no path is looked up
     /// again, and a nameless file stays nameless); any other is kept as it is. `O_DIRECT` is
-    /// kept when in effect.
+    /// kept when in effect. A named target's lock (see [`open_target`]) passes to the new
+    /// descriptor: the first is closed, then the new one locked, so another engine that
+    /// takes the lock in between makes this one refuse, as it would have at the open.
     pub fn without_refused_flags(self) -> Result<OpenedTarget> {
         // SAFETY: F_GETFL on a descriptor this value owns.
         let flags = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GETFL) };
@@ -321,7 +434,15 @@ impl OpenedTarget {
                 e,
             )
         })?;
-        Ok(OpenedTarget { file, ..self })
+        // The lock is the first descriptor's: closing it lets go, and the new one takes it
+        // (a lock cannot move between descriptors, and the old one would refuse the new).
+        let mut reopened = self;
+        drop(std::mem::replace(&mut reopened.file, file));
+        if reopened.anonymous.is_none() {
+            lock::lock_target(&reopened.file, &reopened.path)
+                .map_err(|e| target_error(&reopened.path, false, e))?;
+        }
+        Ok(reopened)
     }
 }
 
@@ -553,6 +674,108 @@ mod tests {
         assert_eq!(flags & libc::O_NOFOLLOW, 0, "{flags:#x}");
         assert_eq!(named.file.metadata().unwrap().ino(), ino);
         round_trip(&named);
+    }
+
+    fn open_err(target: &Target) -> String {
+        match open_target(target) {
+            Ok(t) => panic!("{} opened: {t:?}", target.path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_named_target_is_refused_while_another_descriptor_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("same.bin");
+        let target = Target::new(&path).direct(DirectIo::Off).reserve(1 << 20);
+        let first = open_target(&target).unwrap();
+        let err = open_err(&target);
+        let pid = std::process::id();
+        assert!(
+            err.contains(&format!(
+                "{} is in use by another spillway engine (process {pid}, this process)",
+                path.display()
+            )),
+            "{err}"
+        );
+        assert!(
+            err.contains("give each engine its own file, or use a directory"),
+            "{err}"
+        );
+        // Another name of the same file is the same file.
+        let err = open_err(&Target::new(dir.path().join(".").join("same.bin")));
+        assert!(err.contains("in use by another spillway engine"), "{err}");
+        // Anonymous files in the same directory take no lock.
+        let a = open_target(&Target::anonymous_in(dir.path()).direct(DirectIo::Off)).unwrap();
+        let b = open_target(&Target::anonymous_in(dir.path()).direct(DirectIo::Off)).unwrap();
+        // Closed: free again.
+        drop(first);
+        drop(open_target(&target).unwrap());
+        drop((a, b));
+    }
+
+    #[test]
+    fn the_lock_passes_to_the_descriptor_reopened_without_refused_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("named");
+        let target = Target::new(&path).direct(DirectIo::Off);
+        // The reopen does not refuse itself, and the new descriptor holds the lock.
+        let t = open_target(&target).unwrap().without_refused_flags().unwrap();
+        let err = open_err(&target);
+        assert!(err.contains("in use by another spillway engine"), "{err}");
+        round_trip(&t);
+        drop(t);
+        drop(open_target(&target).unwrap());
+    }
+
+    #[test]
+    fn one_file_twice_in_a_set_is_refused_naming_both_paths() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("x.bin");
+        let other = dir.path().join("y.bin");
+        let dotted = dir.path().join(".").join("x.bin");
+        let linked_dir = dir.path().join("linked");
+        symlink(dir.path(), &linked_dir).unwrap();
+        let via_link = linked_dir.join("x.bin");
+        let refused = |paths: &[&Path]| match check_distinct(paths) {
+            Ok(()) => panic!("{paths:?} passed"),
+            Err(e) => e.to_string(),
+        };
+        // Before the file exists (nothing opened yet), and after.
+        for exists in [false, true] {
+            if exists {
+                std::fs::write(&f, b"").unwrap();
+            }
+            let err = refused(&[&f, &f]);
+            assert!(
+                err.contains(&format!(
+                    "{} is listed twice, the same file both times",
+                    f.display()
+                )) && err.contains("list each file once"),
+                "{err}"
+            );
+            for second in [&dotted, &via_link] {
+                let err = refused(&[&f, &other, second]);
+                assert!(
+                    err.contains(&format!(
+                        "{} and {} are the same file",
+                        second.display(),
+                        f.display()
+                    )),
+                    "{err}"
+                );
+                assert!(err.contains("list each file once"), "{err}");
+            }
+        }
+        // A hard link is the same file too.
+        let hard = dir.path().join("hard.bin");
+        std::fs::hard_link(&f, &hard).unwrap();
+        let err = refused(&[&hard, &f]);
+        assert!(err.contains("are the same file (device "), "{err}");
+        // Distinct files, and one directory twice (an anonymous file each), are fine.
+        check_distinct(&[&f, &other]).unwrap();
+        check_distinct(&[dir.path(), dir.path()]).unwrap();
     }
 
     #[test]

@@ -3,10 +3,11 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use spillway_runtime::engine::{Engine, EngineConfig, Region, StorageTarget, TensorKey};
-use spillway_runtime::{pattern, Device, DeviceBuffer, DirectIo, Target};
+use spillway_runtime::{pattern, Device, DeviceBuffer, DirectIo, Member, Result, StripedBackend, Target};
 use spillway_uring::{UringBackend, UringConfig};
 
 fn engine(dev: &Arc<dyn Device>, path: std::path::PathBuf, cfg: EngineConfig, capacity: u64) -> Engine {
@@ -178,4 +179,125 @@ fn a_full_filesystem_keeps_tensors_resident() {
 fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Engine settings of the size a small training step would use.
+fn small_cfg() -> EngineConfig {
+    EngineConfig {
+        staging_bytes: 8 << 20,
+        prefetch_bytes: 4 << 20,
+        pack_extent_bytes: 1 << 20,
+        pack_threshold: 256 << 10,
+        ..Default::default()
+    }
+}
+
+/// `Engine::new` on the uring backend, returning its error.
+fn try_engine(
+    dev: &Arc<dyn Device>,
+    backend: Arc<dyn spillway_runtime::Backend>,
+    path: &Path,
+) -> Result<Engine> {
+    Engine::new(
+        dev.clone(),
+        backend,
+        vec![StorageTarget::new(
+            Target::new(path).direct(DirectIo::Preferred),
+            16 << 20,
+        )],
+        small_cfg(),
+    )
+}
+
+fn uring(dev: &Arc<dyn Device>) -> Arc<UringBackend> {
+    Arc::new(UringBackend::new(dev.clone(), UringConfig::default()).unwrap())
+}
+
+#[test]
+fn a_second_engine_on_the_same_file_is_refused_instead_of_sharing_its_offsets() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let path = dir.path().join("same.bin");
+    let dev = common::device();
+    let e1 = try_engine(&dev, uring(&dev), &path).unwrap();
+    // Both would allocate from offset 0: the first engine's tensor would read the second's bytes.
+    let err = match try_engine(&dev, uring(&dev), &path) {
+        Ok(_) => panic!(
+            "a second engine opened {} while the first holds it",
+            path.display()
+        ),
+        Err(e) => e.to_string(),
+    };
+    let pid = std::process::id();
+    assert!(
+        err.contains(&format!(
+            "{} is in use by another spillway engine (process {pid}, this process)",
+            path.display()
+        )) && err.contains("give each engine its own file"),
+        "{err}"
+    );
+
+    // The first engine's data is its own.
+    let len = 2 << 20;
+    let ones = dev.alloc(len).unwrap();
+    dev.fill_pattern(ones.ptr(), len, 1, 0).unwrap();
+    // SAFETY: `ones` outlives the engine's use of it (drain below).
+    let h = unsafe {
+        e1.offload(TensorKey::new(7, 0), &[Region::new(ones.ptr(), len as u64)], None)
+            .unwrap()
+    };
+    e1.drain().unwrap();
+    let out = dev.alloc(len).unwrap();
+    // SAFETY: `out` outlives the event.
+    unsafe { e1.fetch(h, &[Region::new(out.ptr(), len as u64)]).unwrap() }
+        .synchronize()
+        .unwrap();
+    assert_eq!(dev.count_pattern_mismatches(out.ptr(), len, 1, 0).unwrap(), 0);
+    e1.release(h).unwrap();
+
+    // Closed, the file is free for the next engine.
+    drop(e1);
+    drop(try_engine(&dev, uring(&dev), &path).unwrap());
+}
+
+#[test]
+fn one_file_twice_in_a_striped_set_is_refused_naming_both_paths() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let f = dir.path().join("x.bin");
+    let linked = dir.path().join("linked");
+    std::os::unix::fs::symlink(dir.path(), &linked).unwrap();
+    let dev = common::device();
+    for exists in [false, true] {
+        if exists {
+            drop(try_engine(&dev, uring(&dev), &f).unwrap());
+        }
+        for second in [
+            f.clone(),
+            dir.path().join(".").join("x.bin"),
+            linked.join("x.bin"),
+        ] {
+            let members = [&f, &second]
+                .iter()
+                .map(|p| Member {
+                    target: Target::new(p.as_path()),
+                    backend: uring(&dev),
+                })
+                .collect();
+            let refs = [f.as_path(), second.as_path()];
+            let name = StripedBackend::set_name(&refs);
+            let set = Arc::new(StripedBackend::new(name.clone(), members, 1 << 20).unwrap());
+            let err = match try_engine(&dev, set, &name) {
+                Ok(_) => panic!("a set of {f:?} and {second:?} opened"),
+                Err(e) => e.to_string(),
+            };
+            let said = if second.as_os_str() == f.as_os_str() {
+                format!("{} is listed twice, the same file both times", f.display())
+            } else {
+                format!("{} and {} are the same file", second.display(), f.display())
+            };
+            assert!(
+                err.contains(&said) && err.contains("list each file once"),
+                "{err}"
+            );
+        }
+    }
 }

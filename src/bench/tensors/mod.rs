@@ -26,14 +26,13 @@ mod plan;
 pub mod report;
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::io::BufWriter;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use spillway_runtime::engine::{Engine, Handle, Region, StorageTarget, TensorKey};
-use spillway_runtime::{open_target, DeviceBuffer, DirectIo, Error, Event, Result, Target};
+use spillway_runtime::{open_target, DeviceBuffer, DirectIo, Error, Event, PrivateFile, Result, Target};
 
 use super::flags;
 use crate::cli::BenchArgs;
@@ -72,9 +71,10 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         opts.engine.staging_bytes,
     )?);
     notes.extend(opts.notes.iter().cloned());
-    // Created now, so that a bad --trace path is reported before the run, not after it.
+    // Created now, so that a bad --trace path is reported before the run, not after it;
+    // put in place at its path once written (see PrivateFile: never through a link).
     let trace_file = match &opts.trace {
-        Some(file) => Some(File::create(file).map_err(|e| trace_error(file, e))?),
+        Some(file) => Some(PrivateFile::create(file, "trace file").map_err(check_trace)?),
         None => None,
     };
 
@@ -154,11 +154,12 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
     engine.drain()?;
 
     let trace = match (&opts.trace, trace_file) {
-        (Some(file), Some(out)) => {
+        (Some(file), Some(mut out)) => {
             engine
                 .timeline()
-                .write_chrome_trace(BufWriter::new(out))
+                .write_chrome_trace(BufWriter::new(&mut out))
                 .map_err(|e| trace_error(file, e))?;
+            out.persist().map_err(check_trace)?;
             let dropped = engine.timeline().dropped();
             if dropped > 0 {
                 notes.push(format!(
@@ -378,6 +379,17 @@ fn fetch_phase(engine: &Engine, arenas: &Arenas, plan: &Plan, handles: &[Handle]
         handles.len() as u64,
         seconds,
     ))
+}
+
+/// `e`, from making or placing the trace file, pointing at the flag that named it.
+fn check_trace(e: Error) -> Error {
+    match e {
+        Error::Io { context, source } => Error::Io {
+            context: format!("{context} (check --trace)"),
+            source,
+        },
+        e => e,
+    }
 }
 
 /// An error writing the Chrome trace to `file`.

@@ -77,6 +77,7 @@ mod waiter;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -92,7 +93,7 @@ use crate::backend::{Backend, TargetId};
 use crate::device::{Device, Event};
 use crate::error::{Error, Result};
 use crate::extents::ExtentAllocator;
-use crate::target::Target;
+use crate::target::{check_distinct, Target};
 use state::{FetchPlan, Msg, SourceFreeFn, State};
 use stats::Stats;
 use waiter::Waiter;
@@ -204,7 +205,8 @@ pub struct Engine {
 
 impl Engine {
     /// Opens `targets` on `backend` and starts the engine on `device`, allocating its
-    /// staging memory.
+    /// staging memory. One file given as two targets is refused ([`check_distinct`]), and so
+    /// is a named file another engine holds (see [`crate::target::open_target`]).
     pub fn new(
         device: Arc<dyn Device>,
         backend: Arc<dyn Backend>,
@@ -215,6 +217,9 @@ impl Engine {
         if targets.is_empty() {
             return Err(Error::invalid("the engine needs at least one storage target"));
         }
+        // One file twice would have each target allocate from offset 0 over the other.
+        let target_paths: Vec<&Path> = targets.iter().map(|st| st.target.path.as_path()).collect();
+        check_distinct(&target_paths)?;
         let mut storage = ExtentAllocator::new(config.alignment)?;
         let mut opened = Vec::new();
         let mut paths = HashMap::new();
@@ -223,12 +228,13 @@ impl Engine {
                 let _ = backend.close(t);
             }
         };
-        for st in &targets {
+        for (i, st) in targets.iter().enumerate() {
             let (id, info) = match backend.open(&st.target) {
                 Ok(x) => x,
                 Err(e) => {
                     close_all(&opened);
-                    return Err(e);
+                    // A file an earlier target just made may be this one under another name.
+                    return Err(check_distinct(&target_paths[..=i]).err().unwrap_or(e));
                 }
             };
             opened.push(id);

@@ -8,20 +8,24 @@
 //! - A new named file: the directory is checked, then the file created `O_CREAT | O_EXCL |
 //!   O_NOFOLLOW` and set to mode 0600, whatever the umask. A name taken meanwhile is opened
 //!   as an existing file, with its checks: a planted file or link is never written.
-//! - An existing name: a symbolic link is followed only to a block device; anything else is
-//!   opened `O_NOFOLLOW`, and a regular file must be yours, private, in a checked directory.
+//! - An existing name: a symbolic link is followed only to a block device, and only when the
+//!   link (seen with `fstatat(AT_SYMLINK_NOFOLLOW)` in the directory held open) is yours or
+//!   root's and the directory passes its checks, so that no one else can have made or
+//!   replaced it; anything else is opened `O_NOFOLLOW`, and a regular file must be yours,
+//!   private, in a checked directory.
 
 use std::ffi::{CStr, CString};
 use std::fs::{File, OpenOptions, Permissions};
 use std::io::ErrorKind;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::policy::{
-    created_file_problem, directory_problem, existing_file_problem, symlink_problem, Inode, Kind,
+    created_file_problem, directory_problem, existing_file_problem, symlink_owner_problem, symlink_problem,
+    Inode, Kind,
 };
 use super::AnonymousMode;
 
@@ -60,7 +64,7 @@ pub(crate) fn euid() -> u32 {
 /// where files are made, even if its path is renamed or replaced meanwhile.
 pub(crate) struct Dir {
     fd: File,
-    path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
 impl Dir {
@@ -89,7 +93,7 @@ impl Dir {
     }
 
     /// `fstatat` of `name` in the directory; a symbolic link itself unless `follow`.
-    fn stat_at(&self, name: &CStr, follow: bool) -> std::io::Result<Inode> {
+    pub(crate) fn stat_at(&self, name: &CStr, follow: bool) -> std::io::Result<Inode> {
         let flags = if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
         // SAFETY: `stat` is plain old data that the kernel fills.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -103,7 +107,7 @@ impl Dir {
     }
 
     /// `openat(dir, name, flags | O_CLOEXEC, 0600)`.
-    fn open_at(&self, name: &CStr, flags: libc::c_int) -> std::io::Result<File> {
+    pub(crate) fn open_at(&self, name: &CStr, flags: libc::c_int) -> std::io::Result<File> {
         let mode: libc::c_uint = 0o600;
         // SAFETY: the descriptor is open and `name` is NUL-terminated; the mode is read only
         // with O_CREAT or O_TMPFILE.
@@ -116,9 +120,22 @@ impl Dir {
     }
 
     /// `unlinkat(dir, name, 0)`.
-    fn unlink_at(&self, name: &CStr) -> std::io::Result<()> {
+    pub(crate) fn unlink_at(&self, name: &CStr) -> std::io::Result<()> {
         // SAFETY: the descriptor is open and `name` is NUL-terminated.
         let rc = unsafe { libc::unlinkat(self.fd.as_raw_fd(), name.as_ptr(), 0) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// `renameat(dir, from, dir, to)`: `to` is replaced as a name, whatever it is (a link
+    /// there is replaced, never followed).
+    pub(crate) fn rename_at(&self, from: &CStr, to: &CStr) -> std::io::Result<()> {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: the descriptor is open and both names are NUL-terminated.
+        let rc = unsafe { libc::renameat(fd, from.as_ptr(), fd, to.as_ptr()) };
         if rc == 0 {
             Ok(())
         } else {
@@ -152,7 +169,7 @@ fn set_direct(file: &File) -> std::io::Result<()> {
 /// Sets a file spillway has just made to mode 0600 exactly (the umask may have taken bits
 /// from the 0600 it was made with, never added any), and refuses it when the filesystem
 /// leaves bits for group or others (one without Unix permissions).
-fn make_private(file: &File) -> Result<(), OpenError> {
+pub(crate) fn make_private(file: &File) -> Result<(), OpenError> {
     let mut mode = file.metadata()?.mode();
     if mode & 0o7777 != 0o600 {
         // A filesystem that cannot store the mode may refuse; the check below decides.
@@ -166,7 +183,7 @@ fn make_private(file: &File) -> Result<(), OpenError> {
 }
 
 /// The directory and the last component of the named target `path`.
-fn split(path: &Path) -> Result<(&Path, CString), OpenError> {
+pub(crate) fn split(path: &Path) -> Result<(&Path, CString), OpenError> {
     let name = path.file_name().ok_or_else(|| {
         OpenError::Refused("the path does not name a file; pass a file, a block device or a directory".into())
     })?;
@@ -240,8 +257,14 @@ fn open_existing(dir: &Dir, name: &CStr, path: &Path, direct: bool) -> Result<Fi
     let found = dir.stat_at(name, false)?;
     let follow = match found.kind {
         Kind::Symlink => {
+            let link = read_link_at(dir, name).ok();
+            // Whose link it is, and where, before anything is followed: a link another user
+            // made (or could replace) would choose the device written to.
+            if let Some(reason) = symlink_owner_problem(path, link.as_deref(), found, euid()) {
+                return Err(OpenError::Refused(reason));
+            }
+            dir.check()?;
             let points_to = dir.stat_at(name, true).ok().map(|st| st.kind);
-            let link = std::fs::read_link(path).ok();
             if let Some(reason) = symlink_problem(path, link.as_deref(), points_to) {
                 return Err(OpenError::Refused(reason));
             }
@@ -279,6 +302,26 @@ fn open_existing(dir: &Dir, name: &CStr, path: &Path, direct: bool) -> Result<Fi
         )),
         _ => Err(refusal(path, opened)),
     }
+}
+
+/// What the symbolic link `name` in `dir` points at (`readlinkat`), for messages.
+pub(crate) fn read_link_at(dir: &Dir, name: &CStr) -> std::io::Result<PathBuf> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: the descriptor is open, `name` is NUL-terminated and `buf` is writable for
+    // its length.
+    let n = unsafe {
+        libc::readlinkat(
+            dir.fd.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(buf)))
 }
 
 /// The refusal of an existing target that is not a file spillway may use.
@@ -456,6 +499,87 @@ mod tests {
         assert!(err.contains("is a symbolic link to /dev/null"), "{err}");
     }
 
+    /// A block device of this machine, if it has one (only ever linked to here, never
+    /// opened: every open below is refused before following the link).
+    fn some_block_device() -> Option<PathBuf> {
+        use std::os::unix::fs::FileTypeExt;
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/dev")
+            .ok()?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_block_device()))
+            .map(|e| e.path())
+            .collect();
+        found.sort();
+        found.into_iter().next()
+    }
+
+    /// Places to link to: a block device when there is one (what a link is followed to), a
+    /// character device and a name that does not exist.
+    fn link_destinations(dir: &Path) -> Vec<PathBuf> {
+        let mut to: Vec<PathBuf> = some_block_device().into_iter().collect();
+        to.push(PathBuf::from("/dev/loop-control"));
+        to.push(dir.join("victim"));
+        to
+    }
+
+    #[test]
+    fn a_link_another_user_owns_is_refused_naming_its_owner_before_it_is_followed() {
+        if !is_root() {
+            eprintln!(
+                "a_link_another_user_owns_is_refused_naming_its_owner_before_it_is_followed: lchown needs root; not run"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // Like /tmp: root's, sticky and world-writable, which the directory rule allows.
+        let tmp = subdir(dir.path(), "tmp", 0o1777);
+        chown(&tmp, 0);
+        for (i, to) in link_destinations(dir.path()).iter().enumerate() {
+            let link = tmp.join(format!("spill-{i}.bin"));
+            symlink(to, &link).unwrap();
+            std::os::unix::fs::lchown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+            for create in [true, false] {
+                let err = open_err(&Target {
+                    create,
+                    ..Target::new(&link).direct(DirectIo::Off)
+                });
+                assert!(
+                    err.contains(&format!(
+                        "{} is a symbolic link to {} owned by uid 65534",
+                        link.display(),
+                        to.display()
+                    )) && err.contains("not by you (uid 0"),
+                    "{err}"
+                );
+                assert!(err.contains("ln -s DEVICE"), "{err}");
+            }
+        }
+        assert!(
+            !dir.path().join("victim").exists(),
+            "nothing made where a link points"
+        );
+    }
+
+    #[test]
+    fn a_link_in_a_directory_others_can_change_is_refused_before_it_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = subdir(dir.path(), "open", 0o777);
+        for (i, to) in link_destinations(dir.path()).iter().enumerate() {
+            let link = open.join(format!("spill-{i}.bin"));
+            symlink(to, &link).unwrap();
+            let err = open_err(&Target::new(&link).direct(DirectIo::Off));
+            assert!(
+                err.contains(&format!("directory {}", open.display()))
+                    && err.contains("without the sticky bit"),
+                "{err}"
+            );
+        }
+        assert!(
+            !dir.path().join("victim").exists(),
+            "nothing made where a link points"
+        );
+    }
+
     #[test]
     fn a_link_planted_between_the_look_and_the_create_is_not_followed() {
         // The create itself is O_EXCL | O_NOFOLLOW: a name taken meanwhile (here, before the
@@ -540,6 +664,7 @@ mod tests {
         chmod(&path, 0o600);
         let t = open_target(&Target::new(&path).direct(DirectIo::Off)).unwrap();
         assert_eq!(t.size, 4096);
+        drop(t);
         let t = open_target(&Target {
             create: false,
             ..Target::new(&path)

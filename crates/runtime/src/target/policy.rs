@@ -9,8 +9,10 @@
 //!   (as `/tmp`, `/var/tmp` and `/dev/shm` are);
 //! - an existing regular file must be yours, with no permission bits for group or others;
 //! - a symbolic link at a target's name is followed only to a block device (the usual way to
-//!   name a drive is a link such as `/dev/disk/by-id/nvme-…`); block devices are exempt from
-//!   the owner and mode rules, which the administrator manages;
+//!   name a drive is a link such as `/dev/disk/by-id/nvme-…`), and only when the link is
+//!   owned by you or root and its directory passes the directory rule (so that no one else
+//!   made it, or can replace it); block devices are exempt from the owner and mode rules,
+//!   which the administrator manages;
 //! - a file spillway creates must end up private (mode 0600), whatever the umask, or the
 //!   filesystem does not keep Unix permissions and is refused.
 
@@ -135,6 +137,31 @@ pub(crate) fn symlink_problem(path: &Path, link: Option<&Path>, points_to: Optio
     Some(format!(
         "{} is a symbolic link{to}: spillway does not follow links to files, since a link planted by another user would send the offloaded activations (derived from training data) where they choose; pass the real path of a file you own, or a directory to get an anonymous file (links to block devices, such as /dev/disk/by-id/..., are followed)",
         path.display()
+    ))
+}
+
+/// Why the symbolic link at `path` (pointing at `to`), seen without following it as `link`,
+/// may not be followed by the user `euid`; `None` when it may: it is owned by `euid` or root.
+/// Checked before the link is followed, together with its directory (which must pass
+/// [`directory_problem`], so that no one else can replace the link afterwards). Links are
+/// followed only to block devices ([`symlink_problem`]), so a link another user planted at a
+/// name (in `/tmp`, say) would have spillway write the offload data over whatever drive
+/// they chose.
+pub(crate) fn symlink_owner_problem(
+    path: &Path,
+    to: Option<&Path>,
+    link: Inode,
+    euid: u32,
+) -> Option<String> {
+    if link.uid == euid || link.uid == 0 {
+        return None;
+    }
+    let p = path.display();
+    let to = to.map_or(String::new(), |l| format!(" to {}", l.display()));
+    Some(format!(
+        "{p} is a symbolic link{to} owned by {}, not by you ({}) or root: a link another user made could send the offloaded activations (derived from training data), and the writes that overwrite a device, wherever they choose, so spillway follows a link only when you or root own it; pass the device's real path (e.g. /dev/nvme0n1), or remove the link and make your own (ln -s DEVICE {p})",
+        describe_uid(link.uid),
+        describe_uid(euid)
     ))
 }
 
@@ -330,6 +357,32 @@ mod tests {
                 "{msg}"
             );
             assert!(msg.contains("real path"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn symlinks_are_followed_only_when_you_or_root_own_them() {
+        let p = Path::new("/tmp/spill.bin");
+        let to = Some(Path::new("/dev/loop0"));
+        let link = |uid| file(Kind::Symlink, uid, 0o777);
+        assert_eq!(symlink_owner_problem(p, to, link(ME), ME), None);
+        assert_eq!(
+            symlink_owner_problem(p, to, link(0), ME),
+            None,
+            "root's, like /dev/disk/by-id"
+        );
+        assert_eq!(symlink_owner_problem(p, to, link(0), 0), None);
+        for euid in [ME, 0] {
+            let msg = symlink_owner_problem(p, to, link(OTHER), euid).expect("refused");
+            assert!(
+                msg.contains("/tmp/spill.bin is a symbolic link to /dev/loop0 owned by uid 65534"),
+                "{msg}"
+            );
+            assert!(msg.contains(&format!("not by you (uid {euid}")), "{msg}");
+            assert!(
+                msg.contains("real path") && msg.contains("ln -s DEVICE /tmp/spill.bin"),
+                "{msg}"
+            );
         }
     }
 
