@@ -155,6 +155,9 @@ struct TierState {
     flushing: usize,
     /// Dropping: nothing more is spilled.
     closing: bool,
+    /// Storage tickets whose continuations are attached once the lock is released (one
+    /// that completed already would run its continuation at once, which takes the lock).
+    deferred: Vec<(Ticket, Box<dyn FnOnce(Result<usize>) + Send>)>,
     /// Paths of open targets, for messages.
     paths: std::collections::HashMap<TargetId, std::path::PathBuf>,
 }
@@ -250,6 +253,7 @@ impl HostTierBackend {
                 spill_failure: None,
                 flushing: 0,
                 closing: false,
+                deferred: Vec::new(),
                 paths: Default::default(),
             }),
             changed: Condvar::new(),
@@ -292,6 +296,30 @@ impl HostTierBackend {
 impl Core {
     fn lock(&self) -> MutexGuard<'_, TierState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Releases the lock, wakes the waiters and attaches the deferred continuations.
+    fn unlock(&self, mut st: MutexGuard<'_, TierState>) {
+        let deferred = std::mem::take(&mut st.deferred);
+        drop(st);
+        self.changed.notify_all();
+        for (t, then) in deferred {
+            t.then(then);
+        }
+    }
+
+    /// [`Core::unlock`], then waits for the next change.
+    fn wait<'a>(&'a self, mut st: MutexGuard<'a, TierState>) -> MutexGuard<'a, TierState> {
+        if st.deferred.is_empty() {
+            return self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        let deferred = std::mem::take(&mut st.deferred);
+        drop(st);
+        self.changed.notify_all();
+        for (t, then) in deferred {
+            t.then(then);
+        }
+        self.lock()
     }
 
     fn arena_ptr(&self, e: &Extent) -> *mut u8 {
@@ -448,8 +476,7 @@ impl Core {
             add(&self.counters.copy_in_ns, started.elapsed().as_nanos() as u64);
         }
         self.pump(&mut st);
-        drop(st);
-        self.changed.notify_all();
+        self.unlock(st);
         done.complete(r.map(|()| len as usize));
     }
 
@@ -462,10 +489,10 @@ impl Core {
                 break;
             }
         }
-        if !st.waiting.is_empty() && st.spilling == 0 {
-            // Nothing is on its way to free space: start spilling again, or give up.
+        if !st.waiting.is_empty() && st.in_flight == 0 {
+            // Nothing under way will free space or call back: spill again, or give up.
             self.start_spills(st);
-            if st.spilling == 0 {
+            if st.in_flight == 0 {
                 self.fail_waiting(st);
             }
         }
@@ -531,7 +558,7 @@ impl Core {
 
     /// Starts writing one dirty slot to storage. False if it could not be submitted.
     fn spill(self: &Arc<Self>, st: &mut TierState, id: u64) -> bool {
-        let s = st.slots.get_mut(id).expect("live");
+        let s = st.slots.get(id).expect("live");
         let req = IoRequest {
             target: s.target,
             op: IoOp::Write,
@@ -547,6 +574,7 @@ impl Core {
         let submitted = unsafe { self.inner.submit(req) };
         match submitted {
             Ok(t) => {
+                let s = st.slots.get_mut(id).expect("live");
                 s.state = SlotState::Spilling;
                 s.busy += 1;
                 st.spilling += cover;
@@ -554,7 +582,8 @@ impl Core {
                 let core = self.clone();
                 let started = Instant::now();
                 let len = req.mem.len();
-                t.then(move |r| core.on_spilled(id, cover, len, started, r));
+                st.deferred
+                    .push((t, Box::new(move |r| core.on_spilled(id, cover, len, started, r))));
                 true
             }
             Err(e) => {
@@ -604,12 +633,11 @@ impl Core {
         }
         if ok {
             self.pump(&mut st);
-        } else if !st.waiting.is_empty() && st.spilling == 0 {
+        } else if !st.waiting.is_empty() && st.in_flight == 0 {
             // Spilling fails: writes waiting for room would wait for ever.
             self.fail_waiting(&mut st);
         }
-        drop(st);
-        self.changed.notify_all();
+        self.unlock(st);
     }
 
     /// A read: the parts the arena holds are copied out of it, the rest read from storage.
@@ -654,20 +682,24 @@ impl Core {
                     st.in_flight += 1;
                     add(&self.counters.bytes_read_storage, n);
                     let (core, join) = (self.clone(), join.clone());
-                    t.then(move |r| {
-                        core.lock().in_flight -= 1;
-                        core.changed.notify_all();
-                        join.part(r.map(|got| Piece {
-                            at: delta,
-                            got: got as u64,
-                            wanted: n,
-                        }));
-                    });
+                    st.deferred.push((
+                        t,
+                        Box::new(move |r| {
+                            core.lock().in_flight -= 1;
+                            core.changed.notify_all();
+                            join.part(r.map(|got| Piece {
+                                at: delta,
+                                got: got as u64,
+                                wanted: n,
+                            }));
+                        }),
+                    ));
                 }
                 Err(e) => join.part(Err(e)),
             }
         }
         if from_arena.is_empty() {
+            self.unlock(st);
             return Ok(outer);
         }
         // Copies out of the arena, after any copy into it still under way.
@@ -690,7 +722,7 @@ impl Core {
             .and_then(|()| self.out_stream.record())
             .map(Arc::<dyn Event>::from);
         st.in_flight += 1;
-        drop(st);
+        self.unlock(st);
         let ids: Vec<u64> = from_arena.iter().map(|p| p.0).collect();
         let bytes: u64 = from_arena.iter().map(|p| p.3).sum();
         let host_copies: Vec<(usize, usize, u64)> = match req.mem {
@@ -711,17 +743,15 @@ impl Core {
                 add(&core.counters.bytes_read_arena, bytes);
                 add(&core.counters.copy_out_ns, started.elapsed().as_nanos() as u64);
             }
-            {
-                let mut st = core.lock();
-                st.in_flight -= 1;
-                for id in ids {
-                    if let Some(slot) = st.slots.unbusy(id) {
-                        Core::free_slot(&mut st, slot);
-                    }
+            let mut st = core.lock();
+            st.in_flight -= 1;
+            for id in ids {
+                if let Some(slot) = st.slots.unbusy(id) {
+                    Core::free_slot(&mut st, slot);
                 }
-                core.pump(&mut st);
             }
-            core.changed.notify_all();
+            core.pump(&mut st);
+            core.unlock(st);
             join.part(r.map(|()| Piece {
                 at: 0,
                 got: 0,
@@ -753,7 +783,7 @@ impl Core {
         self.drop_range(&mut st, req.target, req.offset, end);
         let cover = round_up(len, self.config.align);
         if !req.mem.is_device() || cover > self.config.bytes {
-            drop(st);
+            self.unlock(st);
             add(&self.counters.bytes_through, len);
             // SAFETY: forwarded contract.
             return unsafe { self.inner.submit(req) };
@@ -771,6 +801,7 @@ impl Core {
             st.waiting.push_back(w.waited(&self.counters));
         }
         self.pump(&mut st);
+        self.unlock(st);
         Ok(outer)
     }
 }
@@ -905,8 +936,7 @@ impl Backend for HostTierBackend {
         self.core
             .drop_range(&mut st, target, offset, offset.saturating_add(len));
         self.core.pump(&mut st);
-        drop(st);
-        self.core.changed.notify_all();
+        self.core.unlock(st);
     }
 
     fn flush(&self, target: TargetId) -> Result<()> {
@@ -936,10 +966,10 @@ impl Backend for HostTierBackend {
                     break Err(Error::invalid("the host tier cannot spill bytes still in use"));
                 }
             }
-            st = self.core.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.core.wait(st);
         };
         st.flushing -= 1;
-        drop(st);
+        self.core.unlock(st);
         outcome?;
         self.core.inner.flush(target)
     }
@@ -959,10 +989,10 @@ impl Backend for HostTierBackend {
         st.waiting = keep;
         self.core.drop_range(&mut st, target, 0, u64::MAX);
         while st.slots.has_target(target) {
-            st = self.core.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.core.wait(st);
         }
         st.paths.remove(&target);
-        drop(st);
+        self.core.unlock(st);
         self.core.inner.close(target)
     }
 }
@@ -977,8 +1007,9 @@ impl Drop for HostTierBackend {
         }
         // Copies and storage requests under way use the arena: wait for them.
         while st.in_flight > 0 {
-            st = self.core.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = self.core.wait(st);
         }
+        self.core.unlock(st);
         // The event threads end by themselves once the last continuation holding the core
         // has run and the core, with the channels' senders, is gone.
     }

@@ -283,6 +283,8 @@ fn the_engine_over_a_host_tier_round_trips_and_discards_what_it_frees() {
     let config = EngineConfig {
         staging_bytes: 4 << 20,
         prefetch_bytes: 2 << 20,
+        pack_extent_bytes: 1 << 20,
+        pack_threshold: 256 << 10,
         checksums: true,
         ..Default::default()
     };

@@ -1,0 +1,372 @@
+"""The planner: which saved tensors to offload and which blocks to recompute, for a goal.
+
+It works on a :class:`Profile` of one training step measured without offloading (per
+segment of the forward pass: forward and backward time, the tensors it saves in order,
+the bytes of its input) and the measured bandwidth of each tier, and simulates a step
+under a candidate plan:
+
+- **Writes** run one after another in the order the tensors were saved, each starting no
+  earlier than its save. The first ``host_bytes`` go at the host tier's write bandwidth,
+  the rest at the storage's. A tensor lowers the peak (the end of the forward pass) only
+  if its write is done by then.
+- **Reads** run in backward order from the end of the forward pass, each needed by the
+  start of its segment's backward; the last ``host_bytes`` written come from the host
+  tier, the rest from storage. A read that is late stalls the step by the difference.
+- **Recompute** (activation checkpointing) of a segment saves only its input, which may
+  be offloaded like any tensor, and costs the segment's forward time again in backward.
+
+The activation memory of a plan is what is still held at the peak: tensors kept, recompute
+inputs kept, and offloaded tensors whose writes are not done. Its cost is the extra step
+time: read stalls, recompute, and (for a memory goal, which must hold) the wait at the end
+of forward for writes still under way.
+
+Goals:
+
+- ``adaptive``: the most memory freed at no extra time (I/O hidden behind compute).
+- ``max_slowdown=x``: the most memory freed with the step at most ``x`` times as long.
+- ``budget=B``: activation memory at most ``B`` bytes at the least extra time.
+
+Each goal is met by a greedy search over *moves* (offload the next tensor in save order,
+or recompute a segment), taking at each step the move that frees the most bytes per extra
+millisecond; the tests compare it with brute force on recorded profiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+#: Time counted as "no extra time" for the adaptive goal (simulation noise), as a
+#: fraction of the step.
+ADAPTIVE_TOLERANCE = 0.005
+
+
+@dataclass
+class SegmentProfile:
+    """One stretch of the forward pass as measured: times, and what it saves."""
+
+    fwd_ms: float
+    bwd_ms: float
+    #: Bytes of each eligible tensor it saves, in save order.
+    tensors: List[int] = field(default_factory=list)
+    #: Bytes of the block's input (what recompute keeps); 0 when it cannot be recomputed.
+    input_bytes: int = 0
+
+
+@dataclass
+class Profile:
+    """A step measured without offloading."""
+
+    segments: List[SegmentProfile]
+
+    @property
+    def forward_ms(self) -> float:
+        return sum(s.fwd_ms for s in self.segments)
+
+    @property
+    def backward_ms(self) -> float:
+        return sum(s.bwd_ms for s in self.segments)
+
+    @property
+    def step_ms(self) -> float:
+        return self.forward_ms + self.backward_ms
+
+    @property
+    def activation_bytes(self) -> int:
+        return sum(sum(s.tensors) for s in self.segments)
+
+    def tensor_ids(self) -> List[Tuple[int, int]]:
+        """(segment, index in segment) of every tensor, in save order."""
+        return [(i, k) for i, s in enumerate(self.segments) for k in range(len(s.tensors))]
+
+
+@dataclass
+class Tiers:
+    """Measured bandwidths (GB/s) and the host tier's size (0: no host tier)."""
+
+    storage_write_gbps: float
+    storage_read_gbps: float
+    host_bytes: int = 0
+    host_write_gbps: float = 0.0
+    host_read_gbps: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """What the simulation predicts for a plan."""
+
+    activation_bytes: int  # held at the peak
+    extra_ms: float  # stalls + recompute + write wait
+    write_wait_ms: float
+    read_stall_ms: float
+    recompute_ms: float
+    host_bytes: int  # offloaded bytes placed in the host tier
+    storage_bytes: int  # offloaded bytes placed on storage
+
+
+@dataclass
+class RokPlan:
+    """Which tensors to offload (by (segment, index)) and which segments to recompute."""
+
+    goal: str
+    offload: FrozenSet[Tuple[int, int]]
+    recompute: FrozenSet[int]
+    outcome: Outcome
+    reason: str
+
+    def summary(self) -> Dict[str, object]:
+        o = self.outcome
+        return dict(
+            goal=self.goal,
+            offloaded_tensors=len(self.offload),
+            recomputed_segments=sorted(self.recompute),
+            predicted_activation_bytes=o.activation_bytes,
+            predicted_extra_ms=round(o.extra_ms, 3),
+            predicted_write_wait_ms=round(o.write_wait_ms, 3),
+            predicted_read_stall_ms=round(o.read_stall_ms, 3),
+            predicted_recompute_ms=round(o.recompute_ms, 3),
+            planned_host_bytes=o.host_bytes,
+            planned_storage_bytes=o.storage_bytes,
+            reason=self.reason,
+        )
+
+
+def _gbps_ms(nbytes: int, gbps: float) -> float:
+    """Milliseconds to move ``nbytes`` at ``gbps`` GB/s (infinite for no bandwidth)."""
+    if nbytes <= 0:
+        return 0.0
+    if gbps <= 0:
+        return float("inf")
+    return nbytes / (gbps * 1e6)
+
+
+def simulate(
+    profile: Profile,
+    tiers: Tiers,
+    offload: FrozenSet[Tuple[int, int]],
+    recompute: FrozenSet[int],
+    wait_for_writes: bool,
+) -> Outcome:
+    """Predicts activation memory at the peak and extra step time for a plan (see the
+    module documentation for the model)."""
+    segs = profile.segments
+    # Forward: what is saved when, in order. A recomputed segment saves its input only,
+    # at its start; offloading it is the move (i, -1).
+    saves: List[Tuple[float, int, int, bool]] = []  # (time, bytes, segment, offloaded)
+    clock = 0.0
+    for i, s in enumerate(segs):
+        if i in recompute:
+            saves.append((clock, s.input_bytes, i, (i, -1) in offload))
+        else:
+            n = len(s.tensors)
+            for k, b in enumerate(s.tensors):
+                saves.append((clock + s.fwd_ms * (k + 1) / max(n, 1), b, i, (i, k) in offload))
+        clock += s.fwd_ms
+    t_forward = clock
+    # Writes, in save order.
+    chan = 0.0
+    written = 0
+    held = 0
+    last_write = t_forward
+    placed: List[Tuple[int, int, bool]] = []  # (segment, bytes, in host tier) per write
+    for t, b, i, off in saves:
+        if not off or b == 0:
+            held += b
+            continue
+        in_host = written + b <= tiers.host_bytes
+        gbps = tiers.host_write_gbps if in_host else tiers.storage_write_gbps
+        chan = max(chan, t) + _gbps_ms(b, gbps)
+        written += b
+        placed.append((i, b, in_host))
+        if chan > t_forward:
+            last_write = max(last_write, chan)
+            if not wait_for_writes:
+                held += b
+    write_wait = (last_write - t_forward) if wait_for_writes else 0.0
+    # The host tier keeps the newest bytes: those placed past it were written after
+    # older ones spilled, so count the last host_bytes written as in the host tier.
+    host_left = tiers.host_bytes
+    in_host_at_bwd: List[bool] = [False] * len(placed)
+    for j in range(len(placed) - 1, -1, -1):
+        b = placed[j][1]
+        if b <= host_left:
+            in_host_at_bwd[j] = True
+            host_left -= b
+    # Backward: segments last to first; reads in that order from the end of forward (and
+    # after the wait for writes).
+    start = t_forward + write_wait
+    need: Dict[int, float] = {}
+    clock = start
+    recompute_ms = 0.0
+    for i in range(len(segs) - 1, -1, -1):
+        need[i] = clock
+        extra = segs[i].fwd_ms if i in recompute else 0.0
+        recompute_ms += extra
+        clock += segs[i].bwd_ms + extra
+    stall = 0.0
+    chan = start
+    for j in range(len(placed) - 1, -1, -1):
+        i, b, _ = placed[j]
+        gbps = tiers.host_read_gbps if in_host_at_bwd[j] else tiers.storage_read_gbps
+        chan += _gbps_ms(b, gbps)
+        due = need[i] + stall
+        if chan > due:
+            stall += chan - due
+    host_b = sum(b for _, b, h in placed if h)
+    return Outcome(
+        activation_bytes=held,
+        extra_ms=write_wait + stall + recompute_ms,
+        write_wait_ms=write_wait,
+        read_stall_ms=stall,
+        recompute_ms=recompute_ms,
+        host_bytes=host_b,
+        storage_bytes=written - host_b,
+    )
+
+
+def _moves(profile: Profile, offload: FrozenSet, recompute: FrozenSet) -> List[Tuple[str, object]]:
+    """Moves from a plan: offload the next tensor (in save order) of each segment not yet
+    offloaded, offload a recomputed segment's input, or recompute a segment."""
+    out: List[Tuple[str, object]] = []
+    for i, s in enumerate(profile.segments):
+        if i in recompute:
+            if (i, -1) not in offload and s.input_bytes > 0:
+                out.append(("offload", (i, -1)))
+            continue
+        nxt = next(((i, k) for k in range(len(s.tensors)) if (i, k) not in offload), None)
+        if nxt is not None:
+            out.append(("offload", nxt))
+        if s.input_bytes > 0 and sum(s.tensors) > s.input_bytes:
+            out.append(("recompute", i))
+    return out
+
+
+def _apply(move: Tuple[str, object], offload: FrozenSet, recompute: FrozenSet) -> Tuple[FrozenSet, FrozenSet]:
+    kind, what = move
+    if kind == "offload":
+        return offload | {what}, recompute
+    i = what
+    kept = frozenset(t for t in offload if t[0] != i)
+    return kept, recompute | {i}
+
+
+def plan(
+    profile: Profile,
+    tiers: Tiers,
+    *,
+    budget: Optional[int] = None,
+    max_slowdown: Optional[float] = None,
+    allow_recompute: bool = True,
+    keep_last: int = 0,
+) -> RokPlan:
+    """The plan for a goal: ``budget`` (bytes), ``max_slowdown`` (a ratio ≥ 1), or neither
+    (adaptive). The last ``keep_last`` segments are never touched."""
+    if budget is not None and max_slowdown is not None:
+        raise ValueError("give budget= or max_slowdown=, not both")
+    if max_slowdown is not None and max_slowdown < 1.0:
+        raise ValueError(f"max_slowdown={max_slowdown}: a step cannot be faster than without offloading (>= 1.0)")
+    if budget is not None and budget < 0:
+        raise ValueError(f"budget={budget}: a number of bytes >= 0")
+    step = profile.step_ms
+    frozen = set(range(max(0, len(profile.segments) - keep_last), len(profile.segments)))
+    wait = budget is not None
+    if budget is not None:
+        goal = f"budget={budget}"
+        allowed = float("inf")
+    elif max_slowdown is not None:
+        goal = f"max_slowdown={max_slowdown}"
+        allowed = (max_slowdown - 1.0) * step
+    else:
+        goal = "adaptive"
+        allowed = ADAPTIVE_TOLERANCE * step
+    offload: FrozenSet = frozenset()
+    recompute: FrozenSet = frozenset()
+    cur = simulate(profile, tiers, offload, recompute, wait)
+    while True:
+        if budget is not None and cur.activation_bytes <= budget:
+            break
+        best = None
+        for mv in _moves(profile, offload, recompute):
+            seg = mv[1][0] if mv[0] == "offload" else mv[1]
+            if seg in frozen or (mv[0] == "recompute" and not allow_recompute):
+                continue
+            o2, r2 = _apply(mv, offload, recompute)
+            out = simulate(profile, tiers, o2, r2, wait)
+            freed = cur.activation_bytes - out.activation_bytes
+            if freed <= 0 or out.extra_ms > allowed + 1e-9:
+                continue
+            cost = max(out.extra_ms - cur.extra_ms, 0.0)
+            # Free moves first (most bytes), then the most bytes per extra millisecond.
+            key = (cost <= 1e-9, freed / max(cost, 1e-9))
+            if best is None or key > best[0]:
+                best = (key, o2, r2, out)
+        if best is None:
+            break
+        _, offload, recompute, cur = best
+    # Drop offloads that free nothing (writes not done by the peak): they cost bandwidth.
+    if not wait:
+        for t in sorted(offload, reverse=True):
+            o2 = offload - {t}
+            out = simulate(profile, tiers, o2, recompute, wait)
+            if out.activation_bytes <= cur.activation_bytes and out.extra_ms <= cur.extra_ms + 1e-9:
+                offload, cur = o2, out
+    total = profile.activation_bytes
+    cut = 1 - cur.activation_bytes / total if total else 0.0
+    if budget is not None and cur.activation_bytes > budget:
+        reason = (
+            f"cannot meet the budget: the least activation memory found is {cur.activation_bytes / 2**30:.2f} GiB "
+            f"(of {total / 2**30:.2f} GiB), at +{cur.extra_ms:.1f} ms"
+        )
+    else:
+        reason = (
+            f"{goal}: {cut:.0%} of {total / 2**30:.2f} GiB activation memory freed at the peak, "
+            f"{len(offload)} tensors offloaded ({cur.host_bytes / 2**30:.2f} GiB host tier, "
+            f"{cur.storage_bytes / 2**30:.2f} GiB storage), {len(recompute)} segments recomputed, "
+            f"predicted +{cur.extra_ms:.1f} ms on a {step:.1f} ms step"
+        )
+    return RokPlan(goal, offload, recompute, cur, reason)
+
+
+def brute_force(
+    profile: Profile,
+    tiers: Tiers,
+    *,
+    budget: Optional[int] = None,
+    max_slowdown: Optional[float] = None,
+    allow_recompute: bool = True,
+) -> Tuple[FrozenSet, FrozenSet, Outcome]:
+    """Every plan tried (small profiles only): the best for the goal, for testing."""
+    import itertools
+
+    ids: List[Tuple[int, int]] = profile.tensor_ids()
+    segs = range(len(profile.segments))
+    wait = budget is not None
+    allowed = (
+        float("inf")
+        if budget is not None
+        else ((max_slowdown - 1.0) * profile.step_ms if max_slowdown is not None else ADAPTIVE_TOLERANCE * profile.step_ms)
+    )
+    best = None
+    rsets: Sequence = (
+        [frozenset(c) for n in range(len(segs) + 1) for c in itertools.combinations(segs, n)]
+        if allow_recompute
+        else [frozenset()]
+    )
+    for rec in rsets:
+        cand = [t for t in ids if t[0] not in rec] + [(i, -1) for i in rec if profile.segments[i].input_bytes > 0]
+        for n in range(len(cand) + 1):
+            for c in itertools.combinations(cand, n):
+                o = simulate(profile, tiers, frozenset(c), rec, wait)
+                if budget is not None:
+                    if o.activation_bytes > budget:
+                        continue
+                    key = (-o.extra_ms, -o.activation_bytes)
+                else:
+                    if o.extra_ms > allowed + 1e-9:
+                        continue
+                    key = (-o.activation_bytes, -o.extra_ms)
+                if best is None or key > best[0]:
+                    best = (key, frozenset(c), rec, o)
+    if best is None:
+        raise ValueError("no plan meets the goal")
+    return best[1], best[2], best[3]
