@@ -76,7 +76,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-RUNS = ("baseline", "spillway-disk", "spillway-shm", "checkpoint", "save_on_cpu")
+RUNS = ("baseline", "spillway-disk", "spillway-shm", "checkpoint", "save_on_cpu", "spillway-host",
+        "spillway-host-budget25", "spillway-host-budget50", "spillway-host-budget75", "spillway-host-slow105")
 
 # Model-size defaults: the full run (sized for one H200) and the --small smoke preset.
 FULL = {"layers": 24, "d_model": 2048, "heads": 16, "seq": 2048, "batch": 8, "vocab": 32000}
@@ -261,6 +262,10 @@ def build_parser():
     spill.add_argument("--max-pending", type=parse_size, default=None,
                        help="bound on offloaded bytes still in GPU memory while their "
                             "writes run: saves beyond it wait (default: no bound)")
+    spill.add_argument("--host-tier", type=parse_size, default=32 * GIB,
+                       help="pinned host memory of the spillway-host* runs' host tier (default 32GiB)")
+    spill.add_argument("--activation-bytes", type=parse_size, default=None,
+                       help="the baseline's activation memory, for the budget runs (default: 34*s*b*h per layer)")
     spill.add_argument("--capacity", type=parse_size, default=None,
                        help="Offloader capacity, e.g. 64G (default: the Offloader's own)")
 
@@ -385,8 +390,19 @@ def run_one(args):
 
             result["spillway_version"] = getattr(spillway, "__version__", None)
             os.makedirs(os.path.dirname(spill_path) or ".", exist_ok=True)
+            goal = {}
+            settings = {}
+            if name.startswith("spillway-host"):
+                settings["host_tier"] = args.host_tier
+                act = args.activation_bytes or 34 * cfg.seq_len * args.batch * cfg.d_model * cfg.n_layer
+                if "-budget" in name:
+                    goal["budget"] = int(act * int(name.rsplit("budget", 1)[1]) / 100)
+                elif name.endswith("-slow105"):
+                    goal["max_slowdown"] = 1.05
+            result["goal"] = goal
             offloader = st.Offloader(model, path=spill_path, capacity=args.capacity,
-                                     policy=args.policy, max_pending_bytes=args.max_pending)
+                                     policy=args.policy, max_pending_bytes=args.max_pending,
+                                     **goal, **settings)
             context = offloader.step
 
         def train_step(x, y):
@@ -448,6 +464,19 @@ def run_one(args):
                 "policy": stats_after.get("policy"),
                 "spillway_stats": stats_after,
             })
+            # The physics bound: offloading a fraction f of a layer's 34*s*b*h bytes during
+            # its forward needs f*34*R/(24h+4s) bytes/s at R FLOP/s achieved (here R from
+            # this run's step, forward = a third of it).
+            h, seq, b = cfg.d_model, args.seq, args.batch
+            flops = (24 * b * seq * h * h + 4 * b * seq * seq * h) * cfg.n_layer
+            achieved = 3 * flops / (step_ms / 1e3)
+            gbps = (stats_after.get("policy") or {}).get("write_gbps") or 0.0
+            result["physics"] = {
+                "achieved_tflops": achieved / 1e12,
+                "measured_write_gbps": gbps,
+                "bound_fraction": min(1.0, gbps * 1e9 * (24 * h + 4 * seq) / (34 * achieved)),
+                "needed_gbps_all": 34 * achieved / (24 * h + 4 * seq) / 1e9,
+            }
         elif name == "save_on_cpu":
             result.update({"offloaded_bytes_per_step": None, "fetched_bytes_per_step": None,
                            "stall_ms_per_step": None})

@@ -270,27 +270,24 @@ impl PyEngine {
         self.info.notes.clone()
     }
 
-    /// The engine's settings as a JSON text.
+    /// The engine's settings as a JSON text: every setting of the table with its value
+    /// (sizes and counts as numbers, text as text).
     fn settings_json(&self) -> String {
-        let c = &self.info.settings.engine;
-        serde_json::json!({
-            "alignment": c.alignment,
-            "staging_bytes": c.staging_bytes,
-            "prefetch_bytes": c.prefetch_bytes,
-            "pack_threshold": c.pack_threshold,
-            "pack_extent_bytes": c.pack_extent_bytes,
-            "pack_flush_delay_ms": c.pack_flush_delay.as_secs_f64() * 1000.0,
-            "direct_write_bytes": c.direct_write_bytes,
-            "pack": c.pack,
-            "dedup": c.dedup,
-            "checksums": c.checksums,
-            "timeline": c.timeline,
-            "timeline_capacity": c.timeline_capacity,
-            "queue_depth": self.info.settings.choices.queue_depth,
-            "threads": self.info.settings.choices.threads,
-            "pinned_bytes": self.info.settings.choices.pinned_bytes,
-        })
-        .to_string()
+        use spillway::settings::{Value, SETTINGS};
+        let resolved = &self.info.settings;
+        let map: serde_json::Map<String, serde_json::Value> = SETTINGS
+            .iter()
+            .map(|s| {
+                let v = match s.get(resolved) {
+                    Value::Int(n) => serde_json::Value::from(n),
+                    Value::Float(x) => serde_json::Value::from(x),
+                    Value::Bool(b) => serde_json::Value::from(b),
+                    Value::Str(t) => serde_json::Value::from(t),
+                };
+                (s.name.to_string(), v)
+            })
+            .collect();
+        serde_json::Value::Object(map).to_string()
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {

@@ -324,7 +324,8 @@ def test_bad_calls_get_clear_errors(tmp_path):
         spillway.Engine("", capacity="1MiB", **SMALL)
     with pytest.raises(ValueError, match="capacity=-1"):
         spillway.Engine(tmp_path, capacity=-1, **SMALL)
-    with pytest.raises(spillway.SpillwayError, match="(?i)space"):
+    # More than the filesystem has is refused before anything is reserved, naming capacity=.
+    with pytest.raises(ValueError, match="capacity=.*available"):
         spillway.Engine(tmp_path / "huge.bin", capacity=1 << 60, **SMALL)
     e = spillway.Engine(tmp_path, capacity="1MiB", **SMALL)
     a = blob(4096, 1)
@@ -463,3 +464,30 @@ def test_a_flipped_byte_in_the_file_is_a_corrupt_data_error_with_checksums(tmp_p
         assert issubclass(spillway.CorruptDataError, spillway.SpillwayError)
         for h in handles:
             e.release(h)
+
+
+def test_the_host_tier_takes_writes_spills_when_full_and_reads_back_from_either_tier(tmp_path):
+    # 4 MiB of host tier, 24 MiB offloaded in 1 MiB tensors: the tier fills, spills to the
+    # file, and every tensor comes back exact, from the tier or from storage.
+    with spillway.Engine(tmp_path, capacity="64MiB", host_tier="4MiB", checksums=True, **SMALL) as e:
+        arrays = [blob(1 << 20, 100 + i) for i in range(24)]
+        handles = [e.offload((i, 0), region(a)) for i, a in enumerate(arrays)]
+        e.drain()
+        tier = e.stats()["host_tier"]
+        assert tier["capacity"] == 4 << 20
+        assert tier["bytes_in"] >= 24 << 20 and tier["bytes_spilled"] > 0, tier
+        for i in reversed(range(24)):
+            out = np.zeros_like(arrays[i])
+            e.fetch(handles[i], region(out))
+            np.testing.assert_array_equal(out, arrays[i])
+        tier = e.stats()["host_tier"]
+        assert tier["bytes_read_arena"] > 0 and tier["bytes_read_storage"] > 0, tier
+        for h in handles:
+            e.release(h)
+        e.drain()
+        assert e.stats()["host_tier"]["used"] == 0
+
+
+def test_a_host_tier_larger_than_the_host_can_give_is_refused_naming_the_setting(tmp_path):
+    with pytest.raises(ValueError, match="host_tier=.*pinned host memory.*set host_tier to at most"):
+        spillway.Engine(tmp_path, capacity="64MiB", host_tier="1000TiB", **SMALL)

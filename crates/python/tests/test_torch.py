@@ -390,3 +390,57 @@ def test_full_storage_with_max_pending_bytes_does_not_hang(tmp_path, device):
             assert_bitwise_equal(g, g0)
         e = off.stats()["engine"]
     assert e["resident_tensors"] > 0, "the storage was too small for every tensor"
+
+
+def _apply_rok(off, offload, recompute):
+    """Gives the offloader a planner's choice, as the adaptive policy does after profiling."""
+    from spillway.torch.planner import Outcome, RokPlan
+    from spillway.torch.policy import Plan
+
+    rok = RokPlan("test", frozenset(offload), frozenset(recompute), Outcome(0, 0, 0, 0, 0, 0, 0), "given")
+    off._rok = rok
+    off._plan = Plan("adaptive", 0, rok.reason)
+    off._set_recompute(sorted(i - 1 for i in recompute))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_planned_choice_per_tensor_and_recompute_keep_gradients_bitwise_equal(tmp_path, device):
+    model = gpt(device)
+    batch = gpt_batch(device)
+    loss0, want = run_step(model, batch)
+    model2 = gpt(device)
+    with offloader(model2, tmp_path, policy="adaptive") as off:
+        run_step(model2, batch, off.step())  # a first step: counts what each segment saves
+        saved = [list(s.tensors) for s in off._segments]
+        assert len(saved) == 5 and all(len(t) > 2 for t in saved[1:]), saved
+        # Segment 1: its first and third tensors; block 2 (segment 3) recomputed with its
+        # input offloaded; segment 4: its first tensor only.
+        _apply_rok(off, {(1, 0), (1, 2), (3, -1), (4, 0)}, {3})
+        loss, got = run_step(model2, batch, off.step())
+        segs = off._segments
+        assert segs[1].offloaded_bytes == saved[1][0] + saved[1][2]
+        assert segs[2].offloaded_bytes == 0
+        assert segs[3].saved_bytes == segs[3].input_bytes > 0, "a recomputed block saves its input only"
+        assert segs[3].offloaded_bytes == segs[3].input_bytes, "and it is offloaded"
+        assert segs[4].offloaded_bytes == saved[4][0]
+        assert torch.equal(loss, loss0)
+        assert_bitwise_equal(got, want)
+        # Planned again without recompute: the block saves all it did before.
+        _apply_rok(off, set(), set())
+        _, again = run_step(model2, batch, off.step())
+        assert list(off._segments[3].tensors) == saved[3]
+        assert_bitwise_equal(again, want)
+    assert all("forward" not in vars(b) for b in model2.blocks), "closing restores the blocks"
+
+
+def test_goals_are_checked_when_the_offloader_is_made(tmp_path):
+    model = gpt("cpu")
+    with pytest.raises(ValueError, match="not both"):
+        offloader(model, tmp_path, policy="adaptive", budget="1GiB", max_slowdown=1.1)
+    with pytest.raises(ValueError, match=">= 1.0"):
+        offloader(model, tmp_path, policy="adaptive", max_slowdown=0.5)
+    with pytest.raises(ValueError, match="goals of the adaptive policy"):
+        offloader(model, tmp_path, policy="all", budget=1 << 30)
+    off = offloader(model, tmp_path, policy="adaptive", budget="1MiB")
+    assert off.budget == 1 << 20
+    off.close()

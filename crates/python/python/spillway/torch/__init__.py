@@ -45,7 +45,21 @@ that stall give up a segment. ``policy="all"`` offloads every segment but the la
 """
 
 from .offloader import Offloader, offload
+from .planner import Profile, RokPlan, SegmentProfile, Tiers, brute_force, simulate
+from .planner import plan as plan_rok
 from .policy import plan_offload
 from .saved import InPlaceModificationError
 
-__all__ = ["Offloader", "offload", "plan_offload", "InPlaceModificationError"]
+__all__ = [
+    "Offloader",
+    "offload",
+    "plan_offload",
+    "plan_rok",
+    "simulate",
+    "brute_force",
+    "Profile",
+    "SegmentProfile",
+    "Tiers",
+    "RokPlan",
+    "InPlaceModificationError",
+]

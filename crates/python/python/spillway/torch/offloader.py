@@ -11,7 +11,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .._engine import Engine
-from .policy import Plan, Segment, plan_offload
+from .planner import Profile, RokPlan, SegmentProfile, Tiers, plan as plan_rok
+from .policy import Plan, Segment
 from .saved import InPlaceModificationError, Kept, Stored
 
 #: Storage id of the bandwidth probe's buffers (tensor ids count up from 1).
@@ -49,8 +50,16 @@ class Offloader:
             launcher, a file name is made the rank's own: see :class:`spillway.Engine`).
         capacity: bytes the engine may use there (default: half the free space).
         policy: ``"adaptive"`` (default) or ``"all"``; see the module's documentation.
+        budget: a memory goal: activation bytes (int or size text) to stay under at the
+            peak, at the least extra step time (the planner chooses what to offload and
+            which blocks to recompute). Implies the adaptive policy.
+        max_slowdown: a time goal: the most activation memory freed with the step at most
+            this many times as long (e.g. 1.05). Implies the adaptive policy.
+        recompute: whether the planner may recompute blocks (activation checkpointing of a
+            block, its input offloaded) where that is cheaper than moving their bytes.
         min_tensor_bytes: storages smaller than this stay in memory (default 1 MiB).
-        keep_last: forward segments at the end kept in memory (default 1).
+        keep_last: with ``policy="all"`` (and for CPU tensors), forward segments at the end
+            kept in memory (default 1); the adaptive planner decides per tensor instead.
         prefetch_segments: segments requested ahead in backward (default 2).
         segments: modules whose forward calls cut the forward pass into segments (default:
             the model's repeated blocks).
@@ -76,6 +85,9 @@ class Offloader:
         *,
         capacity: "int | str | None" = None,
         policy: str = "adaptive",
+        budget: "int | str | None" = None,
+        max_slowdown: Optional[float] = None,
+        recompute: bool = True,
         min_tensor_bytes: int = 1 << 20,
         keep_last: int = 1,
         prefetch_segments: int = 2,
@@ -89,6 +101,18 @@ class Offloader:
     ):
         if policy not in ("adaptive", "all"):
             raise ValueError(f'policy={policy!r}: expected "adaptive" or "all"')
+        if budget is not None and max_slowdown is not None:
+            raise ValueError("give budget= (a memory goal) or max_slowdown= (a time goal), not both")
+        if (budget is not None or max_slowdown is not None) and policy != "adaptive":
+            raise ValueError(f'budget= and max_slowdown= are goals of the adaptive policy, not of policy={policy!r}')
+        if isinstance(budget, str):
+            from .. import parse_size
+
+            budget = parse_size(budget)
+        if budget is not None and (not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"budget={budget!r}: activation bytes to stay under (an int >= 0, or text like '20GiB')")
+        if max_slowdown is not None and not (isinstance(max_slowdown, (int, float)) and max_slowdown >= 1.0):
+            raise ValueError(f"max_slowdown={max_slowdown!r}: a step-time ratio >= 1.0, e.g. 1.05")
         if keep_last < 0 or prefetch_segments < 0 or min_tensor_bytes < 0:
             raise ValueError("keep_last, prefetch_segments and min_tensor_bytes must be >= 0")
         if profile_steps < 1:
@@ -115,6 +139,9 @@ class Offloader:
             raise ValueError(f"the engine works on {engine.device}, but the tensors to offload are on {self.device}")
         self.engine = engine
         self.policy = policy
+        self.budget = budget
+        self.max_slowdown = max_slowdown
+        self.allow_recompute = recompute
         self.min_tensor_bytes = min_tensor_bytes
         self.keep_last = keep_last
         self.prefetch_segments = prefetch_segments
@@ -124,6 +151,14 @@ class Offloader:
         self._pending_bytes = 0  # offloaded, source still held
         self._blocks = segments if segments is not None else _find_segments(model)
         self._hooks = [b.register_forward_pre_hook(self._on_block_forward) for b in self._blocks]
+        # Planned per tensor: this step's eligible first saves counted per segment, and the
+        # decision taken for each storage key (its other views follow it).
+        self._saves_in_segment: Dict[int, int] = {}
+        self._decisions: Dict[Tuple[int, int], bool] = {}
+        self._rok: Optional[RokPlan] = None
+        # Blocks recomputed: index -> the forward set on the instance before (None: none).
+        self._recomputed: Dict[int, Any] = {}
+        self._plan_pending_limit: Optional[int] = None
         # Per step.
         self._active = False
         self._segments: List[Segment] = []
@@ -148,6 +183,8 @@ class Offloader:
             first = max(0, len(self._blocks) + 1 - keep_last)
             self._plan = Plan("all", first, f"policy='all': every segment but the last {keep_last}")
         self._bandwidth: Optional[Tuple[float, float]] = None
+        self._bandwidth_scale = 1.0
+        self._profile: Optional[Profile] = None
         self._totals = dict(
             offloaded_tensors=0, kept_tensors=0, bytes_offloaded=0, bytes_kept=0, bytes_fetched=0,
             stall_s=0.0, step_s=0.0,
@@ -201,6 +238,7 @@ class Offloader:
                     else plan.reason
                 ),
                 **({} if plan is None else plan.details),
+                **({} if self._rok is None else dict(plan_summary=self._rok.summary())),
             ),
             engine=e,
         )
@@ -212,6 +250,7 @@ class Offloader:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._set_recompute([])
         self._closed = True
         self._drop_step_state()
         if self._own_engine:
@@ -239,6 +278,8 @@ class Offloader:
         }
         self._storage_ids = {}
         self._keys_seen = set()
+        self._saves_in_segment = {}
+        self._decisions = {}
         self._mark_segment_start(self._segments[0], forward=True)
 
     def _end_step(self, seconds: float, stall: float) -> None:
@@ -260,11 +301,13 @@ class Offloader:
             if self._profiling:
                 self._plan = self._make_plan()
                 self._plan.details["profiled_step"] = self._steps
-            elif self._plan is not None and self._plan.offload_segments > 0 and stall > 0.02 * seconds:
-                self._plan.offload_segments -= 1
+            elif self._plan is not None and self._rok is not None and stall > 0.02 * seconds and self._cuda:
+                # The step stalled: the bandwidths were optimistic. Plan again with less.
+                self._bandwidth_scale *= 0.8
+                self._plan = self._make_plan()
                 self._plan.reason = (
-                    f"step {self._steps} stalled {stall * 1e3:.1f} ms of {seconds * 1e3:.1f} ms: "
-                    f"offloading one segment fewer ({self._plan.offload_segments})"
+                    f"step {self._steps} stalled {stall * 1e3:.1f} ms of {seconds * 1e3:.1f} ms: planned again "
+                    f"with bandwidths x{self._bandwidth_scale:.2f}; " + self._plan.reason
                 )
         self._poll_sources()
 
@@ -305,27 +348,80 @@ class Offloader:
             prev = next((segs[j].bwd_start for j in range(i - 1, -1, -1) if segs[j].bwd_start is not None), None)
             s.bwd_ms = s.bwd_start.elapsed_time(prev if prev is not None else end)
 
+    def _host_tier_bytes(self) -> int:
+        tier = self.engine.stats().get("host_tier")
+        return int(tier["capacity"]) if tier else 0
+
     def _make_plan(self) -> Plan:
         segs = self._segments
         write_gbps, read_gbps = self._bandwidth or (0.0, 0.0)
-        fwd = [s.fwd_ms for s in segs]
-        bwd = [s.bwd_ms for s in segs]
-        nbytes = [s.saved_bytes for s in segs]
+        scale = self._bandwidth_scale
+        tier_bytes = self._host_tier_bytes()
         details = dict(
             write_gbps=round(write_gbps, 3),
             read_gbps=round(read_gbps, 3),
-            forward_ms=round(sum(fwd), 3),
-            backward_ms=round(sum(bwd), 3),
-            offloadable_bytes=sum(nbytes),
+            host_tier_bytes=tier_bytes,
+            forward_ms=round(sum(s.fwd_ms for s in segs), 3),
+            backward_ms=round(sum(s.bwd_ms for s in segs), 3),
+            offloadable_bytes=sum(s.saved_bytes for s in segs),
         )
         if not self._cuda:
             k = max(0, len(segs) - self.keep_last)
             return Plan("adaptive", k, "host memory: no compute to hide I/O behind is measured; offloading all but the last segments", details)
         if write_gbps <= 0 or read_gbps <= 0:
             return Plan("adaptive", 0, "the storage bandwidth could not be measured", details)
-        k, why = plan_offload(fwd, bwd, nbytes, write_gbps, read_gbps, self.keep_last)
-        details["planned_bytes"] = sum(nbytes[:k])
-        return Plan("adaptive", k, why, details)
+        profile = Profile(
+            [SegmentProfile(s.fwd_ms, s.bwd_ms, list(s.tensors), s.input_bytes if s.block >= 0 else 0) for s in segs]
+        )
+        if tier_bytes > 0:
+            # The probe measured the host tier; storage behind it is not planned on (its
+            # bytes are reached only by spilling, in the background).
+            tiers = Tiers(0.0, 0.0, tier_bytes, write_gbps * scale, read_gbps * scale)
+        else:
+            tiers = Tiers(write_gbps * scale, read_gbps * scale)
+        rok = plan_rok(
+            profile,
+            tiers,
+            budget=self.budget,
+            max_slowdown=self.max_slowdown,
+            allow_recompute=self.allow_recompute,
+        )
+        self._rok = rok
+        self._set_recompute(sorted(segs[i].block for i in rok.recompute if segs[i].block >= 0))
+        self._plan_pending_limit = None
+        if self.budget is not None:
+            # Bytes still being written are held too: bound them so that the peak stays
+            # within the budget (a save beyond it waits for writes).
+            kept = rok.outcome.activation_bytes
+            self._plan_pending_limit = max(self.budget - kept, 1 << 20)
+        details.update(rok.summary())
+        return Plan("adaptive", len(segs), rok.reason, details)
+
+    def _set_recompute(self, blocks: List[int]) -> None:
+        """Recomputes the given blocks in backward (activation checkpointing, their input
+        saved through the hooks like any tensor); the others run as they are."""
+        for b, own in self._recomputed.items():
+            if own is None:
+                del self._blocks[b].forward  # back to the class's forward
+            else:
+                self._blocks[b].forward = own
+        self._recomputed = {}
+        from torch.utils.checkpoint import checkpoint
+
+        for b in blocks:
+            block = self._blocks[b]
+            own = block.forward
+
+            def forward(*args: Any, __own: Any = own, **kwargs: Any) -> Any:
+                if not self._active or self._in_backward or not torch.is_grad_enabled():
+                    return __own(*args, **kwargs)
+                if kwargs:
+                    return checkpoint(__own, *args, use_reentrant=False, **kwargs)
+                # Reentrant: the input is saved through the hooks, so it can be offloaded.
+                return checkpoint(__own, *args, use_reentrant=True)
+
+            self._recomputed[b] = vars(block).get("forward")
+            block.forward = forward
 
     def _probe_bandwidth(self) -> Tuple[float, float]:
         """Writes and reads ``probe_bytes`` through the engine; returns (write, read) GB/s."""
@@ -359,13 +455,34 @@ class Offloader:
         if not self._active or self._in_backward or not torch.is_grad_enabled():
             return
         seg = Segment(len(self._segments), type(module).__name__)
+        seg.block = next((i for i, b in enumerate(self._blocks) if b is module), -1)
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor):
+            seg.input_bytes = x.untyped_storage().nbytes()
         self._segments.append(seg)
         self._mark_segment_start(seg, forward=True)
         self._poll_sources()
 
-    def _offloading(self, segment: int) -> bool:
-        plan = self._plan
-        return plan is not None and segment < plan.offload_segments
+    def _offloading(self, seg: Segment, key: Tuple[int, int]) -> bool:
+        """Whether the storage ``key`` (saved in ``seg``) is offloaded: as planned for its
+        first save, and the same for every other view of it."""
+        known = self._decisions.get(key)
+        if known is not None:
+            return known
+        plan, rok = self._plan, self._rok
+        if plan is None:
+            decided = False
+        elif rok is None:
+            decided = seg.index < plan.offload_segments
+        else:
+            k = self._saves_in_segment.get(seg.index, 0)
+            self._saves_in_segment[seg.index] = k + 1
+            if seg.index in rok.recompute:
+                decided = (seg.index, -1) in rok.offload
+            else:
+                decided = (seg.index, k) in rok.offload
+        self._decisions[key] = decided
+        return decided
 
     def _eligible(self, t: torch.Tensor) -> bool:
         if type(t) is not torch.Tensor or t.device != self.device or t.layout != torch.strided:
@@ -409,7 +526,8 @@ class Offloader:
         if first:  # counted once per storage and version, however many views are saved
             self._keys_seen.add(key)
             seg.saved_bytes += nbytes
-        if not self._offloading(seg.index):
+            seg.tensors.append(nbytes)
+        if not self._offloading(seg, key):
             if first:
                 seg.kept_bytes += nbytes
                 self._totals["bytes_kept"] += nbytes
@@ -428,14 +546,16 @@ class Offloader:
             seg.offloaded_bytes += nbytes
             self._totals["bytes_offloaded"] += nbytes
         self._pending_bytes += nbytes
-        if len(self._inflight) % 8 == 0:
-            self._poll_sources()
+        # Memory goes back as soon as its write is done: a tensor held longer than that
+        # still counts at the peak.
+        self._poll_sources()
         self._bound_pending()
         return rec
 
     def _bound_pending(self) -> None:
         """Waits for the oldest writes while more than ``max_pending_bytes`` are held."""
-        limit = self.max_pending_bytes
+        limits = [x for x in (self.max_pending_bytes, self._plan_pending_limit) if x is not None]
+        limit = min(limits) if limits else None
         if limit is None or self._pending_bytes <= limit:
             return
         self._poll_sources()

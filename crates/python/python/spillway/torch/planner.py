@@ -152,15 +152,18 @@ def simulate(
     segs = profile.segments
     # Forward: what is saved when, in order. A recomputed segment saves its input only,
     # at its start; offloading it is the move (i, -1).
-    saves: List[Tuple[float, int, int, bool]] = []  # (time, bytes, segment, offloaded)
+    # (time, bytes, segment, offloaded, fraction of the segment's backward done when needed)
+    saves: List[Tuple[float, int, int, bool, float]] = []
     clock = 0.0
     for i, s in enumerate(segs):
         if i in recompute:
-            saves.append((clock, s.input_bytes, i, (i, -1) in offload))
+            # Recompute needs its input first thing in the segment's backward.
+            saves.append((clock, s.input_bytes, i, (i, -1) in offload, 0.0))
         else:
             n = len(s.tensors)
             for k, b in enumerate(s.tensors):
-                saves.append((clock + s.fwd_ms * (k + 1) / max(n, 1), b, i, (i, k) in offload))
+                # Backward uses a segment's tensors in reverse: the last saved first.
+                saves.append((clock + s.fwd_ms * (k + 1) / max(n, 1), b, i, (i, k) in offload, (n - 1 - k) / max(n, 1)))
         clock += s.fwd_ms
     t_forward = clock
     # Writes, in save order.
@@ -168,8 +171,8 @@ def simulate(
     written = 0
     held = 0
     last_write = t_forward
-    placed: List[Tuple[int, int, bool]] = []  # (segment, bytes, in host tier) per write
-    for t, b, i, off in saves:
+    placed: List[Tuple[int, int, bool, float]] = []  # (segment, bytes, in host tier, due fraction)
+    for t, b, i, off, frac in saves:
         if not off or b == 0:
             held += b
             continue
@@ -177,7 +180,7 @@ def simulate(
         gbps = tiers.host_write_gbps if in_host else tiers.storage_write_gbps
         chan = max(chan, t) + _gbps_ms(b, gbps)
         written += b
-        placed.append((i, b, in_host))
+        placed.append((i, b, in_host, frac))
         if chan > t_forward:
             last_write = max(last_write, chan)
             if not wait_for_writes:
@@ -206,13 +209,13 @@ def simulate(
     stall = 0.0
     chan = start
     for j in range(len(placed) - 1, -1, -1):
-        i, b, _ = placed[j]
+        i, b, _, frac = placed[j]
         gbps = tiers.host_read_gbps if in_host_at_bwd[j] else tiers.storage_read_gbps
         chan += _gbps_ms(b, gbps)
-        due = need[i] + stall
+        due = need[i] + frac * segs[i].bwd_ms + stall
         if chan > due:
             stall += chan - due
-    host_b = sum(b for _, b, h in placed if h)
+    host_b = sum(b for _, b, h, _ in placed if h)
     return Outcome(
         activation_bytes=held,
         extra_ms=write_wait + stall + recompute_ms,

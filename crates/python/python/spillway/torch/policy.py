@@ -22,6 +22,12 @@ class Segment:
     bwd_start: Optional[torch.cuda.Event] = None
     fwd_ms: float = 0.0
     bwd_ms: float = 0.0
+    #: Bytes of each eligible storage it saved, in save order (first saves only).
+    tensors: List[int] = field(default_factory=list)
+    #: Bytes of the block's input (0 for the stretch before the first block).
+    input_bytes: int = 0
+    #: The block (index into the offloader's blocks) whose forward starts it; -1: none.
+    block: int = -1
 
 
 @dataclass

@@ -1,0 +1,92 @@
+"""The planner on recorded profiles, against brute force. Needs no torch: the planner is
+plain Python, loaded from its file."""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "python" / "spillway" / "torch" / "planner.py"
+_spec = importlib.util.spec_from_file_location("spillway_planner", _PATH)
+planner = importlib.util.module_from_spec(_spec)
+sys.modules["spillway_planner"] = planner
+_spec.loader.exec_module(planner)
+
+MB = 1_000_000
+
+
+def recorded(layers=2, tensors=3, fwd=10.0, mb=40):
+    """A small profile shaped like a decoder: a stretch before the first block, then blocks
+    of equal time, each saving `tensors` tensors of `mb` MB, its input 1/17 of its bytes."""
+    segs = [planner.SegmentProfile(0.5, 1.0, [], 0)]
+    for _ in range(layers):
+        segs.append(planner.SegmentProfile(fwd, 2 * fwd, [mb * MB] * tensors, tensors * mb * MB // 17))
+    return planner.Profile(segs)
+
+
+@pytest.mark.parametrize("gbps", [1.0, 5.0, 12.0, 40.0])
+@pytest.mark.parametrize("host", [0, 100 * MB])
+def test_adaptive_frees_as_much_as_brute_force_at_no_extra_time(gbps, host):
+    prof = recorded()
+    tiers = planner.Tiers(gbps, gbps, host, 4 * gbps if host else 0.0, 4 * gbps if host else 0.0)
+    got = planner.plan(prof, tiers)
+    _, _, best = planner.brute_force(prof, tiers)
+    assert got.outcome.extra_ms <= planner.ADAPTIVE_TOLERANCE * prof.step_ms + 1e-9
+    assert got.outcome.activation_bytes <= best.activation_bytes + 40 * MB, (got.reason, best)
+
+
+@pytest.mark.parametrize("ratio", [1.02, 1.1, 1.3])
+def test_max_slowdown_stays_within_its_time_and_frees_near_the_best(ratio):
+    prof = recorded()
+    tiers = planner.Tiers(3.0, 3.0)
+    got = planner.plan(prof, tiers, max_slowdown=ratio)
+    _, _, best = planner.brute_force(prof, tiers, max_slowdown=ratio)
+    assert got.outcome.extra_ms <= (ratio - 1) * prof.step_ms + 1e-9
+    freed, best_freed = (prof.activation_bytes - o.activation_bytes for o in (got.outcome, best))
+    assert freed >= 0.75 * best_freed, (got.reason, best)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("gbps", [2.0, 20.0])
+def test_budget_is_met_at_an_extra_time_near_the_least(fraction, gbps):
+    prof = recorded()
+    tiers = planner.Tiers(gbps, gbps)
+    budget = int(fraction * prof.activation_bytes)
+    got = planner.plan(prof, tiers, budget=budget)
+    _, _, best = planner.brute_force(prof, tiers, budget=budget)
+    assert got.outcome.activation_bytes <= budget, got.reason
+    assert got.outcome.extra_ms <= 1.25 * best.extra_ms + 1.0, (got.reason, best)
+
+
+def test_a_budget_below_what_any_plan_reaches_says_so():
+    prof = recorded()
+    got = planner.plan(prof, planner.Tiers(1.0, 1.0), budget=0, allow_recompute=False, keep_last=1)
+    assert got.reason.startswith("cannot meet the budget")
+
+
+def test_recompute_is_chosen_where_moving_the_bytes_would_cost_more():
+    # Slow storage, a tight budget: recomputing a block (fwd 10 ms) beats waiting for writes.
+    prof = recorded(fwd=10.0, mb=200)
+    got = planner.plan(prof, planner.Tiers(0.5, 0.5), budget=int(0.6 * prof.activation_bytes))
+    assert got.recompute, got.reason
+
+
+def test_simulation_counts_writes_not_done_by_the_peak_as_held():
+    prof = recorded(layers=1, tensors=2, fwd=10.0, mb=100)
+    everything = frozenset({(1, 0), (1, 1)})
+    slow = planner.simulate(prof, planner.Tiers(0.001, 0.001), everything, frozenset(), False)
+    assert slow.activation_bytes == prof.activation_bytes
+    fast = planner.simulate(prof, planner.Tiers(1000.0, 1000.0), everything, frozenset(), False)
+    # The last tensor is saved at the peak itself: no write, however fast, is done by then.
+    assert fast.activation_bytes == 100 * MB and fast.extra_ms < 1.0
+    waited = planner.simulate(prof, planner.Tiers(1000.0, 1000.0), everything, frozenset(), True)
+    assert waited.activation_bytes == 0 and 0 < waited.write_wait_ms < 1.0
+
+
+def test_goals_are_checked():
+    prof = recorded()
+    with pytest.raises(ValueError, match="not both"):
+        planner.plan(prof, planner.Tiers(1, 1), budget=1, max_slowdown=1.1)
+    with pytest.raises(ValueError, match=">= 1.0"):
+        planner.plan(prof, planner.Tiers(1, 1), max_slowdown=0.9)
