@@ -273,7 +273,7 @@ fn a_striped_set_on_one_tmpfs_gets_half_of_it_once() {
     // front: half of the tmpfs, in memory. The engine is opened small below.)
     let files: Vec<(PathBuf, bool)> = paths.iter().map(|p| (p.clone(), true)).collect();
     let free_before = crate::fs::free_space(shm).unwrap();
-    let default = storage_capacity(&files, &[], stripe, None).unwrap();
+    let default = storage_capacity(&files, &[], stripe, None, 0).unwrap();
     let free = free_before.max(crate::fs::free_space(shm).unwrap());
     assert!(default > 0 && default % (3 * stripe) == 0, "{default}");
     assert!(
