@@ -307,13 +307,20 @@ fn start(
         create: true,
         reserve,
     };
-    let (backend, host_tier) = with_host_tier(&setup, &settings)?;
+    let host_tier = host_tier(&setup, &settings)?;
+    let backend: Arc<dyn Backend> = match &host_tier {
+        Some(tier) => tier.clone(),
+        None => setup.backend.clone(),
+    };
     let engine = Engine::new(
         setup.device.clone(),
         backend,
         vec![StorageTarget::new(target, capacity)],
         settings.engine.clone(),
     )?;
+    if let Some(tier) = &host_tier {
+        tier.record_on(engine.timeline_handle());
+    }
     let device = match &setup.memory {
         Memory::Gpu(g) => format!("cuda:{}", g.ordinal()),
         Memory::Host => "host".to_string(),
@@ -338,26 +345,23 @@ fn start(
     })
 }
 
-/// The backend the engine writes through: `setup`'s, behind a pinned host-memory tier when
-/// the `host_tier` setting asks for one (refused when the host cannot give that much).
-fn with_host_tier(
-    setup: &Setup,
-    settings: &Resolved,
-) -> Result<(Arc<dyn Backend>, Option<Arc<HostTierBackend>>)> {
+/// The pinned host-memory tier in front of `setup`'s backend, when the `host_tier` setting
+/// asks for one (refused when the host cannot give that much).
+fn host_tier(setup: &Setup, settings: &Resolved) -> Result<Option<Arc<HostTierBackend>>> {
     if settings.host_tier == 0 {
-        return Ok((setup.backend.clone(), None));
+        return Ok(None);
     }
     capacity::check_host_tier(settings.host_tier, crate::fs::host_memory())?;
-    let tier = Arc::new(HostTierBackend::new(
+    let tier = HostTierBackend::new(
         setup.backend.clone(),
         setup.device.clone(),
         HostTierConfig {
             bytes: settings.host_tier,
-            align: settings.engine.alignment.max(4096),
+            align: settings.engine.alignment,
             ..HostTierConfig::default()
         },
-    )?);
-    Ok((tier.clone(), Some(tier)))
+    )?;
+    Ok(Some(Arc::new(tier)))
 }
 
 /// The file to store in: a new anonymous file when `path` is a directory.

@@ -469,7 +469,7 @@ def test_a_flipped_byte_in_the_file_is_a_corrupt_data_error_with_checksums(tmp_p
 def test_the_host_tier_takes_writes_spills_when_full_and_reads_back_from_either_tier(tmp_path):
     # 4 MiB of host tier, 24 MiB offloaded in 1 MiB tensors: the tier fills, spills to the
     # file, and every tensor comes back exact, from the tier or from storage.
-    with spillway.Engine(tmp_path, capacity="64MiB", host_tier="4MiB", checksums=True, **SMALL) as e:
+    with spillway.Engine(tmp_path, capacity="64MiB", host_tier="4MiB", checksums=True, timeline=True, **SMALL) as e:
         arrays = [blob(1 << 20, 100 + i) for i in range(24)]
         handles = [e.offload((i, 0), region(a)) for i, a in enumerate(arrays)]
         e.drain()
@@ -482,6 +482,11 @@ def test_the_host_tier_takes_writes_spills_when_full_and_reads_back_from_either_
             np.testing.assert_array_equal(out, arrays[i])
         tier = e.stats()["host_tier"]
         assert tier["bytes_read_arena"] > 0 and tier["bytes_read_storage"] > 0, tier
+        # The trace shows each tier's work on rows of its own.
+        e.write_trace(tmp_path / "trace.json")
+        events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+        rows = {ev.get("cat") for ev in events if ev.get("ph") == "X"}
+        assert {"host tier: copy in", "host tier: spill to storage", "host tier: copy out"} <= rows, rows
         for h in handles:
             e.release(h)
         e.drain()

@@ -593,6 +593,12 @@ impl Engine {
         &self.timeline
     }
 
+    /// The timeline, shared: for a backend that records its own stages on it (the host
+    /// tier does).
+    pub fn timeline_handle(&self) -> Arc<Timeline> {
+        self.timeline.clone()
+    }
+
     /// Live handles.
     pub fn live_handles(&self) -> usize {
         self.core.lock().as_ref().map_or(0, |st| st.handles.len())

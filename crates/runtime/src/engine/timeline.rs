@@ -22,14 +22,23 @@ pub enum Track {
     Deliver,
     /// Time `fetch` callers were blocked.
     Stall,
+    /// Device copies into the host tier (offloads taken by pinned host memory).
+    TierIn,
+    /// Host tier bytes written to storage in the background.
+    TierSpill,
+    /// Device copies out of the host tier (reads it answered).
+    TierOut,
 }
 
-const TRACKS: [Track; 5] = [
+const TRACKS: [Track; 8] = [
     Track::Pack,
     Track::Write,
     Track::Read,
     Track::Deliver,
     Track::Stall,
+    Track::TierIn,
+    Track::TierSpill,
+    Track::TierOut,
 ];
 
 impl Track {
@@ -44,6 +53,9 @@ impl Track {
             Track::Read => "storage read",
             Track::Deliver => "deliver to caller",
             Track::Stall => "caller stalled",
+            Track::TierIn => "host tier: copy in",
+            Track::TierSpill => "host tier: spill to storage",
+            Track::TierOut => "host tier: copy out",
         }
     }
 }

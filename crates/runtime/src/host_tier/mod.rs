@@ -40,6 +40,7 @@ use crate::backend::{
     ticket, Backend, BackendInfo, Completer, IoOp, IoRequest, TargetId, TargetInfo, Ticket,
 };
 use crate::device::{Device, Event, Stream};
+use crate::engine::{Timeline, Track};
 use crate::error::{Error, Result};
 use crate::extents::{Extent, ExtentAllocator};
 use crate::memory::{MemRef, PinnedBuffer};
@@ -157,12 +158,15 @@ struct TierState {
     closing: bool,
     /// Storage tickets whose continuations are attached once the lock is released (one
     /// that completed already would run its continuation at once, which takes the lock).
-    deferred: Vec<(Ticket, Box<dyn FnOnce(Result<usize>) + Send>)>,
+    deferred: Vec<(Ticket, AfterIo)>,
     /// Paths of open targets, for messages.
     paths: std::collections::HashMap<TargetId, std::path::PathBuf>,
 }
 
 type Continuation = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// What runs once a storage request of the tier's completes.
+type AfterIo = Box<dyn FnOnce(Result<usize>) + Send>;
 
 /// The shared part: what completions on other threads reach.
 struct Core {
@@ -176,6 +180,8 @@ struct Core {
     state: Mutex<TierState>,
     changed: Condvar,
     counters: Counters,
+    /// Where its copies and spills are recorded, once given ([`HostTierBackend::record_on`]).
+    timeline: std::sync::OnceLock<Arc<Timeline>>,
 }
 
 /// A storage backend with a pinned host-memory tier in front. See the
@@ -258,6 +264,7 @@ impl HostTierBackend {
             }),
             changed: Condvar::new(),
             counters: Counters::default(),
+            timeline: std::sync::OnceLock::new(),
         });
         Ok(HostTierBackend { core })
     }
@@ -291,9 +298,21 @@ impl HostTierBackend {
     pub fn config(&self) -> &HostTierConfig {
         &self.core.config
     }
+
+    /// Records the tier's copies in and out and its spills on `timeline` (the engine's, so
+    /// that one trace shows every tier). Set once; later calls are ignored.
+    pub fn record_on(&self, timeline: Arc<Timeline>) {
+        let _ = self.core.timeline.set(timeline);
+    }
 }
 
 impl Core {
+    fn record(&self, track: Track, name: &'static str, start: Instant, bytes: u64) {
+        if let Some(t) = self.timeline.get() {
+            t.record(track, name, start, Instant::now(), bytes);
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, TierState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -474,6 +493,7 @@ impl Core {
         if !failed {
             add(&self.counters.bytes_in, len);
             add(&self.counters.copy_in_ns, started.elapsed().as_nanos() as u64);
+            self.record(Track::TierIn, "copy in", started, len);
         }
         self.pump(&mut st);
         self.unlock(st);
@@ -613,6 +633,7 @@ impl Core {
             st.spill_failure = None;
             add(&self.counters.bytes_spilled, len as u64);
             add(&self.counters.spill_ns, started.elapsed().as_nanos() as u64);
+            self.record(Track::TierSpill, "spill", started, len as u64);
         } else {
             add(&self.counters.spill_errors, 1);
         }
@@ -742,6 +763,7 @@ impl Core {
                 }
                 add(&core.counters.bytes_read_arena, bytes);
                 add(&core.counters.copy_out_ns, started.elapsed().as_nanos() as u64);
+                core.record(Track::TierOut, "copy out", started, bytes);
             }
             let mut st = core.lock();
             st.in_flight -= 1;
