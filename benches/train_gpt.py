@@ -101,6 +101,10 @@ class GPTConfig:
     d_model: int = 2048
     mlp_ratio: int = 4
     bias: bool = True
+    #: "gpt" (LayerNorm, GELU MLP, multi-head attention, learned positions) or "llama"
+    #: (RMSNorm, SwiGLU MLP, grouped-query attention with n_kv_head heads, rotary positions).
+    arch: str = "gpt"
+    n_kv_head: int = 0  # llama: key/value heads (0: n_head / 8, at least 1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -151,6 +155,77 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary(x, cos, sin):
+    """Rotates pairs of channels of x (b, heads, t, d) by the position's angles."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(self, cfg, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.n_head = cfg.n_head
+        self.n_kv = cfg.n_kv_head or max(1, cfg.n_head // 8)
+        if cfg.d_model % cfg.n_head or cfg.n_head % self.n_kv:
+            raise ValueError("d_model must be a multiple of n_head, and n_head of n_kv_head")
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False, **kw)
+        self.kv = nn.Linear(cfg.d_model, 2 * self.n_kv * self.head_dim, bias=False, **kw)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False, **kw)
+        inv = 1.0 / (10000 ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim))
+        angles = torch.outer(torch.arange(cfg.seq_len, device=device, dtype=torch.float32), inv)
+        self.register_buffer("cos", angles.cos().to(dtype or torch.float32), persistent=False)
+        self.register_buffer("sin", angles.sin().to(dtype or torch.float32), persistent=False)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q = self.q(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2, self.n_kv, self.head_dim).unbind(2)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = self.cos[:t], self.sin[:t]
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        hidden = 256 * ((8 * cfg.d_model // 3 + 255) // 256)
+        self.gate_up = nn.Linear(cfg.d_model, 2 * hidden, bias=False, **kw)
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=False, **kw)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.ln1 = RMSNorm(cfg.d_model, **kw)
+        self.attn = GroupedQueryAttention(cfg, **kw)
+        self.ln2 = RMSNorm(cfg.d_model, **kw)
+        self.mlp = SwiGLU(cfg, **kw)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
 class GPT(nn.Module):
     """GPT decoder. forward(idx) returns logits; forward(idx, targets) returns the mean
     cross-entropy loss (computed in fp32). Set `gradient_checkpointing = True` to
@@ -161,10 +236,14 @@ class GPT(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.cfg = cfg
         self.gradient_checkpointing = False
+        llama = cfg.arch == "llama"
+        if cfg.arch not in ("gpt", "llama"):
+            raise ValueError("arch must be gpt or llama, not %r" % cfg.arch)
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model, **kw)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model, **kw)
-        self.blocks = nn.ModuleList([Block(cfg, **kw) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.LayerNorm(cfg.d_model, **kw)
+        self.pos_emb = None if llama else nn.Embedding(cfg.seq_len, cfg.d_model, **kw)
+        block = LlamaBlock if llama else Block
+        self.blocks = nn.ModuleList([block(cfg, **kw) for _ in range(cfg.n_layer)])
+        self.ln_f = RMSNorm(cfg.d_model, **kw) if llama else nn.LayerNorm(cfg.d_model, **kw)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False, **kw)
         self.reset_parameters()
 
@@ -179,6 +258,8 @@ class GPT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 m.weight.fill_(1.0)
                 m.bias.zero_()
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
         for blk in self.blocks:
             for proj in (blk.attn.proj, blk.mlp.proj):
                 proj.weight.normal_(0.0, 0.02 / math.sqrt(2 * self.cfg.n_layer))
@@ -190,8 +271,9 @@ class GPT(nn.Module):
         t = idx.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError("sequence of %d tokens, longer than seq_len %d" % (t, self.cfg.seq_len))
-        pos = torch.arange(t, device=idx.device)
-        x = self.tok_emb(idx) + self.pos_emb(pos)
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(t, device=idx.device))
         for blk in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
@@ -239,6 +321,9 @@ def build_parser():
                             ("batch", "micro-batch size"), ("vocab", "vocabulary size")):
         size.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None,
                           help="%s (%d / %d)" % (help_text, FULL[name], SMALL[name]))
+    size.add_argument("--arch", choices=("gpt", "llama"), default="gpt",
+                      help="gpt (LayerNorm, GELU, MHA) or llama (RMSNorm, SwiGLU, GQA, rotary); default gpt")
+    size.add_argument("--kv-heads", type=int, default=0, help="llama: key/value heads (default heads/8)")
     size.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                       help="parameter and activation dtype (default bf16)")
 
@@ -292,7 +377,7 @@ def parse_args(argv=None):
 
 def model_config(args):
     return GPTConfig(vocab_size=args.vocab, seq_len=args.seq, n_layer=args.layers,
-                     n_head=args.heads, d_model=args.d_model)
+                     n_head=args.heads, d_model=args.d_model, arch=args.arch, n_kv_head=args.kv_heads)
 
 
 def require_cuda():
@@ -587,7 +672,7 @@ def fmt(value, spec, scale=1.0):
 
 def markdown_table(runs, ratios):
     head = ("run", "step ms", "x base", "peak GiB", "x base", "act GiB", "act saved",
-            "offload GiB/step", "stall ms/step", "loss")
+            "offload GiB/step", "stall ms/step", "bound", "loss")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in runs.items():
         if not r.get("ok"):
@@ -602,7 +687,9 @@ def markdown_table(runs, ratios):
                  fmt(r["act_mem_bytes"], ".2f", GIB),
                  "-" if q.get("act_mem_saved") is None else "%.0f%%" % (100 * q["act_mem_saved"]),
                  fmt(r.get("offloaded_bytes_per_step"), ".2f", GIB),
-                 fmt(r.get("stall_ms_per_step"), ".1f"), fmt(r.get("loss"), ".4f"))
+                 fmt(r.get("stall_ms_per_step"), ".1f"),
+                 "-" if not r.get("physics") else "%.0f%%" % (100 * r["physics"]["bound_fraction"]),
+                 fmt(r.get("loss"), ".4f"))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""SSDTrain's recompute-offload-keep (ROK) grid on this GPU: for each decoder shape, the
+runs of benches/train_gpt.py (each in a process of its own), their activation memory
+against step time (the ROK curve), and the physics bound beside what was measured.
+
+Shapes: (hidden, layers) = (8192, 4), (12288, 3), (16384, 2) at sequence 1024 and 4096,
+micro-batch 16 (8 where 16 does not fit: pass --batch), GPT and Llama-style decoders
+(--arch). Runs per shape (--runs):
+
+  baseline                 activations kept in GPU memory
+  checkpoint               every block recomputed (torch.utils.checkpoint)
+  save_on_cpu              torch.autograd.graph.save_on_cpu(pin_memory=True)
+  spillway-disk / -shm     spillway, adaptive, on a file on the disk / on /dev/shm
+  spillway-host            spillway, adaptive, with the pinned host tier (--host-tier)
+  spillway-host-budgetNN   spillway with budget= NN% of the baseline's activation memory
+  spillway-host-slow105    spillway with max_slowdown=1.05
+
+Writes one JSON per shape under --out-dir (rok-<gpu>-<arch>-h<h>-s<seq>.json, with the
+command that made it) and, where matplotlib is installed, one PNG per shape: step time
+against activation memory, one point per run.
+
+The bound: a layer saves about 34*s*b*h bytes (bf16, flash attention) and costs
+24*b*s*h^2 + 4*b*s^2*h FLOPs forward; offloading a fraction f during forward needs
+f*34*R/(24h+4s) bytes/s at R FLOP/s. Each spillway run reports the fraction its measured
+write bandwidth allows (physics.bound_fraction) beside the fraction it freed.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = [(8192, 4), (12288, 3), (16384, 2)]
+DEFAULT_RUNS = ("baseline,checkpoint,save_on_cpu,spillway-shm,spillway-host,"
+                "spillway-host-budget25,spillway-host-budget50,spillway-host-budget75")
+
+
+def shape_list(text):
+    out = []
+    for part in text.split(","):
+        h, layers = part.split("x")
+        out.append((int(h), int(layers)))
+    return out
+
+
+def plot(path_png, title, result):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("rok_grid: matplotlib is not installed; no plot", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in result["runs"].items():
+        if not r.get("ok"):
+            continue
+        x, y = r["act_mem_bytes"] / 2**30, r["step_ms"]
+        ax.scatter([x], [y], s=40)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    base = result["runs"].get("baseline", {})
+    if base.get("ok"):
+        ax.axhline(base["step_ms"] * 1.05, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(0, base["step_ms"] * 1.05, " 1.05x baseline", fontsize=7, va="bottom")
+    ax.set_xlabel("activation memory at the peak (GiB)")
+    ax.set_ylabel("step time (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", type=shape_list, default=SHAPES, help="hidden x layers, e.g. 8192x4,16384x2")
+    ap.add_argument("--seqs", default="1024,4096", help="sequence lengths (default 1024,4096)")
+    ap.add_argument("--batch", type=int, default=16, help="micro-batch (default 16)")
+    ap.add_argument("--arch", default="gpt", help="gpt, llama, or both comma-separated")
+    ap.add_argument("--runs", default=DEFAULT_RUNS)
+    ap.add_argument("--host-tier", default="40GiB")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    ap.add_argument("--gpu-name", default=None, help="name in the file names (default: from torch)")
+    args = ap.parse_args(argv)
+    gpu = args.gpu_name
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0).split()[-1].lower() if torch.cuda.is_available() else "cpu"
+    os.makedirs(args.out_dir, exist_ok=True)
+    failed = 0
+    for arch in args.arch.split(","):
+        for seq in (int(s) for s in args.seqs.split(",")):
+            for h, layers in args.shapes:
+                stem = "rok-%s-%s-h%d-s%d" % (gpu, arch, h, seq)
+                out = os.path.join(args.out_dir, stem + ".json")
+                cmd = [sys.executable, os.path.join(HERE, "train_gpt.py"), "--arch", arch,
+                       "--layers", str(layers), "--d-model", str(h), "--heads", str(h // 128),
+                       "--seq", str(seq), "--batch", str(args.batch), "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--runs", args.runs, "--host-tier", args.host_tier,
+                       "--out", out]
+                print("rok_grid:", shlex.join(cmd), flush=True)
+                rc = subprocess.call(cmd)
+                if rc != 0 or not os.path.exists(out):
+                    failed += 1
+                    continue
+                with open(out) as f:
+                    result = json.load(f)
+                result["grid_command"] = shlex.join([sys.executable] + sys.argv)
+                with open(out, "w") as f:
+                    json.dump(result, f, indent=2, default=str)
+                    f.write("\n")
+                plot(os.path.join(args.out_dir, stem + ".png"),
+                     "%s %s h=%d layers=%d seq=%d mb=%d" % (gpu, arch, h, layers, seq, args.batch), result)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
