@@ -306,6 +306,11 @@ pub struct BenchArgs {
     #[arg(help_heading = "Tensors workload", long)]
     pub no_dedup: bool,
 
+    /// Pinned host memory the engine fills first, before storage (the host tier)
+    /// [default: 0, none].
+    #[arg(help_heading = "Tensors workload", long, value_parser = parse_size)]
+    pub host_tier: Option<u64>,
+
     /// Device memory the engine allocates for packing and prefetching [default: 512MiB].
     #[arg(help_heading = "Tensors workload", long, value_parser = parse_size)]
     pub staging: Option<u64>,

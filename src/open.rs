@@ -307,7 +307,7 @@ fn start(
         create: true,
         reserve,
     };
-    let host_tier = host_tier(&setup, &settings)?;
+    let host_tier = host_tier(&setup, settings.host_tier, settings.engine.alignment)?;
     let backend: Arc<dyn Backend> = match &host_tier {
         Some(tier) => tier.clone(),
         None => setup.backend.clone(),
@@ -345,19 +345,20 @@ fn start(
     })
 }
 
-/// The pinned host-memory tier in front of `setup`'s backend, when the `host_tier` setting
-/// asks for one (refused when the host cannot give that much).
-fn host_tier(setup: &Setup, settings: &Resolved) -> Result<Option<Arc<HostTierBackend>>> {
-    if settings.host_tier == 0 {
+/// A pinned host-memory tier of `bytes` (the `host_tier` setting) in front of `setup`'s
+/// backend, taking writes aligned as the engine lays them out (`align`); `None` for 0.
+/// Refused when the host cannot give that much memory.
+pub(crate) fn host_tier(setup: &Setup, bytes: u64, align: u64) -> Result<Option<Arc<HostTierBackend>>> {
+    if bytes == 0 {
         return Ok(None);
     }
-    capacity::check_host_tier(settings.host_tier, crate::fs::host_memory())?;
+    capacity::check_host_tier(bytes, crate::fs::host_memory())?;
     let tier = HostTierBackend::new(
         setup.backend.clone(),
         setup.device.clone(),
         HostTierConfig {
-            bytes: settings.host_tier,
-            align: settings.engine.alignment,
+            bytes,
+            align,
             ..HostTierConfig::default()
         },
     )?;

@@ -1459,3 +1459,39 @@ fn one_file_twice_as_path_is_refused_with_status_2() {
         }
     }
 }
+
+#[test]
+fn a_tensors_run_through_a_host_tier_smaller_than_its_data_spills_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    // 300 tensors up to 256 KiB (about 40 MiB) in 1 MiB packed extents through a 4 MiB host
+    // tier: it fills, spills to the file, and every tensor reads back exact from one tier or
+    // the other. (A write larger than the whole tier goes straight to storage.)
+    let out = host_bench(
+        dir.path(),
+        &[
+            "--workload",
+            "tensors",
+            "--tensors",
+            "300",
+            "--staging",
+            "32M",
+            "--pack-extent",
+            "1M",
+            "--host-tier",
+            "4M",
+            "--verify",
+            "--json",
+        ],
+    );
+    let v = tensors_json(&out);
+    assert_eq!(v["verified"], true);
+    let tier = &v["host_tier"];
+    assert_eq!(tier["capacity"], 4 << 20, "{tier}");
+    assert!(tier["bytes_in"].as_u64().unwrap() > 0, "{tier}");
+    assert!(tier["bytes_spilled"].as_u64().unwrap() > 0, "{tier}");
+    let read = tier["bytes_read_arena"].as_u64().unwrap() + tier["bytes_read_storage"].as_u64().unwrap();
+    assert!(read > 0, "{tier}");
+    // Without the flag there is no host tier.
+    let plain = tensors_json(&tensors_bench(dir.path(), &["--json"]));
+    assert!(plain["host_tier"].is_null());
+}

@@ -154,6 +154,12 @@ const MAPPED: &[Mapped] = &[
         take: |a, r| a.faults = r.faults.clone(),
     },
     Mapped {
+        setting: "host_tier",
+        flags: &["host_tier"],
+        tensors_only: true,
+        take: |a, r| a.host_tier = Some(r.host_tier),
+    },
+    Mapped {
         setting: "staging_bytes",
         flags: &["staging"],
         tensors_only: true,

@@ -32,7 +32,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use spillway_runtime::engine::{Engine, Handle, Region, StorageTarget, TensorKey};
-use spillway_runtime::{open_target, DeviceBuffer, DirectIo, Error, Event, PrivateFile, Result, Target};
+use spillway_runtime::{
+    open_target, Backend, DeviceBuffer, DirectIo, Error, Event, PrivateFile, Result, Target,
+};
 
 use super::flags;
 use crate::cli::BenchArgs;
@@ -130,12 +132,20 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
 
     let arenas = Arenas::new(&setup, &plan, opts.seed)?;
     // Declared after the arenas, so it is dropped (and lets go of their memory) first.
+    let tier = crate::open::host_tier(&setup, args.host_tier.unwrap_or(0), opts.engine.alignment)?;
+    let backend: Arc<dyn Backend> = match &tier {
+        Some(t) => t.clone(),
+        None => setup.backend.clone(),
+    };
     let engine = Engine::new(
         setup.device.clone(),
-        setup.backend.clone(),
+        backend,
         vec![StorageTarget::new(target, capacity)],
         opts.engine.clone(),
     )?;
+    if let Some(t) = &tier {
+        t.record_on(engine.timeline_handle());
+    }
     let faulty = |e, what: &str| select::fault_context(e, what, &setup.faults);
     let (handles, held, offload) = offload_phase(&engine, &arenas, &plan, !setup.faults.is_empty())
         .map_err(|e| faulty(e, "the offload phase"))?;
@@ -208,6 +218,7 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         from_env_or_file: args.layers.taken.clone(),
         engine_stats: engine.stats(),
         faults: select::fault_report(&setup.faults, &member_paths(&setup), &[]),
+        host_tier: tier.as_ref().map(|t| t.stats()),
     })
 }
 

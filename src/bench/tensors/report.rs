@@ -111,6 +111,8 @@ pub struct TensorsResult {
     pub engine_stats: StatsSnapshot,
     /// With --faults: the plan and what was injected during the run; null without.
     pub faults: Option<FaultReport>,
+    /// With --host-tier: what the host tier held and moved; null without.
+    pub host_tier: Option<spillway_runtime::HostTierStats>,
 }
 
 /// Prints one JSON object on one line.
