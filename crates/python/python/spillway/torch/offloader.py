@@ -184,7 +184,7 @@ class Offloader:
             self._plan = Plan("all", first, f"policy='all': every segment but the last {keep_last}")
         self._bandwidth: Optional[Tuple[float, float]] = None
         self._bandwidth_scale = 1.0
-        self._profile: Optional[Profile] = None
+        self._profiled: List[Segment] = []  # the measured step's segments
         self._totals = dict(
             offloaded_tensors=0, kept_tensors=0, bytes_offloaded=0, bytes_kept=0, bytes_fetched=0,
             stall_s=0.0, step_s=0.0,
@@ -299,6 +299,8 @@ class Offloader:
             self._plan.offload_segments = max(0, len(segs) - self.keep_last)
         if self.policy == "adaptive":
             if self._profiling:
+                # The measured step is what every later plan is made from.
+                self._profiled = list(segs)
                 self._plan = self._make_plan()
                 self._plan.details["profiled_step"] = self._steps
             elif self._plan is not None and self._rok is not None and stall > 0.02 * seconds and self._cuda:
@@ -353,7 +355,7 @@ class Offloader:
         return int(tier["capacity"]) if tier else 0
 
     def _make_plan(self) -> Plan:
-        segs = self._segments
+        segs = self._profiled
         write_gbps, read_gbps = self._bandwidth or (0.0, 0.0)
         scale = self._bandwidth_scale
         tier_bytes = self._host_tier_bytes()
