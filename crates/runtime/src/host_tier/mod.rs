@@ -342,7 +342,7 @@ impl Core {
     }
 
     fn arena_ptr(&self, e: &Extent) -> *mut u8 {
-        // SAFETY (of the pointer arithmetic): arena extents lie inside the arena.
+        // Arena extents lie inside the arena: the address stays in it.
         self.arena.as_ptr().wrapping_add(e.offset as usize)
     }
 
