@@ -247,7 +247,7 @@ pub fn setup_striped(
         many => {
             if choices.backend == BackendChoice::Spdk {
                 return Err(Error::invalid(
-                    "--backend spdk drives the one controller of --pci; striping over several paths takes files or block devices",
+                    "the spdk backend drives one NVMe controller; striping over several storage paths takes files or block devices (the uring or cufile backend)",
                 ));
             }
             let mut members = vec![Member {
@@ -304,7 +304,7 @@ fn uring(device: Arc<dyn Device>, choices: Choices) -> Result<UringBackend> {
         let chunk = config.chunk_size as u64;
         if pinned < chunk || pinned % chunk != 0 {
             return Err(Error::invalid(format!(
-                "--pinned {pinned} must be a whole number of the {chunk}-byte staging chunks (at least one)"
+                "pinned_bytes={pinned} must be a whole number of the {chunk}-byte staging chunks (at least one)"
             )));
         }
         config.staging_buffers = (pinned / chunk) as usize;
@@ -316,7 +316,7 @@ fn spdk(device: Arc<dyn Device>, choices: Choices) -> Result<SpdkBackend> {
     let pci = choices.pci.expect("checked in setup");
     if choices.pinned_bytes.is_some() {
         return Err(Error::invalid(
-            "--pinned sizes the io_uring backend's staging; the spdk backend stages through --qd slots of 1 MiB per thread: drop --pinned",
+            "pinned_bytes sizes the io_uring backend's staging; the spdk backend stages through queue_depth slots of 1 MiB per thread: leave pinned_bytes at \"auto\"",
         ));
     }
     let config = SpdkConfig {
@@ -339,7 +339,7 @@ fn cufile(memory: &Memory, choices: Choices) -> Result<CufileBackend> {
             CufileBackend::new(gpu.context().clone(), config)
         }
         Memory::Host => Err(Error::invalid(
-            "--backend cufile moves GPU memory, but host memory was chosen (or no GPU was found); use --mem gpu on a machine with an NVIDIA GPU, or --backend uring",
+            "the cufile backend moves GPU memory, but host memory was chosen (or no GPU was found): choose a GPU as the device on a machine with an NVIDIA GPU, or the uring backend",
         )),
     }
 }

@@ -298,7 +298,7 @@ fn cufile_without_libcufile_is_reported() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("libcufile") && err.contains("--backend uring"),
+        err.contains("libcufile") && err.contains("the uring backend"),
         "{err}"
     );
 }

@@ -144,6 +144,9 @@ pub const MAX_QUEUE_DEPTH: u32 = spillway_uring::config::MAX_QUEUE_DEPTH;
 /// buffers (the most one ring registers) of the 1 MiB chunk.
 pub const MAX_PINNED_BYTES: u64 = 1 << 30;
 
+/// The io_uring backend's staging chunk: `pinned_bytes` is a whole number of them.
+const PINNED_CHUNK: u64 = 1 << 20;
+
 /// The longest `pack_flush_delay_ms`: a partly filled packed extent is written at most
 /// this long after the last offload, so that a caller waiting for its memory back
 /// (`wait_source_released`) never waits on a timer longer than this.
@@ -322,6 +325,11 @@ pub static SETTINGS: &[Setting] = &[
                 _ => match size(v)? {
                     n if n > MAX_PINNED_BYTES => {
                         return Err(format!("{n} is too large: at most 1GiB ({MAX_PINNED_BYTES} bytes) per ring"))
+                    }
+                    n if n < PINNED_CHUNK || n % PINNED_CHUNK != 0 => {
+                        return Err(format!(
+                            "{n} is not a whole number of the {PINNED_CHUNK}-byte (1MiB) staging chunks (at least one)"
+                        ))
                     }
                     n => Some(n),
                 },

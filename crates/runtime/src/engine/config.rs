@@ -70,11 +70,6 @@ const MAX_ALIGNMENT: u64 = 1 << 30;
 /// failing by chance, and each retry is another request to a device that is misbehaving.
 pub const MAX_IO_RETRIES: u32 = 100;
 
-/// The longest [`EngineConfig::pack_flush_delay`]: a partly filled packed extent holds its
-/// tensors' memory until it is written, and a caller waiting for that memory
-/// (`wait_source_released`) would wait as long.
-pub const MAX_PACK_FLUSH_DELAY: Duration = Duration::from_secs(10);
-
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
@@ -143,12 +138,6 @@ impl EngineConfig {
         if self.direct_write_bytes == 0 {
             return bad("direct_write_bytes must be at least 1".into());
         }
-        if self.pack_flush_delay > MAX_PACK_FLUSH_DELAY {
-            return bad(format!(
-                "pack_flush_delay {:?} exceeds {MAX_PACK_FLUSH_DELAY:?}: a partly filled extent would keep its tensors' memory that long (and a caller waiting for it)",
-                self.pack_flush_delay
-            ));
-        }
         if self.io_retries > MAX_IO_RETRIES {
             return bad(format!(
                 "io_retries {} exceeds {MAX_IO_RETRIES}: a request failing that often is not failing by chance",
@@ -190,11 +179,6 @@ mod tests {
             ..Default::default()
         };
         assert!(e.validate().unwrap_err().to_string().contains("io_retries"));
-        let e = EngineConfig {
-            pack_flush_delay: Duration::from_secs(1_000_000_000),
-            ..Default::default()
-        };
-        assert!(e.validate().unwrap_err().to_string().contains("pack_flush_delay"));
     }
 
     #[test]

@@ -84,7 +84,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Instant;
 
-pub use config::{EngineConfig, MAX_IO_RETRIES, MAX_PACK_FLUSH_DELAY};
+pub use config::{EngineConfig, MAX_IO_RETRIES};
 pub use layout::{check_regions, copy_plan, CopyStep, Region, Segment};
 pub use stats::{CounterSnapshot, Latency, Op, StatsSnapshot};
 pub use timeline::{Timeline, Track};
