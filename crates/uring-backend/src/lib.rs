@@ -238,6 +238,8 @@ impl Backend for UringBackend {
             mem_align: opened.mem_align,
             identity,
             pending: Default::default(),
+            opened_len: info.size,
+            written_end: Default::default(),
         });
         tracing::debug!(
             target = file.id.0,
