@@ -689,7 +689,7 @@ mod tests {
             "largest free range 16384 bytes",
             "on all 2 targets",
             "add storage targets",
-            "--capacity",
+            "larger capacity",
             "free space",
         ] {
             assert!(msg.contains(needle), "{needle:?} not in {msg:?}");
