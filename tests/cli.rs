@@ -1468,7 +1468,8 @@ fn one_file_twice_as_path_is_refused_with_status_2() {
 
 #[test]
 fn resource_flags_and_variables_past_their_caps_exit_2_naming_them() {
-    let cases: [(&[&str], &[(&str, &str)], &str); 6] = [
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 6] = [
         (
             &["--threads", "1000"],
             &[],
