@@ -25,15 +25,42 @@ pub fn parse() -> Cli {
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut command).exit());
     if let Command::Bench(args) = &mut cli.command {
         args.given = given_flags(&matches);
-        if let Err(e) = layers::apply(args) {
+        if let Err(e) = layers::apply(args).and_then(|()| layers::check_flags(args)) {
             clap::Error::raw(ErrorKind::InvalidValue, format!("{e}\n")).exit();
+        }
+        if let Err(e) = crate::select::check_path_count(args.path.len()) {
+            clap::Error::raw(ErrorKind::TooManyValues, format!("--path: {e}\n")).exit();
         }
         let paths: Vec<&std::path::Path> = args.path.iter().map(PathBuf::as_path).collect();
         if let Err(e) = spillway_runtime::check_distinct(&paths) {
             clap::Error::raw(ErrorKind::ArgumentConflict, format!("--path: {e}\n")).exit();
         }
+        if let Err(e) = check_memory(args) {
+            clap::Error::raw(
+                ErrorKind::ArgumentConflict,
+                format!("{}\n", args.layers.annotate(e)),
+            )
+            .exit();
+        }
     }
     cli
+}
+
+/// Refuses a bench whose backends (`--threads` rings of `--pinned` staging each, per
+/// `--path`) and, for the tensors workload in host memory, `--staging` need more host
+/// memory than the host has available ([`crate::select::check_host_memory`]).
+fn check_memory(args: &BenchArgs) -> spillway_runtime::Result<()> {
+    let choices = crate::select::Choices::from_bench(args);
+    let staging = match (args.workload, args.mem) {
+        (Workload::Tensors, MemChoice::Host) => args.staging.unwrap_or(args.layers.engine.staging_bytes),
+        _ => 0,
+    };
+    crate::select::check_host_memory(
+        &choices,
+        args.path.len().max(1),
+        &[("staging_bytes (--staging)", staging)],
+        crate::fs::host_memory(),
+    )
 }
 
 /// The ids of the `bench` flags given on the command line that `matches` holds (empty for

@@ -177,6 +177,7 @@ fn open_for_rank(
 }
 
 fn open_paths(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> Result<OpenedEngine> {
+    check_resources(paths.len(), capacity, settings)?;
     let path = match paths {
         [] => {
             return Err(Error::invalid(
@@ -205,6 +206,45 @@ fn open_paths(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> 
     let reserve = capacity.filter(|_| !is_block);
     let capacity = storage_capacity(&[(path.clone(), anonymous)], &[], 1, capacity, settings.host_tier)?;
     start(setup, path, anonymous, Some(capacity), reserve, settings)
+}
+
+/// The most bytes `capacity` may be: file offsets are signed 64-bit numbers.
+pub const MAX_CAPACITY: u64 = i64::MAX as u64;
+
+/// Refuses a `capacity` past [`MAX_CAPACITY`], with the message every binding gives.
+pub fn check_capacity(capacity: u64) -> Result<()> {
+    if capacity > MAX_CAPACITY {
+        return Err(Error::invalid(format!(
+            "capacity={capacity} is too large: at most {MAX_CAPACITY} bytes (2^63 - 1, the largest file offset); pass the bytes the engine may store, or none for half of the free space"
+        )));
+    }
+    Ok(())
+}
+
+/// Everything about the resources an engine on `paths` paths needs that can be checked
+/// before anything is allocated: the number of paths, `capacity`, the `host_tier` and the
+/// host memory of the backends (pinned staging per ring, per path), `staging_bytes` (with
+/// host memory) and `host_tier` together ([`select::check_host_memory`]).
+fn check_resources(paths: usize, capacity: Option<u64>, settings: &Resolved) -> Result<()> {
+    select::check_path_count(paths)?;
+    if let Some(c) = capacity {
+        check_capacity(c)?;
+    }
+    let mem = crate::fs::host_memory();
+    if settings.host_tier > 0 {
+        capacity::check_host_tier(settings.host_tier, mem)?;
+    }
+    let staging = if settings.choices.mem == crate::cli::MemChoice::Host {
+        settings.engine.staging_bytes
+    } else {
+        0
+    };
+    select::check_host_memory(
+        &settings.choices,
+        paths.max(1),
+        &[("staging_bytes", staging), ("host_tier", settings.host_tier)],
+        mem,
+    )
 }
 
 /// The engine on several paths striped into one set (`stripe_bytes` units, `stripe_weights`
@@ -372,6 +412,7 @@ fn storage_file(path: &Path) -> Result<(PathBuf, bool)> {
             "the storage path is empty: pass a directory, file or block device on fast storage",
         ));
     }
+    spillway_runtime::check_storage_path(path)?;
     if !path.is_dir() {
         return Ok((path.to_path_buf(), false));
     }

@@ -238,6 +238,8 @@ pub fn setup_striped(
     stripe: u64,
     weights: &[u32],
 ) -> Result<(Setup, PathBuf)> {
+    check_path_count(paths.len())?;
+    check_host_memory(&choices, paths.len(), &[], crate::fs::host_memory())?;
     let mut setup = setup(choices, faults)?;
     match paths {
         [] => Err(Error::invalid("no storage path given")),
@@ -245,7 +247,7 @@ pub fn setup_striped(
         many => {
             if choices.backend == BackendChoice::Spdk {
                 return Err(Error::invalid(
-                    "--backend spdk drives the one controller of --pci; striping over several paths takes files or block devices",
+                    "the spdk backend drives one NVMe controller; striping over several storage paths takes files or block devices (the uring or cufile backend)",
                 ));
             }
             let mut members = vec![Member {
@@ -302,7 +304,7 @@ fn uring(device: Arc<dyn Device>, choices: Choices) -> Result<UringBackend> {
         let chunk = config.chunk_size as u64;
         if pinned < chunk || pinned % chunk != 0 {
             return Err(Error::invalid(format!(
-                "--pinned {pinned} must be a whole number of the {chunk}-byte staging chunks (at least one)"
+                "pinned_bytes={pinned} must be a whole number of the {chunk}-byte staging chunks (at least one)"
             )));
         }
         config.staging_buffers = (pinned / chunk) as usize;
@@ -314,7 +316,7 @@ fn spdk(device: Arc<dyn Device>, choices: Choices) -> Result<SpdkBackend> {
     let pci = choices.pci.expect("checked in setup");
     if choices.pinned_bytes.is_some() {
         return Err(Error::invalid(
-            "--pinned sizes the io_uring backend's staging; the spdk backend stages through --qd slots of 1 MiB per thread: drop --pinned",
+            "pinned_bytes sizes the io_uring backend's staging; the spdk backend stages through queue_depth slots of 1 MiB per thread: leave pinned_bytes at \"auto\"",
         ));
     }
     let config = SpdkConfig {
@@ -337,9 +339,114 @@ fn cufile(memory: &Memory, choices: Choices) -> Result<CufileBackend> {
             CufileBackend::new(gpu.context().clone(), config)
         }
         Memory::Host => Err(Error::invalid(
-            "--backend cufile moves GPU memory, but host memory was chosen (or no GPU was found); use --mem gpu on a machine with an NVIDIA GPU, or --backend uring",
+            "the cufile backend moves GPU memory, but host memory was chosen (or no GPU was found): choose a GPU as the device on a machine with an NVIDIA GPU, or the uring backend",
         )),
     }
+}
+
+/// Bytes of the kernel's rings one io_uring ring of `queue_depth` maps: its submission
+/// entries (64 bytes), completion entries (two per submission slot, 16 bytes) and index
+/// array (4 bytes), for the power of two the ring is rounded up to.
+fn ring_bytes(queue_depth: u32) -> u64 {
+    let entries = u64::from(queue_depth.saturating_add(1)).next_power_of_two();
+    entries * (64 + 2 * 16 + 4)
+}
+
+/// Host memory the backends of `choices` allocate for one storage path, up front: for
+/// io_uring, each ring's pinned staging buffers ([`UringConfig::staging_buffers_per_ring`]
+/// of the 1 MiB chunk: `pinned_bytes`, or `queue_depth` × 1 MiB up to 64 MiB) and its
+/// rings; for the userspace NVMe driver, `queue_depth` DMA slots of 1 MiB per queue pair;
+/// nothing for cuFile (its workers stage nothing in host memory). `threads` of them.
+pub fn backend_host_bytes(choices: &Choices) -> u64 {
+    let threads = choices.threads as u64;
+    let per_thread = match choices.backend {
+        BackendChoice::Cufile => 0,
+        BackendChoice::Spdk => u64::from(choices.queue_depth).saturating_mul(1 << 20),
+        BackendChoice::Uring | BackendChoice::Auto => {
+            let config = UringConfig {
+                queue_depth: choices.queue_depth,
+                threads: choices.threads,
+                ..UringConfig::default()
+            };
+            let chunk = config.chunk_size as u64;
+            let buffers = match choices.pinned_bytes {
+                Some(pinned) => pinned / chunk.max(1),
+                None => config.staging_buffers_per_ring() as u64,
+            };
+            buffers
+                .saturating_mul(chunk)
+                .saturating_add(ring_bytes(choices.queue_depth))
+        }
+    };
+    per_thread.saturating_mul(threads)
+}
+
+/// Refuses a configuration whose host memory the host cannot give, before any of it is
+/// allocated: the backends of `paths` storage paths ([`backend_host_bytes`] each) and the
+/// `others` (a setting's name and the host memory it takes: `staging_bytes` with host
+/// memory, `host_tier`) together must fit the host's available memory (`MemAvailable`)
+/// less a headroom for everything else (a tenth of the host's memory, at most 4 GiB).
+/// The refusal names each setting and its bytes. Nothing is checked when `mem` is unknown.
+///
+/// Pinned memory here is not locked with `mlock`: the io_uring backend registers its
+/// staging buffers with the kernel, which counts them against `RLIMIT_MEMLOCK` (unless the
+/// process has `CAP_IPC_LOCK`), and a ring whose registration the limit refuses still works
+/// with plain reads and writes (the backend's report says so). So the locked-memory limit
+/// bounds nothing that could fail here, and only the host's memory is checked.
+pub fn check_host_memory(
+    choices: &Choices,
+    paths: usize,
+    others: &[(&str, u64)],
+    mem: Option<crate::fs::HostMemory>,
+) -> Result<()> {
+    let Some(mem) = mem else { return Ok(()) };
+    let rings = backend_host_bytes(choices).saturating_mul(paths as u64);
+    let need = others
+        .iter()
+        .fold(rings, |sum, (_, bytes)| sum.saturating_add(*bytes));
+    let headroom = (mem.total / 10).min(4 << 30);
+    let room = mem.available.saturating_sub(headroom);
+    if need <= room {
+        return Ok(());
+    }
+    let size = crate::size::format_size;
+    let per_path = backend_host_bytes(choices);
+    let per_thread = per_path / (choices.threads.max(1) as u64);
+    let mut items = vec![format!(
+        "{} for the storage backends (threads={} × {} per ring or queue pair (queue_depth={}, pinned_bytes={}) × {paths} path{})",
+        size(rings),
+        choices.threads,
+        size(per_thread),
+        choices.queue_depth,
+        choices.pinned_bytes.map_or_else(|| "auto".to_string(), size),
+        if paths == 1 { "" } else { "s" },
+    )];
+    items.extend(
+        others
+            .iter()
+            .filter(|(_, bytes)| *bytes > 0)
+            .map(|(name, bytes)| format!("{} for {name}={bytes}", size(*bytes))),
+    );
+    Err(Error::invalid(format!(
+        "these settings need {} of host memory ({}), but the host has {} available, {} of which stay free for everything else: \
+         lower threads, queue_depth or pinned_bytes, use fewer storage paths, or lower the other settings named",
+        size(need),
+        items.join("; "),
+        size(mem.available),
+        size(headroom),
+    )))
+}
+
+/// Refuses more than [`MAX_PATHS`](crate::settings::MAX_PATHS) storage paths: each gets
+/// backends of its own (rings, threads, pinned memory).
+pub fn check_path_count(paths: usize) -> Result<()> {
+    let max = crate::settings::MAX_PATHS;
+    if paths > max {
+        return Err(Error::invalid(format!(
+            "{paths} storage paths given: at most {max} (each gets rings, threads and pinned memory of its own); stripe over fewer paths"
+        )));
+    }
+    Ok(())
 }
 
 /// What fault injection did, for reports: the bench's `faults` and the engine's

@@ -298,7 +298,7 @@ fn cufile_without_libcufile_is_reported() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("libcufile") && err.contains("--backend uring"),
+        err.contains("libcufile") && err.contains("the uring backend"),
         "{err}"
     );
 }
@@ -311,8 +311,14 @@ fn bad_sizes_are_refused() {
         (&["--size", "lots"], "not a size"),
         (&["--block", "0"], "at least 1 byte"),
         (&["--size", "1M", "--block", "2M"], "larger than --size"),
-        (&["--size", "1M", "--qd", "0"], "--qd 0 is out of range"),
-        (&["--size", "1M", "--threads", "0"], "--threads 0 is out of range"),
+        (
+            &["--size", "1M", "--qd", "0"],
+            "--qd 0: 0 is not a positive integer",
+        ),
+        (
+            &["--size", "1M", "--threads", "0"],
+            "--threads 0: 0 is not a positive integer",
+        ),
         (
             &["--size", "1M", "--block", "64K", "--buffer", "4K"],
             "smaller than --block",
@@ -1109,12 +1115,12 @@ fn a_bad_setting_is_refused_with_status_2_naming_it() {
         stderr(&out)
     );
 
-    // A value the settings take but the bench refuses: the refusal says where it came from.
+    // A value past a setting's cap: refused by the settings table, naming the variable.
     let out = spillway_with_env(&args, &[("SPILLWAY_THREADS", "1000")]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("out of range") && err.contains("threads=1000 from SPILLWAY_THREADS"),
+        err.contains("SPILLWAY_THREADS=\"1000\": 1000 is too large: at most 256"),
         "{err}"
     );
 }
@@ -1494,4 +1500,189 @@ fn a_tensors_run_through_a_host_tier_smaller_than_its_data_spills_and_verifies()
     // Without the flag there is no host tier.
     let plain = tensors_json(&tensors_bench(dir.path(), &["--json"]));
     assert!(plain["host_tier"].is_null());
+}
+
+#[test]
+fn resource_flags_and_variables_past_their_caps_exit_2_naming_them() {
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 6] = [
+        (
+            &["--threads", "1000"],
+            &[],
+            "--threads 1000: 1000 is too large: at most 256",
+        ),
+        (
+            &["--qd", "100000"],
+            &[],
+            "--qd 100000: 100000 is too large: at most 4096",
+        ),
+        (
+            &["--pinned", "2GiB"],
+            &[],
+            "--pinned 2147483648: 2147483648 is too large: at most 1GiB",
+        ),
+        (
+            &[],
+            &[("SPILLWAY_QUEUE_DEPTH", "100000")],
+            "SPILLWAY_QUEUE_DEPTH=\"100000\": 100000 is too large",
+        ),
+        (
+            &[],
+            &[("SPILLWAY_THREADS", "2147483648")],
+            "SPILLWAY_THREADS=\"2147483648\"",
+        ),
+        (
+            &[],
+            &[("SPILLWAY_PACK_FLUSH_DELAY_MS", "1e12")],
+            "too long: at most 10000",
+        ),
+    ];
+    for (flags, env, expected) in cases {
+        let args = [&["bench", "--mem", "host", "--size", "1M"], flags].concat();
+        let out = spillway_with_env(&args, env);
+        assert_eq!(out.status.code(), Some(2), "{flags:?} {env:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{flags:?} {env:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
+fn rings_the_host_cannot_hold_are_refused_before_any_is_allocated() {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (a, b) = (dirs[0].path().to_str().unwrap(), dirs[1].path().to_str().unwrap());
+    // 2 paths × 256 rings × 64 MiB of pinned staging: 32 GiB, killed by the OOM killer before.
+    let mem = spillway::fs::host_memory().expect("/proc/meminfo");
+    if mem.available > 30 << 30 {
+        eprintln!("the host has more than 30 GiB available: the 32 GiB case is not refused here; not run");
+        return;
+    }
+    let out = spillway(&[
+        "bench",
+        "--mem",
+        "host",
+        "--size",
+        "8M",
+        "--path",
+        a,
+        "--path",
+        b,
+        "--threads",
+        "256",
+        "--qd",
+        "4096",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("these settings need")
+            && err.contains("threads=256")
+            && err.contains("queue_depth=4096")
+            && err.contains("2 paths")
+            && err.contains("available"),
+        "{err}"
+    );
+}
+
+#[test]
+fn more_paths_than_the_maximum_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<String> = (0..65)
+        .map(|i| dir.path().join(format!("f{i}")).display().to_string())
+        .collect();
+    let mut args = vec!["bench", "--mem", "host", "--size", "1M"];
+    for p in &paths {
+        args.extend(["--path", p.as_str()]);
+    }
+    let out = spillway(&args);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("65 storage paths given: at most 64"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing created"
+    );
+}
+
+#[test]
+fn a_settings_file_that_is_a_device_or_a_fifo_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (file, kind) in [
+        ("/dev/zero", "a character device"),
+        (fifo.to_str().unwrap(), "a FIFO"),
+    ] {
+        let start = std::time::Instant::now();
+        let out = spillway_with_env(
+            &["bench", "--mem", "host", "--size", "1M"],
+            &[("SPILLWAY_CONFIG", file)],
+        );
+        assert_eq!(out.status.code(), Some(2), "{file}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("SPILLWAY_CONFIG") && err.contains(&format!("{kind}, not a regular file")),
+            "{err}"
+        );
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "{file} took {:?}",
+            start.elapsed()
+        );
+    }
+}
+
+#[test]
+fn a_file_the_bench_made_is_removed_when_its_space_cannot_be_reserved() {
+    if !is_root() {
+        eprintln!("a_file_the_bench_made_is_removed_when_its_space_cannot_be_reserved needs root to mount a small tmpfs; not run");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().to_str().unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", mnt])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a 64 MiB tmpfs at {mnt}");
+    let path = format!("{mnt}/b.bin");
+    let out = spillway(&["bench", "--mem", "host", "--size", "128MiB", "--path", &path]);
+    let left = std::path::Path::new(&path).exists();
+    let _ = Command::new("umount").arg(mnt).status();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no space") || stderr(&out).contains("space"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!left, "{path} was left behind");
+}
+
+#[test]
+fn storage_paths_that_are_no_storage_are_refused_naming_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = format!("{}/nonexist/", dir.path().display());
+    let cases: [(&str, &str); 3] = [
+        (&missing, "this directory does not exist: create it"),
+        ("/proc", "is on procfs"),
+        ("/proc/self/mem", "is on procfs"),
+    ];
+    for (path, expected) in cases {
+        let out = spillway(&["bench", "--mem", "host", "--size", "1M", "--path", path]);
+        assert!(!out.status.success(), "{path}");
+        let err = stderr(&out);
+        assert!(
+            err.contains(expected) && !err.contains("panicked"),
+            "{path}: {err}"
+        );
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing made");
 }

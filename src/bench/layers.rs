@@ -284,6 +284,89 @@ pub fn apply_layers(
     Ok(())
 }
 
+/// A bench flag that stands for a setting, and its value as the setting takes it (`None`
+/// when the flag holds none).
+struct FlagSetting {
+    /// The flag's clap id (its name without the dashes, `_` for `-`).
+    flag: &'static str,
+    /// The setting it stands for.
+    setting: &'static str,
+    /// Its value.
+    value: fn(&BenchArgs) -> Option<Value>,
+}
+
+/// A whole number as a setting's value (text past `i64::MAX`).
+fn whole(n: u64) -> Value {
+    i64::try_from(n).map_or_else(|_| Value::Str(n.to_string()), Value::Int)
+}
+
+/// The flags whose values the settings table checks: the same bounds as every other layer.
+const FLAG_SETTINGS: &[FlagSetting] = &[
+    FlagSetting {
+        flag: "qd",
+        setting: "queue_depth",
+        value: |a| Some(whole(a.qd.into())),
+    },
+    FlagSetting {
+        flag: "threads",
+        setting: "threads",
+        value: |a| Some(whole(a.threads as u64)),
+    },
+    FlagSetting {
+        flag: "pinned",
+        setting: "pinned_bytes",
+        value: |a| a.pinned.map(whole),
+    },
+    FlagSetting {
+        flag: "stripe",
+        setting: "stripe_bytes",
+        value: |a| Some(whole(a.stripe)),
+    },
+    FlagSetting {
+        flag: "staging",
+        setting: "staging_bytes",
+        value: |a| a.staging.map(whole),
+    },
+    FlagSetting {
+        flag: "prefetch",
+        setting: "prefetch_bytes",
+        value: |a| a.prefetch.map(whole),
+    },
+    FlagSetting {
+        flag: "pack_extent",
+        setting: "pack_extent_bytes",
+        value: |a| a.pack_extent.map(whole),
+    },
+    FlagSetting {
+        flag: "pack_threshold",
+        setting: "pack_threshold",
+        value: |a| a.pack_threshold.map(whole),
+    },
+];
+
+/// Checks the values of the flags that stand for settings (`--qd`, `--threads`, `--pinned`,
+/// …) against the settings table, as a value from any other layer is: the caps on
+/// resources (`threads` at most 256, `queue_depth` at most 4096, …) hold on the command
+/// line too. The refusal names the flag and its setting.
+pub fn check_flags(args: &BenchArgs) -> Result<()> {
+    for f in FLAG_SETTINGS {
+        let Some(value) = (f.value)(args) else { continue };
+        let Some((_, setting)) = settings::find(f.setting) else {
+            continue;
+        };
+        setting.set(&mut Resolved::default(), &value).map_err(|why| {
+            Error::invalid(format!(
+                "--{} {value}: {why}; --{} is the setting {}, which takes {}",
+                f.flag.replace('_', "-"),
+                f.flag.replace('_', "-"),
+                f.setting,
+                setting.kind.accepts()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// Whether the flag with clap id `id` was given on the command line.
 fn given(args: &BenchArgs, id: &str) -> bool {
     args.given.iter().any(|g| g == id)

@@ -37,7 +37,10 @@ use crate::select::Choices;
 pub use docs::markdown;
 pub use environment::{suggest, CONFIG_VAR, OTHER_VARIABLES, PREFIX};
 pub use error::{SettingsError, Source};
-pub use table::{find, names, Kind, Setting, SETTINGS};
+pub use table::{
+    find, names, Kind, Setting, MAX_PACK_FLUSH_DELAY_MS, MAX_PINNED_BYTES, MAX_QUEUE_DEPTH, MAX_THREADS,
+    MAX_TIMELINE_CAPACITY, SETTINGS,
+};
 pub use value::Value;
 
 use environment::Variable;
@@ -85,6 +88,14 @@ impl Default for Resolved {
         }
     }
 }
+
+/// The most storage paths one engine or bench stripes over: each gets backends (rings,
+/// threads, pinned staging memory) of its own.
+pub const MAX_PATHS: usize = 64;
+
+/// The largest settings file read (`SPILLWAY_CONFIG`): a settings file is a few hundred
+/// bytes; anything larger is not one.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// The default stripe unit: 1 MiB.
 pub const DEFAULT_STRIPE_BYTES: u64 = 1 << 20;
@@ -168,7 +179,7 @@ impl Settings {
     /// the setting. Refuses an unreadable file, invalid TOML, an unknown key and a bad value.
     pub fn apply_file(&mut self, path: &Path) -> Result<(), SettingsError> {
         let source = Source::File(path.to_path_buf());
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = read_config(path).map_err(|e| {
             SettingsError::other(
                 None,
                 Some(source.clone()),
@@ -324,6 +335,64 @@ impl Settings {
             )
         })?;
         Ok(self.values.clone())
+    }
+}
+
+/// The text of the settings file at `path`: a regular file of at most
+/// [`MAX_CONFIG_BYTES`], in UTF-8. It is opened with `O_NONBLOCK`, so that a FIFO cannot
+/// hold up the open, and its type is checked on the descriptor before anything is read, so
+/// that a device (`/dev/zero`, a terminal) or a FIFO is refused instead of read forever.
+fn read_config(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("it is {}, not a regular file", file_kind(&meta.file_type())),
+        ));
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "it holds {} bytes, more than a settings file may ({MAX_CONFIG_BYTES} bytes, 1 MiB)",
+                meta.len()
+            ),
+        ));
+    }
+    let mut bytes = Vec::new();
+    // A file growing meanwhile is read no further than the limit.
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("it grew past {MAX_CONFIG_BYTES} bytes (1 MiB) while being read"),
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| Error::new(ErrorKind::InvalidData, format!("it is not UTF-8 text ({e})")))
+}
+
+/// "a directory", "a character device", …: what a file that is not a regular one is.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
     }
 }
 

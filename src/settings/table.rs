@@ -131,7 +131,30 @@ impl std::fmt::Debug for Setting {
     }
 }
 
-/// A byte count that fits `usize`/`u64` fields alike.
+/// The most io_uring rings, cuFile worker groups or NVMe queue pairs (`threads`): each
+/// has a thread and pinned staging memory of its own, and more than this cannot move bytes
+/// faster on any host.
+pub const MAX_THREADS: usize = 256;
+
+/// The most I/O requests in flight per ring or queue pair (`queue_depth`): io_uring's
+/// limit on a ring spillway makes (`spillway_uring::config::MAX_QUEUE_DEPTH`).
+pub const MAX_QUEUE_DEPTH: u32 = spillway_uring::config::MAX_QUEUE_DEPTH;
+
+/// The most pinned staging memory per io_uring ring (`pinned_bytes`): 1024 staging
+/// buffers (the most one ring registers) of the 1 MiB chunk.
+pub const MAX_PINNED_BYTES: u64 = 1 << 30;
+
+/// The io_uring backend's staging chunk: `pinned_bytes` is a whole number of them.
+const PINNED_CHUNK: u64 = 1 << 20;
+
+/// The longest `pack_flush_delay_ms`: a partly filled packed extent is written at most
+/// this long after the last offload, so that a caller waiting for its memory back
+/// (`wait_source_released`) never waits on a timer longer than this.
+pub const MAX_PACK_FLUSH_DELAY_MS: f64 = 10_000.0;
+
+/// The most events `timeline_capacity` keeps (each takes about 64 bytes once recorded).
+pub const MAX_TIMELINE_CAPACITY: usize = 100_000_000;
+
 /// Stripe weights: "1,2", or one whole number; "" for none (equal).
 fn weights(v: &Value) -> Result<Vec<u32>, String> {
     let one = |text: &str| -> Result<u32, String> {
@@ -152,10 +175,13 @@ fn size(v: &Value) -> Result<u64, String> {
     v.size()
 }
 
-/// A positive count for a `usize` field.
-fn count_usize(v: &Value) -> Result<usize, String> {
+/// A positive count for a `usize` field, at most `max`.
+fn count_usize(v: &Value, max: usize) -> Result<usize, String> {
     let n = v.count()?;
-    usize::try_from(n).map_err(|_| format!("{n} is too large"))
+    match usize::try_from(n) {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(format!("{n} is too large: at most {max}")),
+    }
 }
 
 /// `"auto"`, `"host"`/`"cpu"`, `"cuda"`/`"gpu"`, `"cuda:N"`, or a GPU ordinal.
@@ -210,6 +236,11 @@ fn backend_value(r: &Resolved) -> Value {
 
 fn millis(v: &Value) -> Result<Duration, String> {
     let ms = v.non_negative()?;
+    if ms > MAX_PACK_FLUSH_DELAY_MS {
+        return Err(format!(
+            "{v} milliseconds is too long: at most {MAX_PACK_FLUSH_DELAY_MS} (10 s)"
+        ));
+    }
     Duration::try_from_secs_f64(ms / 1000.0).map_err(|_| format!("{v} milliseconds is too long"))
 }
 
@@ -262,34 +293,46 @@ pub static SETTINGS: &[Setting] = &[
     Setting {
         name: "queue_depth",
         kind: Kind::Count,
-        meaning: "I/O requests in flight per io_uring ring, cuFile worker group or NVMe queue pair",
+        meaning: "I/O requests in flight per io_uring ring, cuFile worker group or NVMe queue pair (at most 4096)",
         get: |r| int(r.choices.queue_depth),
         set: |r, v| {
             let n = v.count()?;
             r.choices.queue_depth = u32::try_from(n)
-                .map_err(|_| format!("{n} is too large: a queue depth fits 32 bits (at most {})", u32::MAX))?;
+                .ok()
+                .filter(|&n| n <= MAX_QUEUE_DEPTH)
+                .ok_or_else(|| format!("{n} is too large: at most {MAX_QUEUE_DEPTH} requests in flight per ring"))?;
             Ok(())
         },
     },
     Setting {
         name: "threads",
         kind: Kind::Count,
-        meaning: "io_uring rings, cuFile worker groups, or NVMe queue pairs",
+        meaning: "io_uring rings, cuFile worker groups, or NVMe queue pairs (at most 256; each storage path gets its own, and each io_uring ring its own pinned staging memory, see pinned_bytes)",
         get: |r| int(r.choices.threads),
         set: |r, v| {
-            r.choices.threads = count_usize(v)?;
+            r.choices.threads = count_usize(v, MAX_THREADS)?;
             Ok(())
         },
     },
     Setting {
         name: "pinned_bytes",
         kind: Kind::SizeOrAuto,
-        meaning: "pinned host staging memory per io_uring ring (\"auto\": the backend's default)",
+        meaning: "pinned host staging memory per io_uring ring, a whole number of 1MiB chunks up to 1GiB (\"auto\": queue_depth × 1MiB, at most 64MiB); the rings of every path together must fit the host's available memory",
         get: |r| r.choices.pinned_bytes.map_or_else(|| Value::from("auto"), int),
         set: |r, v| {
             r.choices.pinned_bytes = match v.as_str().map(str::trim) {
                 Some("auto") => None,
-                _ => Some(size(v)?),
+                _ => match size(v)? {
+                    n if n > MAX_PINNED_BYTES => {
+                        return Err(format!("{n} is too large: at most 1GiB ({MAX_PINNED_BYTES} bytes) per ring"))
+                    }
+                    n if n < PINNED_CHUNK || n % PINNED_CHUNK != 0 => {
+                        return Err(format!(
+                            "{n} is not a whole number of the {PINNED_CHUNK}-byte (1MiB) staging chunks (at least one)"
+                        ))
+                    }
+                    n => Some(n),
+                },
             };
             Ok(())
         },
@@ -347,7 +390,7 @@ pub static SETTINGS: &[Setting] = &[
     Setting {
         name: "pack_flush_delay_ms",
         kind: Kind::Millis,
-        meaning: "a partly filled packed extent is written after this long without offloads",
+        meaning: "a partly filled packed extent is written after this long without offloads (at most 10000: 10 s)",
         get: |r| Value::Float(r.engine.pack_flush_delay.as_secs_f64() * 1000.0),
         set: |r, v| {
             r.engine.pack_flush_delay = millis(v)?;
@@ -466,10 +509,10 @@ pub static SETTINGS: &[Setting] = &[
     Setting {
         name: "timeline_capacity",
         kind: Kind::Count,
-        meaning: "most timeline events kept (later ones are counted and dropped)",
+        meaning: "most timeline events kept (later ones are counted and dropped; at most 100000000)",
         get: |r| int(r.engine.timeline_capacity),
         set: |r, v| {
-            r.engine.timeline_capacity = count_usize(v)?;
+            r.engine.timeline_capacity = count_usize(v, MAX_TIMELINE_CAPACITY)?;
             Ok(())
         },
     },

@@ -176,7 +176,7 @@ fn a_refused_value_leaves_the_setting_as_it_was() {
         .set("queue_depth", 1i64 << 40)
         .unwrap_err()
         .to_string()
-        .contains("fits 32 bits"));
+        .contains("at most 4096"));
     assert_eq!(s.value("queue_depth"), Some(Value::Int(8)));
     assert_eq!(s.source("queue_depth"), Some(&Source::Argument));
 }
@@ -409,4 +409,101 @@ fn io_retries_takes_zero_and_refuses_more_than_the_engine_allows() {
     s.set("io_retries", "101").unwrap();
     let e = s.resolve().unwrap_err().to_string();
     assert!(e.contains("io_retries"), "{e}");
+}
+
+#[test]
+fn resource_settings_are_capped_in_every_layer_by_name() {
+    let dir = TempDir::new().unwrap();
+    let cases: [(&str, &str, &str, &str); 6] = [
+        ("threads", "256", "257", "at most 256"),
+        ("threads", "1", "2147483648", "at most 256"),
+        ("queue_depth", "4096", "100000", "at most 4096"),
+        ("pinned_bytes", "1GiB", "2GiB", "at most 1GiB"),
+        ("pack_flush_delay_ms", "10000", "1e12", "at most 10000"),
+        ("timeline_capacity", "100000000", "100000001", "at most 100000000"),
+    ];
+    for (name, ok, bad, why) in cases {
+        for layer in [Layer::File, Layer::Env, Layer::Argument] {
+            let quoted = format!("\"{ok}\"");
+            let text = if layer == Layer::File { quoted.as_str() } else { ok };
+            layered(&dir, name, &[(layer, text)]).unwrap_or_else(|e| panic!("{name}={ok}: {e}"));
+            let quoted = format!("\"{bad}\"");
+            let text = if layer == Layer::File {
+                quoted.as_str()
+            } else {
+                bad
+            };
+            let e = layered(&dir, name, &[(layer, text)]).unwrap_err();
+            assert_eq!(e.setting(), Some(name), "{e}");
+            assert!(e.to_string().contains(why), "{name}={bad} ({layer:?}): {e}");
+        }
+    }
+    // An integer argument too (Python's threads=2**31 arrives as one).
+    let e = Settings::default()
+        .set("threads", Value::Int(1 << 31))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("argument threads=2147483648: 2147483648 is too large: at most 256"),
+        "{e}"
+    );
+    let e = Settings::default()
+        .set("pack_flush_delay_ms", Value::Float(1e12))
+        .unwrap_err();
+    assert!(e.to_string().contains("too long: at most 10000"), "{e}");
+}
+
+#[test]
+fn the_settings_file_must_be_a_small_regular_file() {
+    // A device that never ends, read forever before.
+    let e = Settings::load_from([(CONFIG_VAR, "/dev/zero")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("/dev/zero")
+            && e.contains(CONFIG_VAR)
+            && e.contains("a character device, not a regular file"),
+        "{e}"
+    );
+    // A directory.
+    let dir = TempDir::new().unwrap();
+    let e = Settings::load_from([config(dir.path())]).unwrap_err().to_string();
+    assert!(e.contains("a directory, not a regular file"), "{e}");
+    // A FIFO with no writer: the open itself used to wait for one.
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let env = [config(&fifo)];
+    std::thread::spawn(move || {
+        let _ = tx.send(Settings::load_from(env).map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let e = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("a FIFO as the settings file hangs")
+        .unwrap_err();
+    assert!(
+        e.contains("a FIFO, not a regular file") && e.contains(CONFIG_VAR),
+        "{e}"
+    );
+    // Larger than 1 MiB.
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, vec![b'#'; (MAX_CONFIG_BYTES + 1) as usize]).unwrap();
+    let e = Settings::load_from([config(&big)]).unwrap_err().to_string();
+    assert!(
+        e.contains("more than a settings file may") && e.contains(CONFIG_VAR),
+        "{e}"
+    );
+    // A regular file within the limit still loads.
+    let ok = file(&dir, "threads = 2\n");
+    assert_eq!(
+        Settings::load_from([config(&ok)])
+            .unwrap()
+            .resolve()
+            .unwrap()
+            .choices
+            .threads,
+        2
+    );
 }

@@ -430,11 +430,7 @@ fn offload_some(engine: *const spillway_engine, sources: &mut [Vec<u8>]) -> Vec<
 /// An engine as [`open_small`]'s that writes a partly filled packed extent only when drained,
 /// so that the number of extents does not hang on timing.
 fn open_packing_until_drained(dir: &std::path::Path) -> *mut spillway_engine {
-    let (status, engine) = open(
-        dir,
-        64 << 20,
-        small_settings(&[("pack_flush_delay_ms", "600000")]),
-    );
+    let (status, engine) = open(dir, 64 << 20, small_settings(&[("pack_flush_delay_ms", "10000")]));
     check(status, SPILLWAY_OK);
     engine
 }
@@ -902,5 +898,79 @@ fn a_file_another_engine_has_open_or_listed_twice_is_refused() {
             file.display()
         )) && msg.contains("list each file once"),
         "{msg}"
+    );
+}
+
+#[test]
+fn a_null_region_or_lengths_that_overflow_are_invalid_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_small(dir.path());
+    let mut h = 0;
+    let null_region = spillway_region {
+        address: null_mut(),
+        length: 4096,
+    };
+    // SAFETY: an open engine, one region (refused before it is read), a handle variable.
+    let status = unsafe { spillway_engine_offload(engine, 1, 0, &null_region, 1, null_mut(), &mut h) };
+    check(status, SPILLWAY_ERROR_INVALID_ARGUMENT);
+    assert!(
+        last_error().contains("offload region 0 has address 0"),
+        "{}",
+        last_error()
+    );
+    let mut buf = pattern(4096, 3);
+    let huge = [
+        spillway_region {
+            address: buf.as_mut_ptr().cast(),
+            length: 1 << 63,
+        },
+        spillway_region {
+            address: buf.as_mut_ptr().cast(),
+            length: 1 << 63,
+        },
+    ];
+    // SAFETY: as above; refused before the memory is read.
+    let status = unsafe { spillway_engine_offload(engine, 2, 0, huge.as_ptr(), 2, null_mut(), &mut h) };
+    check(status, SPILLWAY_ERROR_INVALID_ARGUMENT);
+    assert!(
+        last_error().contains("add up to more than 2^64"),
+        "{}",
+        last_error()
+    );
+    // SAFETY: opened above, not used after this.
+    check(unsafe { spillway_engine_close(engine) }, SPILLWAY_OK);
+}
+
+#[test]
+fn resource_settings_past_their_caps_and_a_huge_capacity_are_invalid_arguments() {
+    let s = small_settings(&[]);
+    for (name, value, why) in [
+        ("threads", "2147483648", "at most 256"),
+        ("queue_depth", "100000", "at most 4096"),
+        ("pack_flush_delay_ms", "1e12", "at most 10000"),
+    ] {
+        let (n, v) = (CString::new(name).unwrap(), CString::new(value).unwrap());
+        // SAFETY: live settings, NUL-terminated strings.
+        check(
+            unsafe { spillway_settings_set(s, n.as_ptr(), v.as_ptr()) },
+            SPILLWAY_ERROR_INVALID_ARGUMENT,
+        );
+        assert!(
+            last_error().contains(name) && last_error().contains(why),
+            "{}",
+            last_error()
+        );
+    }
+    // SAFETY: made by `spillway_settings_new`, not used after this.
+    unsafe { spillway_settings_free(s) };
+    let dir = tempfile::tempdir().unwrap();
+    let (status, engine) = open(dir.path(), u64::MAX, small_settings(&[]));
+    check(status, SPILLWAY_ERROR_INVALID_ARGUMENT);
+    assert!(engine.is_null());
+    assert!(
+        last_error()
+            .contains("capacity=18446744073709551615 is too large: at most 9223372036854775807 bytes"),
+        "{}",
+        last_error()
     );
 }

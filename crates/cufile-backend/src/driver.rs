@@ -44,7 +44,7 @@ use spillway_runtime::{Error, GdsMode, Result};
 use crate::status::status_text;
 
 /// The reason given when libcufile cannot be loaded.
-pub(crate) const MISSING_LIBRARY: &str = "libcufile.so not found: install NVIDIA GPUDirect Storage (libcufile) or add its directory (e.g. /usr/local/cuda/lib64) to LD_LIBRARY_PATH; or use --backend uring";
+pub(crate) const MISSING_LIBRARY: &str = "libcufile.so not found: install NVIDIA GPUDirect Storage (libcufile) or add its directory (e.g. /usr/local/cuda/lib64) to LD_LIBRARY_PATH; or use the uring backend";
 
 /// Where the nvidia-fs kernel module shows its version while it is loaded.
 pub(crate) const NVFS_PROC: &str = "/proc/driver/nvidia-fs/version";
@@ -268,7 +268,7 @@ fn missing_reason() -> String {
         Some(found) => {
             let dir = found.parent().unwrap_or(Path::new("."));
             format!(
-                "libcufile.so not found, but {} is there: cudarc loads libcufile.so (the name the CUDA toolkit's development files add); run `ln -s {} {}/libcufile.so` (or install the libcufile development package) and add {} to LD_LIBRARY_PATH; or use --backend uring",
+                "libcufile.so not found, but {} is there: cudarc loads libcufile.so (the name the CUDA toolkit's development files add); run `ln -s {} {}/libcufile.so` (or install the libcufile development package) and add {} to LD_LIBRARY_PATH; or use the uring backend",
                 found.display(),
                 found.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
                 dir.display(),
@@ -452,7 +452,7 @@ fn open_now() -> Result<Driver> {
     if std::fs::File::open("/proc/modules").is_err() {
         return Err(Error::Unavailable {
             what: "cuFile".into(),
-            reason: "/proc/modules cannot be read here (a sandbox or restricted container?), and libcufile does not return from cuFileDriverOpen without it; use --backend uring".into(),
+            reason: "/proc/modules cannot be read here (a sandbox or restricted container?), and libcufile does not return from cuFileDriverOpen without it; use the uring backend".into(),
         });
     }
     // SAFETY: the library is present (checked); cuFileDriverOpen takes no arguments.
@@ -461,7 +461,7 @@ fn open_now() -> Result<Driver> {
         return Err(Error::Unavailable {
             what: "cuFile".into(),
             reason: format!(
-                "cuFileDriverOpen failed: {}; check the GDS installation with gdscheck -p (in /usr/local/cuda/gds/tools), or use --backend uring",
+                "cuFileDriverOpen failed: {}; check the GDS installation with gdscheck -p (in /usr/local/cuda/gds/tools), or use the uring backend",
                 status_text(&st)
             ),
         });

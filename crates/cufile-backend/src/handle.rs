@@ -42,7 +42,7 @@ impl RegisteredFile {
             Err(e) => Err(Error::Target {
                 path: path.to_path_buf(),
                 reason: format!(
-                    "cuFileHandleRegister failed: {}; {}; cuFile's own log, cufile.log, says more; or use --backend uring",
+                    "cuFileHandleRegister failed: {}; {}; cuFile's own log, cufile.log, says more; or use the uring backend",
                     cufile_error_text(&e),
                     registration_hint(&file)
                 ),

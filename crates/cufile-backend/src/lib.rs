@@ -58,7 +58,7 @@ pub use crate::driver::check_library;
 
 /// The message for host memory on a libcufile that does not take it.
 const HOST_MEMORY_REFUSED: &str =
-    "the cufile backend moves device memory; use --backend uring for host memory";
+    "the cufile backend moves device memory; use the uring backend for host memory";
 
 /// How the cuFile backend runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -594,7 +594,7 @@ mod tests {
                 eprintln!("{reason}");
                 assert_eq!(what, "cuFile");
                 assert!(reason.starts_with("libcufile.so not found"), "{reason}");
-                assert!(reason.contains("--backend uring"), "{reason}");
+                assert!(reason.contains("the uring backend"), "{reason}");
                 if !reason.contains(" is there") {
                     assert_eq!(reason, driver::MISSING_LIBRARY);
                 }

@@ -200,7 +200,7 @@ fn hint(code: u32, host: bool) -> Option<&'static str> {
             E::CU_FILE_CUDA_MEMORY_TYPE_INVALID | E::CU_FILE_CUDA_POINTER_INVALID | E::CU_FILE_INVALID_VALUE
         )
     {
-        return Some("this libcufile did not accept host memory: use --backend uring for host memory");
+        return Some("this libcufile did not accept host memory: use the uring backend for host memory");
     }
     match op {
         E::CU_FILE_CUDA_POINTER_INVALID | E::CU_FILE_CUDA_MEMORY_TYPE_INVALID => {
@@ -285,6 +285,6 @@ mod tests {
         let mut host = place(IoOp::Read);
         host.host = true;
         let msg = io_error(IoReturn::Cufile(5013), host).to_string();
-        assert!(msg.contains("--backend uring"), "{msg}");
+        assert!(msg.contains("the uring backend"), "{msg}");
     }
 }

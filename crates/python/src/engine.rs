@@ -70,6 +70,10 @@ impl PyEngine {
         let settings = settings::parse(settings)?;
         let capacity = capacity
             .map(|c| {
+                // A whole number past i64 (up to u64) gets the message every binding gives.
+                if let Ok(n) = c.extract::<u64>() {
+                    spillway::open::check_capacity(n).map_err(to_py)?;
+                }
                 settings::size(c).map_err(|why| invalid(format!("spillway.Engine: capacity={c}: {why}")))
             })
             .transpose()?;

@@ -150,7 +150,7 @@ def test_prefetched_tensors_are_served_from_staging(engine):
 
 
 def test_a_fetch_before_the_write_is_forwarded(tmp_path):
-    with spillway.Engine(tmp_path, capacity="64MiB", pack_flush_delay_ms=60_000, **SMALL) as e:
+    with spillway.Engine(tmp_path, capacity="64MiB", pack_flush_delay_ms=10_000, **SMALL) as e:
         a = blob(64 << 10, 3)
         h = e.offload((1, 0), region(a))
         out = np.zeros_like(a)
@@ -300,7 +300,7 @@ def test_settings_are_documented_and_reported(engine):
         (dict(backend="nvme"), "backend=nvme"),
         (dict(staging_bytes="lots"), "staging_bytes=lots"),
         (dict(queue_depth=0), "positive integer"),
-        (dict(queue_depth=1 << 40), "fits 32 bits"),
+        (dict(queue_depth=1 << 40), "at most 4096"),
         (dict(pack=1), "True or False"),
         (dict(alignment=1000), "power of two"),
     ],
@@ -442,7 +442,7 @@ def test_settings_that_disagree_name_where_each_was_set(monkeypatch):
 def test_a_flipped_byte_in_the_file_is_a_corrupt_data_error_with_checksums(tmp_path):
     path = tmp_path / "spill.bin"
     a, b = blob(300_000, 21), blob(2 << 20, 22)  # packed, and written on its own
-    with spillway.Engine(path, capacity="64MiB", checksums=True, pack_flush_delay_ms=60_000, **SMALL) as e:
+    with spillway.Engine(path, capacity="64MiB", checksums=True, pack_flush_delay_ms=10_000, **SMALL) as e:
         assert e.settings["checksums"] is True
         handles = [e.offload((i, 0), region(x)) for i, x in enumerate((a, b))]
         e.drain()
@@ -496,3 +496,66 @@ def test_the_host_tier_takes_writes_spills_when_full_and_reads_back_from_either_
 def test_a_host_tier_larger_than_the_host_can_give_is_refused_naming_the_setting(tmp_path):
     with pytest.raises(ValueError, match="host_tier=.*pinned host memory.*set host_tier to at most"):
         spillway.Engine(tmp_path, capacity="64MiB", host_tier="1000TiB", **SMALL)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(threads=2**31), r"threads=2147483648: 2147483648 is too large: at most 256"),
+        (dict(threads=1000), r"threads=1000: 1000 is too large: at most 256"),
+        (dict(queue_depth=100_000), r"queue_depth=100000: 100000 is too large: at most 4096"),
+        (dict(pinned_bytes=1), r"pinned_bytes=1: 1 is not a whole number of the 1048576-byte"),
+        (dict(pack_flush_delay_ms=1e12), r"pack_flush_delay_ms=1000000000000.0: .*too long: at most 10000"),
+    ],
+)
+def test_resource_settings_past_their_caps_are_refused_naming_them(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match) as e:
+        spillway.Engine(tmp_path, capacity="8MiB", **SMALL, **kwargs)
+    assert "--" not in str(e.value), str(e.value)
+
+
+def test_a_null_region_or_lengths_that_overflow_are_refused(engine):
+    a = blob(4096, 1)
+    p = a.ctypes.data
+    with pytest.raises(ValueError, match="offload region 0 has address 0"):
+        engine.offload((1, 0), [(0, 4096)])
+    with pytest.raises(ValueError, match="add up to more than 2\\^64"):
+        engine.offload((2, 0), [(p, 2**63), (p, 2**63)])
+    h = engine.offload((3, 0), region(a))
+    with pytest.raises(ValueError, match="fetch region 0 has address 0"):
+        engine.fetch(h, [(0, 4096)])
+    out = np.zeros(4096, dtype=np.uint8)
+    engine.fetch(h, region(out))
+    assert (out == a).all()
+
+
+def test_capacity_and_paths_that_cannot_be_storage_are_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match=r"capacity=18446744073709551615 is too large: at most 9223372036854775807"):
+        spillway.Engine(tmp_path, capacity=2**64 - 1, **SMALL)
+    missing = f"{tmp_path}/nonexist/"
+    with pytest.raises(spillway.SpillwayError, match="this directory does not exist: create it"):
+        spillway.Engine(missing, capacity="8MiB", **SMALL)
+    assert not os.path.exists(missing.rstrip("/"))
+    for path in ["/proc", "/proc/self/mem"]:
+        with pytest.raises(spillway.SpillwayError, match="is on procfs"):
+            spillway.Engine(path, capacity="8MiB", **SMALL)
+
+
+def test_no_error_names_a_command_line_flag(tmp_path):
+    with pytest.raises(ValueError) as e:
+        spillway.Engine(tmp_path, capacity="8MiB", pinned_bytes="1000", **SMALL)
+    assert "--" not in str(e.value) and "pinned_bytes" in str(e.value), str(e.value)
+
+
+def test_a_named_file_truncated_and_grown_underneath_is_an_error_not_zeros(tmp_path):
+    path = tmp_path / "spill.bin"
+    a = blob(2 << 20, 7)
+    with spillway.Engine(path, capacity="64MiB", checksums=False, **SMALL) as e:
+        h = e.offload((1, 0), region(a))
+        assert e.wait_source_released(h)
+        size = os.path.getsize(path)
+        os.truncate(path, 0)
+        os.truncate(path, size)
+        out = np.zeros_like(a)
+        with pytest.raises(spillway.SpillwayError, match="changed underneath"):
+            e.fetch(h, region(out))

@@ -33,7 +33,7 @@ pub enum Error {
     },
 
     /// The filesystem or device holding a target is full.
-    #[error("no space left on the storage holding {path} (needed {needed} bytes at offset {offset}): free space or choose a smaller --size / another --path")]
+    #[error("no space left on the storage holding {path} (needed {needed} bytes at offset {offset}): free space there, or ask for less space or choose another storage path")]
     NoSpace {
         /// The target's path.
         path: PathBuf,

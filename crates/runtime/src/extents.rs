@@ -81,7 +81,7 @@ impl SpaceUsage {
 /// data where it is and try again after extents have been freed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "out of extent space {}: {requested} bytes requested (rounded up to a multiple of {align}), {free} bytes free, largest free range {largest_free} bytes; add storage targets, give them a larger --capacity, or free space by releasing offloaded tensors",
+    "out of extent space {}: {requested} bytes requested (rounded up to a multiple of {align}), {free} bytes free, largest free range {largest_free} bytes; add storage targets, give them a larger capacity, or free space by releasing offloaded tensors",
     scope(.target, *.targets)
 )]
 #[non_exhaustive]
@@ -689,7 +689,7 @@ mod tests {
             "largest free range 16384 bytes",
             "on all 2 targets",
             "add storage targets",
-            "--capacity",
+            "larger capacity",
             "free space",
         ] {
             assert!(msg.contains(needle), "{needle:?} not in {msg:?}");

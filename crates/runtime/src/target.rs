@@ -146,6 +146,9 @@ pub struct OpenedTarget {
     pub is_block_device: bool,
     /// A warning for the user (e.g. "O_DIRECT refused, using buffered I/O").
     pub warning: Option<String>,
+    /// True when this open created the named file (`O_EXCL`): [`OpenedTarget::discard`]
+    /// removes it again when what follows the open fails.
+    pub created: bool,
 }
 
 /// How an anonymous file was made (see [`Target::anonymous_in`]).
@@ -325,6 +328,7 @@ pub const DEFAULT_ALIGN: usize = 4096;
 pub fn open_target(target: &Target) -> Result<OpenedTarget> {
     let path = &target.path;
     let anonymous = path.is_dir();
+    check_trailing_slash(path)?;
     if anonymous && !target.create {
         return Err(Error::Target {
             path: path.clone(),
@@ -332,14 +336,14 @@ pub fn open_target(target: &Target) -> Result<OpenedTarget> {
         });
     }
     let want_direct = target.direct != DirectIo::Off;
-    let open = |direct: bool| -> std::result::Result<(File, Option<AnonymousMode>), OpenError> {
+    let open = |direct: bool| -> std::result::Result<(File, Option<AnonymousMode>, bool), OpenError> {
         if anonymous {
-            open_anonymous(path, direct, true).map(|(f, mode)| (f, Some(mode)))
+            open_anonymous(path, direct, true).map(|(f, mode)| (f, Some(mode), false))
         } else {
-            open_named(path, target.create, direct).map(|f| (f, None))
+            open_named(path, target.create, direct).map(|(f, created)| (f, None, created))
         }
     };
-    let ((file, anonymous_mode), direct_io, warning) = match open(want_direct) {
+    let ((file, anonymous_mode, created), direct_io, warning) = match open(want_direct) {
         Ok(f) => (f, want_direct, None),
         Err(e) if want_direct && e.raw_os_error() == Some(libc::EINVAL) => {
             if target.direct == DirectIo::Required {
@@ -358,20 +362,140 @@ pub fn open_target(target: &Target) -> Result<OpenedTarget> {
         }
         Err(e) => return Err(target_error(path, anonymous, e)),
     };
-    if anonymous_mode.is_none() {
-        lock::lock_target(&file, path).map_err(|e| target_error(path, false, e))?;
+    finish_open(target, file, anonymous_mode, direct_io, warning, created)
+}
+
+/// What [`open_target`] does once the file is open: lock it, learn its alignment and size,
+/// reserve its space. A named file this open created is removed again when any of that
+/// fails, so that a refused or failed open leaves nothing behind.
+fn finish_open(
+    target: &Target,
+    file: File,
+    anonymous_mode: Option<AnonymousMode>,
+    direct_io: bool,
+    warning: Option<String>,
+    created: bool,
+) -> Result<OpenedTarget> {
+    let path = &target.path;
+    let result = (|| {
+        if anonymous_mode.is_none() {
+            lock::lock_target(&file, path).map_err(|e| target_error(path, false, e))?;
+        }
+        opened_target(target, &file, direct_io)
+    })();
+    match result {
+        Ok((offset_align, mem_align, size, is_block_device)) => Ok(OpenedTarget {
+            file,
+            path: path.clone(),
+            anonymous: anonymous_mode,
+            direct_io,
+            offset_align,
+            mem_align,
+            size,
+            is_block_device,
+            warning,
+            created,
+        }),
+        Err(e) => {
+            if created {
+                remove_created(path, &file);
+            }
+            Err(e)
+        }
     }
+}
+
+/// Removes the file at `path` that an open created, when the name still refers to the
+/// file open as `file` (the same device and inode): never another file put there since.
+fn remove_created(path: &Path, file: &File) {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(named), Ok(opened)) = (std::fs::symlink_metadata(path), file.metadata()) else {
+        return;
+    };
+    if named.dev() == opened.dev() && named.ino() == opened.ino() {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!("removing {}, made by a failed open: {e}", path.display());
+        }
+    }
+}
+
+/// Refuses a path that ends in '/' but is no existing directory: the slash says a
+/// directory was meant (for an anonymous file), and making a file of that name instead
+/// would leave one where none was asked for.
+pub fn check_trailing_slash(path: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() > 1 && bytes.ends_with(b"/") && !path.is_dir() {
+        let bare = std::ffi::OsStr::from_bytes(bytes.trim_ascii_end().strip_suffix(b"/").unwrap_or(bytes));
+        let why = if std::fs::symlink_metadata(bare).is_ok() {
+            "is not a directory"
+        } else {
+            "does not exist"
+        };
+        return Err(Error::Target {
+            path: path.to_path_buf(),
+            reason: format!(
+                "a path ending in '/' names a directory, and this directory {why}: create it (the engine then keeps an anonymous file in it), or drop the trailing slash to name a file"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks `path` as a storage path before anything is opened or accounted: a path ending
+/// in '/' must be an existing directory ([`check_trailing_slash`]); the directory holding
+/// it (or the directory itself) must not be on a filesystem of the kernel's own (procfs,
+/// sysfs, …); and an existing path must be a directory, a regular file or a block device
+/// (not a character device, FIFO or socket). [`open_target`] makes the same checks on
+/// what it opens; this gives the same refusal to callers that look at the path first.
+pub fn check_storage_path(path: &Path) -> Result<()> {
+    check_trailing_slash(path)?;
+    let dir = if path.is_dir() {
+        path
+    } else {
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+    };
+    if let Ok(d) = Dir::open(dir) {
+        d.check_storage().map_err(|e| target_error(path, false, e))?;
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        let t = meta.file_type();
+        let kind = if t.is_char_device() {
+            "a character device"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            return Ok(());
+        };
+        return Err(Error::Target {
+            path: path.to_path_buf(),
+            reason: format!(
+                "it is {kind}, not a regular file, directory or block device usable for storage: pass a directory, a file or a block device"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The alignments, size and kind of the opened `file`, its space reserved as `target`
+/// asks.
+fn opened_target(target: &Target, file: &File, direct_io: bool) -> Result<(usize, usize, u64, bool)> {
+    let path = &target.path;
     let meta = file
         .metadata()
         .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
     let is_block_device = meta.file_type().is_block_device();
     let (offset_align, mem_align) = if direct_io {
-        dio_alignment(&file, is_block_device)
+        dio_alignment(file, is_block_device)
     } else {
         (1, 1)
     };
     let mut size = if is_block_device {
-        block_device_size(&file).map_err(|e| Error::io(format!("size of {}", path.display()), e))?
+        block_device_size(file).map_err(|e| Error::io(format!("size of {}", path.display()), e))?
     } else {
         meta.len()
     };
@@ -386,24 +510,23 @@ pub fn open_target(target: &Target) -> Result<OpenedTarget> {
                 });
             }
         } else if reserve > 0 {
-            reserve_space(&file, path, reserve)?;
+            reserve_space(file, path, reserve)?;
             size = size.max(reserve);
         }
     }
-    Ok(OpenedTarget {
-        file,
-        path: path.clone(),
-        anonymous: anonymous_mode,
-        direct_io,
-        offset_align,
-        mem_align,
-        size,
-        is_block_device,
-        warning,
-    })
+    Ok((offset_align, mem_align, size, is_block_device))
 }
 
 impl OpenedTarget {
+    /// Closes the target after a failure that follows its open (a backend that cannot use
+    /// it): a named file this open created is removed, as [`open_target`] does when it
+    /// fails itself.
+    pub fn discard(self) {
+        if self.created {
+            remove_created(&self.path, &self.file);
+        }
+    }
+
     /// The file opened again without the `O_TMPFILE` and `O_NOFOLLOW` flags, for libraries
     /// that refuse a descriptor carrying them (cuFile's `cuFileHandleRegister` answers
     /// "unsupported file open flags"). Such a file is reopened through `/proc/self/fd`,
@@ -487,6 +610,13 @@ fn open_error(path: &Path, anonymous: bool, e: std::io::Error) -> Error {
 }
 
 fn reserve_space(file: &File, path: &Path, bytes: u64) -> Result<()> {
+    if bytes > i64::MAX as u64 {
+        return Err(Error::invalid(format!(
+            "cannot reserve {bytes} bytes in {}: a file holds at most {} bytes (2^63 - 1)",
+            path.display(),
+            i64::MAX
+        )));
+    }
     // SAFETY: fd is open for writing for the duration of the call.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, bytes as libc::off_t) };
     match rc {
@@ -566,6 +696,83 @@ mod tests {
         let t = open_target(&Target::new(dir.path().join("a.dat")).reserve(1 << 20)).unwrap();
         assert!(t.size >= 1 << 20);
         assert!(t.offset_align.is_power_of_two());
+    }
+
+    #[test]
+    fn a_file_this_open_created_is_removed_when_its_reservation_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.bin");
+        // More than any filesystem here has free.
+        let err = open_target(&Target::new(&path).reserve(1 << 62)).unwrap_err();
+        assert!(matches!(err, Error::NoSpace { .. }), "{err}");
+        assert!(!path.exists(), "the file made by the failed open is left behind");
+        // A file that was there before stays, whatever happens to the open.
+        std::fs::write(&path, b"mine").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let err = open_target(&Target::new(&path).reserve(1 << 62)).unwrap_err();
+        assert!(matches!(err, Error::NoSpace { .. }), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"mine");
+        // Past what a file offset can hold: refused, and nothing left.
+        let big = dir.path().join("c.bin");
+        let err = open_target(&Target::new(&big).reserve(u64::MAX))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a file holds at most 9223372036854775807 bytes"),
+            "{err}"
+        );
+        assert!(!big.exists());
+    }
+
+    #[test]
+    fn a_missing_path_with_a_trailing_slash_is_not_made_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = format!("{}/nonexist/", dir.path().display());
+        let err = open_target(&Target::new(&missing)).unwrap_err().to_string();
+        assert!(
+            err.contains("this directory does not exist: create it")
+                && err.contains("drop the trailing slash"),
+            "{err}"
+        );
+        assert!(entries(dir.path()).is_empty(), "nothing made");
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"").unwrap();
+        let err = open_target(&Target::new(format!("{}/", file.display())))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("this directory is not a directory"), "{err}");
+        assert_eq!(
+            check_storage_path(Path::new(&missing)).unwrap_err().to_string(),
+            { open_target(&Target::new(&missing)).unwrap_err().to_string() }
+        );
+        // An existing directory with a slash is a directory target as always.
+        let t = open_target(&Target::new(format!("{}/", dir.path().display()))).unwrap();
+        assert!(t.anonymous.is_some());
+    }
+
+    #[test]
+    fn the_kernels_own_filesystems_are_refused_before_opening() {
+        for (path, fs) in [
+            ("/proc/self/mem", "procfs"),
+            ("/proc", "procfs"),
+            ("/proc/", "procfs"),
+            ("/sys/kernel/spillway.bin", "sysfs"),
+        ] {
+            if !Path::new(path).parent().unwrap_or(Path::new("/")).exists() {
+                continue;
+            }
+            let err = open_target(&Target::new(path)).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("is on {fs}")) && err.contains("not storage"),
+                "{path}: {err}"
+            );
+            let err = check_storage_path(Path::new(path)).unwrap_err().to_string();
+            assert!(err.contains(&format!("is on {fs}")), "{path}: {err}");
+        }
+        let err = check_storage_path(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a character device, not a regular file"), "{err}");
     }
 
     #[test]
@@ -814,6 +1021,7 @@ mod tests {
                 size: 0,
                 is_block_device: false,
                 warning: None,
+                created: false,
             };
             round_trip(&t);
         }

@@ -946,3 +946,73 @@ fn an_empty_tensor_round_trips_and_is_counted() {
     r.engine.drain().unwrap();
     assert_eq!(r.engine.storage_usage().used, 0);
 }
+
+#[test]
+fn a_null_region_of_nonzero_length_is_refused_before_any_copy() {
+    let r = rig(small_cfg(), 64 << 20);
+    // SAFETY: refused before any memory is read.
+    let err = unsafe {
+        r.engine
+            .offload(TensorKey::new(1, 0), &[Region::new(0, 4096)], None)
+    }
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("offload region 0 has address 0"), "{err}");
+    assert!(matches!(
+        // SAFETY: as above.
+        unsafe {
+            r.engine
+                .offload(TensorKey::new(1, 0), &[Region::new(0, 4096)], None)
+        },
+        Err(spillway_runtime::Error::InvalidArgument(_))
+    ));
+    // An empty region at 0 is no memory at all: accepted.
+    let t = tensor(&r.dev, 4096, 3);
+    let regions = [Region::new(0, 0), Region::new(t.ptr(), 4096)];
+    // SAFETY: `t` lives until the engine is dropped.
+    let h = unsafe { r.engine.offload(TensorKey::new(2, 0), &regions, None).unwrap() };
+    // SAFETY: refused before anything is written.
+    let err = unsafe { r.engine.fetch(h, &[Region::new(0, 4096)]) }
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("fetch region 0 has address 0"), "{err}");
+    assert_eq!(fetch_check(&r, h, 4096, 3), 0);
+}
+
+#[test]
+fn region_lengths_that_overflow_are_refused() {
+    let r = rig(small_cfg(), 64 << 20);
+    let t = tensor(&r.dev, 4096, 5);
+    let p = t.ptr();
+    let half = 1u64 << 63;
+    // Two regions of 2^63 bytes: their total wraps to 0.
+    let twice = [Region::new(p, half), Region::new(p, half)];
+    // SAFETY: refused before any memory is read.
+    let err = unsafe { r.engine.offload(TensorKey::new(1, 0), &twice, None) }
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("passes the end of the address space") || err.contains("add up to more than 2^64"),
+        "{err}"
+    );
+    // A region running past the end of the address space.
+    let past = [Region::new(u64::MAX - 10, 4096)];
+    // SAFETY: as above.
+    let err = unsafe { r.engine.offload(TensorKey::new(2, 0), &past, None) }
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("passes the end of the address space"), "{err}");
+    // Lengths whose sum wraps though each region fits.
+    let wraps = [
+        Region::new(1 << 12, u64::MAX >> 1),
+        Region::new(1 << 12, u64::MAX >> 1),
+        Region::new(1 << 12, 4),
+    ];
+    // SAFETY: as above.
+    let err = unsafe { r.engine.offload(TensorKey::new(3, 0), &wraps, None) }
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("add up to more than 2^64"), "{err}");
+    assert_eq!(r.engine.live_handles(), 0);
+}

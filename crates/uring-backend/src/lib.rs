@@ -217,7 +217,10 @@ impl Backend for UringBackend {
 
     fn open(&self, target: &Target) -> Result<(TargetId, TargetInfo)> {
         let opened = open_target(target)?;
-        self.check_alignment(&opened.path, opened.offset_align, opened.mem_align)?;
+        if let Err(e) = self.check_alignment(&opened.path, opened.offset_align, opened.mem_align) {
+            opened.discard();
+            return Err(e);
+        }
         let identity = FileIdentity::of(&opened.file)
             .map_err(|e| Error::io(format!("stat {}", opened.path.display()), e))?;
         let info = TargetInfo {
@@ -235,6 +238,8 @@ impl Backend for UringBackend {
             mem_align: opened.mem_align,
             identity,
             pending: Default::default(),
+            opened_len: info.size,
+            written_end: Default::default(),
         });
         tracing::debug!(
             target = file.id.0,

@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use spillway_runtime::{Error, Result, TargetId};
@@ -30,6 +31,75 @@ pub struct OpenFile {
     pub identity: FileIdentity,
     /// The requests submitted and not yet completed.
     pub pending: Arc<PendingRequests>,
+    /// The file's size when it was opened (and reserved): bytes it held for this backend.
+    pub opened_len: u64,
+    /// The end of the furthest write this backend completed on it: below it, bytes were
+    /// written here, and a hole means the file was changed underneath.
+    pub written_end: AtomicU64,
+}
+
+impl OpenFile {
+    /// Records a completed write of `len` bytes at `offset` (see [`OpenFile::written_end`]).
+    pub fn wrote(&self, offset: u64, len: u64) {
+        self.written_end
+            .fetch_max(offset.saturating_add(len), Ordering::Relaxed);
+    }
+
+    /// Checks, after a read of `len` bytes at `offset` came back, that the file was not
+    /// changed underneath the backend so that the read returned bytes that were never
+    /// written there. For a regular file: a read that ends within what the file held for
+    /// this backend (its size at open, or the end of its furthest write) must end within
+    /// its size now (else it was truncated and those bytes are lost); and a read that ends
+    /// within the furthest write must find no hole in its range (`lseek(SEEK_HOLE)`: a file
+    /// truncated and grown again, by `truncate` or `ftruncate`, reads back zeros where its
+    /// data was; bytes written are never a hole). Neither fires on a file only this backend
+    /// changes, nor on a read of a file that was never that long (a short read, as before).
+    /// One `fstat` and one `lseek` per read request, no path lookup: the descriptor keeps
+    /// the file itself, so a file renamed or replaced at its path reads as it did. Bytes
+    /// overwritten in place by another program are not seen here; the engine's `checksums`
+    /// setting catches those.
+    pub fn check_unchanged(&self, offset: u64, len: u64) -> Result<()> {
+        use std::os::unix::io::AsRawFd;
+        let Ok(meta) = self.file.metadata() else {
+            return Ok(());
+        };
+        if !meta.file_type().is_file() || len == 0 {
+            return Ok(());
+        }
+        let end = offset.saturating_add(len);
+        let changed = |what: String| {
+            Err(Error::Target {
+                path: self.path.clone(),
+                reason: format!(
+                    "the file changed underneath spillway: {what}, so the bytes read there (offset {offset}, {len} bytes) are not \
+                     the ones written; the data stored there is lost. Nothing else may write to, truncate or resize a storage file \
+                     while an engine or bench uses it"
+                ),
+            })
+        };
+        let written_end = self.written_end.load(Ordering::Relaxed);
+        if meta.len() < end && end <= self.opened_len.max(written_end) {
+            return changed(format!(
+                "it is now {} bytes long, but the read ends at byte {end} (it was truncated)",
+                meta.len()
+            ));
+        }
+        let Ok(start) = libc::off_t::try_from(offset) else {
+            return Ok(());
+        };
+        if end > written_end {
+            return Ok(());
+        }
+        // SAFETY: lseek on a descriptor this value owns; the I/O uses explicit offsets, so
+        // the file position it moves is never read.
+        let hole = unsafe { libc::lseek(self.file.as_raw_fd(), start, libc::SEEK_HOLE) };
+        if hole >= 0 && (hole as u64) < end {
+            return changed(format!(
+                "bytes from offset {hole} on are a hole, never written or lost (it was truncated and grown again)"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Requests in progress on one target, by submission number, so that `flush` can wait for

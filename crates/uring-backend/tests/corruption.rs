@@ -37,7 +37,7 @@ fn offload_three(file: &Path, checksums: bool) -> Offloaded {
         prefetch_bytes: 8 << 20,
         pack_extent_bytes: 4 << 20,
         // A and C go in one extent, however long B takes to offload (drain seals it).
-        pack_flush_delay: std::time::Duration::from_secs(60),
+        pack_flush_delay: std::time::Duration::from_secs(10),
         checksums,
         ..Default::default()
     };
@@ -185,4 +185,43 @@ fn intact_files_pass_every_check() {
     // A and C share an extent, checked whole at each of their two prefetches; B is read
     // on demand.
     assert_eq!(c.verified_bytes, 2 * SIZES[0] + SIZES[1] + 2 * SIZES[2], "{c:?}");
+}
+
+#[test]
+fn a_file_truncated_and_grown_again_underneath_is_an_error_not_zeros() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let file = dir.path().join("spill.bin");
+    // Checksums off: before, the fetch handed out zeros unnoticed.
+    let o = offload_three(&file, false);
+    let len = std::fs::metadata(&file).unwrap().len();
+    let f = OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(0).unwrap();
+    f.set_len(len).unwrap();
+    for (i, prefetch) in [(0, true), (1, false)] {
+        let err = fetch(&o, i, prefetch).unwrap_err().to_string();
+        assert!(
+            err.contains("the file changed underneath spillway")
+                && err.contains("spill.bin")
+                && err.contains("hole"),
+            "tensor {i}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_file_truncated_underneath_is_an_error_naming_it() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let file = dir.path().join("spill.bin");
+    let o = offload_three(&file, false);
+    OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let err = fetch(&o, 1, false).unwrap_err().to_string();
+    assert!(
+        err.contains("the file changed underneath spillway") && err.contains("it was truncated"),
+        "{err}"
+    );
 }

@@ -3,6 +3,7 @@
 
 use crate::memory::DevicePtr;
 use crate::pack::PackPiece;
+use crate::{Error, Result};
 
 /// A piece of device memory: a tensor's source region or a fetch destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -20,9 +21,42 @@ impl Region {
     }
 }
 
-/// Total length of `regions`.
+/// Total length of `regions`. Saturates instead of overflowing; [`check_regions`] refuses
+/// regions whose total does not fit 64 bits before any of them is used.
 pub fn total_len(regions: &[Region]) -> u64 {
-    regions.iter().map(|r| r.len).sum()
+    regions.iter().fold(0u64, |sum, r| sum.saturating_add(r.len))
+}
+
+/// Checks regions a caller hands the engine (`what` names them: "offload region", "fetch
+/// region"): none of a non-zero length may start at address 0 (memory there is never the
+/// caller's: the copy would crash a worker thread), none may pass the end of the address
+/// space, and their lengths must add up within 64 bits. Returns their total length.
+pub fn check_regions(what: &str, regions: &[Region]) -> Result<u64> {
+    let mut total = 0u64;
+    for (i, r) in regions.iter().enumerate() {
+        if r.len == 0 {
+            continue;
+        }
+        if r.ptr == 0 {
+            return Err(Error::invalid(format!(
+                "{what} {i} has address 0 (a null pointer) and length {}: pass the address of the tensor's memory",
+                r.len
+            )));
+        }
+        if r.ptr.checked_add(r.len).is_none() {
+            return Err(Error::invalid(format!(
+                "{what} {i} at address {:#x} with length {} passes the end of the address space: pass the tensor's real length",
+                r.ptr, r.len
+            )));
+        }
+        total = total.checked_add(r.len).ok_or_else(|| {
+            Error::invalid(format!(
+                "the lengths of the {what}s add up to more than 2^64 bytes (at region {i}, of length {}): pass the tensor's real lengths",
+                r.len
+            ))
+        })?;
+    }
+    Ok(total)
 }
 
 /// A contiguous run of a tensor's bytes somewhere: at an address (`at` is a pointer) or

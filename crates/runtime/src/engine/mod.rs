@@ -85,7 +85,7 @@ use std::thread;
 use std::time::Instant;
 
 pub use config::{EngineConfig, MAX_IO_RETRIES};
-pub use layout::{copy_plan, CopyStep, Region, Segment};
+pub use layout::{check_regions, copy_plan, CopyStep, Region, Segment};
 pub use stats::{CounterSnapshot, Latency, Op, StatsSnapshot};
 pub use timeline::{Timeline, Track};
 
@@ -405,6 +405,7 @@ impl Engine {
         cb: Option<SourceFreeFn>,
     ) -> Result<Handle> {
         let _span = tracing::trace_span!("offload", storage = key.storage, version = key.version).entered();
+        check_regions("offload region", regions)?;
         self.with_state(|st| st.offload(key, regions, ready, cb))
     }
 
@@ -466,6 +467,7 @@ impl Engine {
         dst_free: Option<Arc<dyn Event>>,
     ) -> Result<Arc<dyn Event>> {
         let _span = tracing::trace_span!("fetch", handle = handle.0).entered();
+        check_regions("fetch region", dst)?;
         let start = Instant::now();
         let mut guard = self.core.lock();
         let mut stalled: Option<Instant> = None;

@@ -92,6 +92,29 @@ impl Dir {
         }
     }
 
+    /// Refuses a directory on a filesystem of the kernel's own (procfs, sysfs, …): its
+    /// files are views of processes and devices, never storage (`/proc/self/mem` would
+    /// have the engine write into its own memory).
+    pub(crate) fn check_storage(&self) -> Result<(), OpenError> {
+        // SAFETY: `statfs` is plain old data that the kernel fills.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: the descriptor is open (O_PATH descriptors are accepted by fstatfs) and
+        // `st` is writable.
+        if unsafe { libc::fstatfs(self.fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // The magic numbers are 32 bits; `f_type` is signed and wider on some targets.
+        let magic = st.f_type as u64 & 0xffff_ffff;
+        match pseudo_filesystem(magic) {
+            Some(name) => Err(OpenError::Refused(format!(
+                "{} is on {name}, a filesystem of the kernel's own (views of processes, devices or settings), not storage: \
+                 pass a directory, a regular file or a block device on a real filesystem",
+                self.path.display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// `fstatat` of `name` in the directory; a symbolic link itself unless `follow`.
     pub(crate) fn stat_at(&self, name: &CStr, follow: bool) -> std::io::Result<Inode> {
         let flags = if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
@@ -196,9 +219,30 @@ pub(crate) fn split(path: &Path) -> Result<(&Path, CString), OpenError> {
     Ok((dir, name))
 }
 
+/// The name of the kernel's pseudo filesystem whose `statfs` magic is `magic`
+/// (`<linux/magic.h>`); `None` for any other.
+fn pseudo_filesystem(magic: u64) -> Option<&'static str> {
+    Some(match magic {
+        0x9fa0 => "procfs",
+        0x6265_6572 => "sysfs",
+        0x6462_6720 => "debugfs",
+        0x7472_6163 => "tracefs",
+        0x7363_6673 => "securityfs",
+        0x0027_e0eb => "cgroupfs",
+        0x6367_7270 => "cgroup2",
+        0x6265_6570 => "configfs",
+        0xcafe_4a11 => "bpffs",
+        0x4249_4e4d => "binfmt_misc",
+        0x6e73_6673 => "nsfs",
+        0xde5e_81e4 => "efivarfs",
+        _ => return None,
+    })
+}
+
 /// Opens the named target `path` (a regular file or a block device, not a directory)
-/// read-write, creating a private file when it is missing and `create` is set.
-pub(crate) fn open_named(path: &Path, create: bool, direct: bool) -> Result<File, OpenError> {
+/// read-write, creating a private file when it is missing and `create` is set; true with it
+/// when this call created it.
+pub(crate) fn open_named(path: &Path, create: bool, direct: bool) -> Result<(File, bool), OpenError> {
     let (dir_path, name) = split(path)?;
     let dir = match Dir::open(dir_path) {
         Ok(dir) => dir,
@@ -216,18 +260,19 @@ pub(crate) fn open_named(path: &Path, create: bool, direct: bool) -> Result<File
         }
         Err(e) => return Err(e.into()),
     };
+    dir.check_storage()?;
     if create {
         match dir.stat_at(&name, false) {
             Err(e) if e.kind() == ErrorKind::NotFound => match create_named(&dir, &name, direct) {
                 // Made by someone else meanwhile: opened with all the checks below.
                 Err(OpenError::Os(e)) if e.kind() == ErrorKind::AlreadyExists => {}
-                made => return made,
+                made => return made.map(|f| (f, true)),
             },
             Err(e) => return Err(e.into()),
             Ok(_) => {}
         }
     }
-    open_existing(&dir, &name, path, direct)
+    open_existing(&dir, &name, path, direct).map(|f| (f, false))
 }
 
 /// Creates `name` in the checked `dir`: `O_EXCL | O_NOFOLLOW` (never an existing file, never
@@ -341,6 +386,7 @@ pub(crate) fn open_anonymous(
     try_tmpfile: bool,
 ) -> Result<(File, AnonymousMode), OpenError> {
     let dir = Dir::open(dir_path)?;
+    dir.check_storage()?;
     dir.check()?;
     if try_tmpfile {
         match open_tmpfile(&dir, direct) {

@@ -324,7 +324,7 @@ impl Backend for SpdkBackend {
                 return Err(Error::Target {
                     path: target.path.clone(),
                     reason: format!(
-                        "namespace 1 holds {} bytes, {reserve} were asked for: ask for less (a smaller --size, or fewer or smaller tensors)",
+                        "namespace 1 holds {} bytes, {reserve} were asked for: ask for less (a smaller size, or fewer or smaller tensors)",
                         self.capacity
                     ),
                 });

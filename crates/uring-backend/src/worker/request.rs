@@ -190,13 +190,39 @@ impl Worker {
         } = request;
         let elapsed_us = started.elapsed().as_micros() as u64;
         let result = match failure {
+            // A read that came back short from a file now shorter than the read: say that
+            // the file was truncated underneath, rather than only that the read was short.
+            Some(short @ Error::ShortIo { .. }) if job.op == IoOp::Read => {
+                let error = job
+                    .file
+                    .check_unchanged(job.offset, job.mem.len() as u64)
+                    .err()
+                    .unwrap_or(short);
+                debug!(parent: &span, elapsed_us, %error, "request failed");
+                Err(error)
+            }
             Some(error) => {
                 debug!(parent: &span, elapsed_us, %error, "request failed");
                 Err(error)
             }
             None => {
-                debug!(parent: &span, elapsed_us, "request completed");
-                Ok(job.mem.len())
+                let checked = match job.op {
+                    IoOp::Read => job.file.check_unchanged(job.offset, job.mem.len() as u64),
+                    IoOp::Write => {
+                        job.file.wrote(job.offset, job.mem.len() as u64);
+                        Ok(())
+                    }
+                };
+                match checked {
+                    Ok(()) => {
+                        debug!(parent: &span, elapsed_us, "request completed");
+                        Ok(job.mem.len())
+                    }
+                    Err(error) => {
+                        debug!(parent: &span, elapsed_us, %error, "request read a changed file");
+                        Err(error)
+                    }
+                }
             }
         };
         job.complete(result);
