@@ -396,7 +396,7 @@ class Offloader:
             # within the budget (a save beyond it waits for writes).
             kept = rok.outcome.activation_bytes
             self._plan_pending_limit = max(self.budget - kept, 1 << 20)
-        details.update(rok.summary())
+        details["planned_bytes"] = rok.outcome.host_bytes + rok.outcome.storage_bytes
         return Plan("adaptive", len(segs), rok.reason, details)
 
     def _set_recompute(self, blocks: List[int]) -> None:
