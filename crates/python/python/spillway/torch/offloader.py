@@ -4,6 +4,7 @@ training step, and :func:`offload`, its one-call form."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import weakref
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -14,6 +15,8 @@ from .._engine import Engine
 from .planner import Profile, RokPlan, SegmentProfile, Tiers, plan as plan_rok
 from .policy import Plan, Segment
 from .saved import InPlaceModificationError, Kept, Stored
+
+_log = logging.getLogger("spillway.torch")
 
 #: Storage id of the bandwidth probe's buffers (tensor ids count up from 1).
 _PROBE_ID = (1 << 64) - 1
@@ -303,6 +306,7 @@ class Offloader:
                 self._profiled = list(segs)
                 self._plan = self._make_plan()
                 self._plan.details["profiled_step"] = self._steps
+                _log.info("spillway plan after step %d: %s", self._steps, self._plan.reason)
             elif self._plan is not None and self._rok is not None and stall > 0.02 * seconds and self._cuda:
                 # The step stalled: the bandwidths were optimistic. Plan again with less.
                 self._bandwidth_scale *= 0.8
@@ -311,6 +315,7 @@ class Offloader:
                     f"step {self._steps} stalled {stall * 1e3:.1f} ms of {seconds * 1e3:.1f} ms: planned again "
                     f"with bandwidths x{self._bandwidth_scale:.2f}; " + self._plan.reason
                 )
+                _log.info("spillway plan revised: %s", self._plan.reason)
         self._poll_sources()
 
     def _drop_step_state(self) -> None:
