@@ -367,9 +367,7 @@ impl Core {
         {
             st.dirty = st.dirty.saturating_sub(slot.arena.len);
         }
-        if let Err(e) = st.arena_space.free(slot.arena) {
-            tracing::error!("host tier: freeing arena space {:?}: {e}", slot.arena);
-        }
+        free_arena(st, slot.arena);
     }
 
     /// Drops the live slots meeting `[start, end)` of `target` (overwritten or discarded).
@@ -382,9 +380,7 @@ impl Core {
             }
             add(&self.counters.bytes_discarded, len);
             if let Some(slot) = st.slots.kill(id) {
-                if let Err(e) = st.arena_space.free(slot.arena) {
-                    tracing::error!("host tier: freeing arena space {:?}: {e}", slot.arena);
-                }
+                free_arena(st, slot.arena);
             }
         }
     }
@@ -406,9 +402,7 @@ impl Core {
             };
             add(&self.counters.bytes_evicted, cover);
             if let Some(slot) = st.slots.kill(id) {
-                if let Err(e) = st.arena_space.free(slot.arena) {
-                    tracing::error!("host tier: freeing arena space {:?}: {e}", slot.arena);
-                }
+                free_arena(st, slot.arena);
             }
             tracing::trace!(target = target.0, offset, "host tier: evicted a clean slot");
         }
@@ -648,9 +642,7 @@ impl Core {
             }
         }
         if let Some(slot) = st.slots.unbusy(id) {
-            if let Err(e) = st.arena_space.free(slot.arena) {
-                tracing::error!("host tier: freeing arena space {:?}: {e}", slot.arena);
-            }
+            free_arena(&mut st, slot.arena);
         }
         if ok {
             self.pump(&mut st);
@@ -919,6 +911,13 @@ fn sub_mem(mem: MemRef, delta: u64, n: u64) -> MemRef {
             ptr: ptr + delta,
             len: n as usize,
         },
+    }
+}
+
+/// Gives arena space back (an error here is a bookkeeping bug: logged, never fatal).
+fn free_arena(st: &mut TierState, arena: Extent) {
+    if let Err(e) = st.arena_space.free(arena) {
+        tracing::error!("host tier: freeing arena space {arena:?}: {e}");
     }
 }
 
