@@ -444,3 +444,34 @@ def test_goals_are_checked_when_the_offloader_is_made(tmp_path):
     off = offloader(model, tmp_path, policy="adaptive", budget="1MiB")
     assert off.budget == 1 << 20
     off.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures GPU memory: needs a CUDA GPU")
+def test_the_peak_falls_by_what_the_host_tier_took_before_it(tmp_path):
+    # Offloaded tensors whose copies into the host tier are done give their GPU memory back
+    # during forward: the peak falls by about what was offloaded (all but the last block).
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=512, seq_len=512, n_layer=6, n_head=8, d_model=512)
+    model = GPT(cfg, device="cuda")
+    x = torch.randint(0, 512, (16, 512), device="cuda")
+
+    def peak_of(ctx=None):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        run_step(model, (x, x), ctx)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start, grads(model)
+
+    peak_of()
+    base, want = peak_of()
+    with offloader(model, tmp_path, host_tier="2GiB") as off:
+        peak_of(off.step())
+        before = off.stats()["bytes_offloaded"]
+        peak, got = peak_of(off.step())
+        offloaded = off.stats()["bytes_offloaded"] - before
+        tier = off.engine.stats()["host_tier"]
+    assert_bitwise_equal(got, want)
+    assert offloaded > 0 and tier["bytes_in"] > 0
+    assert peak <= base - 0.5 * offloaded, (base, peak, offloaded)
