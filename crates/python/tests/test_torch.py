@@ -10,6 +10,7 @@ import sys
 import pytest
 
 torch = pytest.importorskip("torch")
+import spillway  # noqa: E402
 import spillway.torch as st  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3] / "benches"))
@@ -289,9 +290,12 @@ def test_the_adaptive_policy_profiles_then_reports_its_choice(tmp_path, device):
         assert_bitwise_equal(g, g0)
         p = off.stats()["policy"]
     assert p["mode"] == "adaptive" and p["reason"] and p["segments"] == len(model.blocks) + 1
-    assert 0 <= p["offloaded_segments"] <= p["segments"] - 1
-    if device == "cuda":
-        assert p["write_gbps"] > 0 and p["forward_ms"] > 0 and p["backward_ms"] > 0
+    # The plan touches (offloads from, or recomputes) some of the segments, and says why.
+    assert 0 <= p["offloaded_segments"] <= p["segments"]
+    assert p["write_gbps"] > 0 and p["forward_ms"] > 0 and p["backward_ms"] > 0
+    summary = p["plan_summary"]
+    assert summary["goal"] == "adaptive" and summary["reason"] == p["reason"]
+    assert summary["predicted_extra_ms"] >= 0
 
 
 def test_the_planner_offloads_what_compute_can_hide():
@@ -475,3 +479,20 @@ def test_the_peak_falls_by_what_the_host_tier_took_before_it(tmp_path):
     assert_bitwise_equal(got, want)
     assert offloaded > 0 and tier["bytes_in"] > 0
     assert peak <= base - 0.5 * offloaded, (base, peak, offloaded)
+
+
+@pytest.mark.parametrize("goal", [dict(budget="256KiB"), dict(max_slowdown=1.5), dict(budget="1MiB", recompute=False)])
+def test_goals_plan_from_the_measured_step_and_keep_gradients_bitwise_equal(tmp_path, goal):
+    model, data = gpt("cpu"), gpt_batch("cpu")
+    _, want = run_step(model, data)
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20, **goal) as off:
+        for _ in range(3):
+            _, got = run_step(model, data, off.step())
+            assert_bitwise_equal(got, want)
+        p = off.stats()["policy"]
+    s = p["plan_summary"]
+    assert s["goal"].startswith(next(iter(goal))), s
+    if "budget" in goal and not s["reason"].startswith("cannot meet"):
+        assert s["predicted_activation_bytes"] <= spillway.parse_size(goal["budget"]), s
+    if goal.get("recompute") is False:
+        assert s["recomputed_segments"] == []

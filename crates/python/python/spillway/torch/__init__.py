@@ -36,12 +36,17 @@ How it works. Inside ``step()``, every tensor autograd saves passes through
   and raises instead of returning stale data. ``retain_graph=True`` works: a copy stays
   on storage until autograd frees the saved tensor.
 
-The *adaptive* policy (the default) measures the first step without offloading — the
-forward and backward time of every segment, and the bytes each saves — with the engine's
-write and read bandwidth measured when the offloader starts, and offloads as many
-segments (earliest first) as their writes and reads can hide behind compute. Later steps
-that stall give up a segment. ``policy="all"`` offloads every segment but the last
-``keep_last`` from the first step. The choice and its reason are in ``stats()["policy"]``.
+The *adaptive* policy (the default) measures a step without offloading — the forward and
+backward time of every segment, the bytes of every tensor it saves and of its input — with
+the engine's write and read bandwidth (the host tier's, when the engine has one) measured
+when the offloader starts. The planner (:func:`plan_rok`, see :mod:`.planner`) then chooses
+per tensor whether to offload it and per block whether to recompute it, for the goal given:
+no goal (the most memory freed with the I/O hidden behind compute), ``budget=`` (activation
+memory under a number of bytes at the least extra time) or ``max_slowdown=`` (the most
+memory freed within a step-time ratio). A later step that stalls plans again with lower
+bandwidths. ``policy="all"`` offloads every segment but the last ``keep_last`` from the
+first step. The choice, its predicted memory and time and its reason are in
+``stats()["policy"]``.
 """
 
 from .offloader import Offloader, offload

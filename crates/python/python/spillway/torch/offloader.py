@@ -22,6 +22,19 @@ _log = logging.getLogger("spillway.torch")
 _PROBE_ID = (1 << 64) - 1
 
 
+class _HostMark:
+    """A point in time on the host, with a CUDA event's ``elapsed_time`` (for CPU tensors,
+    whose work runs on the host as it is called)."""
+
+    __slots__ = ("t",)
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, later: "_HostMark") -> float:
+        return (later.t - self.t) * 1e3
+
+
 def _holds_storage(obj: Any) -> bool:
     """True when ``obj`` (a tensor or a record, or None) keeps its storage alive."""
     if obj is None:
@@ -307,7 +320,7 @@ class Offloader:
                 self._plan = self._make_plan()
                 self._plan.details["profiled_step"] = self._steps
                 _log.info("spillway plan after step %d: %s", self._steps, self._plan.reason)
-            elif self._plan is not None and self._rok is not None and stall > 0.02 * seconds and self._cuda:
+            elif self._plan is not None and self._rok is not None and stall > 0.02 * seconds:
                 # The step stalled: the bandwidths were optimistic. Plan again with less.
                 self._bandwidth_scale *= 0.8
                 self._plan = self._make_plan()
@@ -325,24 +338,31 @@ class Offloader:
         self._by_segment = {}
         self._poll_sources()
 
-    def _mark_segment_start(self, seg: Segment, forward: bool) -> None:
-        if not (self._profiling and self._cuda):
-            return
+    def _mark(self) -> Any:
+        """A timing mark: a CUDA event on the current stream, or the host's clock."""
+        if not self._cuda:
+            return _HostMark()
         ev = torch.cuda.Event(enable_timing=True)
         ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def _mark_segment_start(self, seg: Segment, forward: bool) -> None:
+        if not self._profiling:
+            return
+        ev = self._mark()
         if forward:
             seg.fwd_start = ev
         else:
             seg.bwd_start = ev
 
     def _measure_segments(self) -> None:
-        """Forward and backward time of each segment (profiling steps on CUDA)."""
+        """Forward and backward time of each segment (profiling steps)."""
         segs = self._segments
-        if not (self._profiling and self._cuda and segs):
+        if not (self._profiling and segs):
             return
-        end = torch.cuda.Event(enable_timing=True)
-        end.record(torch.cuda.current_stream(self.device))
-        end.synchronize()
+        end = self._mark()
+        if self._cuda:
+            end.synchronize()
         fwd_end = segs[-1].bwd_start or end
         for i, s in enumerate(segs):
             nxt = segs[i + 1].fwd_start if i + 1 < len(segs) else fwd_end
@@ -372,9 +392,6 @@ class Offloader:
             backward_ms=round(sum(s.bwd_ms for s in segs), 3),
             offloadable_bytes=sum(s.saved_bytes for s in segs),
         )
-        if not self._cuda:
-            k = max(0, len(segs) - self.keep_last)
-            return Plan("adaptive", k, "host memory: no compute to hide I/O behind is measured; offloading all but the last segments", details)
         if write_gbps <= 0 or read_gbps <= 0:
             return Plan("adaptive", 0, "the storage bandwidth could not be measured", details)
         profile = Profile(
@@ -402,7 +419,8 @@ class Offloader:
             kept = rok.outcome.activation_bytes
             self._plan_pending_limit = max(self.budget - kept, 1 << 20)
         details["planned_bytes"] = rok.outcome.host_bytes + rok.outcome.storage_bytes
-        return Plan("adaptive", len(segs), rok.reason, details)
+        touched = len({i for i, _ in rok.offload} | set(rok.recompute))
+        return Plan("adaptive", touched, rok.reason, details)
 
     def _set_recompute(self, blocks: List[int]) -> None:
         """Recomputes the given blocks in backward (activation checkpointing, their input
