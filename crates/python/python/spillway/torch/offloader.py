@@ -74,8 +74,8 @@ class Offloader:
         recompute: whether the planner may recompute blocks (activation checkpointing of a
             block, its input offloaded) where that is cheaper than moving their bytes.
         min_tensor_bytes: storages smaller than this stay in memory (default 1 MiB).
-        keep_last: with ``policy="all"`` (and for CPU tensors), forward segments at the end
-            kept in memory (default 1); the adaptive planner decides per tensor instead.
+        keep_last: with ``policy="all"``, forward segments at the end kept in memory
+            (default 1); the adaptive policy's planner decides per tensor instead.
         prefetch_segments: segments requested ahead in backward (default 2).
         segments: modules whose forward calls cut the forward pass into segments (default:
             the model's repeated blocks).
