@@ -97,9 +97,10 @@ engine_perf() {
   # What the checksums cost: the tensors workload with and without --verify, interleaved.
   step python3 benches/checksum_cost.py --spillway "$dist/spillway" --path "$shm" --mem gpu \
     --backend uring --rounds 3 --save --out "$results" --name checksum-cost-h200-shm
-  # A timeline of a smaller run, to open in Perfetto.
+  # A timeline of a smaller run, to open in Perfetto (over 100 KB: kept out of git, as
+  # benches/results/*.trace.json is ignored; this command makes it again).
   step "$dist/spillway" bench --workload tensors --mem gpu --backend uring --tensors 2000 \
-    --path "$shm/trace.dat" --trace "$results/engine-trace-h200.json"
+    --path "$shm/trace.dat" --trace "$results/engine-h200.trace.json"
   rm -f "$shm/budget.dat" "$shm/trace.dat"
 }
 
