@@ -58,7 +58,10 @@ fn check_memory(args: &BenchArgs) -> spillway_runtime::Result<()> {
     crate::select::check_host_memory(
         &choices,
         args.path.len().max(1),
-        &[("staging_bytes (--staging)", staging)],
+        &[
+            ("staging_bytes (--staging)", staging),
+            ("host_tier (--host-tier)", args.host_tier.unwrap_or(0)),
+        ],
         crate::fs::host_memory(),
     )
 }

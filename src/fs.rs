@@ -88,6 +88,18 @@ pub fn allocated_bytes(path: &Path) -> u64 {
         .map_or(0, |m| m.blocks().saturating_mul(512))
 }
 
+/// The host memory kept free for everything spillway does not account for: a tenth of
+/// the host's memory…
+const HEADROOM_FRACTION: u64 = 10;
+/// …but never more than this.
+pub const HEADROOM_MAX: u64 = 4 << 30;
+
+/// The host memory of `total` that spillway leaves to everything else when it checks a
+/// configuration (pinned memory, the host tier, storage on tmpfs) against the host's.
+pub fn memory_headroom(total: u64) -> u64 {
+    (total / HEADROOM_FRACTION).min(HEADROOM_MAX)
+}
+
 /// The host's memory, as `/proc/meminfo` tells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HostMemory {

@@ -387,12 +387,12 @@ fn start(
 
 /// A pinned host-memory tier of `bytes` (the `host_tier` setting) in front of `setup`'s
 /// backend, taking writes aligned as the engine lays them out (`align`); `None` for 0.
-/// Refused when the host cannot give that much memory.
+/// Callers check first that the host can give that much memory (`check_resources`, the
+/// bench's memory check), before anything is allocated.
 pub(crate) fn host_tier(setup: &Setup, bytes: u64, align: u64) -> Result<Option<Arc<HostTierBackend>>> {
     if bytes == 0 {
         return Ok(None);
     }
-    capacity::check_host_tier(bytes, crate::fs::host_memory())?;
     let tier = HostTierBackend::new(
         setup.backend.clone(),
         setup.device.clone(),

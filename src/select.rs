@@ -404,7 +404,7 @@ pub fn check_host_memory(
     let need = others
         .iter()
         .fold(rings, |sum, (_, bytes)| sum.saturating_add(*bytes));
-    let headroom = (mem.total / 10).min(4 << 30);
+    let headroom = crate::fs::memory_headroom(mem.total);
     let room = mem.available.saturating_sub(headroom);
     if need <= room {
         return Ok(());

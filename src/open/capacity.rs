@@ -15,7 +15,7 @@
 //!   (up to its share, under an explicit capacity), on top of the filesystem's free space.
 //! - A memory-backed filesystem (tmpfs, ramfs) takes every byte written to it from the
 //!   host's memory: the bytes of all such paths together ([`ram_backed_bytes`]) must leave
-//!   the host [`ram_headroom`] of its available memory ([`check_ram`]), and by default they
+//!   the host [`memory_headroom`] of its available memory ([`check_ram`]), and by default they
 //!   take at most half of it.
 //! - Block devices keep their own rules: they need `capacity=`, which their size bounds
 //!   when they open; nothing here counts them.
@@ -28,19 +28,13 @@ use std::path::{Path, PathBuf};
 
 use spillway_runtime::{Error, Result};
 
-use crate::fs::{Filesystem, HostMemory};
+use crate::fs::{memory_headroom, Filesystem, HostMemory, HEADROOM_MAX};
 use crate::size::format_size;
 
 /// Without an explicit capacity, the paths on a filesystem may fill this fraction of its
 /// free space (files grow as tensors are written), and the paths on memory-backed
 /// filesystems this fraction of the host's available memory.
 pub(super) const DEFAULT_CAPACITY_FRACTION: u64 = 2;
-
-/// The host memory kept free for everything else when paths are on tmpfs or ramfs: this
-/// fraction of all of it…
-const RAM_HEADROOM_FRACTION: u64 = 10;
-/// …but never more than this.
-const RAM_HEADROOM_MAX: u64 = 4 << 30;
 
 /// What the accounting knows of one storage path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,17 +51,11 @@ pub(crate) struct PathFacts {
     pub held: u64,
 }
 
-/// The host memory kept free for everything but the engine's memory-backed storage:
-/// a tenth of `total`, at most 4 GiB.
-pub(crate) fn ram_headroom(total: u64) -> u64 {
-    (total / RAM_HEADROOM_FRACTION).min(RAM_HEADROOM_MAX)
-}
-
 /// Refuses a host tier (`host_tier` bytes of pinned host memory) larger than the host's
-/// available memory less [`ram_headroom`]; nothing to check when `mem` is unknown.
+/// available memory less [`memory_headroom`]; nothing to check when `mem` is unknown.
 pub(crate) fn check_host_tier(host_tier: u64, mem: Option<HostMemory>) -> Result<()> {
     let Some(mem) = mem else { return Ok(()) };
-    let room = mem.available.saturating_sub(ram_headroom(mem.total));
+    let room = mem.available.saturating_sub(memory_headroom(mem.total));
     if host_tier <= room {
         return Ok(());
     }
@@ -76,7 +64,7 @@ pub(crate) fn check_host_tier(host_tier: u64, mem: Option<HostMemory>) -> Result
          stay free for everything else: set host_tier to at most {}",
         bytes(host_tier),
         bytes(mem.available),
-        bytes(ram_headroom(mem.total)),
+        bytes(memory_headroom(mem.total)),
         bytes(room),
     )))
 }
@@ -181,7 +169,7 @@ fn held_credit(paths: &[PathFacts], unit: u64, capacity: u64, members: &[&PathFa
 fn ram_room(mem: HostMemory, held: u64, extra_ram: u64) -> u64 {
     mem.available
         .saturating_add(held)
-        .saturating_sub(ram_headroom(mem.total))
+        .saturating_sub(memory_headroom(mem.total))
         .saturating_sub(extra_ram)
 }
 
@@ -195,7 +183,7 @@ pub(crate) fn ram_backed_bytes(paths: &[PathFacts], unit: u64, capacity: u64) ->
 
 /// Refuses a `capacity` whose memory-backed bytes ([`ram_backed_bytes`]), with `extra_ram`
 /// bytes of other host memory the engine takes (pinned buffers, a host-memory tier), pass
-/// the host's available memory less [`ram_headroom`]:
+/// the host's available memory less [`memory_headroom`]:
 /// `ram_backed + extra_ram ≤ MemAvailable + held − headroom`, where `held` is what those
 /// paths' files hold already, up to their shares (memory they have taken before). Nothing
 /// to check without memory-backed paths, or when `mem` is unknown.
@@ -233,8 +221,8 @@ pub(crate) fn check_ram(
         bytes(ram_bytes),
         list(&ram.paths),
         bytes(mem.available),
-        bytes(ram_headroom(mem.total)),
-        format_size(RAM_HEADROOM_MAX),
+        bytes(memory_headroom(mem.total)),
+        format_size(HEADROOM_MAX),
         bytes(largest_capacity(paths, unit, extra_ram, Some(mem))),
     )))
 }
@@ -632,9 +620,9 @@ mod tests {
 
     #[test]
     fn the_memory_headroom_is_a_tenth_at_most_4_gib() {
-        assert_eq!(ram_headroom(16 * GIB), 16 * GIB / 10);
-        assert_eq!(ram_headroom(40 * GIB), 4 * GIB);
-        assert_eq!(ram_headroom(2048 * GIB), 4 * GIB);
+        assert_eq!(memory_headroom(16 * GIB), 16 * GIB / 10);
+        assert_eq!(memory_headroom(40 * GIB), 4 * GIB);
+        assert_eq!(memory_headroom(2048 * GIB), 4 * GIB);
     }
 
     #[test]
