@@ -139,6 +139,23 @@ struct WaitingWrite {
     waited: bool,
 }
 
+/// Why the last spill failed.
+struct SpillFailure {
+    message: String,
+    /// The storage was full: writes that cannot get room fail as [`Error::NoSpace`], which
+    /// the engine answers by keeping their tensors in GPU memory.
+    no_space: bool,
+}
+
+impl SpillFailure {
+    fn of(e: &Error) -> Self {
+        SpillFailure {
+            message: e.to_string(),
+            no_space: matches!(e, Error::NoSpace { .. }),
+        }
+    }
+}
+
 /// Everything under the tier's lock.
 struct TierState {
     arena_space: ExtentAllocator,
@@ -151,7 +168,7 @@ struct TierState {
     /// Device copies, spills and storage reads under way.
     in_flight: usize,
     /// The last spill failure not followed by a successful spill.
-    spill_failure: Option<String>,
+    spill_failure: Option<SpillFailure>,
     /// Targets being flushed: spill everything dirty, whatever the fill.
     flushing: usize,
     /// Dropping: nothing more is spilled.
@@ -516,12 +533,16 @@ impl Core {
     /// fails) fail with the reason.
     fn fail_waiting(&self, st: &mut TierState) {
         let reason = match &st.spill_failure {
-            Some(f) => format!("the host tier is full and writing it to storage failed: {f}"),
+            Some(f) => format!(
+                "the host tier is full and writing it to storage failed: {}",
+                f.message
+            ),
             None => "the host tier is full of bytes that cannot be spilled (all in use)".to_string(),
         };
+        let no_space = st.spill_failure.as_ref().is_some_and(|f| f.no_space);
         while let Some(w) = st.waiting.pop_front() {
             let path = st.paths.get(&w.req.target).cloned().unwrap_or_default();
-            let err = if reason.contains("no space left") {
+            let err = if no_space {
                 Error::NoSpace {
                     path,
                     offset: w.req.offset,
@@ -602,7 +623,7 @@ impl Core {
             }
             Err(e) => {
                 add(&self.counters.spill_errors, 1);
-                st.spill_failure = Some(e.to_string());
+                st.spill_failure = Some(SpillFailure::of(&e));
                 false
             }
         }
@@ -615,11 +636,14 @@ impl Core {
         let ok = match r {
             Ok(n) if n == len => true,
             Ok(n) => {
-                st.spill_failure = Some(format!("a spill wrote {n} of {len} bytes"));
+                st.spill_failure = Some(SpillFailure {
+                    message: format!("a spill wrote {n} of {len} bytes"),
+                    no_space: false,
+                });
                 false
             }
             Err(e) => {
-                st.spill_failure = Some(e.to_string());
+                st.spill_failure = Some(SpillFailure::of(&e));
                 false
             }
         };
@@ -978,7 +1002,7 @@ impl Backend for HostTierBackend {
             if st.spilling == 0 && st.in_flight == 0 {
                 if let Some(f) = &st.spill_failure {
                     break Err(Error::io(
-                        format!("flushing the host tier to storage: {f}"),
+                        format!("flushing the host tier to storage: {}", f.message),
                         std::io::Error::other("spill failed"),
                     ));
                 }
