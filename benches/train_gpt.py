@@ -17,7 +17,15 @@ same batches:
   baseline        every activation stays in GPU memory
   spillway-disk   spillway.torch.Offloader spilling to a file in --disk-dir
   spillway-shm    spillway.torch.Offloader spilling to a file in --shm-dir (/dev/shm)
+  spillway-shm8   the same, striped over 8 files in --shm-dir (every run on --shm-dir watches
+                  its use: tmpfs.peak_used_above_start_bytes)
+  spillway-host   the Offloader with the pinned host tier (--host-tier) before the
+                  --shm-dir file; -budgetNN: budget= NN% of the activation estimate;
+                  -slow105: max_slowdown=1.05
   checkpoint      torch.utils.checkpoint around every transformer block (non-reentrant)
+  checkpoint-offload
+                  checkpoint as above, with the blocks' inputs (all that checkpointing
+                  saves) in pinned host memory through save_on_cpu: torchtune's way
   save_on_cpu     torch.autograd.graph.save_on_cpu(pin_memory=True) around forward+backward
 
 What each run reports (over --steps timed steps, after --warmup untimed ones; every step
@@ -63,6 +71,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,7 +85,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-RUNS = ("baseline", "spillway-disk", "spillway-shm", "checkpoint", "save_on_cpu", "spillway-host",
+RUNS = ("baseline", "spillway-disk", "spillway-shm", "spillway-shm8", "checkpoint", "checkpoint-offload",
+        "save_on_cpu", "spillway-host",
         "spillway-host-budget25", "spillway-host-budget50", "spillway-host-budget75", "spillway-host-slow105")
 
 # Model-size defaults: the full run (sized for one H200) and the --small smoke preset.
@@ -426,6 +436,30 @@ def stats_delta(before, after, key):
     return after[key] - before.get(key, 0)
 
 
+class UsageWatch:
+    """Samples a filesystem's used bytes every 20 ms on a thread: the most it held above
+    its use at start (tmpfs space is RAM, so this is host memory the run took there)."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.start = shutil.disk_usage(directory).used
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, shutil.disk_usage(self.directory).used)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        return {"directory": self.directory, "used_at_start_bytes": self.start,
+                "peak_used_above_start_bytes": self.peak - self.start,
+                "filesystem_bytes": shutil.disk_usage(self.directory).total}
+
+
 def run_one(args):
     """Trains args.run for warmup + steps steps and returns its results as a dict."""
     name = args.run
@@ -457,9 +491,9 @@ def run_one(args):
     offloader = None
     spill_path = None
     context = contextlib.nullcontext
-    if name == "checkpoint":
+    if name in ("checkpoint", "checkpoint-offload"):
         model.gradient_checkpointing = True
-    elif name == "save_on_cpu":
+    if name in ("save_on_cpu", "checkpoint-offload"):
         def context():
             return torch.autograd.graph.save_on_cpu(pin_memory=True)
     elif name.startswith("spillway-"):
@@ -467,14 +501,19 @@ def run_one(args):
         spill_path = os.path.join(directory,
                                   args.spill_file_name or "spillway-train-%d.bin" % os.getpid())
         result["spill_path"] = spill_path
+        if name == "spillway-shm8":
+            spill_path = [spill_path + ".%d" % i for i in range(8)]
+            result["spill_path"] = spill_path
 
+    watch = UsageWatch(args.shm_dir) if spill_path is not None and name != "spillway-disk" else None
     try:
         if spill_path is not None:
             import spillway
             import spillway.torch as st
 
             result["spillway_version"] = getattr(spillway, "__version__", None)
-            os.makedirs(os.path.dirname(spill_path) or ".", exist_ok=True)
+            first = spill_path[0] if isinstance(spill_path, list) else spill_path
+            os.makedirs(os.path.dirname(first) or ".", exist_ok=True)
             goal = {}
             settings = {}
             if name.startswith("spillway-host"):
@@ -561,6 +600,10 @@ def run_one(args):
                 "measured_write_gbps": gbps,
                 "bound_fraction": min(1.0, gbps * 1e9 * (24 * h + 4 * seq) / (34 * achieved)),
                 "needed_gbps_all": 34 * achieved / (24 * h + 4 * seq) / 1e9,
+                # Measured beside the bound: the fraction of the layers' estimated bytes
+                # (34*s*b*h each) that this run offloaded per step.
+                "layer_bytes_estimate": 34 * seq * b * h * cfg.n_layer,
+                "offloaded_fraction": (offloaded or 0) / args.steps / (34 * seq * b * h * cfg.n_layer),
             }
         elif name == "save_on_cpu":
             result.update({"offloaded_bytes_per_step": None, "fetched_bytes_per_step": None,
@@ -571,12 +614,15 @@ def run_one(args):
         result["ok"] = True
         return result
     finally:
+        if watch is not None:
+            result["tmpfs"] = watch.stop()
         try:
             if offloader is not None:
                 offloader.close()
         finally:
-            if spill_path is not None and os.path.exists(spill_path):
-                os.remove(spill_path)
+            for p in spill_path if isinstance(spill_path, list) else [spill_path]:
+                if p is not None and os.path.exists(p):
+                    os.remove(p)
 
 
 def child_main(args):

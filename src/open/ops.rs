@@ -127,6 +127,48 @@ impl OpenedEngine {
         }
     }
 
+    /// Copies the tensor behind `handle` into `regions` ahead of its use: the copy waits
+    /// for the work queued on `stream` so far (the memory's previous users), but no later
+    /// work waits for it. Returns the event after which the memory holds the tensor; make
+    /// the consumer's stream wait for it ([`OpenedEngine::wait_on`]) before the memory is
+    /// read. Blocks while the bytes come from storage (or the host tier), so callers run
+    /// it off their own thread to overlap it with compute.
+    ///
+    /// # Safety
+    /// The memory must be live and used by nothing else until the returned event completes
+    /// (with a stream: by nothing queued there after this call until the stream waits for
+    /// the event), and `stream` must meet the contract of [`OpenedEngine::stream`] for this
+    /// call.
+    pub unsafe fn fetch_ahead(
+        &self,
+        handle: Handle,
+        regions: &[Region],
+        stream: Option<u64>,
+    ) -> Result<Arc<dyn Event>> {
+        self.check("fetch region", regions)?;
+        // SAFETY: forwarded contract; the stream is used only during this call.
+        let free: Option<Arc<dyn Event>> = match unsafe { self.stream(stream)? } {
+            Some(s) => Some(Arc::new(s.record_event()?)),
+            None => None,
+        };
+        // SAFETY: the memory is the caller's and free once `free` completes (this
+        // function's contract); nothing reads it before the returned event completes.
+        unsafe { self.engine.fetch_into(handle, regions, free) }
+    }
+
+    /// Makes `stream`'s later work wait for `event` (one [`OpenedEngine::fetch_ahead`]
+    /// returned); without a stream, waits on the host.
+    ///
+    /// # Safety
+    /// `stream` must meet the contract of [`OpenedEngine::stream`] for this call.
+    pub unsafe fn wait_on(&self, event: &dyn Event, stream: Option<u64>) -> Result<()> {
+        // SAFETY: forwarded contract; the stream is used only during this call.
+        match unsafe { self.stream(stream)? } {
+            Some(s) => s.wait_event(event),
+            None => event.synchronize(),
+        }
+    }
+
     /// Drops a handle; the stored copy goes with its last handle. The last handle of a key
     /// returns once the engine no longer reads the tensor's memory (a write under way is
     /// finished first; one not yet started is dropped): the memory may be freed then.

@@ -10,7 +10,7 @@ use pyo3::types::PyDict;
 use spillway::open::{open_engine, EngineInfo, OpenedEngine};
 use spillway::size::format_size;
 use spillway_runtime::engine::{Handle, Region, TensorKey};
-use spillway_runtime::{Error, PrivateFile};
+use spillway_runtime::{Error, Event, PrivateFile};
 
 use crate::errors::{invalid, to_py};
 use crate::settings;
@@ -28,6 +28,33 @@ pub struct PyEngine {
     open: Mutex<Option<Arc<OpenedEngine>>>,
     /// What it was opened on (still known once closed).
     info: EngineInfo,
+}
+
+/// A copy started by `Engine.fetch_ahead`: the memory holds the tensor once it is done.
+#[pyclass(name = "Fetched", module = "spillway._native", frozen)]
+pub struct PyFetched {
+    open: Arc<OpenedEngine>,
+    done: Arc<dyn Event>,
+}
+
+#[pymethods]
+impl PyFetched {
+    /// Makes `stream`'s later work (a raw CUDA stream handle) wait for the copy; without a
+    /// stream, waits on the host until it is done.
+    #[pyo3(signature = (stream=None))]
+    fn wait(&self, py: Python<'_>, stream: Option<u64>) -> PyResult<()> {
+        py.detach(|| {
+            // SAFETY: the stream is a live one of the engine's GPU (this method's documented
+            // contract, which torch's `Stream.cuda_stream` meets).
+            unsafe { self.open.wait_on(self.done.as_ref(), stream) }
+        })
+        .map_err(to_py)
+    }
+
+    /// True once the copy is done.
+    fn done(&self) -> PyResult<bool> {
+        self.done.query().map_err(to_py)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -155,6 +182,31 @@ impl PyEngine {
             unsafe { open.fetch(Handle(handle), &regions_of(&regions), stream) }
         })
         .map_err(to_py)
+    }
+
+    /// Starts copying the tensor behind `handle` into `regions` ahead of its use: the copy
+    /// waits for the work queued on `stream` so far (the memory's previous users), and no
+    /// later work waits for it. Returns a :class:`Fetched`; call its ``wait(stream)`` before
+    /// the memory is read. Returns once the bytes have left storage (or the host tier), so
+    /// run it on a thread of its own to overlap it with compute.
+    #[pyo3(signature = (handle, regions, stream=None))]
+    fn fetch_ahead(
+        &self,
+        py: Python<'_>,
+        handle: u64,
+        regions: Vec<(u64, u64)>,
+        stream: Option<u64>,
+    ) -> PyResult<PyFetched> {
+        let open = self.open()?;
+        let done = py
+            .detach(|| {
+                // SAFETY: the memory is the caller's, used by nothing queued on its stream
+                // after this call until `Fetched.wait` (this method's documented contract),
+                // and the stream is a live one of the engine's GPU.
+                unsafe { open.fetch_ahead(Handle(handle), &regions_of(&regions), stream) }
+            })
+            .map_err(to_py)?;
+        Ok(PyFetched { open, done })
     }
 
     /// Drops a handle; the stored copy goes with its last handle. The last handle of a

@@ -38,6 +38,7 @@ fn parse_size(text: &str) -> PyResult<u64> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyEngine>()?;
+    m.add_class::<engine::PyFetched>()?;
     m.add("SpillwayError", m.py().get_type::<errors::SpillwayError>())?;
     m.add("CorruptDataError", m.py().get_type::<errors::CorruptDataError>())?;
     settings::register(m)?;

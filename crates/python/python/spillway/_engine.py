@@ -89,6 +89,14 @@ class Engine:
         for the GPU; without, it returns once the bytes are in place."""
         self._native.fetch(handle, list(regions), stream)
 
+    def fetch_ahead(self, handle: int, regions: Regions, stream: Optional[int] = None) -> Any:
+        """Copies ``handle``'s bytes into ``regions`` ahead of their use: the copy waits for
+        the work queued on ``stream`` so far, and nothing waits for it. Returns a ``Fetched``
+        whose ``wait(stream)`` orders the consumer's later work after the copy (without a
+        stream: waits for it). Returns once the bytes have left storage or the host tier:
+        call it from a thread of its own to overlap it with compute."""
+        return self._native.fetch_ahead(handle, list(regions), stream)
+
     def release(self, handle: int) -> None:
         """Drops a handle; the stored copy goes with its last handle."""
         self._native.release(handle)

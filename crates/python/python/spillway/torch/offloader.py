@@ -3,6 +3,7 @@ training step, and :func:`offload`, its one-call form."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -12,6 +13,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .._engine import Engine
+from .ahead import FetchAhead
 from .planner import Profile, RokPlan, SegmentProfile, Tiers, plan as plan_rok
 from .policy import Plan, Segment
 from .saved import InPlaceModificationError, Kept, Stored
@@ -76,7 +78,15 @@ class Offloader:
         min_tensor_bytes: storages smaller than this stay in memory (default 1 MiB).
         keep_last: with ``policy="all"``, forward segments at the end kept in memory
             (default 1); the adaptive policy's planner decides per tensor instead.
-        prefetch_segments: segments requested ahead in backward (default 2).
+        prefetch_segments: in backward, how many segments before the one running may
+            have their tensors copied back ahead of use (default 2).
+        fetch_ahead_bytes: the most bytes copied back ahead of use in backward (memory
+            backward holds beyond what it needs now; default: twice the largest tensor
+            offloaded in the step, at least 64 MiB).
+        run_ahead: in steps that offload, the host queues work at most this many saved
+            (or, in backward, used) tensors ahead of the GPU (default 3; 0: no bound).
+            Memory comes back when the GPU has copied a tensor out, so a host far ahead
+            would have allocated the rest of forward before any of it came back.
         segments: modules whose forward calls cut the forward pass into segments (default:
             the model's repeated blocks).
         device: the device whose tensors are offloaded (default: the model's). A CPU
@@ -112,6 +122,8 @@ class Offloader:
         probe_bytes: int = 256 << 20,
         profile_steps: int = 2,
         max_pending_bytes: Optional[int] = None,
+        fetch_ahead_bytes: Optional[int] = None,
+        run_ahead: int = 3,
         engine: Optional[Engine] = None,
         **settings: Any,
     ):
@@ -135,6 +147,10 @@ class Offloader:
             raise ValueError("profile_steps must be at least 1")
         if max_pending_bytes is not None and max_pending_bytes <= 0:
             raise ValueError("max_pending_bytes must be positive (or None: no bound)")
+        if fetch_ahead_bytes is not None and fetch_ahead_bytes <= 0:
+            raise ValueError("fetch_ahead_bytes must be positive (or None: twice the largest tensor offloaded)")
+        if run_ahead < 0:
+            raise ValueError("run_ahead must be >= 0 (0: no bound on how far the host runs ahead of the GPU)")
         self.model = model
         if device is None:
             p = next(model.parameters(), None)
@@ -164,7 +180,20 @@ class Offloader:
         self.probe_bytes = probe_bytes
         self.profile_steps = profile_steps
         self.max_pending_bytes = max_pending_bytes
+        self.fetch_ahead_bytes = fetch_ahead_bytes
+        self.run_ahead = run_ahead
         self._pending_bytes = 0  # offloaded, source still held
+        self._ahead = FetchAhead(engine, self.device)
+        # This step's offloaded records in save order (backward copies them back from the
+        # end), the next one to copy back, and the window in bytes.
+        self._order: List[weakref.ref] = []
+        self._cursor = -1
+        self._window = 0
+        self._bwd_segment = 0
+        # Events of the last saves/uses, for keeping the host near the GPU.
+        self._pace_events: "collections.deque" = collections.deque()
+        self._pacing = False
+        self._step_stall = 0.0  # seconds the host waited for bytes this step
         self._blocks = segments if segments is not None else _find_segments(model)
         self._hooks = [b.register_forward_pre_hook(self._on_block_forward) for b in self._blocks]
         # Planned per tensor: this step's eligible first saves counted per segment, and the
@@ -203,7 +232,7 @@ class Offloader:
         self._profiled: List[Segment] = []  # the measured step's segments
         self._totals = dict(
             offloaded_tensors=0, kept_tensors=0, bytes_offloaded=0, bytes_kept=0, bytes_fetched=0,
-            stall_s=0.0, step_s=0.0,
+            bytes_fetched_ahead=0, stall_s=0.0, step_s=0.0,
         )
         self._last_step: Dict[str, Any] = {}
         self._closed = False
@@ -220,14 +249,13 @@ class Offloader:
         if self.policy == "adaptive" and self._bandwidth is None:
             self._bandwidth = self._probe_bandwidth()
         self._begin_step()
-        stall0 = self.engine.stats()["stall_ns"]
         t0 = time.perf_counter()
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 yield self
         finally:
             self._active = False
-            self._end_step(time.perf_counter() - t0, (self.engine.stats()["stall_ns"] - stall0) / 1e9)
+            self._end_step(time.perf_counter() - t0, self._step_stall)
 
     def stats(self) -> Dict[str, Any]:
         """Totals since the offloader started, the last step's figures, the engine's
@@ -269,6 +297,7 @@ class Offloader:
         self._set_recompute([])
         self._closed = True
         self._drop_step_state()
+        self._ahead.close()
         if self._own_engine:
             self.engine.close()
 
@@ -296,6 +325,12 @@ class Offloader:
         self._keys_seen = set()
         self._saves_in_segment = {}
         self._decisions = {}
+        self._order = []
+        self._cursor = -1
+        self._bwd_segment = 0
+        self._step_stall = 0.0
+        self._pace_events.clear()
+        self._pacing = self._cuda and self.run_ahead > 0 and self._plan is not None and self._plan.offload_segments > 0
         self._mark_segment_start(self._segments[0], forward=True)
 
     def _end_step(self, seconds: float, stall: float) -> None:
@@ -336,6 +371,9 @@ class Offloader:
         # their handles when autograd frees them; the step's bookkeeping goes.
         self._segments = []
         self._by_segment = {}
+        self._ahead.settle_all()
+        self._order = []
+        self._pace_events.clear()
         self._poll_sources()
 
     def _mark(self) -> Any:
@@ -545,6 +583,7 @@ class Offloader:
         seg = self._segments[-1] if self._segments else Segment(0, "start")
         if self._in_backward or not self._eligible(t):
             return Kept(t, seg.index)
+        self._pace()
         nbytes = t.untyped_storage().nbytes()
         key = self._storage_key(t)
         first = key not in self._keys_seen
@@ -566,6 +605,7 @@ class Offloader:
         self._by_key.setdefault(key, []).append(weakref.ref(rec))
         self._by_segment.setdefault(seg.index, []).append(weakref.ref(rec))
         self._inflight.append(weakref.ref(rec))
+        self._order.append(weakref.ref(rec))
         self._totals["offloaded_tensors"] += 1
         if first:
             seg.offloaded_bytes += nbytes
@@ -584,12 +624,26 @@ class Offloader:
         if limit is None or self._pending_bytes <= limit:
             return
         self._poll_sources()
+        t0 = time.perf_counter()
         while self._pending_bytes > limit and self._inflight:
             rec = self._inflight[0]()
             if rec is not None and rec.source is not None and rec.handle is not None:
                 if not self.engine.wait_source_released(rec.handle):
                     rec.keep_source()  # held until release: waiting would never end
             self._poll_sources()
+        self._step_stall += time.perf_counter() - t0
+
+    def _pace(self) -> None:
+        """Keeps the host at most ``run_ahead`` saves (or uses) ahead of the GPU in steps
+        that offload: a tensor's memory comes back once the GPU has copied it out, and only
+        what came back before the host allocates the rest of forward lowers the peak."""
+        if not self._pacing:
+            return
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self._pace_events.append(ev)
+        while len(self._pace_events) > self.run_ahead:
+            self._pace_events.popleft().synchronize()
 
     def _poll_sources(self) -> None:
         """Lets go of source tensors the engine has finished reading."""
@@ -617,6 +671,8 @@ class Offloader:
         if not self._in_backward and self._active:
             self._in_backward = True
             self._on_backward_start()
+        if self._active:
+            self._pace()
         if isinstance(saved, Kept):
             self._progress(saved.segment)
             return saved.tensor
@@ -633,6 +689,7 @@ class Offloader:
         out = torch.empty(0, dtype=rec.dtype, device=self.device)
         out.set_(self._fetch_storage(rec), rec.offset, rec.size, rec.stride)
         rec.unpacked = True
+        self._top_up()
         return out
 
     def _fetch_storage(self, rec: Stored) -> torch.UntypedStorage:
@@ -643,12 +700,19 @@ class Offloader:
             storage, waiting = shared
             self._stop_waiting(rec)
             return storage
-        buf = torch.empty(rec.nbytes, dtype=torch.uint8, device=self.device)
-        stream = torch.cuda.current_stream(self.device).cuda_stream if self._cuda else None
-        self.engine.fetch(rec.handle, [(buf.data_ptr(), rec.nbytes)], stream)
+        consumer = torch.cuda.current_stream(self.device) if self._cuda else None
+        storage, waited = self._ahead.take(rec.key, consumer)
+        if storage is None:  # not copied ahead: read now
+            t0 = time.perf_counter()
+            buf = torch.empty(rec.nbytes, dtype=torch.uint8, device=self.device)
+            self.engine.fetch(rec.handle, [(buf.data_ptr(), rec.nbytes)], None if consumer is None else consumer.cuda_stream)
+            storage = buf.untyped_storage()
+            waited = time.perf_counter() - t0
+        else:
+            self._totals["bytes_fetched_ahead"] += rec.nbytes
+        self._step_stall += waited
         rec.requested = False
         self._totals["bytes_fetched"] += rec.nbytes
-        storage = buf.untyped_storage()
         others = {id(o) for o in (r() for r in self._by_key.get(rec.key, ())) if o is not None and o is not rec}
         if others:
             self._fetched[rec.key] = (storage, others)
@@ -666,21 +730,44 @@ class Offloader:
         self._poll_sources()
         if self._profiling and self._segments:
             self._mark_segment_start(self._segments[-1], forward=False)
+        self._bwd_segment = len(self._segments) - 1
+        self._cursor = len(self._order) - 1
+        if self.fetch_ahead_bytes is not None:
+            self._window = self.fetch_ahead_bytes
+        else:
+            largest = max((r.nbytes for r in (ref() for ref in self._order) if r is not None), default=0)
+            self._window = max(2 * largest, 64 << 20)
+        self._top_up()
 
     def _progress(self, segment: int) -> None:
-        """Backward reached ``segment``: note its start and request the segments before it."""
+        """Backward reached ``segment``: note its start, and copy back what comes next."""
         segs = self._segments
         if self._profiling and 0 <= segment < len(segs) and segs[segment].bwd_start is None:
             self._mark_segment_start(segs[segment], forward=False)
-        for s in range(segment, max(-1, segment - self.prefetch_segments - 1), -1):
-            for ref in self._by_segment.get(s, ()):
-                rec = ref()
-                if rec is None or rec.requested or rec.unpacked or rec.handle is None:
-                    continue
-                if rec.key in self._fetched:
-                    continue
-                self.engine.prefetch(rec.handle)
-                rec.requested = True
+        if segment < self._bwd_segment:
+            self._bwd_segment = segment
+            self._top_up()
+
+    def _top_up(self) -> None:
+        """Starts copying back the offloaded tensors backward needs next (last saved first),
+        while fewer than the window's bytes are copied ahead and not yet used, and no
+        further than ``prefetch_segments`` segments back from the one running."""
+        if not self._in_backward or not self._active:
+            return
+        consumer = torch.cuda.current_stream(self.device) if self._cuda else None
+        while self._cursor >= 0:
+            rec = self._order[self._cursor]()
+            if rec is None or rec.unpacked or rec.handle is None or rec.key in self._fetched or rec.key in self._ahead.jobs:
+                self._cursor -= 1
+                continue
+            if rec.segment < self._bwd_segment - self.prefetch_segments:
+                return
+            ahead = self._ahead.ahead_bytes
+            if ahead > 0 and ahead + rec.nbytes > self._window:
+                return
+            self._ahead.start(rec.key, rec.handle, rec.nbytes, consumer)
+            rec.requested = True
+            self._cursor -= 1
 
     def _release(self, rec: Stored) -> None:
         self._stop_waiting(rec)
@@ -689,6 +776,9 @@ class Offloader:
             refs[:] = [r for r in refs if r() is not None and r() is not rec]
             if not refs:
                 del self._by_key[rec.key]
+        if rec.key not in self._by_key:
+            # Nothing else will use a copy under way: let it end before the handle goes.
+            self._ahead.settle(rec.key)
         handle, rec.handle = rec.handle, None
         if handle is None or self.engine.closed:
             return
