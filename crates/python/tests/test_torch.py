@@ -517,6 +517,26 @@ def test_the_peak_falls_by_what_the_host_tier_took_before_it(tmp_path):
     assert peak <= base - 0.5 * offloaded, (base, peak, offloaded)
 
 
+@pytest.mark.parametrize("fraction", [0.3, 0.6])
+def test_a_budget_bounds_the_saved_bytes_held(tmp_path, fraction):
+    # What the budget bounds is measured: saved bytes kept, still being written, or copied
+    # back ahead, up to backward's start.
+    model, data = gpt("cpu", layers=6), gpt_batch("cpu")
+    _, want = run_step(model, data)
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20, fetch_ahead_bytes=1) as off:
+        for _ in range(2):
+            run_step(model, data, off.step())
+        total = sum(s.saved_bytes for s in off._profiled)
+    budget = int(fraction * total)
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20, fetch_ahead_bytes=1, budget=budget) as off:
+        for _ in range(3):
+            _, got = run_step(model, data, off.step())
+            assert_bitwise_equal(got, want)
+        s = off.stats()
+    assert not s["policy"]["plan_summary"]["reason"].startswith("cannot meet"), s["policy"]
+    assert 0 < s["last_step"]["held_peak_bytes"] <= budget, (s["last_step"], budget, total)
+
+
 @pytest.mark.parametrize("goal", [dict(budget="256KiB"), dict(max_slowdown=1.5), dict(budget="1MiB", recompute=False)])
 def test_goals_plan_from_the_measured_step_and_keep_gradients_bitwise_equal(tmp_path, goal):
     model, data = gpt("cpu"), gpt_batch("cpu")

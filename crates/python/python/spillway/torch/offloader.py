@@ -68,9 +68,11 @@ class Offloader:
             launcher, a file name is made the rank's own: see :class:`spillway.Engine`).
         capacity: bytes the engine may use there (default: half the free space).
         policy: ``"adaptive"`` (default) or ``"all"``; see the module's documentation.
-        budget: a memory goal: activation bytes (int or size text) to stay under at the
-            peak, at the least extra step time (the planner chooses what to offload and
-            which blocks to recompute). Implies the adaptive policy.
+        budget: a memory goal: saved activation bytes (int or size text) to hold at most
+            up to backward's start (kept, still being written, or copied back ahead of
+            use: ``stats()["last_step"]["held_peak_bytes"]``), at the least extra step time
+            (the planner chooses what to offload and which blocks to recompute). Implies
+            the adaptive policy.
         max_slowdown: a time goal: the most activation memory freed with the step at most
             this many times as long (e.g. 1.05). Implies the adaptive policy.
         recompute: whether the planner may recompute blocks (activation checkpointing of a
@@ -194,6 +196,10 @@ class Offloader:
         self._pace_events: "collections.deque" = collections.deque()
         self._pacing = False
         self._step_stall = 0.0  # seconds the host waited for bytes this step
+        # Saved bytes held this step (kept, still being written, copied back ahead), and
+        # the most up to backward's start: what a budget bounds.
+        self._kept_step = 0
+        self._held_peak = 0
         self._blocks = segments if segments is not None else _find_segments(model)
         self._hooks = [b.register_forward_pre_hook(self._on_block_forward) for b in self._blocks]
         # Planned per tensor: this step's eligible first saves counted per segment, and the
@@ -329,6 +335,8 @@ class Offloader:
         self._cursor = -1
         self._bwd_segment = 0
         self._step_stall = 0.0
+        self._kept_step = 0
+        self._held_peak = 0
         self._pace_events.clear()
         self._pacing = self._cuda and self.run_ahead > 0 and self._plan is not None and self._plan.offload_segments > 0
         self._mark_segment_start(self._segments[0], forward=True)
@@ -345,6 +353,7 @@ class Offloader:
             segments=len(segs),
             offloaded_bytes=sum(s.offloaded_bytes for s in segs),
             kept_bytes=sum(s.kept_bytes for s in segs),
+            held_peak_bytes=self._held_peak,
         )
         if self.policy == "all" and self._plan is not None:
             self._plan.offload_segments = max(0, len(segs) - self.keep_last)
@@ -441,21 +450,27 @@ class Offloader:
             tiers = Tiers(0.0, 0.0, tier_bytes, write_gbps * scale, read_gbps * scale)
         else:
             tiers = Tiers(write_gbps * scale, read_gbps * scale)
+        # Backward copies tensors back ahead of use, up to the window: a budget holds it too.
+        largest = max((b for s in segs for b in s.tensors), default=0)
+        # (A tensor larger than the window still goes, alone.)
+        window = max(self.fetch_ahead_bytes, largest) if self.fetch_ahead_bytes is not None else max(2 * largest, 64 << 20)
+        budget = None if self.budget is None else max(0, self.budget - window)
+        details["fetch_ahead_bytes"] = window
         rok = plan_rok(
             profile,
             tiers,
-            budget=self.budget,
+            budget=budget,
             max_slowdown=self.max_slowdown,
             allow_recompute=self.allow_recompute,
         )
         self._rok = rok
         self._set_recompute(sorted(segs[i].block for i in rok.recompute if segs[i].block >= 0))
         self._plan_pending_limit = None
-        if self.budget is not None:
+        if budget is not None:
             # Bytes still being written are held too: bound them so that the peak stays
             # within the budget (a save beyond it waits for writes).
             kept = rok.outcome.activation_bytes
-            self._plan_pending_limit = max(self.budget - kept, 1 << 20)
+            self._plan_pending_limit = max(budget - kept, 1 << 20)
         details["planned_bytes"] = rok.outcome.host_bytes + rok.outcome.storage_bytes
         touched = len({i for i, _ in rok.offload} | set(rok.recompute))
         return Plan("adaptive", touched, rok.reason, details)
@@ -594,8 +609,10 @@ class Offloader:
         if not self._offloading(seg, key):
             if first:
                 seg.kept_bytes += nbytes
+                self._kept_step += nbytes
                 self._totals["bytes_kept"] += nbytes
             self._totals["kept_tensors"] += 1
+            self._note_held()
             return Kept(t, seg.index)
         stream = torch.cuda.current_stream(self.device).cuda_stream if self._cuda else None
         st = t.untyped_storage()
@@ -615,7 +632,13 @@ class Offloader:
         # still counts at the peak.
         self._poll_sources()
         self._bound_pending()
+        self._note_held()
         return rec
+
+    def _note_held(self) -> None:
+        held = self._kept_step + self._pending_bytes + self._ahead.ahead_bytes
+        if held > self._held_peak:
+            self._held_peak = held
 
     def _bound_pending(self) -> None:
         """Waits for the oldest writes while more than ``max_pending_bytes`` are held."""
@@ -738,6 +761,7 @@ class Offloader:
             largest = max((r.nbytes for r in (ref() for ref in self._order) if r is not None), default=0)
             self._window = max(2 * largest, 64 << 20)
         self._top_up()
+        self._note_held()
 
     def _progress(self, segment: int) -> None:
         """Backward reached ``segment``: note its start, and copy back what comes next."""
