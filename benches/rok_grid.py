@@ -10,10 +10,14 @@ micro-batch 16 (8 where 16 does not fit: pass --batch), GPT and Llama-style deco
   baseline                 activations kept in GPU memory
   checkpoint               every block recomputed (torch.utils.checkpoint)
   save_on_cpu              torch.autograd.graph.save_on_cpu(pin_memory=True)
+  checkpoint-offload       checkpointing with the blocks' inputs in pinned host memory
   spillway-disk / -shm     spillway, adaptive, on a file on the disk / on /dev/shm
+  spillway-shm8            spillway, adaptive, striped over 8 files on /dev/shm
   spillway-host            spillway, adaptive, with the pinned host tier (--host-tier)
   spillway-host-budgetNN   spillway with budget= NN% of the baseline's activation memory
   spillway-host-slow105    spillway with max_slowdown=1.05
+
+`--summary` prints one markdown table of every rok-*.json in --out-dir instead.
 
 Writes one JSON per shape under --out-dir (rok-<gpu>-<arch>-h<h>-s<seq>.json, with the
 command that made it) and, where matplotlib is installed, one PNG per shape: step time
@@ -34,8 +38,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(8192, 4), (12288, 3), (16384, 2)]
-DEFAULT_RUNS = ("baseline,checkpoint,save_on_cpu,spillway-shm,spillway-host,"
-                "spillway-host-budget25,spillway-host-budget50,spillway-host-budget75")
+DEFAULT_RUNS = ("baseline,checkpoint,save_on_cpu,checkpoint-offload,spillway-disk,spillway-shm,spillway-shm8,"
+                "spillway-host,spillway-host-budget25,spillway-host-budget50,spillway-host-budget75")
 
 
 def shape_list(text):
@@ -76,6 +80,45 @@ def plot(path_png, title, result):
     return True
 
 
+def summary_rows(result):
+    """Markdown rows of one grid file: per run, step time and activation memory against the
+    baseline, bytes per tier, stall, and the fraction offloaded beside the bound."""
+    m = result["model"]
+    shape = "%s h%d L%d s%d mb%d" % (m.get("arch", "gpt"), m["d_model"], m["n_layer"], m["seq_len"], m["batch"])
+    rows = []
+    for name, r in result["runs"].items():
+        if not r.get("ok"):
+            rows.append("| %s | %s | failed: %s |||||||" % (shape, name, str(r.get("error", ""))[:60].replace("|", "/")))
+            continue
+        q = (result.get("ratios") or {}).get(name) or {}
+        tier = ((r.get("spillway_stats") or {}).get("engine") or {}).get("host_tier") or {}
+        phys = r.get("physics") or {}
+        cells = [
+            shape, name, "%.0f" % r["step_ms"],
+            "-" if q.get("step_time") is None else "%.3f" % q["step_time"],
+            "%.2f" % (r["act_mem_bytes"] / 2**30),
+            "-" if q.get("act_mem_saved") is None else "%.0f%%" % (100 * q["act_mem_saved"]),
+            "-" if r.get("offloaded_bytes_per_step") is None else "%.2f" % (r["offloaded_bytes_per_step"] / 2**30),
+            "-" if not tier else "%.2f / %.2f" % (tier.get("bytes_in", 0) / 2**30, tier.get("bytes_spilled", 0) / 2**30),
+            "-" if r.get("stall_ms_per_step") is None else "%.1f" % r["stall_ms_per_step"],
+            "-" if not phys else "%.0f%% / %.0f%%" % (100 * phys.get("offloaded_fraction", 0), 100 * phys["bound_fraction"]),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def print_summary(out_dir):
+    head = ["shape", "run", "step ms", "x base", "act GiB", "act saved", "offloaded GiB/step",
+            "host tier in / spilled GiB (run)", "stall ms/step", "offloaded / bound"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for name in sorted(os.listdir(out_dir)):
+        if name.startswith("rok-") and name.endswith(".json"):
+            with open(os.path.join(out_dir, name)) as f:
+                for row in summary_rows(json.load(f)):
+                    print(row)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", type=shape_list, default=SHAPES, help="hidden x layers, e.g. 8192x4,16384x2")
@@ -88,7 +131,11 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     ap.add_argument("--gpu-name", default=None, help="name in the file names (default: from torch)")
+    ap.add_argument("--summary", action="store_true", help="print the table of the results in --out-dir and stop")
     args = ap.parse_args(argv)
+    if args.summary:
+        print_summary(args.out_dir)
+        return 0
     gpu = args.gpu_name
     if gpu is None:
         import torch
