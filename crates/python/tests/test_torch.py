@@ -517,6 +517,36 @@ def test_the_peak_falls_by_what_the_host_tier_took_before_it(tmp_path):
     assert peak <= base - 0.5 * offloaded, (base, peak, offloaded)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_eight_paths_on_one_tmpfs_share_its_space_and_stay_within_it(device):
+    # Eight striped files on one tmpfs: by default they take half of its free space
+    # together (not each), and the tmpfs never holds more than that during the steps.
+    import shutil
+    import subprocess
+    import tempfile
+
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or subprocess.run(["findmnt", "-no", "FSTYPE", "-T", shm], capture_output=True,
+                                                text=True).stdout.split()[-1:] != ["tmpfs"]:
+        pytest.skip("needs /dev/shm on tmpfs")
+    model, data = gpt(device, layers=6), gpt_batch(device)
+    _, want = run_step(model, data)
+    with tempfile.TemporaryDirectory(dir=shm) as d:
+        free = shutil.disk_usage(shm).free
+        start = shutil.disk_usage(shm).used
+        paths = [os.path.join(d, "stripe-%d.bin" % i) for i in range(8)]
+        with st.Offloader(model, paths, policy="all", min_tensor_bytes=64 << 10, **SETTINGS) as off:
+            assert off.engine.capacity <= free // 2, (off.engine.capacity, free)
+            peak = start
+            for _ in range(3):
+                _, got = run_step(model, data, off.step())
+                assert_bitwise_equal(got, want)
+                peak = max(peak, shutil.disk_usage(shm).used)
+            s = off.stats()
+        assert s["bytes_written"] > 0 and len(s["engine"]["members"]) == 8
+        assert peak - start <= off.engine.capacity
+
+
 @pytest.mark.parametrize("fraction", [0.3, 0.6])
 def test_a_budget_bounds_the_saved_bytes_held(tmp_path, fraction):
     # What the budget bounds is measured: saved bytes kept, still being written, or copied
