@@ -48,8 +48,16 @@ if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check "maturin>=1.5,<2" pytest numpy
+# torch for the offloader's tests (on CPU tensors through the host engine): the CPU build
+# from PyTorch's own index (a fraction of the size of the CUDA one), PyPI's otherwise.
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  "$venv/bin/pip" install -q --disable-pip-version-check --index-url https://download.pytorch.org/whl/cpu torch ||
+    "$venv/bin/pip" install -q --disable-pip-version-check torch
+fi
 (cd crates/python && VIRTUAL_ENV="$PWD/../../$venv" "../../$venv/bin/maturin" develop --locked -q)
-"$venv/bin/python" -m pytest -q crates/python/tests
+# Every Python test runs: a test module that cannot import torch fails instead of skipping,
+# and every skip prints its reason.
+SPILLWAY_REQUIRE_TORCH=1 "$venv/bin/python" -m pytest -q -rs crates/python/tests
 
 echo "== C ABI: the example program offloads and fetches through libspillway (crates/capi)"
 bash crates/capi/run-example.sh
