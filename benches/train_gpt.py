@@ -512,6 +512,11 @@ def run_one(args):
             import spillway.torch as st
 
             result["spillway_version"] = getattr(spillway, "__version__", None)
+            # The planner says what it chose and why (logged at INFO).
+            import logging
+
+            logging.basicConfig(stream=sys.stderr, format="%(name)s: %(message)s")
+            logging.getLogger("spillway.torch").setLevel(logging.INFO)
             first = spill_path[0] if isinstance(spill_path, list) else spill_path
             os.makedirs(os.path.dirname(first) or ".", exist_ok=True)
             goal = {}
