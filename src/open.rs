@@ -248,9 +248,10 @@ fn check_resources(paths: usize, capacity: Option<u64>, settings: &Resolved) -> 
 }
 
 /// The engine on several paths striped into one set (`stripe_bytes` units, `stripe_weights`
-/// of them per path and round), each with a backend of its own. Each path reserves its
-/// weight's share of the capacity; without `capacity`, the paths on each filesystem share
-/// half of its free space (see [`storage_capacity`]).
+/// of them per path and round), each with a backend of its own. With `capacity`, each path
+/// reserves its weight's share of it up front; without, the paths on each filesystem share
+/// half of its free space (see [`storage_capacity`]), used as needed: nothing is taken up
+/// front (on tmpfs that would be host memory held for nothing).
 fn open_striped(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> Result<OpenedEngine> {
     let mut files = Vec::with_capacity(paths.len());
     for p in paths {
@@ -271,6 +272,7 @@ fn open_striped(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -
         settings.stripe_bytes,
         &settings.stripe_weights,
     )?;
+    let reserve = capacity;
     let capacity = storage_capacity(
         &files,
         &settings.stripe_weights,
@@ -283,7 +285,7 @@ fn open_striped(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -
         name,
         false,
         Some(capacity),
-        Some(capacity),
+        reserve.map(|_| capacity),
         settings.clone(),
     )
 }

@@ -311,3 +311,32 @@ fn a_striped_set_on_one_tmpfs_gets_half_of_it_once() {
         );
     }
 }
+
+#[test]
+fn a_striped_set_takes_space_up_front_only_for_a_given_capacity() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let paths: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("m{i}.bin"))).collect();
+    let allocated = |paths: &[PathBuf]| -> u64 {
+        paths
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().blocks() * 512)
+            .sum()
+    };
+    // Without a capacity: half of the filesystem's free space, used as needed.
+    let e = open(&paths, None).unwrap();
+    assert!(e.info.capacity > 0);
+    assert_eq!(allocated(&paths), 0, "nothing taken before it is written");
+    drop(e);
+    for p in &paths {
+        std::fs::remove_file(p).unwrap();
+    }
+    // With one: each member's share reserved.
+    let e = open(&paths, Some(8 << 20)).unwrap();
+    assert!(
+        allocated(&paths) >= 8 << 20,
+        "{} bytes reserved",
+        allocated(&paths)
+    );
+    drop(e);
+}
