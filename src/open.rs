@@ -29,6 +29,7 @@ use crate::cuda::CudaDevice;
 use crate::rank::{self, LocalRank};
 use crate::select::{self, Memory, Setup};
 use crate::settings::Resolved;
+use crate::size::format_size;
 
 use handles::Handles;
 
@@ -187,6 +188,22 @@ fn open_paths(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> 
         [one] => one.clone(),
         _ => return open_striped(paths, capacity, settings),
     };
+    if settings.choices.backend != BackendChoice::Spdk && path.is_dir() {
+        let (files, why) = spread_files(&path, settings.spread_files);
+        if files > 1 {
+            check_resources(files as usize, capacity, settings)?;
+            let spread = vec![path.clone(); files as usize];
+            let mut opened = open_striped(&spread, capacity, settings)?;
+            opened.info.path = path.clone();
+            opened.info.anonymous = true;
+            opened.info.notes.push(format!(
+                "{} spread over {files} anonymous files striped in {} units ({why})",
+                path.display(),
+                format_size(settings.stripe_bytes)
+            ));
+            return Ok(opened);
+        }
+    }
     let mut settings = settings.clone();
     if settings.choices.backend == BackendChoice::Spdk {
         settings.choices.pci = Some(controller_address(&path)?);
@@ -405,6 +422,25 @@ pub(crate) fn host_tier(setup: &Setup, bytes: u64, align: u64) -> Result<Option<
         },
     )?;
     Ok(Some(Arc::new(tier)))
+}
+
+/// Files spread over on a filesystem that takes one file's writes one at a time (tmpfs and
+/// ramfs: one inode's pages are added under one lock), when `spread_files` is 0.
+pub const SPREAD_FILES_RAM: u32 = 8;
+
+/// How many anonymous files directory `dir` is spread over, and why: `setting` when not 0,
+/// else [`SPREAD_FILES_RAM`] on a memory-backed filesystem and 1 elsewhere.
+fn spread_files(dir: &Path, setting: u32) -> (u32, &'static str) {
+    if setting > 0 {
+        return (setting, "the spread_files setting");
+    }
+    match crate::fs::filesystem(dir) {
+        Some(fs) if fs.ram_backed => (
+            SPREAD_FILES_RAM,
+            "a memory-backed filesystem takes one file's writes one at a time; set spread_files to choose",
+        ),
+        _ => (1, "one file"),
+    }
 }
 
 /// The file to store in: a new anonymous file when `path` is a directory.

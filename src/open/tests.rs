@@ -340,3 +340,85 @@ fn a_striped_set_takes_space_up_front_only_for_a_given_capacity() {
     );
     drop(e);
 }
+
+fn open_with(
+    paths: &[PathBuf],
+    capacity: Option<u64>,
+    extra: &[(&str, &str)],
+) -> Result<OpenedEngine, Error> {
+    let mut settings = small_host_settings();
+    for (name, value) in extra {
+        settings.set(name, *value).unwrap();
+    }
+    open_engine(paths, capacity, &settings.resolve().unwrap())
+}
+
+#[test]
+fn a_directory_is_spread_over_the_files_spread_files_names_and_bytes_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = open_with(
+        &[dir.path().to_path_buf()],
+        Some(8 << 20),
+        &[("spread_files", "3")],
+    )
+    .unwrap();
+    assert_eq!(e.member_stats().len(), 3);
+    assert!(e.info.anonymous && e.info.path == dir.path());
+    assert!(
+        e.info
+            .notes
+            .iter()
+            .any(|n| n.contains("spread over 3 anonymous files")),
+        "{:?}",
+        e.info.notes
+    );
+    let mut src: Vec<u8> = (0..3 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let mut dst = vec![0u8; src.len()];
+    // SAFETY: both buffers outlive the calls and nothing else touches them.
+    unsafe {
+        let h = e.offload(TensorKey::new(1, 0), &region(&mut src), None).unwrap();
+        e.engine.drain().unwrap();
+        e.fetch(h, &region(&mut dst), None).unwrap();
+    }
+    assert_eq!(src, dst);
+    drop(e);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing is left behind"
+    );
+}
+
+#[test]
+fn a_directory_on_a_memory_filesystem_is_spread_by_default_and_elsewhere_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = open(&[dir.path().to_path_buf()], Some(1 << 20)).unwrap();
+    let ram = crate::fs::filesystem(dir.path()).is_some_and(|f| f.ram_backed);
+    let want = if ram { super::SPREAD_FILES_RAM as usize } else { 0 };
+    assert_eq!(e.member_stats().len(), want, "{:?}", e.info.notes);
+    drop(e);
+    let shm = Path::new("/dev/shm");
+    if crate::fs::filesystem(shm).is_some_and(|f| f.ram_backed) {
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        let e = open(&[dir.path().to_path_buf()], None).unwrap();
+        assert_eq!(e.member_stats().len(), super::SPREAD_FILES_RAM as usize);
+        assert!(
+            e.info.notes.iter().any(|n| n.contains("memory-backed")),
+            "{:?}",
+            e.info.notes
+        );
+        drop(e);
+        let e = open_with(&[dir.path().to_path_buf()], None, &[("spread_files", "1")]).unwrap();
+        assert_eq!(e.member_stats().len(), 0, "one file, not striped");
+    }
+}
+
+#[test]
+fn spread_files_past_the_path_limit_is_refused() {
+    let mut settings = small_host_settings();
+    let msg = settings.set("spread_files", "65").unwrap_err().to_string();
+    assert!(
+        msg.contains("spread_files") && msg.contains("more than 64"),
+        "{msg}"
+    );
+}

@@ -54,6 +54,9 @@ pub struct Resolved {
     pub engine: EngineConfig,
     /// Bytes of the pinned host-memory tier in front of storage (0: none).
     pub host_tier: u64,
+    /// Files one directory path is spread over (0: chosen by its filesystem, see
+    /// [`crate::open`]).
+    pub spread_files: u32,
     /// Bytes per stripe unit when the storage is several paths.
     pub stripe_bytes: u64,
     /// Stripe units per round of each path (empty: one each).
@@ -81,6 +84,7 @@ impl Default for Resolved {
             },
             engine: EngineConfig::default(),
             host_tier: 0,
+            spread_files: 0,
             stripe_bytes: DEFAULT_STRIPE_BYTES,
             stripe_weights: Vec::new(),
             rank_paths: RankPaths::default(),

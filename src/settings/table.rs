@@ -429,6 +429,20 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        name: "spread_files",
+        kind: Kind::Whole,
+        meaning: "files one directory path is spread over, striped in stripe_bytes units (anonymous files in it); 0: chosen by its filesystem, 8 on tmpfs and ramfs (which take one file's writes one at a time) and 1 elsewhere; at most 64",
+        get: |r| int(u64::from(r.spread_files)),
+        set: |r, v| {
+            let n = v.whole_number()?;
+            if n > super::MAX_PATHS as u64 {
+                return Err(format!("{n} is more than {} files", super::MAX_PATHS));
+            }
+            r.spread_files = n as u32;
+            Ok(())
+        },
+    },
+    Setting {
         name: "stripe_bytes",
         kind: Kind::Size,
         meaning: "with several storage paths, bytes per stripe unit, dealt round robin to them (a multiple of 4KiB)",
