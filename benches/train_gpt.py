@@ -758,10 +758,20 @@ def driver_main(args, argv):
         log("[%d/%d] %s: %s" % (i + 1, len(args.runs), name,
                                 "%.1f ms/step, peak %.2f GiB" % (r["step_ms"], r["peak_mem_bytes"] / GIB)
                                 if r.get("ok") else "failed: " + r.get("error", "")))
+        # The file holds every run so far: a run cut short leaves the earlier ones.
+        write_results(args, argv, cfg, runs)
 
+    ratios = write_results(args, argv, cfg, runs)
+    print(markdown_table(runs, ratios))
+    # Failed runs are results too (a baseline that runs out of memory, say): the exit
+    # status is 1 only when no run succeeded.
+    return 0 if any(r.get("ok") for r in runs.values()) else 1
+
+
+def write_results(args, argv, cfg, runs):
+    """Writes the runs so far (with the ratios to the baseline) to --out; returns the ratios."""
     baseline = runs.get("baseline")
     ratios = collections.OrderedDict((n, ratios_to(baseline, r)) for n, r in runs.items())
-    print(markdown_table(runs, ratios))
 
     device = next((r["device"] for r in runs.values() if r.get("device")), None)
     if device is None:
@@ -790,9 +800,7 @@ def driver_main(args, argv):
             json.dump(payload, f, indent=2, default=str)
             f.write("\n")
         log("wrote", args.out)
-    # Failed runs are results too (a baseline that runs out of memory, say): the exit
-    # status is 1 only when no run succeeded.
-    return 0 if any(r.get("ok") for r in runs.values()) else 1
+    return ratios
 
 
 def main(argv=None):
