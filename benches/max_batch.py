@@ -6,7 +6,10 @@ For one decoder shape, each run of benches/train_gpt.py (`--runs`, default basel
 spillway-host) is tried at growing micro-batches (doubling from --start, then a binary
 search between the last that fit and the first that did not), every trial in a process of
 its own. A trial fits when its run completes its steps (no out-of-memory error). Writes
-JSON with every trial and, per run, the largest batch that fit and its tokens/s.
+JSON with every trial and, per run, the largest batch that fit and its tokens/s. The
+spillway run is spillway-host-all (the host tier, policy="all"): the adaptive policy
+profiles its first steps without offloading, which a batch that fits only with offloading
+cannot do.
 """
 
 import argparse
@@ -80,7 +83,9 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--runs", default="baseline,spillway-host")
+    # spillway-host-all: the adaptive policy's first steps run without offloading, so a
+    # micro-batch that fits only with offloading needs policy="all" from the first step.
+    ap.add_argument("--runs", default="baseline,spillway-host-all")
     ap.add_argument("--host-tier", default="40GiB")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)

@@ -21,7 +21,9 @@ same batches:
                   its use: tmpfs.peak_used_above_start_bytes)
   spillway-host   the Offloader with the pinned host tier (--host-tier) before the
                   --shm-dir file; -budgetNN: budget= NN% of the activation estimate;
-                  -slow105: max_slowdown=1.05
+                  -slow105: max_slowdown=1.05; -all: policy="all" from the first
+                  step (the adaptive policy's first steps run without offloading, so
+                  they must fit without it: this is the run for a larger micro-batch)
   checkpoint      torch.utils.checkpoint around every transformer block (non-reentrant)
   checkpoint-offload
                   checkpoint as above, with the blocks' inputs (all that checkpointing
@@ -87,7 +89,8 @@ from torch.utils.checkpoint import checkpoint
 
 RUNS = ("baseline", "spillway-disk", "spillway-shm", "spillway-shm8", "checkpoint", "checkpoint-offload",
         "save_on_cpu", "spillway-host",
-        "spillway-host-budget25", "spillway-host-budget50", "spillway-host-budget75", "spillway-host-slow105")
+        "spillway-host-budget25", "spillway-host-budget50", "spillway-host-budget75", "spillway-host-slow105",
+        "spillway-host-all")
 
 # Model-size defaults: the full run (sized for one H200) and the --small smoke preset.
 FULL = {"layers": 24, "d_model": 2048, "heads": 16, "seq": 2048, "batch": 8, "vocab": 32000}
@@ -530,7 +533,8 @@ def run_one(args):
                     goal["max_slowdown"] = 1.05
             result["goal"] = goal
             offloader = st.Offloader(model, path=spill_path, capacity=args.capacity,
-                                     policy=args.policy, max_pending_bytes=args.max_pending,
+                                     policy="all" if name.endswith("-all") else args.policy,
+                                     max_pending_bytes=args.max_pending,
                                      **goal, **settings)
             context = offloader.step
 

@@ -5,7 +5,8 @@
 #   scripts/gpu-test.sh            # tests, --verify benches, then the performance runs
 #                                  # (pack and crc32c kernel bandwidth, GPU vs host)
 #   SKIP_PERF=1 scripts/gpu-test.sh
-#   PERF_ONLY=engine|train|ranks scripts/gpu-test.sh   # one group of runs (ranks: two GPUs)
+#   PERF_ONLY=engine|train|rok|ranks scripts/gpu-test.sh   # one group of runs (rok: SSDTrain's
+#                                  # grid and the largest micro-batch; ranks: two GPUs)
 #   SPILLWAY_SANITIZE=1 scripts/gpu-test.sh   # also the pack and crc32c kernels under
 #                                             # compute-sanitizer (memcheck and racecheck)
 #
@@ -126,6 +127,16 @@ train_perf() {
     --out "$results/train-gpt-h200.json" ${TRAIN_ARGS:-}
 }
 
+# SSDTrain's grid (benches/rok_grid.py): per shape, baseline, checkpointing (plain and
+# with inputs offloaded), save_on_cpu and spillway on each storage and goal, JSON and one
+# plot per shape in $results; then the largest micro-batch with and without spillway.
+# ROK_ARGS narrows it (e.g. "--shapes 16384x2 --seqs 1024 --arch gpt").
+rok_grid() {
+  step "$py" benches/rok_grid.py --out-dir "$results" ${ROK_ARGS:-}
+  step "$py" benches/max_batch.py --out "$results/rok-max-batch.json" ${MAX_BATCH_ARGS:-}
+  "$py" benches/rok_grid.py --summary --out-dir "$results"
+}
+
 # Two GPUs or more: DDP training under torchrun with spillway on every rank (gradients
 # bitwise equal to the same training without it; each rank's storage from rank_paths, then
 # a file name every rank shares), and each rank's bandwidth alone and with both at once.
@@ -165,8 +176,9 @@ if [[ -n ${PERF_ONLY:-} ]]; then
   case $PERF_ONLY in
     engine) engine_perf ;;
     train) train_perf ;;
+    rok) rok_grid ;;
     ranks) multi_gpu ;;
-    *) failures+=("PERF_ONLY=$PERF_ONLY: expected engine, train or ranks") ;;
+    *) failures+=("PERF_ONLY=$PERF_ONLY: expected engine, train, rok or ranks") ;;
   esac
   if ((${#failures[@]})); then
     printf 'failed: %s\n' "${failures[@]}"
