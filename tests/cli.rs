@@ -371,6 +371,41 @@ fn tensors_json(out: &Output) -> serde_json::Value {
 }
 
 #[test]
+fn fetching_the_default_tensor_mix_reads_little_more_than_it_fetches() {
+    // Random sizes and 10% duplicate offloads (the default mix): a duplicate's prefetch
+    // comes long before the rest of its extent is wanted. Reading the whole extent for it
+    // read every byte about ten times over; its fetch now reads the tensor alone.
+    let dir = tempfile::tempdir().unwrap();
+    let out = host_bench(
+        dir.path(),
+        &[
+            "--workload",
+            "tensors",
+            "--tensors",
+            "3000",
+            "--staging",
+            "64M",
+            "--json",
+        ],
+    );
+    let v = tensors_json(&out);
+    let read = v["engine_stats"]["bytes_read"].as_f64().unwrap();
+    let fetched = v["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["op"] == "fetch")
+        .and_then(|p| p["bytes"].as_f64())
+        .unwrap();
+    assert!(v["duplicate_calls"].as_u64().unwrap() > 0);
+    assert!(
+        read <= 1.25 * fetched,
+        "read amplification {:.2}: {read} bytes read for {fetched} fetched",
+        read / fetched
+    );
+}
+
+#[test]
 fn tensors_run_in_host_memory_verifies_and_reports_json() {
     let dir = tempfile::tempdir().unwrap();
     // The engine's own defaults (512 MiB staging…), 300 tensors of 4 KiB to 256 KiB.

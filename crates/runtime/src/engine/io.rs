@@ -411,7 +411,9 @@ impl State {
 
     /// Serves the prefetch queue in order: a request whose extent is loading or loaded is
     /// attached to that load; otherwise its extent is read, while the prefetch budget and
-    /// staging memory allow. Requests overtaken by their fetch are dropped.
+    /// staging memory allow, if the request starts a scan through it
+    /// ([`State::starts_a_scan`]). Requests overtaken by their fetch are dropped, and so
+    /// are lone ones: their fetch reads the tensor's own bytes, not the whole extent.
     fn start_prefetches(&mut self) {
         while let Some(&req) = self.prefetch_queue.front() {
             let live = match (self.handles.get(&req.handle), self.groups.get(&req.group)) {
@@ -423,6 +425,10 @@ impl State {
                 continue;
             }
             if matches!(self.groups[&req.group].load, LoadState::Idle) {
+                if !self.starts_a_scan(req.group, self.handles[&req.handle].entry) {
+                    self.prefetch_queue.pop_front(); // its fetch counts as a demand read
+                    continue;
+                }
                 match self.start_load_now(req.group) {
                     Ok(true) => {}
                     Ok(false) => break,
@@ -435,6 +441,20 @@ impl State {
             self.attach(req.handle, req.group);
             self.prefetch_queue.pop_front();
         }
+    }
+
+    /// True when a request for tensor `eid` looks like the start of a scan through its
+    /// extent `gid`: the tensor is the first or the last there still waiting to be fetched,
+    /// itself counted (tensors are requested in the order they were offloaded, or in
+    /// reverse). Anything
+    /// else (a deduplicated tensor needed again, a random access) is a lone request, for
+    /// which reading the whole extent would read it many times over.
+    fn starts_a_scan(&self, gid: u64, eid: u64) -> bool {
+        let mut waiting = self.groups[&gid]
+            .entries
+            .iter()
+            .filter(|&&e| e == eid || self.entries.get(&e).is_some_and(|e| e.unfetched > 0));
+        waiting.next() == Some(&eid) || waiting.next_back() == Some(&eid)
     }
 
     fn submit_load(&mut self, gid: u64, staging: Extent) -> Result<()> {

@@ -437,6 +437,10 @@ impl Engine {
     /// served in the order made, within [`EngineConfig::prefetch_bytes`]; the copy stays
     /// until every handle that asked for it was fetched or released. A fetch that comes
     /// before its request was served drops the request (and reads what it needs itself).
+    /// A whole extent is read only for a request that starts a scan through it (its
+    /// tensor is the first or last there still to be fetched); a lone request (a
+    /// deduplicated tensor wanted again, a random access) is dropped, and its fetch reads
+    /// the tensor's own bytes: reading the extent for it would read most bytes twice.
     pub fn prefetch(&self, handle: Handle) -> Result<()> {
         self.with_state(|st| st.prefetch(handle))
     }
