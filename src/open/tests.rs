@@ -21,6 +21,9 @@ fn small_host_settings() -> Settings {
         ("staging_bytes", "8MiB"),
         ("prefetch_bytes", "4MiB"),
         ("pack_extent_bytes", "1MiB"),
+        // One file per directory, whatever filesystem holds the test's temporary
+        // directory (a tmpfs one would be spread over several).
+        ("spread_files", "1"),
     ] {
         settings.set(name, value).unwrap();
     }
@@ -391,8 +394,9 @@ fn a_directory_is_spread_over_the_files_spread_files_names_and_bytes_come_back()
 
 #[test]
 fn a_directory_on_a_memory_filesystem_is_spread_by_default_and_elsewhere_not() {
+    let by_fs = [("spread_files", "0")];
     let dir = tempfile::tempdir().unwrap();
-    let e = open(&[dir.path().to_path_buf()], Some(1 << 20)).unwrap();
+    let e = open_with(&[dir.path().to_path_buf()], Some(1 << 20), &by_fs).unwrap();
     let ram = crate::fs::filesystem(dir.path()).is_some_and(|f| f.ram_backed);
     let want = if ram { super::SPREAD_FILES_RAM as usize } else { 0 };
     assert_eq!(e.member_stats().len(), want, "{:?}", e.info.notes);
@@ -400,7 +404,7 @@ fn a_directory_on_a_memory_filesystem_is_spread_by_default_and_elsewhere_not() {
     let shm = Path::new("/dev/shm");
     if crate::fs::filesystem(shm).is_some_and(|f| f.ram_backed) {
         let dir = tempfile::tempdir_in(shm).unwrap();
-        let e = open(&[dir.path().to_path_buf()], None).unwrap();
+        let e = open_with(&[dir.path().to_path_buf()], None, &by_fs).unwrap();
         assert_eq!(e.member_stats().len(), super::SPREAD_FILES_RAM as usize);
         assert!(
             e.info.notes.iter().any(|n| n.contains("memory-backed")),

@@ -16,6 +16,9 @@ SMALL = dict(
     prefetch_bytes="4MiB",
     pack_extent_bytes="1MiB",
     pack_threshold="256KiB",
+    # One file per directory, whatever filesystem holds the test's temporary directory
+    # (a tmpfs one would be spread over 8).
+    spread_files=1,
 )
 
 

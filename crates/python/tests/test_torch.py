@@ -22,7 +22,9 @@ torch.use_deterministic_algorithms(True)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Small engine so that packing, staging backpressure and prefetch all happen.
-SETTINGS = dict(staging_bytes="16MiB", prefetch_bytes="8MiB", pack_extent_bytes="2MiB", pack_threshold="1MiB")
+# One file per directory, whatever filesystem holds the test's temporary directory.
+SETTINGS = dict(staging_bytes="16MiB", prefetch_bytes="8MiB", pack_extent_bytes="2MiB", pack_threshold="1MiB",
+                spread_files=1)
 
 
 def offloader(model, tmp_path, **kw):
