@@ -256,6 +256,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub path: Vec<PathBuf>,
 
+    /// A directory --path is spread over this many anonymous files in it, striped in
+    /// --stripe units. Default 0: 8 on tmpfs and ramfs (which take one file's writes one at
+    /// a time), 1 elsewhere.
+    #[arg(long, default_value_t = 0, value_name = "FILES")]
+    pub spread: u32,
+
     /// With several --path: bytes per stripe unit (a multiple of 4 KiB), dealt round robin
     /// to the paths.
     #[arg(long, value_parser = parse_size, default_value = "1MiB")]

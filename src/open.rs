@@ -430,7 +430,7 @@ pub const SPREAD_FILES_RAM: u32 = 8;
 
 /// How many anonymous files directory `dir` is spread over, and why: `setting` when not 0,
 /// else [`SPREAD_FILES_RAM`] on a memory-backed filesystem and 1 elsewhere.
-fn spread_files(dir: &Path, setting: u32) -> (u32, &'static str) {
+pub(crate) fn spread_files(dir: &Path, setting: u32) -> (u32, &'static str) {
     if setting > 0 {
         return (setting, "the spread_files setting");
     }

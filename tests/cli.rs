@@ -1721,3 +1721,36 @@ fn storage_paths_that_are_no_storage_are_refused_naming_why() {
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing made");
 }
+
+#[test]
+fn a_directory_path_is_spread_over_the_files_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out = spillway(&[
+        "bench",
+        "--mem",
+        "host",
+        "--backend",
+        "uring",
+        "--path",
+        d,
+        "--spread",
+        "3",
+        "--size",
+        "8M",
+        "--verify",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(stdout(&out).lines().next().unwrap()).unwrap();
+    let notes = v["notes"].to_string();
+    assert!(notes.contains("spread over 3 anonymous files"), "{notes}");
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing left behind"
+    );
+    let err = bench_fails(&["--path", d, "--spread", "65", "--size", "1M"]);
+    assert!(err.contains("spread") && err.contains("64"), "{err}");
+}

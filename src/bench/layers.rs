@@ -14,7 +14,7 @@ use serde::Serialize;
 use spillway_runtime::engine::EngineConfig;
 use spillway_runtime::{Error, Result};
 
-use crate::cli::{BenchArgs, Workload};
+use crate::cli::{BackendChoice, BenchArgs, Workload};
 use crate::rank::{self, LocalRank};
 use crate::settings::{self, Resolved, Settings, Source, Value};
 
@@ -140,6 +140,12 @@ const MAPPED: &[Mapped] = &[
         flags: &["stripe"],
         tensors_only: false,
         take: |a, r| a.stripe = r.stripe_bytes,
+    },
+    Mapped {
+        setting: "spread_files",
+        flags: &["spread"],
+        tensors_only: false,
+        take: |a, r| a.spread = r.spread_files,
     },
     Mapped {
         setting: "stripe_weights",
@@ -280,8 +286,30 @@ pub fn apply_layers(
         layers.taken.extend(taken(settings, "rank_paths"));
     }
     layers.notes.extend(notes);
+    layers.notes.extend(spread(args));
     args.layers = layers;
     Ok(())
+}
+
+/// One directory `--path` (not a controller) spread over `--spread` anonymous files in it
+/// (by default as its filesystem needs, [`crate::open::spread_files`]): the paths become
+/// that many copies of it, striped. Returns the note saying so.
+fn spread(args: &mut BenchArgs) -> Option<String> {
+    let [dir] = args.path.as_slice() else { return None };
+    if args.pci.is_some() || args.backend == BackendChoice::Spdk || !dir.is_dir() {
+        return None;
+    }
+    let (files, why) = crate::open::spread_files(dir, args.spread);
+    if files <= 1 {
+        return None;
+    }
+    let note = format!(
+        "{} spread over {files} anonymous files striped in {} units ({why})",
+        dir.display(),
+        crate::size::format_size(args.stripe)
+    );
+    args.path = vec![dir.clone(); files as usize];
+    Some(note)
 }
 
 /// A bench flag that stands for a setting, and its value as the setting takes it (`None`
@@ -316,6 +344,11 @@ const FLAG_SETTINGS: &[FlagSetting] = &[
         flag: "pinned",
         setting: "pinned_bytes",
         value: |a| a.pinned.map(whole),
+    },
+    FlagSetting {
+        flag: "spread",
+        setting: "spread_files",
+        value: |a| Some(whole(a.spread.into())),
     },
     FlagSetting {
         flag: "stripe",
