@@ -446,9 +446,8 @@ impl State {
     /// True when a request for tensor `eid` looks like the start of a scan through its
     /// extent `gid`: the tensor is the first or the last there still waiting to be fetched,
     /// itself counted (tensors are requested in the order they were offloaded, or in
-    /// reverse). Anything
-    /// else (a deduplicated tensor needed again, a random access) is a lone request, for
-    /// which reading the whole extent would read it many times over.
+    /// reverse). Anything else (a deduplicated tensor needed again, a random access) is a
+    /// lone request, for which reading the whole extent would read it many times over.
     fn starts_a_scan(&self, gid: u64, eid: u64) -> bool {
         let mut waiting = self.groups[&gid]
             .entries

@@ -103,10 +103,12 @@ class FetchAhead:
             job.fetched.wait(None)
 
     def settle_all(self) -> None:
+        """Settles every copy still held (the step ended without using them)."""
         for key in list(self.jobs):
             self.settle(key)
 
     def close(self) -> None:
+        """Settles every copy and stops the thread."""
         self.settle_all()
         if self._thread is not None:
             self._queue.put(None)
