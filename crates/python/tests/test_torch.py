@@ -489,6 +489,26 @@ def test_goals_are_checked_when_the_offloader_is_made(tmp_path):
     off.close()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["all", "adaptive"])
+def test_the_host_tier_serves_both_policies_with_gradients_bitwise(tmp_path, device, policy):
+    # Offloads go into the pinned tier first and come back from it, copied ahead of use; a
+    # tier smaller than a step's offloads spills to storage and reads from both.
+    model, data = gpt(device, layers=6), gpt_batch(device)
+    _, want = run_step(model, data)
+    with offloader(model, tmp_path, policy=policy, host_tier="1MiB", probe_bytes=4 << 20) as off:
+        for _ in range(4):
+            _, got = run_step(model, data, off.step())
+            assert_bitwise_equal(got, want)
+        s = off.stats()
+        tier = off.engine.stats()["host_tier"]
+    if policy == "all" or s["bytes_offloaded"] > 0:
+        assert s["bytes_fetched_ahead"] > 0, s
+        assert tier["bytes_in"] > 0 and tier["bytes_read_arena"] > 0, tier
+    if policy == "all":
+        assert tier["bytes_spilled"] > 0 and tier["bytes_read_storage"] > 0, tier
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="measures GPU memory: needs a CUDA GPU")
 def test_the_peak_falls_by_what_the_host_tier_took_before_it(tmp_path):
     # Offloaded tensors whose copies into the host tier are done give their GPU memory back
