@@ -357,7 +357,10 @@ fn read_config(path: &Path) -> std::io::Result<String> {
     if !meta.file_type().is_file() {
         return Err(Error::new(
             ErrorKind::InvalidInput,
-            format!("it is {}, not a regular file", file_kind(&meta.file_type())),
+            format!(
+                "it is {}, not a regular file",
+                spillway_runtime::file_kind(&meta.file_type())
+            ),
         ));
     }
     if meta.len() > MAX_CONFIG_BYTES {
@@ -380,24 +383,6 @@ fn read_config(path: &Path) -> std::io::Result<String> {
     }
     String::from_utf8(bytes)
         .map_err(|e| Error::new(ErrorKind::InvalidData, format!("it is not UTF-8 text ({e})")))
-}
-
-/// "a directory", "a character device", …: what a file that is not a regular one is.
-fn file_kind(t: &std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
 }
 
 /// Where `text` first names `word` as a whole word (`pack` is not in `pack_threshold`).

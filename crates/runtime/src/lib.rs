@@ -50,6 +50,6 @@ pub use memory::{AlignedBuf, DeviceBuffer, DevicePtr, MemRef, PinnedBuffer};
 pub use pack::PackPiece;
 pub use striped::{Member, MemberStats, StripedBackend};
 pub use target::{
-    anonymous_mode, check_distinct, check_storage_path, check_trailing_slash, open_target, AnonymousMode,
-    DirectIo, OpenedTarget, PrivateFile, Target,
+    anonymous_mode, check_distinct, check_storage_path, check_trailing_slash, file_kind, open_target,
+    AnonymousMode, DirectIo, OpenedTarget, PrivateFile, Target,
 };

@@ -462,23 +462,38 @@ pub fn check_storage_path(path: &Path) -> Result<()> {
     }
     if let Ok(meta) = std::fs::metadata(path) {
         let t = meta.file_type();
-        let kind = if t.is_char_device() {
-            "a character device"
-        } else if t.is_fifo() {
-            "a FIFO"
-        } else if t.is_socket() {
-            "a socket"
-        } else {
-            return Ok(());
-        };
-        return Err(Error::Target {
-            path: path.to_path_buf(),
-            reason: format!(
-                "it is {kind}, not a regular file, directory or block device usable for storage: pass a directory, a file or a block device"
-            ),
-        });
+        if t.is_char_device() || t.is_fifo() || t.is_socket() {
+            return Err(Error::Target {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "it is {}, not a regular file, directory or block device usable for storage: pass a directory, a file or a block device",
+                    file_kind(&t)
+                ),
+            });
+        }
     }
     Ok(())
+}
+
+/// What a file is, for messages: "a regular file", "a directory", "a character device", …
+pub fn file_kind(t: &std::fs::FileType) -> &'static str {
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a regular file"
+    }
 }
 
 /// The alignments, size and kind of the opened `file`, its space reserved as `target`
