@@ -20,17 +20,15 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
+from shapes import train_gpt_command
 
 def trial(args, run, batch):
     """Runs `run` at `batch`; returns its result dict (ok False when it did not fit)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
-        cmd = [sys.executable, os.path.join(HERE, "train_gpt.py"), "--arch", args.arch,
-               "--layers", str(args.layers), "--d-model", str(args.d_model), "--heads", str(args.d_model // 128),
-               "--seq", str(args.seq), "--batch", str(batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--runs", run, "--host-tier", args.host_tier, "--out", out]
+        cmd = train_gpt_command(arch=args.arch, layers=args.layers, d_model=args.d_model, seq=args.seq,
+                                batch=batch, steps=args.steps, warmup=args.warmup, runs=run,
+                                host_tier=args.host_tier, out=out)
         print("max_batch:", shlex.join(cmd), flush=True)
         subprocess.call(cmd, stdout=subprocess.DEVNULL)
         try:

@@ -36,6 +36,8 @@ import shlex
 import subprocess
 import sys
 
+from shapes import train_gpt_command
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(8192, 4), (12288, 3), (16384, 2)]
 DEFAULT_RUNS = ("baseline,checkpoint,save_on_cpu,checkpoint-offload,spillway-disk,spillway-shm,spillway-shm8,"
@@ -148,11 +150,9 @@ def main(argv=None):
             for h, layers in args.shapes:
                 stem = "rok-%s-%s-h%d-s%d" % (gpu, arch, h, seq)
                 out = os.path.join(args.out_dir, stem + ".json")
-                cmd = [sys.executable, os.path.join(HERE, "train_gpt.py"), "--arch", arch,
-                       "--layers", str(layers), "--d-model", str(h), "--heads", str(h // 128),
-                       "--seq", str(seq), "--batch", str(args.batch), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--runs", args.runs, "--host-tier", args.host_tier,
-                       "--out", out]
+                cmd = train_gpt_command(arch=arch, layers=layers, d_model=h, seq=seq, batch=args.batch,
+                                        steps=args.steps, warmup=args.warmup, runs=args.runs,
+                                        host_tier=args.host_tier, out=out)
                 print("rok_grid:", shlex.join(cmd), flush=True)
                 rc = subprocess.call(cmd)
                 if rc != 0 or not os.path.exists(out):
