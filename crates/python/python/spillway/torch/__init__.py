@@ -24,14 +24,15 @@ How it works. Inside ``step()``, every tensor autograd saves passes through
   their size, stride and offset. The engine reads the memory once the producing stream
   reaches the point of the save (an event), and the offloader keeps the tensor alive
   until the engine has finished reading it; then its memory goes back to torch's caching
-  allocator.
-- In backward, a fetched storage is allocated by the caching allocator on the consuming
-  stream; the engine's copy waits for that stream's earlier work and the stream waits for
-  the copy (events only: no ``record_stream``, no synchronization).
-- Prefetch: the forward pass is cut into *segments* at the forward calls of the model's
-  repeated blocks (the children of its largest ``ModuleList``/``Sequential``, or the
-  model's own children). When backward first unpacks a tensor of segment ``i``, the
-  tensors of segments ``i-1 … i-prefetch_segments`` are requested from storage.
+  allocator. In steps that offload, the host stays at most ``run_ahead`` saves ahead of
+  the GPU, so that this memory comes back before the host allocates the rest of forward.
+- Copy-back (:mod:`.ahead`): the forward pass is cut into *segments* at the forward calls
+  of the model's repeated blocks (the children of its largest ``ModuleList``/
+  ``Sequential``, or the model's own children). In backward a thread copies the offloaded
+  tensors back, last saved first, at most ``fetch_ahead_bytes`` ahead of use and no
+  further than ``prefetch_segments`` segments back, into memory from the caching allocator
+  on a side stream marked as used by the consuming stream (``record_stream``); the
+  consuming stream waits for a copy (an event) when it uses the tensor.
 - A tensor modified in place after it was saved is detected through its version counter
   and raises instead of returning stale data. ``retain_graph=True`` works: a copy stays
   on storage until autograd frees the saved tensor.
@@ -41,8 +42,9 @@ backward time of every segment, the bytes of every tensor it saves and of its in
 the engine's write and read bandwidth (the host tier's, when the engine has one) measured
 when the offloader starts. The planner (:func:`plan_rok`, see :mod:`.planner`) then chooses
 per tensor whether to offload it and per block whether to recompute it, for the goal given:
-no goal (the most memory freed with the I/O hidden behind compute), ``budget=`` (activation
-memory under a number of bytes at the least extra time) or ``max_slowdown=`` (the most
+no goal (the most memory freed with the I/O hidden behind compute), ``budget=`` (saved
+activation bytes held up to backward's start under a number of bytes, at the least extra
+time) or ``max_slowdown=`` (the most
 memory freed within a step-time ratio). A later step that stalls plans again with lower
 bandwidths. ``policy="all"`` offloads every segment but the last ``keep_last`` from the
 first step. The choice, its predicted memory and time and its reason are in

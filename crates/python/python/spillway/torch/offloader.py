@@ -215,7 +215,6 @@ class Offloader:
         self._segments: List[Segment] = []
         # Records are held by autograd's graph; the offloader only refers to them weakly,
         # so a record (and its handle) goes when autograd frees the saved tensor.
-        self._by_segment: Dict[int, List[weakref.ref]] = {}
         self._inflight: List[weakref.ref] = []  # still holding their source tensors
         self._param_storages: set = set()
         self._storage_ids: Dict[int, Tuple[int, int, List[weakref.ref]]] = {}
@@ -379,7 +378,6 @@ class Offloader:
         # Saved tensors of earlier steps live on in their graphs (retain_graph) and release
         # their handles when autograd frees them; the step's bookkeeping goes.
         self._segments = []
-        self._by_segment = {}
         self._ahead.settle_all()
         self._order = []
         self._pace_events.clear()
@@ -620,7 +618,6 @@ class Offloader:
         rec = Stored(self, handle, key, t, seg.index)
         self._storage_ids[st.data_ptr()][2].append(weakref.ref(rec))
         self._by_key.setdefault(key, []).append(weakref.ref(rec))
-        self._by_segment.setdefault(seg.index, []).append(weakref.ref(rec))
         self._inflight.append(weakref.ref(rec))
         self._order.append(weakref.ref(rec))
         self._totals["offloaded_tensors"] += 1
@@ -734,7 +731,6 @@ class Offloader:
         else:
             self._totals["bytes_fetched_ahead"] += rec.nbytes
         self._step_stall += waited
-        rec.requested = False
         self._totals["bytes_fetched"] += rec.nbytes
         others = {id(o) for o in (r() for r in self._by_key.get(rec.key, ())) if o is not None and o is not rec}
         if others:
@@ -790,7 +786,6 @@ class Offloader:
             if ahead > 0 and ahead + rec.nbytes > self._window:
                 return
             self._ahead.start(rec.key, rec.handle, rec.nbytes, consumer)
-            rec.requested = True
             self._cursor -= 1
 
     def _release(self, rec: Stored) -> None:

@@ -31,7 +31,7 @@ class Stored:
 
     __slots__ = (
         "owner", "handle", "key", "nbytes", "dtype", "size", "stride", "offset",
-        "version", "segment", "source", "alive", "modified", "requested", "unpacked", "kept", "__weakref__",
+        "version", "segment", "source", "alive", "modified", "unpacked", "kept", "__weakref__",
     )
 
     def __init__(self, owner: "Offloader", handle: int, key: Tuple[int, int], t: torch.Tensor, segment: int):
@@ -48,7 +48,6 @@ class Stored:
         self.source: Optional[torch.Tensor] = t  # held until the engine has read it
         self.alive = weakref.ref(t)  # to see later in-place changes while it lives
         self.modified = False
-        self.requested = False  # a prefetch is outstanding
         self.unpacked = False  # backward has had it (not prefetched again)
         self.kept = False  # the engine reads it until release (no copy on storage)
 
