@@ -337,20 +337,6 @@ def test_the_adaptive_policy_profiles_then_reports_its_choice(tmp_path, device):
     assert summary["predicted_extra_ms"] >= 0
 
 
-def test_the_planner_offloads_what_compute_can_hide():
-    fwd, bwd = [10.0] * 5, [20.0] * 5
-    mb = 1_000_000
-    # Plenty of bandwidth: everything but the last segment.
-    k, why = st.plan_offload(fwd, bwd, [100 * mb] * 5, write_gbps=100, read_gbps=100, keep_last=1)
-    assert k == 4 and "every segment" in why
-    # No bandwidth to speak of: nothing.
-    k, why = st.plan_offload(fwd, bwd, [100 * mb] * 5, write_gbps=0.001, read_gbps=0.001, keep_last=1)
-    assert k == 0 and "segment 0" in why
-    # In between: some segments.
-    k, _ = st.plan_offload(fwd, bwd, [100 * mb] * 5, write_gbps=8, read_gbps=8, keep_last=1)
-    assert 0 < k < 4
-
-
 def test_bad_options_are_refused(tmp_path):
     model = torch.nn.Linear(4, 4)
     with pytest.raises(ValueError, match="policy"):

@@ -54,13 +54,11 @@ first step. The choice, its predicted memory and time and its reason are in
 from .offloader import Offloader, offload
 from .planner import Profile, RokPlan, SegmentProfile, Tiers, brute_force, simulate
 from .planner import plan as plan_rok
-from .policy import plan_offload
 from .saved import InPlaceModificationError
 
 __all__ = [
     "Offloader",
     "offload",
-    "plan_offload",
     "plan_rok",
     "simulate",
     "brute_force",
