@@ -429,6 +429,12 @@ def make_batches(cfg, batch, count, seed, device):
     return [(tokens[i, :, :-1], tokens[i, :, 1:]) for i in range(count)]
 
 
+def saved_bytes_estimate(cfg, batch):
+    """The physics' estimate of the bytes a step's layers save: 34*s*b*h per layer (bf16,
+    flash attention)."""
+    return 34 * cfg.seq_len * batch * cfg.d_model * cfg.n_layer
+
+
 def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
@@ -526,7 +532,7 @@ def run_one(args):
             settings = {}
             if name.startswith("spillway-host"):
                 settings["host_tier"] = args.host_tier
-                act = args.activation_bytes or 34 * cfg.seq_len * args.batch * cfg.d_model * cfg.n_layer
+                act = args.activation_bytes or saved_bytes_estimate(cfg, args.batch)
                 if "-budget" in name:
                     goal["budget"] = int(act * int(name.rsplit("budget", 1)[1]) / 100)
                 elif name.endswith("-slow105"):
@@ -602,6 +608,7 @@ def run_one(args):
             # this run's step, forward = a third of it).
             h, seq, b = cfg.d_model, args.seq, args.batch
             flops = (24 * b * seq * h * h + 4 * b * seq * seq * h) * cfg.n_layer
+            saved = saved_bytes_estimate(cfg, b)
             achieved = 3 * flops / (step_ms / 1e3)
             gbps = (stats_after.get("policy") or {}).get("write_gbps") or 0.0
             result["physics"] = {
@@ -611,8 +618,8 @@ def run_one(args):
                 "needed_gbps_all": 34 * achieved / (24 * h + 4 * seq) / 1e9,
                 # Measured beside the bound: the fraction of the layers' estimated bytes
                 # (34*s*b*h each) that this run offloaded per step.
-                "layer_bytes_estimate": 34 * seq * b * h * cfg.n_layer,
-                "offloaded_fraction": (offloaded or 0) / args.steps / (34 * seq * b * h * cfg.n_layer),
+                "layer_bytes_estimate": saved,
+                "offloaded_fraction": (offloaded or 0) / args.steps / saved,
             }
         elif name == "save_on_cpu":
             result.update({"offloaded_bytes_per_step": None, "fetched_bytes_per_step": None,
