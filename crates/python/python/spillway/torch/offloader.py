@@ -465,10 +465,11 @@ class Offloader:
         self._set_recompute(sorted(segs[i].block for i in rok.recompute if segs[i].block >= 0))
         self._plan_pending_limit = None
         if budget is not None:
-            # Bytes still being written are held too: bound them so that the peak stays
-            # within the budget (a save beyond it waits for writes).
+            # Bytes still being written are held too: bound them by what the budget has
+            # left, so that the peak stays within it (a save beyond it waits for writes;
+            # with nothing left, each write finishes before forward goes on).
             kept = rok.outcome.activation_bytes
-            self._plan_pending_limit = max(budget - kept, 1 << 20)
+            self._plan_pending_limit = max(budget - kept, 0)
         details["planned_bytes"] = rok.outcome.host_bytes + rok.outcome.storage_bytes
         touched = len({i for i, _ in rok.offload} | set(rok.recompute))
         return Plan("adaptive", touched, rok.reason, details)
