@@ -30,6 +30,7 @@
 #   NVMEVM_LOG        also keep the console log in this file
 set -euo pipefail
 
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 OUT_DIR="${1:-target/nvme-vm}"
 if [[ $# -gt 0 ]]; then shift; fi
 
@@ -118,13 +119,13 @@ if [[ -n ${NVMEVM_QEMU_ARGS:-} ]]; then
   QEMU+=("${extra[@]}")
 fi
 
-# Echo the console, note when the markers show up, keep a copy for parsing.
+# Echo the console, note when the markers show up, keep a copy for parsing. The
+# console has been through console-filter.sh: no escape sequences, no carriage returns.
 START=$EPOCHREALTIME
 elapsed() { awk -v a="$START" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
 watch_console() {
   local line
   while IFS= read -r line || [[ -n $line ]]; do
-    line=${line%$'\r'}
     printf '%s\n' "$line"
     printf '%s\n' "$line" >>"$TMP/console.log"
     case $line in
@@ -136,8 +137,13 @@ watch_console() {
 
 log "booting ($ACCEL, timeout ${TIMEOUT}s): ${QEMU[*]}"
 # --foreground: Ctrl-C on a terminal reaches QEMU too.
+# The firmware's terminal control (reset, clear screen, no line wrap, titles) would wipe
+# the terminal of whoever runs this, mid-run: console-filter.sh strips it, from what is
+# shown and from the log alike. QEMU_RC is QEMU's (timeout's) status, the first of the
+# pipeline, whatever the filter does.
 set +e
-timeout --foreground -k 10 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>&1 | watch_console
+timeout --foreground -k 10 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>&1 |
+  bash "$HERE/console-filter.sh" | watch_console
 QEMU_RC=${PIPESTATUS[0]}
 set -e
 touch "$TMP/console.log"
@@ -148,7 +154,7 @@ if [[ $QEMU_RC == 124 || $QEMU_RC == 137 ]]; then
   exit 124
 fi
 # Not anchored at line start: firmware/kernel output without a trailing
-# newline (e.g. SeaBIOS's escape sequences) may precede a marker.
+# newline may precede a marker.
 if ! grep -q 'NVMEVM: pci=' "$TMP/console.log"; then
   log "no NVMEVM marker line (qemu exit $QEMU_RC):"
   grep -o 'NVMEVM: .*' "$TMP/console.log" >&2 || true
