@@ -14,10 +14,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use spillway_runtime::{Backend, Error, IoOp, IoRequest, Result, TargetId, Ticket};
 
 use super::buffer::BenchBuffer;
+use super::progress::Progress;
 use super::workload::Io;
 
 /// What one pass over a list of I/Os measured.
@@ -48,8 +48,9 @@ pub struct Pass<'a> {
     pub qd: u32,
     /// Submitting threads.
     pub threads: usize,
-    /// Show a progress bar (on stderr) once the pass has run for a second.
-    pub progress: bool,
+    /// The label of the progress bar shown (on stderr) once the pass has run for a
+    /// second; `None` for no bar.
+    pub progress: Option<&'a str>,
 }
 
 /// Runs the pass; the first failed request stops it (requests in flight are still reaped).
@@ -79,9 +80,10 @@ pub fn run(pass: &Pass<'_>) -> Result<Timing> {
             })
             .collect();
         let count = handles.len();
-        watch_progress(pass.progress, total_bytes, &done_bytes, || {
-            finished.load(Ordering::SeqCst) == count
-        });
+        Progress::new(pass.progress.is_some(), pass.progress.unwrap_or(""), total_bytes).watch(
+            || done_bytes.load(Ordering::Relaxed),
+            || finished.load(Ordering::SeqCst) == count,
+        );
         handles
             .into_iter()
             .map(|h| {
@@ -273,26 +275,4 @@ fn submitter(
         Some(e) => Err(e),
         None => Ok(hist),
     }
-}
-
-/// Updates a progress bar until `done()`; the bar stays hidden for the first second so
-/// short runs print nothing.
-fn watch_progress(enabled: bool, total: u64, done_bytes: &AtomicU64, done: impl Fn() -> bool) {
-    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
-    if let Ok(style) =
-        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-    {
-        bar.set_style(style);
-    }
-    let start = Instant::now();
-    let mut shown = false;
-    while !done() {
-        std::thread::sleep(Duration::from_millis(50));
-        if enabled && !shown && start.elapsed() > Duration::from_secs(1) {
-            bar.set_draw_target(ProgressDrawTarget::stderr());
-            shown = true;
-        }
-        bar.set_position(done_bytes.load(Ordering::Relaxed));
-    }
-    bar.finish_and_clear();
 }

@@ -28,6 +28,7 @@ mod buffer;
 mod driver;
 mod flags;
 pub mod layers;
+mod progress;
 pub mod report;
 pub mod tensors;
 pub mod workload;
@@ -247,7 +248,7 @@ impl Run<'_> {
         let name = op.as_str();
         let timing = if op.is_write() {
             self.buffer.fill(args.seed)?;
-            let t = self.pass(IoOp::Write, &ios, true, &format!("bench op {name}"))?;
+            let t = self.pass(IoOp::Write, &ios, name, &format!("bench op {name}"))?;
             self.setup.backend.flush(self.target)?;
             self.written = true;
             self.seeded = true;
@@ -258,7 +259,7 @@ impl Run<'_> {
                 self.pass(
                     IoOp::Write,
                     &workload::plan(args.size, args.block, false, 0),
-                    false,
+                    "fill",
                     &format!("the write filling the target before bench op {name} (untimed)"),
                 )?;
                 self.setup.backend.flush(self.target)?;
@@ -268,7 +269,7 @@ impl Run<'_> {
             if args.verify {
                 self.buffer.poison(args.seed)?;
             }
-            self.pass(IoOp::Read, &ios, true, &format!("bench op {name}"))?
+            self.pass(IoOp::Read, &ios, name, &format!("bench op {name}"))?
         };
         let mismatched_bytes = if args.verify {
             if op.is_write() {
@@ -276,7 +277,7 @@ impl Run<'_> {
                 self.pass(
                     IoOp::Read,
                     &workload::plan(args.size, args.block, false, 0),
-                    false,
+                    "verify",
                     &format!("the read-back checking bench op {name} (--verify, untimed)"),
                 )?;
             }
@@ -288,7 +289,7 @@ impl Run<'_> {
     }
 
     /// One pass of `ios`; `what` names it in the error of a run with fault injection on.
-    fn pass(&self, op: IoOp, ios: &[Io], progress: bool, what: &str) -> Result<driver::Timing> {
+    fn pass(&self, op: IoOp, ios: &[Io], progress: &str, what: &str) -> Result<driver::Timing> {
         driver::run(&driver::Pass {
             backend: self.setup.backend.as_ref() as &dyn Backend,
             target: self.target,
@@ -297,7 +298,7 @@ impl Run<'_> {
             buffer: &self.buffer,
             qd: self.args.qd,
             threads: self.args.threads,
-            progress: progress && !self.args.json,
+            progress: (!self.args.json).then_some(progress),
         })
         .map_err(|e| select::fault_context(e, what, &self.setup.faults))
     }

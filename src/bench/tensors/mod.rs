@@ -37,6 +37,7 @@ use spillway_runtime::{
 };
 
 use super::flags;
+use super::progress::Progress;
 use crate::cli::BenchArgs;
 use crate::select::{self, Memory, Setup};
 use options::{EngineSettings, Options};
@@ -147,8 +148,9 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         t.record_on(engine.timeline_handle());
     }
     let faulty = |e, what: &str| select::fault_context(e, what, &setup.faults);
-    let (handles, held, offload) = offload_phase(&engine, &arenas, &plan, !setup.faults.is_empty())
-        .map_err(|e| faulty(e, "the offload phase"))?;
+    let (handles, held, offload) =
+        offload_phase(&engine, &arenas, &plan, !setup.faults.is_empty(), !args.json)
+            .map_err(|e| faulty(e, "the offload phase"))?;
     arenas.poison(&plan, &held, opts.seed)?;
     if !held.is_empty() {
         notes.push(format!(
@@ -156,7 +158,8 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
             held.len()
         ));
     }
-    let fetch = fetch_phase(&engine, &arenas, &plan, &handles).map_err(|e| faulty(e, "the fetch phase"))?;
+    let fetch = fetch_phase(&engine, &arenas, &plan, &handles, !args.json)
+        .map_err(|e| faulty(e, "the fetch phase"))?;
     let (mismatched_bytes, mismatched_tensors) = arenas.mismatches(&plan, opts.seed)?;
     for h in handles {
         engine.release(h)?;
@@ -311,12 +314,16 @@ impl<'a> Arenas<'a> {
 /// tensors whose memory the engine still holds and the phase. Without fault injection
 /// (`faults` false), refuses to go on when any tensor stayed in memory (the fetch phase
 /// would not read it from storage); with it, tensors whose writes failed are expected.
+/// `progress`: show a bar once the phase has run for a second.
 fn offload_phase(
     engine: &Engine,
     arenas: &Arenas,
     plan: &Plan,
     faults: bool,
+    progress: bool,
 ) -> Result<(Vec<Handle>, HashSet<usize>, Phase)> {
+    let bar = Progress::new(progress, "offload", plan.call_bytes());
+    let mut submitted = 0u64;
     let start = Instant::now();
     let mut handles = Vec::with_capacity(plan.calls.len());
     for &i in &plan.calls {
@@ -326,9 +333,13 @@ fn offload_phase(
         // below, before the arena is poisoned).
         let h = unsafe { engine.offload(TensorKey::new(i as u64, 0), &region, None)? };
         handles.push(h);
+        submitted += plan.tensors[i].len;
+        bar.set_position(submitted);
     }
+    bar.set_label("drain");
     engine.drain()?;
     let seconds = start.elapsed().as_secs_f64();
+    bar.finish();
     let c = engine.stats().counters;
     if !faults && (c.resident_tensors > 0 || c.write_errors > 0) {
         return Err(Error::invalid(format!(
@@ -352,8 +363,17 @@ fn offload_phase(
 }
 
 /// Phase 2: prefetch every handle in reverse order, then fetch each in reverse order into
-/// the destination arena; wait for the last event and drain.
-fn fetch_phase(engine: &Engine, arenas: &Arenas, plan: &Plan, handles: &[Handle]) -> Result<Phase> {
+/// the destination arena; wait for the last event and drain. `progress`: show a bar once
+/// the phase has run for a second.
+fn fetch_phase(
+    engine: &Engine,
+    arenas: &Arenas,
+    plan: &Plan,
+    handles: &[Handle],
+    progress: bool,
+) -> Result<Phase> {
+    let bar = Progress::new(progress, "fetch", plan.call_bytes());
+    let mut fetched = 0u64;
     // Handles of a tensor offloaded more than once fetch into the same place: the next
     // fetch there waits for the previous one's event.
     let mut remaining = plan.calls_per_tensor();
@@ -372,6 +392,8 @@ fn fetch_phase(engine: &Engine, arenas: &Arenas, plan: &Plan, handles: &[Handle]
         // nothing else until the event completes (a second fetch into it waits above, and
         // the arena is read only after the last event and `drain`).
         let ready = unsafe { engine.fetch(h, &region)? };
+        fetched += plan.tensors[i].len;
+        bar.set_position(fetched);
         remaining[i] -= 1;
         if remaining[i] > 0 {
             pending.insert(i, ready.clone());
@@ -384,6 +406,7 @@ fn fetch_phase(engine: &Engine, arenas: &Arenas, plan: &Plan, handles: &[Handle]
     }
     engine.drain()?;
     let seconds = start.elapsed().as_secs_f64();
+    bar.finish();
     Ok(Phase::new(
         "fetch",
         plan.call_bytes(),
