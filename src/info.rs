@@ -18,18 +18,22 @@ pub struct InfoReport {
     /// spillway's version.
     pub version: String,
     /// CUDA driver version ("13.0") or why there is none.
+    #[serde(serialize_with = "availability")]
     pub cuda_driver: std::result::Result<String, String>,
     /// The GPUs the driver sees.
     pub gpus: Vec<Gpu>,
     /// How the kernels were built into this binary.
     pub kernels: String,
     /// libcufile: loaded (with its version) or why not.
+    #[serde(serialize_with = "availability")]
     pub cufile: std::result::Result<String, String>,
     /// "gds-nvfs", "gds-p2pdma" or "compat" when cuFile loaded.
     pub gds_mode: Option<String>,
-    /// cuFile driver properties.
+    /// cuFile driver properties, by name.
+    #[serde(serialize_with = "by_name")]
     pub cufile_details: Vec<(String, String)>,
     /// io_uring: usable, or why not.
+    #[serde(serialize_with = "availability")]
     pub io_uring: std::result::Result<(), String>,
     /// NVMe controllers, their drivers and VFIO groups.
     pub nvme: Vec<NvmeController>,
@@ -38,6 +42,35 @@ pub struct InfoReport {
     pub nvme_error: Option<String>,
     /// Whether `--path`, when given, can be a target, and its O_DIRECT support.
     pub path: Option<PathCheck>,
+}
+
+/// A feature in the JSON: `{"available": true, "detail": ...}` (no `detail` when there is
+/// nothing more to say), or `{"available": false, "error": "why, and what to do"}`.
+fn availability<T: Serialize, S: serde::Serializer>(
+    r: &std::result::Result<T, String>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(None)?;
+    match r {
+        Ok(detail) => {
+            map.serialize_entry("available", &true)?;
+            let value = serde_json::to_value(detail).map_err(serde::ser::Error::custom)?;
+            if !value.is_null() {
+                map.serialize_entry("detail", &value)?;
+            }
+        }
+        Err(e) => {
+            map.serialize_entry("available", &false)?;
+            map.serialize_entry("error", e)?;
+        }
+    }
+    map.end()
+}
+
+/// Name–value pairs as one JSON object, in their order.
+fn by_name<S: serde::Serializer>(pairs: &[(String, String)], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_map(pairs.iter().map(|(k, v)| (k, v)))
 }
 
 /// One GPU.

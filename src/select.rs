@@ -132,10 +132,12 @@ pub fn setup(choices: Choices, faults: &FaultPlan) -> Result<Setup> {
                 let probe = cuda::probe();
                 if probe.gpus.is_empty() {
                     let why = match &probe.driver {
-                        Ok(_) => "the CUDA driver reports no GPU".to_string(),
-                        Err(e) => e.clone(),
+                        Ok(_) => "the CUDA driver reports none",
+                        Err(_) => "no CUDA driver",
                     };
-                    notes.push(format!("no GPU ({why}): using host memory"));
+                    notes.push(format!(
+                        "no GPU ({why}): using host memory; `spillway info` says more"
+                    ));
                     Memory::Host
                 } else {
                     // One process per GPU (torchrun, Slurm, MPI): the local rank's GPU.
