@@ -10,6 +10,7 @@
 pub mod bench;
 pub mod cli;
 pub mod cuda;
+pub mod exit;
 pub mod fs;
 pub mod info;
 pub mod nvme;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use spillway::bench;
 use spillway::cli::{self, Command, Workload};
+use spillway::exit;
 use spillway::info;
 use spillway::nvme;
 
@@ -34,28 +35,25 @@ fn main() -> ExitCode {
         Command::Info(args) => info::run(args).map(|()| ExitCode::SUCCESS),
         Command::Nvme(args) => {
             return nvme::run(args).map_or_else(
-                |e| {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                },
+                |e| exit::report(&e, exit::status_of_pci(&e)),
                 |()| ExitCode::SUCCESS,
             )
         }
     };
-    outcome.unwrap_or_else(|e| {
-        // The runtime's errors carry their causes in their text.
-        eprintln!("error: {e}");
-        ExitCode::FAILURE
-    })
+    // The runtime's errors carry their causes in their text; the status follows the
+    // table in `exit`.
+    outcome.unwrap_or_else(|e| exit::report(&e, exit::status_of(&e)))
 }
 
-/// Status 3 when data read back differed from data written, success otherwise.
+/// The mismatch status when data read back differed from data written, success otherwise.
 fn verification_exit(failed: bool) -> ExitCode {
     if failed {
-        eprintln!("error: verification failed: data read back differs from data written");
-        ExitCode::from(3)
+        exit::report(
+            &"verification failed: data read back differs from data written",
+            exit::MISMATCH,
+        )
     } else {
-        ExitCode::SUCCESS
+        ExitCode::from(exit::OK)
     }
 }
 
@@ -67,6 +65,8 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: piped or redirected logs stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

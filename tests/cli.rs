@@ -239,7 +239,104 @@ fn info_reports_io_uring_and_o_direct() {
     let out = spillway(&["info", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert!(v.get("gpus").is_some() && v.get("io_uring").is_some());
+    assert!(v.get("gpus").is_some());
+    // Each feature is {"available": bool, and "detail" or "error"}: never Rust's Ok/Err.
+    assert_eq!(v["io_uring"]["available"], true, "{v}");
+    for feature in ["cuda_driver", "cufile"] {
+        let f = &v[feature];
+        match f["available"].as_bool() {
+            Some(true) => assert!(f["detail"].is_string(), "{feature}: {f}"),
+            Some(false) => assert!(
+                f["error"].as_str().is_some_and(|e| !e.is_empty()),
+                "{feature}: {f}"
+            ),
+            None => panic!("{feature} has no \"available\": {f}"),
+        }
+    }
+    assert!(!stdout(&out).contains("\"Ok\"") && !stdout(&out).contains("\"Err\""));
+    assert!(v["cufile_details"].is_object(), "{v}");
+}
+
+#[test]
+fn every_refusal_exits_with_the_status_of_the_readme_table() {
+    // 2: bad input from any layer — a flag, an environment variable, a path.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>);
+    let cases: Vec<Case> = vec![
+        (vec!["--qd", "0"], vec![]),
+        (vec!["--threads", "0"], vec![]),
+        (vec![], vec![("SPILLWAY_QUEUE_DEPTH", "0")]),
+        (vec!["--path", "/dev/null"], vec![]),
+        (vec!["--path", "/nonexistent-dir-xyz/f.dat"], vec![]),
+        (vec!["--path", "/proc"], vec![]),
+        (vec!["--mem", "gpu", "--gpu", "7"], vec![]),
+    ];
+    for (flags, env) in cases {
+        let mut args = vec!["bench", "--size", "1M"];
+        if !flags.contains(&"--mem") {
+            args.extend(["--mem", "host"]);
+        }
+        if !flags.contains(&"--path") {
+            args.extend(["--path", path]);
+        }
+        args.extend(&flags);
+        let out = spillway_with_env(&args, &env);
+        assert_eq!(out.status.code(), Some(2), "{flags:?} {env:?}: {}", stderr(&out));
+        assert!(stderr(&out).starts_with("error: "), "{flags:?}: {}", stderr(&out));
+    }
+    // A bad PCI address for the NVMe subcommands is bad input too.
+    let out = spillway(&["nvme", "bind", "0000:ee:1f.7"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+/// Runs `spillway args` under `script`, so its stderr is a terminal; returns what it wrote.
+fn on_a_terminal(args: &[&str]) -> (bool, String) {
+    let mut cmd = vec![env!("CARGO_BIN_EXE_spillway").to_string()];
+    cmd.extend(args.iter().map(|a| a.to_string()));
+    let out = Command::new("script")
+        .args(["-qec", &cmd.join(" "), "/dev/null"])
+        .output()
+        .expect("script (util-linux) runs");
+    (out.status.success(), stdout(&out))
+}
+
+#[test]
+fn an_operation_longer_than_a_second_shows_a_progress_bar_on_a_terminal_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    // 12 requests, one at a time, each completing 150 ms late: about 1.8 s of writing.
+    let slow = [
+        "bench",
+        "--mem",
+        "host",
+        "--path",
+        path,
+        "--size",
+        "12M",
+        "--qd",
+        "1",
+        "--op",
+        "write",
+        "--faults",
+        "latency=150ms",
+    ];
+    let (ok, terminal) = on_a_terminal(&slow);
+    assert!(ok, "{terminal}");
+    assert!(
+        terminal.contains("eta") && terminal.contains("MiB/s"),
+        "no bar on a terminal: {terminal:?}"
+    );
+    // Piped: results only.
+    let out = spillway(&slow);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("eta"), "a bar on a pipe: {}", stderr(&out));
+    // --json on a terminal: no bar either.
+    let (ok, json) = on_a_terminal(&[&slow[..], &["--json"]].concat());
+    assert!(ok && !json.contains("eta"), "{json:?}");
+    // A short run on a terminal prints none.
+    let (ok, short) = on_a_terminal(&["bench", "--mem", "host", "--path", path, "--size", "2M"]);
+    assert!(ok && !short.contains("eta"), "{short:?}");
 }
 
 #[test]
@@ -579,7 +676,7 @@ fn a_trace_path_that_is_a_symlink_is_refused_and_its_file_left_alone() {
     let trace = dir.path().join("trace.json");
     std::os::unix::fs::symlink(&victim, &trace).unwrap();
     let out = tensors_bench(dir.path(), &["--trace", trace.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
         err.contains(&format!(
@@ -1481,7 +1578,7 @@ fn a_file_another_process_holds_is_refused_naming_it() {
     ];
     for (workload, flags) in [("seq", &["--size", "8M"][..]), ("tensors", &tensors[..])] {
         let out = spillway(&[&["bench", "--mem", "host", "--path", p], flags].concat());
-        assert_eq!(out.status.code(), Some(1), "{workload}: {}", stderr(&out));
+        assert_eq!(out.status.code(), Some(2), "{workload}: {}", stderr(&out));
         let err = stderr(&out);
         assert!(
             err.contains(&format!(
@@ -1714,7 +1811,7 @@ fn a_file_the_bench_made_is_removed_when_its_space_cannot_be_reserved() {
     let out = spillway(&["bench", "--mem", "host", "--size", "128MiB", "--path", &path]);
     let left = std::path::Path::new(&path).exists();
     drop(mnt);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("space"), "{}", stderr(&out));
     assert!(!left, "{path} was left behind");
 }
