@@ -351,17 +351,18 @@ pub struct BenchArgs {
     #[arg(help_heading = "Tensors workload", long, value_parser = parse_size)]
     pub staging: Option<u64>,
 
-    /// Of the staging memory, how much prefetched extents may hold [default: 256MiB, at
-    /// most half of --staging].
+    /// Of the staging memory, how much prefetched extents may hold, at most --staging
+    /// [default: 256MiB or half of --staging, whichever is less].
     #[arg(help_heading = "Tensors workload", long, value_parser = parse_size)]
     pub prefetch: Option<u64>,
 
-    /// Size of one packed extent [default: 16MiB, at most half of --staging].
+    /// Size of one packed extent, at most half of --staging [default: 16MiB or half of
+    /// --staging, whichever is less].
     #[arg(help_heading = "Tensors workload", long, value_parser = parse_size)]
     pub pack_extent: Option<u64>,
 
-    /// Tensors smaller than this are packed; larger ones are written on their own
-    /// [default: 1MiB, at most --pack-extent].
+    /// Tensors smaller than this are packed; larger ones are written on their own; at most
+    /// --pack-extent [default: 1MiB or --pack-extent, whichever is less].
     #[arg(help_heading = "Tensors workload", long, value_parser = parse_size)]
     pub pack_threshold: Option<u64>,
 

@@ -27,7 +27,7 @@ mod value;
 
 use std::path::Path;
 
-use spillway_runtime::engine::EngineConfig;
+use spillway_runtime::engine::{EngineConfig, SetSizes};
 use spillway_runtime::FaultPlan;
 
 use crate::cli::{BackendChoice, MemChoice};
@@ -308,7 +308,14 @@ impl Settings {
     /// a refusal names each setting involved and where its value came from. Call it after
     /// the last layer: settings may disagree until then.
     pub fn resolve(&self) -> Result<Resolved, SettingsError> {
-        self.values.engine.validate().map_err(|e| {
+        let mut values = self.values.clone();
+        let set = |name: &str| self.source(name).is_some_and(|s| *s != Source::Default);
+        values.engine.fit_to_staging(SetSizes {
+            prefetch_bytes: set("prefetch_bytes"),
+            pack_extent_bytes: set("pack_extent_bytes"),
+            pack_threshold: set("pack_threshold"),
+        });
+        values.engine.validate().map_err(|e| {
             let msg = match e {
                 spillway_runtime::Error::InvalidArgument(msg) => msg,
                 other => other.to_string(),
@@ -338,7 +345,7 @@ impl Settings {
                 message,
             )
         })?;
-        Ok(self.values.clone())
+        Ok(values)
     }
 }
 

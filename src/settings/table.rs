@@ -360,7 +360,7 @@ pub static SETTINGS: &[Setting] = &[
     Setting {
         name: "prefetch_bytes",
         kind: Kind::Size,
-        meaning: "of the staging memory, how much read-ahead may hold (at most staging_bytes)",
+        meaning: "of the staging memory, how much read-ahead may hold (at most staging_bytes; when not set, the default or half of staging_bytes, whichever is less)",
         get: |r| int(r.engine.prefetch_bytes),
         set: |r, v| {
             r.engine.prefetch_bytes = size(v)?;
@@ -370,7 +370,7 @@ pub static SETTINGS: &[Setting] = &[
     Setting {
         name: "pack_threshold",
         kind: Kind::Size,
-        meaning: "tensors smaller than this are packed together into shared extents (at most pack_extent_bytes)",
+        meaning: "tensors smaller than this are packed together into shared extents (at most pack_extent_bytes; when not set, the default or pack_extent_bytes, whichever is less)",
         get: |r| int(r.engine.pack_threshold),
         set: |r, v| {
             r.engine.pack_threshold = size(v)?;
@@ -380,7 +380,7 @@ pub static SETTINGS: &[Setting] = &[
     Setting {
         name: "pack_extent_bytes",
         kind: Kind::Size,
-        meaning: "size of one packed extent, written once full (at most half of staging_bytes)",
+        meaning: "size of one packed extent, written once full (at most half of staging_bytes; when not set, the default or half of staging_bytes, whichever is less)",
         get: |r| int(r.engine.pack_extent_bytes),
         set: |r, v| {
             r.engine.pack_extent_bytes = size(v)?;

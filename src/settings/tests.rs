@@ -60,6 +60,24 @@ fn defaults_resolve_and_round_trip() {
 }
 
 #[test]
+fn sizes_left_at_their_defaults_fit_a_small_staging_and_given_ones_are_checked() {
+    let mut small = Settings::default();
+    small.set("staging_bytes", Value::Int(8 << 20)).unwrap();
+    let r = small.resolve().unwrap();
+    assert_eq!(
+        (
+            r.engine.prefetch_bytes,
+            r.engine.pack_extent_bytes,
+            r.engine.pack_threshold
+        ),
+        (4 << 20, 4 << 20, 1 << 20)
+    );
+    small.set("prefetch_bytes", Value::Int(16 << 20)).unwrap();
+    let e = small.resolve().unwrap_err().to_string();
+    assert!(e.contains("prefetch_bytes") && e.contains("argument"), "{e}");
+}
+
+#[test]
 fn each_layer_overrides_the_ones_below() {
     let dir = TempDir::new().unwrap();
     let order = [Layer::File, Layer::Env, Layer::Argument];

@@ -906,6 +906,32 @@ fn calls_on_an_engine_without_handles() {
     );
 }
 
+/// The staging rule through the C ABI, as in the CLI and Python: sizes left at their
+/// defaults shrink to fit a small staging memory; a size given that does not fit is
+/// refused, naming it.
+#[test]
+fn staging_sizes_follow_the_one_rule() {
+    let settings = new_settings(&[("staging_bytes", "64MiB")]);
+    let mut out = null_mut();
+    // SAFETY: live settings, a variable for the result.
+    let status = unsafe { spillway_settings_json(settings, &mut out) };
+    assert_eq!(status, SPILLWAY_OK, "{}", last_error());
+    let json: serde_json::Value = serde_json::from_str(&take_string(out)).unwrap();
+    assert_eq!(json["prefetch_bytes"]["value"], 32 << 20, "{json}");
+    assert_eq!(json["pack_extent_bytes"]["value"], 16 << 20, "{json}");
+    // SAFETY: from `spillway_settings_new`, freed once.
+    unsafe { spillway_settings_free(settings) };
+
+    let settings = new_settings(&[("staging_bytes", "64MiB"), ("prefetch_bytes", "128MiB")]);
+    let mut out = null_mut();
+    // SAFETY: as above.
+    let status = unsafe { spillway_settings_json(settings, &mut out) };
+    assert_eq!(status, SPILLWAY_ERROR_INVALID_ARGUMENT);
+    assert!(last_error().contains("prefetch_bytes"), "{}", last_error());
+    // SAFETY: as above.
+    unsafe { spillway_settings_free(settings) };
+}
+
 // ---------------------------------------------------------------------------------------
 // Opening engines.
 // ---------------------------------------------------------------------------------------

@@ -314,6 +314,17 @@ def test_bad_settings_are_refused_by_name(tmp_path, kwargs, match):
         spillway.Engine(tmp_path, capacity="1MiB", **settings)
 
 
+def test_sizes_in_the_staging_memory_follow_one_rule(tmp_path):
+    # Left at their defaults, prefetch and pack extent shrink to half a small staging memory
+    # (as `spillway bench --staging` does); a size given that does not fit is refused by name.
+    settings = {k: v for k, v in SMALL.items() if k not in ("staging_bytes", "prefetch_bytes", "pack_extent_bytes", "pack_threshold")}
+    with spillway.Engine(tmp_path, capacity="1MiB", staging_bytes="64MiB", **settings) as e:
+        s = e.settings
+        assert s["prefetch_bytes"] == 32 << 20 and s["pack_extent_bytes"] == 16 << 20
+    with pytest.raises(ValueError, match="prefetch_bytes .* exceeds staging_bytes"):
+        spillway.Engine(tmp_path, capacity="1MiB", staging_bytes="64MiB", prefetch_bytes="128MiB", **settings)
+
+
 def test_the_userspace_nvme_backend_takes_a_controller_address(tmp_path):
     with pytest.raises(ValueError, match="PCI address"):
         spillway.Engine(tmp_path, backend="spdk", **SMALL)

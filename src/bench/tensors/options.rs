@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use serde::Serialize;
-use spillway_runtime::engine::EngineConfig;
+use spillway_runtime::engine::{EngineConfig, SetSizes};
 use spillway_runtime::{Error, Result};
 
 use crate::cli::BenchArgs;
@@ -187,24 +187,23 @@ fn engine_config(args: &BenchArgs) -> Result<EngineConfig> {
     let base = args.layers.engine.clone();
     let staging = args.staging.unwrap_or(base.staging_bytes);
     let pack = !args.no_pack;
-    let cfg = EngineConfig {
+    let mut cfg = EngineConfig {
         staging_bytes: staging,
-        prefetch_bytes: args.prefetch.unwrap_or(base.prefetch_bytes.min(staging / 2)),
-        pack_extent_bytes: args
-            .pack_extent
-            .unwrap_or(base.pack_extent_bytes.min(staging / 2)),
+        prefetch_bytes: args.prefetch.unwrap_or(base.prefetch_bytes),
+        pack_extent_bytes: args.pack_extent.unwrap_or(base.pack_extent_bytes),
+        pack_threshold: args.pack_threshold.unwrap_or(base.pack_threshold),
         pack,
         dedup: !args.no_dedup,
         checksums: args.verify,
         timeline: args.trace.is_some() || base.timeline,
         ..base
     };
-    let cfg = EngineConfig {
-        pack_threshold: args
-            .pack_threshold
-            .unwrap_or(cfg.pack_threshold.min(cfg.pack_extent_bytes)),
-        ..cfg
-    };
+    // The library's rule: sizes left at their defaults shrink to fit the staging memory.
+    cfg.fit_to_staging(SetSizes {
+        prefetch_bytes: args.prefetch.is_some(),
+        pack_extent_bytes: args.pack_extent.is_some(),
+        pack_threshold: args.pack_threshold.is_some(),
+    });
     let size = format_size;
     if staging < 2 * cfg.alignment {
         return Err(Error::invalid(format!(

@@ -90,7 +90,39 @@ impl Default for EngineConfig {
     }
 }
 
+/// Which of the sizes inside the staging memory a caller set itself (the others are their
+/// defaults, which [`EngineConfig::fit_to_staging`] may shrink).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SetSizes {
+    /// `prefetch_bytes` was given.
+    pub prefetch_bytes: bool,
+    /// `pack_extent_bytes` was given.
+    pub pack_extent_bytes: bool,
+    /// `pack_threshold` was given.
+    pub pack_threshold: bool,
+}
+
 impl EngineConfig {
+    /// The one rule for the sizes that live in the staging memory, whoever opens the engine
+    /// (CLI, Python, C, Rust): `prefetch_bytes` is at most `staging_bytes`,
+    /// `pack_extent_bytes` at most half of it, `pack_threshold` at most `pack_extent_bytes`.
+    /// A size the caller left at its default shrinks to fit a smaller staging memory
+    /// (prefetch and pack extent to half of it, the threshold to the extent); a size the
+    /// caller gave is kept as given, and [`validate`](Self::validate) refuses it if it does
+    /// not fit.
+    pub fn fit_to_staging(&mut self, set: SetSizes) {
+        let half = self.staging_bytes / 2;
+        if !set.prefetch_bytes {
+            self.prefetch_bytes = self.prefetch_bytes.min(half);
+        }
+        if !set.pack_extent_bytes {
+            self.pack_extent_bytes = self.pack_extent_bytes.min(half);
+        }
+        if !set.pack_threshold {
+            self.pack_threshold = self.pack_threshold.min(self.pack_extent_bytes);
+        }
+    }
+
     /// Checks that the settings fit together, naming the one that does not. Never
     /// overflows, whatever the values: arithmetic on them is checked.
     pub fn validate(&self) -> Result<()> {
@@ -151,6 +183,47 @@ impl EngineConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_shrink_to_a_small_staging_and_given_sizes_are_kept() {
+        let mut c = EngineConfig {
+            staging_bytes: 64 << 20,
+            ..Default::default()
+        };
+        c.fit_to_staging(SetSizes::default());
+        assert_eq!(
+            (c.prefetch_bytes, c.pack_extent_bytes, c.pack_threshold),
+            (32 << 20, 16 << 20, 1 << 20)
+        );
+        c.validate().unwrap();
+
+        let mut tiny = EngineConfig {
+            staging_bytes: 1 << 20,
+            ..Default::default()
+        };
+        tiny.fit_to_staging(SetSizes::default());
+        assert_eq!(
+            (tiny.prefetch_bytes, tiny.pack_extent_bytes, tiny.pack_threshold),
+            (512 << 10, 512 << 10, 512 << 10)
+        );
+        tiny.validate().unwrap();
+
+        let mut given = EngineConfig {
+            staging_bytes: 64 << 20,
+            prefetch_bytes: 256 << 20,
+            ..Default::default()
+        };
+        given.fit_to_staging(SetSizes {
+            prefetch_bytes: true,
+            ..Default::default()
+        });
+        assert_eq!(given.prefetch_bytes, 256 << 20, "a given size is kept");
+        assert!(given
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("prefetch_bytes"));
+    }
 
     #[test]
     fn defaults_are_valid_and_bad_values_are_named() {
