@@ -142,7 +142,8 @@ venv=target/python-test-venv
 if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install -q --disable-pip-version-check "maturin>=1.5,<2" pytest numpy
+# matplotlib: the benchmark scripts' plots (benches/tests).
+"$venv/bin/pip" install -q --disable-pip-version-check "maturin>=1.5,<2" pytest numpy matplotlib
 # torch for the offloader's tests (on CPU tensors through the host engine): the CPU build
 # from PyTorch's own index (a fraction of the size of the CUDA one), PyPI's otherwise.
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
@@ -150,10 +151,11 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
     "$venv/bin/pip" install -q --disable-pip-version-check torch
 fi
 (cd crates/python && VIRTUAL_ENV="$PWD/../../$venv" "../../$venv/bin/maturin" develop --locked -q)
-# Every Python test runs: a test module that cannot import torch fails instead of skipping,
-# and every skip prints its reason.
+# Every Python test runs: a test module that cannot import torch (or matplotlib) fails
+# instead of skipping, and every skip prints its reason. benches/tests checks the benchmark
+# scripts (plots, the KvikIO comparison's harness) against the debug binary built above.
 # Its last line has the counts; pipefail makes a failure pytest's status, not tee's.
-SPILLWAY_REQUIRE_TORCH=1 "$venv/bin/python" -m pytest -q -rs crates/python/tests |
+SPILLWAY_REQUIRE_TORCH=1 "$venv/bin/python" -m pytest -q -rs crates/python/tests benches/tests |
   tee "$logs/python.log"
 passed "$(python_counts)"
 
