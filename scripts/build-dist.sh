@@ -33,4 +33,9 @@ venv=target/python-test-venv
 "$venv/bin/pip" install -q --disable-pip-version-check "maturin>=1.5,<2"
 "$venv/bin/maturin" build --release --locked -q -m crates/python/Cargo.toml -o "$out/wheels"
 "$venv/bin/pip" download -q --disable-pip-version-check --only-binary :all: -d "$out/wheels" pytest
+# KvikIO, for benches/vs_kvikio.py on the GPU machine (Python 3.12 there; no network).
+"$venv/bin/pip" download -q --disable-pip-version-check --no-deps --only-binary :all: \
+  --python-version 3.12 --platform manylinux_2_28_x86_64 -d "$out/wheels" \
+  kvikio-cu13 libkvikio-cu13 rapids-logger cuda-pathfinder ||
+  echo "note: KvikIO's wheels could not be downloaded: PERF_ONLY=kvikio will not run" >&2
 ls -la "$out" "$out/wheels"

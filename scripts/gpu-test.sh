@@ -5,8 +5,9 @@
 #   scripts/gpu-test.sh            # tests, --verify benches, then the performance runs
 #                                  # (pack and crc32c kernel bandwidth, GPU vs host)
 #   SKIP_PERF=1 scripts/gpu-test.sh
-#   PERF_ONLY=engine|train|rok|ranks scripts/gpu-test.sh   # one group of runs (rok: SSDTrain's
-#                                  # grid and the largest micro-batch; ranks: two GPUs)
+#   PERF_ONLY=engine|train|rok|ranks|kvikio scripts/gpu-test.sh   # one group of runs (rok:
+#                                  # SSDTrain's grid and the largest micro-batch; ranks: two
+#                                  # GPUs; kvikio: spillway beside KvikIO, benches/vs_kvikio.py)
 #   SPILLWAY_SANITIZE=1 scripts/gpu-test.sh   # also the pack and crc32c kernels under
 #                                             # compute-sanitizer (memcheck and racecheck)
 #
@@ -137,6 +138,25 @@ rok_grid() {
   "$py" benches/rok_grid.py --summary --out-dir "$results"
 }
 
+# spillway beside KvikIO on the disk and on /dev/shm (benches/vs_kvikio.py), KvikIO from
+# the wheels scripts/build-dist.sh downloaded into dist/wheels (no network here).
+# KVIKIO_ARGS narrows or widens the grid (e.g. "--sizes 1GiB,8GiB").
+vs_kvikio() {
+  local site=/tmp/spillway-kvikio
+  rm -rf "$site"
+  "$py" -m pip install -q --disable-pip-version-check --no-index --no-deps --target "$site" \
+    "$dist"/wheels/kvikio_cu13-*.whl "$dist"/wheels/libkvikio_cu13-*.whl \
+    "$dist"/wheels/rapids_logger-*.whl "$dist"/wheels/cuda_pathfinder-*.whl || return 1
+  step env PYTHONPATH="$site:$PYTHONPATH" "$py" benches/vs_kvikio.py --dir "$disk" --dir "$shm" \
+    --spillway "$dist/spillway" --out-dir "$results" --name "vs-kvikio-$(gpu_name)" ${KVIKIO_ARGS:-}
+}
+
+# "h100" or "h200": the GPU in the results' names.
+gpu_name() {
+  nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 |
+    grep -oiE 'h100|h200|a100|b200|l40s' | tr 'A-Z' 'a-z' || echo gpu
+}
+
 # Two GPUs or more: DDP training under torchrun with spillway on every rank (gradients
 # bitwise equal to the same training without it; each rank's storage from rank_paths, then
 # a file name every rank shares), and each rank's bandwidth alone and with both at once.
@@ -178,7 +198,8 @@ if [[ -n ${PERF_ONLY:-} ]]; then
     train) train_perf ;;
     rok) rok_grid ;;
     ranks) multi_gpu ;;
-    *) failures+=("PERF_ONLY=$PERF_ONLY: expected engine, train, rok or ranks") ;;
+    kvikio) vs_kvikio || failures+=("installing KvikIO from $dist/wheels") ;;
+    *) failures+=("PERF_ONLY=$PERF_ONLY: expected engine, train, rok, ranks or kvikio") ;;
   esac
   if ((${#failures[@]})); then
     printf 'failed: %s\n' "${failures[@]}"
