@@ -8,6 +8,7 @@ import os
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 from . import _native
+from ._arrays import array_regions, is_regions
 
 Regions = Sequence[Tuple[int, int]]
 
@@ -33,10 +34,13 @@ class Engine:
     not given here comes from its ``SPILLWAY_*`` environment variable, else from the TOML
     file named by ``SPILLWAY_CONFIG``, else its default (docs/settings.md).
 
-    Memory crosses as ``(address, length)`` regions and CUDA streams as raw handles
-    (``torch.cuda.Stream.cuda_stream``). The engine reads an offloaded tensor's memory
-    until :meth:`source_released` says otherwise: keep it allocated and unmodified until
-    then. Every call releases the GIL.
+    Memory crosses as ``(address, length)`` regions, or as one array of any library
+    (torch, CuPy, JAX, NumPy…: ``__cuda_array_interface__``, ``__array_interface__``,
+    ``__dlpack__`` or the buffer protocol; see :mod:`spillway._arrays`), and CUDA streams as
+    raw handles (``torch.cuda.Stream.cuda_stream``). The engine reads an offloaded tensor's
+    memory until :meth:`source_released` says otherwise: keep it allocated and unmodified
+    until then (an array given to :meth:`offload` is kept alive by the engine until then).
+    Every call releases the GIL.
     """
 
     def __init__(
@@ -52,6 +56,8 @@ class Engine:
         elif isinstance(path, (str, bytes, os.PathLike)):
             path = os.fspath(path)
         self._native = _native.Engine(path, capacity, **settings)
+        # Arrays given to offload, kept alive until the engine has read them.
+        self._sources: Dict[int, Any] = {}
 
     @staticmethod
     def resolve_settings(**settings: Any) -> Dict[str, Tuple[Any, str]]:
@@ -62,44 +68,73 @@ class Engine:
         return {name: (value, source) for name, value, source in _native.resolve_settings(**settings)}
 
     # The data path.
-    def offload(self, key: Tuple[int, int], regions: Regions, stream: Optional[int] = None) -> int:
-        """Offloads the bytes in ``regions`` under ``key = (storage_id, version)`` after the
-        work queued on ``stream`` so far; returns a handle at once."""
+    def _memory(self, what: str, memory: Any, stream: Optional[int], writable: bool):
+        """``(regions, stream, keep)`` for raw regions or an array."""
+        if is_regions(memory):
+            return list(memory), stream, None
+        a = array_regions(memory, writable=writable, engine_device=self.device, what=what)
+        return a.regions, (stream if stream is not None else a.stream), a.keep
+
+    def offload(self, key: Tuple[int, int], regions: "Regions | Any", stream: Optional[int] = None) -> int:
+        """Offloads the bytes of ``regions`` (``(address, length)`` pieces, or an array)
+        under ``key = (storage_id, version)`` after the work queued on ``stream`` so far (for
+        a GPU array without ``stream``: its producer's stream); returns a handle at once.
+        An array is kept alive until :meth:`source_released` is true."""
         storage, version = key
-        return self._native.offload(storage, version, list(regions), stream)
+        regions, stream, keep = self._memory("Engine.offload", regions, stream, writable=False)
+        handle = self._native.offload(storage, version, regions, stream)
+        if keep is not None:
+            self._sources[handle] = keep
+        return handle
 
     def source_released(self, handle: int) -> bool:
         """True once the engine no longer reads the memory offloaded as ``handle``."""
-        return self._native.source_released(handle)
+        done = self._native.source_released(handle)
+        if done:
+            self._sources.pop(handle, None)
+        return done
 
     def wait_source_released(self, handle: int) -> bool:
         """Waits until the engine no longer reads the memory offloaded as ``handle``: True.
         Returns False at once when the engine keeps reading that memory until the handle is
         released, having no copy on storage (the storage was full, the write failed, or
         every handle fetched the tensor before its write started): waiting would never end."""
-        return self._native.wait_source_released(handle)
+        done = self._native.wait_source_released(handle)
+        if done:
+            self._sources.pop(handle, None)
+        return done
 
     def prefetch(self, handle: int) -> None:
         """Starts reading ``handle``'s bytes ahead into staging memory."""
         self._native.prefetch(handle)
 
-    def fetch(self, handle: int, regions: Regions, stream: Optional[int] = None) -> None:
-        """Copies ``handle``'s bytes into ``regions``. With ``stream``, the copy is ordered
-        on it (after its earlier work, before its later work) and the call does not wait
-        for the GPU; without, it returns once the bytes are in place."""
-        self._native.fetch(handle, list(regions), stream)
+    def fetch(self, handle: int, regions: "Regions | Any", stream: Optional[int] = None) -> None:
+        """Copies ``handle``'s bytes into ``regions`` (``(address, length)`` pieces, or a
+        writable array). With ``stream``, the copy is ordered on it (after its earlier work,
+        before its later work) and the call does not wait for the GPU; without, it returns
+        once the bytes are in place (for a GPU array, after its producer's queued work)."""
+        regions, array_stream, keep = self._memory("Engine.fetch", regions, None, writable=True)
+        if stream is None and keep is not None and array_stream is not None:
+            # A GPU array: after its users so far, and back only once the bytes are there.
+            self._native.fetch_ahead(handle, regions, array_stream).wait(None)
+            return
+        self._native.fetch(handle, regions, stream)
 
-    def fetch_ahead(self, handle: int, regions: Regions, stream: Optional[int] = None) -> Any:
-        """Copies ``handle``'s bytes into ``regions`` ahead of their use: the copy waits for
-        the work queued on ``stream`` so far, and nothing waits for it. Returns a ``Fetched``
+    def fetch_ahead(self, handle: int, regions: "Regions | Any", stream: Optional[int] = None) -> Any:
+        """Copies ``handle``'s bytes into ``regions`` (pieces, or a writable array) ahead of
+        their use: the copy waits for the work queued on ``stream`` so far (for a GPU array
+        without ``stream``: its producer's), and nothing waits for it. Returns a ``Fetched``
         whose ``wait(stream)`` orders the consumer's later work after the copy (without a
         stream: waits for it). Returns once the bytes have left storage or the host tier:
-        call it from a thread of its own to overlap it with compute."""
-        return self._native.fetch_ahead(handle, list(regions), stream)
+        call it from a thread of its own to overlap it with compute. Keep an array alive
+        until the copy is waited for."""
+        regions, stream, _ = self._memory("Engine.fetch_ahead", regions, stream, writable=True)
+        return self._native.fetch_ahead(handle, regions, stream)
 
     def release(self, handle: int) -> None:
         """Drops a handle; the stored copy goes with its last handle."""
         self._native.release(handle)
+        self._sources.pop(handle, None)
 
     def drain(self) -> None:
         """Waits for every accepted write."""
@@ -108,6 +143,7 @@ class Engine:
     def close(self) -> None:
         """Waits for outstanding writes and frees everything; later calls raise."""
         self._native.close()
+        self._sources.clear()
 
     # What it did.
     def stats(self) -> Dict[str, Any]:
