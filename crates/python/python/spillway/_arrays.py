@@ -109,12 +109,12 @@ def _describe(obj: Any, what: str) -> _Described:
 
 
 def _torch_module(obj: Any):
-    mod = type(obj).__module__
-    if mod.startswith("torch") and type(obj).__name__ in ("Tensor", "Parameter"):
-        import torch
+    """torch, when ``obj`` is a torch tensor (torch is imported only then)."""
+    if type(obj).__module__.split(".")[0] != "torch":
+        return None
+    import torch
 
-        return torch if isinstance(obj, torch.Tensor) else None
-    return None
+    return torch if isinstance(obj, torch.Tensor) else None
 
 
 def _torch(t: Any, torch: Any, what: str) -> _Described:
