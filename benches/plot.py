@@ -12,8 +12,8 @@ told from its shape:
   panel per target and op.
 - `spillway bench --json` (one object per op, per line) and `benches/*` files with a `runs`
   list of such objects: GB/s per op.
-- `benches/train_gpt.py` and `benches/rok_grid.py`: step time and activation memory per
-  run, beside the baseline's.
+- `benches/train_gpt.py` and `benches/rok_grid.py`: the ROK curve, step time against
+  activation memory, one point per run, with its ratios to the baseline.
 
 Needs matplotlib (`pip install matplotlib`). A file of any other shape is refused, naming
 the shapes known.
@@ -138,32 +138,33 @@ def plot_bench(data, plt):
 
 
 def plot_training(data, plt):
+    """The ROK curve: step time against activation memory, one point per run, with each
+    run's ratios to the baseline and the 1.05x step-time line."""
     runs = {k: r for k, r in data["runs"].items() if isinstance(r, dict) and r.get("ok", True) and "step_ms" in r}
-    names = list(runs)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
-    step = [runs[n]["step_ms"] for n in names]
-    act = [runs[n].get("act_mem_bytes", 0) / 2**30 for n in names]
-    a1.bar(range(len(names)), step, color="C0")
-    a1.set_ylabel("step time, ms")
-    a2.bar(range(len(names)), act, color="C1")
-    a2.set_ylabel("activations + grads above start, GiB")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     base = runs.get("baseline")
-    for ax, values, key in ((a1, step, "step_ms"), (a2, act, None)):
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        if base:
-            ref = base["step_ms"] if key else base.get("act_mem_bytes", 0) / 2**30
-            for x, v in enumerate(values):
-                if ref:
-                    ax.annotate(f"{v / ref:.2f}×", (x, v), ha="center", va="bottom", fontsize=7)
-    m = data.get("model", {})
+    for name, r in runs.items():
+        x, y = r.get("act_mem_bytes", 0) / 2**30, r["step_ms"]
+        ax.scatter([x], [y], s=40)
+        label = name
+        if base and base.get("act_mem_bytes") and base["step_ms"]:
+            label += f" ({y / base['step_ms']:.2f}x time, {r.get('act_mem_bytes', 0) / base['act_mem_bytes']:.2f}x mem)"
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if base:
+        ax.axhline(base["step_ms"] * 1.05, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(0, base["step_ms"] * 1.05, " 1.05x baseline", fontsize=7, va="bottom")
+    ax.set_xlabel("activation memory at the peak (GiB)")
+    ax.set_ylabel("step time (ms)")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    m, o = data.get("model", {}), data.get("options", {})
     shape = (
-        f"hidden {m.get('d_model')}, {m.get('n_layer')} layers, seq {m.get('seq_len')}, "
-        f"micro-batch {data.get('options', {}).get('batch', '?')}"
+        f"{o.get('arch', '')} hidden {m.get('d_model')}, {m.get('n_layer')} layers, seq {m.get('seq_len')}, "
+        f"micro-batch {o.get('batch', '?')}"
         if m
         else data.get("benchmark", "")
     )
-    fig.suptitle(f"{data.get('device', '')}: {shape}")
+    ax.set_title(f"{data.get('device', '')}: {shape}", fontsize=9)
     fig.tight_layout()
     return fig
 

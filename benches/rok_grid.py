@@ -52,36 +52,6 @@ def shape_list(text):
     return out
 
 
-def plot(path_png, title, result):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("rok_grid: matplotlib is not installed; no plot", file=sys.stderr)
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in result["runs"].items():
-        if not r.get("ok"):
-            continue
-        x, y = r["act_mem_bytes"] / 2**30, r["step_ms"]
-        ax.scatter([x], [y], s=40)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    base = result["runs"].get("baseline", {})
-    if base.get("ok"):
-        ax.axhline(base["step_ms"] * 1.05, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(0, base["step_ms"] * 1.05, " 1.05x baseline", fontsize=7, va="bottom")
-    ax.set_xlabel("activation memory at the peak (GiB)")
-    ax.set_ylabel("step time (ms)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path_png, dpi=110)
-    plt.close(fig)
-    return True
-
-
 def summary_rows(result):
     """Markdown rows of one grid file: per run, step time and activation memory against the
     baseline, bytes per tier, stall, and the fraction offloaded beside the bound."""
@@ -164,8 +134,12 @@ def main(argv=None):
                 with open(out, "w") as f:
                     json.dump(result, f, indent=2, default=str)
                     f.write("\n")
-                plot(os.path.join(args.out_dir, stem + ".png"),
-                     "%s %s h=%d layers=%d seq=%d mb=%d" % (gpu, arch, h, layers, seq, args.batch), result)
+                try:
+                    from plot import plot_file
+
+                    plot_file(out)  # the ROK curve, beside the JSON
+                except ImportError as e:
+                    print(f"rok_grid: no plot ({e}): pip install matplotlib", file=sys.stderr)
     return 1 if failed else 0
 
 
