@@ -49,7 +49,7 @@ pub fn parse() -> Cli {
 /// Refuses a bench whose backends (`--threads` rings of `--pinned` staging each, per
 /// `--path`) and, for the tensors workload in host memory, `--staging` need more host
 /// memory than the host has available ([`crate::select::check_host_memory`]).
-fn check_memory(args: &BenchArgs) -> spillway_runtime::Result<()> {
+pub fn check_memory(args: &BenchArgs) -> spillway_runtime::Result<()> {
     let choices = crate::select::Choices::from_bench(args);
     let staging = match (args.workload, args.mem) {
         (Workload::Tensors, MemChoice::Host) => args.staging.unwrap_or(args.layers.engine.staging_bytes),
@@ -279,11 +279,62 @@ pub struct BenchArgs {
     #[arg(help_heading = "Seq workload", long)]
     pub verify: bool,
 
+    /// Run the seq bench at every point of a grid of block sizes × queue depths × thread
+    /// counts (at most 512 points) and print a row per point and operation, then the best
+    /// point of each operation. Each dimension is its list flag (--blocks, --qds,
+    /// --thread-counts), else the single flag (--block, --qd, --threads) when given, which
+    /// fixes it, else its default list. The sweep's values win over the queue_depth and
+    /// threads settings (environment, settings file). With --json: one JSON object for the
+    /// whole sweep.
+    #[arg(help_heading = "Seq workload", long)]
+    pub sweep: bool,
+
+    /// With --sweep: the block sizes to sweep, comma-separated (e.g. 64K,1M,4M); each is
+    /// checked as --block is, and one given twice is refused [default: 64KiB,1MiB,4MiB,
+    /// those up to --size].
+    #[arg(
+        help_heading = "Seq workload",
+        long,
+        value_parser = parse_size,
+        value_delimiter = ',',
+        value_name = "SIZE,SIZE,...",
+        conflicts_with = "block"
+    )]
+    pub blocks: Vec<u64>,
+
+    /// With --sweep: the queue depths to sweep, comma-separated; each is checked as --qd
+    /// is, and one given twice is refused [default: 1,4,16,64].
+    #[arg(
+        help_heading = "Seq workload",
+        long,
+        value_delimiter = ',',
+        value_name = "QD,QD,...",
+        conflicts_with = "qd"
+    )]
+    pub qds: Vec<u32>,
+
+    /// With --sweep: the thread counts to sweep, comma-separated; each is checked as
+    /// --threads is, and one given twice is refused [default: 1,4,8].
+    #[arg(
+        help_heading = "Seq workload",
+        long,
+        value_delimiter = ',',
+        value_name = "N,N,...",
+        conflicts_with = "threads"
+    )]
+    pub thread_counts: Vec<usize>,
+
+    /// With --sweep: also write the sweep's JSON (what --json prints) to FILE, made like a
+    /// data file (mode 0600, never through a symbolic link).
+    #[arg(help_heading = "Seq workload", long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+
     /// Seed of the random data (and of the tensors' sizes and order).
     #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,
 
-    /// Print JSON instead of a table: one object per operation (seq), one per run (tensors).
+    /// Print JSON instead of a table: one object per operation (seq), one for a whole
+    /// --sweep, one per run (tensors).
     #[arg(long)]
     pub json: bool,
 

@@ -14,6 +14,14 @@ fn main() -> ExitCode {
     let cli = cli::parse();
     let outcome = match &cli.command {
         Command::Bench(args) => match args.workload {
+            Workload::Seq if args.sweep => bench::sweep::run(args).map(|sweep| {
+                if args.json {
+                    bench::sweep::print_json(&sweep);
+                } else {
+                    bench::sweep::print_table(&sweep);
+                }
+                verification_exit(sweep.verification_failed())
+            }),
             Workload::Seq => bench::run(args).map(|results| {
                 let failed = results.iter().any(|r| r.verified == Some(false));
                 if args.json {

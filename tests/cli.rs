@@ -1869,3 +1869,407 @@ fn a_directory_path_is_spread_over_the_files_asked_for() {
     let err = bench_fails(&["--path", d, "--spread", "65", "--size", "1M"]);
     assert!(err.contains("spread") && err.contains("64"), "{err}");
 }
+
+/// `spillway bench --sweep --mem host --size 2M` on an anonymous file in `dir`, with `extra`
+/// flags and `env` as the only settings layers.
+fn sweep(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let dir = dir.to_str().unwrap();
+    let args = [
+        &["bench", "--sweep", "--mem", "host", "--size", "2M", "--path", dir],
+        extra,
+    ]
+    .concat();
+    spillway_with_env(&args, env)
+}
+
+/// The one JSON object a sweep with `--json` prints.
+fn sweep_json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", stderr(out));
+    let text = stdout(out);
+    assert_eq!(text.lines().count(), 1, "one line: {text}");
+    serde_json::from_str(&text).expect("one JSON object")
+}
+
+#[test]
+fn sweep_json_has_a_point_per_cell_a_result_per_op_and_the_best_of_each_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sweep(
+        dir.path(),
+        &[
+            "--blocks",
+            "64K,1M",
+            "--qds",
+            "1,4",
+            "--thread-counts",
+            "1",
+            "--json",
+        ],
+        &[],
+    );
+    let v = sweep_json(&out);
+    let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["best", "points", "sweep"]);
+    let s = &v["sweep"];
+    assert_eq!(s["blocks"], serde_json::json!([65536, 1048576]));
+    assert_eq!(s["qds"], serde_json::json!([1, 4]));
+    assert_eq!(s["threads"], serde_json::json!([1]));
+    assert_eq!(s["size"], 2 << 20);
+    assert_eq!(s["ops"], serde_json::json!(["write", "read"]));
+    assert_eq!(
+        (s["memory"].as_str(), s["backend"].as_str()),
+        (Some("host"), Some("uring"))
+    );
+    assert!(s["path"].as_str().unwrap().contains("anonymous"), "{s}");
+
+    let points = v["points"].as_array().unwrap();
+    let cells: Vec<(u64, u64, u64)> = points
+        .iter()
+        .map(|p| {
+            (
+                p["block"].as_u64().unwrap(),
+                p["qd"].as_u64().unwrap(),
+                p["threads"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        cells,
+        [(65536, 1, 1), (65536, 4, 1), (1048576, 1, 1), (1048576, 4, 1)]
+    );
+    for p in points {
+        let results = p["results"].as_array().unwrap();
+        let ops: Vec<&str> = results.iter().map(|r| r["op"].as_str().unwrap()).collect();
+        assert_eq!(ops, ["write", "read"], "{p}");
+        for r in results {
+            // The objects a plain `bench --json` prints, at the point's values.
+            assert_eq!(r["block_size"], p["block"]);
+            assert_eq!(r["queue_depth"], p["qd"]);
+            assert_eq!(r["threads"], p["threads"]);
+            assert_eq!(r["bytes"], 2 << 20);
+            for key in [
+                "backend",
+                "throughput_gbps",
+                "iops",
+                "latency_us",
+                "notes",
+                "from_env_or_file",
+            ] {
+                assert!(r.get(key).is_some(), "{key} missing from {r}");
+            }
+        }
+    }
+
+    let best = v["best"].as_object().unwrap();
+    assert_eq!(best.len(), 2);
+    assert!(
+        stdout(&out).contains(r#""best":{"write":{"block":"#),
+        "best in the order of the ops"
+    );
+    for (op, b) in best {
+        let (max, at) = points
+            .iter()
+            .flat_map(|p| p["results"].as_array().unwrap().iter().map(move |r| (p, r)))
+            .filter(|(_, r)| r["op"] == op.as_str())
+            .map(|(p, r)| (r["throughput_gbps"].as_f64().unwrap(), p))
+            .fold(
+                (f64::MIN, None),
+                |(m, at), (g, p)| if g > m { (g, Some(p)) } else { (m, at) },
+            );
+        let at = at.unwrap();
+        assert_eq!(b["throughput_gbps"].as_f64(), Some(max), "{op}: {b}");
+        for key in ["block", "qd", "threads"] {
+            assert_eq!(b[key], at[key], "{op}: {b}");
+        }
+        assert!(b["iops"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn a_single_flag_given_fixes_its_dimension_of_the_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = sweep_json(&sweep(
+        dir.path(),
+        &[
+            "--threads",
+            "2",
+            "--qd",
+            "4",
+            "--blocks",
+            "64K,1M",
+            "--op",
+            "write",
+            "--json",
+        ],
+        &[],
+    ));
+    assert_eq!(v["sweep"]["threads"], serde_json::json!([2]));
+    assert_eq!(v["sweep"]["qds"], serde_json::json!([4]));
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    for p in points {
+        assert_eq!(
+            (p["qd"].as_u64(), p["threads"].as_u64()),
+            (Some(4), Some(2)),
+            "{p}"
+        );
+        assert_eq!(p["results"][0]["threads"], 2);
+    }
+    // Left out, a dimension takes its default list (block sizes up to --size): here 64 KiB
+    // and 1 MiB.
+    let v = sweep_json(&sweep(
+        dir.path(),
+        &["--qd", "1", "--threads", "1", "--op", "write", "--json"],
+        &[],
+    ));
+    assert_eq!(v["sweep"]["blocks"], serde_json::json!([65536, 1048576]));
+    // The sweep's values win over the environment's, which its points do not list as taken.
+    let v = sweep_json(&sweep(
+        dir.path(),
+        &[
+            "--blocks",
+            "64K",
+            "--qds",
+            "2",
+            "--thread-counts",
+            "1",
+            "--op",
+            "write",
+            "--json",
+        ],
+        &[("SPILLWAY_QUEUE_DEPTH", "8"), ("SPILLWAY_THREADS", "3")],
+    ));
+    let r = &v["points"][0]["results"][0];
+    assert_eq!(
+        (r["queue_depth"].as_u64(), r["threads"].as_u64()),
+        (Some(2), Some(1)),
+        "{r}"
+    );
+    assert_eq!(r["from_env_or_file"], serde_json::json!([]), "{r}");
+    let notes = r["notes"].to_string();
+    assert!(
+        notes.contains("queue_depth=8 from SPILLWAY_QUEUE_DEPTH not used: the sweep sets queue_depth"),
+        "{notes}"
+    );
+}
+
+#[test]
+fn sweep_lists_without_sweep_and_bad_list_values_exit_2_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let out_file = dir.path().join("sweep.json");
+    let out_file = out_file.to_str().unwrap();
+    let nine = "1,2,3,4,5,6,7,8,9";
+    type Case<'a> = (&'a [&'a str], &'a [&'a str]);
+    let cases: [Case; 11] = [
+        (
+            &["--blocks", "64K,1M"],
+            &["--blocks applies to --sweep only", "add --sweep"],
+        ),
+        (&["--qds", "1,4"], &["--qds applies to --sweep only"]),
+        (
+            &["--thread-counts", "1", "--out", out_file],
+            &["--thread-counts, --out apply to --sweep only"],
+        ),
+        (
+            &["--sweep", "--qds", "4,0"],
+            &["--qds: the value 0 is refused", "not a positive integer"],
+        ),
+        (
+            &["--sweep", "--thread-counts", "1,1000"],
+            &["--thread-counts: the value 1000 is refused", "at most 256"],
+        ),
+        (
+            &["--sweep", "--blocks", "64K,8M"],
+            &["--blocks: the value 8 MiB is refused", "larger than --size"],
+        ),
+        (
+            &["--sweep", "--blocks", "64K,64K"],
+            &["--blocks lists 64 KiB twice"],
+        ),
+        (&["--sweep", "--blocks", "64K,lots"], &["--blocks"]),
+        (&["--sweep", "--qds", "1,4", "--qd", "8"], &["--qds", "--qd"]),
+        (
+            &[
+                "--sweep",
+                "--blocks",
+                "4K,8K,16K,32K,64K,128K,256K,512K",
+                "--qds",
+                nine,
+                "--thread-counts",
+                nine,
+            ],
+            &["648 points", "more than 512"],
+        ),
+        (
+            &["--sweep", "--size", "16K"],
+            &["smaller than every default block size", "--blocks"],
+        ),
+    ];
+    for (flags, expected) in cases {
+        let size = if flags.contains(&"--size") {
+            &[][..]
+        } else {
+            &["--size", "2M"][..]
+        };
+        let args = [&["bench", "--mem", "host", "--path", d], size, flags].concat();
+        let out = spillway_with_env(&args, &[]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(err.starts_with("error: "), "{flags:?}: {err}");
+        for e in expected {
+            assert!(err.contains(e), "{flags:?}: {e:?} not in {err}");
+        }
+        assert!(stdout(&out).is_empty(), "{flags:?}: nothing run");
+    }
+    assert!(!Path::new(out_file).exists());
+}
+
+#[test]
+fn sweep_out_writes_the_json_printed_and_refuses_a_symbolic_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sweep.json");
+    let f = file.to_str().unwrap();
+    let grid = ["--blocks", "64K", "--qds", "1,2", "--thread-counts", "1"];
+    let out = sweep(dir.path(), &[&grid[..], &["--json", "--out", f]].concat(), &[]);
+    let printed = sweep_json(&out);
+    let written = std::fs::read(&file).unwrap();
+    assert_eq!(written, out.stdout, "--out holds what --json printed");
+    assert_eq!(printed["points"].as_array().unwrap().len(), 2);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&file).unwrap().mode() & 0o7777, 0o600);
+    // With the table, too.
+    std::fs::remove_file(&file).unwrap();
+    let out = sweep(dir.path(), &[&grid[..], &["--out", f]].concat(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("best write:"), "{}", stdout(&out));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(v["sweep"]["qds"], serde_json::json!([1, 2]));
+
+    // A symbolic link at the name is refused before anything runs, its file left alone.
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let out = sweep(
+        dir.path(),
+        &[&grid[..], &["--out", link.to_str().unwrap()]].concat(),
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "creating the sweep file {} (check --out): {} is a symbolic link",
+            link.display(),
+            link.display()
+        )),
+        "{err}"
+    );
+    assert!(stdout(&out).is_empty());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+}
+
+#[test]
+fn a_sweep_of_the_tensors_workload_is_refused() {
+    let out = spillway_with_env(
+        &["bench", "--sweep", "--workload", "tensors", "--mem", "host"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("--sweep applies to --workload seq only, but the workload is tensors"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_failing_sweep_point_stops_the_sweep_naming_the_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sweep(
+        dir.path(),
+        &[
+            "--blocks",
+            "64K,1M",
+            "--qds",
+            "1",
+            "--threads",
+            "1",
+            "--faults",
+            "write_error=1",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("error: sweep point 1/2 (block 64 KiB, qd 1, threads 1): bench op write failed"),
+        "{err}"
+    );
+    assert!(stdout(&out).is_empty(), "no table: {}", stdout(&out));
+}
+
+#[test]
+fn the_sweep_table_has_a_row_per_point_and_op_and_each_point_shows_on_a_terminal_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let args = [
+        "bench",
+        "--sweep",
+        "--mem",
+        "host",
+        "--size",
+        "2M",
+        "--path",
+        d,
+        "--blocks",
+        "64K",
+        "--qds",
+        "1",
+        "--thread-counts",
+        "1,2",
+    ];
+    let out = spillway_with_env(&args, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("point 1/2"),
+        "a point line on a pipe: {}",
+        stderr(&out)
+    );
+    let table = stdout(&out);
+    let header = table
+        .lines()
+        .find(|l| l.contains("GB/s"))
+        .unwrap_or_else(|| panic!("no header: {table}"));
+    let columns: Vec<&str> = header
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        columns.join("|").replace(' ', "|"),
+        "block|qd|threads|op|GB/s|IOPS|p50|us|p99|us",
+        "{header}"
+    );
+    let rows: Vec<&str> = table
+        .lines()
+        .filter(|l| l.trim_start().starts_with("64 KiB"))
+        .collect();
+    assert_eq!(rows.len(), 4, "2 points × 2 ops: {table}");
+    assert!(
+        table.contains("best write:") && table.contains("best read:"),
+        "{table}"
+    );
+
+    let (ok, terminal) = on_a_terminal(&args);
+    assert!(ok, "{terminal}");
+    for i in 1..=2 {
+        let line = format!("point {i}/2: block 64 KiB qd 1 threads {i}");
+        assert!(
+            terminal.contains(&line),
+            "no {line:?} on a terminal: {terminal:?}"
+        );
+    }
+    let (ok, json) = on_a_terminal(&[&args[..], &["--json"]].concat());
+    assert!(ok && !json.contains("point 1/2"), "{json:?}");
+}

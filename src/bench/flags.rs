@@ -6,11 +6,24 @@ use spillway_runtime::{Error, Result};
 use crate::cli::{BenchArgs, Workload};
 
 /// Flags only the `seq` workload reads: (clap id, flag).
-const SEQ_ONLY: [(&str, &str); 4] = [
+const SEQ_ONLY: [(&str, &str); 9] = [
     ("op", "--op"),
     ("size", "--size"),
     ("block", "--block"),
     ("buffer", "--buffer"),
+    ("sweep", "--sweep"),
+    ("blocks", "--blocks"),
+    ("qds", "--qds"),
+    ("thread_counts", "--thread-counts"),
+    ("out", "--out"),
+];
+
+/// Flags only `--sweep` reads: (clap id, flag).
+pub const SWEEP_ONLY: [(&str, &str); 4] = [
+    ("blocks", "--blocks"),
+    ("qds", "--qds"),
+    ("thread_counts", "--thread-counts"),
+    ("out", "--out"),
 ];
 
 /// Flags only the `tensors` workload reads: (clap id, flag).
@@ -28,27 +41,20 @@ const TENSORS_ONLY: [(&str, &str); 11] = [
     ("trace", "--trace"),
 ];
 
-/// Refuses flags given on the command line that the chosen workload does not read.
-/// Only flags recorded in [`BenchArgs::given`] are checked (defaults never are).
+/// Refuses flags given on the command line that the chosen workload does not read, and
+/// the flags of `--sweep` given without it. Only flags recorded in [`BenchArgs::given`] are
+/// checked (defaults never are).
 pub fn check(args: &BenchArgs) -> Result<()> {
     check_nvme_target(args)?;
     let (foreign, owner) = match args.workload {
         Workload::Seq => (&TENSORS_ONLY[..], Workload::Tensors),
         Workload::Tensors => (&SEQ_ONLY[..], Workload::Seq),
     };
-    let given: Vec<&str> = foreign
-        .iter()
-        .filter(|(id, _)| args.given.iter().any(|g| g == id))
-        .map(|(_, flag)| *flag)
-        .collect();
+    let given = given_of(args, foreign);
     if given.is_empty() {
-        return Ok(());
+        return check_sweep(args);
     }
-    let (these, them) = if given.len() == 1 {
-        ("applies", "it")
-    } else {
-        ("apply", "them")
-    };
+    let (these, them) = agreement(&given);
     let mut advice = format!("add --workload {} or drop {them}", owner.as_str());
     if owner == Workload::Seq {
         advice = format!(
@@ -61,6 +67,38 @@ pub fn check(args: &BenchArgs) -> Result<()> {
         owner.as_str(),
         args.workload.as_str(),
     )))
+}
+
+/// Refuses the flags of `--sweep` (its lists and `--out`) given without it: they would
+/// otherwise be silently ignored.
+fn check_sweep(args: &BenchArgs) -> Result<()> {
+    let given = given_of(args, &SWEEP_ONLY);
+    if args.sweep || given.is_empty() {
+        return Ok(());
+    }
+    let (these, them) = agreement(&given);
+    Err(Error::invalid(format!(
+        "{} {these} to --sweep only: add --sweep to run the bench at every point of the grid, or drop {them} (--block, --qd and --threads set the one point of a plain bench)",
+        given.join(", "),
+    )))
+}
+
+/// The flags of `flags` given on the command line.
+fn given_of(args: &BenchArgs, flags: &[(&str, &'static str)]) -> Vec<&'static str> {
+    flags
+        .iter()
+        .filter(|(id, _)| args.given.iter().any(|g| g == id))
+        .map(|(_, flag)| *flag)
+        .collect()
+}
+
+/// ("applies", "it") for one flag, ("apply", "them") for several.
+fn agreement(given: &[&str]) -> (&'static str, &'static str) {
+    if given.len() == 1 {
+        ("applies", "it")
+    } else {
+        ("apply", "them")
+    }
 }
 
 /// Refuses flags that do not apply to the target of `--backend spdk` (`--pci`): a

@@ -12,7 +12,8 @@
 //! read, the buffer itself; after a write, the whole file is read back (untimed) and checked.
 //!
 //! That is the `seq` workload (the default); `--workload tensors` ([`tensors`]) measures
-//! the offload engine on many small tensors instead.
+//! the offload engine on many small tensors instead. `--sweep` ([`sweep`]) runs the `seq`
+//! workload at every point of a grid of block sizes × queue depths × thread counts.
 //!
 //! Flags left out take their settings' values from the environment or the settings file
 //! ([`layers`]), as the library does; the reports list every value so taken.
@@ -30,6 +31,7 @@ mod flags;
 pub mod layers;
 mod progress;
 pub mod report;
+pub mod sweep;
 pub mod tensors;
 pub mod workload;
 
