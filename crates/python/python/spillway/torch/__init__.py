@@ -51,6 +51,7 @@ first step. The choice, its predicted memory and time and its reason are in
 ``stats()["policy"]``.
 """
 
+from .compat import CudaGraphError
 from .offloader import Offloader, offload
 from .planner import Profile, RokPlan, SegmentProfile, Tiers, brute_force, simulate
 from .planner import plan as plan_rok
@@ -67,4 +68,5 @@ __all__ = [
     "Tiers",
     "RokPlan",
     "InPlaceModificationError",
+    "CudaGraphError",
 ]

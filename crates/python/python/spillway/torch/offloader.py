@@ -14,6 +14,8 @@ import torch
 
 from .._engine import Engine
 from .ahead import FetchAhead
+from . import compat
+from .compat import CAPTURE_MESSAGE, POOL_MESSAGE, CudaGraphError
 from .planner import Profile, RokPlan, SegmentProfile, Tiers, plan as plan_rok
 from .policy import Plan, Segment
 from .saved import InPlaceModificationError, Kept, Stored
@@ -201,7 +203,17 @@ class Offloader:
         self._kept_step = 0
         self._held_peak = 0
         self._blocks = segments if segments is not None else _find_segments(model)
-        self._hooks = [b.register_forward_pre_hook(self._on_block_forward) for b in self._blocks]
+        # Under torch.compile the hooks are never traced: each is a graph break, so a
+        # compiled model runs one graph per block, whose saves come when the block ends
+        # (see docs/integrations-compile-fsdp.md), and the hooks run as written.
+        self._pack_hook = compat.not_traced(self._pack)
+        self._unpack_hook = compat.not_traced(self._unpack)
+        on_block = compat.not_traced(self._on_block_forward)
+        self._hooks = [b.register_forward_pre_hook(on_block) for b in self._blocks]
+        # The model's own forward: parameters that exist only while it runs (FSDP2 gathers
+        # them in its pre-forward hooks, which run before these) are noted there.
+        self._hooks.append(model.register_forward_pre_hook(compat.not_traced(self._on_model_forward)))
+        self._block_calls = 0  # this step's block forward calls seen
         # Planned per tensor: this step's eligible first saves counted per segment, and the
         # decision taken for each storage key (its other views follow it).
         self._saves_in_segment: Dict[int, int] = {}
@@ -216,7 +228,9 @@ class Offloader:
         # Records are held by autograd's graph; the offloader only refers to them weakly,
         # so a record (and its handle) goes when autograd frees the saved tensor.
         self._inflight: List[weakref.ref] = []  # still holding their source tensors
-        self._param_storages: set = set()
+        # Storages of the model's parameters and buffers, by storage object (``_cdata``):
+        # each to a weak reference to its tensor, alive while the storage can be trusted.
+        self._param_storages: Dict[int, weakref.ref] = {}
         self._storage_ids: Dict[int, Tuple[int, int, List[weakref.ref]]] = {}
         self._keys_seen: set = set()
         self._next_storage_id = 1
@@ -251,16 +265,22 @@ class Offloader:
             raise RuntimeError("this Offloader is closed")
         if self._active:
             raise RuntimeError("Offloader.step() is already active: steps do not nest")
+        if compat.cuda_capturing():
+            raise CudaGraphError(CAPTURE_MESSAGE)
         if self.policy == "adaptive" and self._bandwidth is None:
             self._bandwidth = self._probe_bandwidth()
         self._begin_step()
         t0 = time.perf_counter()
+        completed = False
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            with torch.autograd.graph.saved_tensors_hooks(self._pack_hook, self._unpack_hook):
                 yield self
+            completed = True
         finally:
             self._active = False
-            self._end_step(time.perf_counter() - t0, self._step_stall)
+            # A step that failed, or that is refused below, does not shape the plan.
+            self._end_step(time.perf_counter() - t0, self._step_stall, completed and not self._blocks_missed())
+        self._check_blocks_ran()
 
     def stats(self) -> Dict[str, Any]:
         """Totals since the offloader started, the last step's figures, the engine's
@@ -321,11 +341,9 @@ class Offloader:
         # Adaptive: the first steps run without offloading; the last of them is measured.
         self._profiling = self._plan is None and self._steps + 1 >= self.profile_steps
         self._segments = [Segment(0, "start")]
-        self._param_storages = {
-            t.untyped_storage().data_ptr()
-            for t in list(self.model.parameters()) + list(self.model.buffers())
-            if t.device == self.device
-        }
+        self._block_calls = 0
+        self._param_storages = {}
+        self._note_params(self.model)
         self._storage_ids = {}
         self._keys_seen = set()
         self._saves_in_segment = {}
@@ -340,7 +358,7 @@ class Offloader:
         self._pacing = self._cuda and self.run_ahead > 0 and self._plan is not None and self._plan.offload_segments > 0
         self._mark_segment_start(self._segments[0], forward=True)
 
-    def _end_step(self, seconds: float, stall: float) -> None:
+    def _end_step(self, seconds: float, stall: float, plan: bool = True) -> None:
         self._steps += 1
         self._totals["stall_s"] += stall
         self._totals["step_s"] += seconds
@@ -354,9 +372,9 @@ class Offloader:
             kept_bytes=sum(s.kept_bytes for s in segs),
             held_peak_bytes=self._held_peak,
         )
-        if self.policy == "all" and self._plan is not None:
+        if plan and self.policy == "all" and self._plan is not None:
             self._plan.offload_segments = max(0, len(segs) - self.keep_last)
-        if self.policy == "adaptive":
+        if plan and self.policy == "adaptive":
             if self._profiling:
                 # The measured step is what every later plan is made from.
                 self._profiled = list(segs)
@@ -498,7 +516,8 @@ class Offloader:
                 return checkpoint(__own, *args, use_reentrant=True)
 
             self._recomputed[b] = vars(block).get("forward")
-            block.forward = forward
+            # Not traced by torch.compile (the block's own forward still is).
+            block.forward = compat.not_traced(forward, recursive=False)
 
     def _probe_bandwidth(self) -> Tuple[float, float]:
         """Writes and reads ``probe_bytes`` through the engine; returns (write, read) GB/s."""
@@ -528,14 +547,63 @@ class Offloader:
 
     # -- forward --------------------------------------------------------------------------
 
+    def _note_params(self, module: torch.nn.Module) -> None:
+        """Notes the storages of ``module``'s parameters and buffers as they are now (a
+        DTensor's by its local shard): saved tensors in them stay in memory."""
+        for t in module.parameters():
+            self._note_param(compat.local_tensor(t))
+        for t in module.buffers():
+            self._note_param(compat.local_tensor(t))
+
+    def _note_param(self, t: torch.Tensor) -> None:
+        if t.device == self.device:
+            self._param_storages[t.untyped_storage()._cdata] = weakref.ref(t)
+
+    def _is_param_storage(self, st: torch.UntypedStorage) -> bool:
+        ref = self._param_storages.get(st._cdata)
+        # A parameter still alive holds its storage, so no other storage has its address.
+        return ref is not None and ref() is not None
+
+    def _on_model_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if self._active and not self._in_backward:
+            self._note_params(module)
+
+    def _blocks_missed(self) -> bool:
+        """Whether this step saved activations but none of the blocks ran their forward
+        hooks: everything fell in one segment, which the policy keeps, so nothing would
+        ever be offloaded, without a word."""
+        first = self._segments[0] if self._segments else None
+        return bool(self._blocks) and not self._block_calls and first is not None and first.saved_bytes > 0
+
+    def _check_blocks_ran(self) -> None:
+        """Refuses a step in which the blocks' hooks did not run (see _blocks_missed)."""
+        if not self._blocks_missed():
+            return
+        first = self._segments[0]
+        names = sorted({type(b).__name__ for b in self._blocks})
+        raise RuntimeError(
+            f"spillway: none of the {len(self._blocks)} modules that cut the forward pass into "
+            f"segments ({', '.join(names)}) ran its forward hooks in this step, though the step "
+            f"saved {first.saved_bytes / 2**20:.1f} MiB of activations for backward: as one "
+            "segment, they would stay in memory. Usually the model was compiled (torch.compile) "
+            "before this Offloader added its hooks: compiled code does not call forward hooks added "
+            "after it was compiled, and the code compiled for one model serves the other models "
+            "of its class. Call torch.compiler.reset() after making the Offloader (or make it "
+            "before anything of this class is compiled). Otherwise, give segments= the modules "
+            "that the forward pass calls."
+        )
+
     def _on_block_forward(self, module: torch.nn.Module, args: Any) -> None:
+        if self._active:
+            self._block_calls += 1
         if not self._active or self._in_backward or not torch.is_grad_enabled():
             return
+        self._note_params(module)
         seg = Segment(len(self._segments), type(module).__name__)
         seg.block = next((i for i, b in enumerate(self._blocks) if b is module), -1)
         x = args[0] if args else None
         if isinstance(x, torch.Tensor):
-            seg.input_bytes = x.untyped_storage().nbytes()
+            seg.input_bytes = compat.local_tensor(x).untyped_storage().nbytes()
         self._segments.append(seg)
         self._mark_segment_start(seg, forward=True)
         self._poll_sources()
@@ -569,7 +637,10 @@ class Offloader:
         st = t.untyped_storage()
         if st.nbytes() < self.min_tensor_bytes:
             return False
-        return st.data_ptr() not in self._param_storages
+        if t._base is not None and isinstance(t._base, torch.nn.Parameter):
+            self._note_param(t._base)  # a view of a parameter not seen yet
+            return False
+        return not self._is_param_storage(st)
 
     def _storage_key(self, t: torch.Tensor) -> Tuple[int, int]:
         """(storage id, version): one id per storage, however many views of it are saved.
@@ -594,9 +665,22 @@ class Offloader:
     def _pack(self, t: torch.Tensor) -> Any:
         if not self._active:
             return t  # saved outside the step's forward (e.g. in backward): left alone
+        if compat.cuda_capturing():
+            # Nothing the offloader does (events, copies, freeing memory) belongs in a graph.
+            raise CudaGraphError(CAPTURE_MESSAGE)
         seg = self._segments[-1] if self._segments else Segment(0, "start")
-        if self._in_backward or not self._eligible(t):
+        if isinstance(t, torch.nn.Parameter):
+            self._note_param(compat.local_tensor(t))  # e.g. FSDP2's unsharded parameters
             return Kept(t, seg.index)
+        if self._in_backward:
+            return Kept(t, seg.index)
+        # A DTensor (tensor parallelism, sequence-parallel shards) is offloaded by its local
+        # shard, and rebuilt around it with the same spec at unpack.
+        whole, (t, spec) = t, compat.split_dtensor(t)
+        if not self._eligible(t):
+            return Kept(whole, seg.index)
+        if compat.in_cudagraph_pool(t):
+            raise CudaGraphError(POOL_MESSAGE)
         self._pace()
         nbytes = t.untyped_storage().nbytes()
         key = self._storage_key(t)
@@ -612,11 +696,13 @@ class Offloader:
                 self._totals["bytes_kept"] += nbytes
             self._totals["kept_tensors"] += 1
             self._note_held()
-            return Kept(t, seg.index)
+            return Kept(whole, seg.index)
         stream = torch.cuda.current_stream(self.device).cuda_stream if self._cuda else None
         st = t.untyped_storage()
         handle = self.engine.offload(key, [(st.data_ptr(), st.nbytes())], stream)
         rec = Stored(self, handle, key, t, seg.index)
+        if spec is not None:
+            rec.dtensor = (spec, whole.requires_grad)
         self._storage_ids[st.data_ptr()][2].append(weakref.ref(rec))
         self._by_key.setdefault(key, []).append(weakref.ref(rec))
         self._inflight.append(weakref.ref(rec))
@@ -689,6 +775,8 @@ class Offloader:
     def _unpack(self, saved: Any) -> torch.Tensor:
         if isinstance(saved, torch.Tensor):
             return saved
+        if self._active and compat.cuda_capturing():
+            raise CudaGraphError(CAPTURE_MESSAGE)
         if not self._in_backward and self._active:
             self._in_backward = True
             self._on_backward_start()
@@ -711,6 +799,8 @@ class Offloader:
         out.set_(self._fetch_storage(rec), rec.offset, rec.size, rec.stride)
         rec.unpacked = True
         self._top_up()
+        if rec.dtensor is not None:
+            return compat.join_dtensor(out, *rec.dtensor)
         return out
 
     def _fetch_storage(self, rec: Stored) -> torch.UntypedStorage:

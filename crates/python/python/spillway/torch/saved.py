@@ -4,7 +4,7 @@ itself (:class:`Kept`), or what is needed to rebuild it from the engine (:class:
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import torch
 
@@ -31,7 +31,7 @@ class Stored:
 
     __slots__ = (
         "owner", "handle", "key", "nbytes", "dtype", "size", "stride", "offset",
-        "version", "segment", "source", "alive", "modified", "unpacked", "kept", "__weakref__",
+        "version", "segment", "source", "alive", "modified", "unpacked", "kept", "dtensor", "__weakref__",
     )
 
     def __init__(self, owner: "Offloader", handle: int, key: Tuple[int, int], t: torch.Tensor, segment: int):
@@ -50,6 +50,8 @@ class Stored:
         self.modified = False
         self.unpacked = False  # backward has had it (not prefetched again)
         self.kept = False  # the engine reads it until release (no copy on storage)
+        #: (spec, requires_grad) of the DTensor whose local shard this is; None: a tensor.
+        self.dtensor: Optional[Tuple[Any, bool]] = None
 
     def drop_source(self) -> None:
         """The engine has read the tensor: let go of it (and of its count as pending)."""
