@@ -222,7 +222,7 @@ def test_a_tensor_of_a_cuda_graph_pool_is_refused(tmp_path, monkeypatch):
         assert off.stats()["offloaded_tensors"] == 0
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA GPU")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs, inductor on the GPU)")
 
 
 @CUDA
@@ -256,3 +256,18 @@ def test_reduce_overhead_is_refused_and_never_trains_wrong(tmp_path):
         with pytest.raises(st.CudaGraphError, match="private memory pool"):
             for _ in range(3):  # warm-up, recording, replay
                 run_step(compiled, data, off.step())
+
+
+@CUDA
+def test_inductor_on_the_gpu_offloads_block_by_block_bitwise(tmp_path):
+    data = gpt_batch("cuda", n=8)
+    model = compile_as(gpt("cuda", layers=3), "torch.compile(block)")
+    loss0, g0 = run_step(model, data)
+    model = gpt("cuda", layers=3)
+    with offloader(model, tmp_path) as off:
+        compiled = torch.compile(model)
+        for _ in range(3):
+            loss, g = run_step(compiled, data, off.step())
+            assert torch.equal(loss, loss0)
+            assert_bitwise_equal(g, g0)
+            check_offloaded_block_by_block(off, 3)

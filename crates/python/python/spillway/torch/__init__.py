@@ -49,6 +49,18 @@ memory freed within a step-time ratio). A later step that stalls plans again wit
 bandwidths. ``policy="all"`` offloads every segment but the last ``keep_last`` from the
 first step. The choice, its predicted memory and time and its reason are in
 ``stats()["policy"]``.
+
+Beyond eager PyTorch on one device (docs/integrations-compile-fsdp.md):
+
+- ``torch.compile``: the hooks are never traced, and the hook on each block is a graph
+  break, so a compiled model runs one graph per block, which saves its activations when it
+  ends: they are offloaded block by block as in eager mode. A model compiled before the
+  offloader added its hooks never calls them, and is refused at its first step.
+- CUDA graphs (capture, ``mode="reduce-overhead"``) replay fixed addresses that offloading
+  would give away: refused with :class:`CudaGraphError`.
+- FSDP2 and tensor parallelism: parameters, FSDP2's unsharded ones included, stay in
+  memory (known by storage object, noted as each block's forward begins); a DTensor is
+  offloaded by its local shard and rebuilt with its spec.
 """
 
 from .compat import CudaGraphError

@@ -250,7 +250,7 @@ class Offloader:
         self._bandwidth_scale = 1.0
         self._profiled: List[Segment] = []  # the measured step's segments
         self._totals = dict(
-            offloaded_tensors=0, kept_tensors=0, bytes_offloaded=0, bytes_kept=0, bytes_fetched=0,
+            offloaded_tensors=0, offloaded_dtensors=0, kept_tensors=0, bytes_offloaded=0, bytes_kept=0, bytes_fetched=0,
             bytes_fetched_ahead=0, stall_s=0.0, step_s=0.0,
         )
         self._last_step: Dict[str, Any] = {}
@@ -703,6 +703,7 @@ class Offloader:
         rec = Stored(self, handle, key, t, seg.index)
         if spec is not None:
             rec.dtensor = (spec, whole.requires_grad)
+            self._totals["offloaded_dtensors"] += 1
         self._storage_ids[st.data_ptr()][2].append(weakref.ref(rec))
         self._by_key.setdefault(key, []).append(weakref.ref(rec))
         self._inflight.append(weakref.ref(rec))
