@@ -142,8 +142,13 @@ venv=target/python-test-venv
 if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"
 fi
-# matplotlib: the benchmark scripts' plots (benches/tests).
-"$venv/bin/pip" install -q --disable-pip-version-check "maturin>=1.5,<2" pytest numpy matplotlib
+# matplotlib: the benchmark scripts' plots (benches/tests). transformers (with accelerate,
+# which its Trainer needs), lightning and pytorch-lightning: the integrations' tests
+# (test_integrations.py). accelerate and lightning depend on torch, so PyTorch's CPU index
+# is searched too: a fresh venv gets torch's CPU build here (its +cpu version ranks above
+# PyPI's same release), and the torch step below finds it. --no-compile: the tests import
+# a small part of transformers, and byte-compiling all of it would take longer than that.
+"$venv/bin/pip" install -q --disable-pip-version-check --no-compile --extra-index-url https://download.pytorch.org/whl/cpu "maturin>=1.5,<2" pytest numpy matplotlib "transformers>=4.40" accelerate "lightning>=2.2" "pytorch-lightning>=2.2"
 # torch for the offloader's tests (on CPU tensors through the host engine): the CPU build
 # from PyTorch's own index (a fraction of the size of the CUDA one), PyPI's otherwise.
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
