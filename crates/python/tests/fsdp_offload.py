@@ -10,6 +10,8 @@ Runs (--runs, default all of them):
   fsdp          a GPT, every block and then the model fully_shard()ed over all ranks
                 (FSDP2), each rank on batches of its own
   fsdp-ckpt     the same, every block under torch.utils.checkpoint (non-reentrant)
+  fsdp-compile  the fsdp GPT with every block compiled (block.compile(): inductor on GPUs,
+                aot_eager on CPUs), compiled code dropped before each training
   tp            a residual MLP network, tensor- and sequence-parallel over all ranks
                 (the residual stream sharded along the sequence; LayerNorms
                 SequenceParallel; up projections ColwiseParallel, down projections
@@ -61,7 +63,8 @@ from train_gpt import GPT, GPTConfig  # noqa: E402
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 torch.use_deterministic_algorithms(True)
 
-RUNS = ("fsdp", "fsdp-ckpt", "tp", "fsdp+tp")
+RUNS = ("fsdp", "fsdp-ckpt", "fsdp-compile", "tp", "fsdp+tp")
+FSDP_RUNS = ("fsdp", "fsdp-ckpt", "fsdp-compile")
 # Small engine on CPU so that packing, staging backpressure and prefetch all happen.
 CPU_SETTINGS = dict(staging_bytes="16MiB", prefetch_bytes="8MiB", pack_extent_bytes="2MiB", spread_files=1)
 
@@ -112,7 +115,7 @@ def tp_size(world):
 def meshes(run, device, world):
     """(data-parallel mesh, tensor-parallel mesh) of a run (None where it has none)."""
     kind = device.type
-    if run in ("fsdp", "fsdp-ckpt"):
+    if run in FSDP_RUNS:
         return init_device_mesh(kind, (world,)), None
     if run == "tp":
         return None, init_device_mesh(kind, (world,))
@@ -125,7 +128,7 @@ def build(run, device, dp_mesh, tp_mesh):
     """The run's model on ``device`` from seed 0, sharded as the run says."""
     vocab, seq, _, d, layers, heads = sizes(device.type == "cuda")
     torch.manual_seed(0)
-    if run in ("fsdp", "fsdp-ckpt"):
+    if run in FSDP_RUNS:
         model = GPT(GPTConfig(vocab_size=vocab, seq_len=seq, n_layer=layers, n_head=heads, d_model=d), device=device)
         model.gradient_checkpointing = run == "fsdp-ckpt"
     else:
@@ -147,13 +150,16 @@ def build(run, device, dp_mesh, tp_mesh):
         for blk in model.blocks:
             fully_shard(blk, mesh=dp_mesh)
         fully_shard(model, mesh=dp_mesh)
+    if run == "fsdp-compile":
+        for blk in model.blocks:
+            blk.compile(**({} if device.type == "cuda" else dict(backend="aot_eager")))
     return model
 
 
 def batches(run, device, steps, rank, world):
     """This rank's batches: those of its data-parallel group, the same in both trainings."""
     vocab, seq, n, *_ = sizes(device.type == "cuda")
-    dp_rank = {"fsdp": rank, "fsdp-ckpt": rank, "tp": 0, "fsdp+tp": rank // tp_size(world)}[run]
+    dp_rank = rank if run in FSDP_RUNS else {"tp": 0, "fsdp+tp": rank // tp_size(world)}[run]
     g = torch.Generator().manual_seed(1000 + dp_rank)
     out = []
     for _ in range(steps):
@@ -182,6 +188,10 @@ def parameter_ranges(model):
 def train(run, device, data, dp_mesh, tp_mesh, offloader_opts=None):
     """Trains from seed 0 on ``data``; returns each step's loss and gradients (this rank's
     shards, on the CPU) and, with an offloader, its statistics."""
+    if run == "fsdp-compile":
+        # Compiled code serves every model of its class and does not call hooks added
+        # after it was compiled: each training compiles its own.
+        torch.compiler.reset()
     model = build(run, device, dp_mesh, tp_mesh)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     off = None if offloader_opts is None else st.Offloader(model, **offloader_opts)
