@@ -142,19 +142,22 @@ venv=target/python-test-venv
 if [[ ! -x $venv/bin/python ]]; then
   python3 -m venv "$venv"
 fi
-# matplotlib: the benchmark scripts' plots (benches/tests). transformers (with accelerate,
-# which its Trainer needs), lightning and pytorch-lightning: the integrations' tests
-# (test_integrations.py). accelerate and lightning depend on torch, so PyTorch's CPU index
-# is searched too: a fresh venv gets torch's CPU build here (its +cpu version ranks above
-# PyPI's same release), and the torch step below finds it. --no-compile: the tests import
-# a small part of transformers, and byte-compiling all of it would take longer than that.
-"$venv/bin/pip" install -q --disable-pip-version-check --no-compile --extra-index-url https://download.pytorch.org/whl/cpu "maturin>=1.5,<2" pytest numpy matplotlib "transformers>=4.40" accelerate "lightning>=2.2" "pytorch-lightning>=2.2"
+# matplotlib: the benchmark scripts' plots (benches/tests).
+"$venv/bin/pip" install -q --disable-pip-version-check "maturin>=1.5,<2" pytest numpy matplotlib
 # torch for the offloader's tests (on CPU tensors through the host engine): the CPU build
 # from PyTorch's own index (a fraction of the size of the CUDA one), PyPI's otherwise.
 if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   "$venv/bin/pip" install -q --disable-pip-version-check --index-url https://download.pytorch.org/whl/cpu torch ||
     "$venv/bin/pip" install -q --disable-pip-version-check torch
 fi
+# The integrations' tests (test_integrations.py): transformers (with accelerate, which its
+# Trainer needs), lightning and pytorch-lightning, installed after torch and held to the
+# torch there (they depend on it: left free, pip could fetch PyPI's CUDA build). --no-compile:
+# the tests import a small part of transformers, and byte-compiling all of it would take
+# longer than that.
+torch_version=$("$venv/bin/python" -c "import importlib.metadata as m; print(m.version('torch'))")
+"$venv/bin/pip" install -q --disable-pip-version-check --no-compile -c <(echo "torch==$torch_version") \
+  "transformers>=4.40" accelerate "lightning>=2.2" "pytorch-lightning>=2.2"
 (cd crates/python && VIRTUAL_ENV="$PWD/../../$venv" "../../$venv/bin/maturin" develop --locked -q)
 # Every Python test runs: a test module that cannot import torch (or matplotlib) fails
 # instead of skipping, and every skip prints its reason. benches/tests checks the benchmark
