@@ -176,6 +176,10 @@ multi_gpu() {
     --json "$results/ddp-2gpu-h200.json"
   step "${run[@]}" crates/python/tests/ddp_offload.py --path "$disk/ddp.bin" --capacity 2GiB
   rm -f "$disk"/ddp.rank*.bin
+  # FSDP2, tensor and sequence parallelism, each composed with checkpointing or compile:
+  # bitwise against the same trainings without spillway, no parameter memory offloaded.
+  step "${run[@]}" crates/python/tests/fsdp_offload.py --path "$shm/fsdp.bin" \
+    --json "$results/fsdp-2gpu-$(gpu_name).json"
   if [[ -z ${SKIP_PERF:-} ]]; then
     step env SPILLWAY_RANK_PATHS="$paths" "${run[@]}" benches/ranks.py --out "$results" \
       --name ranks-2gpu-h200-shm
