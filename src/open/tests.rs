@@ -278,7 +278,7 @@ fn a_striped_set_on_one_tmpfs_gets_half_of_it_once() {
     let free_before = crate::fs::free_space(shm).unwrap();
     let default = storage_capacity(&files, &[], stripe, None, 0).unwrap();
     let free = free_before.max(crate::fs::free_space(shm).unwrap());
-    assert!(default > 0 && default % (3 * stripe) == 0, "{default}");
+    assert!(default > 0 && default.is_multiple_of(3 * stripe), "{default}");
     assert!(
         default <= free / 2,
         "three paths on one tmpfs get {default} bytes, more than half of its {free} free"

@@ -170,7 +170,7 @@ fn json_call(
         )?;
         return Ok(None);
     }
-    let mut out = 1usize as *mut c_char; // Not NULL, so that a failure must clear it.
+    let mut out = std::ptr::dangling_mut::<c_char>(); // Not NULL, so that a failure must clear it.
     let status = call(&mut out);
     if !outcome(function, status)? {
         prop_assert!(out.is_null(), "{function} failed but left *out set");
@@ -430,7 +430,7 @@ proptest! {
             }
         }
         // SAFETY: settings NULL are refused; `out` is a variable.
-        let mut out = 1usize as *mut c_char;
+        let mut out = std::ptr::dangling_mut::<c_char>();
         let status = unsafe { spillway_settings_json(null(), &mut out) };
         refused("spillway_settings_json", status, SPILLWAY_ERROR_INVALID_ARGUMENT, "settings is NULL")?;
         prop_assert!(out.is_null());
@@ -440,7 +440,7 @@ proptest! {
             spillway_settings_free(null_mut());
             spillway_string_free(null_mut());
         }
-        let mut none = 1usize as *mut spillway_settings;
+        let mut none = std::ptr::dangling_mut::<spillway_settings>();
         // SAFETY: NULL is refused.
         refused("spillway_settings_new", unsafe { spillway_settings_new(null_mut()) },
             SPILLWAY_ERROR_INVALID_ARGUMENT, "out is NULL")?;
@@ -1161,7 +1161,7 @@ fn open_takes_any_arguments() {
                 .collect();
             new_settings(&pairs)
         };
-        let mut engine = 1usize as *mut spillway_engine; // Not NULL, so that a failure must clear it.
+        let mut engine = std::ptr::dangling_mut::<spillway_engine>(); // Not NULL, so that a failure must clear it.
         let out: *mut *mut spillway_engine = if case.out_null { null_mut() } else { &mut engine };
         // SAFETY: `paths` is NULL or an array of `n_paths` strings or NULLs; the settings
         // are NULL or live; `out` is NULL or a variable.

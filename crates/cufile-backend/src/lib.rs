@@ -195,7 +195,7 @@ impl CufileBackend {
         if config.threads == 0 {
             return Err(Error::invalid("CufileConfig.threads must be at least 1"));
         }
-        if config.split_size == 0 || config.split_size % 4096 != 0 {
+        if config.split_size == 0 || !config.split_size.is_multiple_of(4096) {
             return Err(Error::invalid(format!(
                 "CufileConfig.split_size must be a positive multiple of 4096 (got {})",
                 config.split_size

@@ -30,7 +30,7 @@ pub fn byte(seed: u64, offset: u64) -> u8 {
 pub fn fill(dst: &mut [u8], seed: u64, offset: u64) {
     let mut i = 0usize;
     // Head up to a word boundary of the pattern.
-    while i < dst.len() && (offset + i as u64) % 8 != 0 {
+    while i < dst.len() && !(offset + i as u64).is_multiple_of(8) {
         dst[i] = byte(seed, offset + i as u64);
         i += 1;
     }

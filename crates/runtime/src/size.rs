@@ -76,7 +76,7 @@ pub fn exact_size_text(n: u64) -> String {
     ];
     UNITS
         .iter()
-        .find(|(unit, _)| n != 0 && n % unit == 0)
+        .find(|(unit, _)| n != 0 && n.is_multiple_of(*unit))
         .map(|(unit, name)| format!("{}{name}", n / unit))
         .unwrap_or_else(|| n.to_string())
 }

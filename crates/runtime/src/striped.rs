@@ -344,7 +344,7 @@ impl StripedBackend {
                 members.len()
             )));
         }
-        if stripe == 0 || stripe % 4096 != 0 {
+        if stripe == 0 || !stripe.is_multiple_of(4096) {
             return Err(Error::invalid(format!(
                 "stripe_bytes must be a positive multiple of 4096, not {stripe}"
             )));
@@ -797,7 +797,7 @@ impl Backend for StripedBackend {
                 (!w.is_empty()).then(|| w.join("; "))
             },
         };
-        if self.stripe % info.offset_align as u64 != 0 {
+        if !self.stripe.is_multiple_of(info.offset_align as u64) {
             for (m, (id, _)) in self.members.iter().zip(&opened) {
                 let _ = m.member.backend.close(*id);
             }

@@ -188,7 +188,7 @@ fn check_out_of_space(
     let usages: Vec<SpaceUsage> = eligible.iter().map(|&(id, c)| m.usage_of(id, c)).collect();
     let largest = usages.iter().map(|u| u.largest_free).max().unwrap_or(0);
     prop_assert!(
-        needed.map_or(true, |n| n > largest),
+        needed.is_none_or(|n| n > largest),
         "OutOfSpace for {} bytes although a {}-byte gap exists",
         len,
         largest

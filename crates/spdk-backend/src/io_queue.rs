@@ -151,7 +151,7 @@ impl IoQueue {
             return Err(Error::ZeroLength { op, block_size });
         }
         let iova = buf.iova() + range.start as u64;
-        if iova % 4 != 0 {
+        if !iova.is_multiple_of(4) {
             return Err(Error::Misaligned {
                 op,
                 iova,

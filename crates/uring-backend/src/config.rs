@@ -70,7 +70,10 @@ impl UringConfig {
                 "io_uring backend needs at least one thread (ring)",
             ));
         }
-        if self.chunk_size == 0 || self.chunk_size % CHUNK_GRANULE != 0 || self.chunk_size > MAX_CHUNK_SIZE {
+        if self.chunk_size == 0
+            || !self.chunk_size.is_multiple_of(CHUNK_GRANULE)
+            || self.chunk_size > MAX_CHUNK_SIZE
+        {
             return Err(Error::invalid(format!(
                 "io_uring chunk size {} must be a non-zero multiple of {CHUNK_GRANULE} bytes, at most {MAX_CHUNK_SIZE}",
                 self.chunk_size

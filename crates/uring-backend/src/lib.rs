@@ -160,7 +160,7 @@ impl UringBackend {
     /// alignments.
     fn check_alignment(&self, path: &std::path::Path, offset_align: usize, mem_align: usize) -> Result<()> {
         let chunk = self.config.chunk_size;
-        let fits = |align: usize| align.is_power_of_two() && align <= chunk && chunk % align == 0;
+        let fits = |align: usize| align.is_power_of_two() && align <= chunk && chunk.is_multiple_of(align);
         if !fits(offset_align) || !fits(mem_align) || mem_align > self.staging_alignment {
             return Err(Error::Target {
                 path: path.to_path_buf(),
@@ -264,7 +264,7 @@ impl Backend for UringBackend {
             )));
         }
         let end = req.offset.checked_add(len as u64);
-        if end.map_or(true, |end| end > i64::MAX as u64) {
+        if end.is_none_or(|end| end > i64::MAX as u64) {
             return Err(Error::invalid(format!(
                 "{} of {len} bytes at offset {} of {} goes past the largest file offset",
                 req.op.as_str(),

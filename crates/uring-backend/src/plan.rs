@@ -176,7 +176,7 @@ impl Plan {
 
         let middle_mem_offset = (middle_start - offset) as usize;
         let middle_len = (middle_end - middle_start) as usize;
-        let aligned_memory = (mem_addr + middle_mem_offset as u64) % mem_align as u64 == 0;
+        let aligned_memory = (mem_addr + middle_mem_offset as u64).is_multiple_of(mem_align as u64);
         let route = if kernel_accessible && aligned_memory {
             Route::Direct
         } else {

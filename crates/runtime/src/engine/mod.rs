@@ -242,7 +242,7 @@ impl Engine {
             if let Some(w) = &info.warning {
                 tracing::warn!("{}: {w}", st.target.path.display());
             }
-            if config.alignment % info.offset_align as u64 != 0 {
+            if !config.alignment.is_multiple_of(info.offset_align as u64) {
                 close_all(&opened);
                 return Err(Error::invalid(format!(
                     "{} needs {}-byte aligned I/O, which the engine alignment {} does not give: raise the alignment",

@@ -271,7 +271,7 @@ fn duration_text(d: Duration) -> String {
     let ns = d.as_nanos();
     [(1_000_000_000, "s"), (1_000_000, "ms"), (1_000, "us")]
         .iter()
-        .find(|(unit, _)| ns % unit == 0)
+        .find(|(unit, _)| ns.is_multiple_of(*unit))
         .map(|(unit, name)| format!("{}{name}", ns / unit))
         .unwrap_or_else(|| format!("{ns}ns"))
 }

@@ -233,7 +233,7 @@ fn faults_short_reports_the_shorter_length_and_moves_only_that() {
     let len = 10 * 4096 + 100;
     let mut data = pattern(len, 7);
     let n = io(&b, id, IoOp::Write, 0, &mut data).unwrap();
-    assert!(n % 4096 == 0 && (4096..len).contains(&n), "{n}");
+    assert!(n.is_multiple_of(4096) && (4096..len).contains(&n), "{n}");
     assert_eq!(mem.written.load(Ordering::Relaxed), n as u64);
     assert_eq!(mem.contents(id, 0, len)[..n], data[..n]);
     assert!(mem.contents(id, n as u64, len - n).iter().all(|&x| x == 0));
@@ -242,7 +242,7 @@ fn faults_short_reports_the_shorter_length_and_moves_only_that() {
     io(&*mem, id, IoOp::Write, 0, &mut data).unwrap();
     let mut buf = vec![0xEEu8; len];
     let n = io(&b, id, IoOp::Read, 0, &mut buf).unwrap();
-    assert!(n % 4096 == 0 && (4096..len).contains(&n), "{n}");
+    assert!(n.is_multiple_of(4096) && (4096..len).contains(&n), "{n}");
     assert_eq!(buf[..n], data[..n]);
     assert!(
         buf[n..].iter().all(|&x| x == 0xEE),

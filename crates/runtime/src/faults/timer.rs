@@ -76,7 +76,7 @@ impl TimerShared {
         }
         let seq = queue.next_seq;
         queue.next_seq += 1;
-        let earliest = queue.heap.peek().map_or(true, |e| deadline < e.deadline);
+        let earliest = queue.heap.peek().is_none_or(|e| deadline < e.deadline);
         queue.heap.push(Entry {
             deadline,
             seq,

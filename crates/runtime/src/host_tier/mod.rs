@@ -811,7 +811,7 @@ impl Core {
                 req.offset
             ))
         })?;
-        if req.offset % self.config.align != 0 {
+        if !req.offset.is_multiple_of(self.config.align) {
             return Err(Error::invalid(format!(
                 "the host tier takes writes at multiples of {} bytes, not at offset {}: set the engine's alignment to a multiple of the tier's",
                 self.config.align, req.offset

@@ -58,7 +58,7 @@ pub fn plan(
             2 => 64.min(max_blocks),
             _ => max_blocks,
         };
-        let blocks = if rng.next() % 8 == 0 {
+        let blocks = if rng.next().is_multiple_of(8) {
             cap
         } else {
             rng.range(1, cap)

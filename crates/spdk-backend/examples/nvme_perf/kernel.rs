@@ -22,7 +22,7 @@ const BLKGETSIZE64: libc::c_ulong = (2 << 30) | (8 << 16) | (0x12 << 8) | 114;
 pub fn run(workload: &Workload, opts: &Options) -> Result<Measurement, String> {
     let device = BlockDevice::open(&opts.block, workload.direction)?;
     let region = opts.region_bytes(workload, device.size)?;
-    if workload.block_bytes % device.logical_block != 0 {
+    if !workload.block_bytes.is_multiple_of(device.logical_block) {
         return Err(format!(
             "{}: blocks of {} bytes are not a multiple of {}'s logical block size ({} bytes)",
             workload.name, workload.block_bytes, opts.block, device.logical_block

@@ -95,7 +95,7 @@ impl SpdkConfig {
                 self.queue_depth
             )));
         }
-        if self.chunk_size < 4096 || self.chunk_size % 4096 != 0 {
+        if self.chunk_size < 4096 || !self.chunk_size.is_multiple_of(4096) {
             return Err(Error::invalid(format!(
                 "spdk chunk size must be a non-zero multiple of 4096 bytes, not {}",
                 self.chunk_size
@@ -361,7 +361,8 @@ impl Backend for SpdkBackend {
             return Ok(Ticket::ready(Ok(0)));
         }
         let bs = self.block_size as u64;
-        let partial_write = req.op == IoOp::Write && (req.offset % bs != 0 || len % bs != 0);
+        let partial_write =
+            req.op == IoOp::Write && (!req.offset.is_multiple_of(bs) || !len.is_multiple_of(bs));
         let worker = if partial_write { 0 } else { self.pick_worker() };
         let (t, completer) = ticket();
         self.send(worker, Job::Io { req, completer })?;

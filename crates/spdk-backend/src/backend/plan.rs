@@ -31,7 +31,7 @@ impl Chunk {
 /// whole `block`-byte blocks. `block` is a power of two, `chunk` a non-zero multiple of
 /// it. Every chunk after the first starts on a block boundary.
 pub fn chunks(offset: u64, len: usize, block: usize, chunk: usize) -> Vec<Chunk> {
-    debug_assert!(block.is_power_of_two() && chunk >= block && chunk % block == 0);
+    debug_assert!(block.is_power_of_two() && chunk >= block && chunk.is_multiple_of(block));
     let (block, chunk_bytes) = (block as u64, chunk as u64);
     let end = offset + len as u64;
     let mut out = Vec::with_capacity((len / chunk) + 2);

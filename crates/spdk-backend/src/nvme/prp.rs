@@ -362,7 +362,7 @@ pub fn split_by_mdts(
         return Err(SplitError::BlockSize { block_size });
     }
     let bs = u64::from(block_size);
-    if len == 0 || offset % bs != 0 || len % bs != 0 {
+    if len == 0 || !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
         return Err(SplitError::Unaligned {
             offset,
             len,

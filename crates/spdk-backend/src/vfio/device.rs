@@ -237,7 +237,7 @@ impl Device {
 
     fn config_pos(&self, offset: u64, len: usize) -> io::Result<libc::off_t> {
         let end = offset.checked_add(len as u64);
-        if end.map_or(true, |end| end > self.config.size) {
+        if end.is_none_or(|end| end > self.config.size) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("outside the {}-byte config region", self.config.size),
@@ -382,7 +382,7 @@ impl Bar {
 /// Whether a `width`-byte access at `offset` fits a `len`-byte BAR and is naturally aligned.
 fn bar_check(offset: usize, width: usize, len: usize) -> Result<(), ()> {
     let fits = offset.checked_add(width).is_some_and(|end| end <= len);
-    if fits && offset % width == 0 {
+    if fits && offset.is_multiple_of(width) {
         Ok(())
     } else {
         Err(())

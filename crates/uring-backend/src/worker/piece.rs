@@ -306,7 +306,7 @@ impl Worker {
         let failed = self
             .requests
             .get(&task.request)
-            .map_or(true, |request| request.failure.is_some());
+            .is_none_or(|request| request.failure.is_some());
         if failed {
             self.finish_piece(pid, Ok(()));
             true
