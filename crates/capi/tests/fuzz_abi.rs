@@ -398,8 +398,11 @@ proptest! {
             // SAFETY: live settings; `out` is NULL or a variable.
             let json = json_call(f, json_out_null, |out| unsafe { spillway_settings_json(settings, out) })?;
             match (shadow.resolve(), json) {
-                (Ok(_), Some(json)) => {
-                    for (setting, value, source) in shadow.iter() {
+                (Ok(resolved), Some(json)) => {
+                    // The values the engine would run with: sizes left at their defaults
+                    // fitted to the staging memory.
+                    for (setting, _, source) in shadow.iter() {
+                        let value = setting.get(&resolved);
                         let entry = &json[setting.name];
                         prop_assert_eq!(&entry["source"], &serde_json::json!(source.to_string()));
                         let want = match value {

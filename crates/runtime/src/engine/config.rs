@@ -155,6 +155,11 @@ impl EngineConfig {
                 self.prefetch_bytes, self.staging_bytes
             ));
         }
+        if self.pack && self.pack_extent_bytes == 0 {
+            return bad(
+                "pack_extent_bytes is 0: a packed extent must hold something; give it a size (16MiB suits most workloads) or turn pack off".into(),
+            );
+        }
         if self.pack && self.pack_extent_bytes > self.staging_bytes / 2 {
             return bad(format!(
                 "pack_extent_bytes {} must be at most half of staging_bytes {}, so that packing and writing can overlap",
@@ -247,6 +252,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("pack_extent_bytes"));
+        let e = EngineConfig {
+            pack_extent_bytes: 0,
+            pack_threshold: 0,
+            ..Default::default()
+        };
+        assert!(e
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("pack_extent_bytes is 0"));
         let e = EngineConfig {
             io_retries: MAX_IO_RETRIES + 1,
             ..Default::default()
