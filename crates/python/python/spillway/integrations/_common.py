@@ -65,20 +65,16 @@ def make_offloader(model: torch.nn.Module, path: Optional[str], options: Dict[st
 
 def check_first_step(off: Offloader, model: torch.nn.Module) -> None:
     """After the offloader's first step: warns when the model checkpoints its layers but
-    the step was not cut at any of them (one segment).
-
-    Checkpointing with ``use_reentrant=True`` around a layer's ``__call__`` (the default of
-    transformers 4.x) runs the layer's forward, hooks included, without grad; the
-    offloader ignores block forwards without grad, so it sees no layer boundary."""
+    the step was not cut at any of them (one segment): the layers' forward calls were not
+    seen (a checkpoint wrapper that hides the layers' hooks)."""
     last = off.stats()["last_step"]
     if last.get("segments", 0) <= 1 and checkpointing(model):
         warnings.warn(
             "spillway: the model checkpoints its layers, but the offloader saw none of their forward calls (the "
-            "step is one segment): checkpointing with use_reentrant=True around a layer's __call__ (the default "
-            "of transformers 4.x) runs the layer without grad, which the offloader does not count as a block. "
-            "It cannot tell the layers apart: policy='all' offloads nothing after the first step, and the "
-            "adaptive planner sees the model as one segment. Checkpoint with use_reentrant=False "
-            "(gradient_checkpointing_kwargs={'use_reentrant': False}) to offload per layer.",
+            "step is one segment): it cannot tell the layers apart, so policy='all' offloads nothing after the "
+            "first step and the adaptive planner sees the model as one segment. Checkpoint the layers so that "
+            "their forward hooks run (torch.utils.checkpoint around the layer's call, e.g. "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}).",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -596,7 +596,11 @@ class Offloader:
     def _on_block_forward(self, module: torch.nn.Module, args: Any) -> None:
         if self._active:
             self._block_calls += 1
-        if not self._active or self._in_backward or not torch.is_grad_enabled():
+        # A block whose forward runs without grad still starts a segment: reentrant
+        # checkpointing around a block's call (transformers 4.x's default) runs it so, and
+        # the input it saves belongs to that block. A forward that saves nothing leaves
+        # an empty segment.
+        if not self._active or self._in_backward:
             return
         self._note_params(module)
         seg = Segment(len(self._segments), type(module).__name__)
