@@ -50,7 +50,7 @@ pub fn parse() -> Cli {
 /// `--path`) and, for the tensors workload in host memory, `--staging` need more host
 /// memory than the host has available ([`crate::select::check_host_memory`]).
 pub fn check_memory(args: &BenchArgs) -> spillway_runtime::Result<()> {
-    let choices = crate::select::Choices::from_bench(args);
+    let choices = crate::bench::choices(args);
     let staging = match (args.workload, args.mem) {
         (Workload::Tensors, MemChoice::Host) => args.staging.unwrap_or(args.layers.engine.staging_bytes),
         _ => 0,
@@ -109,29 +109,27 @@ pub enum Command {
     Nvme(NvmeArgs),
 }
 
-/// Which backend moves the bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BackendChoice {
-    /// io_uring with O_DIRECT; GPU memory staged through pinned host buffers.
-    Uring,
-    /// NVIDIA cuFile (GPUDirect Storage, or its compat mode).
-    Cufile,
-    /// spillway's userspace NVMe driver on the controller given by --pci (bound to
-    /// vfio-pci first with `spillway nvme bind`); its namespace 1 is the target.
-    Spdk,
-    /// cuFile when it runs true GDS for GPU memory, io_uring otherwise.
-    Auto,
+pub use crate::choice::{BackendChoice, MemChoice};
+
+// The choices' names and help come from `crate::choice`, where the settings read them too.
+impl ValueEnum for BackendChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()).help(self.help()))
+    }
 }
 
-/// Where the benchmark's buffers live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum MemChoice {
-    /// GPU memory (device `--gpu`).
-    Gpu,
-    /// Host memory.
-    Host,
-    /// GPU memory when a GPU is present, host memory otherwise.
-    Auto,
+impl ValueEnum for MemChoice {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Self::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()).help(self.help()))
+    }
 }
 
 /// What `spillway bench` measures.

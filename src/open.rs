@@ -24,7 +24,7 @@ use spillway_runtime::{
 };
 use spillway_spdk::pci::PciAddress;
 
-use crate::cli::BackendChoice;
+use crate::choice::BackendChoice;
 use crate::cuda::CudaDevice;
 use crate::rank::{self, LocalRank};
 use crate::select::{self, Memory, Setup};
@@ -251,7 +251,7 @@ fn check_resources(paths: usize, capacity: Option<u64>, settings: &Resolved) -> 
     if settings.host_tier > 0 {
         capacity::check_host_tier(settings.host_tier, mem)?;
     }
-    let staging = if settings.choices.mem == crate::cli::MemChoice::Host {
+    let staging = if settings.choices.mem == crate::choice::MemChoice::Host {
         settings.engine.staging_bytes
     } else {
         0

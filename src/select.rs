@@ -14,7 +14,7 @@ use spillway_spdk::backend::{SpdkBackend, SpdkConfig};
 use spillway_spdk::pci::PciAddress;
 use spillway_uring::{UringBackend, UringConfig};
 
-use crate::cli::{BackendChoice, MemChoice};
+use crate::choice::{BackendChoice, MemChoice};
 use crate::cuda::{self, CudaDevice};
 use crate::rank;
 
@@ -78,21 +78,6 @@ pub struct Choices {
     pub pinned_bytes: Option<u64>,
     /// The NVMe controller for the spdk backend.
     pub pci: Option<PciAddress>,
-}
-
-impl Choices {
-    /// The choices `spillway bench` flags make (either workload).
-    pub fn from_bench(args: &crate::cli::BenchArgs) -> Self {
-        Choices {
-            backend: args.backend,
-            mem: args.mem,
-            gpu: args.gpu,
-            queue_depth: args.qd,
-            threads: args.threads,
-            pinned_bytes: args.pinned,
-            pci: args.pci,
-        }
-    }
 }
 
 /// Builds the device and backend for `choices`. When `faults` injects anything

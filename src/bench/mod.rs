@@ -111,7 +111,7 @@ fn run_seq(args: &BenchArgs) -> Result<Vec<BenchResult>> {
 fn storage_setup(args: &BenchArgs) -> Result<(Vec<PathBuf>, Setup, PathBuf)> {
     let paths = storage_paths(args)?;
     let (setup, path) = select::setup_striped(
-        Choices::from_bench(args),
+        choices(args),
         &args.faults,
         &paths,
         args.stripe,
@@ -345,5 +345,18 @@ impl Run<'_> {
             members: Vec::new(),
             faults: None,
         }
+    }
+}
+
+/// The choices `spillway bench` flags make (either workload).
+pub fn choices(args: &BenchArgs) -> Choices {
+    Choices {
+        backend: args.backend,
+        mem: args.mem,
+        gpu: args.gpu,
+        queue_depth: args.qd,
+        threads: args.threads,
+        pinned_bytes: args.pinned,
+        pci: args.pci,
     }
 }

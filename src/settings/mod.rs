@@ -30,7 +30,7 @@ use std::path::Path;
 use spillway_runtime::engine::{EngineConfig, SetSizes};
 use spillway_runtime::FaultPlan;
 
-use crate::cli::{BackendChoice, MemChoice};
+use crate::choice::{BackendChoice, MemChoice};
 use crate::rank::RankPaths;
 use crate::select::Choices;
 

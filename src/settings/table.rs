@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use spillway_runtime::FaultPlan;
 
-use crate::cli::{BackendChoice, MemChoice};
+use crate::choice::{BackendChoice, MemChoice};
 
 use super::value::Value;
 use super::Resolved;
@@ -41,7 +41,13 @@ pub enum Kind {
 }
 
 /// The text values of `backend`.
-const BACKENDS: &[&str] = &["auto", "uring", "cufile", "spdk"];
+/// The backends, in the order the settings list them.
+const BACKENDS: [BackendChoice; 4] = [
+    BackendChoice::Auto,
+    BackendChoice::Uring,
+    BackendChoice::Cufile,
+    BackendChoice::Spdk,
+];
 
 impl Kind {
     /// What values are accepted, for error messages and the documentation.
@@ -215,23 +221,13 @@ fn device_value(r: &Resolved) -> Value {
 }
 
 fn backend(v: &Value) -> Result<BackendChoice, String> {
-    Ok(
-        match v.choice(BACKENDS).map_err(|_| format!("{v} is not a backend"))? {
-            "uring" => BackendChoice::Uring,
-            "cufile" => BackendChoice::Cufile,
-            "spdk" => BackendChoice::Spdk,
-            _ => BackendChoice::Auto,
-        },
-    )
+    let names: Vec<&str> = BACKENDS.iter().map(|c| c.name()).collect();
+    let name = v.choice(&names).map_err(|_| format!("{v} is not a backend"))?;
+    Ok(BackendChoice::from_name(name).expect("a name of the list"))
 }
 
 fn backend_value(r: &Resolved) -> Value {
-    Value::from(match r.choices.backend {
-        BackendChoice::Auto => "auto",
-        BackendChoice::Uring => "uring",
-        BackendChoice::Cufile => "cufile",
-        BackendChoice::Spdk => "spdk",
-    })
+    Value::from(r.choices.backend.name())
 }
 
 fn millis(v: &Value) -> Result<Duration, String> {
