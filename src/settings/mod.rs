@@ -77,7 +77,7 @@ impl Default for Resolved {
                 backend: BackendChoice::Auto,
                 mem: MemChoice::Auto,
                 gpu: None,
-                queue_depth: 16,
+                queue_depth: spillway_runtime::DEFAULT_QUEUE_DEPTH,
                 threads: 1,
                 pinned_bytes: None,
                 pci: None,

@@ -9,6 +9,10 @@ use crate::error::{Error, Result};
 use crate::memory::MemRef;
 use crate::target::Target;
 
+/// Requests in flight per submitting thread when nothing says otherwise: the one default
+/// of the `queue_depth` setting and of every backend's configuration.
+pub const DEFAULT_QUEUE_DEPTH: u32 = 16;
+
 /// Identifies a target opened on a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TargetId(pub u32);

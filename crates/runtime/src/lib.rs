@@ -38,6 +38,7 @@ pub mod target;
 
 pub use backend::{
     ticket, Backend, BackendInfo, Completer, GdsMode, IoOp, IoRequest, TargetId, TargetInfo, Ticket,
+    DEFAULT_QUEUE_DEPTH,
 };
 pub use device::{Device, DeviceInfo, DeviceKind, Event, HostRegistration, PendingChecksums, Stream};
 pub use error::{Error, Result};

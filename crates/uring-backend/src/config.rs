@@ -37,7 +37,7 @@ pub struct UringConfig {
 impl Default for UringConfig {
     fn default() -> Self {
         UringConfig {
-            queue_depth: 32,
+            queue_depth: spillway_runtime::DEFAULT_QUEUE_DEPTH,
             threads: 1,
             chunk_size: 1 << 20,
             staging_buffers: 0,
@@ -94,10 +94,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid_and_stage_32_mib() {
+    fn defaults_are_valid_and_stage_a_chunk_per_request_in_flight() {
         let config = UringConfig::default();
         config.validate().unwrap();
-        assert_eq!(config.staging_buffers_per_ring(), 32);
+        assert_eq!(config.queue_depth, spillway_runtime::DEFAULT_QUEUE_DEPTH);
+        assert_eq!(config.staging_buffers_per_ring(), 16, "16 MiB of 1 MiB chunks");
     }
 
     #[test]

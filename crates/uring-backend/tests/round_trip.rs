@@ -159,9 +159,9 @@ fn info_describes_the_staging() {
             .map(|(_, v)| v.clone())
             .unwrap_or_else(|| panic!("no {key} in {:?}", info.details))
     };
-    assert_eq!(detail("queue_depth"), "32");
+    assert_eq!(detail("queue_depth"), "16");
     assert_eq!(detail("rings"), "1");
     assert_eq!(detail("chunk_size"), "1048576");
-    assert_eq!(detail("staging_buffers_per_ring"), "32");
+    assert_eq!(detail("staging_buffers_per_ring"), "16");
     assert_eq!(detail("staging_buffers_io_uring"), "registered");
 }

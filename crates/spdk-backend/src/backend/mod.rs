@@ -69,14 +69,14 @@ pub struct SpdkConfig {
 }
 
 impl SpdkConfig {
-    /// The defaults for controller `pci`: one worker, 32 chunks in flight, 1 MiB chunks,
-    /// a 10 s command timeout.
+    /// The defaults for controller `pci`: one worker, [`spillway_runtime::DEFAULT_QUEUE_DEPTH`]
+    /// chunks in flight, 1 MiB chunks, a 10 s command timeout.
     pub fn new(pci: impl Into<String>) -> Self {
         SpdkConfig {
             pci: pci.into(),
             group: None,
             threads: 1,
-            queue_depth: 32,
+            queue_depth: spillway_runtime::DEFAULT_QUEUE_DEPTH,
             chunk_size: 1 << 20,
             command_timeout: controller::COMMAND_TIMEOUT,
         }
