@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 # ---------------------------------------------------------------------------- summary
 # The suites, in the order they run and with the names the summary gives them.
-suites=("console filter" fmt clippy rust python "C example" nvme-vm)
+suites=("console filter" links fmt clippy rust python "C example" nvme-vm)
 results=()  # "<suite> <result>" for each suite that passed, in order
 suite=setup # the suite running now; "setup" while installing what the tests need
 nvme_boots=0
@@ -115,6 +115,11 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 # from resetting and clearing the terminal (the last suite boots that VM).
 begin "console filter" "VM console filter (tests/nvme-vm/console-filter-test.sh)"
 bash tests/nvme-vm/console-filter-test.sh
+passed ok
+
+# The documentation's links: every relative link and anchor resolves inside the repository.
+begin links "documentation links (scripts/check-links.py)"
+python3 scripts/check-links.py
 passed ok
 
 begin fmt "cargo fmt --check"
