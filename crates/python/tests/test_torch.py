@@ -221,7 +221,10 @@ def test_backward_copies_back_ahead_and_the_last_segment_stays(tmp_path, device)
     # the model's largest tensors twice over).
     assert s["bytes_fetched_ahead"] == s["bytes_fetched"] > 0, s
     # Every stored byte is read back once: views share one fetch, nothing is read ahead twice.
-    assert e["bytes_read"] == e["bytes_written"], e
+    # (On a busy machine backward may copy a tensor back before its write has finished: it
+    # is then forwarded from its own memory, and its extent is not read.)
+    assert e["bytes_read"] <= e["bytes_written"], e
+    assert e["bytes_read"] == e["bytes_written"] or e["forwarded_fetches"] > 0, e
     assert s["bytes_fetched"] == s["bytes_offloaded"], s
     last = s["last_step"]
     assert last["kept_bytes"] > 0 and last["offloaded_bytes"] > 0
