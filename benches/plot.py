@@ -55,6 +55,17 @@ def kind_of(data):
     return None
 
 
+def gbps_panel(ax, xs, xlabel, title):
+    """A panel of GB/s against `xs` (powers of two, on a log scale, each marked)."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("GB/s")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_sweep(data, plt):
     points = data["points"]
     threads = sorted({p["threads"] for p in points})
@@ -72,14 +83,7 @@ def plot_sweep(data, plt):
                             ys.append(r["throughput_gbps"])
                 if xs:
                     ax.plot(xs, ys, marker="o", label=f"block {human(block)}")
-            ax.set_xscale("log", base=2)
-            qds = sorted({p["qd"] for p in points})
-            ax.set_xticks(qds, [str(q) for q in qds])
-            ax.set_xlabel("queue depth")
-            ax.set_ylabel("GB/s")
-            ax.set_title(f"{op}, {t} thread{'s' if t > 1 else ''}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            gbps_panel(ax, sorted({p["qd"] for p in points}), "queue depth", f"{op}, {t} thread{'s' if t > 1 else ''}")
     s = data["sweep"]
     fig.suptitle(f"spillway bench --sweep: {s.get('memory', '')} ↔ {s.get('path', '')}, {s.get('backend', '')}")
     fig.tight_layout()
@@ -112,14 +116,7 @@ def plot_tools(data, plt):
                             marker="o",
                             label=f"{tool}, {human(req)} requests",
                         )
-            ax.set_xscale("log", base=2)
-            ts = sorted({p["threads"] for p in points})
-            ax.set_xticks(ts, [str(t) for t in ts])
-            ax.set_xlabel("threads")
-            ax.set_ylabel("GB/s")
-            ax.set_title(f"{op}: {d}, {human(size)}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            gbps_panel(ax, sorted({p["threads"] for p in points}), "threads", f"{op}: {d}, {human(size)}")
     fig.suptitle(data.get("what", "throughput against threads"))
     fig.tight_layout()
     return fig

@@ -474,3 +474,16 @@ pub enum NvmeCommand {
         pci: PciAddress,
     },
 }
+
+/// `spillway bench ARGS`, parsed as [`parse`] does (without the settings layers): for
+/// tests.
+#[cfg(test)]
+pub(crate) fn bench_args(args: &[&str]) -> BenchArgs {
+    let argv = [&["spillway", "bench"], args].concat();
+    let matches = Cli::command().try_get_matches_from(argv).expect("valid flags");
+    let Command::Bench(mut bench) = Cli::from_arg_matches(&matches).unwrap().command else {
+        panic!("not a bench command")
+    };
+    bench.given = given_flags(&matches);
+    *bench
+}

@@ -475,20 +475,12 @@ fn rank_storage(
 mod tests {
     use std::path::PathBuf;
 
-    use clap::{CommandFactory, FromArgMatches};
-
     use super::*;
-    use crate::cli::{given_flags, Cli, Command, MemChoice};
+    use crate::cli::MemChoice;
 
     /// `spillway bench ARGS`, parsed as [`crate::cli::parse`] does (without the layers).
     fn bench(args: &[&str]) -> BenchArgs {
-        let argv = [&["spillway", "bench"], args].concat();
-        let matches = Cli::command().try_get_matches_from(argv).expect("valid flags");
-        let Command::Bench(mut bench) = Cli::from_arg_matches(&matches).unwrap().command else {
-            panic!("not a bench command")
-        };
-        bench.given = given_flags(&matches);
-        *bench
+        crate::cli::bench_args(args)
     }
 
     fn env(vars: &[(&str, &str)]) -> Settings {

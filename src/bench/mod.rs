@@ -360,3 +360,15 @@ pub fn choices(args: &BenchArgs) -> Choices {
         pci: args.pci,
     }
 }
+
+/// `e`, from making or placing a file a flag named (`--trace`, `--out`), pointing at that
+/// flag.
+pub(crate) fn blame_flag(e: Error, flag: &str) -> Error {
+    match e {
+        Error::Io { context, source } => Error::Io {
+            context: format!("{context} (check {flag})"),
+            source,
+        },
+        e => e,
+    }
+}

@@ -362,7 +362,9 @@ pub fn run(args: &BenchArgs) -> Result<Sweep> {
     // Made before the first point, so that a bad --out is reported before the run, not
     // after it; put in place once written (see PrivateFile: never through a link).
     let mut out = match &args.out {
-        Some(path) => Some(PrivateFile::create(path, "sweep file").map_err(check_out)?),
+        Some(path) => {
+            Some(PrivateFile::create(path, "sweep file").map_err(|e| super::blame_flag(e, "--out"))?)
+        }
         None => None,
     };
     let line = PointLine::new(!args.json, points.len());
@@ -402,7 +404,7 @@ pub fn run(args: &BenchArgs) -> Result<Sweep> {
         })?;
     }
     if let Some(file) = out {
-        file.persist().map_err(check_out)?;
+        file.persist().map_err(|e| super::blame_flag(e, "--out"))?;
     }
     Ok(sweep)
 }
@@ -506,17 +508,6 @@ fn at_point(e: Error, i: usize, n: usize, point: &Point) -> Error {
         e @ (Error::ShortIo { .. } | Error::OutOfMemory { .. }) => {
             Error::io(at, std::io::Error::other(e.to_string()))
         }
-    }
-}
-
-/// `e`, from making or placing the `--out` file, pointing at the flag that named it.
-fn check_out(e: Error) -> Error {
-    match e {
-        Error::Io { context, source } => Error::Io {
-            context: format!("{context} (check --out)"),
-            source,
-        },
-        e => e,
     }
 }
 
@@ -660,21 +651,14 @@ pub fn print_json(sweep: &Sweep) {
 
 #[cfg(test)]
 mod tests {
-    use clap::{CommandFactory, FromArgMatches};
 
     use super::*;
-    use crate::cli::{given_flags, Cli, Command};
+
     use crate::exit::{status_of, BAD_INPUT, FAILURE, MISMATCH};
 
     /// `spillway bench ARGS`, parsed as [`crate::cli::parse`] does (without the layers).
     fn bench(args: &[&str]) -> BenchArgs {
-        let argv = [&["spillway", "bench"], args].concat();
-        let matches = Cli::command().try_get_matches_from(argv).expect("valid flags");
-        let Command::Bench(mut bench) = Cli::from_arg_matches(&matches).unwrap().command else {
-            panic!("not a bench command")
-        };
-        bench.given = given_flags(&matches);
-        *bench
+        crate::cli::bench_args(args)
     }
 
     #[test]

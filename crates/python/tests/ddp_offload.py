@@ -122,8 +122,9 @@ def compare(base, offl):
     return diffs
 
 
-def main():
-    args = parse_args()
+def init_ranks():
+    """Joins the process group torchrun set up: NCCL on this rank's GPU, gloo on CPUs.
+    Returns (cuda, device, rank, world size)."""
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
@@ -133,7 +134,12 @@ def main():
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    return cuda, device, dist.get_rank(), dist.get_world_size()
+
+
+def main():
+    args = parse_args()
+    cuda, device, rank, world = init_ranks()
     cfg, n = model_config(cuda)
     data = batches(cfg, n, args.steps, rank, device)
 
@@ -147,7 +153,7 @@ def main():
     offl, stats = train(cfg, data, device, opts)
     stats.update(
         rank=rank,
-        local_rank=local_rank,
+        local_rank=int(os.environ["LOCAL_RANK"]),
         world_size=world,
         device=str(device),
         steps=args.steps,

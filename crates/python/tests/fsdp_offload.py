@@ -60,6 +60,9 @@ import spillway.torch as st
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3] / "benches"))
 from train_gpt import GPT, GPTConfig  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from ddp_offload import compare, init_ranks  # noqa: E402  (bitwise comparison, process group)
+
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 torch.use_deterministic_algorithms(True)
 
@@ -238,18 +241,6 @@ def train(run, device, data, dp_mesh, tp_mesh, offloader_opts=None):
             off.close()
 
 
-def compare(base, offl):
-    """Differences between two runs' records, as messages (none when bitwise equal)."""
-    diffs = []
-    for step, ((l0, g0), (l1, g1)) in enumerate(zip(base, offl)):
-        if not torch.equal(l0, l1):
-            diffs.append(f"step {step}: loss {l1.item()} != {l0.item()}")
-        for i, (a, b) in enumerate(zip(g0, g1)):
-            if not torch.equal(a, b):
-                diffs.append(f"step {step}: gradient {i} differs (max abs {(a - b).abs().max().item():.3e})")
-    return diffs
-
-
 def run_both(run, device, steps, rank, world, offloader_opts):
     """One run without and with offloading: the offloaded run's statistics, with its
     differences from the other and whether it passed."""
@@ -293,16 +284,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    cuda, device, rank, world = init_ranks()
     opts = offloader_options(args.path, args.capacity or ("8GiB" if cuda else "256MiB"), cuda)
     results = {}
     for run in args.runs:
@@ -317,7 +299,7 @@ def main():
         )
         for d in s["differences"][:10]:
             print(f"rank {rank} {run}: {d}", flush=True)
-    mine = dict(rank=rank, local_rank=local_rank, world_size=world, device=str(device), runs=results)
+    mine = dict(rank=rank, local_rank=int(os.environ["LOCAL_RANK"]), world_size=world, device=str(device), runs=results)
     every = [None] * world
     dist.all_gather_object(every, mine)
     ok = all(r["ok"] for m in every for r in m["runs"].values())

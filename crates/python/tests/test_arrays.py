@@ -10,17 +10,10 @@ import numpy as np
 import pytest
 
 import spillway
+from test_engine import SMALL  # one set of small engine settings
 
 torch = __import__("torch") if os.environ.get("SPILLWAY_REQUIRE_TORCH") else pytest.importorskip("torch")
 
-SMALL = dict(
-    device="host",
-    staging_bytes="8MiB",
-    prefetch_bytes="4MiB",
-    pack_extent_bytes="1MiB",
-    pack_threshold="256KiB",
-    spread_files=1,
-)
 
 
 @pytest.fixture

@@ -77,7 +77,9 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
     // Created now, so that a bad --trace path is reported before the run, not after it;
     // put in place at its path once written (see PrivateFile: never through a link).
     let trace_file = match &opts.trace {
-        Some(file) => Some(PrivateFile::create(file, "trace file").map_err(check_trace)?),
+        Some(file) => {
+            Some(PrivateFile::create(file, "trace file").map_err(|e| super::blame_flag(e, "--trace"))?)
+        }
         None => None,
     };
 
@@ -172,7 +174,7 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
                 .timeline()
                 .write_chrome_trace(BufWriter::new(&mut out))
                 .map_err(|e| trace_error(file, e))?;
-            out.persist().map_err(check_trace)?;
+            out.persist().map_err(|e| super::blame_flag(e, "--trace"))?;
             let dropped = engine.timeline().dropped();
             if dropped > 0 {
                 notes.push(format!(
@@ -413,17 +415,6 @@ fn fetch_phase(
         handles.len() as u64,
         seconds,
     ))
-}
-
-/// `e`, from making or placing the trace file, pointing at the flag that named it.
-fn check_trace(e: Error) -> Error {
-    match e {
-        Error::Io { context, source } => Error::Io {
-            context: format!("{context} (check --trace)"),
-            source,
-        },
-        e => e,
-    }
 }
 
 /// An error writing the Chrome trace to `file`.
