@@ -45,8 +45,6 @@ class ArrayRegions:
     stream: Optional[int]
     #: What must stay alive while the engine uses the memory (the array, a DLPack capsule).
     keep: Any
-    #: "host" or "cuda:N".
-    device: str
 
 
 def is_regions(obj: Any) -> bool:
@@ -68,7 +66,7 @@ def array_regions(obj: Any, *, writable: bool, engine_device: str, what: str) ->
             f"device=\"{a.device}\")"
         )
     regions = [(a.address, a.nbytes)] if a.nbytes else []
-    return ArrayRegions(regions, a.stream, (obj, a.keep), a.device)
+    return ArrayRegions(regions, a.stream, (obj, a.keep))
 
 
 @dataclass
