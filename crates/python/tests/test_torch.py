@@ -579,6 +579,48 @@ def test_a_budget_bounds_the_saved_bytes_held(tmp_path, fraction):
     assert 0 < s["last_step"]["held_peak_bytes"] <= budget, (s["last_step"], budget, total)
 
 
+def test_a_budget_holds_the_copy_back_window_to_one_tensor(tmp_path):
+    # Under a budget, backward copies back one tensor ahead of use, not two: every byte of
+    # the window counts against the budget. The default budget bounds held bytes all the same.
+    model, data = gpt("cpu", layers=6), gpt_batch("cpu")
+    _, want = run_step(model, data)
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20) as off:
+        for _ in range(2):
+            run_step(model, data, off.step())
+        total = sum(s.saved_bytes for s in off._profiled)
+        largest = max(b for s in off._profiled for b in s.tensors)
+        assert off._fetch_window(largest) == max(2 * largest, 64 << 20)
+    budget = int(0.6 * total)
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20, budget=budget) as off:
+        assert off._fetch_window(largest) == largest
+        for _ in range(3):
+            _, got = run_step(model, data, off.step())
+            assert_bitwise_equal(got, want)
+        s = off.stats()
+    assert s["policy"]["fetch_ahead_bytes"] == largest
+    assert 0 < s["last_step"]["held_peak_bytes"] <= budget, (s["last_step"], budget, total)
+
+
+def test_a_step_is_planned_again_only_when_its_io_made_it_slower(tmp_path):
+    # Host waits alone do not revise the plan (the host runs ahead of the GPU, and its
+    # waits may cost the step nothing): the step must also run past the plan's prediction.
+    model, data = gpt("cpu"), gpt_batch("cpu")
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20) as off:
+        for _ in range(2):
+            run_step(model, data, off.step())
+        predicted = sum(s.fwd_ms + s.bwd_ms for s in off._profiled) + off._rok.outcome.extra_ms
+        on_time, late = predicted * 1.01 / 1e3, predicted * 1.2 / 1e3
+        assert not off._step_overran(on_time, stall=0.5 * on_time)
+        assert not off._step_overran(late, stall=0.0)
+        assert off._step_overran(late, stall=0.1 * late)
+        # A step that overran is planned again with less bandwidth, and says why.
+        scale = off._bandwidth_scale
+        off._profiling = False
+        off._end_step(late, 0.1 * late)
+        assert off._bandwidth_scale == pytest.approx(0.8 * scale)
+        assert "planned again" in off.stats()["policy"]["reason"]
+
+
 @pytest.mark.parametrize("goal", [dict(budget="256KiB"), dict(max_slowdown=1.5), dict(budget="1MiB", recompute=False)])
 def test_goals_plan_from_the_measured_step_and_keep_gradients_bitwise_equal(tmp_path, goal):
     model, data = gpt("cpu"), gpt_batch("cpu")

@@ -24,6 +24,9 @@ _log = logging.getLogger("spillway.torch")
 
 #: Storage id of the bandwidth probe's buffers (tensor ids count up from 1).
 _PROBE_ID = (1 << 64) - 1
+#: A planned step that takes longer than this times its prediction (and waited on I/O)
+#: is planned again with less bandwidth.
+STEP_OVERRUN = 1.03
 
 
 class _HostMark:
@@ -86,7 +89,7 @@ class Offloader:
             have their tensors copied back ahead of use (default 2).
         fetch_ahead_bytes: the most bytes copied back ahead of use in backward (memory
             backward holds beyond what it needs now; default: twice the largest tensor
-            offloaded in the step, at least 64 MiB).
+            offloaded in the step, at least 64 MiB, or under a budget the largest tensor).
         run_ahead: in steps that offload, the host queues work at most this many saved
             (or, in backward, used) tensors ahead of the GPU (default 3; 0: no bound).
             Memory comes back when the GPU has copied a tensor out, so a host far ahead
@@ -381,7 +384,7 @@ class Offloader:
                 self._plan = self._make_plan()
                 self._plan.details["profiled_step"] = self._steps
                 _log.info("spillway plan after step %d: %s", self._steps, self._plan.reason)
-            elif self._plan is not None and self._rok is not None and stall > 0.02 * seconds:
+            elif self._plan is not None and self._rok is not None and self._step_overran(seconds, stall):
                 # The step stalled: the bandwidths were optimistic. Plan again with less.
                 self._bandwidth_scale *= 0.8
                 self._plan = self._make_plan()
@@ -391,6 +394,14 @@ class Offloader:
                 )
                 _log.info("spillway plan revised: %s", self._plan.reason)
         self._poll_sources()
+
+    def _step_overran(self, seconds: float, stall: float) -> bool:
+        """Whether a planned step was slowed by its I/O: the host waited for it (more than
+        2% of the step) and the step took longer than the plan predicted (by more than
+        3%). Host waits alone are not enough: the host runs ahead of the GPU, and a wait
+        while the GPU still has work queued costs the step nothing."""
+        predicted_ms = sum(s.fwd_ms + s.bwd_ms for s in self._profiled) + self._rok.outcome.extra_ms
+        return stall > 0.02 * seconds and seconds * 1e3 > STEP_OVERRUN * predicted_ms
 
     def _drop_step_state(self) -> None:
         # Saved tensors of earlier steps live on in their graphs (retain_graph) and release
@@ -467,9 +478,9 @@ class Offloader:
         else:
             tiers = Tiers(write_gbps * scale, read_gbps * scale)
         # Backward copies tensors back ahead of use, up to the window: a budget holds it too.
-        largest = max((b for s in segs for b in s.tensors), default=0)
         # (A tensor larger than the window still goes, alone.)
-        window = max(self.fetch_ahead_bytes, largest) if self.fetch_ahead_bytes is not None else max(2 * largest, 64 << 20)
+        largest = max((b for s in segs for b in s.tensors), default=0)
+        window = max(self._fetch_window(largest), largest)
         budget = None if self.budget is None else max(0, self.budget - window)
         details["fetch_ahead_bytes"] = window
         rok = plan_rok(
@@ -699,6 +710,11 @@ class Offloader:
                 self._kept_step += nbytes
                 self._totals["bytes_kept"] += nbytes
             self._totals["kept_tensors"] += 1
+            # Writes that finished since the last save give their memory back now, before
+            # forward allocates more: kept stretches (the last blocks, the head) are where
+            # forward's peak comes.
+            if self._inflight:
+                self._poll_sources()
             self._note_held()
             return Kept(whole, seg.index)
         stream = torch.cuda.current_stream(self.device).cuda_stream if self._cuda else None
@@ -847,13 +863,21 @@ class Offloader:
             self._mark_segment_start(self._segments[-1], forward=False)
         self._bwd_segment = len(self._segments) - 1
         self._cursor = len(self._order) - 1
-        if self.fetch_ahead_bytes is not None:
-            self._window = self.fetch_ahead_bytes
-        else:
-            largest = max((r.nbytes for r in (ref() for ref in self._order) if r is not None), default=0)
-            self._window = max(2 * largest, 64 << 20)
+        largest = max((r.nbytes for r in (ref() for ref in self._order) if r is not None), default=0)
+        self._window = self._fetch_window(largest)
         self._top_up()
         self._note_held()
+
+    def _fetch_window(self, largest: int) -> int:
+        """The bytes backward copies back ahead of use, given the largest offloaded tensor:
+        ``fetch_ahead_bytes`` when given; under a budget, whose every byte counts, one
+        tensor (its copy overlaps the compute that uses the one before); otherwise two
+        tensors, at least 64 MiB."""
+        if self.fetch_ahead_bytes is not None:
+            return self.fetch_ahead_bytes
+        if self.budget is not None:
+            return largest
+        return max(2 * largest, 64 << 20)
 
     def _progress(self, segment: int) -> None:
         """Backward reached ``segment``: note its start, and copy back what comes next."""
