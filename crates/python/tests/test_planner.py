@@ -90,3 +90,22 @@ def test_goals_are_checked():
         planner.plan(prof, planner.Tiers(1, 1), budget=1, max_slowdown=1.1)
     with pytest.raises(ValueError, match=">= 1.0"):
         planner.plan(prof, planner.Tiers(1, 1), max_slowdown=0.9)
+
+
+def test_the_peak_is_the_worst_moment_of_forward_not_only_its_end():
+    # A block of four 100 MB tensors offloaded to slow storage, then a block kept: the writes
+    # lag behind the saves, so forward holds most when the first block ends; by the end of
+    # forward two writes are done and the kept block has been saved.
+    segs = [planner.SegmentProfile(10.0, 20.0, [100 * MB] * 4, 0),
+            planner.SegmentProfile(10.0, 20.0, [50 * MB] * 2, 0)]
+    prof = planner.Profile(segs)
+    first = frozenset({(0, k) for k in range(4)})
+    # 100 MB in 5 ms at 20 GB/s: writes end at 7.5, 12.5, 17.5 and 22.5 ms (the first
+    # starts at its save, 2.5 ms); the saves come at 2.5, 5, 7.5, 10, 15 and 20 ms.
+    out = planner.simulate(prof, planner.Tiers(20.0, 20.0), first, frozenset(), False)
+    # At 10 ms: four saved, one write done. At the end (20 ms): three done, one not.
+    at_end = 100 * MB + 100 * MB
+    assert out.activation_bytes == 300 * MB > at_end
+    # Waiting at the end for writes (a budget) bounds the bytes in flight instead.
+    waited = planner.simulate(prof, planner.Tiers(20.0, 20.0), first, frozenset(), True)
+    assert waited.activation_bytes == 100 * MB and waited.write_wait_ms == pytest.approx(2.5)

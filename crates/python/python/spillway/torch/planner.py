@@ -15,8 +15,10 @@ under a candidate plan:
 - **Recompute** (activation checkpointing) of a segment saves only its input, which may
   be offloaded like any tensor, and costs the segment's forward time again in backward.
 
-The activation memory of a plan is what is still held at the peak: tensors kept, recompute
-inputs kept, and offloaded tensors whose writes are not done. Its cost is the extra step
+The activation memory of a plan is what is held at forward's peak: tensors kept, recompute
+inputs kept, and offloaded tensors whose writes are not done, at the worst moment of
+forward (writes that lag behind the saves hold memory before its end, too). Under a
+budget, forward waits for writes instead, and the peak is its end. Its cost is the extra step
 time: read stalls, recompute, and (for a memory goal, which must hold) the wait at the end
 of forward for writes still under way.
 
@@ -172,7 +174,10 @@ def simulate(
     held = 0
     last_write = t_forward
     placed: List[Tuple[int, int, bool, float]] = []  # (segment, bytes, in host tier, due fraction)
+    # Bytes held over forward: + at each save, - when an offloaded tensor's write is done.
+    events: List[Tuple[float, int]] = []
     for t, b, i, off, frac in saves:
+        events.append((t, b))
         if not off or b == 0:
             held += b
             continue
@@ -181,11 +186,20 @@ def simulate(
         chan = max(chan, t) + _gbps_ms(b, gbps)
         written += b
         placed.append((i, b, in_host, frac))
+        events.append((chan, -b))
         if chan > t_forward:
             last_write = max(last_write, chan)
             if not wait_for_writes:
                 held += b
     write_wait = (last_write - t_forward) if wait_for_writes else 0.0
+    if not wait_for_writes:
+        # Without waiting, forward's peak is the most held at any moment of it (writes
+        # that lag behind the saves hold memory before the end, too); a write done at the
+        # moment of a save has freed its bytes first.
+        level = 0
+        for t, b in sorted((e for e in events if e[0] <= t_forward), key=lambda e: (e[0], e[1])):
+            level += b
+            held = max(held, level)
     # The host tier keeps the newest bytes: those placed past it were written after
     # older ones spilled, so count the last host_bytes written as in the host tier.
     host_left = tiers.host_bytes
