@@ -55,7 +55,7 @@ def largest(args, run):
             break
     if fit is not None and fail is not None:
         lo, hi = fit, fail
-        while hi - lo > 1:
+        while hi - lo > args.granularity:
             mid = (lo + hi) // 2
             r = trial(args, run, mid)
             trials.append(r)
@@ -85,18 +85,21 @@ def main(argv=None):
     # micro-batch that fits only with offloading needs policy="all" from the first step.
     ap.add_argument("--runs", default="baseline,spillway-host-all")
     ap.add_argument("--host-tier", default="40GiB")
+    ap.add_argument("--granularity", type=int, default=1,
+                    help="stop the search once the largest fit is known to within this many (default 1)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     result = {"benchmark": "max_batch", "command": shlex.join([sys.executable] + sys.argv),
               "shape": {k: getattr(args, k) for k in ("arch", "layers", "d_model", "seq")}, "runs": {}}
     for run in args.runs.split(","):
         result["runs"][run] = largest(args, run)
-    base = result["runs"].get("baseline", {}).get("tokens_per_s")
-    for run, r in result["runs"].items():
-        r["tokens_per_s_vs_baseline"] = None if not base or not r.get("tokens_per_s") else r["tokens_per_s"] / base
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+        # The file holds every run so far: a search cut short leaves the earlier ones.
+        base = result["runs"].get("baseline", {}).get("tokens_per_s")
+        for r in result["runs"].values():
+            r["tokens_per_s_vs_baseline"] = None if not base or not r.get("tokens_per_s") else r["tokens_per_s"] / base
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
     for run, r in result["runs"].items():
         print("%-16s largest micro-batch %s, %s tokens/s (x%s)" % (
             run, r["largest_batch"], r["tokens_per_s"], r["tokens_per_s_vs_baseline"]))

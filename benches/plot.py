@@ -140,17 +140,20 @@ def plot_training(data, plt):
     runs = {k: r for k, r in data["runs"].items() if isinstance(r, dict) and r.get("ok", True) and "step_ms" in r}
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     base = runs.get("baseline")
+    # Activation memory: the forward peak where recorded (older files: the step's peak).
+    key = "fwd_act_mem_bytes" if all("fwd_act_mem_bytes" in r for r in runs.values()) else "act_mem_bytes"
     for name, r in runs.items():
-        x, y = r.get("act_mem_bytes", 0) / 2**30, r["step_ms"]
+        x, y = r.get(key, 0) / 2**30, r["step_ms"]
         ax.scatter([x], [y], s=40)
         label = name
-        if base and base.get("act_mem_bytes") and base["step_ms"]:
-            label += f" ({y / base['step_ms']:.2f}x time, {r.get('act_mem_bytes', 0) / base['act_mem_bytes']:.2f}x mem)"
+        if base and base.get(key) and base["step_ms"]:
+            label += f" ({y / base['step_ms']:.2f}x time, {r.get(key, 0) / base[key]:.2f}x mem)"
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if base:
         ax.axhline(base["step_ms"] * 1.05, color="grey", linestyle="--", linewidth=0.8)
         ax.text(0, base["step_ms"] * 1.05, " 1.05x baseline", fontsize=7, va="bottom")
-    ax.set_xlabel("activation memory at the peak (GiB)")
+    ax.set_xlabel("activation memory: forward's peak above its start (GiB)" if key == "fwd_act_mem_bytes"
+                  else "activation memory: the step's peak above its start (GiB)")
     ax.set_ylabel("step time (ms)")
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)

@@ -32,10 +32,12 @@ write bandwidth allows (physics.bound_fraction) beside the fraction it freed.
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 
+from ratios import ratios_to
 from shapes import train_gpt_command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,6 +54,12 @@ def shape_list(text):
     return out
 
 
+def gpu_short_name(device_name):
+    """The model in a GPU's name ("NVIDIA H100 80GB HBM3" -> "h100"), else its last word."""
+    m = re.search(r"\b([A-Z]\d{2,3}[A-Z]?)\b", device_name, re.IGNORECASE)
+    return (m.group(1) if m else device_name.split()[-1]).lower()
+
+
 def summary_rows(result):
     """Markdown rows of one grid file: per run, step time and activation memory against the
     baseline, bytes per tier, stall, and the fraction offloaded beside the bound."""
@@ -60,35 +68,43 @@ def summary_rows(result):
     rows = []
     for name, r in result["runs"].items():
         if not r.get("ok"):
-            rows.append("| %s | %s | failed: %s |||||||" % (shape, name, str(r.get("error", ""))[:60].replace("|", "/")))
+            rows.append("| %s | %s | failed: %s ||||||||||" % (shape, name, str(r.get("error", ""))[:60].replace("|", "/")))
             continue
-        q = (result.get("ratios") or {}).get(name) or {}
+        q = ratios_to(result["runs"].get("baseline"), r) or {}
         tier = ((r.get("spillway_stats") or {}).get("engine") or {}).get("host_tier") or {}
         phys = r.get("physics") or {}
         cells = [
             shape, name, "%.0f" % r["step_ms"],
             "-" if q.get("step_time") is None else "%.3f" % q["step_time"],
+            "-" if r.get("fwd_act_mem_bytes") is None else "%.2f" % (r["fwd_act_mem_bytes"] / 2**30),
+            "-" if q.get("fwd_act_mem_saved") is None else "%.0f%%" % (100 * q["fwd_act_mem_saved"]),
             "%.2f" % (r["act_mem_bytes"] / 2**30),
             "-" if q.get("act_mem_saved") is None else "%.0f%%" % (100 * q["act_mem_saved"]),
             "-" if r.get("offloaded_bytes_per_step") is None else "%.2f" % (r["offloaded_bytes_per_step"] / 2**30),
             "-" if not tier else "%.2f / %.2f" % (tier.get("bytes_in", 0) / 2**30, tier.get("bytes_spilled", 0) / 2**30),
             "-" if r.get("stall_ms_per_step") is None else "%.1f" % r["stall_ms_per_step"],
             "-" if not phys else "%.0f%% / %.0f%%" % (100 * phys.get("offloaded_fraction", 0), 100 * phys["bound_fraction"]),
+            "-" if q.get("freed_fraction") is None else "%.0f%% (%.2fx)" % (100 * q["freed_fraction"], q["freed_vs_bound"] or 0),
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
 
 def print_summary(out_dir):
-    head = ["shape", "run", "step ms", "x base", "act GiB", "act saved", "offloaded GiB/step",
-            "host tier in / spilled GiB (run)", "stall ms/step", "offloaded / bound"]
+    head = ["file", "shape", "run", "step ms", "x base", "fwd act GiB", "act saved", "step peak above start GiB",
+            "saved", "offloaded GiB/step",
+            "host tier in / spilled GiB (run)", "stall ms/step", "offloaded / bound",
+            "freed at the peak (x bound)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name in sorted(os.listdir(out_dir)):
         if name.startswith("rok-") and name.endswith(".json"):
             with open(os.path.join(out_dir, name)) as f:
-                for row in summary_rows(json.load(f)):
-                    print(row)
+                result = json.load(f)
+            if result.get("benchmark") != "train_gpt":
+                continue  # e.g. max_batch.py's results beside the grid
+            for row in summary_rows(result):
+                print("| " + name[len("rok-"):-len(".json")] + " " + row)
 
 
 def main(argv=None):
@@ -112,7 +128,7 @@ def main(argv=None):
     if gpu is None:
         import torch
 
-        gpu = torch.cuda.get_device_name(0).split()[-1].lower() if torch.cuda.is_available() else "cpu"
+        gpu = gpu_short_name(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "cpu"
     os.makedirs(args.out_dir, exist_ok=True)
     failed = 0
     for arch in args.arch.split(","):

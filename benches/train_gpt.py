@@ -36,19 +36,24 @@ torch.cuda.synchronize() on both sides):
 
   step_ms            median step time
   peak_mem_bytes     torch.cuda.max_memory_allocated() over the timed steps
+  fwd_act_mem_bytes  activation memory: the peak of torch.cuda.max_memory_allocated()
+                     during forward, minus memory_allocated() right before it (the largest
+                     over the timed steps): what forward holds for backward, the memory
+                     offloading and recomputation lower (SSDTrain's measure)
   act_mem_bytes      peak_mem_bytes minus torch.cuda.memory_allocated() right before a
                      forward (the smallest such value over the timed steps): parameters,
                      optimizer state and the batches are left out. Gradients are freed at
                      every zero_grad, so the ones backward materialises count here, in
-                     every run alike.
+                     every run alike: with few layers they bound how far this can fall
   offloaded_bytes_per_step, fetched_bytes_per_step, stall_ms_per_step
                      from the Offloader's stats() (differences over the timed steps);
                      0 for baseline and checkpoint, null for save_on_cpu (not counted)
   loss               the loss of the last timed step (losses: every timed step). Runs see
                      the same weights and data, so their losses should agree closely.
 
-and, against baseline: step-time ratio, peak-memory ratio and the activation memory saved,
-1 - act_mem_bytes / baseline act_mem_bytes. A run that fails (out of memory, spillway not
+and, against baseline: step-time ratio, peak-memory ratio, the activation memory saved,
+1 - fwd_act_mem_bytes / baseline fwd_act_mem_bytes, and the step's peak above its start
+saved, 1 - act_mem_bytes / baseline act_mem_bytes. A run that fails (out of memory, spillway not
 importable, ...) is reported with its error; the others still run, and the exit status
 is 1 only when every run failed.
 
@@ -86,6 +91,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from ratios import ratios_to
 
 RUNS = ("baseline", "spillway-disk", "spillway-shm", "spillway-shm8", "checkpoint", "checkpoint-offload",
         "save_on_cpu", "spillway-host",
@@ -545,13 +552,18 @@ def run_one(args):
             context = offloader.step
 
         def train_step(x, y):
+            # Peaks per step: during forward (the saved activations: what offloading
+            # lowers) and over the whole step (gradients and optimizer step too). Reading
+            # the allocator's counters needs no synchronisation.
+            torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             with context():
                 loss = model(x, y)
+                fwd_peak = torch.cuda.max_memory_allocated()
                 loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return loss.detach(), before
+            return loss.detach(), (before, fwd_peak, torch.cuda.max_memory_allocated())
 
         for i in range(args.warmup):
             loss, _ = train_step(*batches[i])
@@ -559,25 +571,24 @@ def run_one(args):
 
         torch.cuda.synchronize()
         stats_before = offloader.stats() if offloader is not None else None
-        torch.cuda.reset_peak_memory_stats()
 
-        times_ms, losses, befores = [], [], []
+        times_ms, losses, mems = [], [], []
         for i in range(args.steps):
             x, y = batches[args.warmup + i]
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            loss, before = train_step(x, y)
+            loss, mem = train_step(x, y)
             torch.cuda.synchronize()
             t1 = time.perf_counter()
             times_ms.append((t1 - t0) * 1e3)
-            befores.append(before)
+            mems.append(mem)
             losses.append(loss.item())
             log("%s: step %d/%d %.1f ms loss %.4f" % (name, i + 1, args.steps, times_ms[-1], losses[-1]))
 
-        peak = torch.cuda.max_memory_allocated()
         result["optimizer_state_bytes"] = tensor_bytes(
             t for state in optimizer.state.values() for t in state.values())
-        base = min(befores)
+        base = min(m[0] for m in mems)
+        peak = max(m[2] for m in mems)
         step_ms = statistics.median(times_ms)
         result.update({
             "step_ms": step_ms,
@@ -586,6 +597,7 @@ def run_one(args):
             "peak_mem_bytes": peak,
             "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
             "mem_before_forward_bytes": base,
+            "fwd_act_mem_bytes": max(m[1] - m[0] for m in mems),
             "act_mem_bytes": peak - base,
             "loss": losses[-1],
             "losses": losses,
@@ -711,30 +723,17 @@ def spawn_run(name, argv, timeout):
     return {"run": name, "ok": False, "error": error, "exit_code": proc.returncode}
 
 
-def ratios_to(baseline, result):
-    if not (baseline and baseline.get("ok") and result.get("ok")):
-        return None
-
-    def ratio(key):
-        b, r = baseline.get(key), result.get(key)
-        return r / b if b else None
-
-    act_b, act_r = baseline.get("act_mem_bytes"), result.get("act_mem_bytes")
-    return {
-        "step_time": ratio("step_ms"),
-        "peak_mem": ratio("peak_mem_bytes"),
-        "act_mem_saved": 1.0 - act_r / act_b if act_b else None,
-        "loss_delta": result["loss"] - baseline["loss"],
-    }
-
-
 def fmt(value, spec, scale=1.0):
     return "-" if value is None else format(value / scale, spec)
 
 
+def percent(fraction):
+    return "-" if fraction is None else "%.0f%%" % (100 * fraction)
+
+
 def markdown_table(runs, ratios):
-    head = ("run", "step ms", "x base", "peak GiB", "x base", "act GiB", "act saved",
-            "offload GiB/step", "stall ms/step", "bound", "loss")
+    head = ("run", "step ms", "x base", "peak GiB", "x base", "fwd act GiB", "act saved",
+            "step peak above start GiB", "saved", "offload GiB/step", "stall ms/step", "freed / bound", "loss")
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in runs.items():
         if not r.get("ok"):
@@ -746,11 +745,12 @@ def markdown_table(runs, ratios):
         q = ratios.get(name) or {}
         cells = (name, fmt(r["step_ms"], ".1f"), fmt(q.get("step_time"), ".2f"),
                  fmt(r["peak_mem_bytes"], ".2f", GIB), fmt(q.get("peak_mem"), ".2f"),
-                 fmt(r["act_mem_bytes"], ".2f", GIB),
-                 "-" if q.get("act_mem_saved") is None else "%.0f%%" % (100 * q["act_mem_saved"]),
+                 fmt(r.get("fwd_act_mem_bytes"), ".2f", GIB), percent(q.get("fwd_act_mem_saved")),
+                 fmt(r["act_mem_bytes"], ".2f", GIB), percent(q.get("act_mem_saved")),
                  fmt(r.get("offloaded_bytes_per_step"), ".2f", GIB),
                  fmt(r.get("stall_ms_per_step"), ".1f"),
-                 "-" if not r.get("physics") else "%.0f%%" % (100 * r["physics"]["bound_fraction"]),
+                 "-" if not r.get("physics") else "%s / %.0f%%" % (percent(q.get("freed_fraction")),
+                                                                   100 * r["physics"]["bound_fraction"]),
                  fmt(r.get("loss"), ".4f"))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)

@@ -129,3 +129,20 @@ def test_bad_harness_arguments_are_refused(tmp_path):
     assert r.returncode == 2 and "numbers >= 1" in r.stderr
     r = run("--dir", str(tmp_path), "--sizes", "lots")
     assert r.returncode == 2 and "a size such as" in r.stderr
+
+
+def test_the_grid_summary_reads_grid_files_and_skips_others(tmp_path):
+    import rok_grid
+
+    src = BENCHES / "results" / "rok-h100-gpt-h16384-s1024.json"
+    (tmp_path / "rok-h100-gpt-h16384-s1024.json").write_text(src.read_text())
+    (tmp_path / "rok-max-batch-h100.json").write_text(json.dumps({"benchmark": "max_batch", "runs": {}}))
+    out = subprocess.run([sys.executable, str(BENCHES / "rok_grid.py"), "--summary", "--out-dir", str(tmp_path)],
+                         check=True, capture_output=True, text=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| h100-gpt-h16384-s1024 ")]
+    data = json.loads(src.read_text())
+    assert len(rows) == len(data["runs"]), out
+    base = next(r for r in rows if "| baseline |" in r)
+    assert "| 0% |" in base  # the baseline saves nothing against itself
+    assert rok_grid.gpu_short_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert rok_grid.gpu_short_name("NVIDIA A100-SXM4-80GB") == "a100"

@@ -1,0 +1,36 @@
+"""A training run against the baseline (benches/train_gpt.py's runs): plain Python, so that
+the scripts reading results (rok_grid.py --summary) need no torch."""
+
+
+def ratios_to(baseline, result):
+    """The run's step time and peak against the baseline's, the memory it saved (forward's
+    peak, and the step's peak above its start), what it freed beside the physics bound, and
+    its loss's difference; None when either run failed."""
+    if not (baseline and baseline.get("ok") and result.get("ok")):
+        return None
+
+    def ratio(key):
+        b, r = baseline.get(key), result.get(key)
+        return r / b if b else None
+
+    def saved(key):
+        b, r = baseline.get(key), result.get(key)
+        return 1.0 - r / b if b and r is not None else None
+
+    # Measured beside the bound: the bytes this run freed at forward's peak (against the
+    # baseline's), as a fraction of the layers' estimated bytes, over the fraction the
+    # physics allows at the write bandwidth it measured.
+    phys = result.get("physics") or {}
+    freed = None
+    if phys.get("layer_bytes_estimate") and baseline.get("fwd_act_mem_bytes") is not None \
+            and result.get("fwd_act_mem_bytes") is not None:
+        freed = (baseline["fwd_act_mem_bytes"] - result["fwd_act_mem_bytes"]) / phys["layer_bytes_estimate"]
+    return {
+        "step_time": ratio("step_ms"),
+        "peak_mem": ratio("peak_mem_bytes"),
+        "fwd_act_mem_saved": saved("fwd_act_mem_bytes"),
+        "act_mem_saved": saved("act_mem_bytes"),
+        "freed_fraction": freed,
+        "freed_vs_bound": freed / phys["bound_fraction"] if freed is not None and phys.get("bound_fraction") else None,
+        "loss_delta": result["loss"] - baseline["loss"],
+    }
