@@ -489,6 +489,7 @@ class Offloader:
             budget=budget,
             max_slowdown=self.max_slowdown,
             allow_recompute=self.allow_recompute,
+            window=window,
         )
         self._rok = rok
         self._set_recompute(sorted(segs[i].block for i in rok.recompute if segs[i].block >= 0))
@@ -497,8 +498,7 @@ class Offloader:
             # Bytes still being written are held too: bound them by what the budget has
             # left, so that the peak stays within it (a save beyond it waits for writes;
             # with nothing left, each write finishes before forward goes on).
-            kept = rok.outcome.activation_bytes
-            self._plan_pending_limit = max(budget - kept, 0)
+            self._plan_pending_limit = max(budget - rok.outcome.kept_bytes, 0)
         details["planned_bytes"] = rok.outcome.host_bytes + rok.outcome.storage_bytes
         touched = len({i for i, _ in rok.offload} | set(rok.recompute))
         return Plan("adaptive", touched, rok.reason, details)

@@ -7,20 +7,20 @@ under a candidate plan:
 
 - **Writes** run one after another in the order the tensors were saved, each starting no
   earlier than its save. The first ``host_bytes`` go at the host tier's write bandwidth,
-  the rest at the storage's. A tensor lowers the peak (the end of the forward pass) only
-  if its write is done by then.
-- **Reads** run in backward order from the end of the forward pass, each needed by the
-  start of its segment's backward; the last ``host_bytes`` written come from the host
-  tier, the rest from storage. A read that is late stalls the step by the difference.
+  the rest at the storage's. A tensor's memory is free once its write is done.
+- **Reads** run in backward order from the end of the forward pass, each needed when
+  backward reaches it, at most the copy-back window ahead of use; the last
+  ``host_bytes`` written come from the host tier, the rest from storage. A read that is
+  late stalls the step by the difference.
 - **Recompute** (activation checkpointing) of a segment saves only its input, which may
   be offloaded like any tensor, and costs the segment's forward time again in backward.
 
-The activation memory of a plan is what is held at forward's peak: tensors kept, recompute
-inputs kept, and offloaded tensors whose writes are not done, at the worst moment of
-forward (writes that lag behind the saves hold memory before its end, too). Under a
-budget, forward waits for writes instead, and the peak is its end. Its cost is the extra step
-time: read stalls, recompute, and (for a memory goal, which must hold) the wait at the end
-of forward for writes still under way.
+The activation memory of a plan is the most forward holds at any moment: tensors kept,
+recompute inputs kept, and offloaded tensors whose writes are not done (writes that lag
+behind the saves hold memory before the end of forward, too). Under a budget, forward
+waits for the oldest writes whenever those under way pass what the budget leaves beside
+the kept bytes, as the offloader does, so the budget holds throughout. The cost of a plan
+is its extra step time: forward's waits for writes, read stalls, and recompute.
 
 Goals:
 
@@ -30,13 +30,16 @@ Goals:
 
 Each goal is met by a greedy search over *moves* (offload the next tensor in save order,
 or recompute a segment), taking at each step the move that frees the most bytes per extra
-millisecond; the tests compare it with brute force on recorded profiles.
+millisecond. A budget also tries recompute sets grown one segment at a time, each with
+the earliest saves offloaded until within budget, and keeps the faster plan. The tests
+compare both with brute force on recorded profiles.
 """
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 #: Time counted as "no extra time" for the adaptive goal (simulation noise), as a
 #: fraction of the step.
@@ -97,13 +100,14 @@ class Tiers:
 class Outcome:
     """What the simulation predicts for a plan."""
 
-    activation_bytes: int  # held at the peak
+    activation_bytes: int  # held at forward's peak
     extra_ms: float  # stalls + recompute + write wait
-    write_wait_ms: float
+    write_wait_ms: float  # forward's waits for writes (under a budget)
     read_stall_ms: float
     recompute_ms: float
     host_bytes: int  # offloaded bytes placed in the host tier
     storage_bytes: int  # offloaded bytes placed on storage
+    kept_bytes: int = 0  # bytes not offloaded (kept tensors, recompute inputs kept)
 
 
 @dataclass
@@ -147,10 +151,14 @@ def simulate(
     tiers: Tiers,
     offload: FrozenSet[Tuple[int, int]],
     recompute: FrozenSet[int],
-    wait_for_writes: bool,
+    budget: Optional[int] = None,
+    window: Optional[int] = None,
 ) -> Outcome:
-    """Predicts activation memory at the peak and extra step time for a plan (see the
-    module documentation for the model)."""
+    """Predicts activation memory at forward's peak and extra step time for a plan (see the
+    module documentation for the model). Under a ``budget``, forward waits for the oldest
+    writes whenever the bytes still being written pass what the budget leaves beside the
+    kept ones (as the offloader does). ``window`` bounds the bytes read back ahead of use
+    in backward (None: no bound)."""
     segs = profile.segments
     # Forward: what is saved when, in order. A recomputed segment saves its input only,
     # at its start; offloading it is the move (i, -1).
@@ -168,38 +176,40 @@ def simulate(
                 saves.append((clock + s.fwd_ms * (k + 1) / max(n, 1), b, i, (i, k) in offload, (n - 1 - k) / max(n, 1)))
         clock += s.fwd_ms
     t_forward = clock
-    # Writes, in save order.
+    kept_total = sum(b for _, b, _, off, _ in saves if not off or b == 0)
+    limit = None if budget is None else max(budget - kept_total, 0)
+    # Forward, save by save: the bytes held are those kept so far plus those whose writes
+    # are not done. Writes run one after another in save order, none before its save.
+    delay = 0.0  # forward's waits for writes so far (under a budget)
     chan = 0.0
     written = 0
+    kept = 0
+    pending = 0
+    inflight: Deque[Tuple[float, int]] = collections.deque()  # (end, bytes), in end order
     held = 0
-    last_write = t_forward
     placed: List[Tuple[int, int, bool, float]] = []  # (segment, bytes, in host tier, due fraction)
-    # Bytes held over forward: + at each save, - when an offloaded tensor's write is done.
-    events: List[Tuple[float, int]] = []
-    for t, b, i, off, frac in saves:
-        events.append((t, b))
+    for t0, b, i, off, frac in saves:
+        t = t0 + delay
+        while inflight and inflight[0][0] <= t:  # a write done by a save freed its bytes first
+            pending -= inflight.popleft()[1]
         if not off or b == 0:
-            held += b
+            kept += b
+            held = max(held, kept + pending)
             continue
         in_host = written + b <= tiers.host_bytes
         gbps = tiers.host_write_gbps if in_host else tiers.storage_write_gbps
         chan = max(chan, t) + _gbps_ms(b, gbps)
         written += b
         placed.append((i, b, in_host, frac))
-        events.append((chan, -b))
-        if chan > t_forward:
-            last_write = max(last_write, chan)
-            if not wait_for_writes:
-                held += b
-    write_wait = (last_write - t_forward) if wait_for_writes else 0.0
-    if not wait_for_writes:
-        # Without waiting, forward's peak is the most held at any moment of it (writes
-        # that lag behind the saves hold memory before the end, too); a write done at the
-        # moment of a save has freed its bytes first.
-        level = 0
-        for t, b in sorted((e for e in events if e[0] <= t_forward), key=lambda e: (e[0], e[1])):
-            level += b
-            held = max(held, level)
+        inflight.append((chan, b))
+        pending += b
+        while limit is not None and pending > limit and inflight:
+            end, done = inflight.popleft()
+            pending -= done
+            if end > t:
+                delay += end - t
+                t = end
+        held = max(held, kept + pending)
     # The host tier keeps the newest bytes: those placed past it were written after
     # older ones spilled, so count the last host_bytes written as in the host tier.
     host_left = tiers.host_bytes
@@ -209,9 +219,9 @@ def simulate(
         if b <= host_left:
             in_host_at_bwd[j] = True
             host_left -= b
-    # Backward: segments last to first; reads in that order from the end of forward (and
-    # after the wait for writes).
-    start = t_forward + write_wait
+    # Backward: segments last to first, from the end of forward; reads in that order, at
+    # most `window` bytes ahead of their use.
+    start = t_forward + delay
     need: Dict[int, float] = {}
     clock = start
     recompute_ms = 0.0
@@ -222,22 +232,33 @@ def simulate(
         clock += segs[i].bwd_ms + extra
     stall = 0.0
     chan = start
+    ahead: Deque[Tuple[float, int]] = collections.deque()  # (when used, bytes) read, not yet used
+    ahead_bytes = 0
     for j in range(len(placed) - 1, -1, -1):
         i, b, _, frac = placed[j]
+        if window is not None:
+            while ahead and ahead_bytes + b > window:  # room comes as earlier ones are used
+                used, nbytes = ahead.popleft()
+                ahead_bytes -= nbytes
+                chan = max(chan, used)
         gbps = tiers.host_read_gbps if in_host_at_bwd[j] else tiers.storage_read_gbps
         chan += _gbps_ms(b, gbps)
         due = need[i] + frac * segs[i].bwd_ms + stall
         if chan > due:
             stall += chan - due
+            due = chan
+        ahead.append((due, b))
+        ahead_bytes += b
     host_b = sum(b for _, b, h, _ in placed if h)
     return Outcome(
         activation_bytes=held,
-        extra_ms=write_wait + stall + recompute_ms,
-        write_wait_ms=write_wait,
+        extra_ms=delay + stall + recompute_ms,
+        write_wait_ms=delay,
         read_stall_ms=stall,
         recompute_ms=recompute_ms,
         host_bytes=host_b,
         storage_bytes=written - host_b,
+        kept_bytes=kept_total,
     )
 
 
@@ -275,9 +296,11 @@ def plan(
     max_slowdown: Optional[float] = None,
     allow_recompute: bool = True,
     keep_last: int = 0,
+    window: Optional[int] = None,
 ) -> RokPlan:
     """The plan for a goal: ``budget`` (bytes), ``max_slowdown`` (a ratio ≥ 1), or neither
-    (adaptive). The last ``keep_last`` segments are never touched."""
+    (adaptive). The last ``keep_last`` segments are never touched; ``window`` is the most
+    bytes backward reads ahead of use (None: no bound)."""
     if budget is not None and max_slowdown is not None:
         raise ValueError("give budget= or max_slowdown=, not both")
     if max_slowdown is not None and max_slowdown < 1.0:
@@ -286,7 +309,10 @@ def plan(
         raise ValueError(f"budget={budget}: a number of bytes >= 0")
     step = profile.step_ms
     frozen = set(range(max(0, len(profile.segments) - keep_last), len(profile.segments)))
-    wait = budget is not None
+
+    def sim(offload: FrozenSet, recompute: FrozenSet) -> Outcome:
+        return simulate(profile, tiers, offload, recompute, budget, window)
+
     if budget is not None:
         goal = f"budget={budget}"
         allowed = float("inf")
@@ -298,7 +324,7 @@ def plan(
         allowed = ADAPTIVE_TOLERANCE * step
     offload: FrozenSet = frozenset()
     recompute: FrozenSet = frozenset()
-    cur = simulate(profile, tiers, offload, recompute, wait)
+    cur = sim(offload, recompute)
     while True:
         if budget is not None and cur.activation_bytes <= budget:
             break
@@ -308,7 +334,7 @@ def plan(
             if seg in frozen or (mv[0] == "recompute" and not allow_recompute):
                 continue
             o2, r2 = _apply(mv, offload, recompute)
-            out = simulate(profile, tiers, o2, r2, wait)
+            out = sim(o2, r2)
             freed = cur.activation_bytes - out.activation_bytes
             if freed <= 0 or out.extra_ms > allowed + 1e-9:
                 continue
@@ -320,13 +346,20 @@ def plan(
         if best is None:
             break
         _, offload, recompute, cur = best
-    # Drop offloads that free nothing (writes not done by the peak): they cost bandwidth.
-    if not wait:
+    if budget is None:
+        # Drop offloads that free nothing (writes not done by the peak): they cost bandwidth.
         for t in sorted(offload, reverse=True):
             o2 = offload - {t}
-            out = simulate(profile, tiers, o2, recompute, wait)
+            out = sim(o2, recompute)
             if out.activation_bytes <= cur.activation_bytes and out.extra_ms <= cur.extra_ms + 1e-9:
                 offload, cur = o2, out
+    else:
+        # The moves above are weighed while the budget is still exceeded, where every write
+        # holds forward up: that undervalues offloading. Plans that recompute some segments
+        # and offload the earliest saves until within budget compete with theirs.
+        alt = _budget_search(profile, sim, budget, frozen, allow_recompute)
+        if alt is not None and (cur.activation_bytes > budget or alt[2].extra_ms < cur.extra_ms - 1e-9):
+            offload, recompute, cur = alt
     total = profile.activation_bytes
     cut = 1 - cur.activation_bytes / total if total else 0.0
     if budget is not None and cur.activation_bytes > budget:
@@ -344,6 +377,68 @@ def plan(
     return RokPlan(goal, offload, recompute, cur, reason)
 
 
+#: Offload prefixes tried per recompute set in the budget search, beyond the shortest.
+_PREFIXES = 8
+
+
+def _budget_search(profile: Profile, sim, budget: int, frozen, allow_recompute: bool):
+    """The least extra time under ``budget`` among plans that recompute a set of segments
+    (grown one segment at a time, the best first) and offload a prefix of the remaining
+    saves in save order: the shortest prefix within budget and a few longer ones (more
+    offloaded leaves more room for writes under way). Returns (offload, recompute,
+    outcome), or None when no such plan meets the budget."""
+    segs = profile.segments
+
+    def candidates(recompute: FrozenSet) -> List[Tuple[Tuple[int, int], int]]:
+        out: List[Tuple[Tuple[int, int], int]] = []
+        for i, s in enumerate(segs):
+            if i in frozen:
+                continue
+            if i in recompute:
+                if s.input_bytes > 0:
+                    out.append(((i, -1), s.input_bytes))
+            else:
+                out.extend(((i, k), b) for k, b in enumerate(s.tensors))
+        return out
+
+    def kept(recompute: FrozenSet) -> int:
+        return sum(s.input_bytes if i in recompute else sum(s.tensors) for i, s in enumerate(segs))
+
+    def best_for(recompute: FrozenSet):
+        cands = candidates(recompute)
+        left = kept(recompute)
+        n = 0
+        while left > budget and n < len(cands):
+            left -= cands[n][1]
+            n += 1
+        if left > budget:
+            return None
+        found = None
+        step = max(1, (len(cands) - n) // _PREFIXES)
+        for m in sorted({n, *range(n, len(cands) + 1, step), len(cands)}):
+            offload = frozenset(c for c, _ in cands[:m])
+            out = sim(offload, recompute)
+            if out.activation_bytes <= budget and (found is None or out.extra_ms < found[2].extra_ms - 1e-9):
+                found = (offload, recompute, out)
+        return found
+
+    best = best_for(frozenset())
+    recompute: FrozenSet = frozenset()
+    choices = [i for i, s in enumerate(segs) if allow_recompute and i not in frozen and s.input_bytes > 0
+               and sum(s.tensors) > s.input_bytes]
+    while True:
+        step_best = None
+        for i in choices:
+            if i in recompute:
+                continue
+            got = best_for(recompute | {i})
+            if got is not None and (step_best is None or got[2].extra_ms < step_best[2].extra_ms - 1e-9):
+                step_best = got
+        if step_best is None or (best is not None and step_best[2].extra_ms >= best[2].extra_ms - 1e-9):
+            return best
+        best, recompute = step_best, step_best[1]
+
+
 def brute_force(
     profile: Profile,
     tiers: Tiers,
@@ -357,7 +452,6 @@ def brute_force(
 
     ids: List[Tuple[int, int]] = profile.tensor_ids()
     segs = range(len(profile.segments))
-    wait = budget is not None
     allowed = (
         float("inf")
         if budget is not None
@@ -373,7 +467,7 @@ def brute_force(
         cand = [t for t in ids if t[0] not in rec] + [(i, -1) for i in rec if profile.segments[i].input_bytes > 0]
         for n in range(len(cand) + 1):
             for c in itertools.combinations(cand, n):
-                o = simulate(profile, tiers, frozenset(c), rec, wait)
+                o = simulate(profile, tiers, frozenset(c), rec, budget)
                 if budget is not None:
                     if o.activation_bytes > budget:
                         continue
