@@ -4,7 +4,8 @@
 //! A request that completes with fewer bytes than asked (a short count, which the
 //! [`Backend`] contract allows and `--faults short=P` injects) is never taken as done: the
 //! rest of it — offset and memory advanced by the count — is submitted again in the same
-//! slot, up to [`MAX_RESUBMITS`] times, as the engine does. Its latency runs from the first
+//! slot, up to [`MAX_RESUBMITS`](spillway_runtime::short::MAX_RESUBMITS) times, as the engine
+//! does ([`spillway_runtime::short`]). Its latency runs from the first
 //! submission to the last completion. A completion moving nothing, one claiming more than
 //! was asked, or one short count too many fails the pass.
 
@@ -14,6 +15,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use spillway_runtime::short::{Judged, Remaining};
 use spillway_runtime::{Backend, Error, IoOp, IoRequest, Result, TargetId, Ticket};
 
 use super::buffer::BenchBuffer;
@@ -117,41 +119,36 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
 }
 
-/// How many times the rest of one request is submitted again after short counts before the
-/// pass fails (the engine's bound too). Each time at least one more byte has moved.
-pub const MAX_RESUBMITS: u32 = 64;
-
 struct InFlight {
     ticket: Ticket,
     /// When the request was first submitted.
     issued: Instant,
     /// The whole request.
     io: Io,
-    /// Bytes of it moved before the part in flight.
-    moved: u64,
-    /// Times the rest was submitted after a short count.
-    resubmits: u32,
+    /// The part of it in flight, and how far it has got through short counts.
+    remaining: Remaining,
 }
 
-/// Submits bytes `[moved, io.len)` of `io`; the ticket completes `slot` on `tx`.
+/// The request for `io`: target offset `o` uses buffer offset `o % buffer.len()`.
+fn request_of(pass: &Pass<'_>, io: Io) -> IoRequest {
+    IoRequest {
+        target: pass.target,
+        op: pass.op,
+        offset: io.offset,
+        mem: pass.buffer.region(io.offset % pass.buffer.len(), io.len),
+    }
+}
+
+/// Submits the rest of a request; the ticket completes `slot` on `tx`.
 fn submit_part(
     pass: &Pass<'_>,
-    io: Io,
-    moved: u64,
+    remaining: &Remaining,
     slot: usize,
     tx: &mpsc::Sender<(usize, Instant)>,
 ) -> Result<Ticket> {
-    let req = IoRequest {
-        target: pass.target,
-        op: pass.op,
-        offset: io.offset + moved,
-        mem: pass
-            .buffer
-            .region(io.offset % pass.buffer.len() + moved, io.len - moved),
-    };
     // SAFETY: the buffer outlives the pass: every submitted ticket is waited for before
     // `submitter` returns.
-    let ticket = unsafe { pass.backend.submit(req)? };
+    let ticket = unsafe { pass.backend.submit(remaining.rest())? };
     let tx = tx.clone();
     ticket.on_complete(move || {
         let _ = tx.send((slot, Instant::now()));
@@ -159,9 +156,10 @@ fn submit_part(
     Ok(ticket)
 }
 
-/// The error for a request given up after a short count: `moved` of its bytes moved, the
-/// last part `n` of `asked`.
-fn short_error(op: IoOp, io: Io, moved: u64, n: usize, asked: u64, resubmits: u32) -> Error {
+/// The error for a request given up after a short count: its last part moved `n` bytes.
+fn short_error(op: IoOp, io: Io, remaining: &Remaining, n: usize) -> Error {
+    let (asked, resubmits) = (remaining.rest().mem.len() as u64, remaining.resubmits());
+    let moved = (remaining.moved() + n) as u64;
     let why = if n == 0 {
         format!("a part of {asked} bytes completed with 0 bytes moved")
     } else {
@@ -205,14 +203,14 @@ fn submitter(
             let io = ios[next];
             next += 1;
             let issued = Instant::now();
-            match submit_part(pass, io, 0, slot, &tx) {
+            let remaining = Remaining::new(request_of(pass, io));
+            match submit_part(pass, &remaining, slot, &tx) {
                 Ok(ticket) => {
                     slots[slot] = Some(InFlight {
                         ticket,
                         issued,
                         io,
-                        moved: 0,
-                        resubmits: 0,
+                        remaining,
                     });
                     in_flight += 1;
                 }
@@ -230,27 +228,26 @@ fn submitter(
             .map_err(|_| Error::Abandoned("completion channel closed".into()))?;
         let entry = slots[slot].take().expect("a completion names an occupied slot");
         in_flight -= 1;
-        let asked = entry.io.len - entry.moved;
-        match entry.ticket.wait() {
-            Ok(n) if n as u64 == asked => {
+        let asked = entry.remaining.rest().mem.len() as u64;
+        match entry.ticket.wait().map(|n| (n, entry.remaining.judge(n))) {
+            Ok((_, Judged::Done)) => {
                 let ns = completed.saturating_duration_since(entry.issued).as_nanos() as u64;
                 hist.saturating_record(ns.max(1));
                 done_bytes.fetch_add(asked, Ordering::Relaxed);
             }
-            Ok(n) if (n as u64) < asked => {
+            Ok((n, judged @ (Judged::Again | Judged::GiveUp))) => {
                 done_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                let moved = entry.moved + n as u64;
                 if first_error.is_some() || failed.load(Ordering::Relaxed) {
                     // The pass has failed: its rest is not worth moving.
-                } else if n == 0 || entry.resubmits >= MAX_RESUBMITS {
-                    first_error = Some(short_error(pass.op, entry.io, moved, n, asked, entry.resubmits));
+                } else if judged == Judged::GiveUp {
+                    first_error = Some(short_error(pass.op, entry.io, &entry.remaining, n));
                 } else {
-                    match submit_part(pass, entry.io, moved, slot, &tx) {
+                    let remaining = entry.remaining.advance(n);
+                    match submit_part(pass, &remaining, slot, &tx) {
                         Ok(ticket) => {
                             slots[slot] = Some(InFlight {
                                 ticket,
-                                moved,
-                                resubmits: entry.resubmits + 1,
+                                remaining,
                                 ..entry
                             });
                             in_flight += 1;
@@ -260,7 +257,7 @@ fn submitter(
                     }
                 }
             }
-            Ok(n) => {
+            Ok((n, Judged::Overrun)) => {
                 first_error.get_or_insert(Error::invalid(format!(
                     "backend reported {n} bytes for a {asked}-byte request"
                 )));

@@ -32,6 +32,7 @@ pub mod mem_backend;
 pub mod memory;
 pub mod pack;
 pub mod pattern;
+pub mod short;
 pub mod size;
 pub mod striped;
 pub mod target;

@@ -14,7 +14,8 @@
 //!
 //! A member may complete a piece with fewer bytes than asked (a short count, which the
 //! [`Backend`] contract allows): the rest of the piece is then submitted to the same member
-//! again, offset and memory advanced, up to [`MAX_PIECE_RESUBMITS`] times. A set request
+//! again, offset and memory advanced ([`crate::short`]), up to [`MAX_PIECE_RESUBMITS`]
+//! times. A set request
 //! completes with its full length only once every byte of every piece has moved; a piece
 //! that comes back with nothing moved, or short once too often, fails the request with
 //! [`Error::ShortIo`] naming the member.
@@ -55,6 +56,7 @@ use crate::backend::{
     ticket, Backend, BackendInfo, Completer, IoOp, IoRequest, TargetId, TargetInfo, Ticket,
 };
 use crate::error::{Error, Result};
+use crate::short::{Judged, Remaining, MAX_RESUBMITS};
 use crate::target::{check_distinct, Target};
 
 /// One member of a striped set: the target and the backend that moves its bytes.
@@ -529,9 +531,8 @@ impl fmt::Debug for StripedBackend {
 }
 
 /// How many times the rest of a piece is submitted again to its member after short counts
-/// before the request fails. Each resubmission follows a count of at least one byte, so the
-/// bound only stops a member that keeps moving a little at a time.
-pub const MAX_PIECE_RESUBMITS: u32 = 64;
+/// before the request fails: the bound of [`crate::short`].
+pub const MAX_PIECE_RESUBMITS: u32 = MAX_RESUBMITS;
 
 /// Collects the pieces of one request and completes it when the last one ends: with the
 /// request's length only when every piece moved all its bytes.
@@ -588,12 +589,9 @@ struct Piece {
     counters: Arc<Counters>,
     path: Arc<Path>,
     gather: Arc<Gather>,
-    /// The part of the piece not yet moved (on the member's target).
-    rest: IoRequest,
-    /// Bytes of the piece moved before `rest`.
-    moved: usize,
-    /// Times `rest` was submitted again after a short count.
-    resubmits: u32,
+    /// The part of the piece not yet moved (on the member's target), and how far the
+    /// piece has got through short counts.
+    remaining: Remaining,
     /// When the member is taken out of use.
     policy: FailurePolicy,
 }
@@ -606,11 +604,12 @@ impl Piece {
     /// The memory of `rest` must stay valid (and, for a read, untouched) until the set
     /// request's ticket completes, which happens only after this piece has ended.
     unsafe fn start(self) -> Result<()> {
-        let (counters, op) = (self.counters.clone(), self.rest.op);
+        let rest = self.remaining.rest();
+        let (counters, op) = (self.counters.clone(), rest.op);
         counters.started();
         let submitted = match self.backend.upgrade() {
             // SAFETY: the caller's promise, passed on.
-            Some(backend) => unsafe { backend.submit(self.rest) },
+            Some(backend) => unsafe { backend.submit(rest) },
             None => Err(Error::Abandoned(format!(
                 "the striped set was dropped with a request on {} in flight",
                 self.path.display()
@@ -632,8 +631,9 @@ impl Piece {
     /// The member completed `rest` with `result`: the piece is done, failed, or (after a
     /// short count) its rest is submitted again.
     fn ended(self, result: Result<usize>) {
-        let (counters, gather, op) = (self.counters.clone(), self.gather.clone(), self.rest.op);
-        let wanted = self.rest.mem.len();
+        let rest = self.remaining.rest();
+        let (counters, gather, op) = (self.counters.clone(), self.gather.clone(), rest.op);
+        let wanted = rest.mem.len();
         let n = match result {
             Ok(n) if n <= wanted => n,
             Ok(n) => {
@@ -648,7 +648,8 @@ impl Piece {
                 return gather.piece_done(Err(e));
             }
         };
-        if n == wanted {
+        let judged = self.remaining.judge(n);
+        if judged == Judged::Done {
             counters.succeeded(&self.path);
             counters.ended(op, n, false);
             return gather.piece_done(Ok(()));
@@ -656,15 +657,15 @@ impl Piece {
         tracing::debug!(
             member = %self.path.display(),
             op = op.as_str(),
-            offset = self.rest.offset,
+            offset = rest.offset,
             asked = wanted,
             moved = n,
-            resubmits = self.resubmits,
+            resubmits = self.remaining.resubmits(),
             "short piece"
         );
-        if n == 0 || self.resubmits >= MAX_PIECE_RESUBMITS || gather.failed() {
+        if judged != Judged::Again || gather.failed() {
             counters.ended(op, n, true);
-            return gather.piece_done(Err(self.short(n)));
+            return gather.piece_done(Err(self.remaining.short_error(n, &self.path)));
         }
         // The rest is in flight before this submission ends: the member stays busy.
         // SAFETY: the rest is part of the piece's memory, which the caller of the set's
@@ -676,40 +677,23 @@ impl Piece {
         }
     }
 
-    /// The piece after `n` more bytes moved (fewer than `rest` has).
+    /// The piece after `n` more bytes moved (fewer than the rest has).
     fn advance(self, n: usize) -> Piece {
-        let len = self.rest.mem.len();
         Piece {
-            rest: IoRequest {
-                offset: self.rest.offset + n as u64,
-                mem: self.rest.mem.slice(n, len - n),
-                ..self.rest
-            },
-            moved: self.moved + n,
-            resubmits: self.resubmits + 1,
+            remaining: self.remaining.advance(n),
             ..self
-        }
-    }
-
-    /// The error for a piece given up after `n` more bytes moved.
-    fn short(&self, n: usize) -> Error {
-        Error::ShortIo {
-            op: self.rest.op.as_str(),
-            path: self.path.to_path_buf(),
-            offset: self.rest.offset - self.moved as u64,
-            done: (self.moved + n) as u64,
-            wanted: (self.moved + self.rest.mem.len()) as u64,
         }
     }
 
     /// The error for a completion claiming `n` bytes of a `rest` that has fewer.
     fn overrun(&self, n: usize) -> Error {
+        let rest = self.remaining.rest();
         Error::io(
             format!(
                 "{} of {} bytes at offset {} of {}",
-                self.rest.op.as_str(),
-                self.rest.mem.len(),
-                self.rest.offset,
+                rest.op.as_str(),
+                rest.mem.len(),
+                rest.offset,
                 self.path.display()
             ),
             std::io::Error::new(
@@ -854,14 +838,12 @@ impl Backend for StripedBackend {
                 counters: state.counters.clone(),
                 path: state.path.clone(),
                 gather: gather.clone(),
-                rest: IoRequest {
+                remaining: Remaining::new(IoRequest {
                     target: set.members[member],
                     op: req.op,
                     offset: member_offset,
                     mem: req.mem.slice(at, take),
-                },
-                moved: 0,
-                resubmits: 0,
+                }),
                 policy: self.policy,
             };
             // SAFETY: the piece's memory is part of the caller's, which stays valid until

@@ -1,14 +1,12 @@
 //! [`PendingIo`]: one storage request of the engine, in flight until every one of its
 //! bytes has moved.
 //!
-//! A backend's ticket completes with the bytes moved, and the [`Backend`] contract allows
-//! fewer than asked (a short read or write, as the kernel may return one). The engine never
-//! takes a short count for success: it submits the rest of the request — offset and memory
-//! advanced by the count — and does so again after each further short count, up to
-//! [`MAX_RESUBMITS`] times. A completion that moves nothing, a count past what was asked, or
-//! one short count too many fails the request ([`Error::ShortIo`] for the first and last),
-//! and the failure takes the engine's usual path: a failed write keeps its tensors in their
-//! own memory, a failed read is an error to the fetch caller.
+//! A short count (fewer bytes than asked) has the rest of the request submitted again, as
+//! [`crate::short`] says, up to [`MAX_RESUBMITS`](crate::short::MAX_RESUBMITS) times. A completion that moves nothing, a
+//! count past what was asked, or one short count too many fails the request
+//! ([`Error::ShortIo`] for the first and last), and the failure takes the engine's usual
+//! path: a failed write keeps its tensors in their own memory, a failed read is an error to
+//! the fetch caller.
 //!
 //! An error that may be transient ([`Error::is_transient`]: EIO, EAGAIN, EINTR, ETIMEDOUT),
 //! whether the ticket completes with it or the submission is refused with it, has the part
@@ -25,13 +23,9 @@ use std::sync::Arc;
 
 use crate::backend::{Backend, IoOp, IoRequest, Ticket};
 use crate::error::{Error, Result};
+use crate::short::{Judged, Remaining};
 
 use super::stats::Stats;
-
-/// How many times the rest of one request is submitted again after short counts before the
-/// engine gives up on it. Each resubmission has moved at least one byte more, so the bound
-/// only stops a backend that keeps moving a little at a time.
-pub(crate) const MAX_RESUBMITS: u32 = 64;
 
 /// One request in flight: how far it has got and the ticket of the part in flight.
 pub(crate) struct PendingIo {
@@ -41,14 +35,11 @@ pub(crate) struct PendingIo {
 
 /// How far one request has got.
 struct Progress {
-    /// The part of the request not yet moved: what the ticket in flight is for.
-    rest: IoRequest,
-    /// Bytes of the request moved before `rest`.
-    moved: usize,
+    /// The part of the request not yet moved (what the ticket in flight is for), and how
+    /// far the request has got through short counts.
+    remaining: Remaining,
     /// Bytes of the request that must move: a short count that gets this far is done.
     needed: usize,
-    /// Times `rest` was submitted after a short count.
-    resubmits: u32,
     /// Times `rest` was submitted again after a transient error.
     retries: u32,
     /// The most `retries` may reach.
@@ -107,9 +98,7 @@ impl PendingIo {
     ) -> Result<PendingIo> {
         let progress = Progress {
             needed: needed.min(req.mem.len()),
-            rest: req,
-            moved: 0,
-            resubmits: 0,
+            remaining: Remaining::new(req),
             retries: 0,
             max_retries,
             path,
@@ -136,12 +125,12 @@ impl PendingIo {
     /// once.
     pub(crate) fn settle(self, backend: &dyn Backend, retry: bool) -> Settled {
         let PendingIo { progress: p, ticket } = self;
-        let wanted = p.rest.mem.len();
+        let rest = p.remaining.rest();
         let n = match ticket.wait() {
             Ok(n) => n,
             Err(e) if retry && p.may_retry(&e) => {
                 let p = p.retried(&e);
-                // SAFETY: `p.rest` is the unmoved part of the memory `submit` was given,
+                // SAFETY: the rest is the unmoved part of the memory `submit` was given,
                 // which its caller keeps valid until the request settles as done or failed:
                 // it has not.
                 return match unsafe { p.start(backend) } {
@@ -151,22 +140,22 @@ impl PendingIo {
             }
             Err(e) => return Settled::Failed(p.give_up(e)),
         };
-        if n > wanted {
-            return Settled::Failed(p.overrun(n));
-        }
-        if n == wanted || (n > 0 && p.moved + n >= p.needed) {
-            return Settled::Done;
+        let judged = p.remaining.judge_needing(n, p.needed);
+        match judged {
+            Judged::Done => return Settled::Done,
+            Judged::Overrun => return Settled::Failed(p.overrun(n)),
+            Judged::Again | Judged::GiveUp => {}
         }
         tracing::debug!(
-            op = p.rest.op.as_str(),
-            offset = p.rest.offset,
-            asked = wanted,
+            op = rest.op.as_str(),
+            offset = rest.offset,
+            asked = rest.mem.len(),
             moved = n,
-            resubmits = p.resubmits,
+            resubmits = p.remaining.resubmits(),
             "short storage I/O"
         );
-        if n == 0 || !retry || p.resubmits >= MAX_RESUBMITS {
-            return Settled::Failed(p.short(p.moved + n));
+        if judged == Judged::GiveUp || !retry {
+            return Settled::Failed(p.remaining.short_error(n, &p.path));
         }
         // SAFETY: `rest` advanced is the unmoved tail of the memory `submit` was given,
         // which its caller keeps valid until the request settles as done or failed: it has
@@ -200,7 +189,7 @@ impl Progress {
     unsafe fn start(mut self, backend: &dyn Backend) -> Result<PendingIo> {
         loop {
             // SAFETY: the caller's promise, passed on.
-            match unsafe { backend.submit(self.rest) } {
+            match unsafe { backend.submit(self.remaining.rest()) } {
                 Ok(ticket) => {
                     Stats::add(self.requests(), 1);
                     return Ok(PendingIo {
@@ -216,7 +205,7 @@ impl Progress {
 
     /// The counter of requests in this direction.
     fn requests(&self) -> &AtomicU64 {
-        match self.rest.op {
+        match self.remaining.rest().op {
             IoOp::Write => &self.stats.c.writes,
             IoOp::Read => &self.stats.c.reads,
         }
@@ -229,15 +218,16 @@ impl Progress {
 
     /// The progress with one more retry, counted, after `e`.
     fn retried(self, e: &Error) -> Progress {
-        let counter = match self.rest.op {
+        let rest = self.remaining.rest();
+        let counter = match rest.op {
             IoOp::Write => &self.stats.c.write_retries,
             IoOp::Read => &self.stats.c.read_retries,
         };
         Stats::add(counter, 1);
         tracing::debug!(
-            op = self.rest.op.as_str(),
-            offset = self.rest.offset,
-            len = self.rest.mem.len(),
+            op = rest.op.as_str(),
+            offset = rest.offset,
+            len = rest.mem.len(),
             retry = self.retries + 1,
             max = self.max_retries,
             "retrying a storage request after a transient error: {e}"
@@ -248,32 +238,19 @@ impl Progress {
         }
     }
 
-    /// The progress after `n` more bytes moved (fewer than `rest` has): the rest advanced
-    /// past them, to be submitted again.
+    /// The progress after `n` more bytes moved (fewer than the rest has): the rest
+    /// advanced past them, to be submitted again.
     fn advance(self, n: usize) -> Progress {
-        let len = self.rest.mem.len();
         Progress {
-            rest: IoRequest {
-                offset: self.rest.offset + n as u64,
-                mem: self.rest.mem.slice(n, len - n),
-                ..self.rest
-            },
-            moved: self.moved + n,
-            resubmits: self.resubmits + 1,
+            remaining: self.remaining.advance(n),
             ..self
         }
-    }
-
-    /// The whole request: its first offset and its length.
-    fn whole(&self) -> (u64, u64) {
-        let moved = self.moved as u64;
-        (self.rest.offset - moved, moved + self.rest.mem.len() as u64)
     }
 
     /// What the request was, for errors: "read of N bytes at offset O of PATH", and how
     /// often it was retried.
     fn describe(&self) -> String {
-        let (offset, wanted) = self.whole();
+        let (offset, wanted) = self.remaining.whole();
         let retried = match self.retries {
             0 => String::new(),
             1 => ", given up after 1 retry".to_string(),
@@ -281,7 +258,7 @@ impl Progress {
         };
         format!(
             "{} of {wanted} bytes at offset {offset} of {}{retried}",
-            self.rest.op.as_str(),
+            self.remaining.rest().op.as_str(),
             self.path.display()
         )
     }
@@ -307,18 +284,6 @@ impl Progress {
         }
     }
 
-    /// The error for a request given up after moving `moved` of its bytes.
-    fn short(&self, moved: usize) -> Error {
-        let (offset, wanted) = self.whole();
-        Error::ShortIo {
-            op: self.rest.op.as_str(),
-            path: self.path.to_path_buf(),
-            offset,
-            done: moved as u64,
-            wanted,
-        }
-    }
-
     /// The error for a completion claiming `n` bytes of a `rest` that has fewer.
     fn overrun(&self, n: usize) -> Error {
         Error::io(
@@ -327,7 +292,7 @@ impl Progress {
                 std::io::ErrorKind::InvalidData,
                 format!(
                     "the backend reported {n} bytes moved for a request of {}",
-                    self.rest.mem.len()
+                    self.remaining.rest().mem.len()
                 ),
             ),
         )
@@ -348,6 +313,7 @@ mod tests {
     use super::*;
     use crate::backend::{ticket, BackendInfo, IoOp, TargetId, TargetInfo};
     use crate::memory::MemRef;
+    use crate::short::MAX_RESUBMITS;
     use crate::target::Target;
     use std::sync::Mutex;
 
