@@ -174,93 +174,25 @@ impl From<&Latency> for spillway_latency {
 /// The statistics as C sees them. Every field is named (no `..`): a counter added to the
 /// runtime stops this from compiling until `spillway_stats` has it too.
 fn stats_of(snapshot: &StatsSnapshot, live_handles: usize, staging_in_use: u64) -> spillway_stats {
-    let StatsSnapshot {
-        counters,
-        staging_budget,
-        latency: _,
-    } = snapshot;
-    let CounterSnapshot {
-        offloads,
-        offload_bytes,
-        dedup_hits,
-        dedup_bytes,
-        packed_tensors,
-        direct_tensors,
-        extents_written,
-        bytes_written,
-        writes,
-        reads,
-        bytes_read,
-        fetches,
-        fetch_bytes,
-        forwarded_fetches,
-        forwarded_bytes,
-        prefetch_hits,
-        demand_reads,
-        prefetched_extents,
-        prefetch_evictions,
-        cancelled_tensors,
-        cancelled_bytes,
-        resident_tensors,
-        resident_bytes,
-        write_errors,
-        read_errors,
-        write_retries,
-        read_retries,
-        no_space_errors,
-        verified_bytes,
-        checksum_errors,
-        write_ns,
-        read_ns,
-        stall_ns,
-        staging_wait_ns,
-        staging_peak,
-    } = counters.clone();
+    let counters: &CounterSnapshot = &snapshot.counters;
     let latency = |op| spillway_latency::from(&snapshot.latency(op));
-    spillway_stats {
-        offloads,
-        offload_bytes,
-        dedup_hits,
-        dedup_bytes,
-        packed_tensors,
-        direct_tensors,
-        extents_written,
-        bytes_written,
-        writes,
-        reads,
-        bytes_read,
-        fetches,
-        fetch_bytes,
-        forwarded_fetches,
-        forwarded_bytes,
-        prefetch_hits,
-        demand_reads,
-        prefetched_extents,
-        prefetch_evictions,
-        cancelled_tensors,
-        cancelled_bytes,
-        resident_tensors,
-        resident_bytes,
-        write_errors,
-        read_errors,
-        write_retries,
-        read_retries,
-        no_space_errors,
-        verified_bytes,
-        checksum_errors,
-        write_ns,
-        read_ns,
-        stall_ns,
-        staging_wait_ns,
-        staging_peak,
-        staging_budget: *staging_budget,
-        write_latency: latency(Op::Write),
-        read_latency: latency(Op::Read),
-        offload_latency: latency(Op::Offload),
-        fetch_latency: latency(Op::Fetch),
-        live_handles: live_handles as u64,
-        staging_in_use,
+    // Every counter by name, from the runtime's one list: a counter missing from the
+    // struct (or a field left out here) does not compile.
+    macro_rules! filled {
+        ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+            spillway_stats {
+                $($name: counters.$name,)*
+                staging_budget: snapshot.staging_budget,
+                write_latency: latency(Op::Write),
+                read_latency: latency(Op::Read),
+                offload_latency: latency(Op::Offload),
+                fetch_latency: latency(Op::Fetch),
+                live_handles: live_handles as u64,
+                staging_in_use,
+            }
+        };
     }
+    spillway_runtime::counter_list!(filled)
 }
 
 /// The storage usage as C sees it (every field named, as in [`stats_of`]).

@@ -61,86 +61,98 @@ macro_rules! counters {
     };
 }
 
-counters! {
-    /// `offload` calls.
-    offloads,
-    /// Bytes named by `offload` calls.
-    offload_bytes,
-    /// Offloads of a storage already held (same id and version): nothing written.
-    dedup_hits,
-    /// Bytes of those offloads.
-    dedup_bytes,
-    /// Tensors written inside a packed extent (packing on, below the threshold).
-    packed_tensors,
-    /// Tensors written in an extent of their own (large ones, or all with packing off).
-    direct_tensors,
-    /// Extents written.
-    extents_written,
-    /// Bytes written to storage (padding included).
-    bytes_written,
-    /// Storage write requests.
-    writes,
-    /// Storage read requests.
-    reads,
-    /// Bytes read from storage.
-    bytes_read,
-    /// `fetch` calls.
-    fetches,
-    /// Bytes delivered by `fetch` calls.
-    fetch_bytes,
-    /// Fetches served from the tensor's own GPU memory (its write not yet done).
-    forwarded_fetches,
-    /// Bytes of those fetches.
-    forwarded_bytes,
-    /// Fetches served from an extent already prefetched into staging memory.
-    prefetch_hits,
-    /// Fetches that read from storage themselves.
-    demand_reads,
-    /// Extents read ahead by `prefetch`.
-    prefetched_extents,
-    /// Prefetched extents dropped from staging before all their tensors were fetched,
-    /// to make room.
-    prefetch_evictions,
-    /// Tensors whose write was cancelled because no one would read it back.
-    cancelled_tensors,
-    /// Bytes of those tensors.
-    cancelled_bytes,
-    /// Tensors kept in GPU memory because storage was full: the engine's capacity was used
-    /// up, or a write failed with ENOSPC.
-    resident_tensors,
-    /// Bytes of those tensors.
-    resident_bytes,
-    /// Extent writes that failed for good, after any retries (their tensors stay in GPU
-    /// memory).
-    write_errors,
-    /// Storage reads that failed for good, after any retries: prefetches (the fetch then
-    /// reads on demand) and demand reads (the fetch returns the error).
-    read_errors,
-    /// Storage write requests submitted again after an error that may be transient (EIO,
-    /// EAGAIN, EINTR, ETIMEDOUT), each counted once; they count in `writes` too.
-    write_retries,
-    /// Storage read requests submitted again after an error that may be transient; they
-    /// count in `reads` too.
-    read_retries,
-    /// Of `write_errors`, those that failed because the storage was full (ENOSPC): their
-    /// tensors count in `resident_tensors`.
-    no_space_errors,
-    /// Bytes read back whose checksums were checked (the `checksums` setting).
-    verified_bytes,
-    /// Reads whose bytes differed from those written (checksums on): a prefetch, dropped
-    /// (the fetch reads again), or a demand read, whose fetch returned the error.
-    checksum_errors,
-    /// Time writes were in flight, summed over writes (ns).
-    write_ns,
-    /// Time reads were in flight, summed over reads (ns).
-    read_ns,
-    /// Time `fetch` callers spent blocked waiting for storage (ns).
-    stall_ns,
-    /// Time the packing of an extent waited for staging memory (ns).
-    staging_wait_ns,
-    /// Most staging memory in use at once (bytes).
-    staging_peak,
+/// Hands the engine's counters, in order and with their documentation, to the macro
+/// `$callback` as `$(#[doc] name),*`: the one list every copy of the counters is made from
+/// (the engine's atomics and [`CounterSnapshot`] here, the C library's `spillway_stats`
+/// filled from a snapshot). A new counter is added here and nowhere else but where it is
+/// counted (and, for C, in the struct that cbindgen reads).
+#[macro_export]
+macro_rules! counter_list {
+    ($callback:ident) => {
+        $callback! {
+            /// `offload` calls.
+            offloads,
+            /// Bytes named by `offload` calls.
+            offload_bytes,
+            /// Offloads of a storage already held (same id and version): nothing written.
+            dedup_hits,
+            /// Bytes of those offloads.
+            dedup_bytes,
+            /// Tensors written inside a packed extent (packing on, below the threshold).
+            packed_tensors,
+            /// Tensors written in an extent of their own (large ones, or all with packing off).
+            direct_tensors,
+            /// Extents written.
+            extents_written,
+            /// Bytes written to storage (padding included).
+            bytes_written,
+            /// Storage write requests.
+            writes,
+            /// Storage read requests.
+            reads,
+            /// Bytes read from storage.
+            bytes_read,
+            /// `fetch` calls.
+            fetches,
+            /// Bytes delivered by `fetch` calls.
+            fetch_bytes,
+            /// Fetches served from the tensor's own GPU memory (its write not yet done).
+            forwarded_fetches,
+            /// Bytes of those fetches.
+            forwarded_bytes,
+            /// Fetches served from an extent already prefetched into staging memory.
+            prefetch_hits,
+            /// Fetches that read from storage themselves.
+            demand_reads,
+            /// Extents read ahead by `prefetch`.
+            prefetched_extents,
+            /// Prefetched extents dropped from staging before all their tensors were fetched,
+            /// to make room.
+            prefetch_evictions,
+            /// Tensors whose write was cancelled because no one would read it back.
+            cancelled_tensors,
+            /// Bytes of those tensors.
+            cancelled_bytes,
+            /// Tensors kept in GPU memory because storage was full: the engine's capacity was used
+            /// up, or a write failed with ENOSPC.
+            resident_tensors,
+            /// Bytes of those tensors.
+            resident_bytes,
+            /// Extent writes that failed for good, after any retries (their tensors stay in GPU
+            /// memory).
+            write_errors,
+            /// Storage reads that failed for good, after any retries: prefetches (the fetch then
+            /// reads on demand) and demand reads (the fetch returns the error).
+            read_errors,
+            /// Storage write requests submitted again after an error that may be transient (EIO,
+            /// EAGAIN, EINTR, ETIMEDOUT), each counted once; they count in `writes` too.
+            write_retries,
+            /// Storage read requests submitted again after an error that may be transient; they
+            /// count in `reads` too.
+            read_retries,
+            /// Of `write_errors`, those that failed because the storage was full (ENOSPC): their
+            /// tensors count in `resident_tensors`.
+            no_space_errors,
+            /// Bytes read back whose checksums were checked (the `checksums` setting).
+            verified_bytes,
+            /// Reads whose bytes differed from those written (checksums on): a prefetch, dropped
+            /// (the fetch reads again), or a demand read, whose fetch returned the error.
+            checksum_errors,
+            /// Time writes were in flight, summed over writes (ns).
+            write_ns,
+            /// Time reads were in flight, summed over reads (ns).
+            read_ns,
+            /// Time `fetch` callers spent blocked waiting for storage (ns).
+            stall_ns,
+            /// Time the packing of an extent waited for staging memory (ns).
+            staging_wait_ns,
+            /// Most staging memory in use at once (bytes).
+            staging_peak,
+        }
+    };
 }
+
+counter_list!(counters);
 
 /// Latency percentiles of one operation, in microseconds.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
