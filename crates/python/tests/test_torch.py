@@ -613,12 +613,15 @@ def test_a_step_is_planned_again_only_when_its_io_made_it_slower(tmp_path):
         assert not off._step_overran(on_time, stall=0.5 * on_time)
         assert not off._step_overran(late, stall=0.0)
         assert off._step_overran(late, stall=0.1 * late)
-        # A step that overran is planned again with less bandwidth, and says why.
-        scale = off._bandwidth_scale
+        # A step that overran is planned again with less of the bandwidth it waited on, and
+        # says why: here reads (backward), then writes (forward), then both.
         off._profiling = False
-        off._end_step(late, 0.1 * late)
-        assert off._bandwidth_scale == pytest.approx(0.8 * scale)
-        assert "planned again" in off.stats()["policy"]["reason"]
+        for write_share, scales in [(0.0, (1.0, 0.8)), (1.0, (0.8, 0.8)), (0.5, (0.64, 0.64))]:
+            off._step_write_wait = write_share * 0.1 * late
+            off._end_step(late, 0.1 * late)
+            assert (off._write_scale, off._read_scale) == pytest.approx(scales)
+            reason = off.stats()["policy"]["reason"]
+            assert "planned again with write bandwidth x%.2f, read x%.2f" % scales in reason, reason
 
 
 @pytest.mark.parametrize("goal", [dict(budget="256KiB"), dict(max_slowdown=1.5), dict(budget="1MiB", recompute=False)])

@@ -201,6 +201,7 @@ class Offloader:
         self._pace_events: "collections.deque" = collections.deque()
         self._pacing = False
         self._step_stall = 0.0  # seconds the host waited for bytes this step
+        self._step_write_wait = 0.0  # of them, waiting in forward for writes to finish
         # Saved bytes held this step (kept, still being written, copied back ahead), and
         # the most up to backward's start: what a budget bounds.
         self._kept_step = 0
@@ -250,7 +251,10 @@ class Offloader:
             first = max(0, len(self._blocks) + 1 - keep_last)
             self._plan = Plan("all", first, f"policy='all': every segment but the last {keep_last}")
         self._bandwidth: Optional[Tuple[float, float]] = None
-        self._bandwidth_scale = 1.0
+        # What later plans take of the measured write and read bandwidths: lowered, each on
+        # its own, when steps stall on that direction.
+        self._write_scale = 1.0
+        self._read_scale = 1.0
         self._profiled: List[Segment] = []  # the measured step's segments
         self._totals = dict(
             offloaded_tensors=0, offloaded_dtensors=0, kept_tensors=0, bytes_offloaded=0, bytes_kept=0, bytes_fetched=0,
@@ -355,6 +359,7 @@ class Offloader:
         self._cursor = -1
         self._bwd_segment = 0
         self._step_stall = 0.0
+        self._step_write_wait = 0.0
         self._kept_step = 0
         self._held_peak = 0
         self._pace_events.clear()
@@ -385,12 +390,19 @@ class Offloader:
                 self._plan.details["profiled_step"] = self._steps
                 _log.info("spillway plan after step %d: %s", self._steps, self._plan.reason)
             elif self._plan is not None and self._rok is not None and self._step_overran(seconds, stall):
-                # The step stalled: the bandwidths were optimistic. Plan again with less.
-                self._bandwidth_scale *= 0.8
+                # The step stalled: a bandwidth was optimistic. Plan again with less of the
+                # one it waited on (writes in forward, reads in backward; both if both).
+                write_wait = self._step_write_wait
+                read_wait = stall - write_wait
+                if write_wait >= 0.25 * stall:
+                    self._write_scale *= 0.8
+                if read_wait >= 0.25 * stall:
+                    self._read_scale *= 0.8
                 self._plan = self._make_plan()
                 self._plan.reason = (
-                    f"step {self._steps} stalled {stall * 1e3:.1f} ms of {seconds * 1e3:.1f} ms: planned again "
-                    f"with bandwidths x{self._bandwidth_scale:.2f}; " + self._plan.reason
+                    f"step {self._steps} stalled {stall * 1e3:.1f} ms of {seconds * 1e3:.1f} ms "
+                    f"({write_wait * 1e3:.1f} on writes, {read_wait * 1e3:.1f} on reads): planned again with "
+                    f"write bandwidth x{self._write_scale:.2f}, read x{self._read_scale:.2f}; " + self._plan.reason
                 )
                 _log.info("spillway plan revised: %s", self._plan.reason)
         self._poll_sources()
@@ -456,7 +468,6 @@ class Offloader:
     def _make_plan(self) -> Plan:
         segs = self._profiled
         write_gbps, read_gbps = self._bandwidth or (0.0, 0.0)
-        scale = self._bandwidth_scale
         tier_bytes = self._host_tier_bytes()
         details = dict(
             write_gbps=round(write_gbps, 3),
@@ -474,9 +485,9 @@ class Offloader:
         if tier_bytes > 0:
             # The probe measured the host tier; storage behind it is not planned on (its
             # bytes are reached only by spilling, in the background).
-            tiers = Tiers(0.0, 0.0, tier_bytes, write_gbps * scale, read_gbps * scale)
+            tiers = Tiers(0.0, 0.0, tier_bytes, write_gbps * self._write_scale, read_gbps * self._read_scale)
         else:
-            tiers = Tiers(write_gbps * scale, read_gbps * scale)
+            tiers = Tiers(write_gbps * self._write_scale, read_gbps * self._read_scale)
         # Backward copies tensors back ahead of use, up to the window: a budget holds it too.
         # (A tensor larger than the window still goes, alone.)
         largest = max((b for s in segs for b in s.tensors), default=0)
@@ -759,7 +770,9 @@ class Offloader:
                 if not self.engine.wait_source_released(rec.handle):
                     rec.keep_source()  # held until release: waiting would never end
             self._poll_sources()
-        self._step_stall += time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        self._step_stall += waited
+        self._step_write_wait += waited
 
     def _pace(self) -> None:
         """Keeps the host at most ``run_ahead`` saves (or uses) ahead of the GPU in steps
