@@ -1787,7 +1787,7 @@ fn an_alignment_of_two_to_the_63_is_refused() {
 /// Striping over several paths with `stripe_bytes` times the sum of `stripe_weights` (or
 /// the number of paths) past 2^64 — e.g. two paths and stripe_bytes = 2^63, a positive
 /// multiple of 4096, so accepted — overflowed `self.round * self.stripe` in
-/// `StripedBackend::open` (crates/runtime/src/striped.rs, the reservation of each member):
+/// `StripedBackend::open` (crates/runtime/src/striped/mod.rs, the reservation of each member):
 /// a debug build panicked ("attempt to multiply with overflow"; caught here as
 /// SPILLWAY_ERROR_INTERNAL); in a release build the product wrapped (here to 0, and
 /// `div_ceil(0)` panicked: "attempt to divide by zero"). Every engine opened on several

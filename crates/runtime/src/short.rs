@@ -7,7 +7,7 @@
 //!
 //! [`Remaining`] is one request's way through this, and [`Remaining::judge`] says what a
 //! completion means. The engine's requests (`engine/pending.rs`), the pieces of a striped
-//! set (`striped.rs`) and the bench's passes each wait in their own way (blocking,
+//! set (`striped/piece.rs`) and the bench's passes each wait in their own way (blocking,
 //! completion callbacks, a channel) and share it.
 
 use std::path::Path;
