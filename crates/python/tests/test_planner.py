@@ -156,3 +156,22 @@ def test_a_budget_is_met_faster_than_recomputing_every_block(fraction):
     assert got.outcome.extra_ms < checkpoint.extra_ms, (got.reason, checkpoint)
     # What the offloader bounds writes under way by: the budget less the kept bytes.
     assert got.outcome.kept_bytes <= budget
+
+
+def test_recomputing_a_block_keeps_what_is_saved_after_it():
+    # The last block's segment also holds what runs after the block (the head): two of its
+    # three tensors are the block's own, the third is saved after the block returned.
+    # Recomputing the block saves its input instead of those two; the head's tensor is
+    # saved all the same, and may be offloaded on its own.
+    prof = planner.Profile([planner.SegmentProfile(0.5, 1.0, [], 0),
+                            planner.SegmentProfile(10.0, 20.0, [100 * MB, 100 * MB, 30 * MB], 10 * MB, inner=2)])
+    tiers = planner.Tiers(10.0, 10.0)
+    kept = planner.simulate(prof, tiers, frozenset(), frozenset({1}))
+    assert kept.kept_bytes == 10 * MB + 30 * MB and kept.recompute_ms == 10.0
+    head_out = planner.simulate(prof, tiers, frozenset({(1, 2)}), frozenset({1}))
+    assert head_out.kept_bytes == 10 * MB and head_out.storage_bytes == 30 * MB
+    # A budget below what recompute keeps needs the head's tensor offloaded too.
+    got = planner.plan(prof, tiers, budget=20 * MB)
+    assert 1 in got.recompute and (1, 2) in got.offload, got.reason
+    assert got.outcome.activation_bytes <= 20 * MB
+    assert planner.brute_force(prof, tiers, budget=20 * MB)[2].activation_bytes <= 20 * MB

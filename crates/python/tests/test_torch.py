@@ -601,6 +601,29 @@ def test_a_budget_holds_the_copy_back_window_to_one_tensor(tmp_path):
     assert 0 < s["last_step"]["held_peak_bytes"] <= budget, (s["last_step"], budget, total)
 
 
+def test_recomputed_blocks_keep_what_the_plan_says_the_head_included(tmp_path):
+    # The last block's segment also holds the head (final norm, logits, loss), saved after
+    # the block returns. Recomputing blocks keeps their inputs and, as planned, the head's
+    # tensors: the bytes kept in a step are those the plan predicted, and gradients stay
+    # bitwise equal.
+    model, data = gpt("cpu", layers=4), gpt_batch("cpu")
+    _, want = run_step(model, data)
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20) as off:
+        for _ in range(2):
+            run_step(model, data, off.step())
+        last = off._profiled[-1]
+        total = sum(s.saved_bytes for s in off._profiled)
+    assert last.block >= 0 and last.inner is not None and last.inner < len(last.tensors), last
+    with offloader(model, tmp_path, policy="adaptive", budget=int(0.15 * total)) as off:
+        off._bandwidth = (0.05, 0.05)  # storage planned at 50 MB/s: recomputing is cheaper
+        for _ in range(3):
+            _, got = run_step(model, data, off.step())
+            assert_bitwise_equal(got, want)
+        s, rok = off.stats(), off._rok
+    assert len(off._profiled) - 1 in rok.recompute, rok.reason
+    assert s["last_step"]["kept_bytes"] == rok.outcome.kept_bytes, (s["last_step"], rok.summary())
+
+
 def test_a_step_is_planned_again_only_when_its_io_made_it_slower(tmp_path):
     # Host waits alone do not revise the plan (the host runs ahead of the GPU, and its
     # waits may cost the step nothing): the step must also run past the plan's prediction.

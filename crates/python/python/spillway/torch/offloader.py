@@ -214,6 +214,8 @@ class Offloader:
         self._unpack_hook = compat.not_traced(self._unpack)
         on_block = compat.not_traced(self._on_block_forward)
         self._hooks = [b.register_forward_pre_hook(on_block) for b in self._blocks]
+        on_block_end = compat.not_traced(self._on_block_forward_end)
+        self._hooks += [b.register_forward_hook(on_block_end) for b in self._blocks]
         # The model's own forward: parameters that exist only while it runs (FSDP2 gathers
         # them in its pre-forward hooks, which run before these) are noted there.
         self._hooks.append(model.register_forward_pre_hook(compat.not_traced(self._on_model_forward)))
@@ -480,7 +482,10 @@ class Offloader:
         if write_gbps <= 0 or read_gbps <= 0:
             return Plan("adaptive", 0, "the storage bandwidth could not be measured", details)
         profile = Profile(
-            [SegmentProfile(s.fwd_ms, s.bwd_ms, list(s.tensors), s.input_bytes if s.block >= 0 else 0) for s in segs]
+            [
+                SegmentProfile(s.fwd_ms, s.bwd_ms, list(s.tensors), s.input_bytes if s.block >= 0 else 0, s.inner)
+                for s in segs
+            ]
         )
         if tier_bytes > 0:
             # The probe measured the host tier; storage behind it is not planned on (its
@@ -634,6 +639,14 @@ class Offloader:
         self._mark_segment_start(seg, forward=True)
         self._poll_sources()
 
+    def _on_block_forward_end(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        """A block's forward returned: what its segment saves from here on comes after it."""
+        if not self._active or self._in_backward or not self._segments:
+            return
+        seg = self._segments[-1]
+        if seg.inner is None and 0 <= seg.block < len(self._blocks) and self._blocks[seg.block] is module:
+            seg.inner = len(seg.tensors)
+
     def _offloading(self, seg: Segment, key: Tuple[int, int]) -> bool:
         """Whether the storage ``key`` (saved in ``seg``) is offloaded: as planned for its
         first save, and the same for every other view of it."""
@@ -648,8 +661,14 @@ class Offloader:
         else:
             k = self._saves_in_segment.get(seg.index, 0)
             self._saves_in_segment[seg.index] = k + 1
-            if seg.index in rok.recompute:
-                decided = (seg.index, -1) in rok.offload
+            if seg.index in rok.recompute and seg.inner is None:
+                decided = (seg.index, -1) in rok.offload  # the block's input, saved by recompute
+            elif seg.index in rok.recompute:
+                # After the recomputed block returned (the head after the last block): as
+                # planned for that tensor, counted after the block's own in the profile.
+                inner = self._profiled[seg.index].inner if seg.index < len(self._profiled) else None
+                decided = (seg.index, (inner or 0) + seg.tail_saves) in rok.offload
+                seg.tail_saves += 1
             else:
                 decided = (seg.index, k) in rok.offload
         self._decisions[key] = decided

@@ -12,8 +12,10 @@ under a candidate plan:
   backward reaches it, at most the copy-back window ahead of use; the last
   ``host_bytes`` written come from the host tier, the rest from storage. A read that is
   late stalls the step by the difference.
-- **Recompute** (activation checkpointing) of a segment saves only its input, which may
-  be offloaded like any tensor, and costs the segment's forward time again in backward.
+- **Recompute** (activation checkpointing) of a segment saves its block's input instead
+  of what the block saves (its first ``inner`` tensors), which may be offloaded like any
+  tensor, and costs the segment's forward time again in backward. What the segment saves
+  after the block returned (the head, after the last block) is saved all the same.
 
 The activation memory of a plan is the most forward holds at any moment: tensors kept,
 recompute inputs kept, and offloaded tensors whose writes are not done (writes that lag
@@ -56,6 +58,14 @@ class SegmentProfile:
     tensors: List[int] = field(default_factory=list)
     #: Bytes of the block's input (what recompute keeps); 0 when it cannot be recomputed.
     input_bytes: int = 0
+    #: Of ``tensors``, how many the block itself saves (None: all). Those after it (the
+    #: head after the last block) are saved even when the block is recomputed.
+    inner: Optional[int] = None
+
+    @property
+    def inner_count(self) -> int:
+        """How many of ``tensors`` recomputing the segment does away with."""
+        return len(self.tensors) if self.inner is None else min(self.inner, len(self.tensors))
 
 
 @dataclass
@@ -166,14 +176,17 @@ def simulate(
     saves: List[Tuple[float, int, int, bool, float]] = []
     clock = 0.0
     for i, s in enumerate(segs):
+        n = len(s.tensors)
+        first = 0
         if i in recompute:
-            # Recompute needs its input first thing in the segment's backward.
+            # Recompute needs its input first thing in the segment's backward; what comes
+            # after the block (the head) is saved all the same.
             saves.append((clock, s.input_bytes, i, (i, -1) in offload, 0.0))
-        else:
-            n = len(s.tensors)
-            for k, b in enumerate(s.tensors):
-                # Backward uses a segment's tensors in reverse: the last saved first.
-                saves.append((clock + s.fwd_ms * (k + 1) / max(n, 1), b, i, (i, k) in offload, (n - 1 - k) / max(n, 1)))
+            first = s.inner_count
+        for k in range(first, n):
+            # Backward uses a segment's tensors in reverse: the last saved first.
+            saves.append((clock + s.fwd_ms * (k + 1) / max(n, 1), s.tensors[k], i, (i, k) in offload,
+                          (n - 1 - k) / max(n, 1)))
         clock += s.fwd_ms
     t_forward = clock
     kept_total = sum(b for _, b, _, off, _ in saves if not off or b == 0)
@@ -267,24 +280,34 @@ def _moves(profile: Profile, offload: FrozenSet, recompute: FrozenSet) -> List[T
     offloaded, offload a recomputed segment's input, or recompute a segment."""
     out: List[Tuple[str, object]] = []
     for i, s in enumerate(profile.segments):
+        first = 0
         if i in recompute:
             if (i, -1) not in offload and s.input_bytes > 0:
                 out.append(("offload", (i, -1)))
-            continue
-        nxt = next(((i, k) for k in range(len(s.tensors)) if (i, k) not in offload), None)
+            first = s.inner_count
+        nxt = next(((i, k) for k in range(first, len(s.tensors)) if (i, k) not in offload), None)
         if nxt is not None:
             out.append(("offload", nxt))
-        if s.input_bytes > 0 and sum(s.tensors) > s.input_bytes:
+        if i not in recompute and _recomputable(s):
             out.append(("recompute", i))
     return out
 
 
-def _apply(move: Tuple[str, object], offload: FrozenSet, recompute: FrozenSet) -> Tuple[FrozenSet, FrozenSet]:
+def _recomputable(s: SegmentProfile) -> bool:
+    """Whether recomputing the segment saves bytes: its block saves more than its input."""
+    return s.input_bytes > 0 and sum(s.tensors[: s.inner_count]) > s.input_bytes
+
+
+def _apply(
+    profile: Profile, move: Tuple[str, object], offload: FrozenSet, recompute: FrozenSet
+) -> Tuple[FrozenSet, FrozenSet]:
     kind, what = move
     if kind == "offload":
         return offload | {what}, recompute
     i = what
-    kept = frozenset(t for t in offload if t[0] != i)
+    # The block's own tensors are no longer saved; those after it stay as planned.
+    inner = profile.segments[i].inner_count
+    kept = frozenset(t for t in offload if t[0] != i or t[1] >= inner)
     return kept, recompute | {i}
 
 
@@ -333,7 +356,7 @@ def plan(
             seg = mv[1][0] if mv[0] == "offload" else mv[1]
             if seg in frozen or (mv[0] == "recompute" and not allow_recompute):
                 continue
-            o2, r2 = _apply(mv, offload, recompute)
+            o2, r2 = _apply(profile, mv, offload, recompute)
             out = sim(o2, r2)
             freed = cur.activation_bytes - out.activation_bytes
             if freed <= 0 or out.extra_ms > allowed + 1e-9:
@@ -394,15 +417,19 @@ def _budget_search(profile: Profile, sim, budget: int, frozen, allow_recompute: 
         for i, s in enumerate(segs):
             if i in frozen:
                 continue
+            first = 0
             if i in recompute:
                 if s.input_bytes > 0:
                     out.append(((i, -1), s.input_bytes))
-            else:
-                out.extend(((i, k), b) for k, b in enumerate(s.tensors))
+                first = s.inner_count
+            out.extend(((i, k), s.tensors[k]) for k in range(first, len(s.tensors)))
         return out
 
     def kept(recompute: FrozenSet) -> int:
-        return sum(s.input_bytes if i in recompute else sum(s.tensors) for i, s in enumerate(segs))
+        return sum(
+            s.input_bytes + sum(s.tensors[s.inner_count :]) if i in recompute else sum(s.tensors)
+            for i, s in enumerate(segs)
+        )
 
     def best_for(recompute: FrozenSet):
         cands = candidates(recompute)
@@ -424,8 +451,7 @@ def _budget_search(profile: Profile, sim, budget: int, frozen, allow_recompute: 
 
     best = best_for(frozenset())
     recompute: FrozenSet = frozenset()
-    choices = [i for i, s in enumerate(segs) if allow_recompute and i not in frozen and s.input_bytes > 0
-               and sum(s.tensors) > s.input_bytes]
+    choices = [i for i, s in enumerate(segs) if allow_recompute and i not in frozen and _recomputable(s)]
     while True:
         step_best = None
         for i in choices:
@@ -464,7 +490,8 @@ def brute_force(
         else [frozenset()]
     )
     for rec in rsets:
-        cand = [t for t in ids if t[0] not in rec] + [(i, -1) for i in rec if profile.segments[i].input_bytes > 0]
+        cand = [t for t in ids if t[0] not in rec or t[1] >= profile.segments[t[0]].inner_count]
+        cand += [(i, -1) for i in rec if profile.segments[i].input_bytes > 0]
         for n in range(len(cand) + 1):
             for c in itertools.combinations(cand, n):
                 o = simulate(profile, tiers, frozenset(c), rec, budget)

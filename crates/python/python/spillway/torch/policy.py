@@ -28,6 +28,11 @@ class Segment:
     input_bytes: int = 0
     #: The block (index into the offloader's blocks) whose forward starts it; -1: none.
     block: int = -1
+    #: Of ``tensors``, how many the block's forward saved (the rest come after it returned,
+    #: before the next block: the head after the last one); None while it runs.
+    inner: Optional[int] = None
+    #: Decisions made for saves after the block returned (in a recomputed block's segment).
+    tail_saves: int = 0
 
 
 @dataclass
