@@ -2,14 +2,14 @@
 """The largest micro-batch that fits, with and without spillway, and the tokens/s of each:
 the memory spillway saves, spent on a larger batch (SSDTrain reports up to +31%).
 
-For one decoder shape, each run of benches/train_gpt.py (`--runs`, default baseline and
-spillway-host) is tried at growing micro-batches (doubling from --start, then a binary
+For one decoder shape, each run of benches/train_gpt.py (`--runs`) is tried at growing micro-batches (doubling from --start, then a binary
 search between the last that fit and the first that did not), every trial in a process of
 its own. A trial fits when its run completes its steps (no out-of-memory error). Writes
 JSON with every trial and, per run, the largest batch that fit and its tokens/s. The
-spillway run is spillway-host-all (the host tier, policy="all"): the adaptive policy
-profiles its first steps without offloading, which a batch that fits only with offloading
-cannot do.
+spillway runs use the host tier: spillway-host-fit (the adaptive policy, its profiling
+steps offloading every block but the last: profile="offload") and spillway-host-all
+(policy="all"). The adaptive policy's profiling steps otherwise keep every tensor, which a
+batch that fits only with offloading cannot do.
 """
 
 import argparse
@@ -81,9 +81,9 @@ def main(argv=None):
     ap.add_argument("--limit", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
-    # spillway-host-all: the adaptive policy's first steps run without offloading, so a
-    # micro-batch that fits only with offloading needs policy="all" from the first step.
-    ap.add_argument("--runs", default="baseline,spillway-host-all")
+    # The spillway runs offload from the first step: a micro-batch that fits only with
+    # offloading cannot be profiled without it.
+    ap.add_argument("--runs", default="baseline,spillway-host-fit,spillway-host-all")
     ap.add_argument("--host-tier", default="40GiB")
     ap.add_argument("--granularity", type=int, default=1,
                     help="stop the search once the largest fit is known to within this many (default 1)")

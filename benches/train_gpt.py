@@ -22,8 +22,10 @@ same batches:
   spillway-host   the Offloader with the pinned host tier (--host-tier) before the
                   --shm-dir file; -budgetNN: budget= NN% of the activation estimate;
                   -slow105: max_slowdown=1.05; -all: policy="all" from the first
-                  step (the adaptive policy's first steps run without offloading, so
-                  they must fit without it: this is the run for a larger micro-batch)
+                  step; -fit: adaptive, its profiling steps offloading as -all does
+                  (profile="offload"). The adaptive policy's profiling steps otherwise
+                  keep every tensor, so they must fit without offloading: -all and -fit
+                  are the runs for a micro-batch that fits only with it
   checkpoint      torch.utils.checkpoint around every transformer block (non-reentrant)
   checkpoint-offload
                   checkpoint as above, with the blocks' inputs (all that checkpointing
@@ -97,7 +99,7 @@ from ratios import ratios_to
 RUNS = ("baseline", "spillway-disk", "spillway-shm", "spillway-shm8", "checkpoint", "checkpoint-offload",
         "save_on_cpu", "spillway-host",
         "spillway-host-budget25", "spillway-host-budget50", "spillway-host-budget75", "spillway-host-slow105",
-        "spillway-host-all")
+        "spillway-host-all", "spillway-host-fit")
 
 # Model-size defaults: the full run (sized for one H200) and the --small smoke preset.
 FULL = {"layers": 24, "d_model": 2048, "heads": 16, "seq": 2048, "batch": 8, "vocab": 32000}
@@ -544,6 +546,8 @@ def run_one(args):
                     goal["budget"] = int(act * int(name.rsplit("budget", 1)[1]) / 100)
                 elif name.endswith("-slow105"):
                     goal["max_slowdown"] = 1.05
+                elif name.endswith("-fit"):
+                    settings["profile"] = "offload"
             result["goal"] = goal
             offloader = st.Offloader(model, path=spill_path, capacity=args.capacity,
                                      policy="all" if name.endswith("-all") else args.policy,

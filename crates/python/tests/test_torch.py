@@ -662,3 +662,36 @@ def test_goals_plan_from_the_measured_step_and_keep_gradients_bitwise_equal(tmp_
         assert s["predicted_activation_bytes"] <= spillway.parse_size(goal["budget"]), s
     if goal.get("recompute") is False:
         assert s["recomputed_segments"] == []
+
+
+def test_profiling_steps_may_offload_for_a_batch_that_fits_only_so(tmp_path):
+    # profile="offload": the steps the plan is made from offload every segment but the last
+    # (as policy="all"), so a micro-batch that fits only with offloading can be planned;
+    # the plan follows, and gradients stay bitwise equal throughout.
+    model, data = gpt("cpu", layers=4), gpt_batch("cpu")
+    _, want = run_step(model, data)
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20, profile="offload") as off:
+        _, got = run_step(model, data, off.step())
+        assert_bitwise_equal(got, want)
+        first = off.stats()
+        assert first["bytes_offloaded"] > 0 and "offload every segment but the last 1" in first["policy"]["reason"]
+        for _ in range(3):
+            _, got = run_step(model, data, off.step())
+            assert_bitwise_equal(got, want)
+        s, held = off.stats(), off._profiled_held
+    # The plan keeps no more than the profiling steps held (which fit): held to it if need be.
+    plan = s["policy"]["plan_summary"]
+    assert 0 < plan["predicted_activation_bytes"] <= held, (plan, held)
+    # With storage too slow to hide much, the plan that hides its I/O would keep more than
+    # the profiling steps held: it is held to that instead, as a budget.
+    with offloader(model, tmp_path, policy="adaptive", profile="offload") as off:
+        off._bandwidth = (0.05, 0.05)
+        for _ in range(3):
+            _, got = run_step(model, data, off.step())
+            assert_bitwise_equal(got, want)
+        s, held = off.stats(), off._profiled_held
+    plan = s["policy"]["plan_summary"]
+    assert "held to what the profiling steps held" in plan["reason"], plan
+    assert plan["predicted_activation_bytes"] <= held and s["last_step"]["held_peak_bytes"] <= held
+    with pytest.raises(ValueError, match='profile=.everything.: expected "keep"'):
+        offloader(model, tmp_path, policy="adaptive", profile="everything")

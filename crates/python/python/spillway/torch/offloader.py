@@ -100,9 +100,12 @@ class Offloader:
             model's CPU tensors go through the host engine.
         probe_bytes: bytes written and read once at start to measure the storage's
             bandwidth for the adaptive policy (default 256 MiB).
-        profile_steps: steps the adaptive policy runs without offloading before it
-            decides; the last one is measured (default 2: the first step of a run is
-            slower than the others).
+        profile_steps: steps the adaptive policy runs before it decides, the last one
+            measured (default 2: the first step of a run is slower than the others).
+        profile: what those steps do with saved tensors: ``"keep"`` (default) keeps them
+            all, so the steps must fit in GPU memory; ``"offload"`` offloads every segment
+            but the last ``keep_last``, as ``policy="all"`` does, for a micro-batch that
+            fits only with offloading.
         max_pending_bytes: most bytes of offloaded tensors still held in GPU memory
             because their writes are not done; a save beyond it waits for the writes.
             This bounds GPU memory when storage is slower than compute, at the cost of
@@ -128,6 +131,7 @@ class Offloader:
         device: "torch.device | str | None" = None,
         probe_bytes: int = 256 << 20,
         profile_steps: int = 2,
+        profile: str = "keep",
         max_pending_bytes: Optional[int] = None,
         fetch_ahead_bytes: Optional[int] = None,
         run_ahead: int = 3,
@@ -152,6 +156,9 @@ class Offloader:
             raise ValueError("keep_last, prefetch_segments and min_tensor_bytes must be >= 0")
         if profile_steps < 1:
             raise ValueError("profile_steps must be at least 1")
+        if profile not in ("keep", "offload"):
+            raise ValueError(f'profile={profile!r}: expected "keep" (the profiling steps keep every tensor) or '
+                             f'"offload" (they offload all but the last keep_last segments)')
         if max_pending_bytes is not None and max_pending_bytes <= 0:
             raise ValueError("max_pending_bytes must be positive (or None: no bound)")
         if fetch_ahead_bytes is not None and fetch_ahead_bytes <= 0:
@@ -186,6 +193,7 @@ class Offloader:
         self.prefetch_segments = prefetch_segments
         self.probe_bytes = probe_bytes
         self.profile_steps = profile_steps
+        self.profile = profile
         self.max_pending_bytes = max_pending_bytes
         self.fetch_ahead_bytes = fetch_ahead_bytes
         self.run_ahead = run_ahead
@@ -250,14 +258,14 @@ class Offloader:
         self._steps = 0
         self._plan: Optional[Plan] = None
         if policy == "all":
-            first = max(0, len(self._blocks) + 1 - keep_last)
-            self._plan = Plan("all", first, f"policy='all': every segment but the last {keep_last}")
+            self._plan = Plan("all", self._offload_all_segments(), f"policy='all': every segment but the last {keep_last}")
         self._bandwidth: Optional[Tuple[float, float]] = None
         # What later plans take of the measured write and read bandwidths: lowered, each on
         # its own, when steps stall on that direction.
         self._write_scale = 1.0
         self._read_scale = 1.0
         self._profiled: List[Segment] = []  # the measured step's segments
+        self._profiled_held = 0  # saved bytes it held at most
         self._totals = dict(
             offloaded_tensors=0, offloaded_dtensors=0, kept_tensors=0, bytes_offloaded=0, bytes_kept=0, bytes_fetched=0,
             bytes_fetched_ahead=0, stall_s=0.0, step_s=0.0,
@@ -311,7 +319,12 @@ class Offloader:
                 segments=len(self._segments),
                 keep_last=self.keep_last,
                 reason=(
-                    f"the first {self.profile_steps} step(s) run without offloading, the last one measured"
+                    (
+                        f"the first {self.profile_steps} step(s) run without offloading, the last one measured"
+                        if self.profile == "keep"
+                        else f"the first {self.profile_steps} step(s) offload every segment but the last "
+                        f"{self.keep_last}, the last one measured"
+                    )
                     if plan is None
                     else plan.reason
                 ),
@@ -365,7 +378,9 @@ class Offloader:
         self._kept_step = 0
         self._held_peak = 0
         self._pace_events.clear()
-        self._pacing = self._cuda and self.run_ahead > 0 and self._plan is not None and self._plan.offload_segments > 0
+        self._pacing = self._cuda and self.run_ahead > 0 and self._offloads_before_a_plan_or(
+            self._plan is not None and self._plan.offload_segments > 0
+        )
         self._mark_segment_start(self._segments[0], forward=True)
 
     def _end_step(self, seconds: float, stall: float, plan: bool = True) -> None:
@@ -388,6 +403,7 @@ class Offloader:
             if self._profiling:
                 # The measured step is what every later plan is made from.
                 self._profiled = list(segs)
+                self._profiled_held = self._held_peak
                 self._plan = self._make_plan()
                 self._plan.details["profiled_step"] = self._steps
                 _log.info("spillway plan after step %d: %s", self._steps, self._plan.reason)
@@ -507,6 +523,12 @@ class Offloader:
             allow_recompute=self.allow_recompute,
             window=window,
         )
+        if budget is None and self.profile == "offload" and rok.outcome.activation_bytes > self._profiled_held:
+            # Profiled offloading everything: what was held then is known to fit, a plan
+            # that keeps more may not. Hold it to that.
+            budget = max(0, self._profiled_held - window)
+            rok = plan_rok(profile, tiers, budget=budget, allow_recompute=self.allow_recompute, window=window)
+            rok.reason = f"held to what the profiling steps held ({self._profiled_held / 2**30:.2f} GiB): {rok.reason}"
         self._rok = rok
         self._set_recompute(sorted(segs[i].block for i in rok.recompute if segs[i].block >= 0))
         self._plan_pending_limit = None
@@ -655,7 +677,7 @@ class Offloader:
             return known
         plan, rok = self._plan, self._rok
         if plan is None:
-            decided = False
+            decided = self._offloads_before_a_plan_or(False) and seg.index < self._offload_all_segments()
         elif rok is None:
             decided = seg.index < plan.offload_segments
         else:
@@ -673,6 +695,18 @@ class Offloader:
                 decided = (seg.index, k) in rok.offload
         self._decisions[key] = decided
         return decided
+
+    def _offloads_before_a_plan_or(self, planned: bool) -> bool:
+        """Whether this step offloads: ``planned`` once there is a plan; before it, when the
+        profiling steps offload (``profile="offload"``)."""
+        if self._plan is None:
+            return self.policy == "adaptive" and self.profile == "offload"
+        return planned
+
+    def _offload_all_segments(self) -> int:
+        """Segments offloaded where everything is (``policy="all"``, or profiling with
+        ``profile="offload"``): all but the last ``keep_last``."""
+        return max(0, len(self._blocks) + 1 - self.keep_last)
 
     def _eligible(self, t: torch.Tensor) -> bool:
         if type(t) is not torch.Tensor or t.device != self.device or t.layout != torch.strided:
