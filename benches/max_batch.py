@@ -2,14 +2,15 @@
 """The largest micro-batch that fits, with and without spillway, and the tokens/s of each:
 the memory spillway saves, spent on a larger batch (SSDTrain reports up to +31%).
 
-For one decoder shape, each run of benches/train_gpt.py (`--runs`) is tried at growing micro-batches (doubling from --start, then a binary
-search between the last that fit and the first that did not), every trial in a process of
-its own. A trial fits when its run completes its steps (no out-of-memory error). Writes
-JSON with every trial and, per run, the largest batch that fit and its tokens/s. The
-spillway runs use the host tier: spillway-host-fit (the adaptive policy, its profiling
-steps offloading every block but the last: profile="offload") and spillway-host-all
-(policy="all"). The adaptive policy's profiling steps otherwise keep every tensor, which a
-batch that fits only with offloading cannot do.
+For one decoder shape, each run of benches/train_gpt.py (`--runs`) is tried at growing
+micro-batches (doubling from --start, then a binary search between the last that fit and
+the first that did not), every trial in a process of its own. A trial fits when its run
+completes its steps (no out-of-memory error). Writes JSON with every trial and, per run,
+the largest batch that fit and its tokens/s. The spillway runs use the host tier:
+spillway-host-fit (the adaptive policy, its profiling steps offloading every block but the
+last: profile="offload") and spillway-host-all (policy="all"). The adaptive policy's
+profiling steps otherwise keep every tensor, which a batch that fits only with offloading
+cannot do.
 """
 
 import argparse

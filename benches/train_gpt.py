@@ -55,9 +55,9 @@ torch.cuda.synchronize() on both sides):
 
 and, against baseline: step-time ratio, peak-memory ratio, the activation memory saved,
 1 - fwd_act_mem_bytes / baseline fwd_act_mem_bytes, and the step's peak above its start
-saved, 1 - act_mem_bytes / baseline act_mem_bytes. A run that fails (out of memory, spillway not
-importable, ...) is reported with its error; the others still run, and the exit status
-is 1 only when every run failed.
+saved, 1 - act_mem_bytes / baseline act_mem_bytes. A run that fails (out of memory,
+spillway not importable, ...) is reported with its error; the others still run, and the
+exit status is 1 only when every run failed.
 
 The script prints a markdown table, and with --out writes a JSON file holding the command
 line, the options, the device, the torch version, every run's results and the ratios.
