@@ -291,7 +291,7 @@ impl Stream for HostStream {
     }
 }
 
-/// An event of a [`HostStream`], or one completed by hand ([`HostEvent::manual`]).
+/// An event of a host stream, or one completed by hand ([`HostEvent::manual`]).
 #[derive(Debug)]
 pub struct HostEvent {
     signal: Arc<Signal>,

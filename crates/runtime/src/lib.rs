@@ -10,6 +10,9 @@
 //! - [`pack`]: gathering many tensor pieces into one extent and back (CPU reference).
 //! - [`MemBackend`]: a backend on host memory, for tests.
 //! - [`host_tier`]: a pinned host-memory arena in front of a backend, spilling to it.
+//!
+//! The modules holding the core types (backend, device, error, host, memory, the memory
+//! backend) are private: those types are used from the crate's root, one path each.
 //! - [`striped`]: several targets striped into one, each with a backend of its own.
 //! - [`faults`]: a backend wrapper injecting errors, short I/O, ENOSPC and latency.
 //! - [`pattern`]: the deterministic data used to verify round trips.
@@ -19,17 +22,17 @@
 
 #![warn(missing_docs)]
 
-pub mod backend;
+mod backend;
 pub mod checksum;
-pub mod device;
+mod device;
 pub mod engine;
-pub mod error;
+mod error;
 pub mod extents;
 pub mod faults;
-pub mod host;
+mod host;
 pub mod host_tier;
-pub mod mem_backend;
-pub mod memory;
+mod mem_backend;
+mod memory;
 pub mod pack;
 pub mod pattern;
 pub mod short;
@@ -52,6 +55,6 @@ pub use memory::{AlignedBuf, DeviceBuffer, DevicePtr, MemRef, PinnedBuffer};
 pub use pack::PackPiece;
 pub use striped::{Member, MemberStats, StripedBackend};
 pub use target::{
-    anonymous_mode, check_distinct, check_storage_path, check_trailing_slash, file_kind, open_target,
-    AnonymousMode, DirectIo, OpenedTarget, PrivateFile, Target,
+    anonymous_mode, check_directory, check_distinct, check_storage_path, check_trailing_slash, file_kind,
+    open_target, AnonymousMode, DirectIo, OpenedTarget, PrivateFile, Target,
 };

@@ -218,13 +218,13 @@ pub(super) fn against_member(e: &Error) -> bool {
 }
 
 /// How many pieces in a row may fail on a member, with errors of its doing, before it is
-/// taken out of use (unless [`StripedBackend::with_failure_limit`] says otherwise): twice
+/// taken out of use (unless [`StripedBackend::with_failure_limit`](super::StripedBackend::with_failure_limit) says otherwise): twice
 /// what one small request makes when the engine retries it three times, so that a member
 /// failing now and then stays in use.
 pub const MEMBER_FAILURE_LIMIT: u32 = 8;
 
 /// How long a member taken out of use for its failures rests before requests reach it
-/// again (unless [`StripedBackend::with_retry_after`] says otherwise); doubled each time it
+/// again (unless [`StripedBackend::with_retry_after`](super::StripedBackend::with_retry_after) says otherwise); doubled each time it
 /// is taken out again.
 pub const MEMBER_RETRY_AFTER: Duration = Duration::from_secs(30);
 

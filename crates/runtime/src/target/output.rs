@@ -26,7 +26,8 @@ use super::openat::{euid, make_private, read_link_at, split, Dir, OpenError};
 use super::policy::{describe_uid, Inode, Kind};
 use crate::error::{Error, Result};
 
-/// A private file being written for the user; see the [module documentation](self).
+/// A private file being written for the user (how it is made safe: the documentation of
+/// `target/output.rs`).
 pub struct PrivateFile {
     /// The new file, under its temporary name.
     file: File,
