@@ -378,9 +378,8 @@ class Offloader:
         self._kept_step = 0
         self._held_peak = 0
         self._pace_events.clear()
-        self._pacing = self._cuda and self.run_ahead > 0 and self._offloads_before_a_plan_or(
-            self._plan is not None and self._plan.offload_segments > 0
-        )
+        offloads = self._profiling_offloads() or (self._plan is not None and self._plan.offload_segments > 0)
+        self._pacing = self._cuda and self.run_ahead > 0 and offloads
         self._mark_segment_start(self._segments[0], forward=True)
 
     def _end_step(self, seconds: float, stall: float, plan: bool = True) -> None:
@@ -677,7 +676,7 @@ class Offloader:
             return known
         plan, rok = self._plan, self._rok
         if plan is None:
-            decided = self._offloads_before_a_plan_or(False) and seg.index < self._offload_all_segments()
+            decided = self._profiling_offloads() and seg.index < self._offload_all_segments()
         elif rok is None:
             decided = seg.index < plan.offload_segments
         else:
@@ -696,12 +695,9 @@ class Offloader:
         self._decisions[key] = decided
         return decided
 
-    def _offloads_before_a_plan_or(self, planned: bool) -> bool:
-        """Whether this step offloads: ``planned`` once there is a plan; before it, when the
-        profiling steps offload (``profile="offload"``)."""
-        if self._plan is None:
-            return self.policy == "adaptive" and self.profile == "offload"
-        return planned
+    def _profiling_offloads(self) -> bool:
+        """Whether the steps before the plan offload (``profile="offload"``)."""
+        return self._plan is None and self.policy == "adaptive" and self.profile == "offload"
 
     def _offload_all_segments(self) -> int:
         """Segments offloaded where everything is (``policy="all"``, or profiling with
