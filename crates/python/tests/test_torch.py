@@ -559,16 +559,22 @@ def test_eight_paths_on_one_tmpfs_share_its_space_and_stay_within_it(device):
         assert peak - start <= off.engine.capacity
 
 
+def profiled(model, data, tmp_path, **kw):
+    """The segments an adaptive offloader measured on ``model`` in its profiling steps, and
+    the bytes they saved."""
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20, **kw) as off:
+        for _ in range(2):
+            run_step(model, data, off.step())
+        return off._profiled, sum(s.saved_bytes for s in off._profiled)
+
+
 @pytest.mark.parametrize("fraction", [0.3, 0.6])
 def test_a_budget_bounds_the_saved_bytes_held(tmp_path, fraction):
     # What the budget bounds is measured: saved bytes kept, still being written, or copied
     # back ahead, up to backward's start.
     model, data = gpt("cpu", layers=6), gpt_batch("cpu")
     _, want = run_step(model, data)
-    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20, fetch_ahead_bytes=1) as off:
-        for _ in range(2):
-            run_step(model, data, off.step())
-        total = sum(s.saved_bytes for s in off._profiled)
+    _, total = profiled(model, data, tmp_path, fetch_ahead_bytes=1)
     budget = int(fraction * total)
     with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20, fetch_ahead_bytes=1, budget=budget) as off:
         for _ in range(3):
@@ -584,11 +590,9 @@ def test_a_budget_holds_the_copy_back_window_to_one_tensor(tmp_path):
     # the window counts against the budget. The default budget bounds held bytes all the same.
     model, data = gpt("cpu", layers=6), gpt_batch("cpu")
     _, want = run_step(model, data)
-    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20) as off:
-        for _ in range(2):
-            run_step(model, data, off.step())
-        total = sum(s.saved_bytes for s in off._profiled)
-        largest = max(b for s in off._profiled for b in s.tensors)
+    segments, total = profiled(model, data, tmp_path)
+    largest = max(b for s in segments for b in s.tensors)
+    with offloader(model, tmp_path, policy="adaptive") as off:
         assert off._fetch_window(largest) == max(2 * largest, 64 << 20)
     budget = int(0.6 * total)
     with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20, budget=budget) as off:
@@ -608,11 +612,8 @@ def test_recomputed_blocks_keep_what_the_plan_says_the_head_included(tmp_path):
     # bitwise equal.
     model, data = gpt("cpu", layers=4), gpt_batch("cpu")
     _, want = run_step(model, data)
-    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20) as off:
-        for _ in range(2):
-            run_step(model, data, off.step())
-        last = off._profiled[-1]
-        total = sum(s.saved_bytes for s in off._profiled)
+    segments, total = profiled(model, data, tmp_path)
+    last = segments[-1]
     assert last.block >= 0 and last.inner is not None and last.inner < len(last.tensors), last
     with offloader(model, tmp_path, policy="adaptive", budget=int(0.15 * total)) as off:
         off._bandwidth = (0.05, 0.05)  # storage planned at 50 MB/s: recomputing is cheaper
