@@ -70,6 +70,16 @@ def check_offloaded_block_by_block(off, blocks):
     assert stats["bytes_offloaded"] > 0 and stats["bytes_written"] > 0 and stats["bytes_fetched"] > 0
 
 
+def step_matches(model, data, off, want, blocks=None):
+    """One offloaded step of ``model``: its loss and gradients are bitwise the reference's
+    (``want``: loss, gradients), and with ``blocks``, each block was offloaded as a segment."""
+    loss, g = run_step(model, data, off.step())
+    assert torch.equal(loss, want[0])
+    assert_bitwise_equal(g, want[1])
+    if blocks is not None:
+        check_offloaded_block_by_block(off, blocks)
+
+
 HOWS = ["torch.compile(model)", "model.compile()", "torch.compile(block)", "block.compile()"]
 
 
@@ -88,10 +98,7 @@ def test_a_compiled_model_offloads_block_by_block_with_gradients_bitwise_equal(t
     with offloader(model, tmp_path) as off:
         compiled = compile_as(model, how, backend=BACKEND)
         for _ in range(3):
-            loss, g = run_step(compiled, data, off.step())
-            assert torch.equal(loss, loss0)
-            assert_bitwise_equal(g, g0)
-            check_offloaded_block_by_block(off, 3)
+            step_matches(compiled, data, off, (loss0, g0), blocks=3)
         # The memory cut: the activations of every block but the last, as in eager mode.
         assert off.stats()["last_step"]["offloaded_bytes"] >= 0.9 * eager_offloaded
 
@@ -104,10 +111,7 @@ def test_inductor_compiled_model_trains_bitwise_with_its_activations_offloaded(t
     with offloader(model, tmp_path) as off:
         compiled = torch.compile(model, mode=mode)
         for _ in range(2):
-            loss, g = run_step(compiled, data, off.step())
-            assert torch.equal(loss, loss0)
-            assert_bitwise_equal(g, g0)
-            check_offloaded_block_by_block(off, 2)
+            step_matches(compiled, data, off, (loss0, g0), blocks=2)
 
 
 def test_a_model_compiled_before_the_offloader_is_refused_at_the_first_step(tmp_path):
@@ -123,10 +127,7 @@ def test_a_model_compiled_before_the_offloader_is_refused_at_the_first_step(tmp_
         assert "none of the 2 modules" in str(err.value) and "(Block)" in str(err.value)
         # What the message says to do.
         torch.compiler.reset()
-        loss, g = run_step(compiled, data, off.step())
-        assert torch.equal(loss, loss0)
-        assert_bitwise_equal(g, g0)
-        check_offloaded_block_by_block(off, 2)
+        step_matches(compiled, data, off, (loss0, g0), blocks=2)
 
 
 def test_fullgraph_is_refused_by_torch_compile_with_the_reason(tmp_path):
@@ -143,10 +144,7 @@ def test_blocks_compiled_with_fullgraph_before_the_offloader_train_bitwise(tmp_p
     loss0, g0 = reference(2, data, backend=BACKEND)
     model = compile_as(gpt("cpu", layers=2), "torch.compile(block)", backend=BACKEND, fullgraph=True)
     with offloader(model, tmp_path) as off:  # its hooks are on the compiled blocks, outside them
-        loss, g = run_step(model, data, off.step())
-        assert torch.equal(loss, loss0)
-        assert_bitwise_equal(g, g0)
-        check_offloaded_block_by_block(off, 2)
+        step_matches(model, data, off, (loss0, g0), blocks=2)
 
 
 def test_planned_offload_and_recompute_under_compile_keep_gradients_bitwise(tmp_path):
@@ -208,10 +206,7 @@ def test_a_save_or_a_use_during_capture_is_refused(tmp_path, monkeypatch):
         del loss
         # Outside capture, steps train as before: the refused steps changed nothing.
         loss0, g0 = run_step(gpt("cpu", layers=2), data)
-        loss, g = run_step(model, data, off.step())
-        assert torch.equal(loss, loss0)
-        assert_bitwise_equal(g, g0)
-        check_offloaded_block_by_block(off, 2)
+        step_matches(model, data, off, (loss0, g0), blocks=2)
 
 
 def test_a_tensor_of_a_cuda_graph_pool_is_refused(tmp_path, monkeypatch):
@@ -269,7 +264,4 @@ def test_inductor_on_the_gpu_offloads_block_by_block_bitwise(tmp_path):
     with offloader(model, tmp_path) as off:
         compiled = torch.compile(model)
         for _ in range(3):
-            loss, g = run_step(compiled, data, off.step())
-            assert torch.equal(loss, loss0)
-            assert_bitwise_equal(g, g0)
-            check_offloaded_block_by_block(off, 3)
+            step_matches(compiled, data, off, (loss0, g0), blocks=3)

@@ -349,11 +349,23 @@ fn bad_sets_are_refused_with_the_reason() {
     assert!(io(&b, TargetId(9), IoOp::Read, 0, &mut buf).is_err());
 }
 
-/// Records the reservation each member target is opened with.
+/// A member on host memory that records the reservation each target is opened with, and
+/// whose targets say they hold `size` bytes where it is given.
 #[derive(Debug)]
 struct Recording {
     inner: MemBackend,
     reserved: Mutex<Vec<Option<u64>>>,
+    size: Option<u64>,
+}
+
+impl Recording {
+    fn new(size: Option<u64>) -> Recording {
+        Recording {
+            inner: MemBackend::new(Arc::new(HostDevice::new())).unwrap(),
+            reserved: Mutex::new(Vec::new()),
+            size,
+        }
+    }
 }
 
 impl Backend for Recording {
@@ -362,7 +374,14 @@ impl Backend for Recording {
     }
     fn open(&self, target: &Target) -> Result<(TargetId, TargetInfo)> {
         self.reserved.lock().unwrap().push(target.reserve);
-        self.inner.open(target)
+        let (id, info) = self.inner.open(target)?;
+        Ok((
+            id,
+            TargetInfo {
+                size: self.size.unwrap_or(info.size),
+                ..info
+            },
+        ))
     }
     unsafe fn submit(&self, req: IoRequest) -> Result<Ticket> {
         // SAFETY: forwarded contract.
@@ -378,14 +397,7 @@ impl Backend for Recording {
 
 #[test]
 fn the_reservation_is_shared_out_in_whole_units() {
-    let rec: Vec<Arc<Recording>> = (0..3)
-        .map(|_| {
-            Arc::new(Recording {
-                inner: MemBackend::new(Arc::new(HostDevice::new())).unwrap(),
-                reserved: Mutex::new(Vec::new()),
-            })
-        })
-        .collect();
+    let rec: Vec<Arc<Recording>> = (0..3).map(|_| Arc::new(Recording::new(None))).collect();
     let members = rec
         .iter()
         .enumerate()
@@ -464,48 +476,12 @@ fn offsets_near_the_end_of_a_huge_set_are_computed_without_overflow() {
     assert!(b.member_stats().iter().all(|s| s.requests == 0));
 }
 
-/// A memory backend whose targets say they hold `size` bytes.
-#[derive(Debug)]
-struct Huge {
-    inner: MemBackend,
-    size: u64,
-}
-
-impl Backend for Huge {
-    fn info(&self) -> BackendInfo {
-        self.inner.info()
-    }
-    fn open(&self, target: &Target) -> Result<(TargetId, TargetInfo)> {
-        let (id, info) = self.inner.open(target)?;
-        Ok((
-            id,
-            TargetInfo {
-                size: self.size,
-                ..info
-            },
-        ))
-    }
-    unsafe fn submit(&self, req: IoRequest) -> Result<Ticket> {
-        // SAFETY: forwarded contract.
-        unsafe { self.inner.submit(req) }
-    }
-    fn flush(&self, target: TargetId) -> Result<()> {
-        self.inner.flush(target)
-    }
-    fn close(&self, target: TargetId) -> Result<()> {
-        self.inner.close(target)
-    }
-}
-
 #[test]
 fn a_set_of_huge_members_is_as_large_as_64_bit_offsets_reach() {
     let members = (0..2)
         .map(|i| Member {
             target: Target::new(format!("/m{i}")),
-            backend: Arc::new(Huge {
-                inner: MemBackend::new(Arc::new(HostDevice::new())).unwrap(),
-                size: u64::MAX,
-            }),
+            backend: Arc::new(Recording::new(Some(u64::MAX))),
         })
         .collect();
     let b = StripedBackend::new("set", members, STRIPE).unwrap();

@@ -442,7 +442,7 @@ def _budget_search(profile: Profile, sim, budget: int, frozen, allow_recompute: 
             return None
         found = None
         step = max(1, (len(cands) - n) // _PREFIXES)
-        for m in sorted({n, *range(n, len(cands) + 1, step), len(cands)}):
+        for m in sorted({*range(n, len(cands) + 1, step), len(cands)}):
             offload = frozenset(c for c, _ in cands[:m])
             out = sim(offload, recompute)
             if out.activation_bytes <= budget and (found is None or out.extra_ms < found[2].extra_ms - 1e-9):
