@@ -50,16 +50,20 @@ impl OpenFile {
     /// written there. For a regular file: a read that ends within what the file held for
     /// this backend (its size at open, or the end of its furthest write) must end within
     /// its size now (else it was truncated and those bytes are lost); and a read that ends
-    /// within the furthest write must find no hole in its range (`lseek(SEEK_HOLE)`: a file
-    /// truncated and grown again, by `truncate` or `ftruncate`, reads back zeros where its
-    /// data was; bytes written are never a hole). Neither fires on a file only this backend
-    /// changes, nor on a read of a file that was never that long (a short read, as before).
-    /// One `fstat` and one `lseek` per read request, no path lookup: the descriptor keeps
-    /// the file itself, so a file renamed or replaced at its path reads as it did. Bytes
-    /// overwritten in place by another program are not seen here; the engine's `checksums`
-    /// setting catches those.
+    /// within the furthest write must find data at its first and its last byte
+    /// (`lseek(SEEK_DATA)`): a file truncated below the read's end and grown again, by
+    /// `truncate` or `ftruncate`, is a hole from the cut to where it grew, and reads back
+    /// zeros where its data was; bytes written are never a hole. Neither fires on a file
+    /// only this backend changes, nor on a read of a file that was never that long (a short
+    /// read, as before).
+    ///
+    /// One `fstat` and two `lseek`s per read request, each a lookup at one offset: on
+    /// tmpfs a `SEEK_HOLE` from the read's start would walk every page up to the end of the
+    /// file under the inode's lock, which slowed reads of a large file to a crawl. No path
+    /// lookup: the descriptor keeps the file itself, so a file renamed or replaced at its
+    /// path reads as it did. Bytes overwritten in place by another program are not seen
+    /// here; the engine's `checksums` setting catches those.
     pub fn check_unchanged(&self, offset: u64, len: u64) -> Result<()> {
-        use std::os::unix::io::AsRawFd;
         let Ok(meta) = self.file.metadata() else {
             return Ok(());
         };
@@ -84,21 +88,35 @@ impl OpenFile {
                 meta.len()
             ));
         }
-        let Ok(start) = libc::off_t::try_from(offset) else {
-            return Ok(());
-        };
         if end > written_end {
             return Ok(());
         }
-        // SAFETY: lseek on a descriptor this value owns; the I/O uses explicit offsets, so
-        // the file position it moves is never read.
-        let hole = unsafe { libc::lseek(self.file.as_raw_fd(), start, libc::SEEK_HOLE) };
-        if hole >= 0 && (hole as u64) < end {
-            return changed(format!(
-                "bytes from offset {hole} on are a hole, never written or lost (it was truncated and grown again)"
-            ));
+        for at in [offset, end - 1] {
+            if let Some(data) = self.next_data(at) {
+                if data != at {
+                    return changed(format!(
+                        "byte {at} lies in a hole, never written or lost (it was truncated and grown again)"
+                    ));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Where the first data at or after `at` starts (`lseek(SEEK_DATA)`): `at` itself when
+    /// it holds data, past the end of the file when only a hole follows; None when the
+    /// filesystem cannot say.
+    fn next_data(&self, at: u64) -> Option<u64> {
+        use std::os::unix::io::AsRawFd;
+        let start = libc::off_t::try_from(at).ok()?;
+        // SAFETY: lseek on a descriptor this value owns; the I/O uses explicit offsets, so
+        // the file position it moves is never read.
+        let found = unsafe { libc::lseek(self.file.as_raw_fd(), start, libc::SEEK_DATA) };
+        if found >= 0 {
+            return Some(found as u64);
+        }
+        // ENXIO: no data at or after `at` (a hole up to the end of the file).
+        (std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)).then_some(u64::MAX)
     }
 }
 

@@ -73,8 +73,8 @@ fn seed(i: usize) -> u64 {
     0xC0FFEE + i as u64
 }
 
-/// Flips one byte of tensor `i`, `at` bytes into it, in the file (found by its contents).
-fn flip(file: &Path, dev: &Arc<dyn Device>, i: usize, at: u64) {
+/// Where tensor `i` starts in the file (found by its contents).
+fn find(file: &Path, dev: &Arc<dyn Device>, i: usize) -> u64 {
     let head = {
         let b = dev.alloc(64).unwrap();
         dev.fill_pattern(b.ptr(), 64, seed(i), 0).unwrap();
@@ -84,10 +84,15 @@ fn flip(file: &Path, dev: &Arc<dyn Device>, i: usize, at: u64) {
         v
     };
     let contents = std::fs::read(file).unwrap();
-    let start = contents
+    contents
         .windows(64)
         .position(|w| w == head.as_slice())
-        .unwrap_or_else(|| panic!("tensor {i} is not in {}", file.display())) as u64;
+        .unwrap_or_else(|| panic!("tensor {i} is not in {}", file.display())) as u64
+}
+
+/// Flips one byte of tensor `i`, `at` bytes into it, in the file.
+fn flip(file: &Path, dev: &Arc<dyn Device>, i: usize, at: u64) {
+    let start = find(file, dev, i);
     let f = OpenOptions::new().read(true).write(true).open(file).unwrap();
     let mut byte = [0u8];
     f.read_exact_at(&mut byte, start + at).unwrap();
@@ -206,6 +211,26 @@ fn a_file_truncated_and_grown_again_underneath_is_an_error_not_zeros() {
             "tensor {i}: {err}"
         );
     }
+}
+
+#[test]
+fn a_cut_inside_a_read_grown_again_is_an_error_not_zeros() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let file = dir.path().join("spill.bin");
+    let o = offload_three(&file, false);
+    let len = std::fs::metadata(&file).unwrap().len();
+    // Cut in the middle of B (read on demand): its first half still holds data, its second
+    // half is a hole once the file grows back.
+    let cut = (find(&file, &o.dev, 1) + SIZES[1] / 2).next_multiple_of(4096);
+    assert!(cut < find(&file, &o.dev, 1) + SIZES[1], "the cut lies inside B");
+    let f = OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(cut).unwrap();
+    f.set_len(len).unwrap();
+    let err = fetch(&o, 1, false).unwrap_err().to_string();
+    assert!(
+        err.contains("the file changed underneath spillway") && err.contains("hole"),
+        "{err}"
+    );
 }
 
 #[test]
