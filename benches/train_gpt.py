@@ -620,15 +620,21 @@ def run_one(args):
                 "spillway_stats": stats_after,
             })
             # The physics bound: offloading a fraction f of a layer's 34*s*b*h bytes during
-            # its forward needs f*34*R/(24h+4s) bytes/s at R FLOP/s achieved (here R from
-            # this run's step, forward = a third of it).
+            # its forward needs f*34*R/(24h+4s) bytes/s at R FLOP/s achieved. Only writes
+            # done by the end of forward lower its peak, so R is forward's: the model's
+            # forward FLOPs over the forward time the planner measured (without it, a third
+            # of the step).
             h, seq, b = cfg.d_model, args.seq, args.batch
             flops = (24 * b * seq * h * h + 4 * b * seq * seq * h) * cfg.n_layer
             saved = saved_bytes_estimate(cfg, b)
-            achieved = 3 * flops / (step_ms / 1e3)
-            gbps = (stats_after.get("policy") or {}).get("write_gbps") or 0.0
+            policy = stats_after.get("policy") or {}
+            forward_s = (policy.get("forward_ms") or step_ms / 3) / 1e3
+            achieved = flops / forward_s
+            gbps = policy.get("write_gbps") or 0.0
             result["physics"] = {
-                "achieved_tflops": achieved / 1e12,
+                "achieved_tflops": 3 * flops / (step_ms / 1e3) / 1e12,
+                "forward_tflops": achieved / 1e12,
+                "forward_ms": forward_s * 1e3,
                 "measured_write_gbps": gbps,
                 "bound_fraction": min(1.0, gbps * 1e9 * (24 * h + 4 * seq) / (34 * achieved)),
                 "needed_gbps_all": 34 * achieved / (24 * h + 4 * seq) / 1e9,
