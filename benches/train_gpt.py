@@ -355,6 +355,9 @@ def build_parser():
     train.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default 3e-4)")
     train.add_argument("--weight-decay", type=float, default=0.1,
                        help="AdamW weight decay on matrices and embeddings (default 0.1)")
+    train.add_argument("--compile", default=None, metavar="MODE",
+                       help="torch.compile the model in this mode (default, max-autotune-no-cudagraphs, ...) "
+                            "after spillway's offloader is made; warmup steps then include compiling")
     train.add_argument("--seed", type=int, default=1234, help="seed for weights and data (default 1234)")
 
     spill = ap.add_argument_group("spillway")
@@ -554,6 +557,11 @@ def run_one(args):
                                      max_pending_bytes=args.max_pending,
                                      **goal, **settings)
             context = offloader.step
+
+        if args.compile:
+            # After the offloader: it refuses a model compiled before its hooks were added.
+            model.compile(mode=None if args.compile == "default" else args.compile)
+            result["compile"] = args.compile
 
         def train_step(x, y):
             # Peaks per step: during forward (the saved activations: what offloading
