@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
-use spillway_cufile::{CufileBackend, CufileConfig};
+use spillway_cufile::{CufileBackend, CufileConfig, GdsMode};
 use spillway_runtime::{
-    Backend, Device, Error, FaultPlan, FaultStats, FaultyBackend, GdsMode, HostDevice, Member, Result,
-    StripedBackend, Target,
+    Backend, Device, Error, FaultPlan, FaultStats, FaultyBackend, HostDevice, Member, Result, StripedBackend,
+    Target,
 };
 use spillway_spdk::backend::{SpdkBackend, SpdkConfig};
 use spillway_spdk::pci::PciAddress;

@@ -92,7 +92,7 @@ fn uring_round_trips_from_gpu_memory() {
 fn cufile_round_trips_from_gpu_memory() {
     let device = CudaDevice::new(0).unwrap();
     let backend = CufileBackend::new(device.context().clone(), CufileConfig::default()).unwrap();
-    eprintln!("cufile mode: {:?}", backend.info().gds_mode);
+    eprintln!("cufile mode: {:?}", backend.info().transfer_mode);
     round_trips(&device, &backend, "cufile");
 }
 

@@ -335,7 +335,7 @@ impl Run<'_> {
             },
             direct_io: self.direct_io,
             host_staging: matches!(self.setup.memory, Memory::Gpu(_)) && backend.host_staging,
-            gds_mode: backend.gds_mode.map(|m| m.as_str().to_string()),
+            gds_mode: backend.transfer_mode.map(str::to_string),
             path: self.path.clone(),
             verified: mismatched_bytes.map(|m| m == 0),
             mismatched_bytes,

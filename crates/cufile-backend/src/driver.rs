@@ -39,7 +39,9 @@ use std::sync::{Mutex, OnceLock};
 
 use cudarc::cufile::sys;
 use cudarc::driver::CudaContext;
-use spillway_runtime::{Error, GdsMode, Result};
+use spillway_runtime::{Error, Result};
+
+use crate::GdsMode;
 
 use crate::status::status_text;
 

@@ -31,6 +31,7 @@
 mod buffers;
 mod driver;
 mod handle;
+mod mode;
 mod request;
 mod status;
 mod worker;
@@ -44,7 +45,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::CudaContext;
 use spillway_runtime::{
-    open_target, ticket, Backend, BackendInfo, Error, GdsMode, IoRequest, MemRef, Result, Target, TargetId,
+    open_target, ticket, Backend, BackendInfo, Error, IoRequest, MemRef, Result, Target, TargetId,
     TargetInfo, Ticket,
 };
 
@@ -55,6 +56,7 @@ use crate::request::{split, Inflight, Piece, PieceGuard, PieceResult, Request, T
 use crate::worker::{Job, Pool, Prepare, Start};
 
 pub use crate::driver::check_library;
+pub use crate::mode::GdsMode;
 
 /// The message for host memory on a libcufile that does not take it.
 const HOST_MEMORY_REFUSED: &str =
@@ -392,7 +394,7 @@ impl Backend for CufileBackend {
         BackendInfo {
             name: "cufile",
             host_staging: mode == GdsMode::Compat,
-            gds_mode: Some(mode),
+            transfer_mode: Some(mode.as_str()),
             details,
         }
     }

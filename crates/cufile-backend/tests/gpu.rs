@@ -22,10 +22,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
-use spillway_cufile::{check_library, CufileBackend, CufileConfig};
-use spillway_runtime::{
-    pattern, AlignedBuf, Backend, Error, GdsMode, IoOp, IoRequest, MemRef, Target, TargetId,
-};
+use spillway_cufile::{check_library, CufileBackend, CufileConfig, GdsMode};
+use spillway_runtime::{pattern, AlignedBuf, Backend, Error, IoOp, IoRequest, MemRef, Target, TargetId};
 
 struct Gpu {
     ctx: Arc<CudaContext>,
@@ -217,7 +215,7 @@ fn the_gds_mode_is_reported() {
         eprintln!("  {k}: {v}");
     }
     assert_eq!(info.name, "cufile");
-    assert_eq!(info.gds_mode, Some(mode));
+    assert_eq!(info.transfer_mode, Some(mode.as_str()));
     assert_eq!(info.host_staging, mode == GdsMode::Compat);
     assert!(info.details.iter().any(|(k, _)| k == "gds mode because"));
     if !Path::new("/proc/driver/nvidia-fs/version").exists() {

@@ -49,28 +49,6 @@ pub struct IoRequest {
     pub mem: MemRef,
 }
 
-/// How a cuFile transfer actually ran.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GdsMode {
-    /// True GPUDirect Storage through the nvidia-fs kernel module.
-    NvidiaFs,
-    /// True GPUDirect Storage through the kernel's PCI P2PDMA.
-    P2pDma,
-    /// cuFile's compatibility mode: POSIX I/O through a host bounce buffer inside libcufile.
-    Compat,
-}
-
-impl GdsMode {
-    /// Short name for reports: "gds-nvfs", "gds-p2pdma" or "compat".
-    pub fn as_str(self) -> &'static str {
-        match self {
-            GdsMode::NvidiaFs => "gds-nvfs",
-            GdsMode::P2pDma => "gds-p2pdma",
-            GdsMode::Compat => "compat",
-        }
-    }
-}
-
 /// What a backend does with the bytes, for reports (bench output, `spillway info`).
 #[derive(Clone, Debug)]
 pub struct BackendInfo {
@@ -78,8 +56,9 @@ pub struct BackendInfo {
     pub name: &'static str,
     /// Whether device memory goes through host memory on its way to storage.
     pub host_staging: bool,
-    /// For cuFile: which path ran. `None` for backends without GDS.
-    pub gds_mode: Option<GdsMode>,
+    /// Which of its data paths the backend runs, for a backend that has several
+    /// (cuFile: "gds-nvfs", "gds-p2pdma" or "compat"); `None` for the others.
+    pub transfer_mode: Option<&'static str>,
     /// Free-form details (queue depth, threads, versions…).
     pub details: Vec<(String, String)>,
 }

@@ -41,7 +41,7 @@ pub mod striped;
 pub mod target;
 
 pub use backend::{
-    ticket, Backend, BackendInfo, Completer, GdsMode, IoOp, IoRequest, TargetId, TargetInfo, Ticket,
+    ticket, Backend, BackendInfo, Completer, IoOp, IoRequest, TargetId, TargetInfo, Ticket,
     DEFAULT_QUEUE_DEPTH,
 };
 pub use device::{Device, DeviceInfo, DeviceKind, Event, HostRegistration, PendingChecksums, Stream};

@@ -229,7 +229,7 @@ impl Backend for MemBackend {
         BackendInfo {
             name: "memory",
             host_staging: true,
-            gds_mode: None,
+            transfer_mode: None,
             details: Vec::new(),
         }
     }

@@ -722,7 +722,7 @@ impl Backend for HostStore {
         BackendInfo {
             name: "model-store",
             host_staging: true,
-            gds_mode: None,
+            transfer_mode: None,
             details: vec![("growing".into(), self.growing.to_string())],
         }
     }

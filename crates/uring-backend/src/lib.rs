@@ -196,7 +196,7 @@ impl Backend for UringBackend {
         BackendInfo {
             name: "uring",
             host_staging: true,
-            gds_mode: None,
+            transfer_mode: None,
             details: vec![
                 ("queue_depth".into(), self.config.queue_depth.to_string()),
                 ("rings".into(), self.config.threads.to_string()),

@@ -151,7 +151,7 @@ fn info_describes_the_staging() {
     let info = backend.info();
     assert_eq!(info.name, "uring");
     assert!(info.host_staging);
-    assert!(info.gds_mode.is_none());
+    assert!(info.transfer_mode.is_none());
     let detail = |key: &str| {
         info.details
             .iter()

@@ -212,7 +212,7 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         threads: args.threads,
         direct_io,
         host_staging: matches!(setup.memory, Memory::Gpu(_)) && backend.host_staging,
-        gds_mode: backend.gds_mode.map(|m| m.as_str().to_string()),
+        gds_mode: backend.transfer_mode.map(str::to_string),
         seed: opts.seed,
         phases: vec![offload, fetch],
         verified: mismatched_bytes == 0,

@@ -353,7 +353,7 @@ mod tests {
             BackendInfo {
                 name: "scripted",
                 host_staging: false,
-                gds_mode: None,
+                transfer_mode: None,
                 details: Vec::new(),
             }
         }

@@ -340,7 +340,7 @@ impl Backend for StripedBackend {
         BackendInfo {
             name: first.name,
             host_staging: first.host_staging,
-            gds_mode: first.gds_mode,
+            transfer_mode: first.transfer_mode,
             details,
         }
     }

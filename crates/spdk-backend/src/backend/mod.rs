@@ -288,7 +288,7 @@ impl Backend for SpdkBackend {
         BackendInfo {
             name: "spdk",
             host_staging: true,
-            gds_mode: None,
+            transfer_mode: None,
             details: vec![
                 (
                     "controller".into(),
