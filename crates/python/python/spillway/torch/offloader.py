@@ -98,8 +98,8 @@ class Offloader:
             the model's repeated blocks).
         device: the device whose tensors are offloaded (default: the model's). A CPU
             model's CPU tensors go through the host engine.
-        probe_bytes: bytes written and read once at start to measure the storage's
-            bandwidth for the adaptive policy (default 256 MiB).
+        probe_bytes: bytes written and read at start to measure the storage's bandwidth
+            for the adaptive policy (default 256 MiB; twice, the first round untimed).
         profile_steps: steps the adaptive policy runs before it decides, the last one
             measured (default 2: the first step of a run is slower than the others).
         profile: what those steps do with saved tensors: ``"keep"`` (default) keeps them
@@ -568,30 +568,42 @@ class Offloader:
             block.forward = compat.not_traced(forward, recursive=False)
 
     def _probe_bandwidth(self) -> Tuple[float, float]:
-        """Writes and reads ``probe_bytes`` through the engine; returns (write, read) GB/s."""
+        """Writes and reads ``probe_bytes`` through the engine twice; returns the second
+        round's (write, read) GB/s.
+
+        The first round is not timed: it touches what training reuses in every step but
+        the first (the storage's space, which on tmpfs is allocated page by page on its
+        first write, and the engine's staging buffers), and measured, it read as half the
+        rate or less of what the steps get."""
         if self.probe_bytes <= 0:
             return (0.0, 0.0)
         chunk = 16 << 20
         n = max(1, self.probe_bytes // chunk)
         bufs = [torch.empty(chunk, dtype=torch.uint8, device=self.device) for _ in range(n)]
         stream = torch.cuda.current_stream(self.device).cuda_stream if self._cuda else None
-        if self._cuda:
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        handles = [self.engine.offload((_PROBE_ID, i), [(b.data_ptr(), chunk)], stream) for i, b in enumerate(bufs)]
-        self.engine.drain()
-        t1 = time.perf_counter()
-        for h in handles:
-            self.engine.prefetch(h)
-        for h, b in zip(handles, bufs):
-            self.engine.fetch(h, [(b.data_ptr(), chunk)], stream)
-        if self._cuda:
-            torch.cuda.synchronize(self.device)
-        t2 = time.perf_counter()
-        for h in handles:
-            self.engine.release(h)
-        total = n * chunk
-        return (total / (t1 - t0) / 1e9, total / (t2 - t1) / 1e9)
+        rates = (0.0, 0.0)
+        for round_ in range(2):
+            if self._cuda:
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            handles = [
+                self.engine.offload((_PROBE_ID, round_ * n + i), [(b.data_ptr(), chunk)], stream)
+                for i, b in enumerate(bufs)
+            ]
+            self.engine.drain()
+            t1 = time.perf_counter()
+            for h in handles:
+                self.engine.prefetch(h)
+            for h, b in zip(handles, bufs):
+                self.engine.fetch(h, [(b.data_ptr(), chunk)], stream)
+            if self._cuda:
+                torch.cuda.synchronize(self.device)
+            t2 = time.perf_counter()
+            for h in handles:
+                self.engine.release(h)
+            total = n * chunk
+            rates = (total / (t1 - t0) / 1e9, total / (t2 - t1) / 1e9)
+        return rates
 
     # -- forward --------------------------------------------------------------------------
 
