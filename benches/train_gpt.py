@@ -15,9 +15,11 @@ Runs, each in a process of its own, in turn, on the same GPU, the same weights a
 same batches:
 
   baseline        every activation stays in GPU memory
-  spillway-disk   spillway.torch.Offloader spilling to a file in --disk-dir
-  spillway-shm    spillway.torch.Offloader spilling to a file in --shm-dir (/dev/shm)
-  spillway-shm8   the same, striped over 8 files in --shm-dir (every run on --shm-dir watches
+  spillway-disk   spillway.torch.Offloader spilling to --disk-dir (the directory: the
+                  engine's anonymous files there; --spill-file-name: a named file)
+  spillway-shm    the same in --shm-dir (/dev/shm; on tmpfs the engine spreads the
+                  directory over several files on its own)
+  spillway-shm8   the same, striped over 8 named files in --shm-dir (every run on --shm-dir watches
                   its use: tmpfs.peak_used_above_start_bytes)
   spillway-host   the Offloader with the pinned host tier (--host-tier) before the
                   --shm-dir file; -budgetNN: budget= NN% of the activation estimate;
@@ -366,7 +368,9 @@ def build_parser():
     spill.add_argument("--shm-dir", default="/dev/shm",
                        help="directory of the spillway-shm spill file (default /dev/shm)")
     spill.add_argument("--spill-file-name", default=None,
-                       help="spill file name in those directories (default spillway-train-PID.bin)")
+                       help="spill file name in those directories (default: the directories themselves, "
+                            "in which the engine makes anonymous files; spillway-shm8: "
+                            "spillway-train-PID.bin.0..7)")
     spill.add_argument("--policy", choices=("adaptive", "all"), default="adaptive",
                        help="Offloader policy (default adaptive)")
     spill.add_argument("--max-pending", type=parse_size, default=None,
@@ -519,12 +523,13 @@ def run_one(args):
             return torch.autograd.graph.save_on_cpu(pin_memory=True)
     elif name.startswith("spillway-"):
         directory = args.disk_dir if name == "spillway-disk" else args.shm_dir
-        spill_path = os.path.join(directory,
-                                  args.spill_file_name or "spillway-train-%d.bin" % os.getpid())
-        result["spill_path"] = spill_path
+        # The directory itself, as a user gives it: the engine makes anonymous files
+        # there (on tmpfs spread over several, which it takes one write at a time).
+        spill_path = os.path.join(directory, args.spill_file_name) if args.spill_file_name else directory
         if name == "spillway-shm8":
-            spill_path = [spill_path + ".%d" % i for i in range(8)]
-            result["spill_path"] = spill_path
+            base = os.path.join(directory, args.spill_file_name or "spillway-train-%d.bin" % os.getpid())
+            spill_path = [base + ".%d" % i for i in range(8)]
+        result["spill_path"] = spill_path
 
     watch = UsageWatch(args.shm_dir) if spill_path is not None and name != "spillway-disk" else None
     try:
@@ -538,8 +543,7 @@ def run_one(args):
 
             logging.basicConfig(stream=sys.stderr, format="%(name)s: %(message)s")
             logging.getLogger("spillway.torch").setLevel(logging.INFO)
-            first = spill_path[0] if isinstance(spill_path, list) else spill_path
-            os.makedirs(os.path.dirname(first) or ".", exist_ok=True)
+            os.makedirs(directory, exist_ok=True)
             goal = {}
             settings = {}
             if name.startswith("spillway-host"):
@@ -667,7 +671,7 @@ def run_one(args):
                 offloader.close()
         finally:
             for p in spill_path if isinstance(spill_path, list) else [spill_path]:
-                if p is not None and os.path.exists(p):
+                if p is not None and os.path.isfile(p):
                     os.remove(p)
 
 
