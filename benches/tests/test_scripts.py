@@ -146,3 +146,158 @@ def test_the_grid_summary_reads_grid_files_and_skips_others(tmp_path):
     assert "| 0% |" in base  # the baseline saves nothing against itself
     assert rok_grid.gpu_short_name("NVIDIA H100 80GB HBM3") == "h100"
     assert rok_grid.gpu_short_name("NVIDIA A100-SXM4-80GB") == "a100"
+
+
+# benches/integrations.py: Hugging Face's Trainer and Lightning, with and without spillway,
+# on the CPU with --small (every run of both frameworks), with a framework's package made
+# unimportable (a stand-in package on PYTHONPATH whose import fails), and with bad options.
+
+INTEGRATIONS = BENCHES / "integrations.py"
+
+
+def integrations_need(*names):
+    """Skips without the packages (found, not imported: importing transformers takes
+    seconds); where the test command asks every test to run, a missing one fails."""
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    if missing and os.environ.get("SPILLWAY_REQUIRE_TORCH"):
+        pytest.fail(f"{', '.join(missing)} not installed (scripts/test.sh installs them)")
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed")
+
+
+def run_integrations(tmp_path, *args, env=None):
+    """Runs the bench at --small on the CPU; returns (the process, its JSON or None)."""
+    out = tmp_path / "int.json"
+    cmd = [sys.executable, str(INTEGRATIONS), "--small", "--device", "cpu", "--path", str(tmp_path),
+           "--out", str(out), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return r, (json.loads(out.read_text()) if out.exists() else None)
+
+
+def blocking(tmp_path, *packages):
+    """An environment where the packages look uninstalled: a sitecustomize module on
+    PYTHONPATH puts None in sys.modules for each, so importing one fails and
+    importlib.util.find_spec finds none (packages that probe for them go on without)."""
+    site = tmp_path / "blocked"
+    site.mkdir(parents=True)  # tmp_path too, where it is a new directory
+    (site / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({list(packages)!r}))\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def test_the_integrations_bench_runs_every_run_of_both_frameworks_on_the_cpu(tmp_path):
+    import math
+
+    integrations_need("torch", "transformers", "lightning", "spillway")
+    r, data = run_integrations(tmp_path, "--steps", "3", "--warmup", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+    assert data["benchmark"] == "integrations"
+    assert "integrations.py --small --device cpu" in data["command"] and "--steps 3" in data["command"]
+    assert data["model"] == {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 1, "intermediate": 256,
+                             "vocab": 128, "seq": 32, "batch": 2, "dtype": "bf16", "attn_implementation": "sdpa",
+                             "params": data["model"]["params"]} and data["model"]["params"] > 0
+    assert data["spillway_options"] == {"policy": "adaptive", "host_tier": "64MiB", "min_tensor_bytes": 0,
+                                        "path": str(tmp_path)}
+    assert data["device"].startswith("cpu")
+    assert all(data["versions"][p] for p in ("python", "torch", "transformers", "lightning", "spillway"))
+    assert data["skipped"] == {}
+
+    runs = data["runs"]
+    order = [(f, run) for f in ("hf", "lightning")
+             for run in ("baseline", "checkpointing", "spillway", "spillway+checkpointing")]
+    assert [(x["framework"], x["run"]) for x in runs] == order
+    for x in runs:
+        name = "%s %s" % (x["framework"], x["run"])
+        assert x["ok"], (name, x.get("error"))
+        assert len(x["step_ms_all"]) == 3 and x["step_ms"] == sorted(x["step_ms_all"])[1] > 0, name
+        assert x["peak_mem_bytes"] is None and x["act_mem_bytes"] is None, name  # no allocator counters on CPU
+        assert math.isfinite(x["loss"]) and len(x["losses"]) == 3, name
+        assert (x["checkpointing_call"] is not None) == x["run"].endswith("checkpointing"), name
+        base = next(b for b in runs if b["framework"] == x["framework"] and b["run"] == "baseline")
+        # Same weights, same data: spillway and checkpointing change no loss.
+        assert x["loss"] == pytest.approx(base["loss"], rel=1e-3), name
+        assert x["vs_baseline"]["step_time"] == pytest.approx(x["step_ms"] / base["step_ms"]), name
+        assert x["vs_baseline"]["peak_mem"] is None and x["vs_baseline"]["act_mem_saved"] is None, name
+        if x["run"].startswith("spillway"):
+            s = x["spillway"]
+            # --small offloads every saved tensor it may: bytes go out and come back each step.
+            assert s["offloaded_bytes_per_step"] > 0 and s["fetched_bytes_per_step"] > 0, name
+            assert s["policy"]["mode"] == "adaptive" and s["policy"]["reason"], name
+            assert s["policy"]["segments"] == 3, name  # before the first layer, and one per layer
+        else:
+            assert x["spillway"] is None, name
+    lightning = next(x for x in runs if x["framework"] == "lightning")
+    assert lightning["lightning_package"] in ("lightning", "pytorch_lightning")
+
+    table = r.stdout.splitlines()  # the table alone: the runs' output goes to stderr
+    assert table[0].startswith("| framework | run | step ms |") and table[1].startswith("|---|")
+    assert len(table) == 2 + len(order) and all(line.startswith("| ") for line in table[2:])
+    assert "| hf | spillway+checkpointing | " in r.stdout and "failed" not in r.stdout
+
+
+def test_the_integrations_bench_skips_a_framework_it_cannot_import(tmp_path):
+    integrations_need("torch")
+    # The first run says why; the framework's other runs are not started.
+    r, data = run_integrations(tmp_path / "hf", "--frameworks", "hf", "--runs", "baseline,spillway",
+                               env=blocking(tmp_path / "hf", "transformers"))
+    assert r.returncode == 1, r.stderr[-3000:]  # no run succeeded
+    assert "Traceback" not in r.stderr
+    assert r.stderr.count("--child ") == 1
+    assert [(x["framework"], x["run"], x["ok"], x["skipped"]) for x in data["runs"]] == [
+        ("hf", "baseline", False, True), ("hf", "spillway", False, True)]
+    reason = data["skipped"]["hf"]
+    assert reason.startswith("transformers cannot be imported") and reason.endswith("pip install 'spillway[hf]'")
+    assert all(x["error"] == reason for x in data["runs"])
+    assert "| hf | baseline | skipped: transformers cannot be imported" in r.stdout
+
+    integrations_need("transformers")
+    r, data = run_integrations(tmp_path / "lightning", "--frameworks", "lightning", "--runs", "baseline",
+                               env=blocking(tmp_path / "lightning", "lightning", "pytorch_lightning"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    (x,) = data["runs"]
+    assert x["skipped"] and not x["ok"]
+    reason = data["skipped"]["lightning"]
+    assert reason.startswith("lightning cannot be imported") and reason.endswith("pip install 'spillway[lightning]'")
+    assert "spillway[hf]" not in reason  # transformers is there
+
+
+def test_bad_integrations_options_are_refused(tmp_path):
+    import importlib.util
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(INTEGRATIONS), *args], capture_output=True, text=True, timeout=120)
+
+    out = ("--out", str(tmp_path / "x.json"))
+    r = run("--runs", "baseline,fast", *out)
+    assert r.returncode == 2
+    assert "unknown run(s) fast; choose from baseline,checkpointing,spillway,spillway+checkpointing" in r.stderr
+    r = run("--frameworks", "hf,jax", *out)
+    assert r.returncode == 2 and "unknown framework(s) jax; choose from hf,lightning" in r.stderr
+    r = run("--small")
+    assert r.returncode == 2 and "the following arguments are required: --out" in r.stderr
+    r = run("--hidden", "100", "--heads", "3", *out)
+    assert r.returncode == 2 and "--hidden (100) must be a multiple of --heads (3)" in r.stderr
+    r = run("--small", "--steps", "0", *out)
+    assert r.returncode == 2 and "--steps must be >= 1" in r.stderr
+    r = run("--small", "--path", str(tmp_path / "missing"), *out)
+    assert r.returncode == 2 and "is not a directory" in r.stderr
+    if importlib.util.find_spec("spillway"):
+        r = run("--small", "--host-tier", "lots", *out)
+        assert r.returncode == 2 and "not a size: 'lots'" in r.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_the_integrations_bench_records_a_failed_run_with_its_error(tmp_path):
+    integrations_need("torch", "transformers", "spillway")
+    # A host tier larger than any host: the engine refuses it when the first step makes it.
+    r, data = run_integrations(tmp_path, "--frameworks", "hf", "--runs", "spillway", "--host-tier", "1000TiB")
+    assert r.returncode == 1, r.stderr[-3000:]  # its only run failed
+    (x,) = data["runs"]
+    assert not x["ok"] and not x.get("skipped") and x["oom"] is False and x["vs_baseline"] is None
+    assert x["error"].startswith("ValueError: host_tier=") and "pinned host memory" in x["error"]
+    assert "| hf | spillway | failed: ValueError: host_tier=" in r.stdout
