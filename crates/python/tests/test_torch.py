@@ -638,14 +638,47 @@ def test_a_step_is_planned_again_only_when_its_io_made_it_slower(tmp_path):
         assert not off._step_overran(late, stall=0.0)
         assert off._step_overran(late, stall=0.1 * late)
         # A step that overran is planned again with less of the bandwidth it waited on, and
-        # says why: here reads (backward), then writes (forward), then both.
+        # says why: here reads (backward), then writes (forward), then both. (Each revision
+        # made the step faster, though not yet on time.)
         off._profiling = False
-        for write_share, scales in [(0.0, (1.0, 0.8)), (1.0, (0.8, 0.8)), (0.5, (0.64, 0.64))]:
-            off._step_write_wait = write_share * 0.1 * late
-            off._end_step(late, 0.1 * late)
+        for i, (write_share, scales) in enumerate([(0.0, (1.0, 0.8)), (1.0, (0.8, 0.8)), (0.5, (0.64, 0.64))]):
+            seconds = late * (1 - 0.01 * i)
+            off._step_write_wait = write_share * 0.1 * seconds
+            off._end_step(seconds, 0.1 * seconds)
             assert (off._write_scale, off._read_scale) == pytest.approx(scales)
             reason = off.stats()["policy"]["reason"]
             assert "planned again with write bandwidth x%.2f, read x%.2f" % scales in reason, reason
+
+
+def test_a_revision_that_made_steps_slower_is_undone_and_the_plan_then_stays(tmp_path):
+    # Lowering a bandwidth trades offloading for keeping or recomputing; where the stall was
+    # not the bandwidth's (a budget's bound on bytes in flight, say), each revision costs
+    # more. A revised plan whose step is slower than a plan before it goes back to the
+    # fastest plan tried, says so, and is not revised again.
+    model, data = gpt("cpu"), gpt_batch("cpu")
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20) as off:
+        for _ in range(2):
+            run_step(model, data, off.step())
+        first = off._rok.summary()
+        predicted = sum(s.fwd_ms + s.bwd_ms for s in off._profiled) + off._rok.outcome.extra_ms
+        late = predicted * 1.2 / 1e3
+        off._profiling = False
+        off._step_write_wait = 0.1 * late
+        off._end_step(late, 0.1 * late)  # writes stalled: planned again at x0.8
+        assert (off._write_scale, off._read_scale) == pytest.approx((0.8, 1.0))
+        off._step_write_wait = 0.1 * late
+        off._end_step(late * 1.1, 0.1 * late)  # slower than the first plan: back to it
+        assert (off._write_scale, off._read_scale) == (1.0, 1.0)
+        reason = off.stats()["policy"]["reason"]
+        assert "slower than the %.1f ms of the plan with write bandwidth x1.00, read x1.00" % (late * 1e3) in reason
+        assert "back to that plan, which stays" in reason, reason
+        assert off._rok.summary() == first
+        # It stays: a later stall plans nothing new.
+        off._end_step(late * 1.3, 0.1 * late)
+        assert (off._write_scale, off._read_scale) == (1.0, 1.0)
+        assert off.stats()["policy"]["reason"] == reason
+        # And training goes on under it.
+        run_step(model, data, off.step())
 
 
 @pytest.mark.parametrize("goal", [dict(budget="256KiB"), dict(max_slowdown=1.5), dict(budget="1MiB", recompute=False)])

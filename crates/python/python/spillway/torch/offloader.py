@@ -264,6 +264,11 @@ class Offloader:
         # its own, when steps stall on that direction.
         self._write_scale = 1.0
         self._read_scale = 1.0
+        # Each plan that overran: its bandwidth scales and the step time it measured. A
+        # revision that made the step slower is undone (back to the fastest plan tried),
+        # and the plan then stays: lowering the bandwidths further would not help.
+        self._overran: List[Tuple[Tuple[float, float], float]] = []
+        self._settled = False
         self._profiled: List[Segment] = []  # the measured step's segments
         self._profiled_held = 0  # saved bytes it held at most
         self._totals = dict(
@@ -406,23 +411,45 @@ class Offloader:
                 self._plan = self._make_plan()
                 self._plan.details["profiled_step"] = self._steps
                 _log.info("spillway plan after step %d: %s", self._steps, self._plan.reason)
-            elif self._plan is not None and self._rok is not None and self._step_overran(seconds, stall):
-                # The step stalled: a bandwidth was optimistic. Plan again with less of the
-                # one it waited on (writes in forward, reads in backward; both if both).
-                write_wait = self._step_write_wait
-                read_wait = stall - write_wait
-                if write_wait >= 0.25 * stall:
-                    self._write_scale *= 0.8
-                if read_wait >= 0.25 * stall:
-                    self._read_scale *= 0.8
-                self._plan = self._make_plan()
-                self._plan.reason = (
-                    f"step {self._steps} stalled {stall * 1e3:.1f} ms of {seconds * 1e3:.1f} ms "
-                    f"({write_wait * 1e3:.1f} on writes, {read_wait * 1e3:.1f} on reads): planned again with "
-                    f"write bandwidth x{self._write_scale:.2f}, read x{self._read_scale:.2f}; " + self._plan.reason
-                )
-                _log.info("spillway plan revised: %s", self._plan.reason)
+            elif (
+                self._plan is not None
+                and self._rok is not None
+                and not self._settled
+                and self._step_overran(seconds, stall)
+            ):
+                self._revise_plan(seconds, stall)
         self._poll_sources()
+
+    def _revise_plan(self, seconds: float, stall: float) -> None:
+        """A planned step stalled and ran past its prediction: a bandwidth was optimistic.
+        Plans again with less of the one it waited on (writes in forward, reads in
+        backward; both if both), unless the last revision made steps slower than a plan
+        before it: then back to the fastest plan tried, for good."""
+        scales = (self._write_scale, self._read_scale)
+        best = min(self._overran, key=lambda tried: tried[1], default=None)
+        self._overran.append((scales, seconds))
+        head = f"step {self._steps} stalled {stall * 1e3:.1f} ms of {seconds * 1e3:.1f} ms"
+        if best is not None and seconds >= best[1]:
+            self._write_scale, self._read_scale = best[0]
+            self._settled = True
+            self._plan = self._make_plan()
+            self._plan.reason = (
+                f"{head}, slower than the {best[1] * 1e3:.1f} ms of the plan with write bandwidth "
+                f"x{best[0][0]:.2f}, read x{best[0][1]:.2f}: back to that plan, which stays; " + self._plan.reason
+            )
+        else:
+            write_wait = self._step_write_wait
+            read_wait = stall - write_wait
+            if write_wait >= 0.25 * stall:
+                self._write_scale *= 0.8
+            if read_wait >= 0.25 * stall:
+                self._read_scale *= 0.8
+            self._plan = self._make_plan()
+            self._plan.reason = (
+                f"{head} ({write_wait * 1e3:.1f} on writes, {read_wait * 1e3:.1f} on reads): planned again "
+                f"with write bandwidth x{self._write_scale:.2f}, read x{self._read_scale:.2f}; " + self._plan.reason
+            )
+        _log.info("spillway plan revised: %s", self._plan.reason)
 
     def _step_overran(self, seconds: float, stall: float) -> bool:
         """Whether a planned step was slowed by its I/O: the host waited for it (more than
