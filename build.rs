@@ -1,16 +1,25 @@
 //! Build script: embeds the CUDA kernels of `kernels/*.cu` into the crate: today
 //! `pattern.cu` (the test-pattern kernels), `pack.cu` (the pack/unpack kernels) and
-//! `crc32c.cu` (the CRC-32C kernel). Every
+//! `crc32c.cu` (the CRC-32C kernel), the last two sharing the warp helpers of `warp.cuh`. Every
 //! `.cu` file there is embedded the same way, and `src/cuda/kernels.rs` loads one by its
 //! stem; a file listed in [`REQUIRED`] that is missing gets a cargo warning (the build still
 //! succeeds, and using those kernels is then an error at run time).
 //!
-//! The CUDA C source of every kernel file is always embedded. In addition, when a CUDA
-//! toolkit is found, each file is compiled to PTX and that PTX is embedded as well:
+//! A kernel file may share code through headers of its own directory: a line
+//! `#include "warp.cuh"` names `kernels/warp.cuh`. NVRTC has no include path for those, so
+//! the script pastes each such header in place of its `#include` line (recursively; each
+//! header at most once per kernel file; `#line` lines keep compiler messages pointing at the
+//! real files) and writes the result to `$OUT_DIR/<name>.cu`: the one self-contained source
+//! that nvcc compiles and that is embedded. A header that is not in `kernels/`, or an include
+//! cycle, fails the build. `#include <...>` lines are left as they are. A kernel file without
+//! includes is copied unchanged.
+//!
+//! The (expanded) CUDA C source of every kernel file is always embedded. In addition, when a
+//! CUDA toolkit is found, each file is compiled to PTX and that PTX is embedded as well:
 //!
 //! - nvcc is looked for, in order, at `$NVCC`, `$CUDA_HOME/bin/nvcc`, `$CUDA_PATH/bin/nvcc`,
 //!   `/usr/local/cuda/bin/nvcc`, then `nvcc` on `PATH`.
-//! - It is run as `nvcc -ptx -arch=compute_75 -O3 -o $OUT_DIR/<name>.ptx kernels/<name>.cu`.
+//! - It is run as `nvcc -ptx -arch=compute_75 -O3 -o $OUT_DIR/<name>.ptx $OUT_DIR/<name>.cu`.
 //!   PTX for a virtual architecture is JIT-compiled by the driver for the GPU it finds, so
 //!   one build serves Turing (sm_75), Ampere (sm_80/86), Ada (sm_89), Hopper (sm_90) and
 //!   newer GPUs. `SPILLWAY_NVCC_ARCH=compute_90` (say) overrides the architecture.
@@ -48,8 +57,8 @@ const REQUIRED: &[&str] = &["pattern", "pack", "crc32c"];
 struct Kernel {
     /// File stem: the module's name.
     name: String,
-    /// The `.cu` file.
-    source: PathBuf,
+    /// `$OUT_DIR/<name>.cu`: the `.cu` file with its headers pasted in (see [`expand_includes`]).
+    expanded: PathBuf,
     /// The PTX file, when nvcc compiled it.
     ptx: Option<PathBuf>,
 }
@@ -108,9 +117,11 @@ fn main() {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let expanded = out_dir.join(format!("{name}.cu"));
+        write_expanded(&kernel_dir, &source, &expanded);
         let ptx = nvcc.as_ref().and_then(|nvcc| {
             let out = out_dir.join(format!("{name}.ptx"));
-            match compile_ptx(nvcc, &arch, &source, &out) {
+            match compile_ptx(nvcc, &arch, &expanded, &out) {
                 Ok(()) => Some(out),
                 Err(e) => {
                     warn(&format!(
@@ -125,7 +136,7 @@ fn main() {
                 }
             }
         });
-        kernels.push(Kernel { name, source, ptx });
+        kernels.push(Kernel { name, expanded, ptx });
     }
 
     let description = describe(&kernels, nvcc.as_ref(), &arch, &why_not, &failed);
@@ -153,6 +164,108 @@ fn kernel_sources(dir: &Path) -> Vec<PathBuf> {
     };
     files.sort();
     files
+}
+
+/// Writes the self-contained source of kernel file `source` to `out`; an include that cannot
+/// be resolved fails the build, since neither nvcc nor NVRTC could compile the file.
+fn write_expanded(kernel_dir: &Path, source: &Path, out: &Path) {
+    let file = source
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let text = expand_includes(kernel_dir, &file).unwrap_or_else(|e| panic!("{e}"));
+    if let Err(e) = fs::write(out, text) {
+        panic!("cannot write {}: {e}", out.display());
+    }
+}
+
+/// The text of kernel file `kernels/<file>` with every `#include "<header>"` line replaced by
+/// the text of `kernels/<header>`, itself expanded the same way, between `#line` lines that
+/// name the real file and line. A header already pasted into this kernel file is not pasted
+/// again (its `#include` line becomes an empty line), as with `#pragma once`. A file without
+/// includes comes back byte for byte.
+fn expand_includes(kernel_dir: &Path, file: &str) -> Result<String, String> {
+    let mut expansion = Expansion {
+        kernel_dir,
+        chain: Vec::new(),
+        pasted: Vec::new(),
+        text: String::new(),
+    };
+    expansion.paste(file)?;
+    Ok(expansion.text)
+}
+
+/// The state of one kernel file's [`expand_includes`].
+struct Expansion<'a> {
+    /// `kernels/`: where every quoted include is looked up.
+    kernel_dir: &'a Path,
+    /// The files being pasted, outermost first: an include of one of them is a cycle.
+    chain: Vec<String>,
+    /// The headers pasted so far.
+    pasted: Vec<String>,
+    /// The expanded text so far.
+    text: String,
+}
+
+impl Expansion<'_> {
+    /// Appends file `name` of `kernels/`, with its includes expanded.
+    fn paste(&mut self, name: &str) -> Result<(), String> {
+        let path = self.kernel_dir.join(name);
+        println!("cargo:rerun-if-changed={}", path.display());
+        let source = fs::read_to_string(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        self.chain.push(name.to_string());
+        for (index, line) in source.split_inclusive('\n').enumerate() {
+            match included_header(line) {
+                None => self.text.push_str(line),
+                Some(header) => self.include(name, index + 1, header)?,
+            }
+        }
+        self.chain.pop();
+        Ok(())
+    }
+
+    /// Replaces line `line` of file `from`, an `#include` of `header`, by that header's text.
+    fn include(&mut self, from: &str, line: usize, header: &str) -> Result<(), String> {
+        let at = format!("kernels/{from}, line {line}");
+        if self.chain.iter().any(|f| f == header) {
+            return Err(format!(
+                "{at}: include cycle: {} -> {header}",
+                self.chain.join(" -> ")
+            ));
+        }
+        if self.pasted.iter().any(|h| h == header) {
+            self.text.push('\n');
+            return Ok(());
+        }
+        // A plain file name, so that `chain` and `pasted` name each header one way only.
+        if header.contains(['/', '\\']) || !self.kernel_dir.join(header).is_file() {
+            return Err(format!(
+                "{at}: #include \"{header}\": {} has no such file (a kernel file can include \
+                 only headers of that directory, by file name)",
+                self.kernel_dir.display()
+            ));
+        }
+        self.pasted.push(header.to_string());
+        self.text.push_str(&format!("#line 1 \"kernels/{header}\"\n"));
+        self.paste(header)?;
+        if !self.text.ends_with('\n') {
+            self.text.push('\n');
+        }
+        // Back in `from`, at the line after the include.
+        self.text
+            .push_str(&format!("#line {} \"kernels/{from}\"\n", line + 1));
+        Ok(())
+    }
+}
+
+/// `warp.cuh` for the line `#include "warp.cuh"` (spaces allowed around `#` and before the
+/// name, a comment after it); `None` for any other line, `#include <...>` included.
+fn included_header(line: &str) -> Option<&str> {
+    let directive = line.trim_start().strip_prefix('#')?.trim_start();
+    let rest = directive.strip_prefix("include")?.trim_start();
+    let quoted = rest.strip_prefix('"')?;
+    let end = quoted.find('"')?;
+    Some(&quoted[..end])
 }
 
 /// True when the variable is set to something other than "", "0", "false" or "no".
@@ -275,7 +388,7 @@ fn generate(kernels: &[Kernel], arch: &str, description: &str) -> String {
     ));
     s.push_str("pub(crate) static MODULES: &[EmbeddedModule] = &[\n");
     for k in kernels {
-        let source = k.source.display().to_string();
+        let source = k.expanded.display().to_string();
         let ptx = match &k.ptx {
             Some(p) => format!("Some(include_str!({:?}))", p.display().to_string()),
             None => "None".to_string(),

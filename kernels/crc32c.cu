@@ -21,7 +21,7 @@
 // a time, alone (warps never wait for each other, so any grid and any block of a multiple of
 // 32 threads, up to the launch bound, is correct; the launch code picks a grid that fills the
 // GPU and the warps stride over the segments), and finds its piece with the same
-// warp-cooperative search as pack.cu.
+// warp-cooperative search as pack.cu (sp_warp_upper_bound, in warp.cuh).
 //
 // One segment [start, end), one warp. The segment is covered by the 16-byte aligned blocks
 // from base = start rounded down to 16, in rows of 32 blocks (512 bytes); lane l takes block
@@ -61,14 +61,11 @@
 // (half the rate of a device-to-device copy of the same size, 20 times PCIe's), and as one
 // piece a little faster (crc32c_bandwidth in tests/gpu_crc.rs).
 //
-// The file includes no headers, so NVRTC compiles it as it is.
+// The file includes only warp.cuh (the warp helpers it shares with pack.cu), which build.rs
+// pastes in, so the source NVRTC compiles is self-contained.
 
-typedef unsigned char sp_u8;
-typedef unsigned int sp_u32;
-typedef unsigned long long sp_u64;
+#include "warp.cuh"
 
-#define SP_WARP 32
-#define SP_FULL_MASK 0xffffffffu
 // The CRC-32C polynomial, reflected.
 #define CRC_POLY 0x82f63b78u
 // Blocks each lane loads before it feeds them to its register.
@@ -86,49 +83,6 @@ typedef unsigned long long sp_u64;
 // [8][256]: x^(8 v 256^k) at 256 k + v.
 #define CRC_POW_AT 5136
 #define CRC_CONST_WORDS 7184
-
-// The lane of the calling thread, its warp's index in the grid, and the grid's warp count.
-__device__ __forceinline__ unsigned sp_lane() {
-    return threadIdx.x & (SP_WARP - 1);
-}
-
-__device__ __forceinline__ sp_u64 sp_global_warp() {
-    return ((sp_u64)blockIdx.x * blockDim.x + threadIdx.x) / SP_WARP;
-}
-
-__device__ __forceinline__ sp_u64 sp_warp_count() {
-    return ((sp_u64)gridDim.x * blockDim.x) / SP_WARP;
-}
-
-// The first i in [lo, hi) with keys[i] > target, or hi if there is none; keys[lo, hi) is
-// sorted ascending. All 32 lanes call it with the same arguments and get the same answer.
-// (The same search as pack.cu's.)
-__device__ sp_u64 sp_warp_upper_bound(const sp_u64* __restrict__ keys, sp_u64 lo, sp_u64 hi, sp_u64 target,
-                                      unsigned lane) {
-    while (hi - lo > SP_WARP) {
-        // 32 buckets of `step` keys cover [lo, hi); each lane probes the last key of its
-        // bucket. The answer lies in the first bucket whose last key is above the target.
-        const sp_u64 step = (hi - lo + SP_WARP - 1) / SP_WARP;
-        sp_u64 probe = lo + (lane + 1) * step - 1;
-        if (probe > hi - 1) {
-            probe = hi - 1;
-        }
-        const unsigned above = __ballot_sync(SP_FULL_MASK, keys[probe] > target);
-        if (above == 0) {
-            return hi;
-        }
-        const sp_u64 k = (sp_u64)(__ffs(above) - 1);
-        const sp_u64 bucket_end = lo + (k + 1) * step;
-        lo += k * step;
-        if (bucket_end < hi) {
-            hi = bucket_end;
-        }
-        // keys[hi - 1] > target from here on, so the answer lies in [lo, hi).
-    }
-    const sp_u64 i = lo + lane;
-    const unsigned above = __ballot_sync(SP_FULL_MASK, i < hi && keys[i] > target);
-    return above == 0 ? hi : lo + (sp_u64)(__ffs(above) - 1);
-}
 
 // a * b mod P, both reflected: for each coefficient of a, from x^0 (bit 31) up, add b if it
 // is set, then multiply b by x.
