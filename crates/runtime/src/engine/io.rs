@@ -1,19 +1,25 @@
-//! The I/O side of the engine's state: starting writes and prefetches within the staging
-//! budget, handling their completions, and the staging memory itself.
+//! The I/O side of [`State`]'s coordination: starting writes and prefetches within the
+//! budgets (staging memory, direct write bytes, prefetch bytes), and handling their
+//! completions.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::{IoOp, IoRequest};
+use crate::device::Event;
 use crate::error::{Error, Result};
 use crate::extents::Extent;
 use crate::memory::MemRef;
 
+use super::env::Msg;
+use super::groups::{LoadState, WriteState};
 use super::layout;
 use super::pending::{PendingIo, Settled};
-use super::state::{LoadState, Msg, State, WriteState};
+use super::space::NoExtent;
+use super::state::State;
 use super::stats::{Op, Stats};
 use super::timeline::Track;
+use super::verify::PendingSums;
 
 impl State {
     /// Starts whatever the budgets now allow. Called after every change.
@@ -25,63 +31,43 @@ impl State {
 
     /// True when nothing written or read is outstanding (and nothing is queued to write).
     pub(crate) fn idle(&self) -> bool {
-        self.open.is_none()
-            && self.write_queue.is_empty()
-            && self.writes_inflight == 0
-            && self.loads_inflight == 0
-            && self.demand_reads_inflight == 0
+        self.writes.idle() && self.reads.idle()
     }
 
     fn start_writes(&mut self) {
-        while let Some(&gid) = self.write_queue.front() {
+        while let Some(&gid) = self.writes.queue.front() {
             let Some(g) = self.groups.get(&gid) else {
-                self.write_queue.pop_front();
+                self.writes.queue.pop_front();
                 continue;
             };
             if g.entries.is_empty() {
                 self.groups.remove(&gid);
-                self.write_queue.pop_front();
+                self.writes.queue.pop_front();
                 continue;
             }
             let (len, staged) = (g.planned, g.staged);
-            if !staged && self.direct_inflight > 0 && self.direct_inflight + len > self.cfg.direct_write_bytes
-            {
+            if !staged && self.writes.direct_over(len, self.env.cfg.direct_write_bytes) {
                 break;
             }
             let staging = if staged {
                 match self.staging_alloc(len, true) {
                     Some(s) => Some(s),
                     None => {
-                        self.staging_wait_since.get_or_insert_with(Instant::now);
+                        self.writes.wait_for_staging();
                         break;
                     }
                 }
             } else {
                 None
             };
-            self.write_queue.pop_front();
-            let extent = match self.storage.alloc(len) {
-                Ok(Ok(extent)) => {
-                    self.storage_full = false;
-                    extent
-                }
-                Ok(Err(full)) => {
-                    // Said once per episode of full storage, not once per extent.
-                    if !std::mem::replace(&mut self.storage_full, true) {
-                        tracing::warn!("{full}; tensors stay in GPU memory until space is freed");
-                    }
+            self.writes.queue.pop_front();
+            let extent = match self.space.alloc(len) {
+                Ok(extent) => extent,
+                Err(why) => {
                     if let Some(s) = staging {
-                        self.staging_free(s);
+                        self.staging.free(s);
                     }
-                    self.keep_resident(gid, true);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!("allocating an extent: {e}");
-                    if let Some(s) = staging {
-                        self.staging_free(s);
-                    }
-                    self.keep_resident(gid, false);
+                    self.keep_resident(gid, matches!(why, NoExtent::Full));
                     continue;
                 }
             };
@@ -101,16 +87,17 @@ impl State {
         );
         let _enter = span.enter();
         let start = Instant::now();
-        if let Some(since) = self.staging_wait_since.take() {
-            Stats::add(&self.stats.c.staging_wait_ns, since.elapsed().as_nanos() as u64);
+        let stats = self.env.stats.clone();
+        if let Some(since) = self.writes.staging_waited() {
+            Stats::add(&stats.c.staging_wait_ns, since.elapsed().as_nanos() as u64);
         }
-        let align = self.cfg.alignment;
+        let align = self.env.cfg.alignment;
         let mut at = 0;
         let mut pieces = Vec::new();
         let mut ready = Vec::new();
         let members = self.groups[&gid].entries.clone();
         for eid in &members {
-            let e = self.entries.get_mut(eid).expect("group members are live");
+            let e = self.tensors.entries.get_mut(eid).expect("group members are live");
             let (segments, next) = layout::place(&e.regions, at, align);
             pieces.extend(layout::pack_pieces(&e.regions, &segments));
             e.segments = segments;
@@ -128,46 +115,59 @@ impl State {
             g.write = WriteState::Preparing;
             g.io_started = start;
         }
-        self.writes_inflight += 1;
+        self.writes.started(staging.is_none(), at);
         let counter = if staging.is_some() {
-            &self.stats.c.packed_tensors
+            &stats.c.packed_tensors
         } else {
-            self.direct_inflight += at;
-            &self.stats.c.direct_tensors
+            &stats.c.direct_tensors
         };
         Stats::add(counter, members.len() as u64);
-        if staging.is_none() && ready.is_empty() && !self.cfg.checksums {
+        if staging.is_none() && ready.is_empty() && !self.env.cfg.checksums {
             // Written straight from memory that is ready now: no device work to wait for.
             self.on_prepared(gid, Ok(()));
             return Ok(());
         }
         for ev in &ready {
-            self.offload_stream.wait_event(ev.as_ref())?;
+            self.env.offload_stream.wait_event(ev.as_ref())?;
         }
         self.queue_write_sums(gid)?;
         if let Some(s) = staging {
-            let base = self.staging_buf.ptr() + s.offset;
+            let base = self.staging.ptr(s);
             // SAFETY: the staging extent is the group's until its write completes; the
             // tensors' memory is held until then too (the offload contract), and the stream
             // waited above for their producers.
             unsafe {
-                self.device
-                    .pack(self.offload_stream.as_ref(), base, at, &pieces)?
+                self.env
+                    .device
+                    .pack(self.env.offload_stream.as_ref(), base, at, &pieces)?
             };
         }
-        let ev: Arc<dyn super::super::device::Event> = Arc::from(self.offload_stream.record()?);
-        let tx = self.tx.clone();
-        self.offload_waiter.after(ev, move |r| {
-            let _ = tx.send(Msg::Prepared(gid, r));
-        });
+        let ev: Arc<dyn Event> = Arc::from(self.env.offload_stream.record()?);
+        self.env
+            .tell_after(&self.env.offload_waiter, ev, move |r| Msg::Prepared(gid, r));
         Ok(())
     }
 
-    /// The offload stream has packed the group / its producers are done: submit the writes.
+    /// With checksums on, queues on the offload stream the checksums of the group's
+    /// tensors, read from their own memory (after the stream has waited for their
+    /// producers). [`State::store_sums`] takes them once the stream has passed them.
+    fn queue_write_sums(&mut self, gid: u64) -> Result<()> {
+        if !self.env.cfg.checksums {
+            return Ok(());
+        }
+        let entries = self.groups[&gid].entries.clone();
+        let sums = PendingSums::of_sources(&self.env, &self.tensors, entries)?;
+        self.groups.get_mut(&gid).expect("live").checksums = Some(sums);
+        Ok(())
+    }
+
+    /// The offload stream has packed the group / its producers are done: store the
+    /// tensors' checksums (if any) and submit the writes.
     pub(crate) fn on_prepared(&mut self, gid: u64, outcome: Result<()>) {
         let Some(g) = self.groups.get(&gid) else { return };
         if g.staged {
-            self.timeline
+            self.env
+                .timeline
                 .record(Track::Pack, "pack", g.io_started, Instant::now(), g.len);
         }
         let submitted = outcome
@@ -178,22 +178,32 @@ impl State {
         }
     }
 
+    /// Gives the group's tensors the checksums queued by [`State::queue_write_sums`]; the
+    /// stream has passed them.
+    fn store_sums(&mut self, gid: u64) -> Result<()> {
+        let Some(p) = self.groups.get_mut(&gid).and_then(|g| g.checksums.take()) else {
+            return Ok(());
+        };
+        p.store(&mut self.tensors)
+    }
+
     fn submit_writes(&mut self, gid: u64) -> Result<()> {
         let _span = tracing::debug_span!("submit_writes", group = gid).entered();
+        let env = &self.env;
         let g = &self.groups[&gid];
         let extent = g.extent.expect("prepared groups have an extent");
         let mut reqs = Vec::new();
         if let Some(s) = g.write_staging {
-            reqs.push((extent.offset, self.staging_buf.ptr() + s.offset, g.len));
+            reqs.push((extent.offset, self.staging.ptr(s), g.len));
         } else {
             for eid in &g.entries {
-                let e = &self.entries[eid];
+                let e = &self.tensors.entries[eid];
                 for (r, s) in e.regions.iter().zip(&e.segments) {
                     reqs.push((extent.offset + s.at, r.ptr, r.len));
                 }
             }
         }
-        let path = self.path(extent.target);
+        let path = env.path(extent.target);
         let mut ios = Vec::with_capacity(reqs.len());
         let mut failed = None;
         for (offset, ptr, len) in reqs {
@@ -210,11 +220,11 @@ impl State {
             // writes settle: the group keeps both until its write completion.
             let submitted = unsafe {
                 PendingIo::submit(
-                    self.backend.as_ref(),
+                    env.backend.as_ref(),
                     req,
                     path.clone(),
-                    self.stats.clone(),
-                    self.cfg.io_retries,
+                    env.stats.clone(),
+                    env.cfg.io_retries,
                 )
             };
             match submitted {
@@ -230,7 +240,7 @@ impl State {
             return Err(failed.unwrap_or_else(|| Error::invalid("an extent with nothing to write")));
         }
         for io in &ios {
-            self.notify_on_complete(io, gid, IoOp::Write);
+            env.notify_on_complete(io, gid, IoOp::Write);
         }
         let g = self.groups.get_mut(&gid).expect("live");
         g.ios = ios;
@@ -239,18 +249,6 @@ impl State {
         g.write = WriteState::Writing;
         g.io_started = Instant::now();
         Ok(())
-    }
-
-    /// Has the progress thread told (a [`Msg::WriteIo`] or [`Msg::ReadIo`] for `gid`) when
-    /// `io` completes.
-    fn notify_on_complete(&self, io: &PendingIo, gid: u64, op: IoOp) {
-        let tx = self.tx.clone();
-        io.on_complete(move || {
-            let _ = tx.send(match op {
-                IoOp::Write => Msg::WriteIo(gid),
-                IoOp::Read => Msg::ReadIo(gid),
-            });
-        });
     }
 
     /// Settles the completed requests among `ios` (`op` is their direction): a short one
@@ -270,10 +268,10 @@ impl State {
                 in_flight.push(io);
                 continue;
             }
-            match io.settle(self.backend.as_ref(), retry && failed.is_none()) {
+            match io.settle(self.env.backend.as_ref(), retry && failed.is_none()) {
                 Settled::Done => {}
                 Settled::Resubmitted(io) => {
-                    self.notify_on_complete(&io, gid, op);
+                    self.env.notify_on_complete(&io, gid, op);
                     in_flight.push(io);
                 }
                 Settled::Failed(e) => {
@@ -315,11 +313,12 @@ impl State {
     /// `write_errors` (and `no_space_errors` for ENOSPC), its tensors kept in their own
     /// memory and its extent and staging given back.
     fn write_failed(&mut self, gid: u64, e: Error, doing: &str) {
-        Stats::add(&self.stats.c.write_errors, 1);
+        let stats = &self.env.stats;
+        Stats::add(&stats.c.write_errors, 1);
         if matches!(e, Error::NoSpace { .. }) {
-            Stats::add(&self.stats.c.no_space_errors, 1);
+            Stats::add(&stats.c.no_space_errors, 1);
             // Said once per episode of a full device, not once per extent.
-            if std::mem::replace(&mut self.device_full, true) {
+            if self.writes.device_full_again() {
                 tracing::debug!("{doing}: {e}");
             } else {
                 tracing::warn!("{doing}: {e}; tensors stay in GPU memory while the storage is full");
@@ -335,36 +334,37 @@ impl State {
     fn finish_write(&mut self, gid: u64, outcome: Result<()>) {
         let g = self.groups.get_mut(&gid).expect("live");
         let took = g.io_started.elapsed();
-        self.writes_inflight -= 1;
-        if let Some(s) = g.write_staging.take() {
-            self.staging_free(s);
-        } else {
-            self.direct_inflight -= self.groups[&gid].len;
+        let staging = g.write_staging.take();
+        self.writes.ended(staging.is_none(), g.len);
+        if let Some(s) = staging {
+            self.staging.free(s);
         }
         if let Err(e) = outcome {
             self.keep_resident(gid, matches!(e, Error::NoSpace { .. }));
             return;
         }
-        self.device_full = false;
+        self.writes.device_has_room();
         let g = self.groups.get_mut(&gid).expect("live");
         g.write = WriteState::Done;
         let len = g.len;
-        Stats::add(&self.stats.c.extents_written, 1);
-        Stats::add(&self.stats.c.bytes_written, len);
-        Stats::add(&self.stats.c.write_ns, took.as_nanos() as u64);
-        self.stats.record(Op::Write, took);
-        self.timeline
+        let stats = self.env.stats.clone();
+        Stats::add(&stats.c.extents_written, 1);
+        Stats::add(&stats.c.bytes_written, len);
+        Stats::add(&stats.c.write_ns, took.as_nanos() as u64);
+        stats.record(Op::Write, took);
+        self.env
+            .timeline
             .record(Track::Write, "write", Instant::now() - took, Instant::now(), len);
         for eid in g.entries.clone() {
-            let mut e = self.entries.remove(&eid).expect("group members are live");
-            self.stats.record(Op::Offload, e.offloaded_at.elapsed());
+            let mut e = self.tensors.entries.remove(&eid).expect("group members are live");
+            stats.record(Op::Offload, e.offloaded_at.elapsed());
             self.release_source(&mut e);
             if e.handles > 0 {
-                self.entries.insert(eid, e);
+                self.tensors.entries.insert(eid, e);
             }
         }
         let g = self.groups.get_mut(&gid).expect("live");
-        g.entries.retain(|eid| self.entries.contains_key(eid));
+        g.entries.retain(|eid| self.tensors.entries.contains_key(eid));
         self.maybe_free_group(gid);
     }
 
@@ -376,14 +376,14 @@ impl State {
             self.free_storage(extent);
         }
         for eid in g.entries {
-            let Some(e) = self.entries.get_mut(&eid) else {
+            let Some(e) = self.tensors.entries.get_mut(&eid) else {
                 continue;
             };
             e.group = None;
             e.segments.clear();
             if out_of_space {
-                Stats::add(&self.stats.c.resident_tensors, 1);
-                Stats::add(&self.stats.c.resident_bytes, e.len);
+                Stats::add(&self.env.stats.c.resident_tensors, 1);
+                Stats::add(&self.env.stats.c.resident_bytes, e.len);
             }
             if e.handles == 0 {
                 self.forget_entry(eid);
@@ -396,7 +396,7 @@ impl State {
     /// read that fails to start is counted, cleaned up and returned.
     pub(crate) fn start_load_now(&mut self, gid: u64) -> Result<bool> {
         let len = self.groups[&gid].len;
-        if self.prefetch_held + len > self.cfg.prefetch_bytes {
+        if !self.reads.fits(len, self.env.cfg.prefetch_bytes) {
             return Ok(false);
         }
         let Some(staging) = self.staging_alloc(len, false) else {
@@ -404,8 +404,8 @@ impl State {
         };
         self.submit_load(gid, staging).map(|()| true).inspect_err(|e| {
             tracing::warn!("prefetch failed to start (fetch reads on demand): {e}");
-            self.staging_free(staging);
-            Stats::add(&self.stats.c.read_errors, 1);
+            self.staging.free(staging);
+            Stats::add(&self.env.stats.c.read_errors, 1);
         })
     }
 
@@ -415,31 +415,32 @@ impl State {
     /// ([`State::starts_a_scan`]). Requests overtaken by their fetch are dropped, and so
     /// are lone ones: their fetch reads the tensor's own bytes, not the whole extent.
     fn start_prefetches(&mut self) {
-        while let Some(&req) = self.prefetch_queue.front() {
-            let live = match (self.handles.get(&req.handle), self.groups.get(&req.group)) {
+        while let Some(&req) = self.reads.queue.front() {
+            let live = match (self.tensors.handle(req.handle), self.groups.get(&req.group)) {
                 (Some(rec), Some(g)) => rec.fetched_at < req.at && g.live > 0,
                 _ => false,
             };
             if !live {
-                self.prefetch_queue.pop_front();
+                self.reads.queue.pop_front();
                 continue;
             }
             if matches!(self.groups[&req.group].load, LoadState::Idle) {
-                if !self.starts_a_scan(req.group, self.handles[&req.handle].entry) {
-                    self.prefetch_queue.pop_front(); // its fetch counts as a demand read
+                let eid = self.tensors.handle(req.handle).expect("live").entry;
+                if !self.starts_a_scan(req.group, eid) {
+                    self.reads.queue.pop_front(); // its fetch counts as a demand read
                     continue;
                 }
                 match self.start_load_now(req.group) {
                     Ok(true) => {}
                     Ok(false) => break,
                     Err(_) => {
-                        self.prefetch_queue.pop_front();
+                        self.reads.queue.pop_front();
                         continue;
                     }
                 }
             }
             self.attach(req.handle, req.group);
-            self.prefetch_queue.pop_front();
+            self.reads.queue.pop_front();
         }
     }
 
@@ -449,15 +450,13 @@ impl State {
     /// reverse). Anything else (a deduplicated tensor needed again, a random access) is a
     /// lone request, for which reading the whole extent would read it many times over.
     fn starts_a_scan(&self, gid: u64, eid: u64) -> bool {
-        let mut waiting = self.groups[&gid]
-            .entries
-            .iter()
-            .filter(|&&e| e == eid || self.entries.get(&e).is_some_and(|e| e.unfetched > 0));
-        waiting.next() == Some(&eid) || waiting.next_back() == Some(&eid)
+        self.tensors
+            .first_or_last_waiting(&self.groups[&gid].entries, eid)
     }
 
     fn submit_load(&mut self, gid: u64, staging: Extent) -> Result<()> {
         let _span = tracing::debug_span!("prefetch", group = gid).entered();
+        let env = &self.env;
         let g = &self.groups[&gid];
         let extent = g.extent.expect("written groups have an extent");
         let req = IoRequest {
@@ -465,7 +464,7 @@ impl State {
             op: IoOp::Read,
             offset: extent.offset,
             mem: MemRef::Device {
-                ptr: self.staging_buf.ptr() + staging.offset,
+                ptr: self.staging.ptr(staging),
                 len: g.len as usize,
             },
         };
@@ -475,23 +474,23 @@ impl State {
         let needed = g
             .entries
             .iter()
-            .filter_map(|eid| self.entries.get(eid))
+            .filter_map(|eid| self.tensors.entries.get(eid))
             .filter_map(|e| e.segments.last().map(|s| s.at + s.len))
             .max()
             .unwrap_or(g.len);
-        let path = self.path(extent.target);
+        let path = env.path(extent.target);
         // SAFETY: the staging extent belongs to this load until its read has settled.
         let io = unsafe {
             PendingIo::submit_needing(
-                self.backend.as_ref(),
+                env.backend.as_ref(),
                 req,
                 needed as usize,
                 path,
-                self.stats.clone(),
-                self.cfg.io_retries,
+                env.stats.clone(),
+                env.cfg.io_retries,
             )?
         };
-        self.notify_on_complete(&io, gid, IoOp::Read);
+        env.notify_on_complete(&io, gid, IoOp::Read);
         let len = g.len;
         let epoch = self.id();
         let g = self.groups.get_mut(&gid).expect("live");
@@ -500,9 +499,8 @@ impl State {
         g.load_epoch = epoch;
         g.pending = 0;
         g.io_started = Instant::now();
-        self.prefetch_held += len;
-        self.loads_inflight += 1;
-        Stats::add(&self.stats.c.prefetched_extents, 1);
+        self.reads.load_started(len);
+        Stats::add(&self.env.stats.c.prefetched_extents, 1);
         Ok(())
     }
 
@@ -540,14 +538,40 @@ impl State {
         self.end_load(gid, staging, outcome);
     }
 
+    /// With checksums on, queues on the fetch stream the checksums of a loaded group's
+    /// tensors as they lie in `staging`, and has the progress thread told
+    /// ([`Msg::Verified`]) when they are computed. False when there is nothing to check.
+    fn queue_load_check(&mut self, gid: u64, staging: Extent) -> Result<bool> {
+        if !self.env.cfg.checksums {
+            return Ok(false);
+        }
+        let base = self.staging.ptr(staging);
+        let members = &self.groups[&gid].entries;
+        let Some(sums) = PendingSums::of_loaded(&self.env, &self.tensors, members, base)? else {
+            return Ok(false);
+        };
+        let ev: Arc<dyn Event> = Arc::from(self.env.fetch_stream.record()?);
+        self.groups.get_mut(&gid).expect("live").checksums = Some(sums);
+        self.env
+            .tell_after(&self.env.fetch_waiter, ev, move |r| Msg::Verified(gid, r));
+        Ok(true)
+    }
+
     /// The checksums of a loaded group's bytes are computed (`outcome`: whether the device
-    /// got there): compare them, and end the load.
+    /// got there): compare them with those written, and end the load. The first tensor
+    /// that differs fails the load (counted in `checksum_errors`).
     pub(crate) fn on_verified(&mut self, gid: u64, outcome: Result<()>) {
-        let Some(g) = self.groups.get(&gid) else { return };
+        let Some(g) = self.groups.get_mut(&gid) else {
+            return;
+        };
         let (LoadState::Loading(staging), true) = (g.load, g.checksums.is_some()) else {
             return;
         };
-        let outcome = outcome.and_then(|()| self.check_load(gid));
+        let outcome = outcome.and_then(|()| {
+            let sums = g.checksums.take().expect("checked above");
+            let extent = g.extent.expect("a loaded group was written");
+            sums.check(&self.env, &self.tensors, extent)
+        });
         self.end_load(gid, staging, outcome);
     }
 
@@ -557,14 +581,16 @@ impl State {
         let g = self.groups.get_mut(&gid).expect("live");
         g.checksums = None; // not taken when the device failed to compute them
         let took = g.io_started.elapsed();
-        self.loads_inflight -= 1;
         let len = g.len;
+        let ok = outcome.is_ok();
+        self.reads.load_ended(gid, len, ok);
         match outcome {
             Ok(()) => {
-                Stats::add(&self.stats.c.bytes_read, len);
-                Stats::add(&self.stats.c.read_ns, took.as_nanos() as u64);
-                self.stats.record(Op::Read, took);
-                self.timeline.record(
+                let stats = &self.env.stats;
+                Stats::add(&stats.c.bytes_read, len);
+                Stats::add(&stats.c.read_ns, took.as_nanos() as u64);
+                stats.record(Op::Read, took);
+                self.env.timeline.record(
                     Track::Read,
                     "prefetch",
                     Instant::now() - took,
@@ -572,18 +598,15 @@ impl State {
                     len,
                 );
                 g.load = LoadState::Loaded(staging);
-                let pending = g.pending;
-                self.loaded.push_back(gid);
-                if pending == 0 {
+                if g.pending == 0 {
                     self.unload(gid); // every request for it was released meanwhile
                 }
             }
             Err(e) => {
                 tracing::warn!("prefetch read failed (fetch will read on demand): {e}");
-                Stats::add(&self.stats.c.read_errors, 1);
+                Stats::add(&self.env.stats.c.read_errors, 1);
                 g.load = LoadState::Idle;
-                self.prefetch_held -= len;
-                self.staging_free(staging);
+                self.staging.free(staging);
             }
         }
         self.maybe_free_group(gid);
@@ -600,65 +623,40 @@ impl State {
         g.load = LoadState::Idle;
         g.pending = 0;
         let fence = g.fence.take();
-        self.prefetch_held -= g.len;
-        self.loaded.retain(|&x| x != gid);
+        self.reads.unloaded(gid, g.len);
         match fence {
             Some(f) if !f.query().unwrap_or(true) => {
-                let tx = self.tx.clone();
-                self.fetch_waiter.after(f.clone(), move |_| {
-                    let _ = tx.send(Msg::Fence);
-                });
-                self.fenced_staging.push((staging, f));
+                self.env
+                    .tell_after(&self.env.fetch_waiter, f.clone(), |_| Msg::Fence);
+                self.staging.free_after(staging, f);
             }
-            _ => self.staging_free(staging),
+            _ => self.staging.free(staging),
         }
     }
 
     /// Allocates staging memory; a write may evict loaded extents to get it.
     fn staging_alloc(&mut self, len: u64, may_evict: bool) -> Option<Extent> {
         loop {
-            if let Ok(Ok(s)) = self.staging.alloc(len) {
-                self.staging_used += s.len;
-                self.stats.staging_in_use(self.staging_used);
+            if let Some(s) = self.staging.try_alloc(len, &self.env.stats) {
                 return Some(s);
             }
             if !may_evict {
                 return None;
             }
-            let victim = self.loaded.front().copied()?;
-            Stats::add(&self.stats.c.prefetch_evictions, 1);
+            let victim = self.reads.oldest_loaded()?;
+            Stats::add(&self.env.stats.c.prefetch_evictions, 1);
             self.unload(victim);
             self.free_fenced();
         }
     }
 
-    pub(crate) fn staging_free(&mut self, s: Extent) {
-        match self.staging.free(s) {
-            Ok(()) => self.staging_used -= s.len,
-            Err(e) => tracing::error!("freeing staging {s:?}: {e}"),
-        }
-    }
-
     /// Frees staging and releases sources whose fences have completed.
     fn free_fenced(&mut self) {
-        if self.fenced_staging.is_empty() && self.fenced_sources.is_empty() {
+        if self.staging.none_fenced() && self.callbacks.none_fenced() {
             return;
         }
-        let done = |f: &Arc<dyn super::super::device::Event>| f.query().unwrap_or(true);
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fenced_staging)
-            .into_iter()
-            .partition(|(_, f)| done(f));
-        self.fenced_staging = waiting;
-        for (s, _) in ready {
-            self.staging_free(s);
-        }
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fenced_sources)
-            .into_iter()
-            .partition(|(_, f)| done(f));
-        self.fenced_sources = waiting;
-        for (callbacks, _) in ready {
-            self.due_callbacks.extend(callbacks);
-        }
+        self.staging.free_fenced();
+        self.callbacks.free_fenced();
     }
 }
 

@@ -65,17 +65,25 @@
 //! # Ok(()) }
 //! ```
 
+mod callbacks;
 mod config;
+mod env;
+mod groups;
 mod io;
 mod layout;
 mod pending;
+mod reads;
+mod space;
+mod staging;
 mod state;
 mod stats;
+mod tensors;
 mod timeline;
 mod verify;
 mod waiter;
+mod writes;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -94,7 +102,11 @@ use crate::device::{Device, Event};
 use crate::error::{Error, Result};
 use crate::extents::ExtentAllocator;
 use crate::target::{check_distinct, Target};
-use state::{FetchPlan, Msg, SourceFreeFn, State};
+use callbacks::SourceFreeFn;
+use env::{Env, Msg};
+use space::Space;
+use staging::Staging;
+use state::{FetchPlan, State};
 use stats::Stats;
 use waiter::Waiter;
 
@@ -162,7 +174,7 @@ impl Core {
 
     /// Takes the callbacks made due, to be run (outside the lock) by [`Core::run_due`].
     fn take_due(&self, st: &mut State) -> Vec<SourceFreeFn> {
-        let due = std::mem::take(&mut st.due_callbacks);
+        let due = st.callbacks.take_due();
         if !due.is_empty() {
             self.callbacks_running.fetch_add(1, Ordering::SeqCst);
         }
@@ -280,7 +292,7 @@ impl Engine {
         let stats = Arc::new(Stats::new(config.staging_bytes));
         let timeline = Arc::new(Timeline::new(config.timeline, config.timeline_capacity));
         let (tx, rx) = mpsc::channel();
-        let state = State {
+        let env = Env {
             cfg: config.clone(),
             device,
             backend: backend.clone(),
@@ -292,33 +304,8 @@ impl Engine {
             tx: tx.clone(),
             stats: stats.clone(),
             timeline: timeline.clone(),
-            next_id: 0,
-            handles: HashMap::new(),
-            entries: HashMap::new(),
-            by_key: HashMap::new(),
-            groups: HashMap::new(),
-            open: None,
-            last_offload: Instant::now(),
-            write_queue: VecDeque::new(),
-            prefetch_queue: VecDeque::new(),
-            seq: 0,
-            loaded: VecDeque::new(),
-            storage,
-            staging,
-            staging_buf,
-            staging_used: 0,
-            fenced_staging: Vec::new(),
-            fenced_sources: Vec::new(),
-            due_callbacks: Vec::new(),
-            direct_inflight: 0,
-            prefetch_held: 0,
-            writes_inflight: 0,
-            loads_inflight: 0,
-            demand_reads_inflight: 0,
-            staging_wait_since: None,
-            storage_full: false,
-            device_full: false,
         };
+        let state = State::new(env, Space::new(storage), Staging::new(staging_buf, staging));
         let core = Arc::new(Core {
             state: Mutex::new(Some(state)),
             changed: Condvar::new(),
@@ -413,7 +400,7 @@ impl Engine {
     /// (including copies it made from there for forwarded fetches).
     pub fn source_released(&self, handle: Handle) -> Result<bool> {
         self.with_state(|st| {
-            let e = &st.entries[&st.entry_of(handle)?];
+            let e = st.tensors.entry_by_handle(handle)?;
             let fenced = match &e.source_fence {
                 Some(fence) => !fence.query()?,
                 None => false,
@@ -428,7 +415,7 @@ impl Engine {
     /// the write is pending or under way, and once the memory is released.
     pub fn source_kept(&self, handle: Handle) -> Result<bool> {
         self.with_state(|st| {
-            let e = &st.entries[&st.entry_of(handle)?];
+            let e = st.tensors.entry_by_handle(handle)?;
             Ok(e.source_held && e.group.is_none())
         })
     }
@@ -511,12 +498,12 @@ impl Engine {
                     let Some(st) = guard.as_mut() else {
                         break Err(io::stopped());
                     };
-                    st.demand_reads_inflight -= 1;
+                    st.reads.demand_ended();
                     if let Err(e) = outcome {
                         Stats::add(&self.stats.c.read_errors, 1);
                         break Err(e);
                     }
-                    break st.fetch_stream.record().map(Arc::from);
+                    break st.env.fetch_stream.record().map(Arc::from);
                 }
                 Err(e) => break Err(e),
             }
@@ -581,7 +568,11 @@ impl Engine {
         }
         let st = guard.as_mut().ok_or_else(io::stopped)?;
         let due = self.core.take_due(st);
-        let synced = st.offload_stream.synchronize().and(st.fetch_stream.synchronize());
+        let synced = st
+            .env
+            .offload_stream
+            .synchronize()
+            .and(st.env.fetch_stream.synchronize());
         drop(guard);
         self.core.run_due(due);
         synced?;
@@ -607,7 +598,10 @@ impl Engine {
 
     /// Live handles.
     pub fn live_handles(&self) -> usize {
-        self.core.lock().as_ref().map_or(0, |st| st.handles.len())
+        self.core
+            .lock()
+            .as_ref()
+            .map_or(0, |st| st.tensors.live_handles())
     }
 
     /// Storage space in use (bytes), and the allocator's view of it.
@@ -615,13 +609,13 @@ impl Engine {
         self.core
             .lock()
             .as_ref()
-            .map(|st| st.storage.usage())
+            .map(|st| st.space.usage())
             .unwrap_or_default()
     }
 
     /// Staging memory in use now (bytes).
     pub fn staging_in_use(&self) -> u64 {
-        self.core.lock().as_ref().map_or(0, |st| st.staging_used)
+        self.core.lock().as_ref().map_or(0, |st| st.staging.used())
     }
 }
 
@@ -637,7 +631,7 @@ fn run_callbacks(due: Vec<SourceFreeFn>) {
 
 fn progress_loop(core: &Core, rx: Receiver<Msg>, flush_delay: std::time::Duration) {
     loop {
-        let open = core.lock().as_ref().is_some_and(|st| st.open.is_some());
+        let open = core.lock().as_ref().is_some_and(|st| st.writes.open.is_some());
         let msg = if open {
             match rx.recv_timeout(flush_delay) {
                 Ok(m) => Some(m),
@@ -660,7 +654,7 @@ fn progress_loop(core: &Core, rx: Receiver<Msg>, flush_delay: std::time::Duratio
             Some(Msg::Verified(gid, r)) => st.on_verified(gid, r),
             Some(Msg::Fence | Msg::Wake) | None => {}
         }
-        if st.open.is_some() && st.last_offload.elapsed() >= flush_delay {
+        if st.writes.flush_due(flush_delay) {
             st.seal_open();
         }
         st.pump();
@@ -682,13 +676,7 @@ impl Drop for Engine {
         let state = self.core.lock().take();
         if let Some(mut st) = state {
             // Every tensor's memory goes back to its owner; nothing reads it any more.
-            let mut due = std::mem::take(&mut st.due_callbacks);
-            for (cbs, _) in std::mem::take(&mut st.fenced_sources) {
-                due.extend(cbs);
-            }
-            for e in st.entries.values_mut() {
-                due.extend(std::mem::take(&mut e.callbacks));
-            }
+            let due = st.take_all_callbacks();
             drop(st); // waiters join, streams and staging memory go
             run_callbacks(due);
         }

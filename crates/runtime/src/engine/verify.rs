@@ -2,18 +2,118 @@
 //! computed on the offload stream from each tensor's own memory while its write is
 //! prepared, and checked on the bytes read back — a prefetched extent in staging before
 //! the load counts as done, a demand read in the caller's buffer before the fetch returns.
+//!
+//! Invariant: a tensor's `sums` are those of the bytes its write took from its memory;
+//! bytes read back that differ from them are an [`Error::Corrupt`], never delivered.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::checksum::{Plan, Sums, BLOCK};
-use crate::device::{Device, Stream};
+use crate::device::{Device, PendingChecksums, Stream};
 use crate::error::{Error, Result};
 use crate::extents::Extent;
+use crate::memory::DevicePtr;
 
+use super::env::Env;
 use super::layout::{self, Region};
-use super::state::{Msg, PendingSums, State};
 use super::stats::Stats;
+use super::tensors::{Entry, Tensors};
+
+/// Checksums queued on a stream for some of a group's tensors.
+pub(crate) struct PendingSums {
+    pending: PendingChecksums,
+    plan: Plan,
+    /// The tensors, in the order they were added to `plan`.
+    entries: Vec<u64>,
+}
+
+impl PendingSums {
+    /// Queues on the offload stream the checksums of the tensors `entries`, read from their
+    /// own memory (after the stream has waited for their producers).
+    pub(crate) fn of_sources(env: &Env, tensors: &Tensors, entries: Vec<u64>) -> Result<PendingSums> {
+        let mut plan = Plan::new();
+        for eid in &entries {
+            plan.add(tensors.entries[eid].regions.iter().map(|r| (r.ptr, r.len)));
+        }
+        // SAFETY: the tensors' memory is held, unwritten, until the group's write completes
+        // (the offload contract), which is after the stream has passed this work.
+        let pending = unsafe { env.device.crc32c(env.offload_stream.as_ref(), plan.pieces())? };
+        Ok(PendingSums {
+            pending,
+            plan,
+            entries,
+        })
+    }
+
+    /// Queues on the fetch stream the checksums of the tensors among `members` that have
+    /// sums, as they lie in a loaded copy at `base`; `None` when there is nothing to check.
+    pub(crate) fn of_loaded(
+        env: &Env,
+        tensors: &Tensors,
+        members: &[u64],
+        base: DevicePtr,
+    ) -> Result<Option<PendingSums>> {
+        let mut plan = Plan::new();
+        let mut entries = Vec::new();
+        for eid in members {
+            let Some(e) = tensors.entries.get(eid) else {
+                continue;
+            };
+            if e.sums.is_none() {
+                continue;
+            }
+            plan.add(e.segments.iter().map(|s| (base + s.at, s.len)));
+            entries.push(*eid);
+        }
+        if entries.is_empty() {
+            return Ok(None);
+        }
+        // SAFETY: the staging extent is the load's until the load ends, which is after the
+        // progress thread has been told that the stream passed this work.
+        let pending = unsafe { env.device.crc32c(env.fetch_stream.as_ref(), plan.pieces())? };
+        Ok(Some(PendingSums {
+            pending,
+            plan,
+            entries,
+        }))
+    }
+
+    /// Gives the tensors the checksums computed (the stream has passed them).
+    pub(crate) fn store(self, tensors: &mut Tensors) -> Result<()> {
+        let sums = fold(&self.plan, &self.pending.wait()?)?;
+        for (eid, sums) in self.entries.into_iter().zip(sums) {
+            if let Some(e) = tensors.entries.get_mut(&eid) {
+                e.sums = Some(sums);
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares the checksums computed of a loaded copy of `extent` with those written:
+    /// the first tensor that differs fails the load (counted in `checksum_errors`).
+    pub(crate) fn check(self, env: &Env, tensors: &Tensors, extent: Extent) -> Result<()> {
+        let found = fold(&self.plan, &self.pending.wait()?)?;
+        for (eid, found) in self.entries.iter().zip(found) {
+            let Some(e) = tensors.entries.get(eid) else {
+                continue;
+            };
+            let Some(expected) = &e.sums else { continue };
+            Stats::add(&env.stats.c.verified_bytes, e.len);
+            if let Some(m) = expected.first_mismatch(&found) {
+                Stats::add(&env.stats.c.checksum_errors, 1);
+                return Err(corrupt(
+                    &e.describe(),
+                    m,
+                    &env.path(extent.target),
+                    extent.offset,
+                    e.len,
+                ));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The check of one demand read, made after its reads have settled (without the lock).
 pub(crate) struct DemandCheck {
@@ -28,6 +128,20 @@ pub(crate) struct DemandCheck {
 }
 
 impl DemandCheck {
+    /// The check a demand read of tensor `e` (in `extent`) needs, if any.
+    pub(crate) fn of(env: &Env, e: &Entry, extent: Extent) -> Option<DemandCheck> {
+        let expected = e.sums.clone()?;
+        Some(DemandCheck {
+            device: env.device.clone(),
+            stream: env.fetch_stream.clone(),
+            stats: env.stats.clone(),
+            expected,
+            tensor: e.describe(),
+            path: env.path(extent.target),
+            offset: extent.offset,
+        })
+    }
+
     /// Checks the bytes now in `dst` (the fetch's destination, just read) against the
     /// checksums written, on the fetch stream; waits for the device.
     pub(crate) fn run(self, dst: &[Region]) -> Result<()> {
@@ -78,131 +192,4 @@ fn corrupt(tensor: &str, m: crate::checksum::Mismatch, path: &Path, offset: u64,
         expected: m.expected,
         found: m.found,
     }
-}
-
-impl State {
-    /// With checksums on, queues on the offload stream the checksums of the group's
-    /// tensors, read from their own memory (after the stream has waited for their
-    /// producers). [`State::store_sums`] takes them once the stream has passed them.
-    pub(crate) fn queue_write_sums(&mut self, gid: u64) -> Result<()> {
-        if !self.cfg.checksums {
-            return Ok(());
-        }
-        let entries = self.groups[&gid].entries.clone();
-        let mut plan = Plan::new();
-        for eid in &entries {
-            plan.add(self.entries[eid].regions.iter().map(|r| (r.ptr, r.len)));
-        }
-        // SAFETY: the tensors' memory is held, unwritten, until the group's write completes
-        // (the offload contract), which is after the stream has passed this work.
-        let pending = unsafe { self.device.crc32c(self.offload_stream.as_ref(), plan.pieces())? };
-        self.groups.get_mut(&gid).expect("live").checksums = Some(PendingSums {
-            pending,
-            plan,
-            entries,
-        });
-        Ok(())
-    }
-
-    /// Gives the group's tensors the checksums queued by [`State::queue_write_sums`]; the
-    /// stream has passed them.
-    pub(crate) fn store_sums(&mut self, gid: u64) -> Result<()> {
-        let Some(p) = self.groups.get_mut(&gid).and_then(|g| g.checksums.take()) else {
-            return Ok(());
-        };
-        let sums = fold(&p.plan, &p.pending.wait()?)?;
-        for (eid, sums) in p.entries.into_iter().zip(sums) {
-            if let Some(e) = self.entries.get_mut(&eid) {
-                e.sums = Some(sums);
-            }
-        }
-        Ok(())
-    }
-
-    /// With checksums on, queues on the fetch stream the checksums of a loaded group's
-    /// tensors as they lie in `staging`, and has the progress thread told
-    /// ([`Msg::Verified`]) when they are computed. False when there is nothing to check.
-    pub(crate) fn queue_load_check(&mut self, gid: u64, staging: Extent) -> Result<bool> {
-        if !self.cfg.checksums {
-            return Ok(false);
-        }
-        let base = self.staging_buf.ptr() + staging.offset;
-        let mut plan = Plan::new();
-        let mut entries = Vec::new();
-        for eid in &self.groups[&gid].entries {
-            let Some(e) = self.entries.get(eid) else { continue };
-            if e.sums.is_none() {
-                continue;
-            }
-            plan.add(e.segments.iter().map(|s| (base + s.at, s.len)));
-            entries.push(*eid);
-        }
-        if entries.is_empty() {
-            return Ok(false);
-        }
-        // SAFETY: the staging extent is the load's until the load ends, which is after the
-        // progress thread has been told that the stream passed this work.
-        let pending = unsafe { self.device.crc32c(self.fetch_stream.as_ref(), plan.pieces())? };
-        let ev: Arc<dyn crate::device::Event> = Arc::from(self.fetch_stream.record()?);
-        self.groups.get_mut(&gid).expect("live").checksums = Some(PendingSums {
-            pending,
-            plan,
-            entries,
-        });
-        let tx = self.tx.clone();
-        self.fetch_waiter.after(ev, move |r| {
-            let _ = tx.send(Msg::Verified(gid, r));
-        });
-        Ok(true)
-    }
-
-    /// Compares the checksums of a loaded group's bytes with those written: the first
-    /// tensor that differs fails the load (counted in `checksum_errors`).
-    pub(crate) fn check_load(&mut self, gid: u64) -> Result<()> {
-        let Some(p) = self.groups.get_mut(&gid).and_then(|g| g.checksums.take()) else {
-            return Ok(());
-        };
-        let found = fold(&p.plan, &p.pending.wait()?)?;
-        let extent = self.groups[&gid].extent.expect("a loaded group was written");
-        for (eid, found) in p.entries.iter().zip(found) {
-            let Some(e) = self.entries.get(eid) else { continue };
-            let Some(expected) = &e.sums else { continue };
-            Stats::add(&self.stats.c.verified_bytes, e.len);
-            if let Some(m) = expected.first_mismatch(&found) {
-                Stats::add(&self.stats.c.checksum_errors, 1);
-                return Err(corrupt(
-                    &describe(e),
-                    m,
-                    &self.path(extent.target),
-                    extent.offset,
-                    e.len,
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The check a demand read of `eid` (in group `gid`) needs, if any.
-    pub(crate) fn demand_check(&self, eid: u64, gid: u64) -> Option<DemandCheck> {
-        let e = &self.entries[&eid];
-        let expected = e.sums.clone()?;
-        let extent = self.groups[&gid].extent?;
-        Some(DemandCheck {
-            device: self.device.clone(),
-            stream: self.fetch_stream.clone(),
-            stats: self.stats.clone(),
-            expected,
-            tensor: describe(e),
-            path: self.path(extent.target),
-            offset: extent.offset,
-        })
-    }
-}
-
-/// "a 1048576-byte tensor (storage 7, version 0)".
-fn describe(e: &super::state::Entry) -> String {
-    format!(
-        "a {}-byte tensor (storage {}, version {})",
-        e.len, e.key.storage, e.key.version
-    )
 }
