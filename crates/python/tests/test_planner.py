@@ -175,3 +175,24 @@ def test_recomputing_a_block_keeps_what_is_saved_after_it():
     assert 1 in got.recompute and (1, 2) in got.offload, got.reason
     assert got.outcome.activation_bytes <= 20 * MB
     assert planner.brute_force(prof, tiers, budget=20 * MB)[2].activation_bytes <= 20 * MB
+
+
+def test_measured_save_times_place_the_writes():
+    # One block of 10 ms saving two 40 MB tensors, written at 10 GB/s (4 ms each). Spread
+    # evenly, the first is saved at 5 ms and written by 9: it lowers forward's peak. Saved
+    # as measured, both in the block's last millisecond, neither write is done by the end
+    # of forward, and offloading lowers nothing.
+    def block(save_ms):
+        return planner.Profile([planner.SegmentProfile(10.0, 20.0, [40 * MB, 40 * MB], 0, None, save_ms)])
+
+    tiers = planner.Tiers(10.0, 10.0)
+    both = frozenset({(0, 0), (0, 1)})
+    even = planner.simulate(block(None), tiers, both, frozenset())
+    late = planner.simulate(block([9.0, 10.0]), tiers, both, frozenset())
+    assert even.activation_bytes == 40 * MB
+    assert late.activation_bytes == 80 * MB
+    # The planner plans from the same times.
+    assert planner.plan(block(None), tiers).outcome.activation_bytes == 40 * MB
+    assert planner.plan(block([9.0, 10.0]), tiers).outcome.activation_bytes == 80 * MB
+    # Times that do not match the tensors (or none) fall back to the even spread.
+    assert planner.SegmentProfile(10.0, 20.0, [1, 2], 0, None, [3.0]).save_at(0) == 5.0

@@ -498,6 +498,9 @@ class Offloader:
             nxt = segs[i + 1].fwd_start if i + 1 < len(segs) else fwd_end
             if s.fwd_start is not None and nxt is not None:
                 s.fwd_ms = s.fwd_start.elapsed_time(nxt)
+                # When each tensor was saved, within the segment's forward.
+                s.save_ms = [min(max(s.fwd_start.elapsed_time(m), 0.0), s.fwd_ms) for m in s.save_marks]
+            s.save_marks = []
         # Backward runs last to first: segment i's backward lasts until segment i-1's starts.
         for i, s in enumerate(segs):
             if s.bwd_start is None:
@@ -525,7 +528,14 @@ class Offloader:
             return Plan("adaptive", 0, "the storage bandwidth could not be measured", details)
         profile = Profile(
             [
-                SegmentProfile(s.fwd_ms, s.bwd_ms, list(s.tensors), s.input_bytes if s.block >= 0 else 0, s.inner)
+                SegmentProfile(
+                    s.fwd_ms,
+                    s.bwd_ms,
+                    list(s.tensors),
+                    s.input_bytes if s.block >= 0 else 0,
+                    s.inner,
+                    list(s.save_ms) if len(s.save_ms) == len(s.tensors) else None,
+                )
                 for s in segs
             ]
         )
@@ -803,6 +813,8 @@ class Offloader:
             self._keys_seen.add(key)
             seg.saved_bytes += nbytes
             seg.tensors.append(nbytes)
+            if self._profiling:
+                seg.save_marks.append(self._mark())
         if not self._offloading(seg, key):
             if first:
                 seg.kept_bytes += nbytes

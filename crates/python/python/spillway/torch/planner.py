@@ -61,6 +61,15 @@ class SegmentProfile:
     #: Of ``tensors``, how many the block itself saves (None: all). Those after it (the
     #: head after the last block) are saved even when the block is recomputed.
     inner: Optional[int] = None
+    #: Milliseconds from the segment's forward start to each save of ``tensors``, as
+    #: measured (None: spread evenly, the k-th of n at (k+1)/n of ``fwd_ms``).
+    save_ms: Optional[List[float]] = None
+
+    def save_at(self, k: int) -> float:
+        """When, after the segment's forward starts, its ``k``-th tensor is saved."""
+        if self.save_ms is not None and len(self.save_ms) == len(self.tensors):
+            return min(max(self.save_ms[k], 0.0), self.fwd_ms)
+        return self.fwd_ms * (k + 1) / max(len(self.tensors), 1)
 
     @property
     def inner_count(self) -> int:
@@ -185,8 +194,7 @@ def simulate(
             first = s.inner_count
         for k in range(first, n):
             # Backward uses a segment's tensors in reverse: the last saved first.
-            saves.append((clock + s.fwd_ms * (k + 1) / max(n, 1), s.tensors[k], i, (i, k) in offload,
-                          (n - 1 - k) / max(n, 1)))
+            saves.append((clock + s.save_at(k), s.tensors[k], i, (i, k) in offload, (n - 1 - k) / max(n, 1)))
         clock += s.fwd_ms
     t_forward = clock
     kept_total = sum(b for _, b, _, off, _ in saves if not off or b == 0)

@@ -24,6 +24,10 @@ class Segment:
     bwd_ms: float = 0.0
     #: Bytes of each eligible storage it saved, in save order (first saves only).
     tensors: List[int] = field(default_factory=list)
+    #: In profiling steps, a timing mark at each of those saves, and, once measured, the
+    #: milliseconds from the segment's forward start to each.
+    save_marks: List[Any] = field(default_factory=list)
+    save_ms: List[float] = field(default_factory=list)
     #: Bytes of the block's input (0 for the stretch before the first block).
     input_bytes: int = 0
     #: The block (index into the offloader's blocks) whose forward starts it; -1: none.
