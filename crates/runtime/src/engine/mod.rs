@@ -70,6 +70,7 @@ mod config;
 mod env;
 mod groups;
 mod io;
+mod keys;
 mod layout;
 mod pending;
 mod reads;
@@ -93,6 +94,7 @@ use std::thread;
 use std::time::Instant;
 
 pub use config::{EngineConfig, SetSizes, MAX_IO_RETRIES};
+pub use keys::{Handle, TensorKey};
 pub use layout::{check_regions, copy_plan, CopyStep, Region, Segment};
 pub use stats::{CounterSnapshot, Latency, Op, StatsSnapshot};
 pub use timeline::{Timeline, Track};
@@ -109,28 +111,6 @@ use staging::Staging;
 use state::{FetchPlan, State};
 use stats::Stats;
 use waiter::Waiter;
-
-/// Names the bytes of one tensor storage at one point in time: a storage whose contents
-/// change must be offloaded under a new `version`, so it is never confused with its old
-/// contents.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TensorKey {
-    /// The storage's identity (e.g. its data pointer or a framework id).
-    pub storage: u64,
-    /// The storage's version counter.
-    pub version: u64,
-}
-
-impl TensorKey {
-    /// The key of `storage` at `version`.
-    pub fn new(storage: u64, version: u64) -> Self {
-        TensorKey { storage, version }
-    }
-}
-
-/// One offload's claim on a stored tensor. Release it with [`Engine::release`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Handle(pub u64);
 
 /// A storage target and how much of it the engine may use.
 #[derive(Clone, Debug)]

@@ -42,6 +42,7 @@ use crate::extents::Extent;
 use super::callbacks::{Callbacks, SourceFreeFn};
 use super::env::{Env, Msg};
 use super::groups::{Group, LoadState, WriteState};
+use super::keys::{Handle, TensorKey};
 use super::layout::{self, Region};
 use super::pending::PendingIo;
 use super::reads::Reads;
@@ -52,7 +53,6 @@ use super::tensors::{Entry, Tensors};
 use super::timeline::Track;
 use super::verify::DemandCheck;
 use super::writes::Writes;
-use super::{Handle, TensorKey};
 
 /// Everything the engine knows, behind its lock.
 pub(crate) struct State {

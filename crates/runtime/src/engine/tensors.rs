@@ -22,8 +22,8 @@ use crate::device::Event;
 use crate::error::{Error, Result};
 
 use super::callbacks::SourceFreeFn;
+use super::keys::{Handle, TensorKey};
 use super::layout::{self, Region, Segment};
-use super::{Handle, TensorKey};
 
 /// One offload's claim on an entry.
 pub(crate) struct HandleRec {
