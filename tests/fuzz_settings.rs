@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use spillway::rank::RankPaths;
 use spillway::settings::{Settings, Source, Value, CONFIG_VAR, OTHER_VARIABLES, SETTINGS};
-use spillway_runtime::size::{parse_bytes, parse_size};
+use spillway_runtime::{parse_bytes, parse_size};
 use spillway_runtime::FaultPlan;
 
 /// Cases per property unless `PROPTEST_CASES` says otherwise.

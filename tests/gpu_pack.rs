@@ -1,5 +1,5 @@
 //! The pack and unpack kernels (`kernels/pack.cu`) against the CPU reference
-//! (`spillway_runtime::pack::{pack_host, unpack_host}`): random layouts from 1 to 100k
+//! (`spillway_runtime::{pack_host, unpack_host}`): random layouts from 1 to 100k
 //! pieces of 1 byte to 64 MiB, at odd source and destination addresses, with random gaps,
 //! into memory poisoned beforehand, compared byte for byte; bad layouts; and the
 //! `pack_bandwidth` benchmark (pack and unpack against one large cuMemcpyDtoD).
@@ -19,7 +19,7 @@ mod common;
 use std::time::Instant;
 
 use spillway::cuda::CudaDevice;
-use spillway::runtime::pack::{pack_host, unpack_host};
+use spillway::runtime::{pack_host, unpack_host};
 use spillway::runtime::{Device, DeviceBuffer, Error, HostDevice, PackPiece, Stream};
 
 use common::{alloc, download, gpu, upload, Rng};

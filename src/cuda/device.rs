@@ -333,7 +333,7 @@ impl Device for CudaDevice {
         )
         .entered();
         let stream = self.own_stream("pack", stream)?;
-        spillway_runtime::pack::check_pack_layout(pieces, extent_len)?;
+        spillway_runtime::check_pack_layout(pieces, extent_len)?;
         if extent_len == 0 {
             return Ok(());
         }
@@ -362,7 +362,7 @@ impl Device for CudaDevice {
         )
         .entered();
         let stream = self.own_stream("unpack", stream)?;
-        spillway_runtime::pack::check_unpack_layout(pieces, extent_len)?;
+        spillway_runtime::check_unpack_layout(pieces, extent_len)?;
         if pieces.is_empty() {
             return Ok(());
         }

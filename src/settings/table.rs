@@ -84,7 +84,7 @@ impl Kind {
     /// `i64::MAX` that a setting reports as text.
     pub fn show(self, value: &Value) -> String {
         match (self, value.whole_number()) {
-            (Kind::Size | Kind::SizeOrAuto, Ok(n)) => spillway_runtime::size::exact_size_text(n),
+            (Kind::Size | Kind::SizeOrAuto, Ok(n)) => spillway_runtime::exact_size_text(n),
             (Kind::Count | Kind::Whole, Ok(n)) => n.to_string(),
             _ => value.to_string(),
         }

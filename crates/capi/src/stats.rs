@@ -9,7 +9,7 @@
 use std::ffi::{c_char, c_int};
 
 use spillway_runtime::engine::{CounterSnapshot, Latency, Op, StatsSnapshot};
-use spillway_runtime::extents::SpaceUsage;
+use spillway_runtime::SpaceUsage;
 
 use crate::args;
 use crate::engine::{opened, spillway_engine};

@@ -21,6 +21,7 @@ pub const BLOCK: u64 = 32 << 10;
 pub struct Sums(Box<[u32]>);
 
 impl Sums {
+    #[cfg(test)]
     /// The CRCs, one per block (the last block may be shorter).
     pub fn blocks(&self) -> &[u32] {
         &self.0
@@ -41,6 +42,7 @@ impl Sums {
         })
     }
 
+    #[cfg(test)]
     /// Host memory the list takes, in bytes.
     pub fn heap_bytes(&self) -> usize {
         std::mem::size_of_val(&*self.0)
@@ -106,6 +108,7 @@ impl Plan {
         &self.mem
     }
 
+    #[cfg(test)]
     /// Tensors added.
     pub fn tensors(&self) -> usize {
         self.tensors.len()
@@ -139,6 +142,7 @@ impl Plan {
     }
 }
 
+#[cfg(test)]
 /// The [`Sums`] of host bytes (what the device computes for the same bytes).
 pub fn sums_of(bytes: &[u8]) -> Sums {
     Sums(bytes.chunks(BLOCK as usize).map(crc32c::crc32c).collect())

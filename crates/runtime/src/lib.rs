@@ -1,44 +1,47 @@
 //! spillway-runtime: the device-agnostic core of spillway.
 //!
-//! - [`Device`]: memory, copies, streams and events of a GPU (or of the host, for tests:
+//! - [`Device`]: memory, copies, streams and events of a GPU (or of the host:
 //!   [`HostDevice`]).
 //! - [`Backend`]: moves extents between memory and storage [`Target`]s, completing through
 //!   [`Ticket`]s.
 //! - [`engine`]: the offload engine — offload, dedup, packing, prefetch, forwarding, fetch.
-//! - [`extents`]: the allocator of aligned extents on storage targets.
-//! - [`checksum`]: CRC-32C block lists of stored tensors, checked on the bytes read back.
-//! - [`pack`]: gathering many tensor pieces into one extent and back (CPU reference).
-//! - [`MemBackend`]: a backend on host memory, for tests.
-//! - [`host_tier`]: a pinned host-memory arena in front of a backend, spilling to it.
+//! - Layers around a backend: [`StripedBackend`] (several targets striped into one, each
+//!   with a backend of its own), [`HostTierBackend`] (a pinned host-memory arena in front
+//!   of a backend, spilling to it), [`FaultyBackend`] (injected errors, short I/O, ENOSPC
+//!   and latency, for resilience tests and `--faults`).
+//! - [`ExtentAllocator`]: aligned extents on storage targets; [`PackPiece`]: a tensor
+//!   piece's place in a packed extent.
+//! - [`short`]: resubmitting the rest of a request after a short count.
+//! - [`pattern`]: the deterministic data the bench and the tests verify round trips with.
+//! - [`parse_size`] / [`format_size`]: byte sizes as spillway reads and prints them
+//!   ("4KiB", "1M", "2GB").
 //!
-//! The modules holding the core types (backend, device, error, host, memory, the memory
-//! backend) are private: those types are used from the crate's root, one path each.
-//! - [`striped`]: several targets striped into one, each with a backend of its own.
-//! - [`faults`]: a backend wrapper injecting errors, short I/O, ENOSPC and latency.
-//! - [`pattern`]: the deterministic data used to verify round trips.
-//! - [`size`]: byte sizes as spillway reads and prints them ("4KiB", "1M", "2GB").
+//! `engine`, `short` and `pattern` are the public modules; everything else is used from
+//! the crate's root, one path each. With the `testing` feature, `MemBackend` (a backend
+//! on host memory) is there too, for tests of code built on this crate.
 //!
 //! Nothing here calls CUDA; the CUDA device lives in the `spillway` crate.
 
 #![warn(missing_docs)]
 
 mod backend;
-pub mod checksum;
+mod checksum;
 mod device;
 pub mod engine;
 mod error;
-pub mod extents;
-pub mod faults;
+mod extents;
+mod faults;
 mod host;
-pub mod host_tier;
+mod host_tier;
+#[cfg(any(test, feature = "testing"))]
 mod mem_backend;
 mod memory;
-pub mod pack;
+mod pack;
 pub mod pattern;
 pub mod short;
-pub mod size;
-pub mod striped;
-pub mod target;
+mod size;
+mod striped;
+mod target;
 
 pub use backend::{
     ticket, Backend, BackendInfo, Completer, IoOp, IoRequest, TargetId, TargetInfo, Ticket,
@@ -47,13 +50,18 @@ pub use backend::{
 pub use device::{Device, DeviceInfo, DeviceKind, Event, HostRegistration, PendingChecksums, Stream};
 pub use error::{Error, Result};
 pub use extents::{Extent, ExtentAllocator, OutOfSpace, SpaceUsage};
-pub use faults::{FaultPlan, FaultStats, FaultyBackend};
+pub use faults::{FaultOps, FaultPlan, FaultStats, FaultyBackend};
 pub use host::{HostDevice, HostEvent, HostEventTrigger};
 pub use host_tier::{HostTierBackend, HostTierConfig, HostTierStats};
+#[cfg(any(test, feature = "testing"))]
 pub use mem_backend::MemBackend;
 pub use memory::{AlignedBuf, DeviceBuffer, DevicePtr, MemRef, PinnedBuffer};
-pub use pack::PackPiece;
-pub use striped::{Member, MemberStats, StripedBackend};
+pub use pack::{check_pack_layout, check_unpack_layout, pack_host, unpack_host, PackPiece};
+pub use size::{exact_size_text, format_size, parse_bytes, parse_size};
+pub use striped::{
+    Member, MemberStats, StripedBackend, MAX_PIECE_RESUBMITS, MEMBER_FAILURE_LIMIT, MEMBER_RETRY_AFTER,
+    MEMBER_RETRY_MAX,
+};
 pub use target::{
     anonymous_mode, check_directory, check_distinct, check_storage_path, check_trailing_slash, file_kind,
     open_target, AnonymousMode, DirectIo, OpenedTarget, PrivateFile, Target,

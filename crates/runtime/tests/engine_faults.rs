@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use spillway_runtime::engine::{Engine, EngineConfig, Handle, Region, StorageTarget, TensorKey};
-use spillway_runtime::striped::{MAX_PIECE_RESUBMITS, MEMBER_FAILURE_LIMIT};
+use spillway_runtime::{MAX_PIECE_RESUBMITS, MEMBER_FAILURE_LIMIT};
 use spillway_runtime::{
     pattern, Backend, BackendInfo, Device, DeviceBuffer, Error, FaultPlan, FaultyBackend, HostDevice, IoOp,
     IoRequest, MemBackend, MemRef, Member, Result, StripedBackend, Target, TargetId, TargetInfo, Ticket,

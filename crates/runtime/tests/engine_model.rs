@@ -61,7 +61,7 @@ use spillway_runtime::{
 // ---------------------------------------------------------------------------------------
 // The sequences.
 
-/// Fault plan of one sequence (see `spillway_runtime::faults`).
+/// Fault plan of one sequence (see `spillway_runtime::FaultPlan`).
 #[derive(Clone, Debug)]
 struct Faults {
     read_error: f64,

@@ -49,7 +49,7 @@ pub struct EngineConfig {
     /// target, a target that is gone) are never retried. At most [`MAX_IO_RETRIES`];
     /// 0 retries nothing. Default 3.
     pub io_retries: u32,
-    /// Keep a CRC-32C of every 32 KiB of each stored tensor ([`crate::checksum`]),
+    /// Keep a CRC-32C of every 32 KiB of each stored tensor,
     /// computed on the device from the tensor's memory when it is written, and check the
     /// bytes read back against it before a fetch hands them out: a prefetched extent that
     /// fails is dropped and read again by the fetch; a fetch that reads bytes that fail

@@ -1,53 +1,5 @@
-//! Fault injection: [`FaultyBackend`] wraps any [`Backend`] and makes some of its requests
-//! fail, come up short or complete late, as a [`FaultPlan`] says, so that the engine and
-//! `spillway bench` can be run against storage that misbehaves.
-//!
-//! A plan is text like `read_error=0.01,write_error=0.02,short=0.05,enospc_after=1GiB,
-//! latency=2ms,latency_p=0.1,seed=7` (see [`FaultPlan`]). Each request draws its fate at
-//! submission from a random generator seeded by the plan and the request's number (the
-//! order of submission), so a run that submits in the same order injects the same faults.
-//! Faults only apply to the requests `ops` names (default: reads and writes); others pass
-//! through untouched.
-//!
-//! # The faults
-//! - **`read_error=P`, `write_error=P`** (`error=P` sets both): the request fails with EIO
-//!   and **nothing** is moved: a failed read leaves the caller's memory as it was, a failed
-//!   write leaves storage as it was (no torn writes). The inner backend never sees it.
-//! - **`short=P`**: a request of more than 4096 bytes moves only a prefix of its memory, a
-//!   random multiple of 4096 bytes from 4096 up to below its length, through the inner
-//!   backend, and its ticket completes with `Ok(that count)`, as a short read or write by
-//!   the kernel would report it; the bytes past the prefix are neither read (the caller's
-//!   memory keeps them) nor written. Requests of 4096 bytes or less are never cut.
-//! - **`enospc_after=SIZE`**: the wrapper counts the bytes of the writes it sends to the
-//!   inner backend (whatever became of them), and a write that would take that count past
-//!   SIZE fails with ENOSPC and moves nothing; a later, smaller write may still fit. The
-//!   count is over all targets and never goes down (overwriting a range counts again): a
-//!   device that fills up and stays full. This is the model rather than "a write ending
-//!   past offset SIZE fails" because it does not depend on where the caller lays its data
-//!   out, so it hits a caller that reuses space as surely as one that appends.
-//! - **`latency=DURATION`, `latency_p=P`** (default 1): the request's ticket completes
-//!   DURATION after the inner backend's did (or after submission, for an injected error).
-//!   Submission never blocks: one timer thread, started only when the plan has latency,
-//!   holds the delayed completions in a queue ordered by deadline. Dropping the wrapper
-//!   completes whatever it still holds at once, with the results they were going to have,
-//!   and joins the thread; an inner request still in flight then completes undelayed.
-//!
-//! Each request draws, in this order, whether it fails with EIO, whether it is cut short,
-//! the cut, and whether it is delayed. An EIO wins: the request is not cut and takes no
-//! space. Then a write's length, the prefix's if cut, is checked against `enospc_after`.
-//! Whatever the inner backend itself returns (its own errors, its own counts) is passed on
-//! unchanged.
-//!
-//! No backend of spillway's completes a request with fewer bytes than asked: the io_uring
-//! backend resubmits the rest after a short count and fails with [`Error::ShortIo`] only at
-//! the end of the file. An `Ok(n)` below the request's length is what `short` probes: a
-//! caller that ignores the count and takes the request as done is shown up.
-//!
-//! # Errors
-//! Injected errors are those the io_uring backend reports for the same errno: EIO is
-//! [`Error::Io`] whose source has `raw_os_error() == Some(libc::EIO)` (its context says the
-//! fault was injected), ENOSPC is [`Error::NoSpace`] with the target's path, the request's
-//! offset and length. [`FaultyBackend::stats`] counts what was injected.
+//! Fault injection: [`FaultyBackend`] wraps a backend and injects the faults a
+//! [`FaultPlan`] names (its documentation says what each fault does).
 
 mod plan;
 mod timer;
@@ -66,7 +18,9 @@ use crate::backend::{ticket, Backend, BackendInfo, IoOp, IoRequest, TargetId, Ta
 use crate::error::{Error, Result};
 use crate::target::Target;
 
-pub use plan::{FaultOps, FaultPlan, DEFAULT_SEED};
+#[cfg(test)]
+use plan::DEFAULT_SEED;
+pub use plan::{FaultOps, FaultPlan};
 
 use timer::Timer;
 
@@ -114,8 +68,56 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A backend that injects faults into the requests it forwards to another. See the
-/// [module documentation](self).
+/// A backend that injects faults: it wraps any [`Backend`] and makes some of its requests
+/// fail, come up short or complete late, as a [`FaultPlan`] says, so that the engine and
+/// `spillway bench` can be run against storage that misbehaves.
+///
+/// A plan is text like `read_error=0.01,write_error=0.02,short=0.05,enospc_after=1GiB,
+/// latency=2ms,latency_p=0.1,seed=7` (see [`FaultPlan`]). Each request draws its fate at
+/// submission from a random generator seeded by the plan and the request's number (the
+/// order of submission), so a run that submits in the same order injects the same faults.
+/// Faults only apply to the requests `ops` names (default: reads and writes); others pass
+/// through untouched.
+///
+/// # The faults
+/// - **`read_error=P`, `write_error=P`** (`error=P` sets both): the request fails with EIO
+///   and **nothing** is moved: a failed read leaves the caller's memory as it was, a failed
+///   write leaves storage as it was (no torn writes). The inner backend never sees it.
+/// - **`short=P`**: a request of more than 4096 bytes moves only a prefix of its memory, a
+///   random multiple of 4096 bytes from 4096 up to below its length, through the inner
+///   backend, and its ticket completes with `Ok(that count)`, as a short read or write by
+///   the kernel would report it; the bytes past the prefix are neither read (the caller's
+///   memory keeps them) nor written. Requests of 4096 bytes or less are never cut.
+/// - **`enospc_after=SIZE`**: the wrapper counts the bytes of the writes it sends to the
+///   inner backend (whatever became of them), and a write that would take that count past
+///   SIZE fails with ENOSPC and moves nothing; a later, smaller write may still fit. The
+///   count is over all targets and never goes down (overwriting a range counts again): a
+///   device that fills up and stays full. This is the model rather than "a write ending
+///   past offset SIZE fails" because it does not depend on where the caller lays its data
+///   out, so it hits a caller that reuses space as surely as one that appends.
+/// - **`latency=DURATION`, `latency_p=P`** (default 1): the request's ticket completes
+///   DURATION after the inner backend's did (or after submission, for an injected error).
+///   Submission never blocks: one timer thread, started only when the plan has latency,
+///   holds the delayed completions in a queue ordered by deadline. Dropping the wrapper
+///   completes whatever it still holds at once, with the results they were going to have,
+///   and joins the thread; an inner request still in flight then completes undelayed.
+///
+/// Each request draws, in this order, whether it fails with EIO, whether it is cut short,
+/// the cut, and whether it is delayed. An EIO wins: the request is not cut and takes no
+/// space. Then a write's length, the prefix's if cut, is checked against `enospc_after`.
+/// Whatever the inner backend itself returns (its own errors, its own counts) is passed on
+/// unchanged.
+///
+/// No backend of spillway's completes a request with fewer bytes than asked: the io_uring
+/// backend resubmits the rest after a short count and fails with [`Error::ShortIo`] only at
+/// the end of the file. An `Ok(n)` below the request's length is what `short` probes: a
+/// caller that ignores the count and takes the request as done is shown up.
+///
+/// # Errors
+/// Injected errors are those the io_uring backend reports for the same errno: EIO is
+/// [`Error::Io`] whose source has `raw_os_error() == Some(libc::EIO)` (its context says the
+/// fault was injected), ENOSPC is [`Error::NoSpace`] with the target's path, the request's
+/// offset and length. [`FaultyBackend::stats`] counts what was injected.
 pub struct FaultyBackend {
     inner: Arc<dyn Backend>,
     plan: FaultPlan,

@@ -40,8 +40,8 @@ impl FaultOps {
     }
 }
 
-/// What a [`FaultyBackend`](super::FaultyBackend) injects. See the
-/// [module documentation](super) for what each fault does.
+/// What a [`FaultyBackend`](super::FaultyBackend) injects; its documentation says what each
+/// fault does.
 ///
 /// The text form is comma-separated `key=value` items, applied left to right (a later key
 /// overrides an earlier one: `error=0.1,read_error=0.2`). `""`, `none` and `off` are the
@@ -65,7 +65,7 @@ pub struct FaultPlan {
     pub latency: Duration,
     /// `latency_p`: probability that a request is delayed by `latency` (default 1).
     pub latency_p: f64,
-    /// `seed`: the seed of the random choices ([`DEFAULT_SEED`] when not given).
+    /// `seed`: the seed of the random choices (0x5eed_fa17 when not given).
     pub seed: u64,
     /// `ops`: the requests faults apply to (default both).
     pub ops: FaultOps,

@@ -1,28 +1,5 @@
-//! The host tier: a bounded arena of pinned host memory in front of a storage backend.
-//!
-//! [`HostTierBackend`] wraps any [`Backend`]. A write of device memory is taken into the
-//! arena by one device copy (the GPU's copy engine reading the tensor, writing pinned host
-//! memory) and completes as soon as that copy has: at the speed of the host link, not of
-//! the storage, so the engine gives the tensor's memory back that much sooner. In the
-//! background the arena is *spilled* to the inner backend, oldest bytes first, once more
-//! than [`HostTierConfig::spill_at`] of it holds bytes not yet on storage; spilled bytes stay
-//! in the arena (clean) until their space is wanted. A read is answered from the arena
-//! where it holds the bytes (one device copy back) and from the inner backend for the rest.
-//!
-//! When the arena is full, a write waits, inside the tier, for spills to make room (the
-//! caller's ticket completes later); one larger than the whole arena goes straight to
-//! storage. If spilling fails for good while writes wait, they fail with its error (the
-//! engine then keeps those tensors in GPU memory): nothing hangs.
-//!
-//! The caller tells the tier which bytes it no longer needs with [`Backend::discard`] (the
-//! engine does when it frees an extent), so released tensors are never spilled.
-//!
-//! # Alignment
-//! Writes must start at multiples of [`HostTierConfig::align`], and the bytes from a
-//! write's end to the next multiple are padding that no other write starts inside: the
-//! engine lays its extents out that way (its `alignment` setting), and the tier then
-//! answers reads of the padding from the arena too, so that reading a whole extent back
-//! needs no storage access. Host-memory writes (`MemRef::Host`) pass through to storage.
+//! The host tier: [`HostTierBackend`], a bounded arena of pinned host memory in front of a
+//! storage backend (its documentation says how it fills, spills and reads back).
 
 mod index;
 #[cfg(test)]
@@ -201,8 +178,31 @@ struct Core {
     timeline: std::sync::OnceLock<Arc<Timeline>>,
 }
 
-/// A storage backend with a pinned host-memory tier in front. See the
-/// [module documentation](self).
+/// A storage backend with a pinned host-memory tier in front: a bounded arena of pinned host memory.
+///
+/// [`HostTierBackend`] wraps any [`Backend`]. A write of device memory is taken into the
+/// arena by one device copy (the GPU's copy engine reading the tensor, writing pinned host
+/// memory) and completes as soon as that copy has: at the speed of the host link, not of
+/// the storage, so the engine gives the tensor's memory back that much sooner. In the
+/// background the arena is *spilled* to the inner backend, oldest bytes first, once more
+/// than [`HostTierConfig::spill_at`] of it holds bytes not yet on storage; spilled bytes stay
+/// in the arena (clean) until their space is wanted. A read is answered from the arena
+/// where it holds the bytes (one device copy back) and from the inner backend for the rest.
+///
+/// When the arena is full, a write waits, inside the tier, for spills to make room (the
+/// caller's ticket completes later); one larger than the whole arena goes straight to
+/// storage. If spilling fails for good while writes wait, they fail with its error (the
+/// engine then keeps those tensors in GPU memory): nothing hangs.
+///
+/// The caller tells the tier which bytes it no longer needs with [`Backend::discard`] (the
+/// engine does when it frees an extent), so released tensors are never spilled.
+///
+/// # Alignment
+/// Writes must start at multiples of [`HostTierConfig::align`], and the bytes from a
+/// write's end to the next multiple are padding that no other write starts inside: the
+/// engine lays its extents out that way (its `alignment` setting), and the tier then
+/// answers reads of the padding from the arena too, so that reading a whole extent back
+/// needs no storage access. Host-memory writes (`MemRef::Host`) pass through to storage.
 pub struct HostTierBackend {
     core: Arc<Core>,
 }

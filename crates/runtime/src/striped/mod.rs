@@ -1,54 +1,5 @@
-//! Striping: one target made of several, like RAID 0, in the runtime instead of in mdadm.
-//!
-//! A [`StripedBackend`] is built from [`Member`]s, each a storage target with a backend of
-//! its own (its own rings, queues and threads), so that a slow member does not hold up the
-//! others. It opens as one target whose bytes are dealt out in `stripe`-byte units, round
-//! robin: unit `u` (bytes `u·stripe .. (u+1)·stripe` of the set) lives on member `u mod n`
-//! at offset `(u div n)·stripe`. Members of different speeds can be given weights: a
-//! round then deals `w_i` consecutive units to member `i`, so that each member's share of
-//! the bytes, and of the time, matches what it can do (RAID 0 with equal shares is bound
-//! by `n` times its slowest member). A request is cut at unit boundaries and each piece goes to
-//! its member's backend at once; the request completes when every piece has, with the
-//! first error if any failed — naming the member's path, so that a member that went away
-//! shows as a clear error, never as wrong data.
-//!
-//! A member may complete a piece with fewer bytes than asked (a short count, which the
-//! [`Backend`] contract allows): the rest of the piece is then submitted to the same member
-//! again, offset and memory advanced ([`crate::short`]), up to [`MAX_PIECE_RESUBMITS`]
-//! times. A set request
-//! completes with its full length only once every byte of every piece has moved; a piece
-//! that comes back with nothing moved, or short once too often, fails the request with
-//! [`Error::ShortIo`] naming the member.
-//!
-//! A member whose requests keep failing is taken out of use: once
-//! [`StripedBackend::failure_limit`] pieces in a row ([`MEMBER_FAILURE_LIMIT`] unless set)
-//! have failed on it with errors that are the member's doing, or at once when an error says
-//! it is gone ([`Error::target_gone`]: its backend shut down, ENODEV, ENXIO…). A piece that
-//! moves all its bytes resets the count; errors that are not the member's doing do not count
-//! either way: no space, a short count (the end of the target), a refused argument. From then
-//! on a request touching the member fails at submission, with an [`Error::Storage`] naming
-//! the member and why it was taken out of use, without reaching any member — no hanging, no
-//! partial data — while requests that touch only the other members go on as before. With
-//! round-robin striping every large request touches every member, so in practice the set
-//! serves only small ranges lying on healthy members; choosing where data goes is the
-//! caller's business (the engine keeps the tensors of a failed write in their own memory).
-//! Nothing is retried here: a caller that retries transient errors (the engine does)
-//! submits the whole request again, and each attempt that fails on the member counts.
-//!
-//! A member taken out of use for its failures (not one that is gone) is tried again after
-//! a cool-down ([`MEMBER_RETRY_AFTER`] unless [`StripedBackend::with_retry_after`] says
-//! otherwise), doubled each time it is taken out again, up to [`MEMBER_RETRY_MAX`]: the
-//! requests touching it then reach it, the first piece that moves all its bytes puts it
-//! back in use, and the next failure takes it out again at once. A drive that went through
-//! a bad patch (a controller reset, a cable) comes back instead of shrinking the set for the
-//! rest of a days-long run; one that stays bad costs one failed request per cool-down.
-//!
-//! [`StripedBackend::member_stats`] counts the bytes, requests, errors and busy time of
-//! each member, and says whether it was taken out of use and why.
-//!
-//! The parts: this file holds the set (its layout over the members, opening, and the
-//! `Backend` it is); `health.rs` counts what each member did and decides when it is taken out
-//! of use; `piece.rs` carries one request's pieces to their members, through short counts.
+//! Striping: [`StripedBackend`], one target made of several (its documentation says how
+//! bytes are dealt out, and what happens when a member fails).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -94,7 +45,57 @@ struct OpenSet {
     members: Vec<TargetId>,
 }
 
-/// Several targets striped into one. See the [module documentation](self).
+/// Several targets striped into one, like RAID 0, in the runtime instead of in mdadm.
+///
+/// A [`StripedBackend`] is built from [`Member`]s, each a storage target with a backend of
+/// its own (its own rings, queues and threads), so that a slow member does not hold up the
+/// others. It opens as one target whose bytes are dealt out in `stripe`-byte units, round
+/// robin: unit `u` (bytes `u·stripe .. (u+1)·stripe` of the set) lives on member `u mod n`
+/// at offset `(u div n)·stripe`. Members of different speeds can be given weights: a
+/// round then deals `w_i` consecutive units to member `i`, so that each member's share of
+/// the bytes, and of the time, matches what it can do (RAID 0 with equal shares is bound
+/// by `n` times its slowest member). A request is cut at unit boundaries and each piece goes to
+/// its member's backend at once; the request completes when every piece has, with the
+/// first error if any failed — naming the member's path, so that a member that went away
+/// shows as a clear error, never as wrong data.
+///
+/// A member may complete a piece with fewer bytes than asked (a short count, which the
+/// [`Backend`] contract allows): the rest of the piece is then submitted to the same member
+/// again, offset and memory advanced ([`crate::short`]), up to [`MAX_PIECE_RESUBMITS`]
+/// times. A set request
+/// completes with its full length only once every byte of every piece has moved; a piece
+/// that comes back with nothing moved, or short once too often, fails the request with
+/// [`Error::ShortIo`] naming the member.
+///
+/// A member whose requests keep failing is taken out of use: once
+/// [`StripedBackend::failure_limit`] pieces in a row ([`MEMBER_FAILURE_LIMIT`] unless set)
+/// have failed on it with errors that are the member's doing, or at once when an error says
+/// it is gone ([`Error::target_gone`]: its backend shut down, ENODEV, ENXIO…). A piece that
+/// moves all its bytes resets the count; errors that are not the member's doing do not count
+/// either way: no space, a short count (the end of the target), a refused argument. From then
+/// on a request touching the member fails at submission, with an [`Error::Storage`] naming
+/// the member and why it was taken out of use, without reaching any member — no hanging, no
+/// partial data — while requests that touch only the other members go on as before. With
+/// round-robin striping every large request touches every member, so in practice the set
+/// serves only small ranges lying on healthy members; choosing where data goes is the
+/// caller's business (the engine keeps the tensors of a failed write in their own memory).
+/// Nothing is retried here: a caller that retries transient errors (the engine does)
+/// submits the whole request again, and each attempt that fails on the member counts.
+///
+/// A member taken out of use for its failures (not one that is gone) is tried again after
+/// a cool-down ([`MEMBER_RETRY_AFTER`] unless [`StripedBackend::with_retry_after`] says
+/// otherwise), doubled each time it is taken out again, up to [`MEMBER_RETRY_MAX`]: the
+/// requests touching it then reach it, the first piece that moves all its bytes puts it
+/// back in use, and the next failure takes it out again at once. A drive that went through
+/// a bad patch (a controller reset, a cable) comes back instead of shrinking the set for the
+/// rest of a days-long run; one that stays bad costs one failed request per cool-down.
+///
+/// [`StripedBackend::member_stats`] counts the bytes, requests, errors and busy time of
+/// each member, and says whether it was taken out of use and why.
+///
+/// The parts: this file holds the set (its layout over the members, opening, and the
+/// `Backend` it is); `health.rs` counts what each member did and decides when it is taken out
+/// of use; `piece.rs` carries one request's pieces to their members, through short counts.
 pub struct StripedBackend {
     name: PathBuf,
     stripe: u64,
