@@ -8,7 +8,7 @@
 //! | 3 | data mismatch: bytes read back differ from those written (`--verify`, checksums) |
 //!
 //! Flags and settings refused while parsing exit with 2 through clap; everything found
-//! later goes through [`for_error`].
+//! later goes through [`status_of`] and [`report`].
 
 use std::process::ExitCode;
 

@@ -1,6 +1,6 @@
 //! `spillway._native`: the PyO3 extension behind the `spillway` Python package (abi3: one
-//! wheel serves CPython 3.9 and later). It exposes the offload engine ([`engine`]) with
-//! its settings ([`settings`]); the package's Python code (`python/spillway/`) builds the
+//! wheel serves CPython 3.9 and later). It exposes the offload engine (`engine`) with
+//! its settings (`settings`); the package's Python code (`python/spillway/`) builds the
 //! PyTorch integration on it.
 
 use pyo3::prelude::*;

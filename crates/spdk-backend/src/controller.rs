@@ -3,7 +3,7 @@
 //! user is gone.
 //!
 //! [`Controller`] is shared by the threads that do I/O: each creates an
-//! [`IoQueue`](crate::io_queue::IoQueue) of its own with [`Controller::create_io_queue`]
+//! [`IoQueue`] of its own with [`Controller::create_io_queue`]
 //! and drives it without locks. Only admin commands (creating and deleting queues) take
 //! the admin queue's lock.
 
