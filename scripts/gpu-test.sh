@@ -5,9 +5,12 @@
 #   scripts/gpu-test.sh            # tests, --verify benches, then the performance runs
 #                                  # (pack and crc32c kernel bandwidth, GPU vs host)
 #   SKIP_PERF=1 scripts/gpu-test.sh
-#   PERF_ONLY=engine|train|rok|ranks|kvikio scripts/gpu-test.sh   # one group of runs (rok:
-#                                  # SSDTrain's grid and the largest micro-batch; ranks: two
-#                                  # GPUs; kvikio: spillway beside KvikIO, benches/vs_kvikio.py)
+#   PERF_ONLY=engine|train|rok|ranks|kvikio|integrations scripts/gpu-test.sh   # one group
+#                                  # of runs (rok: SSDTrain's grid and the largest micro-batch;
+#                                  # ranks: two GPUs; kvikio: spillway beside KvikIO,
+#                                  # benches/vs_kvikio.py; integrations: Hugging Face and
+#                                  # Lightning, benches/integrations.py, their wheels from
+#                                  # scripts/fetch-integration-wheels.sh in dist-integrations/)
 #   SPILLWAY_SANITIZE=1 scripts/gpu-test.sh   # also the pack and crc32c kernels under
 #                                             # compute-sanitizer (memcheck and racecheck)
 #
@@ -151,6 +154,19 @@ vs_kvikio() {
     --spillway "$dist/spillway" --out-dir "$results" --name "vs-kvikio-$(gpu_name)" ${KVIKIO_ARGS:-}
 }
 
+# Hugging Face's Trainer and Lightning with and without spillway (benches/integrations.py),
+# their packages from the wheels scripts/fetch-integration-wheels.sh downloaded into
+# $INTEGRATION_WHEELS (default dist-integrations; no network here), put after the machine's
+# own packages so that its torch is the one used. INTEGRATION_ARGS narrows or widens it.
+integrations() {
+  local site=/tmp/spillway-integrations wheels=${INTEGRATION_WHEELS:-dist-integrations}
+  rm -rf "$site"
+  "$py" -m pip install -q --disable-pip-version-check --no-index --no-deps --target "$site" \
+    "$wheels"/*.whl || return 1
+  step env PYTHONPATH="$PYTHONPATH:$site" "$py" benches/integrations.py --path "$shm" \
+    --out "$results/integrations-$(gpu_name).json" ${INTEGRATION_ARGS:-}
+}
+
 # "h100" or "h200": the GPU in the results' names.
 gpu_name() {
   nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 |
@@ -203,7 +219,8 @@ if [[ -n ${PERF_ONLY:-} ]]; then
     rok) rok_grid ;;
     ranks) multi_gpu ;;
     kvikio) vs_kvikio || failures+=("installing KvikIO from $dist/wheels") ;;
-    *) failures+=("PERF_ONLY=$PERF_ONLY: expected engine, train, rok, ranks or kvikio") ;;
+    integrations) integrations || failures+=("installing the integrations' wheels from ${INTEGRATION_WHEELS:-dist-integrations}") ;;
+    *) failures+=("PERF_ONLY=$PERF_ONLY: expected engine, train, rok, ranks, kvikio or integrations") ;;
   esac
   if ((${#failures[@]})); then
     printf 'failed: %s\n' "${failures[@]}"
