@@ -18,7 +18,7 @@ packages=(
   transformers accelerate lightning pytorch-lightning torchmetrics lightning-utilities
   huggingface-hub hf-xet tokenizers safetensors regex pyyaml tqdm psutil kernels
   httpx2 httpcore2 h11 anyio idna click typer rich shellingham markdown-it-py mdurl
-  annotated-doc pydantic pydantic-core annotated-types typing-inspection tomlkit
+  annotated-doc pydantic pydantic-core annotated-types typing-inspection tomlkit truststore
   aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl packaging
 )
 python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary :all: \
