@@ -1,36 +1,39 @@
-//! Opening an offload engine for a library caller (the Python package, the C ABI): storage
-//! paths, a capacity and resolved settings in; a running [`Engine`] with its device and
-//! backend out ([`open_engine`]). A directory gets an anonymous file, several paths are
-//! striped over, and with `backend="spdk"` the path is an NVMe controller's PCI address.
+//! Opening an offload engine: storage paths, a capacity and resolved settings in; a running
+//! [`Engine`] with its device and backend out. A directory gets an anonymous file (on tmpfs
+//! or ramfs several, [`spread_files`]), several paths are striped over, and with
+//! `backend="spdk"` the path is an NVMe controller's PCI address. [`EngineBuilder`] is the
+//! one way an engine is opened: [`open_engine`] (the Python package, the C ABI) and
+//! `spillway bench --workload tensors` both go through it, so that the bench measures the
+//! engine users run.
 //!
 //! The [`OpenedEngine`] also keeps track of its callers' handles, so that every binding
 //! offers the same calls ([`OpenedEngine::offload`], [`OpenedEngine::fetch`], …) with the
 //! same meaning.
 
+mod builder;
 mod capacity;
 mod handles;
 mod ops;
 #[cfg(test)]
 mod tests;
 
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use spillway_runtime::engine::{Engine, StorageTarget};
+use spillway_runtime::engine::Engine;
 use spillway_runtime::{
-    Backend, Device, DirectIo, Error, FaultyBackend, HostTierBackend, HostTierConfig, HostTierStats,
-    MemberStats, Result, StripedBackend, Target,
+    Device, Error, FaultyBackend, HostTierBackend, HostTierStats, MemberStats, Result, StripedBackend,
 };
-use spillway_spdk::pci::PciAddress;
 
-use crate::choice::BackendChoice;
 use crate::cuda::CudaDevice;
 use crate::rank::{self, LocalRank};
-use crate::select::{self, Memory, Setup};
+use crate::select::{self, Memory};
 use crate::settings::Resolved;
-use crate::size::format_size;
 
+// The bench's tensors workload still builds its own engine on it.
+#[cfg(feature = "cli")]
+pub(crate) use builder::host_tier;
+pub use builder::{DirectIoProbe, EngineBuilder, PreparedEngine};
 use handles::Handles;
 
 /// A running engine with what it runs on, and the handles its caller holds.
@@ -122,6 +125,12 @@ impl OpenedEngine {
         self.host_tier.as_ref().map(|t| t.stats())
     }
 
+    /// With the `faults` setting on, the fault-injecting backend of each path, in path
+    /// order (for [`select::fault_context`]); empty when it is off.
+    pub fn faults(&self) -> &[Arc<FaultyBackend>] {
+        &self.faults
+    }
+
     /// The GPU whose memory the engine moves; `None` for host memory.
     pub fn gpu(&self) -> Option<&Arc<CudaDevice>> {
         match &self.memory {
@@ -155,74 +164,20 @@ impl std::fmt::Debug for OpenedEngine {
 /// Under a multi-process launcher (a local rank in the environment, see [`rank`]), the
 /// rank's entry in `settings.rank_paths` replaces `paths`; without one, a file path is
 /// made the rank's own ([`rank::namespaced`]) and a block device is left to rank 0.
+///
+/// This is [`EngineBuilder::open`] with the local rank of the environment.
 pub fn open_engine(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> Result<OpenedEngine> {
     open_for_rank(paths, capacity, settings, rank::detect_from_env()?)
 }
 
+/// [`open_engine`] for local rank `rank` (`None`: no launcher).
 fn open_for_rank(
     paths: &[PathBuf],
     capacity: Option<u64>,
     settings: &Resolved,
     rank: Option<LocalRank>,
 ) -> Result<OpenedEngine> {
-    let (mut paths, note) = settings.rank_paths.choose(paths, rank)?;
-    let mut notes: Vec<String> = note.into_iter().collect();
-    // Paths every rank was given alike must not be shared: each rank gets its own file.
-    // (A controller is claimed by one process anyway; rank_paths entries are the rank's.)
-    if let Some(rank) = rank.filter(|_| notes.is_empty() && settings.choices.backend != BackendChoice::Spdk) {
-        notes.extend(rank::make_own(&mut paths, rank)?);
-    }
-    let mut opened = open_paths(&paths, capacity, settings)?;
-    opened.info.notes.extend(notes);
-    Ok(opened)
-}
-
-fn open_paths(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> Result<OpenedEngine> {
-    check_resources(paths.len(), capacity, settings)?;
-    let path = match paths {
-        [] => {
-            return Err(Error::invalid(
-                "no storage path given: pass a path or a list of paths (or, under a launcher, set rank_paths with an entry for each local rank)",
-            ))
-        }
-        [one] => one.clone(),
-        _ => return open_striped(paths, capacity, settings),
-    };
-    if settings.choices.backend != BackendChoice::Spdk && path.is_dir() {
-        let (files, why) = spread_files(&path, settings.spread_files);
-        if files > 1 {
-            check_resources(files as usize, capacity, settings)?;
-            let spread = vec![path.clone(); files as usize];
-            let mut opened = open_striped(&spread, capacity, settings)?;
-            opened.info.path = path.clone();
-            opened.info.anonymous = true;
-            opened.info.notes.push(format!(
-                "{} spread over {files} anonymous files striped in {} units ({why})",
-                path.display(),
-                format_size(settings.stripe_bytes)
-            ));
-            return Ok(opened);
-        }
-    }
-    let mut settings = settings.clone();
-    if settings.choices.backend == BackendChoice::Spdk {
-        settings.choices.pci = Some(controller_address(&path)?);
-    }
-    let setup = select::setup(settings.choices, &settings.faults)?;
-    if settings.choices.backend == BackendChoice::Spdk {
-        return start(setup, path, false, capacity, None, settings);
-    }
-    let (path, anonymous) = storage_file(&path)?;
-    let is_block = std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_block_device());
-    if is_block && capacity.is_none() {
-        return Err(Error::invalid(format!(
-            "{} is a block device: pass capacity= (the bytes the engine may use on it)",
-            path.display()
-        )));
-    }
-    let reserve = capacity.filter(|_| !is_block);
-    let capacity = storage_capacity(&[(path.clone(), anonymous)], &[], 1, capacity, settings.host_tier)?;
-    start(setup, path, anonymous, Some(capacity), reserve, settings)
+    EngineBuilder::new(paths, capacity, settings).rank(rank).open()
 }
 
 /// The most bytes `capacity` may be: file offsets are signed 64-bit numbers.
@@ -264,49 +219,6 @@ fn check_resources(paths: usize, capacity: Option<u64>, settings: &Resolved) -> 
     )
 }
 
-/// The engine on several paths striped into one set (`stripe_bytes` units, `stripe_weights`
-/// of them per path and round), each with a backend of its own. With `capacity`, each path
-/// reserves its weight's share of it up front; without, the paths on each filesystem share
-/// half of its free space (see [`storage_capacity`]), used as needed: nothing is taken up
-/// front (on tmpfs that would be host memory held for nothing).
-fn open_striped(paths: &[PathBuf], capacity: Option<u64>, settings: &Resolved) -> Result<OpenedEngine> {
-    let mut files = Vec::with_capacity(paths.len());
-    for p in paths {
-        let (file, anonymous) = storage_file(p)?;
-        if std::fs::metadata(&file).is_ok_and(|m| m.file_type().is_block_device()) && capacity.is_none() {
-            return Err(Error::invalid(format!(
-                "{} is a block device: pass capacity= (the bytes the engine may use over all paths)",
-                file.display()
-            )));
-        }
-        files.push((file, anonymous));
-    }
-    let members: Vec<PathBuf> = files.iter().map(|(f, _)| f.clone()).collect();
-    let (setup, name) = select::setup_striped(
-        settings.choices,
-        &settings.faults,
-        &members,
-        settings.stripe_bytes,
-        &settings.stripe_weights,
-    )?;
-    let reserve = capacity;
-    let capacity = storage_capacity(
-        &files,
-        &settings.stripe_weights,
-        settings.stripe_bytes,
-        capacity,
-        settings.host_tier,
-    )?;
-    start(
-        setup,
-        name,
-        false,
-        Some(capacity),
-        reserve.map(|_| capacity),
-        settings.clone(),
-    )
-}
-
 /// The capacity of the engine over storage `files` (each with whether it is a directory
 /// for an anonymous file), striped in `unit`-byte units with `weights` (one path: unit 1,
 /// no weights): `capacity` checked against the space of each filesystem and, for paths on
@@ -322,106 +234,6 @@ fn storage_capacity(
     // The host tier's pinned memory counts, with storage on tmpfs or ramfs, against the
     // host's memory.
     capacity::storage_capacity(files, weights, unit, capacity, host_tier)
-}
-
-/// With `backend="spdk"` the path names the NVMe controller by its PCI address.
-fn controller_address(path: &Path) -> Result<PciAddress> {
-    let text = path.to_string_lossy();
-    text.parse().map_err(|e| {
-        Error::invalid(format!(
-            "with backend=\"spdk\" the path is the NVMe controller's PCI address (e.g. \"0000:01:00.0\", see `spillway nvme list`), not {text:?}: {e}"
-        ))
-    })
-}
-
-/// Opens the storage target on the backend and starts the engine. Without `capacity`, the
-/// engine may use all of the target (a controller's namespace).
-fn start(
-    setup: Setup,
-    path: PathBuf,
-    anonymous: bool,
-    capacity: Option<u64>,
-    reserve: Option<u64>,
-    settings: Resolved,
-) -> Result<OpenedEngine> {
-    let capacity = match capacity {
-        Some(c) => c,
-        None => {
-            let (id, info) = setup.backend.open(&Target::new(&path))?;
-            setup.backend.close(id)?;
-            info.size
-        }
-    };
-    let align = settings.engine.alignment;
-    let capacity = capacity / align * align;
-    if capacity == 0 {
-        return Err(Error::invalid(format!(
-            "the storage capacity at {} is below one {align}-byte unit: free space there or pass a larger capacity=",
-            path.display()
-        )));
-    }
-    let target = Target {
-        path: path.clone(),
-        direct: DirectIo::Preferred,
-        create: true,
-        reserve,
-    };
-    let host_tier = host_tier(&setup, settings.host_tier, settings.engine.alignment)?;
-    let backend: Arc<dyn Backend> = match &host_tier {
-        Some(tier) => tier.clone(),
-        None => setup.backend.clone(),
-    };
-    let engine = Engine::new(
-        setup.device.clone(),
-        backend,
-        vec![StorageTarget::new(target, capacity)],
-        settings.engine.clone(),
-    )?;
-    if let Some(tier) = &host_tier {
-        tier.record_on(engine.timeline_handle());
-    }
-    let device = match &setup.memory {
-        Memory::Gpu(g) => format!("cuda:{}", g.ordinal()),
-        Memory::Host => "host".to_string(),
-    };
-    Ok(OpenedEngine {
-        engine,
-        device: setup.device,
-        memory: setup.memory,
-        info: EngineInfo {
-            path,
-            anonymous,
-            capacity,
-            device,
-            backend: setup.backend.info().name.to_string(),
-            notes: setup.notes,
-            settings,
-        },
-        striped: setup.striped,
-        faults: setup.faults,
-        host_tier,
-        handles: Mutex::new(Handles::default()),
-    })
-}
-
-/// A pinned host-memory tier of `bytes` (the `host_tier` setting) in front of `setup`'s
-/// backend, taking writes aligned as the engine lays them out (`align`); `None` for 0.
-/// Callers check first that the host can give that much memory (`check_resources`, the
-/// bench's memory check), before anything is allocated.
-pub(crate) fn host_tier(setup: &Setup, bytes: u64, align: u64) -> Result<Option<Arc<HostTierBackend>>> {
-    if bytes == 0 {
-        return Ok(None);
-    }
-    let tier = HostTierBackend::new(
-        setup.backend.clone(),
-        setup.device.clone(),
-        HostTierConfig {
-            bytes,
-            align,
-            ..HostTierConfig::default()
-        },
-    )?;
-    Ok(Some(Arc::new(tier)))
 }
 
 /// Files spread over on a filesystem that takes one file's writes one at a time (tmpfs and
@@ -441,20 +253,4 @@ pub(crate) fn spread_files(dir: &Path, setting: u32) -> (u32, &'static str) {
         ),
         _ => (1, "one file"),
     }
-}
-
-/// The file to store in: a new anonymous file when `path` is a directory.
-fn storage_file(path: &Path) -> Result<(PathBuf, bool)> {
-    if path.as_os_str().is_empty() {
-        return Err(Error::invalid(
-            "the storage path is empty: pass a directory, file or block device on fast storage",
-        ));
-    }
-    spillway_runtime::check_storage_path(path)?;
-    if !path.is_dir() {
-        return Ok((path.to_path_buf(), false));
-    }
-    // A directory target opens as an anonymous file in it (O_TMPFILE, or created and
-    // unlinked at once): it never has a name, so nothing is left behind even after a kill.
-    Ok((path.to_path_buf(), true))
 }

@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use spillway_runtime::engine::{Handle, Region, TensorKey};
-use spillway_runtime::Error;
+use spillway_runtime::{DirectIo, Error};
 
-use super::{open_engine, open_for_rank, storage_capacity, OpenedEngine};
+use super::{open_engine, open_for_rank, storage_capacity, EngineBuilder, OpenedEngine};
 use crate::rank::LocalRank;
 use crate::settings::Settings;
 
@@ -425,4 +425,54 @@ fn spread_files_past_the_path_limit_is_refused() {
         msg.contains("spread_files") && msg.contains("more than 64"),
         "{msg}"
     );
+}
+
+#[test]
+fn a_buffered_engine_opens_through_the_page_cache_and_its_probe_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = small_host_settings().resolve().unwrap();
+    let paths = [dir.path().join("spill.bin")];
+    let prepared = EngineBuilder::new(&paths, Some(4 << 20), &settings)
+        .direct(DirectIo::Off)
+        .prepare()
+        .unwrap();
+    assert!(prepared.setup().memory.name() == "host");
+    let probe = prepared.probe_direct_io().unwrap();
+    assert!(!probe.direct_io, "{probe:?}");
+    let e = prepared.start().unwrap();
+    assert_eq!((e.info.capacity, e.info.anonymous), (4 << 20, false));
+    let mut src: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    let mut dst = vec![0u8; src.len()];
+    // SAFETY: both buffers outlive the calls and nothing else touches them.
+    unsafe {
+        let h = e.offload(TensorKey::new(1, 0), &region(&mut src), None).unwrap();
+        e.engine.drain().unwrap();
+        e.fetch(h, &region(&mut dst), None).unwrap();
+    }
+    assert_eq!(src, dst);
+}
+
+#[test]
+fn the_spdk_controller_is_the_path_or_given_apart_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = small_host_settings();
+    settings.set("backend", "spdk").unwrap();
+    let settings = settings.resolve().unwrap();
+    let paths = [dir.path().to_path_buf()];
+    // The path is no PCI address; with none given apart from it, the backend says so.
+    let from_path = EngineBuilder::new(&paths, None, &settings).prepare().unwrap_err();
+    assert!(from_path.to_string().contains("PCI address"), "{from_path}");
+    let none = EngineBuilder::new(&paths, None, &settings)
+        .controller(None)
+        .prepare()
+        .unwrap_err();
+    assert!(none.to_string().contains("needs --pci"), "{none}");
+    // A controller given with another backend is refused.
+    let uring = small_host_settings().resolve().unwrap();
+    let pci = "0000:00:04.0".parse().unwrap();
+    let other = EngineBuilder::new(&paths, None, &uring)
+        .controller(Some(pci))
+        .prepare()
+        .unwrap_err();
+    assert!(other.to_string().contains("add --backend spdk"), "{other}");
 }
