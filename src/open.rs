@@ -30,9 +30,6 @@ use crate::rank::{self, LocalRank};
 use crate::select::{self, Memory};
 use crate::settings::Resolved;
 
-// The bench's tensors workload still builds its own engine on it.
-#[cfg(feature = "cli")]
-pub(crate) use builder::host_tier;
 pub use builder::{DirectIoProbe, EngineBuilder, PreparedEngine};
 use handles::Handles;
 

@@ -401,9 +401,9 @@ fn aligned_capacity(setup: &Setup, path: &Path, capacity: Option<u64>, align: u6
 
 /// A pinned host-memory tier of `bytes` (the `host_tier` setting) in front of `setup`'s
 /// backend, taking writes aligned as the engine lays them out (`align`); `None` for 0.
-/// Callers check first that the host can give that much memory ([`check_resources`], the
-/// bench's memory check), before anything is allocated.
-pub(crate) fn host_tier(setup: &Setup, bytes: u64, align: u64) -> Result<Option<Arc<HostTierBackend>>> {
+/// [`check_resources`] checks first that the host can give that much memory, before
+/// anything is allocated.
+fn host_tier(setup: &Setup, bytes: u64, align: u64) -> Result<Option<Arc<HostTierBackend>>> {
     if bytes == 0 {
         return Ok(None);
     }

@@ -27,19 +27,19 @@ pub mod report;
 
 use std::collections::{HashMap, HashSet};
 use std::io::BufWriter;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use spillway_runtime::engine::{Engine, Handle, Region, StorageTarget, TensorKey};
-use spillway_runtime::{
-    open_target, Backend, DeviceBuffer, DirectIo, Error, Event, PrivateFile, Result, Target,
-};
+use spillway_runtime::engine::{Engine, Handle, Region, TensorKey};
+use spillway_runtime::{Device, DeviceBuffer, DirectIo, Error, Event, PrivateFile, Result};
 
 use super::flags;
 use super::progress::Progress;
 use crate::cli::BenchArgs;
-use crate::select::{self, Memory, Setup};
+use crate::open::EngineBuilder;
+use crate::select;
+use crate::settings::Resolved;
 use options::{EngineSettings, Options};
 use plan::Plan;
 use report::{Phase, TensorsResult};
@@ -58,7 +58,7 @@ pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
 fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
     flags::check(args)?;
     let opts = Options::from_args(args)?;
-    let (paths, setup, path) = super::storage_setup(args)?;
+    let paths = super::storage_paths(args)?;
     let plan = Plan::new(
         opts.tensors,
         opts.duplicates,
@@ -66,8 +66,21 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         opts.max_size,
         opts.seed,
     );
+    let capacity = plan.storage_capacity(
+        opts.engine.alignment,
+        opts.engine.pack_extent_bytes,
+        opts.engine.dedup,
+    );
+    if args.pci.is_none() {
+        check_storage(&paths, capacity, args.stripe)?;
+    }
+    let settings = settings(args, &opts);
+    let prepared = builder(args, &paths, capacity, &settings)
+        .prepare()
+        .map_err(blame_capacity)?;
+    let setup = prepared.setup();
     let mut notes: Vec<String> = args.layers.report_notes().collect();
-    notes.extend(setup.notes.iter().cloned());
+    notes.extend(prepared.notes().cloned());
     notes.extend(limits::check(
         &setup.memory,
         plan.arena_len.saturating_mul(2),
@@ -82,77 +95,19 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         }
         None => None,
     };
+    let probe = prepared.probe_direct_io()?;
+    notes.extend(probe.warning);
+    let backend = setup.backend.info();
 
-    let capacity = plan.storage_capacity(
-        opts.engine.alignment,
-        opts.engine.pack_extent_bytes,
-        opts.engine.dedup,
-    );
-    if args.pci.is_none() {
-        // Each target of a striped set holds its share (in whole stripe units).
-        let n = paths.len() as u64;
-        let share = if n > 1 {
-            capacity.div_ceil(n * args.stripe) * args.stripe
-        } else {
-            capacity
-        };
-        for p in &paths {
-            if p.is_dir() {
-                // A directory: an anonymous file in it, not there yet; its free space counts.
-                limits::check_storage(&p.join("<anonymous file>"), share)?;
-            } else {
-                limits::check_storage(p, share)?;
-            }
-        }
-    }
-    let target = Target {
-        path: path.clone(),
-        direct: if args.buffered {
-            DirectIo::Off
-        } else {
-            DirectIo::Preferred
-        },
-        create: true,
-        reserve: Some(capacity),
-    };
-    // Opened once here for what the report says about it (O_DIRECT or not); the engine
-    // opens it again through the backend. An anonymous file opened here is another file,
-    // gone when closed: nothing to reserve for it.
-    let direct_io = if args.pci.is_some() {
-        // The userspace NVMe driver: no filesystem, no page cache.
-        true
-    } else {
-        // The first target stands for a striped set's (they are opened alike).
-        let probe = Target {
-            path: paths[0].clone(),
-            reserve: target.reserve.filter(|_| !paths[0].is_dir() && paths.len() == 1),
-            ..target.clone()
-        };
-        let opened = open_target(&probe)?;
-        notes.extend(opened.warning);
-        opened.direct_io
-    };
-
-    let arenas = Arenas::new(&setup, &plan, opts.seed)?;
-    // Declared after the arenas, so it is dropped (and lets go of their memory) first.
-    let tier = crate::open::host_tier(&setup, args.host_tier.unwrap_or(0), opts.engine.alignment)?;
-    let backend: Arc<dyn Backend> = match &tier {
-        Some(t) => t.clone(),
-        None => setup.backend.clone(),
-    };
-    let engine = Engine::new(
-        setup.device.clone(),
-        backend,
-        vec![StorageTarget::new(target, capacity)],
-        opts.engine.clone(),
-    )?;
-    if let Some(t) = &tier {
-        t.record_on(engine.timeline_handle());
-    }
-    let faulty = |e, what: &str| select::fault_context(e, what, &setup.faults);
-    let (handles, held, offload) =
-        offload_phase(&engine, &arenas, &plan, !setup.faults.is_empty(), !args.json)
-            .map_err(|e| faulty(e, "the offload phase"))?;
+    // The arenas are declared before the engine, so that the engine (and its host tier) is
+    // dropped, and lets go of their memory, first.
+    let arenas = Arenas::new(setup.device.clone(), &plan, opts.seed)?;
+    let opened = prepared.start()?;
+    let engine = &opened.engine;
+    let faults = opened.faults();
+    let faulty = |e, what: &str| select::fault_context(e, what, faults);
+    let (handles, held, offload) = offload_phase(engine, &arenas, &plan, !faults.is_empty(), !args.json)
+        .map_err(|e| faulty(e, "the offload phase"))?;
     arenas.poison(&plan, &held, opts.seed)?;
     if !held.is_empty() {
         notes.push(format!(
@@ -160,7 +115,7 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
             held.len()
         ));
     }
-    let fetch = fetch_phase(&engine, &arenas, &plan, &handles, !args.json)
+    let fetch = fetch_phase(engine, &arenas, &plan, &handles, !args.json)
         .map_err(|e| faulty(e, "the fetch phase"))?;
     let (mismatched_bytes, mismatched_tensors) = arenas.mismatches(&plan, opts.seed)?;
     for h in handles {
@@ -185,14 +140,13 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         }
         _ => None,
     };
-    let backend = setup.backend.info();
     Ok(TensorsResult {
         workload: "tensors".into(),
         backend: backend.name.to_string(),
-        memory: setup.memory.name().to_string(),
-        device: match &setup.memory {
-            Memory::Host => "host memory".to_string(),
-            Memory::Gpu(gpu) => format!("{} (GPU {})", setup.device.info().name, gpu.ordinal()),
+        memory: opened.memory.name().to_string(),
+        device: match opened.gpu() {
+            None => "host memory".to_string(),
+            Some(gpu) => format!("{} (GPU {})", opened.device.info().name, gpu.ordinal()),
         },
         path: super::display_paths(&paths, args.pci.is_some()),
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -207,11 +161,11 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         pack: opts.engine.pack,
         dedup: opts.engine.dedup,
         engine: EngineSettings::of(&opts.engine),
-        storage_capacity: capacity,
+        storage_capacity: opened.info.capacity,
         queue_depth: args.qd,
         threads: args.threads,
-        direct_io,
-        host_staging: matches!(setup.memory, Memory::Gpu(_)) && backend.host_staging,
+        direct_io: probe.direct_io,
+        host_staging: opened.gpu().is_some() && backend.host_staging,
         gds_mode: backend.transfer_mode.map(str::to_string),
         seed: opts.seed,
         phases: vec![offload, fetch],
@@ -222,41 +176,99 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         notes,
         from_env_or_file: args.layers.taken.clone(),
         engine_stats: engine.stats(),
-        faults: select::fault_report(&setup.faults, &member_paths(&setup), &[]),
-        host_tier: tier.as_ref().map(|t| t.stats()),
+        faults: opened.fault_report(),
+        host_tier: opened.host_tier_stats(),
     })
 }
 
-/// The paths of a striped set's targets, in order (empty for one target).
-fn member_paths(setup: &Setup) -> Vec<std::path::PathBuf> {
-    setup
-        .striped
-        .as_ref()
-        .map(|s| s.member_stats().into_iter().map(|m| m.path).collect())
-        .unwrap_or_default()
+/// The settings the run's engine opens with: its flags over the settings layers (applied
+/// to `args` by [`super::layers`]), the engine configuration checked in `opts`. Ranks are
+/// settled already: the layers chose this rank's paths.
+fn settings(args: &BenchArgs, opts: &Options) -> Resolved {
+    Resolved {
+        choices: super::choices(args),
+        engine: opts.engine.clone(),
+        host_tier: args.host_tier.unwrap_or(0),
+        spread_files: args.spread,
+        stripe_bytes: args.stripe,
+        stripe_weights: args.stripe_weights.clone(),
+        faults: args.faults.clone(),
+        ..Resolved::default()
+    }
+}
+
+/// The engine users open ([`EngineBuilder`]), on `paths` with the plan's `capacity`:
+/// `--buffered` goes through the page cache, and `--pci` names the spdk backend's
+/// controller.
+fn builder<'a>(
+    args: &BenchArgs,
+    paths: &'a [PathBuf],
+    capacity: u64,
+    settings: &'a Resolved,
+) -> EngineBuilder<'a> {
+    let direct = if args.buffered {
+        DirectIo::Off
+    } else {
+        DirectIo::Preferred
+    };
+    EngineBuilder::new(paths, Some(capacity), settings)
+        .direct(direct)
+        .controller(args.pci)
+}
+
+/// `e`, a refusal of the storage by the engine's capacity accounting (its messages start
+/// with `capacity=`), saying where that capacity comes from: the bench has no flag for it.
+fn blame_capacity(e: Error) -> Error {
+    match e {
+        Error::InvalidArgument(msg) if msg.starts_with("capacity=") => Error::InvalidArgument(format!(
+            "{msg} (capacity= is the storage the tensors workload reserves, twice the tensors' bytes: lower --tensors or --max-size, or pass a --path with more room)"
+        )),
+        e => e,
+    }
+}
+
+/// Checks, before anything is written, that each of `paths` has room for its share of
+/// `capacity` (in whole `stripe` units over a striped set), with a refusal naming the
+/// flags that size it; the engine then accounts the space per filesystem as well.
+fn check_storage(paths: &[PathBuf], capacity: u64, stripe: u64) -> Result<()> {
+    let n = paths.len() as u64;
+    let share = if n > 1 {
+        capacity.div_ceil(n * stripe) * stripe
+    } else {
+        capacity
+    };
+    for p in paths {
+        if p.is_dir() {
+            // A directory: an anonymous file in it, not there yet; its free space counts.
+            limits::check_storage(&p.join("<anonymous file>"), share)?;
+        } else {
+            limits::check_storage(p, share)?;
+        }
+    }
+    Ok(())
 }
 
 /// The source and destination arenas, in the run's memory.
-struct Arenas<'a> {
-    setup: &'a Setup,
+struct Arenas {
+    device: Arc<dyn Device>,
     source: DeviceBuffer,
     destination: DeviceBuffer,
 }
 
-impl<'a> Arenas<'a> {
+impl Arenas {
     /// Allocates both arenas and fills the source with the pattern for `seed` (byte `o` of
     /// the arena is pattern byte `o`), waiting until it is done.
-    fn new(setup: &'a Setup, plan: &Plan, seed: u64) -> Result<Self> {
+    fn new(device: Arc<dyn Device>, plan: &Plan, seed: u64) -> Result<Self> {
         let len = usize::try_from(plan.arena_len).map_err(|_| {
             Error::invalid(
                 "the arena does not fit in this machine's address space; lower --tensors or --max-size",
             )
         })?;
-        let source = setup.device.alloc(len)?;
-        let destination = setup.device.alloc(len)?;
-        setup.device.fill_pattern(source.ptr(), len, seed, 0)?;
+        let source = device.alloc(len)?;
+        let destination = device.alloc(len)?;
+        device.fill_pattern(source.ptr(), len, seed, 0)?;
         Ok(Arenas {
-            setup,
+            device,
             source,
             destination,
         })
@@ -267,7 +279,7 @@ impl<'a> Arenas<'a> {
     /// tensors of `held` (whose memory the engine still holds: their writes failed) are
     /// left as they are.
     fn poison(&self, plan: &Plan, held: &HashSet<usize>, seed: u64) -> Result<()> {
-        let dev = &self.setup.device;
+        let dev = &self.device;
         if held.is_empty() {
             dev.fill_pattern(self.source.ptr(), self.source.len(), seed ^ POISON_SOURCE, 0)?;
         } else {
@@ -295,7 +307,7 @@ impl<'a> Arenas<'a> {
     fn mismatches(&self, plan: &Plan, seed: u64) -> Result<(u64, u64)> {
         let (mut bytes, mut tensors) = (0, 0);
         for t in &plan.tensors {
-            let bad = self.setup.device.count_pattern_mismatches(
+            let bad = self.device.count_pattern_mismatches(
                 self.destination.ptr() + t.offset,
                 t.len as usize,
                 seed,
