@@ -13,8 +13,8 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use spillway::rank::RankPaths;
 use spillway::settings::{Settings, Source, Value, CONFIG_VAR, OTHER_VARIABLES, SETTINGS};
-use spillway_runtime::{parse_bytes, parse_size};
 use spillway_runtime::FaultPlan;
+use spillway_runtime::{parse_bytes, parse_size};
 
 /// Cases per property unless `PROPTEST_CASES` says otherwise.
 const CASES: u32 = 2048;

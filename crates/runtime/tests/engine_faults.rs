@@ -17,11 +17,11 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use spillway_runtime::engine::{Engine, EngineConfig, Handle, Region, StorageTarget, TensorKey};
-use spillway_runtime::{MAX_PIECE_RESUBMITS, MEMBER_FAILURE_LIMIT};
 use spillway_runtime::{
     pattern, Backend, BackendInfo, Device, DeviceBuffer, Error, FaultPlan, FaultyBackend, HostDevice, IoOp,
     IoRequest, MemBackend, MemRef, Member, Result, StripedBackend, Target, TargetId, TargetInfo, Ticket,
 };
+use spillway_runtime::{MAX_PIECE_RESUBMITS, MEMBER_FAILURE_LIMIT};
 
 /// What [`Stingy`] does to the requests of the direction it is set for.
 const PASS: u8 = 0;
