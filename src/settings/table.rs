@@ -405,6 +405,16 @@ pub static SETTINGS: &[Setting] = &[
         },
     },
     Setting {
+        name: "io_split_bytes",
+        kind: Kind::Size,
+        meaning: "the largest storage request a tensor's write or a fetch's read is submitted as: larger ones are cut at multiples of it, so that the backend's threads move one large tensor side by side (rounded up to a multiple of alignment; 0: never cut)",
+        get: |r| int(r.engine.io_split_bytes),
+        set: |r, v| {
+            r.engine.io_split_bytes = size(v)?;
+            Ok(())
+        },
+    },
+    Setting {
         name: "direct_write_bytes",
         kind: Kind::Size,
         meaning: "bytes of unpacked (direct) writes in flight at once",

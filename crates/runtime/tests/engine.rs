@@ -215,6 +215,33 @@ fn large_tensors_go_direct_and_multi_region_layouts_round_trip() {
 }
 
 #[test]
+fn a_large_tensor_is_written_and_read_back_in_pieces_of_io_split_bytes() {
+    // 3.5 MiB, written straight from its memory and fetched straight into place: cut at
+    // the 1 MiB multiples of the target's offsets into 4 requests each way (5 if its extent
+    // did not start on one), bytes exact; uncut, one request each way.
+    let len = (7 << 20) / 2;
+    for (split, requests) in [(1u64 << 20, 4..=5u64), (0, 1..=1)] {
+        let r = rig(
+            EngineConfig {
+                io_split_bytes: split,
+                ..small_cfg()
+            },
+            1 << 30,
+        );
+        let big = tensor(&r.dev, len, 21);
+        let h = offload_all(&r, std::slice::from_ref(&big))[0];
+        r.engine.drain().unwrap();
+        let s = r.engine.stats().counters;
+        assert!(requests.contains(&s.writes), "split {split}: {} writes", s.writes);
+        assert_eq!(fetch_check(&r, h, len, 21), 0, "split {split}");
+        let s = r.engine.stats().counters;
+        assert_eq!(s.demand_reads, 1);
+        assert!(requests.contains(&s.reads), "split {split}: {} reads", s.reads);
+        assert_eq!((s.bytes_written, s.bytes_read), (len as u64, len as u64));
+    }
+}
+
+#[test]
 fn dedup_writes_once_and_keeps_the_copy_until_the_last_handle() {
     let r = rig(small_cfg(), 1 << 30);
     let t = tensor(&r.dev, 100 << 10, 5);

@@ -56,6 +56,13 @@ pub struct EngineConfig {
     /// returns [`Error::Corrupt`]. Costs a device pass over every byte written and read
     /// and 4 bytes of host memory per 32 KiB stored. Default off.
     pub checksums: bool,
+    /// The largest storage request a tensor's write or a fetch's read from storage is
+    /// submitted as: a larger one is cut at the multiples of this size (in the target's
+    /// offsets), so that a backend with several threads (io_uring rings, cuFile workers,
+    /// NVMe queue pairs) moves the pieces of one large tensor side by side. Rounded up to a
+    /// multiple of `alignment` ([`EngineConfig::io_split_unit`]); 0 never cuts. Default
+    /// 64 MiB.
+    pub io_split_bytes: u64,
 }
 
 /// The least [`EngineConfig::alignment`] may be: the smallest sector of any storage.
@@ -86,6 +93,7 @@ impl Default for EngineConfig {
             timeline_capacity: 1_000_000,
             io_retries: 3,
             checksums: false,
+            io_split_bytes: 64 << 20,
         }
     }
 }
@@ -120,6 +128,15 @@ impl EngineConfig {
         }
         if !set.pack_threshold {
             self.pack_threshold = self.pack_threshold.min(self.pack_extent_bytes);
+        }
+    }
+
+    /// The size storage requests are cut at: `io_split_bytes` rounded up to a multiple of
+    /// `alignment` (so that every cut falls on an aligned offset), 0 for none.
+    pub fn io_split_unit(&self) -> u64 {
+        match self.io_split_bytes {
+            0 => 0,
+            n => n.div_ceil(self.alignment).saturating_mul(self.alignment),
         }
     }
 
@@ -267,6 +284,29 @@ mod tests {
             ..Default::default()
         };
         assert!(e.validate().unwrap_err().to_string().contains("io_retries"));
+    }
+
+    #[test]
+    fn requests_are_cut_at_a_multiple_of_the_alignment() {
+        for (split, alignment, unit) in [
+            (0, 4096, 0),
+            (1000, 4096, 4096),
+            (4096 + 512, 4096, 8192),
+            (64 << 20, 4096, 64 << 20),
+            (64 << 20, 1 << 30, 1 << 30),
+            (u64::MAX, 1 << 30, u64::MAX),
+        ] {
+            let e = EngineConfig {
+                io_split_bytes: split,
+                alignment,
+                ..Default::default()
+            };
+            assert_eq!(
+                e.io_split_unit(),
+                unit,
+                "io_split_bytes {split}, alignment {alignment}"
+            );
+        }
     }
 
     #[test]

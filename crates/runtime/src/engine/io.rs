@@ -203,6 +203,15 @@ impl State {
                 }
             }
         }
+        // Large ones cut into pieces the backend's threads share.
+        let reqs: Vec<(u64, u64, u64)> = reqs
+            .into_iter()
+            .flat_map(|(offset, ptr, len)| {
+                layout::cut_at_multiples(offset, len, env.cfg.io_split_unit())
+                    .into_iter()
+                    .map(move |(skip, n)| (offset + skip, ptr + skip, n))
+            })
+            .collect();
         let path = env.path(extent.target);
         let mut ios = Vec::with_capacity(reqs.len());
         let mut failed = None;

@@ -141,6 +141,25 @@ pub fn copy_plan(src: &[Segment], dst: &[Region]) -> Vec<CopyStep> {
     steps
 }
 
+/// `len` bytes from `offset` cut at the multiples of `unit` (0: not cut), as
+/// `(skip, len)` pieces in order: the piece starts `skip` bytes into the range. Used to
+/// submit one large storage request as several (the `io_split_bytes` setting).
+pub fn cut_at_multiples(offset: u64, len: u64, unit: u64) -> Vec<(u64, u64)> {
+    if unit == 0 || len == 0 {
+        return vec![(0, len)];
+    }
+    let mut pieces = Vec::new();
+    let mut done = 0u64;
+    while done < len {
+        let at = offset + done;
+        let to_boundary = unit - at % unit;
+        let n = to_boundary.min(len - done);
+        pieces.push((done, n));
+        done += n;
+    }
+    pieces
+}
+
 /// The segments of `regions` themselves (a tensor still in its own memory).
 pub fn segments_of(regions: &[Region]) -> Vec<Segment> {
     regions
@@ -169,6 +188,27 @@ mod tests {
         let pieces: Vec<_> = pack_pieces(&regions, &segs).collect();
         assert_eq!(pieces[1].mem, 300);
         assert_eq!(pieces[1].offset, 12288);
+    }
+
+    #[test]
+    fn cuts_fall_on_multiples_of_the_unit() {
+        assert_eq!(cut_at_multiples(0, 10, 0), vec![(0, 10)]);
+        assert_eq!(cut_at_multiples(0, 10, 4), vec![(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(cut_at_multiples(6, 10, 4), vec![(0, 2), (2, 4), (6, 4)]);
+        assert_eq!(cut_at_multiples(8, 8, 4), vec![(0, 4), (4, 4)]);
+        assert_eq!(cut_at_multiples(5, 2, 16), vec![(0, 2)]);
+        assert_eq!(cut_at_multiples(5, 0, 16), vec![(0, 0)]);
+        // Pieces cover the range exactly, in order, each within one unit.
+        for (offset, len, unit) in [(0u64, 1u64 << 20, 4096u64), (4095, 9000, 4096), (12345, 1, 7)] {
+            let pieces = cut_at_multiples(offset, len, unit);
+            let mut at = 0;
+            for (skip, n) in pieces {
+                assert_eq!(skip, at);
+                assert!(n > 0 && (offset + skip) / unit == (offset + skip + n - 1) / unit);
+                at += n;
+            }
+            assert_eq!(at, len);
+        }
     }
 
     #[test]

@@ -395,14 +395,22 @@ impl State {
         let extent = g.extent.expect("a written group has an extent");
         let path = env.path(extent.target);
         let mut ios = Vec::new();
-        for step in layout::copy_plan(&e.segments, dst) {
+        // Each step straight into place, large ones cut into pieces the backend's threads
+        // share.
+        let pieces = layout::copy_plan(&e.segments, dst).into_iter().flat_map(|step| {
+            let offset = extent.offset + step.src;
+            layout::cut_at_multiples(offset, step.len, env.cfg.io_split_unit())
+                .into_iter()
+                .map(move |(skip, len)| (offset + skip, step.dst + skip, len))
+        });
+        for (offset, ptr, len) in pieces {
             let req = crate::backend::IoRequest {
                 target: extent.target,
                 op: crate::backend::IoOp::Read,
-                offset: extent.offset + step.src,
+                offset,
                 mem: crate::memory::MemRef::Device {
-                    ptr: step.dst,
-                    len: step.len as usize,
+                    ptr,
+                    len: len as usize,
                 },
             };
             // SAFETY: dst is the caller's and stays valid until fetch returns, which waits
@@ -420,7 +428,7 @@ impl State {
                 Ok(io) => ios.push(io),
                 Err(e) => return (ios, Some(e)),
             }
-            Stats::add(&env.stats.c.bytes_read, step.len);
+            Stats::add(&env.stats.c.bytes_read, len);
         }
         (ios, None)
     }
