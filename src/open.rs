@@ -1,6 +1,6 @@
 //! Opening an offload engine: storage paths, a capacity and resolved settings in; a running
 //! [`Engine`] with its device and backend out. A directory gets an anonymous file (on tmpfs
-//! or ramfs several, [`spread_files`]), several paths are striped over, and with
+//! or ramfs several), several paths are striped over, and with
 //! `backend="spdk"` the path is an NVMe controller's PCI address. [`EngineBuilder`] is the
 //! one way an engine is opened: [`open_engine`] (the Python package, the C ABI) and
 //! `spillway bench --workload tensors` both go through it, so that the bench measures the

@@ -22,7 +22,7 @@
 //! [`FaultyBackend`](spillway_runtime::FaultyBackend) ([`select::setup`]), to see how the
 //! run copes with storage that misbehaves. Nothing injected passes unnoticed: an error
 //! ends the run with one naming the pass, the plan and what was injected so far; a short
-//! count has the rest of its request submitted again ([`driver`]); and every report notes
+//! count has the rest of its request submitted again (`driver.rs`); and every report notes
 //! the plan and counts the faults (`faults` in the JSON, null when off).
 
 mod buffer;
