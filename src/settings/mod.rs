@@ -315,33 +315,30 @@ impl Settings {
             pack_extent_bytes: set("pack_extent_bytes"),
             pack_threshold: set("pack_threshold"),
         });
-        values.engine.validate().map_err(|e| {
-            let msg = match e {
-                spillway_runtime::Error::InvalidArgument(msg) => msg,
-                other => other.to_string(),
-            };
-            let mut named: Vec<(usize, &Setting, &Source)> = SETTINGS
+        values.engine.check().map_err(|e| {
+            // The settings the refusal names, each with where its value came from; the one
+            // blamed is the first a caller set, else the first named.
+            let named: Vec<(&Setting, &Source)> = e
+                .settings
                 .iter()
-                .zip(&self.sources)
-                .filter_map(|(s, src)| mentioned_at(&msg, s.name).map(|at| (at, s, src)))
+                .filter_map(|name| SETTINGS.iter().zip(&self.sources).find(|(s, _)| s.name == *name))
                 .collect();
-            named.sort_by_key(|(at, _, _)| *at);
             let wheres: Vec<String> = named
                 .iter()
-                .map(|(_, s, src)| format!("{}: {src}", s.name))
+                .map(|(s, src)| format!("{}: {src}", s.name))
                 .collect();
             let blamed = named
                 .iter()
-                .find(|(_, _, src)| **src != Source::Default)
+                .find(|(_, src)| **src != Source::Default)
                 .or(named.first());
             let message = if wheres.is_empty() {
-                msg
+                e.to_string()
             } else {
-                format!("{msg} (sources: {})", wheres.join("; "))
+                format!("{e} (sources: {})", wheres.join("; "))
             };
             SettingsError::other(
-                blamed.map(|(_, s, _)| s.name),
-                blamed.map(|(_, _, src)| (*src).clone()),
+                blamed.map(|(s, _)| s.name),
+                blamed.map(|(_, src)| (*src).clone()),
                 message,
             )
         })?;
@@ -390,16 +387,6 @@ fn read_config(path: &Path) -> std::io::Result<String> {
     }
     String::from_utf8(bytes)
         .map_err(|e| Error::new(ErrorKind::InvalidData, format!("it is not UTF-8 text ({e})")))
-}
-
-/// Where `text` first names `word` as a whole word (`pack` is not in `pack_threshold`).
-fn mentioned_at(text: &str, word: &str) -> Option<usize> {
-    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    text.match_indices(word).map(|(at, _)| at).find(|&at| {
-        let before = text[..at].chars().next_back();
-        let after = text[at + word.len()..].chars().next();
-        !before.is_some_and(is_word) && !after.is_some_and(is_word)
-    })
 }
 
 /// "unknown key "x" (did you mean "y"?); the settings are …".

@@ -525,3 +525,42 @@ fn the_settings_file_must_be_a_small_regular_file() {
         2
     );
 }
+
+#[test]
+fn every_engine_refusal_names_settings_of_the_table() {
+    // The engine's checks name the settings they refuse by their table names, and resolve()
+    // blames one of them: the first the caller set, else the first named.
+    let cases: &[&[(&str, &str)]] = &[
+        &[("alignment", "1000")],
+        &[("staging_bytes", "4KiB")],
+        &[("prefetch_bytes", "1GiB"), ("staging_bytes", "512MiB")],
+        &[("pack_extent_bytes", "0")],
+        &[("pack_extent_bytes", "300MiB")],
+        &[("pack_threshold", "32MiB")],
+        &[("direct_write_bytes", "0")],
+        &[("io_retries", "101")],
+    ];
+    for given in cases {
+        let mut s = Settings::default();
+        for (name, value) in *given {
+            s.set(name, *value).unwrap();
+        }
+        let mut cfg = s.values.engine.clone();
+        cfg.fit_to_staging(spillway_runtime::engine::SetSizes {
+            prefetch_bytes: true,
+            pack_extent_bytes: true,
+            pack_threshold: true,
+        });
+        let refusal = cfg.check().unwrap_err();
+        assert!(!refusal.settings.is_empty(), "{refusal}");
+        for name in &refusal.settings {
+            assert!(
+                SETTINGS.iter().any(|s| s.name == *name),
+                "{name} is not a setting"
+            );
+            assert!(refusal.message.contains(name), "{refusal} does not name {name}");
+        }
+        let e = s.resolve().unwrap_err().to_string();
+        assert!(e.contains(given[0].0), "{e}");
+    }
+}

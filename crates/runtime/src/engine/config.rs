@@ -140,12 +140,18 @@ impl EngineConfig {
         }
     }
 
-    /// Checks that the settings fit together, naming the one that does not. Never
-    /// overflows, whatever the values: arithmetic on them is checked.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(Error::invalid(format!("engine settings: {msg}")));
+    /// Checks that the settings fit together; a refusal names the settings involved
+    /// ([`ConfigError::settings`]). Never overflows, whatever the values: arithmetic on
+    /// them is checked.
+    pub fn check(&self) -> std::result::Result<(), ConfigError> {
+        let bad = |settings: &[&'static str], message: String| {
+            Err(ConfigError {
+                settings: settings.to_vec(),
+                message,
+            })
+        };
         if !self.alignment.is_power_of_two() || !(MIN_ALIGNMENT..=MAX_ALIGNMENT).contains(&self.alignment) {
-            return bad(format!(
+            return bad(&["alignment"], format!(
                 "alignment {} must be a power of two from {MIN_ALIGNMENT} bytes to 1 GiB ({MAX_ALIGNMENT} bytes): \
                  set it to 4096, which suits every NVMe namespace and O_DIRECT filesystem, or to what the storage needs",
                 self.alignment
@@ -154,51 +160,96 @@ impl EngineConfig {
         let two_units = match self.alignment.checked_mul(2) {
             Some(n) => n,
             None => {
-                return bad(format!(
-                    "alignment {} is too large: two alignment units pass 2^64 bytes; set it to 4096",
-                    self.alignment
-                ))
+                return bad(
+                    &["alignment"],
+                    format!(
+                        "alignment {} is too large: two alignment units pass 2^64 bytes; set it to 4096",
+                        self.alignment
+                    ),
+                )
             }
         };
         if self.staging_bytes < two_units {
-            return bad(format!(
+            return bad(
+                &["staging_bytes", "alignment"],
+                format!(
                 "staging_bytes {} is too small: at least two alignment units ({two_units} bytes) are needed",
                 self.staging_bytes,
-            ));
+            ),
+            );
         }
         if self.prefetch_bytes > self.staging_bytes {
-            return bad(format!(
-                "prefetch_bytes {} exceeds staging_bytes {}: prefetches live in the staging memory",
-                self.prefetch_bytes, self.staging_bytes
-            ));
+            return bad(
+                &["prefetch_bytes", "staging_bytes"],
+                format!(
+                    "prefetch_bytes {} exceeds staging_bytes {}: prefetches live in the staging memory",
+                    self.prefetch_bytes, self.staging_bytes
+                ),
+            );
         }
         if self.pack && self.pack_extent_bytes == 0 {
-            return bad(
+            return bad(&["pack_extent_bytes", "pack"],
                 "pack_extent_bytes is 0: a packed extent must hold something; give it a size (16MiB suits most workloads) or turn pack off".into(),
             );
         }
         if self.pack && self.pack_extent_bytes > self.staging_bytes / 2 {
-            return bad(format!(
+            return bad(&["pack_extent_bytes", "staging_bytes"], format!(
                 "pack_extent_bytes {} must be at most half of staging_bytes {}, so that packing and writing can overlap",
                 self.pack_extent_bytes, self.staging_bytes
             ));
         }
         if self.pack && self.pack_threshold > self.pack_extent_bytes {
-            return bad(format!(
+            return bad(
+                &["pack_threshold", "pack_extent_bytes"],
+                format!(
                 "pack_threshold {} exceeds pack_extent_bytes {}: a packed tensor must fit in a packed extent",
                 self.pack_threshold, self.pack_extent_bytes
-            ));
+            ),
+            );
         }
         if self.direct_write_bytes == 0 {
-            return bad("direct_write_bytes must be at least 1".into());
+            return bad(
+                &["direct_write_bytes"],
+                "direct_write_bytes must be at least 1".into(),
+            );
         }
         if self.io_retries > MAX_IO_RETRIES {
-            return bad(format!(
+            return bad(&["io_retries"], format!(
                 "io_retries {} exceeds {MAX_IO_RETRIES}: a request failing that often is not failing by chance",
                 self.io_retries
             ));
         }
         Ok(())
+    }
+
+    /// [`check`](Self::check), its refusal as the crate's [`Error::InvalidArgument`].
+    pub fn validate(&self) -> Result<()> {
+        self.check().map_err(Error::from)
+    }
+}
+
+/// A refusal of [`EngineConfig::check`]: what is wrong, and the settings involved, by
+/// their names in the settings table, the first the one the message is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The settings involved, in the order the message names them.
+    pub settings: Vec<&'static str>,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    /// "engine settings: MESSAGE".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "engine settings: {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Error {
+        Error::invalid(e.to_string())
     }
 }
 

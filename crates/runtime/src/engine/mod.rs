@@ -93,7 +93,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::Instant;
 
-pub use config::{EngineConfig, SetSizes, MAX_IO_RETRIES};
+pub use config::{ConfigError, EngineConfig, SetSizes, MAX_IO_RETRIES};
 pub use keys::{Handle, TensorKey};
 pub use layout::{check_regions, copy_plan, CopyStep, Region, Segment};
 pub use stats::{CounterSnapshot, Latency, Op, StatsSnapshot};
