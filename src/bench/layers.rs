@@ -43,8 +43,8 @@ pub struct Layers {
     /// The engine configuration of those layers: the base the tensors workload applies its
     /// flags to, and where the engine settings without a flag come from.
     pub engine: EngineConfig,
-    /// The settings whose values were taken from the environment or the file, in the order
-    /// of the settings table.
+    /// The settings whose values were taken from the environment or the file: those the
+    /// bench maps (`MAPPED`) in its order, then the engine's others in the table's.
     pub taken: Vec<Taken>,
     /// Choices made from them (this local rank's storage paths, from `rank_paths`).
     pub notes: Vec<String>,
@@ -101,7 +101,10 @@ struct Mapped {
     take: fn(&mut BenchArgs, &Resolved),
 }
 
-/// Every setting the bench reads but `rank_paths` (which picks paths: see [`rank_paths`]).
+/// The settings the bench has flags for, and those outside the engine's (device, backend,
+/// storage layout). Every other setting but `rank_paths` (which picks paths: see
+/// [`rank_paths`]) is one of the engine's, without a flag: the tensors workload reads it
+/// through [`Layers::engine`] (`timeline` is also turned on by `--trace`).
 const MAPPED: &[Mapped] = &[
     Mapped {
         // --mem and --gpu together stand for the device: either one given, the command
@@ -202,50 +205,18 @@ const MAPPED: &[Mapped] = &[
         take: |a, r| a.no_dedup = !r.engine.dedup,
     },
     Mapped {
-        setting: "alignment",
-        flags: &[],
-        tensors_only: true,
-        take: |_, _| {},
-    },
-    Mapped {
-        setting: "pack_flush_delay_ms",
-        flags: &[],
-        tensors_only: true,
-        take: |_, _| {},
-    },
-    Mapped {
-        setting: "direct_write_bytes",
-        flags: &[],
-        tensors_only: true,
-        take: |_, _| {},
-    },
-    Mapped {
         // For the tensors workload, --verify is the engine's checksums setting.
         setting: "checksums",
         flags: &["verify"],
         tensors_only: true,
         take: |a, r| a.verify = r.engine.checksums,
     },
-    Mapped {
-        setting: "io_retries",
-        flags: &[],
-        tensors_only: true,
-        take: |_, _| {},
-    },
-    Mapped {
-        // --trace turns the timeline on as well.
-        setting: "timeline",
-        flags: &[],
-        tensors_only: true,
-        take: |_, _| {},
-    },
-    Mapped {
-        setting: "timeline_capacity",
-        flags: &[],
-        tensors_only: true,
-        take: |_, _| {},
-    },
 ];
+
+/// Whether `name` is an engine setting the bench has no flag for (see [`MAPPED`]).
+fn is_engine_only(name: &str) -> bool {
+    name != "rank_paths" && !MAPPED.iter().any(|m| m.setting == name)
+}
 
 /// Applies the settings layers of this process (its `SPILLWAY_*` variables and the file
 /// named by `SPILLWAY_CONFIG`) to `args`: see [`apply_layers`]. A value that does not fit
@@ -279,6 +250,12 @@ pub fn apply_layers(
         if let Some(taken) = taken(settings, mapped.setting) {
             (mapped.take)(args, &values);
             layers.taken.push(taken);
+        }
+    }
+    if args.workload == Workload::Tensors {
+        // The engine's settings without a flag: already in `layers.engine`; reported.
+        for name in settings::names().filter(|&name| is_engine_only(name)) {
+            layers.taken.extend(taken(settings, name));
         }
     }
     let (from_rank_paths, notes) = rank_storage(args, &values, local_rank)?;
@@ -627,13 +604,55 @@ mod tests {
     }
 
     #[test]
-    fn every_setting_is_read_by_the_bench() {
-        for name in settings::names() {
-            assert!(
-                name == "rank_paths" || MAPPED.iter().any(|m| m.setting == name),
-                "{name} is not mapped to a bench flag or the tensors engine"
+    fn every_setting_without_a_flag_is_the_engines() {
+        // The settings the bench maps to nothing reach the tensors workload through the
+        // engine configuration: each one set to another value changes the engine's
+        // settings and nothing else. (A setting of another part needs a flag in MAPPED.)
+        let before = typed(&Settings::default()).unwrap();
+        let unmapped: Vec<&str> = settings::names().filter(|&n| is_engine_only(n)).collect();
+        assert!(
+            unmapped.contains(&"io_retries") && !unmapped.contains(&"threads"),
+            "{unmapped:?}"
+        );
+        for name in unmapped {
+            let mut s = Settings::default();
+            let other = match s.value(name).unwrap() {
+                Value::Int(0) => Value::Int(4096),
+                Value::Int(n) => Value::Int(n * 2),
+                Value::Bool(b) => Value::Bool(!b),
+                Value::Float(f) => Value::Float(f + 1.0),
+                Value::Str(text) => {
+                    panic!("{name}={text:?}: not an engine setting? give it a flag in MAPPED")
+                }
+            };
+            s.set(name, other).unwrap();
+            let after = typed(&s).unwrap();
+            assert_ne!(
+                after.engine, before.engine,
+                "{name} does not change the engine's settings"
+            );
+            let mut rest = after.clone();
+            rest.engine = before.engine.clone();
+            assert_eq!(
+                format!("{rest:?}"),
+                format!("{before:?}"),
+                "{name} changes more than the engine"
             );
         }
+    }
+
+    #[test]
+    fn an_engine_setting_without_a_flag_from_the_environment_is_reported() {
+        let settings = env(&[("SPILLWAY_IO_SPLIT_BYTES", "8MiB")]);
+        let mut args = bench(&["--workload", "tensors"]);
+        apply_layers(&mut args, &settings, no_rank).unwrap();
+        assert_eq!(args.layers.engine.io_split_bytes, 8 << 20);
+        let notes: Vec<String> = args.layers.report_notes().collect();
+        assert_eq!(notes, ["io_split_bytes=8MiB from SPILLWAY_IO_SPLIT_BYTES"]);
+        // The seq workload has no engine: nothing taken.
+        let mut args = bench(&[]);
+        apply_layers(&mut args, &settings, no_rank).unwrap();
+        assert!(args.layers.taken.is_empty());
     }
 
     #[test]
