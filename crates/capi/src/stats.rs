@@ -68,14 +68,18 @@ pub struct spillway_stats {
     pub forwarded_fetches: u64,
     /// Bytes of those fetches.
     pub forwarded_bytes: u64,
-    /// Fetches served from an extent already prefetched into staging memory.
+    /// Fetches served from staging memory: from an extent already prefetched, or from the
+    /// tensor's bytes read ahead for a lone request (`prefetched_slots`).
     pub prefetch_hits: u64,
     /// Fetches that read from storage themselves.
     pub demand_reads: u64,
     /// Extents read ahead by prefetch calls.
     pub prefetched_extents: u64,
-    /// Prefetched extents dropped from staging before all their tensors were fetched, to
-    /// make room.
+    /// Lone prefetch requests (a tensor not the first or last of its extent still to be
+    /// fetched) served by reading ahead only that tensor's bytes.
+    pub prefetched_slots: u64,
+    /// Prefetched extents (or tensors read ahead alone) dropped from staging before they
+    /// were fetched, to make room.
     pub prefetch_evictions: u64,
     /// Tensors whose write was cancelled because no one would read it back.
     pub cancelled_tensors: u64,

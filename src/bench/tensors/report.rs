@@ -200,8 +200,9 @@ pub fn print_table(r: &TensorsResult) {
         s.dedup_hits
     );
     println!(
-        "        {} extents prefetched, {} prefetch hits, {} demand reads, {} forwarded, fetches stalled {:.3} s, staging peak {}",
+        "        {} extents and {} tensors alone prefetched, {} prefetch hits, {} demand reads, {} forwarded, fetches stalled {:.3} s, staging peak {}",
         s.prefetched_extents,
+        s.prefetched_slots,
         s.prefetch_hits,
         s.demand_reads,
         s.forwarded_fetches,

@@ -33,6 +33,10 @@ pub(crate) enum Msg {
     Prepared(u64, Result<()>),
     /// The checksums of a prefetched extent's bytes have been computed: check them.
     Verified(u64, Result<()>),
+    /// The read of a slot (by id) completed.
+    SlotIo(u64),
+    /// The checksums of a slot's bytes have been computed: check them.
+    SlotVerified(u64, Result<()>),
     /// A fence event completed: deferred frees may proceed.
     Fence,
     /// A packed extent was opened: the progress thread must time its flush.
@@ -69,12 +73,17 @@ impl Env {
     /// Has the progress thread told (a [`Msg::WriteIo`] or [`Msg::ReadIo`] for `gid`) when
     /// `io` completes.
     pub(crate) fn notify_on_complete(&self, io: &PendingIo, gid: u64, op: IoOp) {
+        self.tell_on_complete(io, move || match op {
+            IoOp::Write => Msg::WriteIo(gid),
+            IoOp::Read => Msg::ReadIo(gid),
+        });
+    }
+
+    /// Has the progress thread told `msg()` when `io` completes.
+    pub(crate) fn tell_on_complete(&self, io: &PendingIo, msg: impl FnOnce() -> Msg + Send + 'static) {
         let tx = self.tx.clone();
         io.on_complete(move || {
-            let _ = tx.send(match op {
-                IoOp::Write => Msg::WriteIo(gid),
-                IoOp::Read => Msg::ReadIo(gid),
-            });
+            let _ = tx.send(msg());
         });
     }
 

@@ -14,6 +14,9 @@
 //!   (`load_epoch`), and `fence` is the last delivery out of the loaded copy.
 //! - `ios` holds its storage requests in flight: its writes while `Writing`, the read of
 //!   its load while `Loading`; nothing otherwise.
+//! - `slot_reads` counts the slot reads in flight on its extent
+//!   ([`Reads`](super::reads::Reads)); like a load, they keep the group (and so its extent)
+//!   from being freed until they settle.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -73,6 +76,8 @@ pub(crate) struct Group {
     pub(crate) load_epoch: u64,
     /// The group's storage requests in flight: its writes, or the read of its load.
     pub(crate) ios: Vec<PendingIo>,
+    /// Slot reads in flight on its extent.
+    pub(crate) slot_reads: usize,
     /// The first failure among the group's writes (a submission, or a completion while
     /// others were in flight): acted on once none is in flight any more.
     pub(crate) io_error: Option<Error>,
@@ -99,6 +104,7 @@ impl Group {
             pending: 0,
             load_epoch: 0,
             ios: Vec::new(),
+            slot_reads: 0,
             io_error: None,
             io_started: Instant::now(),
             fence: None,

@@ -1,6 +1,6 @@
-//! The I/O side of [`State`]'s coordination: starting writes and prefetches within the
-//! budgets (staging memory, direct write bytes, prefetch bytes), and handling their
-//! completions.
+//! The I/O side of [`State`]'s coordination: starting writes and prefetches (of whole
+//! extents, and of slots for lone requests) within the budgets (staging memory, direct
+//! write bytes, prefetch bytes), and handling their completions.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,6 +15,7 @@ use super::env::Msg;
 use super::groups::{LoadState, WriteState};
 use super::layout;
 use super::pending::{PendingIo, Settled};
+use super::reads::{Held, Slot, SlotState};
 use super::space::NoExtent;
 use super::state::State;
 use super::stats::{Op, Stats};
@@ -260,13 +261,12 @@ impl State {
         Ok(())
     }
 
-    /// Settles the completed requests among `ios` (`op` is their direction): a short one
-    /// has its rest submitted again while `retry` is set. Returns those still in flight and
-    /// the first failure.
+    /// Settles the completed requests among `ios`: a short one has its rest submitted
+    /// again while `retry` is set, the progress thread to be told `notice()` when that
+    /// completes. Returns those still in flight and the first failure.
     fn settle_completed(
         &mut self,
-        gid: u64,
-        op: IoOp,
+        notice: impl Fn() -> Msg + Clone + Send + 'static,
         ios: Vec<PendingIo>,
         retry: bool,
     ) -> (Vec<PendingIo>, Option<Error>) {
@@ -280,7 +280,7 @@ impl State {
             match io.settle(self.env.backend.as_ref(), retry && failed.is_none()) {
                 Settled::Done => {}
                 Settled::Resubmitted(io) => {
-                    self.env.notify_on_complete(&io, gid, op);
+                    self.env.tell_on_complete(&io, notice.clone());
                     in_flight.push(io);
                 }
                 Settled::Failed(e) => {
@@ -303,7 +303,7 @@ impl State {
         }
         let ios = std::mem::take(&mut g.ios);
         let retry = g.io_error.is_none();
-        let (in_flight, failed) = self.settle_completed(gid, IoOp::Write, ios, retry);
+        let (in_flight, failed) = self.settle_completed(move || Msg::WriteIo(gid), ios, retry);
         let g = self.groups.get_mut(&gid).expect("live");
         g.ios = in_flight;
         if let Some(e) = failed {
@@ -419,10 +419,11 @@ impl State {
     }
 
     /// Serves the prefetch queue in order: a request whose extent is loading or loaded is
-    /// attached to that load; otherwise its extent is read, while the prefetch budget and
-    /// staging memory allow, if the request starts a scan through it
-    /// ([`State::starts_a_scan`]). Requests overtaken by their fetch are dropped, and so
-    /// are lone ones: their fetch reads the tensor's own bytes, not the whole extent.
+    /// attached to that load; otherwise, while the prefetch budget and staging memory
+    /// allow, its extent is read if the request starts a scan through it
+    /// ([`State::starts_a_scan`]), and for a lone request only its tensor's bytes are read
+    /// ahead, into a slot ([`State::start_slot_now`]). Requests overtaken by their fetch are
+    /// dropped.
     fn start_prefetches(&mut self) {
         while let Some(&req) = self.reads.queue.front() {
             let live = match (self.tensors.handle(req.handle), self.groups.get(&req.group)) {
@@ -436,8 +437,14 @@ impl State {
             if matches!(self.groups[&req.group].load, LoadState::Idle) {
                 let eid = self.tensors.handle(req.handle).expect("live").entry;
                 if !self.starts_a_scan(req.group, eid) {
-                    self.reads.queue.pop_front(); // its fetch counts as a demand read
-                    continue;
+                    match self.start_slot_now(req.handle, eid, req.group) {
+                        Ok(false) => break,
+                        // Read ahead, or (failed to start) left for its fetch to read.
+                        Ok(true) | Err(_) => {
+                            self.reads.queue.pop_front();
+                            continue;
+                        }
+                    }
                 }
                 match self.start_load_now(req.group) {
                     Ok(true) => {}
@@ -461,6 +468,238 @@ impl State {
     fn starts_a_scan(&self, gid: u64, eid: u64) -> bool {
         self.tensors
             .first_or_last_waiting(&self.groups[&gid].entries, eid)
+    }
+
+    /// Serves the lone prefetch request of handle `h` (tensor `eid` in group `gid`) by
+    /// reading ahead only the tensor's bytes into a slot, if the prefetch budget and
+    /// staging memory allow it now: `Ok(true)` when the request is served (the slot is
+    /// loading, the handle has one already, or its range is over the budget and left to
+    /// the fetch), `Ok(false)` when there is no room yet. A read that fails to start is
+    /// counted, cleaned up and returned; the fetch then reads on demand.
+    fn start_slot_now(&mut self, h: u64, eid: u64, gid: u64) -> Result<bool> {
+        if self.tensors.handle(h).is_none_or(|rec| rec.slot != 0) {
+            return Ok(true);
+        }
+        let align = self.env.cfg.alignment;
+        let e = &self.tensors.entries[&eid];
+        let (Some(first), Some(last)) = (e.segments.first(), e.segments.last()) else {
+            return Ok(true);
+        };
+        let start = first.at - first.at % align;
+        let end = last.at + last.len;
+        let len = end.div_ceil(align) * align - start;
+        if len > self.env.cfg.prefetch_bytes {
+            return Ok(true); // too large to read ahead: the fetch reads it into place
+        }
+        if !self.reads.fits(len, self.env.cfg.prefetch_bytes) {
+            return Ok(false);
+        }
+        let Some(staging) = self.staging_alloc(len, false) else {
+            return Ok(false);
+        };
+        let slot = Slot {
+            handle: h,
+            entry: eid,
+            group: gid,
+            start,
+            len,
+            staging,
+            state: SlotState::Loading,
+            ios: Vec::new(),
+            started: Instant::now(),
+            checksums: None,
+            orphaned: false,
+            fence: None,
+        };
+        self.submit_slot(slot, end - start)
+            .map(|()| true)
+            .inspect_err(|e| {
+                tracing::warn!("a tensor's read-ahead failed to start (fetch reads on demand): {e}");
+                self.staging.free(staging);
+                Stats::add(&self.env.stats.c.read_errors, 1);
+            })
+    }
+
+    /// Submits the read of `slot`: its range of its group's extent into its staging, of
+    /// which the first `needed` bytes must come (the tensor's; past them, at the end of a
+    /// target that grows as written, there may be nothing to read).
+    fn submit_slot(&mut self, mut slot: Slot, needed: u64) -> Result<()> {
+        let sid = self.id();
+        let (h, gid) = (slot.handle, slot.group);
+        let _span = tracing::debug_span!(
+            "prefetch_slot",
+            slot = sid,
+            handle = h,
+            group = gid,
+            len = slot.len
+        )
+        .entered();
+        let env = &self.env;
+        let extent = self.groups[&gid].extent.expect("written groups have an extent");
+        let req = IoRequest {
+            target: extent.target,
+            op: IoOp::Read,
+            offset: extent.offset + slot.start,
+            mem: MemRef::Device {
+                ptr: self.staging.ptr(slot.staging),
+                len: slot.len as usize,
+            },
+        };
+        // SAFETY: the staging extent belongs to the slot until its read has settled: a
+        // slot dropped while loading is only orphaned, and freed once the read settles.
+        let io = unsafe {
+            PendingIo::submit_needing(
+                env.backend.as_ref(),
+                req,
+                needed as usize,
+                env.path(extent.target),
+                env.stats.clone(),
+                env.cfg.io_retries,
+            )?
+        };
+        env.tell_on_complete(&io, move || Msg::SlotIo(sid));
+        slot.ios = vec![io];
+        slot.started = Instant::now();
+        self.reads.slot_started(sid, slot);
+        self.tensors.handle_mut(h).expect("live").slot = sid;
+        self.groups.get_mut(&gid).expect("live").slot_reads += 1;
+        Stats::add(&self.env.stats.c.prefetched_slots, 1);
+        Ok(())
+    }
+
+    /// A slot's read completed: a short one has its rest read; once it has settled, its
+    /// bytes are checked (checksums on) and the slot is loaded (or, after a failure,
+    /// dropped for the fetch to read on demand).
+    pub(crate) fn on_slot_io(&mut self, sid: u64) {
+        let _span = tracing::trace_span!("prefetch_slot_done", slot = sid).entered();
+        let Some(slot) = self.reads.slots.get_mut(&sid) else {
+            return;
+        };
+        if slot.state != SlotState::Loading || slot.ios.is_empty() {
+            return; // a late notice of a read already settled
+        }
+        let ios = std::mem::take(&mut slot.ios);
+        let (in_flight, failed) = self.settle_completed(move || Msg::SlotIo(sid), ios, true);
+        if !in_flight.is_empty() {
+            self.reads.slots.get_mut(&sid).expect("kept while loading").ios = in_flight;
+            return;
+        }
+        let outcome = match failed
+            .map_or(Ok(()), Err)
+            .and_then(|()| self.queue_slot_check(sid))
+        {
+            Ok(true) => return,
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.end_slot(sid, outcome);
+    }
+
+    /// With checksums on, queues on the fetch stream the checksum of a slot's tensor as it
+    /// lies in the slot, and has the progress thread told ([`Msg::SlotVerified`]) when it
+    /// is computed. False when there is nothing to check (or nobody wants the bytes).
+    fn queue_slot_check(&mut self, sid: u64) -> Result<bool> {
+        if !self.env.cfg.checksums {
+            return Ok(false);
+        }
+        let slot = &self.reads.slots[&sid];
+        if slot.orphaned {
+            return Ok(false);
+        }
+        let base = self.staging.ptr(slot.staging);
+        let members = [slot.entry];
+        let Some(sums) = PendingSums::of_loaded(&self.env, &self.tensors, &members, base, slot.start)? else {
+            return Ok(false);
+        };
+        let ev: Arc<dyn Event> = Arc::from(self.env.fetch_stream.record()?);
+        self.reads.slots.get_mut(&sid).expect("live").checksums = Some(sums);
+        self.env
+            .tell_after(&self.env.fetch_waiter, ev, move |r| Msg::SlotVerified(sid, r));
+        Ok(true)
+    }
+
+    /// The checksum of a slot's bytes is computed (`outcome`: whether the device got
+    /// there): compare it with the one written, and end the slot's read.
+    pub(crate) fn on_slot_verified(&mut self, sid: u64, outcome: Result<()>) {
+        let Some(slot) = self.reads.slots.get_mut(&sid) else {
+            return;
+        };
+        if slot.state != SlotState::Loading || slot.checksums.is_none() {
+            return;
+        }
+        let sums = slot.checksums.take().expect("checked above");
+        let gid = slot.group;
+        let outcome = outcome.and_then(|()| {
+            let extent = self.groups[&gid].extent.expect("a slot's group was written");
+            sums.check(&self.env, &self.tensors, extent)
+        });
+        self.end_slot(sid, outcome);
+    }
+
+    /// A slot's read has ended with `outcome`: loaded if its handle still wants it;
+    /// otherwise, or after a failure (counted; the fetch reads on demand), its staging goes.
+    fn end_slot(&mut self, sid: u64, outcome: Result<()>) {
+        let (gid, len, took) = {
+            let slot = self.reads.slots.get_mut(&sid).expect("a slot loading is kept");
+            slot.checksums = None; // not taken when the device failed to compute them
+            (slot.group, slot.len, slot.started.elapsed())
+        };
+        let stats = self.env.stats.clone();
+        match &outcome {
+            Ok(()) => {
+                Stats::add(&stats.c.bytes_read, len);
+                Stats::add(&stats.c.read_ns, took.as_nanos() as u64);
+                stats.record(Op::Read, took);
+                self.env.timeline.record(
+                    Track::Read,
+                    "prefetch slot",
+                    Instant::now() - took,
+                    Instant::now(),
+                    len,
+                );
+            }
+            Err(e) => {
+                tracing::warn!("a tensor's read-ahead failed (fetch will read on demand): {e}");
+                Stats::add(&stats.c.read_errors, 1);
+            }
+        }
+        if let Some(slot) = self.reads.slot_ended(sid, outcome.is_ok()) {
+            if let Some(rec) = self.tensors.handle_mut(slot.handle) {
+                if rec.slot == sid {
+                    rec.slot = 0;
+                }
+            }
+            self.staging.free(slot.staging);
+        }
+        if let Some(g) = self.groups.get_mut(&gid) {
+            g.slot_reads -= 1;
+            self.maybe_free_group(gid);
+        }
+    }
+
+    /// Handle `h` no longer wants its slot, if it has one (fetched, released, or the slot
+    /// evicted): a loaded slot's staging is freed once the last copy out of it completes;
+    /// one still loading goes once its read settles.
+    pub(crate) fn drop_slot(&mut self, h: u64) {
+        let sid = self.tensors.handle(h).map_or(0, |rec| rec.slot);
+        if sid != 0 {
+            self.evict_slot(sid);
+        }
+    }
+
+    /// Slot `sid` goes (see [`State::drop_slot`]); its handle no longer names it.
+    fn evict_slot(&mut self, sid: u64) {
+        let Some(slot) = self.reads.slots.get(&sid) else {
+            return;
+        };
+        if let Some(rec) = self.tensors.handle_mut(slot.handle) {
+            if rec.slot == sid {
+                rec.slot = 0;
+            }
+        }
+        if let Some(slot) = self.reads.slot_dropped(sid) {
+            self.free_staging_after(slot.staging, slot.fence);
+        }
     }
 
     fn submit_load(&mut self, gid: u64, staging: Extent) -> Result<()> {
@@ -527,7 +766,7 @@ impl State {
             return; // a late notice of a read already settled
         }
         let ios = std::mem::take(&mut g.ios);
-        let (in_flight, failed) = self.settle_completed(gid, IoOp::Read, ios, true);
+        let (in_flight, failed) = self.settle_completed(move || Msg::ReadIo(gid), ios, true);
         let g = self.groups.get_mut(&gid).expect("live");
         if !in_flight.is_empty() {
             g.ios = in_flight;
@@ -556,7 +795,7 @@ impl State {
         }
         let base = self.staging.ptr(staging);
         let members = &self.groups[&gid].entries;
-        let Some(sums) = PendingSums::of_loaded(&self.env, &self.tensors, members, base)? else {
+        let Some(sums) = PendingSums::of_loaded(&self.env, &self.tensors, members, base, 0)? else {
             return Ok(false);
         };
         let ev: Arc<dyn Event> = Arc::from(self.env.fetch_stream.record()?);
@@ -633,6 +872,11 @@ impl State {
         g.pending = 0;
         let fence = g.fence.take();
         self.reads.unloaded(gid, g.len);
+        self.free_staging_after(staging, fence);
+    }
+
+    /// Frees a staging extent read ahead, once `fence` (the last copy out of it) completes.
+    fn free_staging_after(&mut self, staging: Extent, fence: Option<Arc<dyn Event>>) {
         match fence {
             Some(f) if !f.query().unwrap_or(true) => {
                 self.env
@@ -643,7 +887,7 @@ impl State {
         }
     }
 
-    /// Allocates staging memory; a write may evict loaded extents to get it.
+    /// Allocates staging memory; a write may evict loaded extents and slots to get it.
     fn staging_alloc(&mut self, len: u64, may_evict: bool) -> Option<Extent> {
         loop {
             if let Some(s) = self.staging.try_alloc(len, &self.env.stats) {
@@ -654,7 +898,10 @@ impl State {
             }
             let victim = self.reads.oldest_loaded()?;
             Stats::add(&self.env.stats.c.prefetch_evictions, 1);
-            self.unload(victim);
+            match victim {
+                Held::Group(gid) => self.unload(gid),
+                Held::Slot(sid) => self.evict_slot(sid), // its fetch reads on demand
+            }
             self.free_fenced();
         }
     }

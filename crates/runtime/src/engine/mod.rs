@@ -10,7 +10,8 @@
 //!   ([`Engine::offload_with_callback`]), or polls [`Engine::source_released`].
 //! - [`Engine::prefetch`] reads a tensor's extent ahead into staging memory, in the order
 //!   asked (the backward pass asks in reverse), within a bound on bytes held; the loaded
-//!   copy stays until the handles that asked for it have been fetched.
+//!   copy stays until the handles that asked for it have been fetched. A request that does
+//!   not start a scan through the extent reads ahead only its tensor's bytes.
 //! - [`Engine::fetch`] copies the tensor into memory the caller allocated and returns the
 //!   event to wait on. A tensor still in its own memory is served from there
 //!   (**forwarding**), and its write is dropped if no one else will read it back.
@@ -405,9 +406,10 @@ impl Engine {
     /// until every handle that asked for it was fetched or released. A fetch that comes
     /// before its request was served drops the request (and reads what it needs itself).
     /// A whole extent is read only for a request that starts a scan through it (its
-    /// tensor is the first or last there still to be fetched); a lone request (a
-    /// deduplicated tensor wanted again, a random access) is dropped, and its fetch reads
-    /// the tensor's own bytes: reading the extent for it would read most bytes twice.
+    /// tensor is the first or last there still to be fetched): reading the extent for a
+    /// lone request (a deduplicated tensor wanted again, a random access) would read most
+    /// bytes twice, so only the tensor's own bytes are read ahead for it (counted in
+    /// [`CounterSnapshot::prefetched_slots`]), held until the handle is fetched or released.
     pub fn prefetch(&self, handle: Handle) -> Result<()> {
         self.with_state(|st| st.prefetch(handle))
     }
@@ -632,6 +634,8 @@ fn progress_loop(core: &Core, rx: Receiver<Msg>, flush_delay: std::time::Duratio
             Some(Msg::ReadIo(gid)) => st.on_read_io(gid),
             Some(Msg::Prepared(gid, r)) => st.on_prepared(gid, r),
             Some(Msg::Verified(gid, r)) => st.on_verified(gid, r),
+            Some(Msg::SlotIo(sid)) => st.on_slot_io(sid),
+            Some(Msg::SlotVerified(sid, r)) => st.on_slot_verified(sid, r),
             Some(Msg::Fence | Msg::Wake) | None => {}
         }
         if st.writes.flush_due(flush_delay) {

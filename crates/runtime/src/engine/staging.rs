@@ -7,8 +7,9 @@
 //!   more waits.
 //! - Each extent allocated has one holder: a group's packed write
 //!   ([`Group::write_staging`](super::groups::Group::write_staging)), a group's load
-//!   ([`LoadState`](super::groups::LoadState)), or `fenced`, where it waits for the last
-//!   copy out of it to complete before it is free.
+//!   ([`LoadState`](super::groups::LoadState)), a slot read ahead for a lone prefetch
+//!   request ([`Slot`](super::reads::Slot)), or `fenced`, where it waits for the last copy
+//!   out of it to complete before it is free.
 
 use std::sync::Arc;
 

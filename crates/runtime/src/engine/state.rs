@@ -7,7 +7,7 @@
 //! - the groups ([`Group`]): the extents tensors are packed into and written in, with
 //!   the progress of their write and read-ahead;
 //! - [`Writes`]: the open packed group, the write queue and the writes under way;
-//! - [`Reads`]: the prefetch queue, the loaded extents and the reads in flight;
+//! - [`Reads`]: the prefetch queue, the loaded extents and slots, and the reads in flight;
 //! - [`Space`]: storage space; [`Staging`]: staging memory;
 //! - [`Callbacks`]: source-release callbacks waiting to run.
 //!
@@ -28,7 +28,8 @@
 //! 3. Once the stream has done so, the writes are submitted; when they complete, the
 //!    tensors' own memory is released to the caller (its callbacks run).
 //! 4. `fetch` copies from the tensor's own memory while that is still held (forwarding),
-//!    from staging if the extent was prefetched, and otherwise reads storage itself.
+//!    from staging if the extent (or, for a lone prefetch request, the tensor's own slot of
+//!    it) was prefetched, and otherwise reads storage itself.
 //! 5. `release` of the last handle frees everything; a write not yet started is dropped.
 
 use std::collections::HashMap;
@@ -38,6 +39,7 @@ use std::time::Instant;
 use crate::device::Event;
 use crate::error::{Error, Result};
 use crate::extents::Extent;
+use crate::memory::DevicePtr;
 
 use super::callbacks::{Callbacks, SourceFreeFn};
 use super::env::{Env, Msg};
@@ -45,7 +47,7 @@ use super::groups::{Group, LoadState, WriteState};
 use super::keys::{Handle, TensorKey};
 use super::layout::{self, Region};
 use super::pending::PendingIo;
-use super::reads::Reads;
+use super::reads::{Reads, SlotState};
 use super::space::Space;
 use super::staging::Staging;
 use super::stats::Stats;
@@ -208,7 +210,7 @@ impl State {
 
     /// Queues a read-ahead of the handle's extent. Requests are served in the order made:
     /// when the queue reaches one, its extent is read into staging (or, already there, kept)
-    /// until the handle is fetched.
+    /// until the handle is fetched; for a lone request, only the tensor's slot of it.
     pub(crate) fn prefetch(&mut self, h: Handle) -> Result<()> {
         let e = self.tensors.entry_by_handle(h)?;
         if e.source_held {
@@ -290,6 +292,7 @@ impl State {
         }
         let gid = group.expect("a tensor not held in its own memory is on storage");
         let load = self.groups[&gid].load;
+        let slot = self.tensors.handle(h.0).map_or(0, |rec| rec.slot);
         match load {
             LoadState::Loaded(staging) => {
                 let ev = self.unpack(eid, gid, staging, dst)?;
@@ -297,6 +300,16 @@ impl State {
                 Stats::add(&stats.c.prefetch_hits, 1);
                 Ok(FetchPlan::Done(ev))
             }
+            // The tensor's own bytes, read ahead for its lone prefetch request.
+            _ if slot != 0 => match self.reads.slots[&slot].state {
+                SlotState::Loading => Ok(FetchPlan::WaitLoad),
+                SlotState::Loaded => {
+                    let ev = self.unpack_slot(eid, slot, dst)?;
+                    self.after_fetch(h, eid);
+                    Stats::add(&stats.c.prefetch_hits, 1);
+                    Ok(FetchPlan::Done(ev))
+                }
+            },
             LoadState::Loading(_) => Ok(FetchPlan::WaitLoad),
             LoadState::Idle => {
                 if let Some(ev) = dst_free {
@@ -348,18 +361,52 @@ impl State {
     /// Copies a tensor out of its group's loaded staging copy to `dst`.
     fn unpack(&mut self, eid: u64, gid: u64, staging: Extent, dst: &[Region]) -> Result<Arc<dyn Event>> {
         let _span = tracing::trace_span!("unpack", entry = eid, group = gid).entered();
+        let base = self.staging.ptr(staging);
+        let len = self.groups[&gid].len;
+        // SAFETY: the loaded copy stays allocated until the fence recorded here completes
+        // (unload frees it after its `fence`).
+        let ev = unsafe { self.copy_out(eid, base, 0, len, dst)? };
+        self.groups.get_mut(&gid).expect("live").fence = Some(ev.clone());
+        Ok(ev)
+    }
+
+    /// Copies a tensor out of the slot `sid` read ahead for it to `dst`.
+    fn unpack_slot(&mut self, eid: u64, sid: u64, dst: &[Region]) -> Result<Arc<dyn Event>> {
+        let _span = tracing::trace_span!("unpack_slot", entry = eid, slot = sid).entered();
+        let slot = &self.reads.slots[&sid];
+        let (base, start, len) = (self.staging.ptr(slot.staging), slot.start, slot.len);
+        // SAFETY: the slot's staging stays allocated until the fence recorded here completes
+        // (drop_slot frees it after its `fence`).
+        let ev = unsafe { self.copy_out(eid, base, start, len, dst)? };
+        self.reads.slots.get_mut(&sid).expect("live").fence = Some(ev.clone());
+        Ok(ev)
+    }
+
+    /// Copies tensor `eid` to `dst` on the fetch stream, out of a staging copy at `base` of
+    /// `len` bytes of its extent from offset `origin` on; returns the copy's event.
+    ///
+    /// # Safety
+    /// The staging copy must cover the tensor's segments and stay allocated, unwritten,
+    /// until the returned event completes.
+    unsafe fn copy_out(
+        &self,
+        eid: u64,
+        base: DevicePtr,
+        origin: u64,
+        len: u64,
+        dst: &[Region],
+    ) -> Result<Arc<dyn Event>> {
         let start = Instant::now();
         let env = &self.env;
         let e = &self.tensors.entries[&eid];
-        let base = self.staging.ptr(staging);
         let plan = layout::copy_plan(&e.segments, dst);
         if plan.len() <= 4 {
             for step in &plan {
-                // SAFETY: the staging copy stays allocated until the fence recorded below
-                // completes; dst is the caller's (Engine::fetch's contract).
+                // SAFETY: the staging copy is kept as the caller promises; dst is the
+                // caller's (Engine::fetch's contract).
                 unsafe {
                     env.fetch_stream
-                        .copy_d2d(step.dst, base + step.src, step.len as usize)?
+                        .copy_d2d(step.dst, base + (step.src - origin), step.len as usize)?
                 };
             }
         } else {
@@ -367,19 +414,14 @@ impl State {
                 .iter()
                 .map(|s| crate::pack::PackPiece {
                     mem: s.dst,
-                    offset: s.src,
+                    offset: s.src - origin,
                     len: s.len,
                 })
                 .collect();
-            let g = &self.groups[&gid];
             // SAFETY: as above.
-            unsafe {
-                env.device
-                    .unpack(env.fetch_stream.as_ref(), base, g.len, &pieces)?
-            };
+            unsafe { env.device.unpack(env.fetch_stream.as_ref(), base, len, &pieces)? };
         }
         let ev: Arc<dyn Event> = Arc::from(env.fetch_stream.record()?);
-        self.groups.get_mut(&gid).expect("live").fence = Some(ev.clone());
         env.timeline
             .record(Track::Deliver, "unpack", start, Instant::now(), e.len);
         Ok(ev)
@@ -445,6 +487,7 @@ impl State {
         if let Some(gid) = e.group {
             self.detach(h, gid);
         }
+        self.drop_slot(h.0);
         // Every handle has read it from the tensor's own memory: a write that has not
         // started is no longer needed. The memory stays with the engine until release.
         let e = &self.tensors.entries[&eid];
@@ -483,6 +526,7 @@ impl State {
         if let Some(gid) = self.tensors.entries[&eid].group {
             self.detach(h, gid); // a released handle no longer waits on a loaded copy
         }
+        self.drop_slot(h.0);
         if let Some(eid) = self.tensors.remove_handle(h)? {
             self.drop_entry(eid);
         }
@@ -547,8 +591,8 @@ impl State {
         if g.live > 0 || !matches!(g.write, WriteState::Done) {
             return;
         }
-        if matches!(g.load, LoadState::Loading(_)) {
-            return; // freed when the read completes
+        if matches!(g.load, LoadState::Loading(_)) || g.slot_reads > 0 {
+            return; // freed when the reads complete
         }
         self.unload(gid);
         let g = self.groups.remove(&gid).expect("live");

@@ -100,14 +100,18 @@ macro_rules! counter_list {
             forwarded_fetches,
             /// Bytes of those fetches.
             forwarded_bytes,
-            /// Fetches served from an extent already prefetched into staging memory.
+            /// Fetches served from staging memory: from an extent already prefetched, or from the
+            /// tensor's bytes read ahead for a lone request (`prefetched_slots`).
             prefetch_hits,
             /// Fetches that read from storage themselves.
             demand_reads,
             /// Extents read ahead by `prefetch`.
             prefetched_extents,
-            /// Prefetched extents dropped from staging before all their tensors were fetched,
-            /// to make room.
+            /// Lone `prefetch` requests (a tensor not the first or last of its extent still to be
+            /// fetched) served by reading ahead only that tensor's bytes.
+            prefetched_slots,
+            /// Prefetched extents (or tensors read ahead alone) dropped from staging before they
+            /// were fetched, to make room.
             prefetch_evictions,
             /// Tensors whose write was cancelled because no one would read it back.
             cancelled_tensors,

@@ -34,6 +34,9 @@ pub(crate) struct HandleRec {
     /// When it was last fetched (a [`Reads`](super::reads::Reads) sequence number):
     /// prefetch requests made before that were overtaken and are dropped.
     pub(crate) fetched_at: u64,
+    /// The slot read ahead for its lone prefetch request (0: none), until it is fetched or
+    /// released.
+    pub(crate) slot: u64,
 }
 
 /// One stored tensor (one key), shared by its handles.
@@ -195,6 +198,7 @@ impl Tensors {
                 fetched: false,
                 attached_load: 0,
                 fetched_at: 0,
+                slot: 0,
             },
         );
         Handle(h)

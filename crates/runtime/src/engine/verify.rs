@@ -1,7 +1,8 @@
 //! Checksums of stored tensors (the `checksums` setting; see [`crate::checksum`]):
 //! computed on the offload stream from each tensor's own memory while its write is
-//! prepared, and checked on the bytes read back — a prefetched extent in staging before
-//! the load counts as done, a demand read in the caller's buffer before the fetch returns.
+//! prepared, and checked on the bytes read back — a prefetched extent or slot in staging
+//! before the load counts as done, a demand read in the caller's buffer before the fetch
+//! returns.
 //!
 //! Invariant: a tensor's `sums` are those of the bytes its write took from its memory;
 //! bytes read back that differ from them are an [`Error::Corrupt`], never delivered.
@@ -47,12 +48,15 @@ impl PendingSums {
     }
 
     /// Queues on the fetch stream the checksums of the tensors among `members` that have
-    /// sums, as they lie in a loaded copy at `base`; `None` when there is nothing to check.
+    /// sums, as they lie in a loaded copy at `base` of their extent from its offset
+    /// `origin` on (0 for a whole extent, a slot's start for a slot); `None` when there is
+    /// nothing to check.
     pub(crate) fn of_loaded(
         env: &Env,
         tensors: &Tensors,
         members: &[u64],
         base: DevicePtr,
+        origin: u64,
     ) -> Result<Option<PendingSums>> {
         let mut plan = Plan::new();
         let mut entries = Vec::new();
@@ -63,14 +67,14 @@ impl PendingSums {
             if e.sums.is_none() {
                 continue;
             }
-            plan.add(e.segments.iter().map(|s| (base + s.at, s.len)));
+            plan.add(e.segments.iter().map(|s| (base + (s.at - origin), s.len)));
             entries.push(*eid);
         }
         if entries.is_empty() {
             return Ok(None);
         }
-        // SAFETY: the staging extent is the load's until the load ends, which is after the
-        // progress thread has been told that the stream passed this work.
+        // SAFETY: the staging extent is the load's (or the slot's) until the load ends, which
+        // is after the progress thread has been told that the stream passed this work.
         let pending = unsafe { env.device.crc32c(env.fetch_stream.as_ref(), plan.pieces())? };
         Ok(Some(PendingSums {
             pending,
