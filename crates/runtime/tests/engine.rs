@@ -1043,3 +1043,220 @@ fn region_lengths_that_overflow_are_refused() {
     assert!(err.contains("add up to more than 2^64"), "{err}");
     assert_eq!(r.engine.live_handles(), 0);
 }
+
+/// Packed extents of ten tensors of `SLOT_TENSOR` bytes each (1 MiB, filled whatever the
+/// timing), with `prefetch_bytes` of read-ahead.
+fn slot_cfg(prefetch_bytes: u64, checksums: bool) -> EngineConfig {
+    EngineConfig {
+        checksums,
+        staging_bytes: 8 << 20,
+        prefetch_bytes,
+        pack_threshold: 256 << 10,
+        pack_extent_bytes: 1 << 20,
+        pack_flush_delay: Duration::from_secs(3600),
+        ..Default::default()
+    }
+}
+
+fn slot_rig(prefetch_bytes: u64, checksums: bool) -> Rig {
+    rig(slot_cfg(prefetch_bytes, checksums), 1 << 30)
+}
+
+/// Off the alignment: its slot is the 4 KiB-aligned range around it.
+const SLOT_TENSOR: usize = 100_000;
+const SLOT_BYTES: u64 = 102_400;
+
+/// `n` tensors of `SLOT_TENSOR` bytes (pattern seed = index), offloaded and drained.
+fn offload_slot_tensors(r: &Rig, n: u64) -> (Vec<DeviceBuffer>, Vec<Handle>) {
+    let srcs: Vec<_> = (0..n).map(|i| tensor(&r.dev, SLOT_TENSOR, i)).collect();
+    let hs = offload_all(r, &srcs);
+    r.engine.drain().unwrap();
+    (srcs, hs)
+}
+
+#[test]
+fn a_lone_prefetch_request_reads_ahead_only_its_tensor_and_its_fetch_is_a_hit() {
+    for checksums in [false, true] {
+        let r = slot_rig(4 << 20, checksums);
+        let (_srcs, hs) = offload_slot_tensors(&r, 10);
+        let read_before = r.engine.stats().counters.bytes_read;
+        // The fifth of ten, asked alone: neither the first nor the last still to be fetched.
+        r.engine.prefetch(hs[4]).unwrap();
+        r.engine.drain().unwrap();
+        let s = r.engine.stats().counters;
+        assert_eq!(
+            (s.prefetched_extents, s.prefetched_slots),
+            (0, 1),
+            "checksums {checksums}: {s:?}"
+        );
+        assert_eq!(
+            s.bytes_read - read_before,
+            SLOT_BYTES,
+            "only the tensor's slot was read"
+        );
+        assert_eq!(r.engine.staging_in_use(), SLOT_BYTES, "held until fetched");
+        assert_eq!(fetch_check(&r, hs[4], SLOT_TENSOR, 4), 0);
+        let s = r.engine.stats().counters;
+        assert_eq!(
+            (s.prefetch_hits, s.demand_reads, s.read_errors),
+            (1, 0, 0),
+            "checksums {checksums}: {s:?}"
+        );
+        assert_eq!(s.bytes_read - read_before, SLOT_BYTES, "nothing read on demand");
+        if checksums {
+            assert_eq!(
+                s.verified_bytes, SLOT_TENSOR as u64,
+                "the slot's bytes were checked"
+            );
+        }
+        r.engine.drain().unwrap();
+        assert_eq!(r.engine.staging_in_use(), 0, "the slot goes with its fetch");
+        // The others still come back exact, read on demand.
+        for (i, &h) in hs.iter().enumerate().filter(|&(i, _)| i != 4) {
+            assert_eq!(fetch_check(&r, h, SLOT_TENSOR, i as u64), 0);
+        }
+        for h in hs {
+            r.engine.release(h).unwrap();
+        }
+        r.engine.drain().unwrap();
+        assert_eq!((r.engine.staging_in_use(), r.engine.storage_usage().used), (0, 0));
+    }
+}
+
+#[test]
+fn a_fetch_that_comes_while_its_slot_is_read_waits_for_it() {
+    let r = Arc::new(slot_rig(4 << 20, true));
+    let (_srcs, hs) = offload_slot_tensors(&r, 10);
+    r.backend.faults().gate.close();
+    r.engine.prefetch(hs[6]).unwrap();
+    assert_eq!(
+        r.engine.stats().counters.prefetched_slots,
+        1,
+        "its read is in flight"
+    );
+    let fetcher = {
+        let r = r.clone();
+        let h = hs[6];
+        std::thread::spawn(move || fetch_check(&r, h, SLOT_TENSOR, 6))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!fetcher.is_finished(), "the fetch waits for the slot's read");
+    r.backend.faults().gate.open();
+    assert_eq!(fetcher.join().unwrap(), 0);
+    let s = r.engine.stats().counters;
+    assert_eq!(
+        (s.prefetched_slots, s.prefetch_hits, s.demand_reads, s.reads),
+        (1, 1, 0, 1),
+        "served from the slot, read once: {s:?}"
+    );
+    r.engine.drain().unwrap();
+    assert_eq!(r.engine.staging_in_use(), 0);
+}
+
+#[test]
+fn a_failed_slot_read_leaves_the_fetch_to_read_on_demand_with_exact_bytes() {
+    let r = slot_rig(4 << 20, true);
+    let (_srcs, hs) = offload_slot_tensors(&r, 10);
+    let faults = r.backend.faults();
+    faults.reads_left.store(0, Ordering::SeqCst); // every read fails, retries too
+    r.engine.prefetch(hs[3]).unwrap();
+    r.engine.drain().unwrap();
+    let s = r.engine.stats().counters;
+    assert_eq!((s.prefetched_slots, s.read_errors), (1, 1), "{s:?}");
+    assert_eq!(
+        r.engine.staging_in_use(),
+        0,
+        "a failed slot's staging goes at once"
+    );
+    faults.reads_left.store(u64::MAX, Ordering::SeqCst);
+    assert_eq!(fetch_check(&r, hs[3], SLOT_TENSOR, 3), 0);
+    let s = r.engine.stats().counters;
+    assert_eq!(
+        (s.prefetch_hits, s.demand_reads, s.read_errors),
+        (0, 1, 1),
+        "read on demand: {s:?}"
+    );
+    r.engine.drain().unwrap();
+    assert_eq!(r.engine.staging_in_use(), 0);
+}
+
+#[test]
+fn releasing_a_handle_frees_its_slot_loaded_or_still_loading() {
+    let r = slot_rig(4 << 20, false);
+    let (_srcs, hs) = offload_slot_tensors(&r, 10);
+    // Loaded, then released.
+    r.engine.prefetch(hs[2]).unwrap();
+    r.engine.drain().unwrap();
+    assert_eq!(r.engine.staging_in_use(), SLOT_BYTES);
+    r.engine.release(hs[2]).unwrap();
+    r.engine.drain().unwrap();
+    assert_eq!(r.engine.staging_in_use(), 0, "released with its handle");
+    // Released while its read is in flight: freed once the read settles, and its extent
+    // stays until then even with every handle gone.
+    r.backend.faults().gate.close();
+    r.engine.prefetch(hs[5]).unwrap();
+    assert_eq!(r.engine.staging_in_use(), SLOT_BYTES);
+    for (i, &h) in hs.iter().enumerate().filter(|&(i, _)| i != 2) {
+        r.engine.release(h).unwrap();
+        if i == 5 {
+            assert_eq!(
+                r.engine.staging_in_use(),
+                SLOT_BYTES,
+                "kept while its read is in flight"
+            );
+        }
+    }
+    assert!(
+        r.engine.storage_usage().used > 0,
+        "the extent stays while it is read"
+    );
+    r.backend.faults().gate.open();
+    r.engine.drain().unwrap();
+    assert_eq!((r.engine.staging_in_use(), r.engine.storage_usage().used), (0, 0));
+    let s = r.engine.stats().counters;
+    assert_eq!((s.prefetched_slots, s.read_errors), (2, 0), "{s:?}");
+}
+
+#[test]
+fn many_lone_requests_stay_within_the_prefetch_budget_and_are_all_served() {
+    // Extents of five tensors, and a budget of one extent: five slots fit. Twelve lone
+    // requests (the middle three of four extents) are read ahead five at a time, in the
+    // order asked, as their fetches free room.
+    let budget = 512 << 10;
+    let r = rig(
+        EngineConfig {
+            pack_extent_bytes: 512 << 10,
+            ..slot_cfg(budget, true)
+        },
+        1 << 30,
+    );
+    let (_srcs, hs) = offload_slot_tensors(&r, 20);
+    let lone: Vec<usize> = (0..20).filter(|i| i % 5 != 0 && i % 5 != 4).collect();
+    for &i in &lone {
+        r.engine.prefetch(hs[i]).unwrap();
+    }
+    r.engine.drain().unwrap();
+    assert_eq!(r.engine.stats().counters.prefetched_slots, 5);
+    assert_eq!(r.engine.staging_in_use(), 5 * SLOT_BYTES);
+    for &i in &lone {
+        assert_eq!(fetch_check(&r, hs[i], SLOT_TENSOR, i as u64), 0);
+        r.engine.drain().unwrap();
+        assert!(
+            r.engine.staging_in_use() <= budget,
+            "{}",
+            r.engine.staging_in_use()
+        );
+    }
+    let s = r.engine.stats().counters;
+    assert_eq!(
+        (
+            s.prefetched_slots,
+            s.prefetch_hits,
+            s.demand_reads,
+            s.prefetched_extents
+        ),
+        (12, 12, 0, 0),
+        "{s:?}"
+    );
+    assert_eq!(r.engine.staging_in_use(), 0);
+}
