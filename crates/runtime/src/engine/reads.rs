@@ -76,8 +76,8 @@ pub(crate) struct Slot {
     pub(crate) started: Instant,
     /// Checksums of its bytes being computed (`checksums` on) before it counts as loaded.
     pub(crate) checksums: Option<PendingSums>,
-    /// Its handle no longer wants it (fetched, released or evicted while it was loading):
-    /// it goes once its read settles.
+    /// Its handle no longer wants it (fetched or released while it was loading): it goes
+    /// once its read settles.
     pub(crate) orphaned: bool,
     /// The copy out of it to the fetch's destination, once made: its staging is free only
     /// once that completes.
