@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use crate::device::Event;
 
+use super::fenced::Fenced;
+
 /// Called once the engine no longer reads a tensor's own memory.
 pub(crate) type SourceFreeFn = Box<dyn FnOnce() + Send>;
 
@@ -18,7 +20,7 @@ pub(crate) type SourceFreeFn = Box<dyn FnOnce() + Send>;
 #[derive(Default)]
 pub(crate) struct Callbacks {
     /// Source releases waiting for their fence.
-    fenced: Vec<(Vec<SourceFreeFn>, Arc<dyn Event>)>,
+    fenced: Fenced<Vec<SourceFreeFn>>,
     /// Callbacks to run once the lock is released.
     due: Vec<SourceFreeFn>,
 }
@@ -36,7 +38,7 @@ impl Callbacks {
 
     /// `callbacks` may run once `fence` has completed.
     pub(crate) fn after_fence(&mut self, callbacks: Vec<SourceFreeFn>, fence: Arc<dyn Event>) {
-        self.fenced.push((callbacks, fence));
+        self.fenced.push(callbacks, fence);
     }
 
     /// True when no callback waits for a fence.
@@ -46,11 +48,7 @@ impl Callbacks {
 
     /// Makes due the callbacks whose fences have completed.
     pub(crate) fn free_fenced(&mut self) {
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fenced)
-            .into_iter()
-            .partition(|(_, f)| f.query().unwrap_or(true));
-        self.fenced = waiting;
-        for (callbacks, _) in ready {
+        for callbacks in self.fenced.take_ready() {
             self.due.extend(callbacks);
         }
     }
@@ -64,7 +62,7 @@ impl Callbacks {
     /// any tensor's memory any more.
     pub(crate) fn take_all(&mut self) -> Vec<SourceFreeFn> {
         let mut all = std::mem::take(&mut self.due);
-        for (cbs, _) in std::mem::take(&mut self.fenced) {
+        for cbs in self.fenced.take_all() {
             all.extend(cbs);
         }
         all

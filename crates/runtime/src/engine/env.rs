@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, IoOp, TargetId};
 use crate::device::{Device, Event, Stream};
@@ -19,8 +20,8 @@ use crate::error::Result;
 
 use super::config::EngineConfig;
 use super::pending::PendingIo;
-use super::stats::Stats;
-use super::timeline::Timeline;
+use super::stats::{Op, Stats};
+use super::timeline::{Timeline, Track};
 use super::waiter::Waiter;
 
 /// Messages to the progress thread.
@@ -85,6 +86,16 @@ impl Env {
         io.on_complete(move || {
             let _ = tx.send(msg());
         });
+    }
+
+    /// Counts a read ahead into staging (an extent or a slot) of `len` bytes that took
+    /// `took`, and puts it on the timeline as `what`.
+    pub(crate) fn record_read_ahead(&self, what: &'static str, len: u64, took: Duration) {
+        Stats::add(&self.stats.c.bytes_read, len);
+        Stats::add(&self.stats.c.read_ns, took.as_nanos() as u64);
+        self.stats.record(Op::Read, took);
+        let now = Instant::now();
+        self.timeline.record(Track::Read, what, now - took, now, len);
     }
 
     /// Has `waiter` send the progress thread `msg` of the outcome once `event` has

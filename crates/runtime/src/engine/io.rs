@@ -648,18 +648,7 @@ impl State {
         };
         let stats = self.env.stats.clone();
         match &outcome {
-            Ok(()) => {
-                Stats::add(&stats.c.bytes_read, len);
-                Stats::add(&stats.c.read_ns, took.as_nanos() as u64);
-                stats.record(Op::Read, took);
-                self.env.timeline.record(
-                    Track::Read,
-                    "prefetch slot",
-                    Instant::now() - took,
-                    Instant::now(),
-                    len,
-                );
-            }
+            Ok(()) => self.env.record_read_ahead("prefetch slot", len, took),
             Err(e) => {
                 tracing::warn!("a tensor's read-ahead failed (fetch will read on demand): {e}");
                 Stats::add(&stats.c.read_errors, 1);
@@ -836,17 +825,7 @@ impl State {
         self.reads.load_ended(gid, len, ok);
         match outcome {
             Ok(()) => {
-                let stats = &self.env.stats;
-                Stats::add(&stats.c.bytes_read, len);
-                Stats::add(&stats.c.read_ns, took.as_nanos() as u64);
-                stats.record(Op::Read, took);
-                self.env.timeline.record(
-                    Track::Read,
-                    "prefetch",
-                    Instant::now() - took,
-                    Instant::now(),
-                    len,
-                );
+                self.env.record_read_ahead("prefetch", len, took);
                 g.load = LoadState::Loaded(staging);
                 if g.pending == 0 {
                     self.unload(gid); // every request for it was released meanwhile

@@ -69,6 +69,7 @@
 mod callbacks;
 mod config;
 mod env;
+mod fenced;
 mod groups;
 mod io;
 mod keys;

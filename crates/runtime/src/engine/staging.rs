@@ -17,6 +17,7 @@ use crate::device::Event;
 use crate::extents::{Extent, ExtentAllocator};
 use crate::memory::{DeviceBuffer, DevicePtr};
 
+use super::fenced::Fenced;
 use super::stats::Stats;
 
 /// Staging memory and its allocator.
@@ -25,7 +26,7 @@ pub(crate) struct Staging {
     buf: DeviceBuffer,
     used: u64,
     /// Staging extents to free once their fence completes.
-    fenced: Vec<(Extent, Arc<dyn Event>)>,
+    fenced: Fenced<Extent>,
 }
 
 impl Staging {
@@ -35,7 +36,7 @@ impl Staging {
             alloc,
             buf,
             used: 0,
-            fenced: Vec::new(),
+            fenced: Fenced::default(),
         }
     }
 
@@ -69,7 +70,7 @@ impl Staging {
 
     /// Frees a staging extent once `fence` completes.
     pub(crate) fn free_after(&mut self, s: Extent, fence: Arc<dyn Event>) {
-        self.fenced.push((s, fence));
+        self.fenced.push(s, fence);
     }
 
     /// True when no extent waits for a fence.
@@ -79,11 +80,7 @@ impl Staging {
 
     /// Frees the extents whose fences have completed.
     pub(crate) fn free_fenced(&mut self) {
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fenced)
-            .into_iter()
-            .partition(|(_, f)| f.query().unwrap_or(true));
-        self.fenced = waiting;
-        for (s, _) in ready {
+        for s in self.fenced.take_ready() {
             self.free(s);
         }
     }
