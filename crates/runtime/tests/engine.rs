@@ -1260,25 +1260,3 @@ fn many_lone_requests_stay_within_the_prefetch_budget_and_are_all_served() {
     );
     assert_eq!(r.engine.staging_in_use(), 0);
 }
-
-#[test]
-fn a_request_for_the_last_tensor_waiting_in_its_extent_reads_only_that_tensor() {
-    // Every other tensor of the extent was fetched: the request is the last one there
-    // still waiting, but no scan follows it, so its tensor alone is read ahead.
-    let r = slot_rig(4 << 20, false);
-    let (_srcs, hs) = offload_slot_tensors(&r, 10);
-    for (i, &h) in hs.iter().enumerate().filter(|&(i, _)| i != 7) {
-        assert_eq!(fetch_check(&r, h, SLOT_TENSOR, i as u64), 0);
-    }
-    let before = r.engine.stats().counters;
-    r.engine.prefetch(hs[7]).unwrap();
-    r.engine.drain().unwrap();
-    assert_eq!(fetch_check(&r, hs[7], SLOT_TENSOR, 7), 0);
-    let s = r.engine.stats().counters;
-    assert_eq!(
-        (s.prefetched_extents, s.prefetched_slots, s.prefetch_hits),
-        (0, 1, 1),
-        "{s:?}"
-    );
-    assert_eq!(s.bytes_read - before.bytes_read, SLOT_BYTES);
-}

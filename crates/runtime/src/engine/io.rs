@@ -462,14 +462,12 @@ impl State {
 
     /// True when a request for tensor `eid` looks like the start of a scan through its
     /// extent `gid`: the tensor is the first or the last there still waiting to be fetched,
-    /// itself counted, and others wait too (tensors are requested in the order they were
-    /// offloaded, or in reverse); or it is the extent's only tensor. Anything else (a
-    /// deduplicated tensor needed again, after the scan through its extent or in the
-    /// middle of it, a random access) is a lone request, for which reading the whole extent
-    /// would read it many times over.
+    /// itself counted (tensors are requested in the order they were offloaded, or in
+    /// reverse). Anything else (a deduplicated tensor needed again, a random access) is a
+    /// lone request, for which reading the whole extent would read it many times over.
     fn starts_a_scan(&self, gid: u64, eid: u64) -> bool {
-        let members = &self.groups[&gid].entries;
-        members.len() == 1 || self.tensors.first_or_last_of_several_waiting(members, eid)
+        self.tensors
+            .first_or_last_waiting(&self.groups[&gid].entries, eid)
     }
 
     /// Serves the lone prefetch request of handle `h` (tensor `eid` in group `gid`) by

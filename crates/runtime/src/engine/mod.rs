@@ -407,11 +407,10 @@ impl Engine {
     /// until every handle that asked for it was fetched or released. A fetch that comes
     /// before its request was served drops the request (and reads what it needs itself).
     /// A whole extent is read only for a request that starts a scan through it (its
-    /// tensor is the first or last of several there still to be fetched, or its only
-    /// tensor): reading the extent for a lone request (a deduplicated tensor wanted again,
-    /// a random access) would read most bytes twice, so only the tensor's own bytes are
-    /// read ahead for it (counted in [`CounterSnapshot::prefetched_slots`]), held until the
-    /// handle is fetched or released.
+    /// tensor is the first or last there still to be fetched): reading the extent for a
+    /// lone request (a deduplicated tensor wanted again, a random access) would read most
+    /// bytes twice, so only the tensor's own bytes are read ahead for it (counted in
+    /// [`CounterSnapshot::prefetched_slots`]), held until the handle is fetched or released.
     pub fn prefetch(&self, handle: Handle) -> Result<()> {
         self.with_state(|st| st.prefetch(handle))
     }

@@ -252,14 +252,12 @@ impl Tensors {
     }
 
     /// True when, among the entries of `members` (a group's, in order) still waiting to be
-    /// fetched, with `eid` itself counted, there are others than `eid` and `eid` is the
-    /// first or the last.
-    pub(crate) fn first_or_last_of_several_waiting(&self, members: &[u64], eid: u64) -> bool {
+    /// fetched, with `eid` itself counted, `eid` is the first or the last.
+    pub(crate) fn first_or_last_waiting(&self, members: &[u64], eid: u64) -> bool {
         let mut waiting = members
             .iter()
             .filter(|&&e| e == eid || self.entries.get(&e).is_some_and(|e| e.unfetched > 0));
-        let (first, last) = (waiting.next(), waiting.next_back());
-        last.is_some() && (first == Some(&eid) || last == Some(&eid))
+        waiting.next() == Some(&eid) || waiting.next_back() == Some(&eid)
     }
 }
 
