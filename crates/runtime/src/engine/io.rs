@@ -534,30 +534,11 @@ impl State {
             len = slot.len
         )
         .entered();
-        let env = &self.env;
         let extent = self.groups[&gid].extent.expect("written groups have an extent");
-        let req = IoRequest {
-            target: extent.target,
-            op: IoOp::Read,
-            offset: extent.offset + slot.start,
-            mem: MemRef::Device {
-                ptr: self.staging.ptr(slot.staging),
-                len: slot.len as usize,
-            },
-        };
         // SAFETY: the staging extent belongs to the slot until its read has settled: a
         // slot dropped while loading is only orphaned, and freed once the read settles.
-        let io = unsafe {
-            PendingIo::submit_needing(
-                env.backend.as_ref(),
-                req,
-                needed as usize,
-                env.path(extent.target),
-                env.stats.clone(),
-                env.cfg.io_retries,
-            )?
-        };
-        env.tell_on_complete(&io, move || Msg::SlotIo(sid));
+        let io = unsafe { self.submit_read_ahead(extent, slot.start, slot.staging, slot.len, needed)? };
+        self.env.tell_on_complete(&io, move || Msg::SlotIo(sid));
         slot.ios = vec![io];
         slot.started = Instant::now();
         self.reads.slot_started(sid, slot);
@@ -693,18 +674,8 @@ impl State {
 
     fn submit_load(&mut self, gid: u64, staging: Extent) -> Result<()> {
         let _span = tracing::debug_span!("prefetch", group = gid).entered();
-        let env = &self.env;
         let g = &self.groups[&gid];
         let extent = g.extent.expect("written groups have an extent");
-        let req = IoRequest {
-            target: extent.target,
-            op: IoOp::Read,
-            offset: extent.offset,
-            mem: MemRef::Device {
-                ptr: self.staging.ptr(staging),
-                len: g.len as usize,
-            },
-        };
         // A tensor written straight from its memory ends where its bytes end, off the
         // alignment; past it, at the end of a target that grows as written, there is nothing
         // to read. Only the bytes of the tensors still in the group must come.
@@ -715,20 +686,10 @@ impl State {
             .filter_map(|e| e.segments.last().map(|s| s.at + s.len))
             .max()
             .unwrap_or(g.len);
-        let path = env.path(extent.target);
-        // SAFETY: the staging extent belongs to this load until its read has settled.
-        let io = unsafe {
-            PendingIo::submit_needing(
-                env.backend.as_ref(),
-                req,
-                needed as usize,
-                path,
-                env.stats.clone(),
-                env.cfg.io_retries,
-            )?
-        };
-        env.notify_on_complete(&io, gid, IoOp::Read);
         let len = g.len;
+        // SAFETY: the staging extent belongs to this load until its read has settled.
+        let io = unsafe { self.submit_read_ahead(extent, 0, staging, len, needed)? };
+        self.env.notify_on_complete(&io, gid, IoOp::Read);
         let epoch = self.id();
         let g = self.groups.get_mut(&gid).expect("live");
         g.ios = vec![io];
@@ -739,6 +700,43 @@ impl State {
         self.reads.load_started(len);
         Stats::add(&self.env.stats.c.prefetched_extents, 1);
         Ok(())
+    }
+
+    /// Submits the read ahead of `len` bytes of `extent` from `from` on into `staging`, of
+    /// which the first `needed` must come (past them, at the end of a target that grows as
+    /// written, there may be nothing to read).
+    ///
+    /// # Safety
+    /// `staging` must stay allocated to this read, untouched, until it has settled.
+    unsafe fn submit_read_ahead(
+        &self,
+        extent: Extent,
+        from: u64,
+        staging: Extent,
+        len: u64,
+        needed: u64,
+    ) -> Result<PendingIo> {
+        let env = &self.env;
+        let req = IoRequest {
+            target: extent.target,
+            op: IoOp::Read,
+            offset: extent.offset + from,
+            mem: MemRef::Device {
+                ptr: self.staging.ptr(staging),
+                len: len as usize,
+            },
+        };
+        // SAFETY: the caller keeps the staging memory for the read until it settles.
+        unsafe {
+            PendingIo::submit_needing(
+                env.backend.as_ref(),
+                req,
+                needed as usize,
+                env.path(extent.target),
+                env.stats.clone(),
+                env.cfg.io_retries,
+            )
+        }
     }
 
     /// A prefetch read completed: a short one has its rest read; once it has settled, the

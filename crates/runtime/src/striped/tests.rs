@@ -20,14 +20,7 @@ fn weighted_set(weights: &[u32]) -> (StripedBackend, Vec<Arc<MemBackend>>) {
         .iter()
         .map(|_| Arc::new(MemBackend::new(Arc::new(HostDevice::new())).unwrap()))
         .collect();
-    let members = mems
-        .iter()
-        .enumerate()
-        .map(|(i, m)| Member {
-            target: Target::new(format!("/m{i}")),
-            backend: m.clone() as Arc<dyn Backend>,
-        })
-        .collect();
+    let members = members_over(mems.iter().map(|m| m.clone() as Arc<dyn Backend>));
     let set = StripedBackend::weighted("set", members, STRIPE, weights).unwrap();
     (set, mems)
 }
@@ -398,14 +391,7 @@ impl Backend for Recording {
 #[test]
 fn the_reservation_is_shared_out_in_whole_units() {
     let rec: Vec<Arc<Recording>> = (0..3).map(|_| Arc::new(Recording::new(None))).collect();
-    let members = rec
-        .iter()
-        .enumerate()
-        .map(|(i, r)| Member {
-            target: Target::new(format!("/m{i}")),
-            backend: r.clone() as Arc<dyn Backend>,
-        })
-        .collect();
+    let members = members_over(rec.iter().map(|r| r.clone() as Arc<dyn Backend>));
     let b = StripedBackend::new("set", members, STRIPE).unwrap();
     // 10 units over 3 members: 4 units each (rounded up), so every unit fits.
     let (id, _) = b.open(&Target::new("set").reserve(10 * STRIPE - 100)).unwrap();
@@ -416,14 +402,23 @@ fn the_reservation_is_shared_out_in_whole_units() {
     assert!(b.flush(id).is_err(), "a closed set is gone");
 }
 
-/// `n` members over memory backends, named "/m0", "/m1", ….
-fn mem_members(n: usize) -> Vec<Member> {
-    (0..n)
-        .map(|i| Member {
+/// One member over each of `backends`, named "/m0", "/m1", ….
+fn members_over(backends: impl IntoIterator<Item = Arc<dyn Backend>>) -> Vec<Member> {
+    backends
+        .into_iter()
+        .enumerate()
+        .map(|(i, backend)| Member {
             target: Target::new(format!("/m{i}")),
-            backend: Arc::new(MemBackend::new(Arc::new(HostDevice::new())).unwrap()),
+            backend,
         })
         .collect()
+}
+
+/// `n` members over memory backends, named "/m0", "/m1", ….
+fn mem_members(n: usize) -> Vec<Member> {
+    members_over(
+        (0..n).map(|_| Arc::new(MemBackend::new(Arc::new(HostDevice::new())).unwrap()) as Arc<dyn Backend>),
+    )
 }
 
 #[test]
@@ -478,12 +473,7 @@ fn offsets_near_the_end_of_a_huge_set_are_computed_without_overflow() {
 
 #[test]
 fn a_set_of_huge_members_is_as_large_as_64_bit_offsets_reach() {
-    let members = (0..2)
-        .map(|i| Member {
-            target: Target::new(format!("/m{i}")),
-            backend: Arc::new(Recording::new(Some(u64::MAX))),
-        })
-        .collect();
+    let members = members_over((0..2).map(|_| Arc::new(Recording::new(Some(u64::MAX))) as Arc<dyn Backend>));
     let b = StripedBackend::new("set", members, STRIPE).unwrap();
     let (_, info) = b.open(&Target::new("set")).unwrap();
     let round = 2 * STRIPE;
