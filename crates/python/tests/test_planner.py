@@ -16,32 +16,41 @@ _spec.loader.exec_module(planner)
 MB = 1_000_000
 
 
-def recorded(layers=2, tensors=3, fwd=10.0, mb=40):
+def recorded(layers=2, tensors=3, fwd=10.0, mb=40, rebuild=None):
     """A small profile shaped like a decoder: a stretch before the first block, then blocks
-    of equal time, each saving `tensors` tensors of `mb` MB, its input 1/17 of its bytes."""
+    of equal time, each saving `tensors` tensors of `mb` MB, its input 1/17 of its bytes.
+    `rebuild`: per tensor of a block, milliseconds to rebuild it (None: it cannot be)."""
     segs = [planner.SegmentProfile(0.5, 1.0, [], 0)]
     for _ in range(layers):
-        segs.append(planner.SegmentProfile(fwd, 2 * fwd, [mb * MB] * tensors, tensors * mb * MB // 17))
+        segs.append(planner.SegmentProfile(fwd, 2 * fwd, [mb * MB] * tensors, tensors * mb * MB // 17,
+                                           rebuild_ms=None if rebuild is None else list(rebuild)))
     return planner.Profile(segs)
+
+
+#: Tensors rebuildable as a decoder block's are: the middle one (an activation's output,
+#: made from the first) cheaply, the others not at all.
+REBUILD = (None, 0.05, None)
 
 
 @pytest.mark.parametrize("gbps", [1.0, 5.0, 12.0, 40.0])
 @pytest.mark.parametrize("host", [0, 100 * MB])
-def test_adaptive_frees_as_much_as_brute_force_at_no_extra_time(gbps, host):
-    prof = recorded()
+@pytest.mark.parametrize("rebuild", [None, REBUILD])
+def test_adaptive_frees_as_much_as_brute_force_at_no_extra_time(gbps, host, rebuild):
+    prof = recorded(rebuild=rebuild)
     tiers = planner.Tiers(gbps, gbps, host, 4 * gbps if host else 0.0, 4 * gbps if host else 0.0)
     got = planner.plan(prof, tiers)
-    _, _, best = planner.brute_force(prof, tiers)
+    best = planner.brute_force(prof, tiers)[2]
     assert got.outcome.extra_ms <= planner.ADAPTIVE_TOLERANCE * prof.step_ms + 1e-9
     assert got.outcome.activation_bytes <= best.activation_bytes + 40 * MB, (got.reason, best)
 
 
 @pytest.mark.parametrize("ratio", [1.02, 1.1, 1.3])
-def test_max_slowdown_stays_within_its_time_and_frees_near_the_best(ratio):
-    prof = recorded()
+@pytest.mark.parametrize("rebuild", [None, REBUILD])
+def test_max_slowdown_stays_within_its_time_and_frees_near_the_best(ratio, rebuild):
+    prof = recorded(rebuild=rebuild)
     tiers = planner.Tiers(3.0, 3.0)
     got = planner.plan(prof, tiers, max_slowdown=ratio)
-    _, _, best = planner.brute_force(prof, tiers, max_slowdown=ratio)
+    best = planner.brute_force(prof, tiers, max_slowdown=ratio)[2]
     assert got.outcome.extra_ms <= (ratio - 1) * prof.step_ms + 1e-9
     freed, best_freed = (prof.activation_bytes - o.activation_bytes for o in (got.outcome, best))
     assert freed >= 0.75 * best_freed, (got.reason, best)
@@ -49,12 +58,13 @@ def test_max_slowdown_stays_within_its_time_and_frees_near_the_best(ratio):
 
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
 @pytest.mark.parametrize("gbps", [2.0, 20.0])
-def test_budget_is_met_at_an_extra_time_near_the_least(fraction, gbps):
-    prof = recorded()
+@pytest.mark.parametrize("rebuild", [None, REBUILD])
+def test_budget_is_met_at_an_extra_time_near_the_least(fraction, gbps, rebuild):
+    prof = recorded(rebuild=rebuild)
     tiers = planner.Tiers(gbps, gbps)
     budget = int(fraction * prof.activation_bytes)
     got = planner.plan(prof, tiers, budget=budget)
-    _, _, best = planner.brute_force(prof, tiers, budget=budget)
+    best = planner.brute_force(prof, tiers, budget=budget)[2]
     assert got.outcome.activation_bytes <= budget, got.reason
     assert got.outcome.extra_ms <= 1.25 * best.extra_ms + 1.0, (got.reason, best)
 
@@ -196,3 +206,29 @@ def test_measured_save_times_place_the_writes():
     assert planner.plan(block([9.0, 10.0]), tiers).outcome.activation_bytes == 80 * MB
     # Times that do not match the tensors (or none) fall back to the even spread.
     assert planner.SegmentProfile(10.0, 20.0, [1, 2], 0, None, [3.0]).save_at(0) == 5.0
+
+
+def test_a_rebuilt_tensor_is_neither_held_nor_written_and_costs_its_rebuild():
+    prof = recorded(layers=1, tensors=3, fwd=10.0, mb=100, rebuild=REBUILD)
+    tiers = planner.Tiers(1000.0, 1000.0)
+    kept = planner.simulate(prof, tiers, frozenset(), frozenset())
+    rebuilt = planner.simulate(prof, tiers, frozenset(), frozenset(), rebuild=frozenset({(1, 1)}))
+    assert kept.activation_bytes - rebuilt.activation_bytes == 100 * MB
+    assert rebuilt.rebuilt_bytes == 100 * MB and rebuilt.storage_bytes == 0
+    assert rebuilt.extra_ms == pytest.approx(0.05)
+    # A tensor that cannot be rebuilt is kept whatever the plan says.
+    same = planner.simulate(prof, tiers, frozenset(), frozenset(), rebuild=frozenset({(1, 0)}))
+    assert same.activation_bytes == kept.activation_bytes and same.extra_ms == 0.0
+
+
+def test_slow_storage_frees_more_by_rebuilding_than_by_moving():
+    # Storage that takes a fraction of a block's bytes in time: rebuilding the cheap tensor
+    # frees its bytes and leaves the write bandwidth to the others.
+    prof = recorded(layers=2, tensors=3, fwd=10.0, mb=100, rebuild=REBUILD)
+    tiers = planner.Tiers(10.0, 10.0)
+    without = planner.plan(prof, tiers, allow_recompute=False)
+    got = planner.plan(prof, tiers)
+    assert got.rebuild == {(1, 1), (2, 1)}, got.reason
+    assert got.outcome.activation_bytes <= without.outcome.activation_bytes - 200 * MB, (got.reason, without.reason)
+    assert got.outcome.extra_ms <= planner.ADAPTIVE_TOLERANCE * prof.step_ms
+    assert "2 tensors rebuilt" in got.reason

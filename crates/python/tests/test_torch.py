@@ -3,6 +3,7 @@ PyTorch. Runs where torch is importable: on CPU tensors through the host engine,
 the GPU when there is one (the GPU suite). Gradients must be bitwise equal to the
 baseline's (deterministic algorithms)."""
 
+import dataclasses
 import os
 import pathlib
 import sys
@@ -742,3 +743,108 @@ def test_the_profiling_step_measures_when_each_tensor_is_saved(tmp_path):
         assert all(0.0 <= t <= s.fwd_ms for t in s.save_ms), s
         assert s.save_ms == sorted(s.save_ms), s
         assert s.save_marks == []
+
+
+# -- tensors rebuilt in backward ----------------------------------------------------------
+
+
+def planned_with(model, data, tmp_path, bandwidth, **kw):
+    """An adaptive offloader on ``model`` whose storage is taken to run at ``bandwidth``
+    GB/s (instead of probing it), after its profiling steps."""
+    off = offloader(model, tmp_path, policy="adaptive", **kw)
+    off._bandwidth = (bandwidth, bandwidth)
+    for _ in range(2):
+        run_step(model, data, off.step())
+    return off
+
+
+def force_plan(off, offload_rest):
+    """Sets ``off``'s plan to rebuild every tensor it can (but in the last segment) and to
+    offload the others there (``offload_rest``) or keep them; returns the rebuilt ids."""
+    segs = off._profiled
+    rebuild = frozenset((s.index, k) for s in segs[:-1] for k, ms in enumerate(s.rebuild_ms) if ms is not None)
+    offload = frozenset((s.index, k) for s in segs[:-1] for k in range(len(s.tensors))) - rebuild
+    off._set_recompute([])
+    off._rok = dataclasses.replace(off._rok, offload=offload if offload_rest else frozenset(),
+                                   recompute=frozenset(), rebuild=rebuild)
+    return rebuild
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensors_made_by_cheap_operations_are_rebuilt_bitwise(tmp_path, device):
+    # Storage too slow to matter: what the plan frees, it frees by rebuilding the norms' and
+    # the GELUs' outputs from their saved inputs; gradients are the baseline's to the bit.
+    model, data = gpt(device), gpt_batch(device)
+    loss0, g0 = run_step(model, data)
+    with planned_with(model, data, tmp_path, 1e-6, max_slowdown=1.5) as off:
+        assert off._rok.rebuild and not off._rok.offload, off._rok.reason
+        # Per block but the last: the two layer norms' outputs and the GELU's.
+        assert len(force_plan(off, offload_rest=False)) >= 3 * 3, off._profiled
+        rok = off._rok
+        for _ in range(2):
+            loss, g = run_step(model, data, off.step())
+            assert torch.equal(loss, loss0)
+            assert_bitwise_equal(g, g0)
+        s = off.stats()
+    assert s["rebuild_missed"] == 0, s
+    want = sum(off._profiled[i].tensors[k] for i, k in rok.rebuild)
+    assert s["last_step"]["rebuilt_bytes"] == want > 0, (s["last_step"], want)
+    # The rebuilt bytes are neither kept nor written.
+    assert s["last_step"]["kept_bytes"] + s["last_step"]["rebuilt_bytes"] == sum(x.saved_bytes for x in off._profiled)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rebuilt_tensors_read_their_offloaded_inputs_back_once(tmp_path, device):
+    # Every input offloaded, every cheap output rebuilt from it: the input is read back for
+    # the rebuild and shared with its own use later (one fetch per offloaded tensor).
+    model, data = gpt(device), gpt_batch(device)
+    loss0, g0 = run_step(model, data)
+    with planned_with(model, data, tmp_path, 1000.0) as off:
+        force_plan(off, offload_rest=True)
+        for _ in range(2):
+            before = off.stats()
+            loss, g = run_step(model, data, off.step())
+            after = off.stats()
+            assert torch.equal(loss, loss0)
+            assert_bitwise_equal(g, g0)
+        assert after["rebuilt_tensors"] > before["rebuilt_tensors"]
+        assert after["offloaded_tensors"] > before["offloaded_tensors"]
+        assert after["bytes_fetched"] - before["bytes_fetched"] == after["bytes_offloaded"] - before["bytes_offloaded"]
+
+
+def test_a_tensor_changed_after_it_was_made_is_not_rebuilt():
+    from spillway.torch.rebuild import Producers
+
+    class Rec:
+        pass
+
+    def pack(t):
+        r = Rec()
+        r.t = t
+        prod.saved(t, r)
+        return r
+
+    prod = Producers(torch.device("cpu"), 1024, lambda t: False)
+    prod.recording = True
+    x = torch.randn(64, 64, requires_grad=True) * 1
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda r: r.t), prod:
+        y = torch.nn.functional.gelu(x)
+        assert prod.recipe(y) is not None  # x was saved (by gelu): y can be rebuilt
+        z = torch.nn.functional.gelu(x)
+        z.add_(1)  # changed in place after it was made
+        w = torch.nn.functional.silu(y.detach() * 1)  # input not saved by anyone
+    assert prod.recipe(z) is None
+    assert prod.recipe(w) is None
+    # The recipe gives back the same bits.
+    rec = prod.recipe(y)
+    got = rec.run(lambda ref: ref.view(ref.saved.t.untyped_storage(), x.device) if hasattr(ref, "saved") else ref.tensor)
+    assert torch.equal(torch.empty(0).set_(got, 0, y.shape, y.stride()), y.detach())
+
+
+def test_compiled_models_are_not_watched_for_rebuilds():
+    from spillway.torch.offloader import _compiled
+
+    model = gpt("cpu", layers=1)
+    assert not _compiled(model)
+    model.blocks[0].compile()
+    assert _compiled(model)

@@ -18,6 +18,7 @@ from . import compat
 from .compat import CAPTURE_MESSAGE, POOL_MESSAGE, CudaGraphError
 from .planner import Profile, RokPlan, SegmentProfile, Tiers, plan as plan_rok
 from .policy import Plan, Segment
+from .rebuild import Fixed, Producers, Rebuilt, SavedRef, check_fixed, elapsed_ms
 from .saved import InPlaceModificationError, Kept, Stored
 
 _log = logging.getLogger("spillway.torch")
@@ -51,6 +52,14 @@ def _holds_storage(obj: Any) -> bool:
     return True
 
 
+def _compiled(model: torch.nn.Module) -> bool:
+    """Whether ``model`` or a module in it is compiled (``torch.compile``/``.compile()``)."""
+    return any(
+        getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule"
+        for m in model.modules()
+    )
+
+
 def _find_segments(model: torch.nn.Module) -> List[torch.nn.Module]:
     """The model's repeated blocks: the children of its largest ModuleList/Sequential, or
     its own children."""
@@ -81,7 +90,10 @@ class Offloader:
         max_slowdown: a time goal: the most activation memory freed with the step at most
             this many times as long (e.g. 1.05). Implies the adaptive policy.
         recompute: whether the planner may recompute blocks (activation checkpointing of a
-            block, its input offloaded) where that is cheaper than moving their bytes.
+            block, its input offloaded) and rebuild single tensors (a norm's or an
+            activation's output, made again in backward from its saved input: see
+            :mod:`spillway.torch.rebuild`) where that is cheaper than moving their bytes.
+            Tensors are rebuilt in eager mode only, not in a compiled model.
         min_tensor_bytes: storages smaller than this stay in memory (default 1 MiB).
         keep_last: with ``policy="all"``, forward segments at the end kept in memory
             (default 1); the adaptive policy's planner decides per tensor instead.
@@ -215,6 +227,12 @@ class Offloader:
         self._kept_step = 0
         self._held_peak = 0
         self._blocks = segments if segments is not None else _find_segments(model)
+        # How cheap operations made their outputs (forward of eager steps), for rebuilding
+        # saved tensors in backward; the saved records of this step by storage key.
+        self._producers = Producers(self.device, min_tensor_bytes, self._is_param_tensor) if recompute else None
+        self._producing = False
+        self._saved: "weakref.WeakValueDictionary[Tuple[int, int], Any]" = weakref.WeakValueDictionary()
+        self._rebuild_keys: set = set()
         # Under torch.compile the hooks are never traced: each is a graph break, so a
         # compiled model runs one graph per block, whose saves come when the block ends
         # (see docs/integrations-compile-fsdp.md), and the hooks run as written.
@@ -272,8 +290,8 @@ class Offloader:
         self._profiled: List[Segment] = []  # the measured step's segments
         self._profiled_held = 0  # saved bytes it held at most
         self._totals = dict(
-            offloaded_tensors=0, offloaded_dtensors=0, kept_tensors=0, bytes_offloaded=0, bytes_kept=0, bytes_fetched=0,
-            bytes_fetched_ahead=0, stall_s=0.0, step_s=0.0,
+            offloaded_tensors=0, offloaded_dtensors=0, kept_tensors=0, rebuilt_tensors=0, bytes_offloaded=0, bytes_kept=0,
+            bytes_rebuilt=0, rebuild_missed=0, bytes_fetched=0, bytes_fetched_ahead=0, stall_s=0.0, step_s=0.0,
         )
         self._last_step: Dict[str, Any] = {}
         self._closed = False
@@ -295,11 +313,17 @@ class Offloader:
         t0 = time.perf_counter()
         completed = False
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack_hook, self._unpack_hook):
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack_hook, self._unpack_hook))
+                if self._producing:
+                    stack.enter_context(self._producers)
                 yield self
             completed = True
         finally:
             self._active = False
+            if self._producers is not None:
+                self._producers.recording = False
+                self._producers.clear()
             # A step that failed, or that is refused below, does not shape the plan.
             self._end_step(time.perf_counter() - t0, self._step_stall, completed and not self._blocks_missed())
         self._check_blocks_ran()
@@ -375,6 +399,16 @@ class Offloader:
         self._keys_seen = set()
         self._saves_in_segment = {}
         self._decisions = {}
+        self._saved = weakref.WeakValueDictionary()
+        self._rebuild_keys = set()
+        # Notes of cheap operations are taken in eager steps that may rebuild: the step
+        # measured for the plan, and planned steps that rebuild something.
+        wanted = self._profiling or (self._rok is not None and bool(self._rok.rebuild))
+        self._producing = self._producers is not None and wanted and not _compiled(self.model)
+        if self._producers is not None:
+            self._producers.clear()
+            self._producers.recording = self._producing
+            self._producers.timing = self._producing and self._profiling
         self._order = []
         self._cursor = -1
         self._bwd_segment = 0
@@ -399,6 +433,7 @@ class Offloader:
             segments=len(segs),
             offloaded_bytes=sum(s.offloaded_bytes for s in segs),
             kept_bytes=sum(s.kept_bytes for s in segs),
+            rebuilt_bytes=sum(s.rebuilt_bytes for s in segs),
             held_peak_bytes=self._held_peak,
         )
         if plan and self.policy == "all" and self._plan is not None:
@@ -501,6 +536,8 @@ class Offloader:
                 # When each tensor was saved, within the segment's forward.
                 s.save_ms = [min(max(s.fwd_start.elapsed_time(m), 0.0), s.fwd_ms) for m in s.save_marks]
             s.save_marks = []
+            s.rebuild_ms = [elapsed_ms(ev) if ev is not None else None for ev in s.rebuild_events]
+            s.rebuild_events = []
         # Backward runs last to first: segment i's backward lasts until segment i-1's starts.
         for i, s in enumerate(segs):
             if s.bwd_start is None:
@@ -535,6 +572,7 @@ class Offloader:
                     s.input_bytes if s.block >= 0 else 0,
                     s.inner,
                     list(s.save_ms) if len(s.save_ms) == len(s.tensors) else None,
+                    list(s.rebuild_ms) if len(s.rebuild_ms) == len(s.tensors) else None,
                 )
                 for s in segs
             ]
@@ -656,6 +694,9 @@ class Offloader:
         if t.device == self.device:
             self._param_storages[t.untyped_storage()._cdata] = weakref.ref(t)
 
+    def _is_param_tensor(self, t: torch.Tensor) -> bool:
+        return isinstance(t, torch.nn.Parameter) or self._is_param_storage(t.untyped_storage())
+
     def _is_param_storage(self, st: torch.UntypedStorage) -> bool:
         ref = self._param_storages.get(st._cdata)
         # A parameter still alive holds its storage, so no other storage has its address.
@@ -737,10 +778,15 @@ class Offloader:
                 # After the recomputed block returned (the head after the last block): as
                 # planned for that tensor, counted after the block's own in the profile.
                 inner = self._profiled[seg.index].inner if seg.index < len(self._profiled) else None
-                decided = (seg.index, (inner or 0) + seg.tail_saves) in rok.offload
+                tensor = (seg.index, (inner or 0) + seg.tail_saves)
+                decided = tensor in rok.offload
+                if tensor in rok.rebuild:
+                    self._rebuild_keys.add(key)
                 seg.tail_saves += 1
             else:
                 decided = (seg.index, k) in rok.offload
+                if (seg.index, k) in rok.rebuild:
+                    self._rebuild_keys.add(key)
         self._decisions[key] = decided
         return decided
 
@@ -815,7 +861,22 @@ class Offloader:
             seg.tensors.append(nbytes)
             if self._profiling:
                 seg.save_marks.append(self._mark())
-        if not self._offloading(seg, key):
+                if self._producing:
+                    recipe = self._producers.recipe(t) if spec is None else None
+                    seg.rebuild_events.append(recipe.events if recipe is not None else None)
+        offloading = self._offloading(seg, key)
+        if not offloading and key in self._rebuild_keys and spec is None:
+            recipe = self._producers.recipe(t) if self._producing else None
+            if recipe is not None:
+                rebuilt = Rebuilt(recipe, t, seg.index)
+                if first:
+                    seg.rebuilt_bytes += nbytes
+                    self._totals["bytes_rebuilt"] += nbytes
+                self._totals["rebuilt_tensors"] += 1
+                return self._note_saved(key, t, rebuilt)
+            if first:
+                self._totals["rebuild_missed"] += 1
+        if not offloading:
             if first:
                 seg.kept_bytes += nbytes
                 self._kept_step += nbytes
@@ -827,7 +888,7 @@ class Offloader:
             if self._inflight:
                 self._poll_sources()
             self._note_held()
-            return Kept(whole, seg.index)
+            return self._note_saved(key, t, Kept(whole, seg.index))
         stream = torch.cuda.current_stream(self.device).cuda_stream if self._cuda else None
         st = t.untyped_storage()
         handle = self.engine.offload(key, [(st.data_ptr(), st.nbytes())], stream)
@@ -849,7 +910,16 @@ class Offloader:
         self._poll_sources()
         self._bound_pending()
         self._note_held()
-        return rec
+        return self._note_saved(key, t, rec)
+
+    def _note_saved(self, key: Tuple[int, int], t: torch.Tensor, saved: Any) -> Any:
+        """Notes ``saved`` as the record of storage ``key`` (``t`` being saved): tensors
+        rebuilt from it find it there. Returns ``saved``."""
+        if self._producing:
+            if key not in self._saved:
+                self._saved[key] = saved
+            self._producers.saved(t, saved)
+        return saved
 
     def _note_held(self) -> None:
         held = self._kept_step + self._pending_bytes + self._ahead.ahead_bytes
@@ -919,6 +989,12 @@ class Offloader:
         if isinstance(saved, Kept):
             self._progress(saved.segment)
             return saved.tensor
+        if isinstance(saved, Rebuilt):
+            self._progress(saved.segment)
+            out = torch.empty(0, dtype=saved.dtype, device=self.device)
+            out.set_(saved.recipe.run(self._input_value), saved.offset, saved.size, saved.stride)
+            self._top_up()
+            return out
         rec: Stored = saved
         self._progress(rec.segment)
         rec.check_version()
@@ -960,6 +1036,40 @@ class Offloader:
         others = {id(o) for o in (r() for r in self._by_key.get(rec.key, ())) if o is not None and o is not rec}
         if others:
             self._fetched[rec.key] = (storage, others)
+        return storage
+
+    def _input_value(self, x: Any) -> torch.Tensor:
+        """The value of a rebuilt tensor's input: a fixed tensor, or a saved one (kept,
+        offloaded: read back and shared with its own use later, or rebuilt in turn)."""
+        if isinstance(x, Fixed):
+            return check_fixed(x)
+        assert isinstance(x, SavedRef)
+        saved = x.saved
+        if isinstance(saved, Kept):
+            storage = saved.tensor.untyped_storage()
+        elif isinstance(saved, Rebuilt):
+            storage = saved.recipe.run(self._input_value)
+        else:
+            storage = self._shared_storage(saved)
+        return x.view(storage, self.device)
+
+    def _shared_storage(self, rec: Stored) -> torch.UntypedStorage:
+        """``rec``'s storage, read back for a rebuild before backward uses ``rec`` itself:
+        kept with the other views of it until ``rec`` is unpacked (or freed)."""
+        rec.check_version()
+        if rec.modified:
+            raise InPlaceModificationError(
+                "a tensor saved for backward was modified in place after it was saved; spillway cannot "
+                "rebuild from it. Avoid the in-place operation or pass recompute=False to the Offloader."
+            )
+        shared = self._fetched.get(rec.key)
+        if shared is not None:
+            shared[1].add(id(rec))
+            return shared[0]
+        storage = self._fetch_storage(rec)
+        waiting = self._fetched[rec.key][1] if rec.key in self._fetched else set()
+        waiting.add(id(rec))
+        self._fetched[rec.key] = (storage, waiting)
         return storage
 
     def _stop_waiting(self, rec: "Stored") -> None:

@@ -16,6 +16,11 @@ under a candidate plan:
   of what the block saves (its first ``inner`` tensors), which may be offloaded like any
   tensor, and costs the segment's forward time again in backward. What the segment saves
   after the block returned (the head, after the last block) is saved all the same.
+- **Rebuild** of one tensor: a tensor made by one cheap operation (a normalization, an
+  activation function, a copy) from tensors that are saved anyway is not kept and not
+  written; backward runs the operation again, at its measured time. This is recompute at
+  the granularity of one saved tensor, for the parts whose bytes cost far more to move
+  than to make (a GELU's output: as many bytes as its input, a few hundred microseconds).
 
 The activation memory of a plan is the most forward holds at any moment: tensors kept,
 recompute inputs kept, and offloaded tensors whose writes are not done (writes that lag
@@ -31,10 +36,12 @@ Goals:
 - ``budget=B``: activation memory at most ``B`` bytes at the least extra time.
 
 Each goal is met by a greedy search over *moves* (offload the next tensor in save order,
-or recompute a segment), taking at each step the move that frees the most bytes per extra
-millisecond. A budget also tries recompute sets grown one segment at a time, each with
-the earliest saves offloaded until within budget, and keeps the faster plan. The tests
-compare both with brute force on recorded profiles.
+rebuild a tensor, or recompute a segment), taking at each step the move that frees the
+most bytes per extra millisecond, from two starts: nothing done, and the cheapest
+rebuilds the goal's time allows (rebuilt bytes leave the write bandwidth to others). A
+budget also tries recompute sets grown one segment at a time, each with the earliest
+saves offloaded until within budget, with and without rebuilds, and keeps the fastest
+plan. The tests compare them with brute force on recorded profiles.
 """
 
 from __future__ import annotations
@@ -43,9 +50,9 @@ import collections
 from dataclasses import dataclass, field
 from typing import Deque, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
-#: Time counted as "no extra time" for the adaptive goal (simulation noise), as a
-#: fraction of the step.
-ADAPTIVE_TOLERANCE = 0.005
+#: Time counted as "no extra time" for the adaptive goal, as a fraction of the step: below
+#: what one step differs from the next on a GPU (1-3%), and what a few rebuilds cost.
+ADAPTIVE_TOLERANCE = 0.01
 
 
 @dataclass
@@ -64,6 +71,16 @@ class SegmentProfile:
     #: Milliseconds from the segment's forward start to each save of ``tensors``, as
     #: measured (None: spread evenly, the k-th of n at (k+1)/n of ``fwd_ms``).
     save_ms: Optional[List[float]] = None
+    #: Per tensor of ``tensors``: milliseconds to rebuild it in backward from other saved
+    #: tensors (the one cheap operation that made it, measured), or None where it cannot
+    #: be rebuilt. None: no tensor can.
+    rebuild_ms: Optional[List[Optional[float]]] = None
+
+    def rebuild_cost(self, k: int) -> Optional[float]:
+        """Milliseconds to rebuild tensor ``k`` in backward, or None (it cannot be)."""
+        if self.rebuild_ms is None or k >= len(self.rebuild_ms) or k >= len(self.tensors):
+            return None
+        return self.rebuild_ms[k]
 
     def save_at(self, k: int) -> float:
         """When, after the segment's forward starts, its ``k``-th tensor is saved."""
@@ -103,6 +120,10 @@ class Profile:
         """(segment, index in segment) of every tensor, in save order."""
         return [(i, k) for i, s in enumerate(self.segments) for k in range(len(s.tensors))]
 
+    def rebuildable(self) -> List[Tuple[int, int]]:
+        """(segment, index) of every tensor that can be rebuilt, in save order."""
+        return [(i, k) for i, k in self.tensor_ids() if self.segments[i].rebuild_cost(k) is not None]
+
 
 @dataclass
 class Tiers:
@@ -127,17 +148,20 @@ class Outcome:
     host_bytes: int  # offloaded bytes placed in the host tier
     storage_bytes: int  # offloaded bytes placed on storage
     kept_bytes: int = 0  # bytes not offloaded (kept tensors, recompute inputs kept)
+    rebuilt_bytes: int = 0  # bytes rebuilt in backward instead of kept or written
 
 
 @dataclass
 class RokPlan:
-    """Which tensors to offload (by (segment, index)) and which segments to recompute."""
+    """Which tensors to offload and to rebuild (by (segment, index)) and which segments to
+    recompute."""
 
     goal: str
     offload: FrozenSet[Tuple[int, int]]
     recompute: FrozenSet[int]
     outcome: Outcome
     reason: str
+    rebuild: FrozenSet[Tuple[int, int]] = frozenset()
 
     def summary(self) -> Dict[str, object]:
         o = self.outcome
@@ -145,6 +169,8 @@ class RokPlan:
             goal=self.goal,
             offloaded_tensors=len(self.offload),
             recomputed_segments=sorted(self.recompute),
+            rebuilt_tensors=len(self.rebuild),
+            predicted_rebuilt_bytes=o.rebuilt_bytes,
             predicted_activation_bytes=o.activation_bytes,
             predicted_extra_ms=round(o.extra_ms, 3),
             predicted_write_wait_ms=round(o.write_wait_ms, 3),
@@ -172,13 +198,17 @@ def simulate(
     recompute: FrozenSet[int],
     budget: Optional[int] = None,
     window: Optional[int] = None,
+    rebuild: FrozenSet[Tuple[int, int]] = frozenset(),
 ) -> Outcome:
     """Predicts activation memory at forward's peak and extra step time for a plan (see the
     module documentation for the model). Under a ``budget``, forward waits for the oldest
     writes whenever the bytes still being written pass what the budget leaves beside the
     kept ones (as the offloader does). ``window`` bounds the bytes read back ahead of use
-    in backward (None: no bound)."""
+    in backward (None: no bound). Tensors in ``rebuild`` are neither held nor written,
+    and cost their rebuild time in backward."""
     segs = profile.segments
+    rebuilt_bytes = 0
+    rebuild_ms = 0.0
     # Forward: what is saved when, in order. A recomputed segment saves its input only,
     # at its start; offloading it is the move (i, -1).
     # (time, bytes, segment, offloaded, fraction of the segment's backward done when needed)
@@ -193,6 +223,12 @@ def simulate(
             saves.append((clock, s.input_bytes, i, (i, -1) in offload, 0.0))
             first = s.inner_count
         for k in range(first, n):
+            if (i, k) in rebuild:
+                cost = s.rebuild_cost(k)
+                if cost is not None:
+                    rebuilt_bytes += s.tensors[k]
+                    rebuild_ms += cost
+                    continue
             # Backward uses a segment's tensors in reverse: the last saved first.
             saves.append((clock + s.save_at(k), s.tensors[k], i, (i, k) in offload, (n - 1 - k) / max(n, 1)))
         clock += s.fwd_ms
@@ -245,7 +281,7 @@ def simulate(
     start = t_forward + delay
     need: Dict[int, float] = {}
     clock = start
-    recompute_ms = 0.0
+    recompute_ms = rebuild_ms
     for i in range(len(segs) - 1, -1, -1):
         need[i] = clock
         extra = segs[i].fwd_ms if i in recompute else 0.0
@@ -280,12 +316,19 @@ def simulate(
         host_bytes=host_b,
         storage_bytes=written - host_b,
         kept_bytes=kept_total,
+        rebuilt_bytes=rebuilt_bytes,
     )
 
 
-def _moves(profile: Profile, offload: FrozenSet, recompute: FrozenSet) -> List[Tuple[str, object]]:
-    """Moves from a plan: offload the next tensor (in save order) of each segment not yet
-    offloaded, offload a recomputed segment's input, or recompute a segment."""
+#: A plan under search: (offloaded tensors, recomputed segments, rebuilt tensors).
+State = Tuple[FrozenSet[Tuple[int, int]], FrozenSet[int], FrozenSet[Tuple[int, int]]]
+
+
+def _moves(profile: Profile, state: State) -> List[Tuple[str, object]]:
+    """Moves from a plan: offload the next tensor (in save order) of each segment neither
+    offloaded nor rebuilt, offload a recomputed segment's input, rebuild a tensor, or
+    recompute a segment."""
+    offload, recompute, rebuild = state
     out: List[Tuple[str, object]] = []
     for i, s in enumerate(profile.segments):
         first = 0
@@ -293,9 +336,14 @@ def _moves(profile: Profile, offload: FrozenSet, recompute: FrozenSet) -> List[T
             if (i, -1) not in offload and s.input_bytes > 0:
                 out.append(("offload", (i, -1)))
             first = s.inner_count
-        nxt = next(((i, k) for k in range(first, len(s.tensors)) if (i, k) not in offload), None)
+        nxt = next(((i, k) for k in range(first, len(s.tensors)) if (i, k) not in offload and (i, k) not in rebuild), None)
         if nxt is not None:
             out.append(("offload", nxt))
+        out.extend(
+            ("rebuild", (i, k))
+            for k in range(first, len(s.tensors))
+            if (i, k) not in rebuild and s.rebuild_cost(k) is not None
+        )
         if i not in recompute and _recomputable(s):
             out.append(("recompute", i))
     return out
@@ -306,17 +354,40 @@ def _recomputable(s: SegmentProfile) -> bool:
     return s.input_bytes > 0 and sum(s.tensors[: s.inner_count]) > s.input_bytes
 
 
-def _apply(
-    profile: Profile, move: Tuple[str, object], offload: FrozenSet, recompute: FrozenSet
-) -> Tuple[FrozenSet, FrozenSet]:
+def _apply(profile: Profile, move: Tuple[str, object], state: State) -> State:
+    offload, recompute, rebuild = state
     kind, what = move
     if kind == "offload":
-        return offload | {what}, recompute
+        return offload | {what}, recompute, rebuild
+    if kind == "rebuild":
+        return offload - {what}, recompute, rebuild | {what}
     i = what
     # The block's own tensors are no longer saved; those after it stay as planned.
     inner = profile.segments[i].inner_count
-    kept = frozenset(t for t in offload if t[0] != i or t[1] >= inner)
-    return kept, recompute | {i}
+    return (
+        frozenset(t for t in offload if t[0] != i or t[1] >= inner),
+        recompute | {i},
+        frozenset(t for t in rebuild if t[0] != i or t[1] >= inner),
+    )
+
+
+def _move_segment(move: Tuple[str, object]) -> int:
+    kind, what = move
+    return what if kind == "recompute" else what[0]  # type: ignore[index]
+
+
+def _cheap_rebuilds(profile: Profile, frozen: set, allowed: float) -> FrozenSet[Tuple[int, int]]:
+    """The rebuilds that free the most bytes per millisecond, as many as ``allowed``
+    milliseconds pay for."""
+    cands = [(i, k) for i, k in profile.rebuildable() if i not in frozen]
+    cost = {t: profile.segments[t[0]].rebuild_cost(t[1]) or 0.0 for t in cands}
+    cands.sort(key=lambda t: -profile.segments[t[0]].tensors[t[1]] / max(cost[t], 1e-9))
+    out, spent = [], 0.0
+    for t in cands:
+        if spent + cost[t] <= allowed + 1e-9:
+            out.append(t)
+            spent += cost[t]
+    return frozenset(out)
 
 
 def plan(
@@ -331,7 +402,8 @@ def plan(
 ) -> RokPlan:
     """The plan for a goal: ``budget`` (bytes), ``max_slowdown`` (a ratio ≥ 1), or neither
     (adaptive). The last ``keep_last`` segments are never touched; ``window`` is the most
-    bytes backward reads ahead of use (None: no bound)."""
+    bytes backward reads ahead of use (None: no bound). ``allow_recompute=False`` neither
+    recomputes segments nor rebuilds tensors."""
     if budget is not None and max_slowdown is not None:
         raise ValueError("give budget= or max_slowdown=, not both")
     if max_slowdown is not None and max_slowdown < 1.0:
@@ -341,8 +413,9 @@ def plan(
     step = profile.step_ms
     frozen = set(range(max(0, len(profile.segments) - keep_last), len(profile.segments)))
 
-    def sim(offload: FrozenSet, recompute: FrozenSet) -> Outcome:
-        return simulate(profile, tiers, offload, recompute, budget, window)
+    def sim(state: State) -> Outcome:
+        offload, recompute, rebuild = state
+        return simulate(profile, tiers, offload, recompute, budget, window, rebuild)
 
     if budget is not None:
         goal = f"budget={budget}"
@@ -353,44 +426,76 @@ def plan(
     else:
         goal = "adaptive"
         allowed = ADAPTIVE_TOLERANCE * step
-    offload: FrozenSet = frozenset()
-    recompute: FrozenSet = frozenset()
-    cur = sim(offload, recompute)
-    while True:
-        if budget is not None and cur.activation_bytes <= budget:
-            break
-        best = None
-        for mv in _moves(profile, offload, recompute):
-            seg = mv[1][0] if mv[0] == "offload" else mv[1]
-            if seg in frozen or (mv[0] == "recompute" and not allow_recompute):
-                continue
-            o2, r2 = _apply(profile, mv, offload, recompute)
-            out = sim(o2, r2)
-            freed = cur.activation_bytes - out.activation_bytes
-            if freed <= 0 or out.extra_ms > allowed + 1e-9:
-                continue
-            cost = max(out.extra_ms - cur.extra_ms, 0.0)
-            # Free moves first (most bytes), then the most bytes per extra millisecond.
-            key = (cost <= 1e-9, freed / max(cost, 1e-9))
-            if best is None or key > best[0]:
-                best = (key, o2, r2, out)
-        if best is None:
-            break
-        _, offload, recompute, cur = best
-    if budget is None:
-        # Drop offloads that free nothing (writes not done by the peak): they cost bandwidth.
-        for t in sorted(offload, reverse=True):
-            o2 = offload - {t}
-            out = sim(o2, recompute)
-            if out.activation_bytes <= cur.activation_bytes and out.extra_ms <= cur.extra_ms + 1e-9:
-                offload, cur = o2, out
-    else:
+
+    def better(a: Outcome, b: Outcome) -> bool:
+        """Whether ``a`` serves the goal better than ``b``."""
+        if budget is not None:
+            if (a.activation_bytes <= budget) != (b.activation_bytes <= budget):
+                return a.activation_bytes <= budget
+            if a.activation_bytes > budget:
+                return a.activation_bytes < b.activation_bytes
+            return a.extra_ms < b.extra_ms - 1e-9
+        return (a.activation_bytes, a.extra_ms) < (b.activation_bytes, b.extra_ms - 1e-9)
+
+    def greedy(state: State) -> Tuple[State, Outcome]:
+        cur = sim(state)
+        while True:
+            if budget is not None and cur.activation_bytes <= budget:
+                break
+            best = None
+            for mv in _moves(profile, state):
+                if _move_segment(mv) in frozen or (mv[0] != "offload" and not allow_recompute):
+                    continue
+                s2 = _apply(profile, mv, state)
+                out = sim(s2)
+                freed = cur.activation_bytes - out.activation_bytes
+                if freed <= 0 or out.extra_ms > allowed + 1e-9:
+                    continue
+                cost = max(out.extra_ms - cur.extra_ms, 0.0)
+                # Free moves first (most bytes), then the most bytes per extra millisecond.
+                key = (cost <= 1e-9, freed / max(cost, 1e-9))
+                if best is None or key > best[0]:
+                    best = (key, s2, out)
+            if best is None:
+                break
+            _, state, cur = best
+        if budget is None:
+            # Drop offloads and rebuilds that free nothing (writes not done by the peak):
+            # they cost bandwidth or time.
+            offload, recompute, rebuild = state
+            for t in sorted(offload, reverse=True):
+                s2 = (offload - {t}, recompute, rebuild)
+                out = sim(s2)
+                if out.activation_bytes <= cur.activation_bytes and out.extra_ms <= cur.extra_ms + 1e-9:
+                    offload, cur = s2[0], out
+            for t in sorted(rebuild, reverse=True):
+                s2 = (offload, recompute, rebuild - {t})
+                out = sim(s2)
+                if out.activation_bytes <= cur.activation_bytes and out.extra_ms <= cur.extra_ms + 1e-9:
+                    rebuild, cur = s2[2], out
+            state = (offload, recompute, rebuild)
+        return state, cur
+
+    empty: FrozenSet = frozenset()
+    starts: List[State] = [(empty, empty, empty)]
+    if allow_recompute:
+        cheap = _cheap_rebuilds(profile, frozen, allowed if budget is None else step)
+        if cheap:
+            starts.append((empty, empty, cheap))
+    state, cur = None, None
+    for start in starts:
+        s2, out = greedy(start)
+        if cur is None or better(out, cur):
+            state, cur = s2, out
+    assert state is not None and cur is not None
+    if budget is not None:
         # The moves above are weighed while the budget is still exceeded, where every write
         # holds forward up: that undervalues offloading. Plans that recompute some segments
         # and offload the earliest saves until within budget compete with theirs.
         alt = _budget_search(profile, sim, budget, frozen, allow_recompute)
-        if alt is not None and (cur.activation_bytes > budget or alt[2].extra_ms < cur.extra_ms - 1e-9):
-            offload, recompute, cur = alt
+        if alt is not None and better(alt[1], cur):
+            state, cur = alt
+    offload, recompute, rebuild = state
     total = profile.activation_bytes
     cut = 1 - cur.activation_bytes / total if total else 0.0
     if budget is not None and cur.activation_bytes > budget:
@@ -402,10 +507,11 @@ def plan(
         reason = (
             f"{goal}: {cut:.0%} of {total / 2**30:.2f} GiB activation memory freed at the peak, "
             f"{len(offload)} tensors offloaded ({cur.host_bytes / 2**30:.2f} GiB host tier, "
-            f"{cur.storage_bytes / 2**30:.2f} GiB storage), {len(recompute)} segments recomputed, "
+            f"{cur.storage_bytes / 2**30:.2f} GiB storage), {len(rebuild)} tensors rebuilt "
+            f"({cur.rebuilt_bytes / 2**30:.2f} GiB), {len(recompute)} segments recomputed, "
             f"predicted +{cur.extra_ms:.1f} ms on a {step:.1f} ms step"
         )
-    return RokPlan(goal, offload, recompute, cur, reason)
+    return RokPlan(goal, offload, recompute, cur, reason, rebuild)
 
 
 #: Offload prefixes tried per recompute set in the budget search, beyond the shortest.
@@ -414,13 +520,18 @@ _PREFIXES = 8
 
 def _budget_search(profile: Profile, sim, budget: int, frozen, allow_recompute: bool):
     """The least extra time under ``budget`` among plans that recompute a set of segments
-    (grown one segment at a time, the best first) and offload a prefix of the remaining
-    saves in save order: the shortest prefix within budget and a few longer ones (more
-    offloaded leaves more room for writes under way). Returns (offload, recompute,
-    outcome), or None when no such plan meets the budget."""
+    (grown one segment at a time, the best first), rebuild every tensor they can or none,
+    and offload a prefix of the remaining saves in save order: the shortest prefix within
+    budget and a few longer ones (more offloaded leaves more room for writes under way).
+    Returns (state, outcome), or None when no such plan meets the budget."""
     segs = profile.segments
 
-    def candidates(recompute: FrozenSet) -> List[Tuple[Tuple[int, int], int]]:
+    def rebuilds(recompute: FrozenSet) -> FrozenSet:
+        return frozenset(
+            (i, k) for i, k in profile.rebuildable() if i not in frozen and (i not in recompute or k >= segs[i].inner_count)
+        )
+
+    def candidates(recompute: FrozenSet, rebuild: FrozenSet) -> List[Tuple[Tuple[int, int], int]]:
         out: List[Tuple[Tuple[int, int], int]] = []
         for i, s in enumerate(segs):
             if i in frozen:
@@ -430,31 +541,36 @@ def _budget_search(profile: Profile, sim, budget: int, frozen, allow_recompute: 
                 if s.input_bytes > 0:
                     out.append(((i, -1), s.input_bytes))
                 first = s.inner_count
-            out.extend(((i, k), s.tensors[k]) for k in range(first, len(s.tensors)))
+            out.extend(((i, k), s.tensors[k]) for k in range(first, len(s.tensors)) if (i, k) not in rebuild)
         return out
 
-    def kept(recompute: FrozenSet) -> int:
-        return sum(
-            s.input_bytes + sum(s.tensors[s.inner_count :]) if i in recompute else sum(s.tensors)
-            for i, s in enumerate(segs)
-        )
+    def kept(recompute: FrozenSet, rebuild: FrozenSet) -> int:
+        total = 0
+        for i, s in enumerate(segs):
+            first = 0
+            if i in recompute:
+                total += s.input_bytes
+                first = s.inner_count
+            total += sum(b for k, b in enumerate(s.tensors) if k >= first and (i, k) not in rebuild)
+        return total
 
     def best_for(recompute: FrozenSet):
-        cands = candidates(recompute)
-        left = kept(recompute)
-        n = 0
-        while left > budget and n < len(cands):
-            left -= cands[n][1]
-            n += 1
-        if left > budget:
-            return None
         found = None
-        step = max(1, (len(cands) - n) // _PREFIXES)
-        for m in sorted({*range(n, len(cands) + 1, step), len(cands)}):
-            offload = frozenset(c for c, _ in cands[:m])
-            out = sim(offload, recompute)
-            if out.activation_bytes <= budget and (found is None or out.extra_ms < found[2].extra_ms - 1e-9):
-                found = (offload, recompute, out)
+        for rebuild in {frozenset(), rebuilds(recompute) if allow_recompute else frozenset()}:
+            cands = candidates(recompute, rebuild)
+            left = kept(recompute, rebuild)
+            n = 0
+            while left > budget and n < len(cands):
+                left -= cands[n][1]
+                n += 1
+            if left > budget:
+                continue
+            step = max(1, (len(cands) - n) // _PREFIXES)
+            for m in sorted({*range(n, len(cands) + 1, step), len(cands)}):
+                state = (frozenset(c for c, _ in cands[:m]), recompute, rebuild)
+                out = sim(state)
+                if out.activation_bytes <= budget and (found is None or out.extra_ms < found[1].extra_ms - 1e-9):
+                    found = (state, out)
         return found
 
     best = best_for(frozenset())
@@ -466,11 +582,11 @@ def _budget_search(profile: Profile, sim, budget: int, frozen, allow_recompute: 
             if i in recompute:
                 continue
             got = best_for(recompute | {i})
-            if got is not None and (step_best is None or got[2].extra_ms < step_best[2].extra_ms - 1e-9):
+            if got is not None and (step_best is None or got[1].extra_ms < step_best[1].extra_ms - 1e-9):
                 step_best = got
-        if step_best is None or (best is not None and step_best[2].extra_ms >= best[2].extra_ms - 1e-9):
+        if step_best is None or (best is not None and step_best[1].extra_ms >= best[1].extra_ms - 1e-9):
             return best
-        best, recompute = step_best, step_best[1]
+        best, recompute = step_best, step_best[0][1]
 
 
 def brute_force(
@@ -480,9 +596,13 @@ def brute_force(
     budget: Optional[int] = None,
     max_slowdown: Optional[float] = None,
     allow_recompute: bool = True,
-) -> Tuple[FrozenSet, FrozenSet, Outcome]:
-    """Every plan tried (small profiles only): the best for the goal, for testing."""
+) -> Tuple[FrozenSet, FrozenSet, Outcome, FrozenSet]:
+    """Every plan tried (small profiles only): the best for the goal, for testing.
+    Returns (offload, recompute, outcome, rebuild)."""
     import itertools
+
+    def subsets(items: Sequence) -> List[FrozenSet]:
+        return [frozenset(c) for n in range(len(items) + 1) for c in itertools.combinations(items, n)]
 
     ids: List[Tuple[int, int]] = profile.tensor_ids()
     segs = range(len(profile.segments))
@@ -492,27 +612,26 @@ def brute_force(
         else ((max_slowdown - 1.0) * profile.step_ms if max_slowdown is not None else ADAPTIVE_TOLERANCE * profile.step_ms)
     )
     best = None
-    rsets: Sequence = (
-        [frozenset(c) for n in range(len(segs) + 1) for c in itertools.combinations(segs, n)]
-        if allow_recompute
-        else [frozenset()]
-    )
+    rsets: Sequence = subsets(list(segs)) if allow_recompute else [frozenset()]
     for rec in rsets:
-        cand = [t for t in ids if t[0] not in rec or t[1] >= profile.segments[t[0]].inner_count]
-        cand += [(i, -1) for i in rec if profile.segments[i].input_bytes > 0]
-        for n in range(len(cand) + 1):
-            for c in itertools.combinations(cand, n):
-                o = simulate(profile, tiers, frozenset(c), rec, budget)
-                if budget is not None:
-                    if o.activation_bytes > budget:
-                        continue
-                    key = (-o.extra_ms, -o.activation_bytes)
-                else:
-                    if o.extra_ms > allowed + 1e-9:
-                        continue
-                    key = (-o.activation_bytes, -o.extra_ms)
-                if best is None or key > best[0]:
-                    best = (key, frozenset(c), rec, o)
+        live = [t for t in ids if t[0] not in rec or t[1] >= profile.segments[t[0]].inner_count]
+        rebuildable = [t for t in live if profile.segments[t[0]].rebuild_cost(t[1]) is not None]
+        for rb in subsets(rebuildable) if allow_recompute else [frozenset()]:
+            cand = [t for t in live if t not in rb]
+            cand += [(i, -1) for i in rec if profile.segments[i].input_bytes > 0]
+            for n in range(len(cand) + 1):
+                for c in itertools.combinations(cand, n):
+                    o = simulate(profile, tiers, frozenset(c), rec, budget, rebuild=rb)
+                    if budget is not None:
+                        if o.activation_bytes > budget:
+                            continue
+                        key = (-o.extra_ms, -o.activation_bytes)
+                    else:
+                        if o.extra_ms > allowed + 1e-9:
+                            continue
+                        key = (-o.activation_bytes, -o.extra_ms)
+                    if best is None or key > best[0]:
+                        best = (key, frozenset(c), rec, o, rb)
     if best is None:
         raise ValueError("no plan meets the goal")
-    return best[1], best[2], best[3]
+    return best[1], best[2], best[3], best[4]

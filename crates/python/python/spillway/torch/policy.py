@@ -18,6 +18,7 @@ class Segment:
     saved_bytes: int = 0  # eligible for offloading
     kept_bytes: int = 0
     offloaded_bytes: int = 0
+    rebuilt_bytes: int = 0
     fwd_start: Optional[torch.cuda.Event] = None
     bwd_start: Optional[torch.cuda.Event] = None
     fwd_ms: float = 0.0
@@ -28,6 +29,11 @@ class Segment:
     #: milliseconds from the segment's forward start to each.
     save_marks: List[Any] = field(default_factory=list)
     save_ms: List[float] = field(default_factory=list)
+    #: In profiling steps, per tensor of ``tensors``: the (start, end) events of the cheap
+    #: operation that made it where it could be rebuilt (else None), and, once measured,
+    #: the milliseconds that operation took (None: it cannot be rebuilt).
+    rebuild_events: List[Any] = field(default_factory=list)
+    rebuild_ms: List[Optional[float]] = field(default_factory=list)
     #: Bytes of the block's input (0 for the stretch before the first block).
     input_bytes: int = 0
     #: The block (index into the offloader's blocks) whose forward starts it; -1: none.

@@ -19,7 +19,7 @@ class InPlaceModificationError(RuntimeError):
 class Kept:
     """A saved tensor left in memory (recorded only to follow backward's progress)."""
 
-    __slots__ = ("tensor", "segment")
+    __slots__ = ("tensor", "segment", "__weakref__")
 
     def __init__(self, tensor: torch.Tensor, segment: int):
         self.tensor = tensor
