@@ -25,8 +25,11 @@ against activation memory, one point per run.
 
 The bound: a layer saves about 34*s*b*h bytes (bf16, flash attention) and costs
 24*b*s*h^2 + 4*b*s^2*h FLOPs forward; offloading a fraction f during forward needs
-f*34*R/(24h+4s) bytes/s at R FLOP/s. Each spillway run reports the fraction its measured
-write bandwidth allows (physics.bound_fraction) beside the fraction it freed.
+f*34*R/(24h+4s) bytes/s at R FLOP/s. Bytes rebuilt in backward (a fraction rho, moved
+nowhere) need no bandwidth, so the bound is rho plus the fraction of the rest that the
+measured write bandwidth moves. Each spillway run reports that bound
+(physics.bound_fraction; physics.offload_bound_fraction without rebuilds) beside the
+fraction it freed.
 """
 
 import argparse

@@ -643,12 +643,20 @@ def run_one(args):
             forward_s = (policy.get("forward_ms") or step_ms / 3) / 1e3
             achieved = flops / forward_s
             gbps = policy.get("write_gbps") or 0.0
+            # Rebuilt bytes need no bandwidth: with a fraction rho of the layers' bytes
+            # rebuilt, the bound is rho plus what the bandwidth moves of the rest.
+            rebuilt = stats_delta(stats_before, stats_after, "bytes_rebuilt") or 0
+            rho = min(1.0, rebuilt / args.steps / saved) if saved else 0.0
+            moved = min(1.0, gbps * 1e9 * (24 * h + 4 * seq) / (34 * achieved))
+            result["rebuilt_bytes_per_step"] = rebuilt / args.steps
             result["physics"] = {
                 "achieved_tflops": 3 * flops / (step_ms / 1e3) / 1e12,
                 "forward_tflops": achieved / 1e12,
                 "forward_ms": forward_s * 1e3,
                 "measured_write_gbps": gbps,
-                "bound_fraction": min(1.0, gbps * 1e9 * (24 * h + 4 * seq) / (34 * achieved)),
+                "offload_bound_fraction": moved,
+                "rebuilt_fraction": rho,
+                "bound_fraction": min(1.0, rho + moved),
                 "needed_gbps_all": 34 * achieved / (24 * h + 4 * seq) / 1e9,
                 # Measured beside the bound: the fraction of the layers' estimated bytes
                 # (34*s*b*h each) that this run offloaded per step.
