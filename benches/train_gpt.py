@@ -461,6 +461,33 @@ def stats_delta(before, after, key):
     return after[key] - before.get(key, 0)
 
 
+class SaveTrace:
+    """What the offloader held at each save of one step (a diagnosis aid, on with the
+    environment variable TRAIN_GPT_SAVE_TRACE=<file prefix>): host time, saved bytes kept
+    and still being written, and the allocator's bytes, as a list of rows in JSON."""
+
+    def __init__(self, offloader):
+        self.off = offloader
+        self.rows = []
+        self.t0 = None
+        self._own = offloader._note_held
+
+    def start(self):
+        self.t0 = time.perf_counter()
+
+        def note_held():
+            self._own()
+            self.rows.append((round((time.perf_counter() - self.t0) * 1e3, 3), len(self.off._segments),
+                              self.off._kept_step, self.off._pending_bytes, torch.cuda.memory_allocated()))
+
+        self.off._note_held = note_held
+
+    def write(self, path):
+        self.off._note_held = self._own
+        with open(path, "w") as f:
+            json.dump({"columns": ["ms", "segments", "kept", "pending", "allocated"], "rows": self.rows}, f)
+
+
 class UsageWatch:
     """Samples a filesystem's used bytes every 20 ms on a thread: the most it held above
     its use at start (tmpfs space is RAM, so this is host memory the run took there)."""
@@ -589,8 +616,11 @@ def run_one(args):
         stats_before = offloader.stats() if offloader is not None else None
 
         times_ms, losses, mems = [], [], []
+        trace = SaveTrace(offloader) if offloader is not None and os.environ.get("TRAIN_GPT_SAVE_TRACE") else None
         for i in range(args.steps):
             x, y = batches[args.warmup + i]
+            if trace is not None and i == args.steps - 1:
+                trace.start()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             loss, mem = train_step(x, y)
@@ -601,6 +631,8 @@ def run_one(args):
             losses.append(loss.item())
             log("%s: step %d/%d %.1f ms loss %.4f" % (name, i + 1, args.steps, times_ms[-1], losses[-1]))
 
+        if trace is not None:
+            trace.write(os.environ["TRAIN_GPT_SAVE_TRACE"] + "-" + name + ".json")
         result["optimizer_state_bytes"] = tensor_bytes(
             t for state in optimizer.state.values() for t in state.values())
         base = min(m[0] for m in mems)
