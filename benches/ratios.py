@@ -25,6 +25,15 @@ def ratios_to(baseline, result):
     if phys.get("layer_bytes_estimate") and baseline.get("fwd_act_mem_bytes") is not None \
             and result.get("fwd_act_mem_bytes") is not None:
         freed = (baseline["fwd_act_mem_bytes"] - result["fwd_act_mem_bytes"]) / phys["layer_bytes_estimate"]
+    # The same against what can be freed at all: the bound's bytes, but no more than
+    # forward's peak above the working-set floor (forward with nothing saved, measured in
+    # the baseline run: every tensor still lives while it is used).
+    achievable = None
+    floor = baseline.get("no_grad_fwd_peak_bytes")
+    if freed is not None and phys.get("bound_fraction") and floor is not None:
+        above_floor = max(baseline["fwd_act_mem_bytes"] - floor, 0)
+        achievable = min(phys["bound_fraction"] * phys["layer_bytes_estimate"], above_floor)
+    freed_bytes = None if freed is None else freed * phys["layer_bytes_estimate"]
     return {
         "step_time": ratio("step_ms"),
         "peak_mem": ratio("peak_mem_bytes"),
@@ -32,5 +41,6 @@ def ratios_to(baseline, result):
         "act_mem_saved": saved("act_mem_bytes"),
         "freed_fraction": freed,
         "freed_vs_bound": freed / phys["bound_fraction"] if freed is not None and phys.get("bound_fraction") else None,
+        "freed_vs_achievable": freed_bytes / achievable if achievable else None,
         "loss_delta": result["loss"] - baseline["loss"],
     }

@@ -29,7 +29,10 @@ f*34*R/(24h+4s) bytes/s at R FLOP/s. Bytes rebuilt in backward (a fraction rho, 
 nowhere) need no bandwidth, so the bound is rho plus the fraction of the rest that the
 measured write bandwidth moves. Each spillway run reports that bound
 (physics.bound_fraction; physics.offload_bound_fraction without rebuilds) beside the
-fraction it freed.
+fraction it freed; and, against the baseline's working-set floor (forward's peak with
+nothing saved, no_grad_fwd_peak_bytes: no offloader goes below it), what it freed over
+the least of the bound's bytes and the baseline's peak above that floor
+(freed_vs_achievable).
 """
 
 import argparse
@@ -88,6 +91,7 @@ def summary_rows(result):
             "-" if r.get("stall_ms_per_step") is None else "%.1f" % r["stall_ms_per_step"],
             "-" if not phys else "%.0f%% / %.0f%%" % (100 * phys.get("offloaded_fraction", 0), 100 * phys["bound_fraction"]),
             "-" if q.get("freed_fraction") is None else "%.0f%% (%.2fx)" % (100 * q["freed_fraction"], q["freed_vs_bound"] or 0),
+            "-" if q.get("freed_vs_achievable") is None else "%.2fx" % q["freed_vs_achievable"],
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
@@ -97,7 +101,7 @@ def print_summary(out_dir):
     head = ["file", "shape", "run", "step ms", "x base", "fwd act GiB", "act saved", "step peak above start GiB",
             "saved", "offloaded GiB/step",
             "host tier in / spilled GiB (run)", "stall ms/step", "offloaded / bound",
-            "freed at the peak (x bound)"]
+            "freed at the peak (x bound)", "x bound above the working-set floor"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name in sorted(os.listdir(out_dir)):

@@ -633,6 +633,17 @@ def run_one(args):
 
         if trace is not None:
             trace.write(os.environ["TRAIN_GPT_SAVE_TRACE"] + "-" + name + ".json")
+        if name == "baseline":
+            # The working-set floor: forward's peak with nothing saved for backward (no
+            # grad). No offloader lowers forward's peak below it: every tensor is made, and
+            # lives while it is used, whatever happens to it afterwards.
+            x, y = batches[0]
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            with torch.no_grad():
+                model(x, y)
+            result["no_grad_fwd_peak_bytes"] = torch.cuda.max_memory_allocated() - before
         result["optimizer_state_bytes"] = tensor_bytes(
             t for state in optimizer.state.values() for t in state.values())
         base = min(m[0] for m in mems)

@@ -301,3 +301,20 @@ def test_the_integrations_bench_records_a_failed_run_with_its_error(tmp_path):
     assert not x["ok"] and not x.get("skipped") and x["oom"] is False and x["vs_baseline"] is None
     assert x["error"].startswith("ValueError: host_tier=") and "pinned host memory" in x["error"]
     assert "| hf | spillway | failed: ValueError: host_tier=" in r.stdout
+
+
+def test_freed_memory_is_set_beside_the_bound_and_the_working_set_floor():
+    from ratios import ratios_to
+
+    gib = 2**30
+    base = {"ok": True, "step_ms": 100.0, "peak_mem_bytes": 30 * gib, "fwd_act_mem_bytes": 20 * gib,
+            "act_mem_bytes": 22 * gib, "loss": 1.0, "no_grad_fwd_peak_bytes": 6 * gib}
+    run = {"ok": True, "step_ms": 102.0, "peak_mem_bytes": 20 * gib, "fwd_act_mem_bytes": 9 * gib,
+           "act_mem_bytes": 12 * gib, "loss": 1.0,
+           "physics": {"layer_bytes_estimate": 16 * gib, "bound_fraction": 1.0}}
+    q = ratios_to(base, run)
+    assert q["freed_fraction"] == 11 / 16 and q["freed_vs_bound"] == 11 / 16
+    # The bound's 16 GiB exceed the 14 GiB the baseline holds above its floor.
+    assert q["freed_vs_achievable"] == 11 / 14
+    # Without the floor measured, nothing is claimed against it.
+    assert ratios_to({**base, "no_grad_fwd_peak_bytes": None}, run)["freed_vs_achievable"] is None
