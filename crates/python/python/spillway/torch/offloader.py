@@ -43,15 +43,6 @@ class _HostMark:
         return (later.t - self.t) * 1e3
 
 
-def _holds_storage(obj: Any) -> bool:
-    """True when ``obj`` (a tensor or a record, or None) keeps its storage alive."""
-    if obj is None:
-        return False
-    if isinstance(obj, Stored):
-        return obj.source is not None
-    return True
-
-
 def _compiled(model: torch.nn.Module) -> bool:
     """Whether ``model`` or a module in it is compiled (``torch.compile``/``.compile()``)."""
     return any(
@@ -263,7 +254,7 @@ class Offloader:
         # Storages of the model's parameters and buffers, by storage object (``_cdata``):
         # each to a weak reference to its tensor, alive while the storage can be trusted.
         self._param_storages: Dict[int, weakref.ref] = {}
-        self._storage_ids: Dict[int, Tuple[int, int, List[weakref.ref]]] = {}
+        self._storage_ids: Dict[int, Tuple[int, int, weakref.ref]] = {}
         self._keys_seen: set = set()
         self._next_storage_id = 1
         # Storages fetched and shared by several saved views: key -> (storage, ids of the
@@ -816,20 +807,20 @@ class Offloader:
         """(storage id, version): one id per storage, however many views of it are saved.
 
         Storages are told apart by address, which the allocator reuses once a storage is
-        freed; so an id is reused only while a tensor seen with it is provably alive —
-        still referenced by someone, or held by a record whose write is under way."""
+        freed; so an id is reused only for the very storage it was given to, alive: torch
+        keeps one Python object per live storage, and a weak reference to it dies with
+        the storage (not with the view that was saved, which may go while other views of
+        the storage live on)."""
         st = t.untyped_storage()
         ptr, nbytes = st.data_ptr(), st.nbytes()
         known = self._storage_ids.get(ptr)
         if known is not None:
-            sid, size, refs = known
-            refs[:] = [r for r in refs if _holds_storage(r())]
-            if size == nbytes and refs:
-                refs.append(weakref.ref(t))
+            sid, size, ref = known
+            if size == nbytes and ref() is st:
                 return (sid, t._version)
         sid = self._next_storage_id
         self._next_storage_id += 1
-        self._storage_ids[ptr] = (sid, nbytes, [weakref.ref(t)])
+        self._storage_ids[ptr] = (sid, nbytes, weakref.ref(st))
         return (sid, t._version)
 
     def _pack(self, t: torch.Tensor) -> Any:
@@ -896,7 +887,6 @@ class Offloader:
         if spec is not None:
             rec.dtensor = (spec, whole.requires_grad)
             self._totals["offloaded_dtensors"] += 1
-        self._storage_ids[st.data_ptr()][2].append(weakref.ref(rec))
         self._by_key.setdefault(key, []).append(weakref.ref(rec))
         self._inflight.append(weakref.ref(rec))
         self._order.append(weakref.ref(rec))

@@ -85,25 +85,23 @@ class _Input:
     saves it, then bound to the offloader's record of it (which outlives the tensor when
     the tensor is offloaded)."""
 
-    __slots__ = ("ref", "version", "ptr", "dtype", "shape", "stride", "offset", "saved")
+    __slots__ = ("storage", "version", "ptr", "dtype", "shape", "stride", "offset", "saved")
 
     def __init__(self, t: torch.Tensor):
-        self.ref = weakref.ref(t)
+        st = t.untyped_storage()
+        self.storage = weakref.ref(st)  # torch keeps one Python object per live storage
         self.version = t._version
-        self.ptr = t.untyped_storage().data_ptr()
+        self.ptr = st.data_ptr()
         self.dtype = t.dtype
         self.shape = t.shape
         self.stride = t.stride()
         self.offset = t.storage_offset()
         self.saved: Optional[weakref.ref] = None
 
-    def bind(self, t: torch.Tensor, saved: Any) -> bool:
-        """Binds to ``saved``, the record of ``t`` (being saved now), if ``t`` holds this
-        input's storage as the operation read it."""
-        mine = self.ref()
-        if mine is None or mine.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
-            return False
-        if t._version != self.version or mine._version != self.version:
+    def bind(self, storage: torch.UntypedStorage, version: int, saved: Any) -> bool:
+        """Binds to ``saved``, the record of a tensor of ``storage`` saved at ``version``,
+        if that is this input's storage as the operation read it."""
+        if self.storage() is not storage or version != self.version:
             return False
         self.saved = weakref.ref(saved)
         return True
@@ -135,7 +133,7 @@ class _Made:
         self.spec = spec
         self.leaves = leaves
         self.index = index  # which output of a tuple (None: the only one)
-        self.out = weakref.ref(out)
+        self.out = weakref.ref(out.untyped_storage())
         self.version = out._version
         self.dtype = out.dtype
         self.shape = out.shape
@@ -214,9 +212,10 @@ class Producers(TorchDispatchMode):
         self.recording = False
         self.timing = False  # a measured step: each noted operation is timed
         self.notes: Dict[int, _Made] = {}
-        # Large inputs not yet saved, by storage address; and what was saved, by address.
+        # Large inputs not yet saved, by storage address; and what was saved, by address:
+        # (storage, record, version), the first two referred to weakly.
         self._waiting: Dict[int, List[_Input]] = {}
-        self._saved: Dict[int, Tuple[weakref.ref, weakref.ref]] = {}
+        self._saved: Dict[int, Tuple[weakref.ref, weakref.ref, int]] = {}
         self._cheap: Dict[Any, bool] = {}
 
     def clear(self) -> None:
@@ -268,8 +267,8 @@ class Producers(TorchDispatchMode):
             else:
                 inp = _Input(x)
                 known = self._saved.get(inp.ptr)
-                t, rec = (known[0](), known[1]()) if known is not None else (None, None)
-                if t is None or rec is None or not inp.bind(t, rec):
+                st, rec = (known[0](), known[1]()) if known is not None else (None, None)
+                if st is None or rec is None or not inp.bind(st, known[2], rec):
                     self._waiting.setdefault(inp.ptr, []).append(inp)
                 noted.append(inp)
         for i, o in big:
@@ -280,10 +279,12 @@ class Producers(TorchDispatchMode):
         that are ``t``'s storage now refer to it."""
         if not self.recording:
             return
-        ptr = t.untyped_storage().data_ptr()
-        for inp in self._waiting.pop(ptr, ()):
-            inp.bind(t, record)
-        self._saved[ptr] = (weakref.ref(t), weakref.ref(record))
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        waiting = [inp for inp in self._waiting.pop(ptr, ()) if not inp.bind(st, t._version, record)]
+        if waiting:
+            self._waiting[ptr] = waiting  # another version of the storage: saved later, maybe
+        self._saved[ptr] = (weakref.ref(st), weakref.ref(record), t._version)
 
     def recipe(self, t: torch.Tensor) -> Optional[Recipe]:
         """A recipe for ``t``'s storage, or None where it cannot be rebuilt: not made by a
@@ -292,10 +293,9 @@ class Producers(TorchDispatchMode):
         made = self.notes.get(st.data_ptr())
         if made is None:
             return None
-        out = made.out()
-        if out is None or out.untyped_storage().data_ptr() != st.data_ptr() or made.nbytes != st.nbytes():
-            return None
-        if out._version != made.version or t._version != made.version:
+        if made.out() is not st or made.nbytes != st.nbytes():
+            return None  # another storage at the same address
+        if t._version != made.version:
             return None  # changed in place after it was made
         leaves: List[Any] = []
         for x in made.leaves:
