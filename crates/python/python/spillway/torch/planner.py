@@ -326,8 +326,8 @@ State = Tuple[FrozenSet[Tuple[int, int]], FrozenSet[int], FrozenSet[Tuple[int, i
 
 def _moves(profile: Profile, state: State) -> List[Tuple[str, object]]:
     """Moves from a plan: offload the next tensor (in save order) of each segment neither
-    offloaded nor rebuilt, offload a recomputed segment's input, rebuild a tensor, or
-    recompute a segment."""
+    offloaded nor rebuilt, offload a recomputed segment's input, rebuild a segment's
+    cheapest tensor per byte, or recompute a segment."""
     offload, recompute, rebuild = state
     out: List[Tuple[str, object]] = []
     for i, s in enumerate(profile.segments):
@@ -339,11 +339,11 @@ def _moves(profile: Profile, state: State) -> List[Tuple[str, object]]:
         nxt = next(((i, k) for k in range(first, len(s.tensors)) if (i, k) not in offload and (i, k) not in rebuild), None)
         if nxt is not None:
             out.append(("offload", nxt))
-        out.extend(
-            ("rebuild", (i, k))
-            for k in range(first, len(s.tensors))
-            if (i, k) not in rebuild and s.rebuild_cost(k) is not None
-        )
+        # Of the segment's rebuilds, the one that frees the most bytes per millisecond (a
+        # rebuild moves nothing, so within a segment the others only come after it).
+        ks = [k for k in range(first, len(s.tensors)) if (i, k) not in rebuild and s.rebuild_cost(k) is not None]
+        if ks:
+            out.append(("rebuild", (i, max(ks, key=lambda k: s.tensors[k] / max(s.rebuild_cost(k) or 0.0, 1e-9)))))
         if i not in recompute and _recomputable(s):
             out.append(("recompute", i))
     return out
