@@ -1071,6 +1071,10 @@ class Offloader:
                 del self._fetched[rec.key]
 
     def _on_backward_start(self) -> None:
+        if self._producers is not None:
+            # Forward is over: no more notes (recipes made hold what they need).
+            self._producers.recording = False
+            self._producers.clear()
         self._poll_sources()
         if self._profiling and self._segments:
             self._mark_segment_start(self._segments[-1], forward=False)
