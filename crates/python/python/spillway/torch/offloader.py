@@ -219,10 +219,9 @@ class Offloader:
         self._held_peak = 0
         self._blocks = segments if segments is not None else _find_segments(model)
         # How cheap operations made their outputs (forward of eager steps), for rebuilding
-        # saved tensors in backward; the saved records of this step by storage key.
+        # saved tensors in backward; the storage keys this step's plan rebuilds.
         self._producers = Producers(self.device, min_tensor_bytes, self._is_param_tensor) if recompute else None
         self._producing = False
-        self._saved: "weakref.WeakValueDictionary[Tuple[int, int], Any]" = weakref.WeakValueDictionary()
         self._rebuild_keys: set = set()
         # Under torch.compile the hooks are never traced: each is a graph break, so a
         # compiled model runs one graph per block, whose saves come when the block ends
@@ -390,7 +389,6 @@ class Offloader:
         self._keys_seen = set()
         self._saves_in_segment = {}
         self._decisions = {}
-        self._saved = weakref.WeakValueDictionary()
         self._rebuild_keys = set()
         # Notes of cheap operations are taken in eager steps that may rebuild: the step
         # measured for the plan, and planned steps that rebuild something.
@@ -864,7 +862,7 @@ class Offloader:
                     seg.rebuilt_bytes += nbytes
                     self._totals["bytes_rebuilt"] += nbytes
                 self._totals["rebuilt_tensors"] += 1
-                return self._note_saved(key, t, rebuilt)
+                return self._note_saved(t, rebuilt)
             if first:
                 self._totals["rebuild_missed"] += 1
         if not offloading:
@@ -879,7 +877,7 @@ class Offloader:
             if self._inflight:
                 self._poll_sources()
             self._note_held()
-            return self._note_saved(key, t, Kept(whole, seg.index))
+            return self._note_saved(t, Kept(whole, seg.index))
         stream = torch.cuda.current_stream(self.device).cuda_stream if self._cuda else None
         st = t.untyped_storage()
         handle = self.engine.offload(key, [(st.data_ptr(), st.nbytes())], stream)
@@ -900,14 +898,12 @@ class Offloader:
         self._poll_sources()
         self._bound_pending()
         self._note_held()
-        return self._note_saved(key, t, rec)
+        return self._note_saved(t, rec)
 
-    def _note_saved(self, key: Tuple[int, int], t: torch.Tensor, saved: Any) -> Any:
-        """Notes ``saved`` as the record of storage ``key`` (``t`` being saved): tensors
+    def _note_saved(self, t: torch.Tensor, saved: Any) -> Any:
+        """Tells the notes of cheap operations that ``t`` was saved as ``saved``: tensors
         rebuilt from it find it there. Returns ``saved``."""
         if self._producing:
-            if key not in self._saved:
-                self._saved[key] = saved
             self._producers.saved(t, saved)
         return saved
 
