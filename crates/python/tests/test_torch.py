@@ -868,3 +868,47 @@ def test_a_storage_saved_through_views_is_one_tensor_after_its_first_view_was_wr
             assert [s.tensors for s in off._segments] == [s.tensors for s in off._profiled]
         s = off.stats()
     assert s["rebuilt_tensors"] > 0 and s["rebuild_missed"] == 0, s
+
+
+def test_a_buffer_updated_later_in_forward_rebuilds_with_its_value_then(tmp_path):
+    # Running statistics change in place during forward, after an operation used them: the
+    # rebuilt tensor uses the value the operation saw (a copy taken when its output was
+    # saved), and gradients stay bitwise equal.
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(256, 256)
+            self.fc2 = torch.nn.Linear(256, 256)
+
+        def forward(self, x, scale):
+            h = torch.sigmoid(self.fc1(x))  # saved by sigmoid's backward
+            # The sum is saved (by fc2), made from the saved h and the buffer, which no
+            # backward needs: autograd lets forward change it in place afterwards.
+            return self.fc2(h + scale)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block() for _ in range(3)])
+            self.register_buffer("scale", torch.full((256,), 0.5))
+
+        def forward(self, x, y):
+            for blk in self.blocks:
+                x = blk(x, self.scale)
+                with torch.no_grad():
+                    self.scale.mul_(1.01)
+            return torch.nn.functional.mse_loss(x, y)
+
+    torch.manual_seed(0)
+    model = Net()
+    data = (torch.randn(512, 256), torch.randn(512, 256))
+    model.scale.fill_(0.5)
+    loss0, g0 = run_step(model, data)
+    with planned_with(model, data, tmp_path, 1e-6, min_tensor_bytes=64 << 10) as off:
+        force_plan(off, offload_rest=False)
+        assert any(ms is not None for s in off._profiled for ms in s.rebuild_ms)
+        model.scale.fill_(0.5)
+        loss, g = run_step(model, data, off.step())
+        assert torch.equal(loss, loss0)
+        assert_bitwise_equal(g, g0)
+        assert off.stats()["rebuilt_tensors"] > 0

@@ -113,8 +113,11 @@ class _Input:
 
 
 class Fixed:
-    """A recipe's input held as it is: a parameter or buffer (updated only after backward),
-    or a tensor below the offload size (its version is checked)."""
+    """An input held as it is: a parameter (updated only after backward; FSDP2 gathers
+    the same values again), or, in a note, a buffer or a tensor below the offload size
+    with its version then. A recipe holds such a one as a snapshot taken when its output
+    is saved: a buffer updated in place later in forward (running statistics, say) does
+    not change what backward rebuilds."""
 
     __slots__ = ("tensor", "version")
 
@@ -258,12 +261,12 @@ class Producers(TorchDispatchMode):
         for x in leaves:
             if not isinstance(x, torch.Tensor):
                 noted.append(x)
-            elif isinstance(x, torch.nn.Parameter) or (self._plain(x) and self.is_param(x)):
-                noted.append(Fixed(x, None))  # a parameter or buffer: there in backward
+            elif isinstance(x, torch.nn.Parameter):
+                noted.append(Fixed(x, None))  # there, unchanged, in backward
             elif not self._plain(x):
                 return  # a tensor subclass or another device: not rebuilt
-            elif x.untyped_storage().nbytes() < self.min_bytes:
-                noted.append(Fixed(x, x._version))
+            elif self.is_param(x) or x.untyped_storage().nbytes() < self.min_bytes:
+                noted.append(Fixed(x, x._version))  # a buffer, or small: copied if saved
             else:
                 inp = _Input(x)
                 known = self._saved.get(inp.ptr)
@@ -304,8 +307,10 @@ class Producers(TorchDispatchMode):
                 if rec is None:
                     return None  # not saved by autograd (or let go since)
                 leaves.append(SavedRef(rec, x))
-            elif isinstance(x, Fixed) and x.version is not None and x.tensor._version != x.version:
-                return None
+            elif isinstance(x, Fixed) and x.version is not None:
+                if x.tensor._version != x.version or x.tensor.untyped_storage().nbytes() >= self.min_bytes:
+                    return None  # changed since, or a large buffer: not copied
+                leaves.append(Fixed(x.tensor.clone(), None))
             else:
                 leaves.append(x)
         return Recipe(made, leaves)
