@@ -912,3 +912,39 @@ def test_a_buffer_updated_later_in_forward_rebuilds_with_its_value_then(tmp_path
         assert torch.equal(loss, loss0)
         assert_bitwise_equal(g, g0)
         assert off.stats()["rebuilt_tensors"] > 0
+
+
+def test_a_parameter_changed_before_backward_is_a_clear_error_not_a_wrong_rebuild(tmp_path):
+    # A bias used by an addition (whose backward does not save it) changed in place between
+    # forward and backward: plain autograd would not notice; a rebuild from it must not use
+    # the new value silently.
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(256, 256)
+            self.shift = torch.nn.Parameter(torch.zeros(256))
+
+        def forward(self, x):
+            return self.fc(torch.sigmoid(x) + self.shift)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block() for _ in range(3)])
+
+        def forward(self, x, y):
+            for blk in self.blocks:
+                x = blk(x)
+            return torch.nn.functional.mse_loss(x, y)
+
+    torch.manual_seed(0)
+    model = Net()
+    data = (torch.randn(512, 256), torch.randn(512, 256))
+    with planned_with(model, data, tmp_path, 1e-6, min_tensor_bytes=64 << 10) as off:
+        force_plan(off, offload_rest=False)
+        with pytest.raises(st.InPlaceModificationError, match="modified in place between forward and backward"):
+            with off.step():
+                loss = model(*data)
+                with torch.no_grad():
+                    model.blocks[1].shift.add_(1.0)  # block 0 saves no sigmoid: its input needs no grad
+                loss.backward()

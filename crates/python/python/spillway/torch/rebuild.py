@@ -113,11 +113,12 @@ class _Input:
 
 
 class Fixed:
-    """An input held as it is: a parameter (updated only after backward; FSDP2 gathers
-    the same values again), or, in a note, a buffer or a tensor below the offload size
-    with its version then. A recipe holds such a one as a snapshot taken when its output
-    is saved: a buffer updated in place later in forward (running statistics, say) does
-    not change what backward rebuilds."""
+    """An input held as it is, with its version when used (None: not checked). A
+    parameter is held by reference (optimizers change it after backward; FSDP2 gathers
+    it again keeping its version), and a change before backward is an error there, as
+    autograd's own. A buffer or a tensor below the offload size is held in a recipe as a
+    copy taken when its output is saved: a buffer that forward updates in place later
+    (running statistics, say) does not change what backward rebuilds."""
 
     __slots__ = ("tensor", "version")
 
@@ -262,7 +263,7 @@ class Producers(TorchDispatchMode):
             if not isinstance(x, torch.Tensor):
                 noted.append(x)
             elif isinstance(x, torch.nn.Parameter):
-                noted.append(Fixed(x, None))  # there, unchanged, in backward
+                noted.append(Fixed(x, x._version))  # there in backward
             elif not self._plain(x):
                 return  # a tensor subclass or another device: not rebuilt
             elif self.is_param(x) or x.untyped_storage().nbytes() < self.min_bytes:
@@ -307,10 +308,15 @@ class Producers(TorchDispatchMode):
                 if rec is None:
                     return None  # not saved by autograd (or let go since)
                 leaves.append(SavedRef(rec, x))
-            elif isinstance(x, Fixed) and x.version is not None:
-                if x.tensor._version != x.version or x.tensor.untyped_storage().nbytes() >= self.min_bytes:
-                    return None  # changed since, or a large buffer: not copied
-                leaves.append(Fixed(x.tensor.clone(), None))
+            elif isinstance(x, Fixed):
+                if x.tensor._version != x.version:
+                    return None  # changed since it was used
+                if isinstance(x.tensor, torch.nn.Parameter):
+                    leaves.append(x)
+                elif x.tensor.untyped_storage().nbytes() < self.min_bytes:
+                    leaves.append(Fixed(x.tensor.clone(), None))
+                else:
+                    return None  # a large buffer: not copied
             else:
                 leaves.append(x)
         return Recipe(made, leaves)
@@ -345,9 +351,9 @@ def check_fixed(x: Fixed) -> torch.Tensor:
 
     if x.version is not None and x.tensor._version != x.version:
         raise InPlaceModificationError(
-            "a tensor that spillway needs to rebuild a saved activation in backward (a parameter or a "
-            f"small input of {tuple(x.tensor.shape)}) was modified in place between forward and backward; "
-            "pass recompute=False to the Offloader, or avoid the in-place change"
+            "a parameter that spillway needs to rebuild a saved activation in backward (of shape "
+            f"{tuple(x.tensor.shape)}) was modified in place between forward and backward; avoid the "
+            "in-place change before backward, or pass recompute=False to the Offloader"
         )
     return x.tensor
 
