@@ -1032,7 +1032,7 @@ class Offloader:
         assert isinstance(x, SavedRef)
         saved = x.saved
         if isinstance(saved, Kept):
-            storage = saved.tensor.untyped_storage()
+            storage = compat.local_tensor(saved.tensor).untyped_storage()  # a DTensor: its shard
         elif isinstance(saved, Rebuilt):
             storage = saved.recipe.run(self._input_value)
         else:
