@@ -948,3 +948,32 @@ def test_a_parameter_changed_before_backward_is_a_clear_error_not_a_wrong_rebuil
                 with torch.no_grad():
                     model.blocks[1].shift.add_(1.0)  # block 0 saves no sigmoid: its input needs no grad
                 loss.backward()
+
+
+def test_a_revision_takes_the_bandwidth_a_predicted_wait_implies():
+    # A budget's plan predicted 20 ms of waits for writes; the step waited 80: the writes
+    # ran at about a quarter of the bandwidth planned with, and the next plan takes that.
+    # A wait the plan did not predict at all lowers the bandwidth by the usual fifth.
+    from spillway.torch.offloader import _scale_down
+
+    assert _scale_down(20.0, 80.0) == pytest.approx(0.25)
+    assert _scale_down(30.0, 50.0) == pytest.approx(0.6)
+    assert _scale_down(45.0, 50.0) == pytest.approx(0.8)  # at most 0.8: each revision lowers it
+    assert _scale_down(1.0, 500.0) == pytest.approx(0.25)  # at least a quarter per revision
+    assert _scale_down(0.0, 14.0) == pytest.approx(0.8)
+
+
+def test_a_budget_revision_scales_the_write_bandwidth_by_the_measured_wait(tmp_path):
+    model, data = gpt("cpu"), gpt_batch("cpu")
+    _, total = profiled(model, data, tmp_path)
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20, budget=int(0.3 * total)) as off:
+        for _ in range(2):
+            run_step(model, data, off.step())
+        off._rok.outcome.write_wait_ms = 10.0
+        predicted = sum(s.fwd_ms + s.bwd_ms for s in off._profiled) + off._rok.outcome.extra_ms
+        late = predicted * 1.5 / 1e3
+        off._profiling = False
+        off._step_write_wait = 0.02  # 20 ms waited where 10 were predicted
+        off._end_step(late, 0.02)
+        assert off._write_scale == pytest.approx(0.5) and off._read_scale == 1.0
+        assert "planned again with write bandwidth x0.50" in off.stats()["policy"]["reason"]

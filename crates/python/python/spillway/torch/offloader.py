@@ -43,6 +43,17 @@ class _HostMark:
         return (later.t - self.t) * 1e3
 
 
+def _scale_down(predicted_ms: float, measured_ms: float) -> float:
+    """How much of a bandwidth the next plan takes after a step waited ``measured_ms`` on
+    it where the plan predicted ``predicted_ms``: the ratio of the two where the plan
+    predicted a wait (a budget's waits for writes, say: bytes moved at that ratio of the
+    bandwidth would have waited as measured), between 0.25 and 0.8; 0.8 where it
+    predicted none."""
+    if predicted_ms <= 0 or measured_ms <= 0:
+        return 0.8
+    return min(0.8, max(0.25, predicted_ms / measured_ms))
+
+
 def _compiled(model: torch.nn.Module) -> bool:
     """Whether ``model`` or a module in it is compiled (``torch.compile``/``.compile()``)."""
     return any(
@@ -447,8 +458,9 @@ class Offloader:
     def _revise_plan(self, seconds: float, stall: float) -> None:
         """A planned step stalled and ran past its prediction: a bandwidth was optimistic.
         Plans again with less of the one it waited on (writes in forward, reads in
-        backward; both if both), unless the last revision made steps slower than a plan
-        before it: then back to the fastest plan tried, for good."""
+        backward; both if both: see :func:`_scale_down`), unless the last revision made
+        steps slower than a plan before it: then back to the fastest plan tried, for
+        good."""
         scales = (self._write_scale, self._read_scale)
         best = min(self._overran, key=lambda tried: tried[1], default=None)
         self._overran.append((scales, seconds))
@@ -464,10 +476,11 @@ class Offloader:
         else:
             write_wait = self._step_write_wait
             read_wait = stall - write_wait
+            o = self._rok.outcome
             if write_wait >= 0.25 * stall:
-                self._write_scale *= 0.8
+                self._write_scale *= _scale_down(o.write_wait_ms, write_wait * 1e3)
             if read_wait >= 0.25 * stall:
-                self._read_scale *= 0.8
+                self._read_scale *= _scale_down(o.read_stall_ms, read_wait * 1e3)
             self._plan = self._make_plan()
             self._plan.reason = (
                 f"{head} ({write_wait * 1e3:.1f} on writes, {read_wait * 1e3:.1f} on reads): planned again "
