@@ -69,28 +69,35 @@ def test_without_knowing_parameters_fsdp2_would_offload_them(tmp_path, one_rank,
     assert not s["ok"]
 
 
-def test_planned_recompute_composes_with_fsdp2(tmp_path, one_rank):
+def train_planned(tmp_path, steps, give_plan, **opts):
+    """The "fsdp" run trained without spillway and with an adaptive offloader whose plan
+    ``give_plan(off)`` sets after every step; returns (base, record, the last step's
+    segments, offloader stats)."""
     dp, tp = fo.meshes("fsdp", CPU, 1)
-    data = fo.batches("fsdp", CPU, 2, 0, 1)
+    data = fo.batches("fsdp", CPU, steps, 0, 1)
     base, _ = fo.train("fsdp", CPU, data, dp, tp)
     model = fo.build("fsdp", CPU, dp, tp)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     record = []
-    with offloader(model, tmp_path, policy="adaptive") as off:
-        for i, (x, y) in enumerate(data):
+    with offloader(model, tmp_path, policy="adaptive", **opts) as off:
+        for x, y in data:
             opt.zero_grad(set_to_none=True)
             with off.step():
                 loss = model(x, y)
                 loss.backward()
             record.append((loss.detach(), [fo.local(p.grad).detach().clone() for p in model.parameters()]))
             opt.step()
-            # Segment 1: its first tensor; block 1 (segment 2) recomputed (reentrant
-            # checkpoint, its input offloaded), under FSDP2's hooks. Given again after every
-            # step: a step that stalls on a busy machine would be planned again otherwise.
-            _apply_rok(off, {(1, 0), (2, -1), (3, 0)}, {2})
-        segs = off._segments
-        assert segs[2].saved_bytes == segs[2].input_bytes == segs[2].offloaded_bytes > 0
-        assert segs[1].offloaded_bytes > 0 and segs[3].offloaded_bytes > 0
+            give_plan(off)
+        return base, record, list(off._segments), off.stats()
+
+
+def test_planned_recompute_composes_with_fsdp2(tmp_path, one_rank):
+    # Segment 1: its first tensor; block 1 (segment 2) recomputed (reentrant checkpoint,
+    # its input offloaded), under FSDP2's hooks. Given again after every step: a step that
+    # stalls on a busy machine would be planned again otherwise.
+    base, record, segs, _ = train_planned(tmp_path, 2, lambda off: _apply_rok(off, {(1, 0), (2, -1), (3, 0)}, {2}))
+    assert segs[2].saved_bytes == segs[2].input_bytes == segs[2].offloaded_bytes > 0
+    assert segs[1].offloaded_bytes > 0 and segs[3].offloaded_bytes > 0
     assert fo.compare(base, record) == []
 
 
@@ -158,27 +165,15 @@ def test_rebuilds_compose_with_fsdp2(tmp_path, one_rank):
     # kept). Every tensor that can be rebuilt is, the rest offloaded; bitwise equal.
     import dataclasses
 
-    dp, tp = fo.meshes("fsdp", CPU, 1)
-    data = fo.batches("fsdp", CPU, 4, 0, 1)
-    base, _ = fo.train("fsdp", CPU, data, dp, tp)
-    model = fo.build("fsdp", CPU, dp, tp)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    record = []
-    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20) as off:
-        for i, (x, y) in enumerate(data):
-            opt.zero_grad(set_to_none=True)
-            with off.step():
-                loss = model(x, y)
-                loss.backward()
-            record.append((loss.detach(), [fo.local(p.grad).detach().clone() for p in model.parameters()]))
-            opt.step()
-            if off._profiled:
-                segs = off._profiled
-                rebuild = frozenset((s.index, k) for s in segs for k, ms in enumerate(s.rebuild_ms) if ms is not None)
-                offload = frozenset((s.index, k) for s in segs[:-1] for k in range(len(s.tensors))) - rebuild
-                _apply_rok(off, offload, set())
-                off._rok = dataclasses.replace(off._rok, rebuild=rebuild)
-                assert rebuild, "the blocks' norms and activations can be rebuilt"
-        s = off.stats()
+    def rebuild_all(off):
+        segs = off._profiled
+        if not segs:
+            return  # still profiling
+        rebuild = frozenset((s.index, k) for s in segs for k, ms in enumerate(s.rebuild_ms) if ms is not None)
+        assert rebuild, "the blocks' norms and activations can be rebuilt"
+        _apply_rok(off, frozenset((s.index, k) for s in segs[:-1] for k in range(len(s.tensors))) - rebuild, set())
+        off._rok = dataclasses.replace(off._rok, rebuild=rebuild)
+
+    base, record, _, s = train_planned(tmp_path, 4, rebuild_all, probe_bytes=8 << 20)
     assert s["rebuilt_tensors"] > 0 and s["rebuild_missed"] == 0, s
     assert fo.compare(base, record) == []
