@@ -34,6 +34,19 @@ fn region(buf: &mut [u8]) -> Vec<Region> {
     vec![Region::new(buf.as_mut_ptr() as u64, buf.len() as u64)]
 }
 
+/// Offloads `src`, drains, reads it back, checks the bytes and releases the handle.
+fn round_trip(e: &OpenedEngine, mut src: Vec<u8>) {
+    let mut back = vec![0u8; src.len()];
+    // SAFETY: `src` outlives the engine's use of it (released below), `back` is live and
+    // idle; no stream.
+    let h = unsafe { e.offload(TensorKey::new(1, 0), &region(&mut src), None) }.unwrap();
+    e.engine.drain().unwrap();
+    // SAFETY: as above.
+    unsafe { e.fetch(h, &region(&mut back), None) }.unwrap();
+    assert!(back == src, "the bytes read back differ from those written");
+    e.release(h).unwrap();
+}
+
 #[test]
 fn a_directory_gets_an_anonymous_file_of_the_given_capacity() {
     let dir = tempfile::tempdir().unwrap();
@@ -286,15 +299,7 @@ fn a_striped_set_on_one_tmpfs_gets_half_of_it_once() {
     let e = open(&paths, Some(6 << 20)).unwrap();
     assert_eq!(e.info.capacity, 6 << 20);
     assert_eq!(e.member_stats().len(), 3);
-    let mut src: Vec<u8> = (0..2_500_000u32).map(|i| (i % 249) as u8).collect();
-    // SAFETY: `src` outlives the engine's use of it (released below), no stream.
-    let h = unsafe { e.offload(TensorKey::new(1, 0), &region(&mut src), None) }.unwrap();
-    e.engine.drain().unwrap();
-    let mut back = vec![0u8; src.len()];
-    // SAFETY: `back` is live and idle, no stream.
-    unsafe { e.fetch(h, &region(&mut back), None) }.unwrap();
-    assert!(back == src);
-    e.release(h).unwrap();
+    round_trip(&e, (0..2_500_000u32).map(|i| (i % 249) as u8).collect());
     drop(e);
     // More than the tmpfs holds is refused before anything is reserved.
     let too_much = free.saturating_mul(2).saturating_add(3 * stripe);
@@ -375,15 +380,7 @@ fn a_directory_is_spread_over_the_files_spread_files_names_and_bytes_come_back()
         "{:?}",
         e.info.notes
     );
-    let mut src: Vec<u8> = (0..3 << 20).map(|i| (i * 7 % 251) as u8).collect();
-    let mut dst = vec![0u8; src.len()];
-    // SAFETY: both buffers outlive the calls and nothing else touches them.
-    unsafe {
-        let h = e.offload(TensorKey::new(1, 0), &region(&mut src), None).unwrap();
-        e.engine.drain().unwrap();
-        e.fetch(h, &region(&mut dst), None).unwrap();
-    }
-    assert_eq!(src, dst);
+    round_trip(&e, (0..3 << 20).map(|i| (i * 7 % 251) as u8).collect());
     drop(e);
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
@@ -441,15 +438,7 @@ fn a_buffered_engine_opens_through_the_page_cache_and_its_probe_says_so() {
     assert!(!probe.direct_io, "{probe:?}");
     let e = prepared.start().unwrap();
     assert_eq!((e.info.capacity, e.info.anonymous), (4 << 20, false));
-    let mut src: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
-    let mut dst = vec![0u8; src.len()];
-    // SAFETY: both buffers outlive the calls and nothing else touches them.
-    unsafe {
-        let h = e.offload(TensorKey::new(1, 0), &region(&mut src), None).unwrap();
-        e.engine.drain().unwrap();
-        e.fetch(h, &region(&mut dst), None).unwrap();
-    }
-    assert_eq!(src, dst);
+    round_trip(&e, (0..100_000u32).map(|i| (i % 253) as u8).collect());
 }
 
 #[test]

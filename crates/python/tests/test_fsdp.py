@@ -25,7 +25,7 @@ if not dist.is_available():
 
 import fsdp_offload as fo  # noqa: E402
 import spillway.torch as st  # noqa: E402
-from test_torch import _apply_rok, offloader  # noqa: E402
+from test_torch import _apply_rok, force_plan, offloader  # noqa: E402
 
 SCRIPT = pathlib.Path(__file__).with_name("fsdp_offload.py")
 CPU = torch.device("cpu")
@@ -163,16 +163,9 @@ def test_rebuilds_compose_with_fsdp2(tmp_path, one_rank):
     # Rebuilding a norm's or an activation's output needs the norm's weight in backward:
     # FSDP2's unsharded parameter, gathered again before the block's backward (its version
     # kept). Every tensor that can be rebuilt is, the rest offloaded; bitwise equal.
-    import dataclasses
-
     def rebuild_all(off):
-        segs = off._profiled
-        if not segs:
-            return  # still profiling
-        rebuild = frozenset((s.index, k) for s in segs for k, ms in enumerate(s.rebuild_ms) if ms is not None)
-        assert rebuild, "the blocks' norms and activations can be rebuilt"
-        _apply_rok(off, frozenset((s.index, k) for s in segs[:-1] for k in range(len(s.tensors))) - rebuild, set())
-        off._rok = dataclasses.replace(off._rok, rebuild=rebuild)
+        if off._profiled:  # else still profiling
+            assert force_plan(off, offload_rest=True), "the blocks' norms and activations can be rebuilt"
 
     base, record, _, s = train_planned(tmp_path, 4, rebuild_all, probe_bytes=8 << 20)
     assert s["rebuilt_tensors"] > 0 and s["rebuild_missed"] == 0, s
