@@ -232,3 +232,74 @@ def test_slow_storage_frees_more_by_rebuilding_than_by_moving():
     assert got.outcome.activation_bytes <= without.outcome.activation_bytes - 200 * MB, (got.reason, without.reason)
     assert got.outcome.extra_ms <= planner.ADAPTIVE_TOLERANCE * prof.step_ms
     assert "2 tensors rebuilt" in got.reason
+
+
+def head_heavy(blocks=2):
+    """Blocks of four 100 MB tensors (10 ms forward), then a head saving one 400 MB tensor
+    at the very end of forward (a language model's logits): backward needs it first."""
+    segs = [planner.SegmentProfile(0.5, 1.0, [], 0)]
+    segs += [planner.SegmentProfile(10.0, 20.0, [100 * MB] * 4, 25 * MB) for _ in range(blocks)]
+    segs.append(planner.SegmentProfile(1.0, 2.0, [400 * MB], 0, None, [1.0]))
+    return planner.Profile(segs)
+
+
+def test_the_window_under_a_budget_is_the_largest_tensor_the_plan_offloads():
+    prof = head_heavy()
+    tiers = planner.Tiers(100.0, 100.0)
+    blocks = frozenset((i, k) for i in (1, 2) for k in range(4))
+    keep_head = planner.simulate(prof, tiers, blocks, frozenset(), window=planner.LARGEST)
+    assert keep_head.window_bytes == 100 * MB
+    move_head = planner.simulate(prof, tiers, blocks | {(3, 0)}, frozenset(), window=planner.LARGEST)
+    assert move_head.window_bytes == 400 * MB
+    # Nothing offloaded: no window. Numbers and None pass through; anything else is refused.
+    assert planner.simulate(prof, tiers, frozenset(), frozenset(), window=planner.LARGEST).window_bytes is None
+    assert planner.plan_window(7, [1, 2]) == 7 and planner.plan_window(None, [1]) is None
+    with pytest.raises(ValueError, match="window="):
+        planner.plan_window("most", [1])
+    # A budget of 600 MB: keeping the head (400 MB) leaves 100 MB beside the 100 MB window
+    # for writes under way; offloading it reserves 400 MB for the window, which leaves 200
+    # MB, but its write ends forward and its read starts backward. Keeping it is faster,
+    # and the planner finds that only when the window follows the plan.
+    budget = 600 * MB
+    got = planner.plan(prof, tiers, budget=budget, window=planner.LARGEST)
+    assert (3, 0) not in got.offload and got.outcome.activation_bytes <= budget, got.reason
+    fixed = planner.plan(prof, tiers, budget=budget, window=400 * MB)
+    assert (3, 0) in fixed.offload and got.outcome.extra_ms < fixed.outcome.extra_ms, (got.reason, fixed.reason)
+
+
+def test_reads_ahead_as_backward_starts_count_as_held():
+    # One block, two 100 MB tensors, both offloaded and written long before forward ends.
+    # As backward starts, the window's reads ahead are held: one tensor (100 MB window), or
+    # both (a window of 200 MB); without a window they are not counted.
+    prof = planner.Profile([planner.SegmentProfile(100.0, 200.0, [100 * MB, 100 * MB], 0, None, [1.0, 2.0])])
+    tiers = planner.Tiers(100.0, 100.0)
+    both = frozenset({(0, 0), (0, 1)})
+    assert planner.simulate(prof, tiers, both, frozenset()).activation_bytes == 100 * MB  # the write under way
+    assert planner.simulate(prof, tiers, both, frozenset(), window=100 * MB).activation_bytes == 100 * MB
+    assert planner.simulate(prof, tiers, both, frozenset(), window=200 * MB).activation_bytes == 200 * MB
+    # At least one tensor is read ahead, whatever the window.
+    assert planner.simulate(prof, tiers, both, frozenset(), window=1).activation_bytes == 100 * MB
+
+
+def test_a_profile_round_trips_through_plain_data():
+    import json
+
+    prof = recorded(rebuild=REBUILD)
+    prof.segments[1].save_ms = [1.0, 2.5, 9.0]
+    back = planner.Profile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    assert back == prof
+    with pytest.raises(ValueError, match="segments"):
+        planner.Profile.from_dict({"segment": []})
+
+
+def test_the_search_crosses_moves_that_free_nothing_one_by_one():
+    # Four 100 MB tensors written long before forward ends, and a 200 MB copy-back window:
+    # the first two offloaded come straight back as backward starts (held all the same),
+    # the next two free their bytes. The search takes the first two to reach the others.
+    prof = planner.Profile([planner.SegmentProfile(100.0, 200.0, [100 * MB] * 4, 0, None, [1.0, 2.0, 3.0, 4.0])])
+    tiers = planner.Tiers(100.0, 100.0)
+    one = planner.simulate(prof, tiers, frozenset({(0, 0)}), frozenset(), window=200 * MB)
+    assert one.activation_bytes == 400 * MB
+    got = planner.plan(prof, tiers, window=200 * MB)
+    assert got.outcome.activation_bytes == 200 * MB and len(got.offload) == 4, got.reason
+    assert planner.brute_force(prof, tiers)[2].activation_bytes <= got.outcome.activation_bytes

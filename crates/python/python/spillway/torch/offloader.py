@@ -16,7 +16,7 @@ from .._engine import Engine
 from .ahead import FetchAhead
 from . import compat
 from .compat import CAPTURE_MESSAGE, POOL_MESSAGE, CudaGraphError
-from .planner import Profile, RokPlan, SegmentProfile, Tiers, plan as plan_rok
+from .planner import LARGEST, Profile, RokPlan, SegmentProfile, Tiers, plan as plan_rok
 from .policy import Plan, Segment
 from .rebuild import Fixed, Producers, Rebuilt, SavedRef, check_fixed, elapsed_ms
 from .saved import InPlaceModificationError, Kept, Stored
@@ -430,6 +430,7 @@ class Offloader:
         self._last_step = dict(
             seconds=seconds,
             stall_s=stall,
+            write_wait_s=self._step_write_wait,
             segments=len(segs),
             offloaded_bytes=sum(s.offloaded_bytes for s in segs),
             kept_bytes=sum(s.kept_bytes for s in segs),
@@ -579,6 +580,8 @@ class Offloader:
                 for s in segs
             ]
         )
+        # What the plan is made from, for replanning away from the GPU (Profile.from_dict).
+        details["profile"] = profile.to_dict()
         if tier_bytes > 0:
             # The probe measured the host tier; storage behind it is not planned on (its
             # bytes are reached only by spilling, in the background).
@@ -586,11 +589,11 @@ class Offloader:
         else:
             tiers = Tiers(write_gbps * self._write_scale, read_gbps * self._read_scale)
         # Backward copies tensors back ahead of use, up to the window: a budget holds it too.
-        # (A tensor larger than the window still goes, alone.)
+        # (A tensor larger than the window still goes, alone.) Under a budget the window is
+        # the largest tensor the plan offloads: the planner weighs keeping that one.
         largest = max((b for s in segs for b in s.tensors), default=0)
-        window = max(self._fetch_window(largest), largest)
-        budget = None if self.budget is None else max(0, self.budget - window)
-        details["fetch_ahead_bytes"] = window
+        window: Any = LARGEST if self.budget is not None and self.fetch_ahead_bytes is None else max(self._fetch_window(largest), largest)
+        budget = self.budget
         rok = plan_rok(
             profile,
             tiers,
@@ -598,12 +601,20 @@ class Offloader:
             max_slowdown=self.max_slowdown,
             allow_recompute=self.allow_recompute,
             window=window,
+            prefetch_segments=self.prefetch_segments,
         )
         if budget is None and self.profile == "offload" and rok.outcome.activation_bytes > self._profiled_held:
             # Profiled offloading everything: what was held then is known to fit, a plan
             # that keeps more may not. Hold it to that.
-            budget = max(0, self._profiled_held - window)
-            rok = plan_rok(profile, tiers, budget=budget, allow_recompute=self.allow_recompute, window=window)
+            budget = self._profiled_held
+            rok = plan_rok(
+                profile,
+                tiers,
+                budget=budget,
+                allow_recompute=self.allow_recompute,
+                window=window,
+                prefetch_segments=self.prefetch_segments,
+            )
             rok.reason = f"held to what the profiling steps held ({self._profiled_held / 2**30:.2f} GiB): {rok.reason}"
         self._rok = rok
         self._set_recompute(sorted(segs[i].block for i in rok.recompute if segs[i].block >= 0))
@@ -611,8 +622,10 @@ class Offloader:
         if budget is not None:
             # Bytes still being written are held too: bound them by what the budget has
             # left, so that the peak stays within it (a save beyond it waits for writes;
-            # with nothing left, each write finishes before forward goes on).
-            self._plan_pending_limit = max(budget - rok.outcome.kept_bytes, 0)
+            # with nothing left, each write finishes before forward goes on). The window's
+            # reads join them as backward starts.
+            self._plan_pending_limit = max(budget - rok.outcome.kept_bytes - (rok.outcome.window_bytes or 0), 0)
+        details["fetch_ahead_bytes"] = rok.outcome.window_bytes
         details["planned_bytes"] = rok.outcome.host_bytes + rok.outcome.storage_bytes
         touched = len({i for i, _ in rok.offload} | set(rok.recompute))
         return Plan("adaptive", touched, rok.reason, details)

@@ -22,11 +22,14 @@ under a candidate plan:
   the granularity of one saved tensor, for the parts whose bytes cost far more to move
   than to make (a GELU's output: as many bytes as its input, a few hundred microseconds).
 
-The activation memory of a plan is the most forward holds at any moment: tensors kept,
-recompute inputs kept, and offloaded tensors whose writes are not done (writes that lag
-behind the saves hold memory before the end of forward, too). Under a budget, forward
-waits for the oldest writes whenever those under way pass what the budget leaves beside
-the kept bytes, as the offloader does, so the budget holds throughout. The cost of a plan
+The activation memory of a plan is the most held at any moment up to backward's start:
+tensors kept, recompute inputs kept, offloaded tensors whose writes are not done (writes
+that lag behind the saves hold memory before the end of forward, too), and, as backward
+starts, the first tensors read back ahead of use (up to the copy-back window). Under a
+budget, forward waits for the oldest writes whenever those under way pass what the budget
+leaves beside the kept bytes and the window, as the offloader does, so the budget holds
+throughout. The window under a budget is the largest tensor the plan offloads
+(:data:`LARGEST`): a plan that keeps its largest tensor reserves less. The cost of a plan
 is its extra step time: forward's waits for writes, read stalls, and recompute.
 
 Goals:
@@ -48,7 +51,11 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Deque, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
+
+#: The copy-back window of a plan under a budget: the largest tensor it offloads (one
+#: tensor's copy overlaps the compute that uses the one before), as the offloader reads.
+LARGEST = "largest"
 
 #: Time counted as "no extra time" for the adaptive goal, as a fraction of the step: below
 #: what one step differs from the next on a GPU (1-3%), and what a few rebuilds cost.
@@ -116,6 +123,35 @@ class Profile:
     def activation_bytes(self) -> int:
         return sum(sum(s.tensors) for s in self.segments)
 
+    def to_dict(self) -> Dict[str, object]:
+        """The profile as plain data (JSON), times rounded to microseconds."""
+
+        def ms(xs: Optional[Sequence[Optional[float]]]) -> Optional[List[Optional[float]]]:
+            return None if xs is None else [None if x is None else round(x, 3) for x in xs]
+
+        return dict(
+            segments=[
+                dict(
+                    fwd_ms=round(s.fwd_ms, 3),
+                    bwd_ms=round(s.bwd_ms, 3),
+                    tensors=list(s.tensors),
+                    input_bytes=s.input_bytes,
+                    inner=s.inner,
+                    save_ms=ms(s.save_ms),
+                    rebuild_ms=ms(s.rebuild_ms),
+                )
+                for s in self.segments
+            ]
+        )
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, object]) -> "Profile":
+        """A profile from :meth:`to_dict`'s data (e.g. a recorded step's)."""
+        segs = data.get("segments")
+        if not isinstance(segs, list):
+            raise ValueError("a profile holds a list of 'segments'")
+        return cls([SegmentProfile(**s) for s in segs])
+
     def tensor_ids(self) -> List[Tuple[int, int]]:
         """(segment, index in segment) of every tensor, in save order."""
         return [(i, k) for i, s in enumerate(self.segments) for k in range(len(s.tensors))]
@@ -149,6 +185,7 @@ class Outcome:
     storage_bytes: int  # offloaded bytes placed on storage
     kept_bytes: int = 0  # bytes not offloaded (kept tensors, recompute inputs kept)
     rebuilt_bytes: int = 0  # bytes rebuilt in backward instead of kept or written
+    window_bytes: Optional[int] = None  # the copy-back window it was planned with
 
 
 @dataclass
@@ -191,21 +228,36 @@ def _gbps_ms(nbytes: int, gbps: float) -> float:
     return nbytes / (gbps * 1e6)
 
 
+def plan_window(window: Union[int, str, None], offloaded: Sequence[int]) -> Optional[int]:
+    """The copy-back window in bytes for a plan offloading tensors of the given sizes:
+    ``window`` itself when a number or None, the largest of them for :data:`LARGEST` (None
+    when the plan offloads nothing)."""
+    if window == LARGEST:
+        return max(offloaded, default=0) or None
+    if window is not None and not isinstance(window, int):
+        raise ValueError(f"window={window!r}: a number of bytes, None or {LARGEST!r}")
+    return window
+
+
 def simulate(
     profile: Profile,
     tiers: Tiers,
     offload: FrozenSet[Tuple[int, int]],
     recompute: FrozenSet[int],
     budget: Optional[int] = None,
-    window: Optional[int] = None,
+    window: Union[int, str, None] = None,
     rebuild: FrozenSet[Tuple[int, int]] = frozenset(),
+    prefetch_segments: Optional[int] = None,
 ) -> Outcome:
-    """Predicts activation memory at forward's peak and extra step time for a plan (see the
-    module documentation for the model). Under a ``budget``, forward waits for the oldest
-    writes whenever the bytes still being written pass what the budget leaves beside the
-    kept ones (as the offloader does). ``window`` bounds the bytes read back ahead of use
-    in backward (None: no bound). Tensors in ``rebuild`` are neither held nor written,
-    and cost their rebuild time in backward."""
+    """Predicts activation memory up to backward's start and extra step time for a plan
+    (see the module documentation for the model). ``window`` bounds the bytes read back
+    ahead of use in backward: a number of bytes, :data:`LARGEST` (the largest tensor the
+    plan offloads), or None (no bound, and reads ahead are not counted as held). Under a
+    ``budget``, forward waits for the oldest writes whenever the bytes still being written
+    pass what the budget leaves beside the kept ones and the window (as the offloader
+    does). Tensors in ``rebuild`` are neither held nor written, and cost their rebuild
+    time in backward. ``prefetch_segments``: how many segments before the one backward
+    runs a tensor may be read from (None: any), as the offloader's setting."""
     segs = profile.segments
     rebuilt_bytes = 0
     rebuild_ms = 0.0
@@ -234,7 +286,8 @@ def simulate(
         clock += s.fwd_ms
     t_forward = clock
     kept_total = sum(b for _, b, _, off, _ in saves if not off or b == 0)
-    limit = None if budget is None else max(budget - kept_total, 0)
+    window = plan_window(window, [b for _, b, _, off, _ in saves if off and b > 0])
+    limit = None if budget is None else max(budget - kept_total - (window or 0), 0)
     # Forward, save by save: the bytes held are those kept so far plus those whose writes
     # are not done. Writes run one after another in save order, none before its save.
     delay = 0.0  # forward's waits for writes so far (under a budget)
@@ -267,6 +320,8 @@ def simulate(
                 delay += end - t
                 t = end
         held = max(held, kept + pending)
+    t_end = t_forward + delay
+    pending_end = sum(b for end, b in inflight if end > t_end)
     # The host tier keeps the newest bytes: those placed past it were written after
     # older ones spilled, so count the last host_bytes written as in the host tier.
     host_left = tiers.host_bytes
@@ -291,6 +346,20 @@ def simulate(
     chan = start
     ahead: Deque[Tuple[float, int]] = collections.deque()  # (when used, bytes) read, not yet used
     ahead_bytes = 0
+    def readable_from(i: int) -> int:
+        """The segment whose backward start lets segment ``i``'s tensors be read."""
+        if prefetch_segments is None:
+            return len(segs) - 1
+        return min(i + prefetch_segments, len(segs) - 1)
+
+    if window is not None and placed:
+        # As backward starts, the first reads ahead (those it may read then, within the
+        # window) join what forward still holds.
+        first, j = 0, len(placed) - 1
+        while j >= 0 and readable_from(placed[j][0]) == len(segs) - 1 and (first == 0 or first + placed[j][1] <= window):
+            first += placed[j][1]
+            j -= 1
+        held = max(held, kept_total + pending_end + first)
     for j in range(len(placed) - 1, -1, -1):
         i, b, _, frac = placed[j]
         if window is not None:
@@ -299,7 +368,7 @@ def simulate(
                 ahead_bytes -= nbytes
                 chan = max(chan, used)
         gbps = tiers.host_read_gbps if in_host_at_bwd[j] else tiers.storage_read_gbps
-        chan += _gbps_ms(b, gbps)
+        chan = max(chan, need[readable_from(i)] + stall) + _gbps_ms(b, gbps)
         due = need[i] + frac * segs[i].bwd_ms + stall
         if chan > due:
             stall += chan - due
@@ -317,6 +386,7 @@ def simulate(
         storage_bytes=written - host_b,
         kept_bytes=kept_total,
         rebuilt_bytes=rebuilt_bytes,
+        window_bytes=window,
     )
 
 
@@ -326,8 +396,10 @@ State = Tuple[FrozenSet[Tuple[int, int]], FrozenSet[int], FrozenSet[Tuple[int, i
 
 def _moves(profile: Profile, state: State) -> List[Tuple[str, object]]:
     """Moves from a plan: offload the next tensor (in save order) of each segment neither
-    offloaded nor rebuilt, offload a recomputed segment's input, rebuild a segment's
-    cheapest tensor per byte, or recompute a segment."""
+    offloaded nor rebuilt, or all of them (one tensor at a time may free nothing until
+    several have gone: the first reads ahead in backward hold as many bytes as the last
+    offloads free), offload a recomputed segment's input, rebuild a segment's cheapest
+    tensor per byte, or recompute a segment."""
     offload, recompute, rebuild = state
     out: List[Tuple[str, object]] = []
     for i, s in enumerate(profile.segments):
@@ -336,9 +408,11 @@ def _moves(profile: Profile, state: State) -> List[Tuple[str, object]]:
             if (i, -1) not in offload and s.input_bytes > 0:
                 out.append(("offload", (i, -1)))
             first = s.inner_count
-        nxt = next(((i, k) for k in range(first, len(s.tensors)) if (i, k) not in offload and (i, k) not in rebuild), None)
-        if nxt is not None:
-            out.append(("offload", nxt))
+        rest = [(i, k) for k in range(first, len(s.tensors)) if (i, k) not in offload and (i, k) not in rebuild]
+        if rest:
+            out.append(("offload", rest[0]))
+        if len(rest) > 1:
+            out.append(("offload_rest", i))
         # Of the segment's rebuilds, the one that frees the most bytes per millisecond (a
         # rebuild moves nothing, so within a segment the others only come after it).
         ks = [k for k in range(first, len(s.tensors)) if (i, k) not in rebuild and s.rebuild_cost(k) is not None]
@@ -359,6 +433,11 @@ def _apply(profile: Profile, move: Tuple[str, object], state: State) -> State:
     kind, what = move
     if kind == "offload":
         return offload | {what}, recompute, rebuild
+    if kind == "offload_rest":
+        s = profile.segments[what]
+        first = s.inner_count if what in recompute else 0
+        rest = {(what, k) for k in range(first, len(s.tensors)) if (what, k) not in rebuild}
+        return offload | rest, recompute, rebuild
     if kind == "rebuild":
         return offload - {what}, recompute, rebuild | {what}
     i = what
@@ -373,7 +452,7 @@ def _apply(profile: Profile, move: Tuple[str, object], state: State) -> State:
 
 def _move_segment(move: Tuple[str, object]) -> int:
     kind, what = move
-    return what if kind == "recompute" else what[0]  # type: ignore[index]
+    return what if kind in ("recompute", "offload_rest") else what[0]  # type: ignore[index]
 
 
 def _cheap_rebuilds(profile: Profile, frozen: set, allowed: float) -> FrozenSet[Tuple[int, int]]:
@@ -398,11 +477,13 @@ def plan(
     max_slowdown: Optional[float] = None,
     allow_recompute: bool = True,
     keep_last: int = 0,
-    window: Optional[int] = None,
+    window: Union[int, str, None] = None,
+    prefetch_segments: Optional[int] = None,
 ) -> RokPlan:
     """The plan for a goal: ``budget`` (bytes), ``max_slowdown`` (a ratio ≥ 1), or neither
     (adaptive). The last ``keep_last`` segments are never touched; ``window`` is the most
-    bytes backward reads ahead of use (None: no bound). ``allow_recompute=False`` neither
+    bytes backward reads ahead of use and ``prefetch_segments`` how far back (see
+    :func:`simulate`). ``allow_recompute=False`` neither
     recomputes segments nor rebuilds tensors."""
     if budget is not None and max_slowdown is not None:
         raise ValueError("give budget= or max_slowdown=, not both")
@@ -415,7 +496,7 @@ def plan(
 
     def sim(state: State) -> Outcome:
         offload, recompute, rebuild = state
-        return simulate(profile, tiers, offload, recompute, budget, window, rebuild)
+        return simulate(profile, tiers, offload, recompute, budget, window, rebuild, prefetch_segments)
 
     if budget is not None:
         goal = f"budget={budget}"
@@ -439,26 +520,43 @@ def plan(
 
     def greedy(state: State) -> Tuple[State, Outcome]:
         cur = sim(state)
+        found = (state, cur)
+        flat_steps = 0
         while True:
             if budget is not None and cur.activation_bytes <= budget:
                 break
-            best = None
+            best, flat = None, None
             for mv in _moves(profile, state):
-                if _move_segment(mv) in frozen or (mv[0] != "offload" and not allow_recompute):
+                if _move_segment(mv) in frozen or (not mv[0].startswith("offload") and not allow_recompute):
                     continue
                 s2 = _apply(profile, mv, state)
                 out = sim(s2)
                 freed = cur.activation_bytes - out.activation_bytes
-                if freed <= 0 or out.extra_ms > allowed + 1e-9:
+                if out.extra_ms > allowed + 1e-9:
+                    continue
+                if freed <= 0:
+                    # Frees nothing yet: a step across a plateau (several tensors in a
+                    # saturated write channel, or the first reads ahead, free nothing
+                    # one by one), the one that costs least.
+                    if freed == 0 and mv[0] == "offload" and (flat is None or out.extra_ms < flat[1].extra_ms - 1e-9):
+                        flat = (s2, out)
                     continue
                 cost = max(out.extra_ms - cur.extra_ms, 0.0)
                 # Free moves first (most bytes), then the most bytes per extra millisecond.
                 key = (cost <= 1e-9, freed / max(cost, 1e-9))
                 if best is None or key > best[0]:
                     best = (key, s2, out)
-            if best is None:
+            if best is not None:
+                _, state, cur = best
+                flat_steps = 0
+                if better(cur, found[1]):
+                    found = (state, cur)
+            elif flat is not None and flat_steps < _PLATEAU_STEPS:
+                state, cur = flat
+                flat_steps += 1
+            else:
                 break
-            _, state, cur = best
+        state, cur = found
         if budget is None:
             # Drop offloads and rebuilds that free nothing (writes not done by the peak):
             # they cost bandwidth or time.
@@ -513,6 +611,10 @@ def plan(
         )
     return RokPlan(goal, offload, recompute, cur, reason, rebuild)
 
+
+#: Moves that free nothing the greedy search takes in a row, looking for one that frees
+#: something after them, before it stops.
+_PLATEAU_STEPS = 4
 
 #: Offload prefixes tried per recompute set in the budget search, beyond the shortest.
 _PREFIXES = 8
