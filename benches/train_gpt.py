@@ -23,7 +23,7 @@ same batches:
                   its use: tmpfs.peak_used_above_start_bytes)
   spillway-host   the Offloader with the pinned host tier (--host-tier) before the
                   --shm-dir file; -budgetNN: budget= NN% of the activation estimate;
-                  -slow105: max_slowdown=1.05; -all: policy="all" from the first
+                  -slowNNN: max_slowdown=NNN/100; -all: policy="all" from the first
                   step; -fit: adaptive, its profiling steps offloading as -all does
                   (profile="offload"). The adaptive policy's profiling steps otherwise
                   keep every tensor, so they must fit without offloading: -all and -fit
@@ -326,12 +326,28 @@ def parse_size(text):
     return int(number * base ** " KMGT".index(unit or " "))
 
 
+#: Goal runs beyond the named ones: spillway-host-budgetNN (NN% of the activation
+#: estimate, 1-100) and spillway-host-slowNNN (max_slowdown=NNN/100, 101-300).
+GOAL_RUN = re.compile(r"spillway-host-(budget(\d{1,3})|slow(\d{3}))$")
+
+
+def known_run(name):
+    m = GOAL_RUN.match(name)
+    if m and m.group(2):
+        return 1 <= int(m.group(2)) <= 100
+    if m and m.group(3):
+        return 101 <= int(m.group(3)) <= 300
+    return name in RUNS
+
+
 def parse_runs(text):
     runs = [r.strip() for r in text.split(",") if r.strip()]
-    unknown = [r for r in runs if r not in RUNS]
+    unknown = [r for r in runs if not known_run(r)]
     if unknown or not runs:
         raise argparse.ArgumentTypeError(
-            "unknown run(s) %s; choose from %s" % (", ".join(unknown) or "(none)", ",".join(RUNS)))
+            "unknown run(s) %s; choose from %s, or spillway-host-budgetNN (NN%% of the activation estimate, "
+            "1-100) or spillway-host-slowNNN (max_slowdown NNN/100, 101-300)"
+            % (", ".join(unknown) or "(none)", ",".join(RUNS)))
     return runs
 
 
@@ -389,7 +405,7 @@ def build_parser():
     run.add_argument("--out", default=None, help="write the results as JSON to this file")
     run.add_argument("--run-timeout", type=float, default=3600.0,
                      help="seconds one run may take before it is killed (default 3600)")
-    run.add_argument("--run", choices=RUNS, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--run", type=lambda r: parse_runs(r)[0], default=None, help=argparse.SUPPRESS)
     return ap
 
 
@@ -462,30 +478,63 @@ def stats_delta(before, after, key):
 
 
 class SaveTrace:
-    """What the offloader held at each save of one step (a diagnosis aid, on with the
-    environment variable TRAIN_GPT_SAVE_TRACE=<file prefix>): host time, saved bytes kept
-    and still being written, and the allocator's bytes, as a list of rows in JSON."""
+    """What the offloader did in one step (a diagnosis aid, on with the environment
+    variable TRAIN_GPT_SAVE_TRACE=<file prefix>), as rows of JSON in host milliseconds from
+    the step's start: at each save, the bytes kept, still being written, and allocated;
+    each wait of forward for writes; the start of backward; and each use in backward of an
+    offloaded tensor with the time the host waited for its copy. With SPILLWAY_TIMELINE=1
+    the engine's timeline (every copy, per tier) is written beside it as Chrome trace JSON."""
 
     def __init__(self, offloader):
         self.off = offloader
         self.rows = []
+        self.events = []
         self.t0 = None
-        self._own = offloader._note_held
+        self._own = (offloader._note_held, offloader._bound_pending, offloader._on_backward_start,
+                     offloader._ahead.take)
+
+    def _ms(self):
+        return round((time.perf_counter() - self.t0) * 1e3, 3)
 
     def start(self):
         self.t0 = time.perf_counter()
+        note_held, bound_pending, on_backward_start, take = self._own
+        off = self.off
 
-        def note_held():
-            self._own()
-            self.rows.append((round((time.perf_counter() - self.t0) * 1e3, 3), len(self.off._segments),
-                              self.off._kept_step, self.off._pending_bytes, torch.cuda.memory_allocated()))
+        def note_held_traced():
+            note_held()
+            self.rows.append((self._ms(), len(off._segments), off._kept_step, off._pending_bytes,
+                              torch.cuda.memory_allocated()))
 
-        self.off._note_held = note_held
+        def bound_pending_traced():
+            at, before = self._ms(), off._pending_bytes
+            bound_pending()
+            self.events.append(dict(event="write_wait", ms=at, wait_ms=round(self._ms() - at, 3),
+                                    pending_before=before, pending_after=off._pending_bytes))
 
-    def write(self, path):
-        self.off._note_held = self._own
-        with open(path, "w") as f:
-            json.dump({"columns": ["ms", "segments", "kept", "pending", "allocated"], "rows": self.rows}, f)
+        def on_backward_start_traced():
+            self.events.append(dict(event="backward_start", ms=self._ms(), pending=off._pending_bytes))
+            on_backward_start()
+
+        def take_traced(key, consumer):
+            at = self._ms()
+            storage, waited = take(key, consumer)
+            self.events.append(dict(event="use", ms=at, segment=off._bwd_segment, wait_ms=round(waited * 1e3, 3),
+                                    nbytes=None if storage is None else storage.nbytes(),
+                                    ahead_bytes=off._ahead.ahead_bytes))
+            return storage, waited
+
+        off._note_held, off._bound_pending = note_held_traced, bound_pending_traced
+        off._on_backward_start, off._ahead.take = on_backward_start_traced, take_traced
+
+    def write(self, prefix):
+        off = self.off
+        off._note_held, off._bound_pending, off._on_backward_start, off._ahead.take = self._own
+        with open(prefix + ".json", "w") as f:
+            json.dump({"columns": ["ms", "segments", "kept", "pending", "allocated"], "rows": self.rows,
+                       "events": self.events, "last_step": off.stats().get("last_step")}, f)
+        if os.environ.get("SPILLWAY_TIMELINE") == "1":
+            off.engine.write_trace(prefix + "-engine.json")
 
 
 class UsageWatch:
@@ -578,8 +627,8 @@ def run_one(args):
                 act = args.activation_bytes or saved_bytes_estimate(cfg, args.batch)
                 if "-budget" in name:
                     goal["budget"] = int(act * int(name.rsplit("budget", 1)[1]) / 100)
-                elif name.endswith("-slow105"):
-                    goal["max_slowdown"] = 1.05
+                elif "-slow" in name:
+                    goal["max_slowdown"] = int(name.rsplit("slow", 1)[1]) / 100
                 elif name.endswith("-fit"):
                     settings["profile"] = "offload"
             result["goal"] = goal
@@ -632,7 +681,7 @@ def run_one(args):
             log("%s: step %d/%d %.1f ms loss %.4f" % (name, i + 1, args.steps, times_ms[-1], losses[-1]))
 
         if trace is not None:
-            trace.write(os.environ["TRAIN_GPT_SAVE_TRACE"] + "-" + name + ".json")
+            trace.write(os.environ["TRAIN_GPT_SAVE_TRACE"] + "-" + name)
         if name == "baseline":
             # The working-set floor: forward's peak with nothing saved for backward (no
             # grad). No offloader lowers forward's peak below it: every tensor is made, and
