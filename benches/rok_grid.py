@@ -15,7 +15,7 @@ micro-batch 16 (8 where 16 does not fit: pass --batch), GPT and Llama-style deco
   spillway-shm8            spillway, adaptive, striped over 8 files on /dev/shm
   spillway-host            spillway, adaptive, with the pinned host tier (--host-tier)
   spillway-host-budgetNN   spillway with budget= NN% of the baseline's activation memory
-  spillway-host-slow105    spillway with max_slowdown=1.05
+  spillway-host-slowNNN    spillway with max_slowdown=NNN/100 (slow105: 1.05)
 
 `--summary` prints one markdown table of every rok-*.json in --out-dir instead.
 

@@ -394,6 +394,30 @@ def test_max_pending_bytes_bounds_the_memory_held_for_writes(tmp_path, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_bytes_under_way_count_a_storage_once_however_many_views_are_saved(tmp_path, device):
+    # Attention saves q, k and v, three views of one projection's output: one storage,
+    # written once, held once until its write is done (budgets and max_pending_bytes wait on
+    # this count).
+    model, data = gpt(device), gpt_batch(device)
+    _, g0 = run_step(model, data)
+    with offloader(model, tmp_path, keep_last=0) as off:
+        seen = []
+        real = off._note_held
+
+        def watch():
+            real()
+            recs = [r for r in (ref() for ref in off._order) if r is not None]
+            held = {r.key: r.nbytes for r in recs if r.source is not None and not r.kept}
+            seen.append((off._pending_bytes, sum(held.values()), len(recs) - len({r.key for r in recs})))
+
+        off._note_held = watch
+        _, g = run_step(model, data, off.step())
+        assert_bitwise_equal(g, g0)
+    assert max(views for _, _, views in seen) > 0, "no storage was saved twice"
+    assert all(pending == truth for pending, truth, _ in seen), seen
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_full_storage_keeps_tensors_in_memory_and_training_goes_on(tmp_path, device):
     model, data = gpt(device), gpt_batch(device)
     _, g0 = run_step(model, data)
@@ -679,6 +703,38 @@ def test_a_revision_that_made_steps_slower_is_undone_and_the_plan_then_stays(tmp
         assert (off._write_scale, off._read_scale) == (1.0, 1.0)
         assert off.stats()["policy"]["reason"] == reason
         # And training goes on under it.
+        run_step(model, data, off.step())
+
+
+@pytest.mark.parametrize("faster", [False, True])
+def test_a_revision_is_judged_by_its_step_even_where_it_did_not_stall(tmp_path, faster):
+    # A revision that stalls no more may still be slower (it recomputes what it no longer
+    # offloads): its step is compared with the plan's before it all the same. Slower: that
+    # plan comes back; faster: the revision stays. Either way nothing is revised again.
+    model, data = gpt("cpu"), gpt_batch("cpu")
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20) as off:
+        for _ in range(2):
+            run_step(model, data, off.step())
+        first = off._rok.summary()
+        predicted = sum(s.fwd_ms + s.bwd_ms for s in off._profiled) + off._rok.outcome.extra_ms
+        late = predicted * 1.2 / 1e3
+        off._profiling = False
+        off._step_write_wait = 0.1 * late
+        off._end_step(late, 0.1 * late)  # writes stalled: planned again at x0.8
+        revised = off.stats()["policy"]["reason"]
+        off._step_write_wait = 0.0
+        off._end_step(late * (0.9 if faster else 1.1), 0.0)  # no stall
+        assert off._settled
+        reason = off.stats()["policy"]["reason"]
+        if faster:
+            assert (off._write_scale, off._read_scale) == pytest.approx((0.8, 1.0))
+            assert reason == revised
+        else:
+            assert (off._write_scale, off._read_scale) == (1.0, 1.0)
+            assert "slower than the %.1f ms of the plan with write bandwidth x1.00" % (late * 1e3) in reason, reason
+            assert off._rok.summary() == first
+        off._end_step(late * 1.3, 0.1 * late)
+        assert off.stats()["policy"]["reason"] == reason
         run_step(model, data, off.step())
 
 

@@ -16,7 +16,7 @@ from .._engine import Engine
 from .ahead import FetchAhead
 from . import compat
 from .compat import CAPTURE_MESSAGE, POOL_MESSAGE, CudaGraphError
-from .planner import LARGEST, Profile, RokPlan, SegmentProfile, Tiers, plan as plan_rok
+from .planner import Profile, RokPlan, SegmentProfile, Tiers, plan as plan_rok
 from .policy import Plan, Segment
 from .rebuild import Fixed, Producers, Rebuilt, SavedRef, check_fixed, elapsed_ms
 from .saved import InPlaceModificationError, Kept, Stored
@@ -211,7 +211,8 @@ class Offloader:
         self.max_pending_bytes = max_pending_bytes
         self.fetch_ahead_bytes = fetch_ahead_bytes
         self.run_ahead = run_ahead
-        self._pending_bytes = 0  # offloaded, source still held
+        self._pending_bytes = 0  # offloaded, source still held (once per storage)
+        self._pending_records: Dict[Tuple[int, int], int] = {}  # per storage: records holding it
         self._ahead = FetchAhead(engine, self.device)
         # This step's offloaded records in save order (backward copies them back from the
         # end), the next one to copy back, and the window in bytes.
@@ -447,13 +448,11 @@ class Offloader:
                 self._plan = self._make_plan()
                 self._plan.details["profiled_step"] = self._steps
                 _log.info("spillway plan after step %d: %s", self._steps, self._plan.reason)
-            elif (
-                self._plan is not None
-                and self._rok is not None
-                and not self._settled
-                and self._step_overran(seconds, stall)
-            ):
-                self._revise_plan(seconds, stall)
+            elif self._plan is not None and self._rok is not None and not self._settled:
+                if self._step_overran(seconds, stall):
+                    self._revise_plan(seconds, stall)
+                elif self._overran:
+                    self._keep_or_go_back(seconds)
         self._poll_sources()
 
     def _revise_plan(self, seconds: float, stall: float) -> None:
@@ -487,6 +486,23 @@ class Offloader:
                 f"{head} ({write_wait * 1e3:.1f} on writes, {read_wait * 1e3:.1f} on reads): planned again "
                 f"with write bandwidth x{self._write_scale:.2f}, read x{self._read_scale:.2f}; " + self._plan.reason
             )
+        _log.info("spillway plan revised: %s", self._plan.reason)
+
+    def _keep_or_go_back(self, seconds: float) -> None:
+        """A revised plan ran without stalling: it stays if its step was no slower than
+        the fastest plan tried before it, else that one comes back (a revision that waits
+        less may still cost more, recomputing say), and stays."""
+        scales, best = min(self._overran, key=lambda tried: tried[1])
+        self._settled = True
+        if seconds <= best:
+            return
+        self._write_scale, self._read_scale = scales
+        self._plan = self._make_plan()
+        self._plan.reason = (
+            f"step {self._steps} took {seconds * 1e3:.1f} ms, slower than the {best * 1e3:.1f} ms of the plan "
+            f"with write bandwidth x{scales[0]:.2f}, read x{scales[1]:.2f}: back to that plan, which stays; "
+            + self._plan.reason
+        )
         _log.info("spillway plan revised: %s", self._plan.reason)
 
     def _step_overran(self, seconds: float, stall: float) -> bool:
@@ -589,10 +605,10 @@ class Offloader:
         else:
             tiers = Tiers(write_gbps * self._write_scale, read_gbps * self._read_scale)
         # Backward copies tensors back ahead of use, up to the window: a budget holds it too.
-        # (A tensor larger than the window still goes, alone.) Under a budget the window is
-        # the largest tensor the plan offloads: the planner weighs keeping that one.
-        largest = max((b for s in segs for b in s.tensors), default=0)
-        window: Any = LARGEST if self.budget is not None and self.fetch_ahead_bytes is None else max(self._fetch_window(largest), largest)
+        # (A tensor larger than the window still goes, alone.) The window follows from the
+        # largest tensor a plan offloads, by the rule backward applies: the planner weighs
+        # keeping that one.
+        window = self._fetch_window
         budget = self.budget
         rok = plan_rok(
             profile,
@@ -918,13 +934,30 @@ class Offloader:
         if first:
             seg.offloaded_bytes += nbytes
             self._totals["bytes_offloaded"] += nbytes
-        self._pending_bytes += nbytes
+        self._source_held(rec)
         # Memory goes back as soon as its write is done: a tensor held longer than that
         # still counts at the peak.
         self._poll_sources()
         self._bound_pending()
         self._note_held()
         return self._note_saved(t, rec)
+
+    def _source_held(self, rec: Stored) -> None:
+        """``rec`` holds its storage until its write is done: pending, once per storage
+        however many views of it were saved (q, k and v of one projection)."""
+        n = self._pending_records.get(rec.key, 0)
+        if n == 0:
+            self._pending_bytes += rec.nbytes
+        self._pending_records[rec.key] = n + 1
+
+    def _source_done(self, rec: Stored) -> None:
+        """``rec`` no longer holds its storage as pending (written, or kept for good)."""
+        n = self._pending_records.get(rec.key, 0) - 1
+        if n > 0:
+            self._pending_records[rec.key] = n
+            return
+        self._pending_records.pop(rec.key, None)
+        self._pending_bytes -= rec.nbytes
 
     def _note_saved(self, t: torch.Tensor, saved: Any) -> Any:
         """Tells the notes of cheap operations that ``t`` was saved as ``saved``: tensors

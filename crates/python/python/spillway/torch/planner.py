@@ -28,8 +28,9 @@ that lag behind the saves hold memory before the end of forward, too), and, as b
 starts, the first tensors read back ahead of use (up to the copy-back window). Under a
 budget, forward waits for the oldest writes whenever those under way pass what the budget
 leaves beside the kept bytes and the window, as the offloader does, so the budget holds
-throughout. The window under a budget is the largest tensor the plan offloads
-(:data:`LARGEST`): a plan that keeps its largest tensor reserves less. The cost of a plan
+throughout. The window depends on the plan, as the offloader's does (under a budget, the
+largest tensor the plan offloads: :func:`LARGEST`): a plan that keeps its largest tensor
+reserves less. The cost of a plan
 is its extra step time: forward's waits for writes, read stalls, and recompute.
 
 Goals:
@@ -38,10 +39,12 @@ Goals:
 - ``max_slowdown=x``: the most memory freed with the step at most ``x`` times as long.
 - ``budget=B``: activation memory at most ``B`` bytes at the least extra time.
 
-Each goal is met by a greedy search over *moves* (offload the next tensor in save order,
-rebuild a tensor, or recompute a segment), taking at each step the move that frees the
-most bytes per extra millisecond, from two starts: nothing done, and the cheapest
-rebuilds the goal's time allows (rebuilt bytes leave the write bandwidth to others). A
+Each goal is met by a greedy search over *moves* (offload the next tensor in save order
+or the rest of a segment, rebuild a tensor, or recompute a segment), taking at each step
+the move that frees the most bytes per extra millisecond, from several starts: nothing
+done, the cheapest rebuilds the goal's time allows (rebuilt bytes leave the write
+bandwidth to others), and for ``max_slowdown`` the adaptive plan. Moves that free
+nothing on their own are taken a few at a time where one after them frees something. A
 budget also tries recompute sets grown one segment at a time, each with the earliest
 saves offloaded until within budget, with and without rebuilds, and keeps the fastest
 plan. The tests compare them with brute force on recorded profiles.
@@ -51,11 +54,18 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Deque, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
-#: The copy-back window of a plan under a budget: the largest tensor it offloads (one
-#: tensor's copy overlaps the compute that uses the one before), as the offloader reads.
-LARGEST = "largest"
+#: A copy-back window that depends on the plan: a function of the largest tensor the plan
+#: offloads, giving the bytes backward reads ahead (the offloader's own rule is one).
+WindowRule = Callable[[int], int]
+
+
+def LARGEST(largest: int) -> int:
+    """The window under a budget: the largest tensor the plan offloads (one tensor's copy
+    overlaps the compute that uses the one before), as the offloader reads."""
+    return largest
+
 
 #: Time counted as "no extra time" for the adaptive goal, as a fraction of the step: below
 #: what one step differs from the next on a GPU (1-3%), and what a few rebuilds cost.
@@ -228,14 +238,16 @@ def _gbps_ms(nbytes: int, gbps: float) -> float:
     return nbytes / (gbps * 1e6)
 
 
-def plan_window(window: Union[int, str, None], offloaded: Sequence[int]) -> Optional[int]:
+def plan_window(window: Union[int, WindowRule, None], offloaded: Sequence[int]) -> Optional[int]:
     """The copy-back window in bytes for a plan offloading tensors of the given sizes:
-    ``window`` itself when a number or None, the largest of them for :data:`LARGEST` (None
-    when the plan offloads nothing)."""
-    if window == LARGEST:
-        return max(offloaded, default=0) or None
+    ``window`` itself when a number or None; for a rule (such as :func:`LARGEST`), the rule
+    applied to the largest of them, and never less than it (None when the plan offloads
+    nothing)."""
+    if callable(window):
+        largest = max(offloaded, default=0)
+        return max(int(window(largest)), largest) if largest > 0 else None
     if window is not None and not isinstance(window, int):
-        raise ValueError(f"window={window!r}: a number of bytes, None or {LARGEST!r}")
+        raise ValueError(f"window={window!r}: a number of bytes, None, or a rule of the largest offloaded tensor")
     return window
 
 
@@ -245,14 +257,15 @@ def simulate(
     offload: FrozenSet[Tuple[int, int]],
     recompute: FrozenSet[int],
     budget: Optional[int] = None,
-    window: Union[int, str, None] = None,
+    window: Union[int, WindowRule, None] = None,
     rebuild: FrozenSet[Tuple[int, int]] = frozenset(),
     prefetch_segments: Optional[int] = None,
 ) -> Outcome:
     """Predicts activation memory up to backward's start and extra step time for a plan
     (see the module documentation for the model). ``window`` bounds the bytes read back
-    ahead of use in backward: a number of bytes, :data:`LARGEST` (the largest tensor the
-    plan offloads), or None (no bound, and reads ahead are not counted as held). Under a
+    ahead of use in backward: a number of bytes, a rule of the largest tensor the plan
+    offloads (:func:`LARGEST`: that tensor), or None (no bound, and reads ahead are not
+    counted as held). Under a
     ``budget``, forward waits for the oldest writes whenever the bytes still being written
     pass what the budget leaves beside the kept ones and the window (as the offloader
     does). Tensors in ``rebuild`` are neither held nor written, and cost their rebuild
@@ -477,7 +490,7 @@ def plan(
     max_slowdown: Optional[float] = None,
     allow_recompute: bool = True,
     keep_last: int = 0,
-    window: Union[int, str, None] = None,
+    window: Union[int, WindowRule, None] = None,
     prefetch_segments: Optional[int] = None,
 ) -> RokPlan:
     """The plan for a goal: ``budget`` (bytes), ``max_slowdown`` (a ratio ≥ 1), or neither
@@ -580,6 +593,18 @@ def plan(
         cheap = _cheap_rebuilds(profile, frozen, allowed if budget is None else step)
         if cheap:
             starts.append((empty, empty, cheap))
+    if max_slowdown is not None:
+        # What frees memory at no extra time is a start for what may take more: the
+        # search from nothing can spend the time on a recompute before the free moves.
+        free = plan(
+            profile,
+            tiers,
+            allow_recompute=allow_recompute,
+            keep_last=keep_last,
+            window=window,
+            prefetch_segments=prefetch_segments,
+        )
+        starts.append((free.offload, free.recompute, free.rebuild))
     state, cur = None, None
     for start in starts:
         s2, out = greedy(start)

@@ -58,7 +58,7 @@ class Stored:
         if self.source is not None:
             self.source = None
             if self.owner is not None and not self.kept:
-                self.owner._pending_bytes -= self.nbytes
+                self.owner._source_done(self)
 
     def keep_source(self) -> None:
         """The engine keeps reading the tensor until its handle is released, having no copy
@@ -67,7 +67,7 @@ class Stored:
         if self.source is not None and not self.kept:
             self.kept = True
             if self.owner is not None:
-                self.owner._pending_bytes -= self.nbytes
+                self.owner._source_done(self)
 
     def check_version(self) -> None:
         t = self.source if self.source is not None else self.alive()
