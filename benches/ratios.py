@@ -1,6 +1,48 @@
 """A training run against the baseline (benches/train_gpt.py's runs): plain Python, so that
 the scripts reading results (rok_grid.py --summary) need no torch."""
 
+import importlib.util
+import os
+import sys
+
+_PLANNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "crates", "python", "python",
+                        "spillway", "torch", "planner.py")
+
+
+def _planner():
+    """spillway.torch's planner, loaded once from its file (it is plain Python; the package
+    around it needs torch)."""
+    name = "spillway_planner_for_benches"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _PLANNER)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while it loads
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def schedule_bound_bytes(result):
+    """The most bytes any plan frees at forward's peak without making forward wait, from
+    the step the run planned from (policy.profile: when each tensor was saved, its bytes,
+    which can be rebuilt) and the bandwidth it measured: every tensor that can be rebuilt
+    is, every other one is written in save order at that bandwidth, none before its save,
+    and only writes done by the end of forward count. Tighter than the per-layer bound
+    (34*s*b*h bytes over forward's time): the last tensors saved cannot be written by
+    then. None without a profile."""
+    policy = result.get("policy") or {}
+    data = policy.get("profile")
+    write, read = policy.get("write_gbps"), policy.get("read_gbps")
+    if not data or not write:
+        return None
+    p = _planner()
+    profile = p.Profile.from_dict(data)
+    host = policy.get("host_tier_bytes") or 0
+    tiers = p.Tiers(0.0, 0.0, host, write, read or write) if host else p.Tiers(write, read or write)
+    rebuild = frozenset(profile.rebuildable())
+    offload = frozenset(t for t in profile.tensor_ids() if t not in rebuild)
+    held = p.simulate(profile, tiers, offload, frozenset(), rebuild=rebuild).activation_bytes
+    return profile.activation_bytes - held
+
 
 def ratios_to(baseline, result):
     """The run's step time and peak against the baseline's, the memory it saved (forward's
@@ -34,6 +76,7 @@ def ratios_to(baseline, result):
         above_floor = max(baseline["fwd_act_mem_bytes"] - floor, 0)
         achievable = min(phys["bound_fraction"] * phys["layer_bytes_estimate"], above_floor)
     freed_bytes = None if freed is None else freed * phys["layer_bytes_estimate"]
+    schedule = schedule_bound_bytes(result) if freed_bytes is not None else None
     return {
         "step_time": ratio("step_ms"),
         "peak_mem": ratio("peak_mem_bytes"),
@@ -42,5 +85,6 @@ def ratios_to(baseline, result):
         "freed_fraction": freed,
         "freed_vs_bound": freed / phys["bound_fraction"] if freed is not None and phys.get("bound_fraction") else None,
         "freed_vs_achievable": freed_bytes / achievable if achievable else None,
+        "freed_vs_schedule_bound": freed_bytes / schedule if schedule else None,
         "loss_delta": result["loss"] - baseline["loss"],
     }

@@ -32,7 +32,11 @@ measured write bandwidth moves. Each spillway run reports that bound
 fraction it freed; and, against the baseline's working-set floor (forward's peak with
 nothing saved, no_grad_fwd_peak_bytes: no offloader goes below it), what it freed over
 the least of the bound's bytes and the baseline's peak above that floor
-(freed_vs_achievable).
+(freed_vs_achievable); and against the schedule bound (freed_vs_schedule_bound): from the
+step the run planned from, the most any plan frees at forward's peak without making forward
+wait, every tensor that can be rebuilt rebuilt and every other one written in save order
+at the measured bandwidth, none before its save (the last tensors saved cannot be off the
+GPU by the end of forward, which the per-layer bound does not see).
 """
 
 import argparse
@@ -92,6 +96,7 @@ def summary_rows(result):
             "-" if not phys else "%.0f%% / %.0f%%" % (100 * phys.get("offloaded_fraction", 0), 100 * phys["bound_fraction"]),
             "-" if q.get("freed_fraction") is None else "%.0f%% (%.2fx)" % (100 * q["freed_fraction"], q["freed_vs_bound"] or 0),
             "-" if q.get("freed_vs_achievable") is None else "%.2fx" % q["freed_vs_achievable"],
+            "-" if q.get("freed_vs_schedule_bound") is None else "%.2fx" % q["freed_vs_schedule_bound"],
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
@@ -101,7 +106,7 @@ def print_summary(out_dir):
     head = ["file", "shape", "run", "step ms", "x base", "fwd act GiB", "act saved", "step peak above start GiB",
             "saved", "offloaded GiB/step",
             "host tier in / spilled GiB (run)", "stall ms/step", "offloaded / bound",
-            "freed at the peak (x bound)", "x bound above the working-set floor"]
+            "freed at the peak (x bound)", "x bound above the working-set floor", "x schedule bound"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name in sorted(os.listdir(out_dir)):

@@ -303,3 +303,23 @@ def test_the_search_crosses_moves_that_free_nothing_one_by_one():
     got = planner.plan(prof, tiers, window=200 * MB)
     assert got.outcome.activation_bytes == 200 * MB and len(got.offload) == 4, got.reason
     assert planner.brute_force(prof, tiers)[2].activation_bytes <= got.outcome.activation_bytes
+
+
+def test_the_benches_schedule_bound_counts_only_writes_done_by_the_end_of_forward():
+    # One 10 ms block saving three 40 MB tensors, at 1, 2 and 10 ms, written at 10 GB/s (4
+    # ms each): at 2 ms the first two are held (one being written, one waiting), at 10 ms
+    # the last, which cannot be written by the end. 80 MB are held at 2 ms: 40 MB can go.
+    # Rebuilding the second needs no bandwidth: 40 MB held at most, so 80 MB can go.
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3] / "benches"))
+    import ratios
+
+    prof = planner.Profile([planner.SegmentProfile(10.0, 20.0, [40 * MB] * 3, 0, None, [1.0, 2.0, 10.0])])
+    result = {"policy": {"profile": prof.to_dict(), "write_gbps": 10.0, "read_gbps": 10.0}}
+    assert ratios.schedule_bound_bytes(result) == 40 * MB
+    prof.segments[0].rebuild_ms = [None, 0.1, None]
+    result["policy"]["profile"] = prof.to_dict()
+    assert ratios.schedule_bound_bytes(result) == 80 * MB
+    # Through a host tier's bandwidth (its size given), the same.
+    result["policy"].update(host_tier_bytes=1 << 30)
+    assert ratios.schedule_bound_bytes(result) == 80 * MB
+    assert ratios.schedule_bound_bytes({"policy": {}}) is None
