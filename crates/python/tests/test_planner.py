@@ -323,3 +323,21 @@ def test_the_benches_schedule_bound_counts_only_writes_done_by_the_end_of_forwar
     result["policy"].update(host_tier_bytes=1 << 30)
     assert ratios.schedule_bound_bytes(result) == 80 * MB
     assert ratios.schedule_bound_bytes({"policy": {}}) is None
+
+
+def test_a_time_goal_makes_forward_wait_where_that_frees_the_last_tensors():
+    # One block whose two 1 GB tensors are saved at its very end: no write is done by then,
+    # so a plan where forward never waits frees nothing. Waiting for a write (10 ms at 100
+    # GB/s) frees a tensor: 1.5x of the 90 ms step allows it, 1.05x does not.
+    prof = planner.Profile([planner.SegmentProfile(30.0, 60.0, [1000 * MB, 1000 * MB], 0, None, [29.0, 30.0])])
+    tiers = planner.Tiers(100.0, 100.0)
+    free = planner.plan(prof, tiers, window=planner.LARGEST)
+    assert free.outcome.activation_bytes == 2000 * MB and free.budget is None
+    within = planner.plan(prof, tiers, max_slowdown=1.05, window=planner.LARGEST)
+    assert within.outcome.activation_bytes == 2000 * MB and within.budget is None
+    got = planner.plan(prof, tiers, max_slowdown=1.5, window=planner.LARGEST)
+    assert got.outcome.activation_bytes < 2000 * MB and got.outcome.extra_ms <= 0.5 * prof.step_ms, got.reason
+    # The plan holds forward to the budget it was found under, as a budget's plan does.
+    assert got.budget is not None and got.outcome.activation_bytes <= got.budget
+    assert got.summary()["held_under_bytes"] == got.budget and "forward waiting for writes" in got.reason
+    assert planner.plan(prof, tiers, budget=150 * MB, window=planner.LARGEST).budget == 150 * MB

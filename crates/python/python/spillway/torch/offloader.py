@@ -608,8 +608,11 @@ class Offloader:
         # (A tensor larger than the window still goes, alone.) The window follows from the
         # largest tensor a plan offloads, by the rule backward applies: the planner weighs
         # keeping that one.
-        window = self._fetch_window
         budget = self.budget
+
+        def window(largest: int) -> int:
+            return self._fetch_window(largest, tight=budget is not None)
+
         rok = plan_rok(
             profile,
             tiers,
@@ -635,12 +638,13 @@ class Offloader:
         self._rok = rok
         self._set_recompute(sorted(segs[i].block for i in rok.recompute if segs[i].block >= 0))
         self._plan_pending_limit = None
-        if budget is not None:
-            # Bytes still being written are held too: bound them by what the budget has
-            # left, so that the peak stays within it (a save beyond it waits for writes;
-            # with nothing left, each write finishes before forward goes on). The window's
-            # reads join them as backward starts.
-            self._plan_pending_limit = max(budget - rok.outcome.kept_bytes - (rok.outcome.window_bytes or 0), 0)
+        if rok.budget is not None:
+            # Bytes still being written are held too: bound them by what the budget (the
+            # goal's, or the one a time goal's plan was found under) has left, so that the
+            # peak stays within it (a save beyond it waits for writes; with nothing left,
+            # each write finishes before forward goes on). The window's reads join them as
+            # backward starts.
+            self._plan_pending_limit = max(rok.budget - rok.outcome.kept_bytes - (rok.outcome.window_bytes or 0), 0)
         details["fetch_ahead_bytes"] = rok.outcome.window_bytes
         details["planned_bytes"] = rok.outcome.host_bytes + rok.outcome.storage_bytes
         touched = len({i for i, _ in rok.offload} | set(rok.recompute))
@@ -1140,14 +1144,16 @@ class Offloader:
         self._top_up()
         self._note_held()
 
-    def _fetch_window(self, largest: int) -> int:
+    def _fetch_window(self, largest: int, tight: Optional[bool] = None) -> int:
         """The bytes backward copies back ahead of use, given the largest offloaded tensor:
-        ``fetch_ahead_bytes`` when given; under a budget, whose every byte counts, one
-        tensor (its copy overlaps the compute that uses the one before); otherwise two
-        tensors, at least 64 MiB."""
+        ``fetch_ahead_bytes`` when given; under a budget (``tight``; by default, where the
+        plan holds one), whose every byte counts, one tensor (its copy overlaps the compute
+        that uses the one before); otherwise two tensors, at least 64 MiB."""
         if self.fetch_ahead_bytes is not None:
             return self.fetch_ahead_bytes
-        if self.budget is not None:
+        if tight is None:
+            tight = self.budget is not None or (self._rok is not None and self._rok.budget is not None)
+        if tight:
             return largest
         return max(2 * largest, 64 << 20)
 

@@ -44,7 +44,9 @@ or the rest of a segment, rebuild a tensor, or recompute a segment), taking at e
 the move that frees the most bytes per extra millisecond, from several starts: nothing
 done, the cheapest rebuilds the goal's time allows (rebuilt bytes leave the write
 bandwidth to others), and for ``max_slowdown`` the adaptive plan. Moves that free
-nothing on their own are taken a few at a time where one after them frees something. A
+nothing on their own are taken a few at a time where one after them frees something.
+``max_slowdown`` also tries the least budget whose plan stays within its time (forward
+then waits for writes, which frees the last tensors saved; no plan that never waits can). A
 budget also tries recompute sets grown one segment at a time, each with the earliest
 saves offloaded until within budget, with and without rebuilds, and keeps the fastest
 plan. The tests compare them with brute force on recorded profiles.
@@ -209,6 +211,9 @@ class RokPlan:
     outcome: Outcome
     reason: str
     rebuild: FrozenSet[Tuple[int, int]] = frozenset()
+    #: The bytes forward holds saved tensors under, waiting for writes where it must (a
+    #: budget's, or the one a time goal's plan was found under); None: forward never waits.
+    budget: Optional[int] = None
 
     def summary(self) -> Dict[str, object]:
         o = self.outcome
@@ -225,6 +230,7 @@ class RokPlan:
             predicted_recompute_ms=round(o.recompute_ms, 3),
             planned_host_bytes=o.host_bytes,
             planned_storage_bytes=o.storage_bytes,
+            held_under_bytes=self.budget,
             reason=self.reason,
         )
 
@@ -618,6 +624,15 @@ def plan(
         alt = _budget_search(profile, sim, budget, frozen, allow_recompute)
         if alt is not None and better(alt[1], cur):
             state, cur = alt
+    hold = budget
+    if max_slowdown is not None:
+        # Making forward wait for writes frees what no plan that never waits can (the
+        # last tensors saved): the least budget whose plan stays within the time competes.
+        tight = _least_budget_within(
+            profile, tiers, allowed, cur.activation_bytes, allow_recompute, keep_last, window, prefetch_segments
+        )
+        if tight is not None and tight.outcome.activation_bytes < cur.activation_bytes:
+            state, cur, hold = (tight.offload, tight.recompute, tight.rebuild), tight.outcome, tight.budget
     offload, recompute, rebuild = state
     total = profile.activation_bytes
     cut = 1 - cur.activation_bytes / total if total else 0.0
@@ -634,7 +649,47 @@ def plan(
             f"({cur.rebuilt_bytes / 2**30:.2f} GiB), {len(recompute)} segments recomputed, "
             f"predicted +{cur.extra_ms:.1f} ms on a {step:.1f} ms step"
         )
-    return RokPlan(goal, offload, recompute, cur, reason, rebuild)
+        if hold is not None and budget is None:
+            reason += f", forward waiting for writes to hold {hold / 2**30:.2f} GiB"
+    return RokPlan(goal, offload, recompute, cur, reason, rebuild, hold)
+
+
+#: Halvings of the range of budgets tried for a time goal.
+_BUDGET_STEPS = 8
+
+
+def _least_budget_within(
+    profile: Profile,
+    tiers: Tiers,
+    allowed: float,
+    above: int,
+    allow_recompute: bool,
+    keep_last: int,
+    window: Union[int, WindowRule, None],
+    prefetch_segments: Optional[int],
+) -> Optional[RokPlan]:
+    """The plan for the least budget below ``above`` bytes (found by halving the range)
+    whose extra time is within ``allowed`` milliseconds, or None. Its window is one tensor
+    (:func:`LARGEST`), as the offloader reads under a budget, unless ``window`` is a fixed
+    number of bytes."""
+    rule = window if isinstance(window, int) else LARGEST
+    lo, hi, found = 0, above, None
+    for _ in range(_BUDGET_STEPS):
+        mid = (lo + hi) // 2
+        got = plan(
+            profile,
+            tiers,
+            budget=mid,
+            allow_recompute=allow_recompute,
+            keep_last=keep_last,
+            window=rule,
+            prefetch_segments=prefetch_segments,
+        )
+        if got.outcome.activation_bytes <= mid and got.outcome.extra_ms <= allowed + 1e-9:
+            found, hi = got, mid
+        else:
+            lo = mid
+    return found
 
 
 #: Moves that free nothing the greedy search takes in a row, looking for one that frees
