@@ -247,12 +247,12 @@ def test_the_window_under_a_budget_is_the_largest_tensor_the_plan_offloads():
     prof = head_heavy()
     tiers = planner.Tiers(100.0, 100.0)
     blocks = frozenset((i, k) for i in (1, 2) for k in range(4))
-    keep_head = planner.simulate(prof, tiers, blocks, frozenset(), window=planner.LARGEST)
+    keep_head = planner.simulate(prof, tiers, blocks, frozenset(), window=planner.largest_offloaded)
     assert keep_head.window_bytes == 100 * MB
-    move_head = planner.simulate(prof, tiers, blocks | {(3, 0)}, frozenset(), window=planner.LARGEST)
+    move_head = planner.simulate(prof, tiers, blocks | {(3, 0)}, frozenset(), window=planner.largest_offloaded)
     assert move_head.window_bytes == 400 * MB
     # Nothing offloaded: no window. Numbers and None pass through; anything else is refused.
-    assert planner.simulate(prof, tiers, frozenset(), frozenset(), window=planner.LARGEST).window_bytes is None
+    assert planner.simulate(prof, tiers, frozenset(), frozenset(), window=planner.largest_offloaded).window_bytes is None
     assert planner.plan_window(7, [1, 2]) == 7 and planner.plan_window(None, [1]) is None
     with pytest.raises(ValueError, match="window="):
         planner.plan_window("most", [1])
@@ -261,7 +261,7 @@ def test_the_window_under_a_budget_is_the_largest_tensor_the_plan_offloads():
     # MB, but its write ends forward and its read starts backward. Keeping it is faster,
     # and the planner finds that only when the window follows the plan.
     budget = 600 * MB
-    got = planner.plan(prof, tiers, budget=budget, window=planner.LARGEST)
+    got = planner.plan(prof, tiers, budget=budget, window=planner.largest_offloaded)
     assert (3, 0) not in got.offload and got.outcome.activation_bytes <= budget, got.reason
     fixed = planner.plan(prof, tiers, budget=budget, window=400 * MB)
     assert (3, 0) in fixed.offload and got.outcome.extra_ms < fixed.outcome.extra_ms, (got.reason, fixed.reason)
@@ -331,13 +331,13 @@ def test_a_time_goal_makes_forward_wait_where_that_frees_the_last_tensors():
     # GB/s) frees a tensor: 1.5x of the 90 ms step allows it, 1.05x does not.
     prof = planner.Profile([planner.SegmentProfile(30.0, 60.0, [1000 * MB, 1000 * MB], 0, None, [29.0, 30.0])])
     tiers = planner.Tiers(100.0, 100.0)
-    free = planner.plan(prof, tiers, window=planner.LARGEST)
+    free = planner.plan(prof, tiers, window=planner.largest_offloaded)
     assert free.outcome.activation_bytes == 2000 * MB and free.budget is None
-    within = planner.plan(prof, tiers, max_slowdown=1.05, window=planner.LARGEST)
+    within = planner.plan(prof, tiers, max_slowdown=1.05, window=planner.largest_offloaded)
     assert within.outcome.activation_bytes == 2000 * MB and within.budget is None
-    got = planner.plan(prof, tiers, max_slowdown=1.5, window=planner.LARGEST)
+    got = planner.plan(prof, tiers, max_slowdown=1.5, window=planner.largest_offloaded)
     assert got.outcome.activation_bytes < 2000 * MB and got.outcome.extra_ms <= 0.5 * prof.step_ms, got.reason
     # The plan holds forward to the budget it was found under, as a budget's plan does.
     assert got.budget is not None and got.outcome.activation_bytes <= got.budget
     assert got.summary()["held_under_bytes"] == got.budget and "forward waiting for writes" in got.reason
-    assert planner.plan(prof, tiers, budget=150 * MB, window=planner.LARGEST).budget == 150 * MB
+    assert planner.plan(prof, tiers, budget=150 * MB, window=planner.largest_offloaded).budget == 150 * MB

@@ -679,6 +679,22 @@ def test_a_step_is_planned_again_only_when_its_io_made_it_slower(tmp_path):
             assert "planned again with write bandwidth x%.2f, read x%.2f" % scales in reason, reason
 
 
+def revised_once(model, data, off):
+    """Plans from the profiled steps, then ends a step 1.2x its prediction with forward
+    stalled on writes: planned again at write bandwidth x0.8. Returns the first plan's
+    summary and that step's seconds."""
+    for _ in range(2):
+        run_step(model, data, off.step())
+    first = off._rok.summary()
+    predicted = sum(s.fwd_ms + s.bwd_ms for s in off._profiled) + off._rok.outcome.extra_ms
+    late = predicted * 1.2 / 1e3
+    off._profiling = False
+    off._step_write_wait = 0.1 * late
+    off._end_step(late, 0.1 * late)
+    assert (off._write_scale, off._read_scale) == pytest.approx((0.8, 1.0))
+    return first, late
+
+
 def test_a_revision_that_made_steps_slower_is_undone_and_the_plan_then_stays(tmp_path):
     # Lowering a bandwidth trades offloading for keeping or recomputing; where the stall was
     # not the bandwidth's (a budget's bound on bytes in flight, say), each revision costs
@@ -686,15 +702,7 @@ def test_a_revision_that_made_steps_slower_is_undone_and_the_plan_then_stays(tmp
     # fastest plan tried, says so, and is not revised again.
     model, data = gpt("cpu"), gpt_batch("cpu")
     with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20) as off:
-        for _ in range(2):
-            run_step(model, data, off.step())
-        first = off._rok.summary()
-        predicted = sum(s.fwd_ms + s.bwd_ms for s in off._profiled) + off._rok.outcome.extra_ms
-        late = predicted * 1.2 / 1e3
-        off._profiling = False
-        off._step_write_wait = 0.1 * late
-        off._end_step(late, 0.1 * late)  # writes stalled: planned again at x0.8
-        assert (off._write_scale, off._read_scale) == pytest.approx((0.8, 1.0))
+        first, late = revised_once(model, data, off)
         off._step_write_wait = 0.1 * late
         off._end_step(late * 1.1, 0.1 * late)  # slower than the first plan: back to it
         assert (off._write_scale, off._read_scale) == (1.0, 1.0)
@@ -717,14 +725,7 @@ def test_a_revision_is_judged_by_its_step_even_where_it_did_not_stall(tmp_path, 
     # plan comes back; faster: the revision stays. Either way nothing is revised again.
     model, data = gpt("cpu"), gpt_batch("cpu")
     with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20) as off:
-        for _ in range(2):
-            run_step(model, data, off.step())
-        first = off._rok.summary()
-        predicted = sum(s.fwd_ms + s.bwd_ms for s in off._profiled) + off._rok.outcome.extra_ms
-        late = predicted * 1.2 / 1e3
-        off._profiling = False
-        off._step_write_wait = 0.1 * late
-        off._end_step(late, 0.1 * late)  # writes stalled: planned again at x0.8
+        first, late = revised_once(model, data, off)
         revised = off.stats()["policy"]["reason"]
         off._step_write_wait = 0.0
         off._end_step(late * (0.9 if faster else 1.1), 0.0)  # no stall

@@ -29,7 +29,7 @@ starts, the first tensors read back ahead of use (up to the copy-back window). U
 budget, forward waits for the oldest writes whenever those under way pass what the budget
 leaves beside the kept bytes and the window, as the offloader does, so the budget holds
 throughout. The window depends on the plan, as the offloader's does (under a budget, the
-largest tensor the plan offloads: :func:`LARGEST`): a plan that keeps its largest tensor
+largest tensor the plan offloads: :func:`largest_offloaded`): a plan that keeps its largest tensor
 reserves less. The cost of a plan
 is its extra step time: forward's waits for writes, read stalls, and recompute.
 
@@ -63,7 +63,7 @@ from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Sequence, T
 WindowRule = Callable[[int], int]
 
 
-def LARGEST(largest: int) -> int:
+def largest_offloaded(largest: int) -> int:
     """The window under a budget: the largest tensor the plan offloads (one tensor's copy
     overlaps the compute that uses the one before), as the offloader reads."""
     return largest
@@ -246,7 +246,7 @@ def _gbps_ms(nbytes: int, gbps: float) -> float:
 
 def plan_window(window: Union[int, WindowRule, None], offloaded: Sequence[int]) -> Optional[int]:
     """The copy-back window in bytes for a plan offloading tensors of the given sizes:
-    ``window`` itself when a number or None; for a rule (such as :func:`LARGEST`), the rule
+    ``window`` itself when a number or None; for a rule (such as :func:`largest_offloaded`), the rule
     applied to the largest of them, and never less than it (None when the plan offloads
     nothing)."""
     if callable(window):
@@ -270,7 +270,7 @@ def simulate(
     """Predicts activation memory up to backward's start and extra step time for a plan
     (see the module documentation for the model). ``window`` bounds the bytes read back
     ahead of use in backward: a number of bytes, a rule of the largest tensor the plan
-    offloads (:func:`LARGEST`: that tensor), or None (no bound, and reads ahead are not
+    offloads (:func:`largest_offloaded`: that tensor), or None (no bound, and reads ahead are not
     counted as held). Under a
     ``budget``, forward waits for the oldest writes whenever the bytes still being written
     pass what the budget leaves beside the kept ones and the window (as the offloader
@@ -670,9 +670,9 @@ def _least_budget_within(
 ) -> Optional[RokPlan]:
     """The plan for the least budget below ``above`` bytes (found by halving the range)
     whose extra time is within ``allowed`` milliseconds, or None. Its window is one tensor
-    (:func:`LARGEST`), as the offloader reads under a budget, unless ``window`` is a fixed
+    (:func:`largest_offloaded`), as the offloader reads under a budget, unless ``window`` is a fixed
     number of bytes."""
-    rule = window if isinstance(window, int) else LARGEST
+    rule = window if isinstance(window, int) else largest_offloaded
     lo, hi, found = 0, above, None
     for _ in range(_BUDGET_STEPS):
         mid = (lo + hi) // 2
