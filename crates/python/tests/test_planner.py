@@ -267,18 +267,23 @@ def test_the_window_under_a_budget_is_the_largest_tensor_the_plan_offloads():
     assert (3, 0) in fixed.offload and got.outcome.extra_ms < fixed.outcome.extra_ms, (got.reason, fixed.reason)
 
 
-def test_reads_ahead_as_backward_starts_count_as_held():
+def test_reads_ahead_as_backward_starts_count_as_held_under_a_budget():
     # One block, two 100 MB tensors, both offloaded and written long before forward ends.
-    # As backward starts, the window's reads ahead are held: one tensor (100 MB window), or
-    # both (a window of 200 MB); without a window they are not counted.
+    # A budget holds up to backward's start: as it starts, the window's reads ahead are held,
+    # one tensor (100 MB window) or both (200 MB). The other goals free memory at forward's
+    # end, where nothing is held; without a window nothing is counted either.
     prof = planner.Profile([planner.SegmentProfile(100.0, 200.0, [100 * MB, 100 * MB], 0, None, [1.0, 2.0])])
     tiers = planner.Tiers(100.0, 100.0)
     both = frozenset({(0, 0), (0, 1)})
-    assert planner.simulate(prof, tiers, both, frozenset()).activation_bytes == 100 * MB  # the write under way
-    assert planner.simulate(prof, tiers, both, frozenset(), window=100 * MB).activation_bytes == 100 * MB
-    assert planner.simulate(prof, tiers, both, frozenset(), window=200 * MB).activation_bytes == 200 * MB
+
+    def held(window, budget=1000 * MB):
+        return planner.simulate(prof, tiers, both, frozenset(), budget, window).activation_bytes
+
+    assert held(None) == 100 * MB  # the write under way at 2 ms
+    assert held(100 * MB) == 100 * MB and held(200 * MB) == 200 * MB
     # At least one tensor is read ahead, whatever the window.
-    assert planner.simulate(prof, tiers, both, frozenset(), window=1).activation_bytes == 100 * MB
+    assert held(1) == 100 * MB
+    assert planner.simulate(prof, tiers, both, frozenset(), window=200 * MB).activation_bytes == 100 * MB
 
 
 def test_a_profile_round_trips_through_plain_data():
@@ -293,16 +298,22 @@ def test_a_profile_round_trips_through_plain_data():
 
 
 def test_the_search_crosses_moves_that_free_nothing_one_by_one():
-    # Four 100 MB tensors written long before forward ends, and a 200 MB copy-back window:
-    # the first two offloaded come straight back as backward starts (held all the same),
-    # the next two free their bytes. The search takes the first two to reach the others.
+    # Four 100 MB tensors written long before forward ends, a 200 MB copy-back window and a
+    # 200 MB budget: the first two offloaded come straight back as backward starts (held
+    # all the same), the next two free their bytes. The greedy search takes the first two
+    # to reach the others (and the budget is met).
     prof = planner.Profile([planner.SegmentProfile(100.0, 200.0, [100 * MB] * 4, 0, None, [1.0, 2.0, 3.0, 4.0])])
     tiers = planner.Tiers(100.0, 100.0)
-    one = planner.simulate(prof, tiers, frozenset({(0, 0)}), frozenset(), window=200 * MB)
+    budget = 200 * MB
+    one = planner.simulate(prof, tiers, frozenset({(0, 0)}), frozenset(), budget, 200 * MB)
     assert one.activation_bytes == 400 * MB
-    got = planner.plan(prof, tiers, window=200 * MB)
+
+    def sim(state):
+        return planner.simulate(prof, tiers, state[0], state[1], budget, 200 * MB, state[2])
+
+    got = planner.plan(prof, tiers, budget=budget, window=200 * MB)
     assert got.outcome.activation_bytes == 200 * MB and len(got.offload) == 4, got.reason
-    assert planner.brute_force(prof, tiers)[2].activation_bytes <= got.outcome.activation_bytes
+    assert planner._budget_search(prof, sim, budget, set(), True) is not None  # the other way there
 
 
 def test_the_benches_schedule_bound_counts_only_writes_done_by_the_end_of_forward():

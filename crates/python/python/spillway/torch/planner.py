@@ -22,11 +22,11 @@ under a candidate plan:
   the granularity of one saved tensor, for the parts whose bytes cost far more to move
   than to make (a GELU's output: as many bytes as its input, a few hundred microseconds).
 
-The activation memory of a plan is the most held at any moment up to backward's start:
-tensors kept, recompute inputs kept, offloaded tensors whose writes are not done (writes
-that lag behind the saves hold memory before the end of forward, too), and, as backward
-starts, the first tensors read back ahead of use (up to the copy-back window). Under a
-budget, forward waits for the oldest writes whenever those under way pass what the budget
+The activation memory of a plan is the most forward holds at any moment: tensors kept,
+recompute inputs kept, and offloaded tensors whose writes are not done (writes that lag
+behind the saves hold memory before the end of forward, too); under a budget, which holds
+up to backward's start, also the first tensors read back ahead of use as backward starts
+(up to the copy-back window). Under a budget, forward waits for the oldest writes whenever those under way pass what the budget
 leaves beside the kept bytes and the window, as the offloader does, so the budget holds
 throughout. The window depends on the plan, as the offloader's does (under a budget, the
 largest tensor the plan offloads: :func:`largest_offloaded`): a plan that keeps its largest tensor
@@ -267,12 +267,12 @@ def simulate(
     rebuild: FrozenSet[Tuple[int, int]] = frozenset(),
     prefetch_segments: Optional[int] = None,
 ) -> Outcome:
-    """Predicts activation memory up to backward's start and extra step time for a plan
-    (see the module documentation for the model). ``window`` bounds the bytes read back
-    ahead of use in backward: a number of bytes, a rule of the largest tensor the plan
-    offloads (:func:`largest_offloaded`: that tensor), or None (no bound, and reads ahead are not
-    counted as held). Under a
-    ``budget``, forward waits for the oldest writes whenever the bytes still being written
+    """Predicts activation memory (under a ``budget``, up to backward's start) and extra
+    step time for a plan (see the module documentation for the model). ``window`` bounds
+    the bytes read back ahead of use in backward: a number of bytes, a rule of the largest
+    tensor the plan offloads (:func:`largest_offloaded`: that tensor), or None (no bound,
+    and under a budget reads ahead are not counted as held). Under a ``budget``, forward
+    waits for the oldest writes whenever the bytes still being written
     pass what the budget leaves beside the kept ones and the window (as the offloader
     does). Tensors in ``rebuild`` are neither held nor written, and cost their rebuild
     time in backward. ``prefetch_segments``: how many segments before the one backward
@@ -371,9 +371,10 @@ def simulate(
             return len(segs) - 1
         return min(i + prefetch_segments, len(segs) - 1)
 
-    if window is not None and placed:
-        # As backward starts, the first reads ahead (those it may read then, within the
-        # window) join what forward still holds.
+    if budget is not None and window is not None and placed:
+        # Under a budget, which holds up to backward's start: as backward starts, the first
+        # reads ahead (those it may read then, within the window) join what forward still
+        # holds. (The other goals free memory at forward's peak, its end.)
         first, j = 0, len(placed) - 1
         while j >= 0 and readable_from(placed[j][0]) == len(segs) - 1 and (first == 0 or first + placed[j][1] <= window):
             first += placed[j][1]
