@@ -22,13 +22,14 @@ def _planner():
 
 
 def schedule_bound_bytes(result):
-    """The most bytes any plan frees at forward's peak without making forward wait, from
-    the step the run planned from (policy.profile: when each tensor was saved, its bytes,
-    which can be rebuilt) and the bandwidth it measured: every tensor that can be rebuilt
-    is, every other one is written in save order at that bandwidth, none before its save,
-    and only writes done by the end of forward count. Tighter than the per-layer bound
-    (34*s*b*h bytes over forward's time): the last tensors saved cannot be written by
-    then. None without a profile."""
+    """The bytes freed at forward's peak by the schedule the measured step allows, forward
+    never waiting: from the step the run planned from (policy.profile: when each tensor
+    was saved, its bytes, which can be rebuilt) and the bandwidth it measured, every tensor
+    that can be rebuilt is, every other one is written in save order at that bandwidth,
+    none before its save, and only writes done by the end of forward count. Tighter than
+    the per-layer bound (34*s*b*h bytes over forward's time): the last tensors saved cannot
+    be written by then. (Not strict: leaving a large early tensor out can let the ones
+    after it finish sooner.) None without a profile."""
     policy = result.get("policy") or {}
     data = policy.get("profile")
     write, read = policy.get("write_gbps"), policy.get("read_gbps")

@@ -33,10 +33,10 @@ fraction it freed; and, against the baseline's working-set floor (forward's peak
 nothing saved, no_grad_fwd_peak_bytes: no offloader goes below it), what it freed over
 the least of the bound's bytes and the baseline's peak above that floor
 (freed_vs_achievable); and against the schedule bound (freed_vs_schedule_bound): from the
-step the run planned from, the most any plan frees at forward's peak without making forward
-wait, every tensor that can be rebuilt rebuilt and every other one written in save order
-at the measured bandwidth, none before its save (the last tensors saved cannot be off the
-GPU by the end of forward, which the per-layer bound does not see).
+step the run planned from, what forward's peak sheds with every tensor that can be rebuilt
+rebuilt and every other one written in save order at the measured bandwidth, none before
+its save, forward never waiting (the last tensors saved cannot be off the GPU by the end of
+forward, which the per-layer bound does not see).
 """
 
 import argparse

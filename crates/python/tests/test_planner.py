@@ -2,6 +2,7 @@
 plain Python, loaded from its file."""
 
 import importlib.util
+import json
 import pathlib
 import sys
 
@@ -352,3 +353,79 @@ def test_a_time_goal_makes_forward_wait_where_that_frees_the_last_tensors():
     assert got.budget is not None and got.outcome.activation_bytes <= got.budget
     assert got.summary()["held_under_bytes"] == got.budget and "forward waiting for writes" in got.reason
     assert planner.plan(prof, tiers, budget=150 * MB, window=planner.largest_offloaded).budget == 150 * MB
+
+
+# Steps measured on an H100 (benches/results/rok-h100-*.json, `policy.profile`): per
+# segment its times, the bytes of each tensor saved and when, which can be rebuilt and at
+# what cost; and the tier the run planned for.
+PROFILES = sorted((pathlib.Path(__file__).resolve().parent / "profiles").glob("*.json"))
+
+
+def recorded_step(path):
+    rec = json.loads(path.read_text())
+    t = rec["tiers"]
+    if t["host_tier_bytes"]:
+        tiers = planner.Tiers(0.0, 0.0, t["host_tier_bytes"], t["write_gbps"], t["read_gbps"])
+    else:
+        tiers = planner.Tiers(t["write_gbps"], t["read_gbps"])
+    return planner.Profile.from_dict(rec["profile"]), tiers
+
+
+def default_window(largest):
+    """The offloader's copy-back window without a budget: two tensors, at least 64 MiB."""
+    return max(2 * largest, 64 << 20)
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+def test_recorded_steps_more_time_never_frees_less(path):
+    prof, tiers = recorded_step(path)
+    step = prof.step_ms
+    got = planner.plan(prof, tiers, window=default_window, prefetch_segments=2)
+    assert got.outcome.extra_ms <= planner.ADAPTIVE_TOLERANCE * step + 1e-9, got.reason
+    assert got.outcome.activation_bytes < prof.activation_bytes, got.reason
+    held = got.outcome.activation_bytes
+    for ratio in (1.02, 1.05, 1.1, 1.2):
+        slower = planner.plan(prof, tiers, max_slowdown=ratio, window=default_window, prefetch_segments=2)
+        assert slower.outcome.extra_ms <= (ratio - 1) * step + 1e-9, slower.reason
+        assert slower.outcome.activation_bytes <= held, (ratio, slower.reason)
+        held = slower.outcome.activation_bytes
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+def test_recorded_steps_meet_budgets_faster_than_recomputing_every_block(path, fraction):
+    prof, tiers = recorded_step(path)
+    budget = int(fraction * prof.activation_bytes)
+    got = planner.plan(prof, tiers, budget=budget, window=planner.largest_offloaded, prefetch_segments=2)
+    assert got.outcome.activation_bytes <= budget and got.budget == budget, got.reason
+    every = frozenset(i for i, s in enumerate(prof.segments) if planner._recomputable(s))
+    checkpoint = planner.simulate(prof, tiers, frozenset(), every, budget, planner.largest_offloaded, prefetch_segments=2)
+    assert got.outcome.extra_ms < checkpoint.extra_ms, (got.reason, checkpoint)
+
+
+def test_a_recorded_budget_keeps_the_logits_its_window_would_reserve():
+    # GPT at hidden 8192 on the H100: the 2 GB logits are saved last and used first. Under
+    # 25% of the activation bytes, the plan keeps them, and reserves the 1 GiB of the
+    # largest tensor it offloads for the copy-back window (not the logits' 2 GB).
+    prof, tiers = recorded_step(PROFILES[[p.stem for p in PROFILES].index("h100-gpt-h8192-s1024-mb16")])
+    last = len(prof.segments) - 1
+    logits = (last, len(prof.segments[last].tensors) - 1)
+    assert prof.segments[last].tensors[-1] == max(b for s in prof.segments for b in s.tensors)
+    got = planner.plan(prof, tiers, budget=int(0.25 * 18.25e9), window=planner.largest_offloaded, prefetch_segments=2)
+    assert logits not in got.offload and got.outcome.window_bytes == 1 << 30, got.reason
+
+
+@pytest.mark.parametrize("path", PROFILES[:2], ids=lambda p: p.stem)
+def test_a_recorded_block_plans_as_well_as_brute_force(path):
+    # The stretch before the first block and the first block of a measured step, every
+    # plan tried.
+    prof, tiers = recorded_step(path)
+    prof = planner.Profile(prof.segments[:2])
+    got = planner.plan(prof, tiers)
+    best = planner.brute_force(prof, tiers)[2]
+    assert got.outcome.activation_bytes <= best.activation_bytes + (64 << 20), (got.reason, best)
+    budget = int(0.3 * prof.activation_bytes)
+    got = planner.plan(prof, tiers, budget=budget)
+    best = planner.brute_force(prof, tiers, budget=budget)[2]
+    assert got.outcome.activation_bytes <= budget, got.reason
+    assert got.outcome.extra_ms <= 1.25 * best.extra_ms + 1.0, (got.reason, best)

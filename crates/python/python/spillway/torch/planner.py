@@ -39,8 +39,8 @@ Goals:
 - ``max_slowdown=x``: the most memory freed with the step at most ``x`` times as long.
 - ``budget=B``: activation memory at most ``B`` bytes at the least extra time.
 
-Each goal is met by a greedy search over *moves* (offload the next tensor in save order
-or the rest of a segment, rebuild a tensor, or recompute a segment), taking at each step
+Each goal is met by a greedy search over *moves* (offload a tensor or the rest of a
+segment, rebuild a tensor, or recompute a segment), taking at each step
 the move that frees the most bytes per extra millisecond, from several starts: nothing
 done, the cheapest rebuilds the goal's time allows (rebuilt bytes leave the write
 bandwidth to others), and for ``max_slowdown`` the adaptive plan. Moves that free
@@ -415,8 +415,8 @@ State = Tuple[FrozenSet[Tuple[int, int]], FrozenSet[int], FrozenSet[Tuple[int, i
 
 
 def _moves(profile: Profile, state: State) -> List[Tuple[str, object]]:
-    """Moves from a plan: offload the next tensor (in save order) of each segment neither
-    offloaded nor rebuilt, or all of them (one tensor at a time may free nothing until
+    """Moves from a plan: offload a tensor of a segment neither offloaded nor rebuilt, or
+    all of them (one tensor at a time may free nothing until
     several have gone: the first reads ahead in backward hold as many bytes as the last
     offloads free), offload a recomputed segment's input, rebuild a segment's cheapest
     tensor per byte, or recompute a segment."""
@@ -429,8 +429,9 @@ def _moves(profile: Profile, state: State) -> List[Tuple[str, object]]:
                 out.append(("offload", (i, -1)))
             first = s.inner_count
         rest = [(i, k) for k in range(first, len(s.tensors)) if (i, k) not in offload and (i, k) not in rebuild]
-        if rest:
-            out.append(("offload", rest[0]))
+        # Any one of them: the next in save order has the most time to be written, but a
+        # large one there can hold the channel up for the smaller ones after it.
+        out.extend(("offload", t) for t in rest)
         if len(rest) > 1:
             out.append(("offload_rest", i))
         # Of the segment's rebuilds, the one that frees the most bytes per millisecond (a
@@ -656,7 +657,7 @@ def plan(
 
 
 #: Halvings of the range of budgets tried for a time goal.
-_BUDGET_STEPS = 8
+_BUDGET_STEPS = 6
 
 
 def _least_budget_within(
