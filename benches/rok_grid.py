@@ -19,9 +19,15 @@ micro-batch 16 (8 where 16 does not fit: pass --batch), GPT and Llama-style deco
 
 `--summary` prints one markdown table of every rok-*.json in --out-dir instead.
 
-Writes one JSON per shape under --out-dir (rok-<gpu>-<arch>-h<h>-s<seq>.json, with the
-command that made it) and, where matplotlib is installed, one PNG per shape: step time
-against activation memory, one point per run.
+Writes one JSON per shape under --out-dir (rok-<gpu>-<arch>-h<h>-s<seq>-mb<batch>.json,
+with the command that made it) and, where matplotlib is installed, one PNG per shape: step
+time against activation memory, one point per run. Where the baseline runs out of memory
+at --batch, the shape runs again at half the micro-batch (down to 1). With --resume the grid
+goes on where earlier invocations left it (a grid may take several GPU sessions): a shape
+whose files already hold every run asked for is skipped, and one that lacks some runs gets
+them, with a baseline of their own (ratios stay within one invocation), in a new part file
+(...-mb<batch>-part<N>.json); a micro-batch whose baseline ran out of memory is not tried
+again.
 
 The bound: a layer saves about 34*s*b*h bytes (bf16, flash attention) and costs
 24*b*s*h^2 + 4*b*s^2*h FLOPs forward; offloading a fraction f during forward needs
@@ -68,6 +74,45 @@ def gpu_short_name(device_name):
     """The model in a GPU's name ("NVIDIA H100 80GB HBM3" -> "h100"), else its last word."""
     m = re.search(r"\b([A-Z]\d{2,3}[A-Z]?)\b", device_name, re.IGNORECASE)
     return (m.group(1) if m else device_name.split()[-1]).lower()
+
+
+def out_of_memory(result):
+    """Whether the baseline of a grid file ran out of GPU memory (the shape does not fit at
+    its micro-batch)."""
+    base = (result or {}).get("runs", {}).get("baseline") or {}
+    return not base.get("ok", True) and "out of memory" in str(base.get("error", "")).lower()
+
+
+def shape_files(out_dir, stem):
+    """The grid files of one shape and micro-batch: stem.json, then its parts in order."""
+    names = [stem + ".json"] + sorted(
+        (n for n in os.listdir(out_dir) if re.fullmatch(re.escape(stem) + r"-part\d+\.json", n)),
+        key=lambda n: int(n[len(stem) + len("-part"):-len(".json")]))
+    return [os.path.join(out_dir, n) for n in names if os.path.exists(os.path.join(out_dir, n))]
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def runs_done(out_dir, stem):
+    """The runs that completed in any file of the shape, and whether a baseline there ran
+    out of memory."""
+    done, oom = set(), False
+    for path in shape_files(out_dir, stem):
+        result = load(path)
+        done |= {name for name, r in result.get("runs", {}).items() if r.get("ok")}
+        oom = oom or out_of_memory(result)
+    return done, oom
+
+
+def next_part(out_dir, stem):
+    """Where a new part of the shape goes: stem.json when there is none yet."""
+    files = shape_files(out_dir, stem)
+    if not files:
+        return os.path.join(out_dir, stem + ".json")
+    return os.path.join(out_dir, "%s-part%d.json" % (stem, len(files) + 1))
 
 
 def summary_rows(result):
@@ -123,7 +168,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", type=shape_list, default=SHAPES, help="hidden x layers, e.g. 8192x4,16384x2")
     ap.add_argument("--seqs", default="1024,4096", help="sequence lengths (default 1024,4096)")
-    ap.add_argument("--batch", type=int, default=16, help="micro-batch (default 16)")
+    ap.add_argument("--batch", type=int, default=16,
+                    help="micro-batch (default 16; halved per shape while the baseline runs out of memory)")
     ap.add_argument("--arch", default="gpt", help="gpt, llama, or both comma-separated")
     ap.add_argument("--runs", default=DEFAULT_RUNS)
     ap.add_argument("--host-tier", default="40GiB")
@@ -132,7 +178,11 @@ def main(argv=None):
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     ap.add_argument("--gpu-name", default=None, help="name in the file names (default: from torch)")
     ap.add_argument("--summary", action="store_true", help="print the table of the results in --out-dir and stop")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip what --out-dir already holds; add missing runs as part files")
     args = ap.parse_args(argv)
+    if args.batch < 1:
+        ap.error("--batch %d: a micro-batch of 1 or more" % args.batch)
     if args.summary:
         print_summary(args.out_dir)
         return 0
@@ -146,29 +196,55 @@ def main(argv=None):
     for arch in args.arch.split(","):
         for seq in (int(s) for s in args.seqs.split(",")):
             for h, layers in args.shapes:
-                stem = "rok-%s-%s-h%d-s%d" % (gpu, arch, h, seq)
-                out = os.path.join(args.out_dir, stem + ".json")
-                cmd = train_gpt_command(arch=arch, layers=layers, d_model=h, seq=seq, batch=args.batch,
-                                        steps=args.steps, warmup=args.warmup, runs=args.runs,
-                                        host_tier=args.host_tier, out=out)
-                print("rok_grid:", shlex.join(cmd), flush=True)
-                rc = subprocess.call(cmd)
-                if rc != 0 or not os.path.exists(out):
+                if not run_shape(args, gpu, arch, seq, h, layers):
                     failed += 1
-                    continue
-                with open(out) as f:
-                    result = json.load(f)
-                result["grid_command"] = shlex.join([sys.executable] + sys.argv)
-                with open(out, "w") as f:
-                    json.dump(result, f, indent=2, default=str)
-                    f.write("\n")
-                try:
-                    from plot import plot_file
-
-                    plot_file(out)  # the ROK curve, beside the JSON
-                except ImportError as e:
-                    print(f"rok_grid: no plot ({e}): pip install matplotlib", file=sys.stderr)
     return 1 if failed else 0
+
+
+def run_shape(args, gpu, arch, seq, h, layers):
+    """Runs one shape of the grid at the largest micro-batch from --batch down (halving)
+    whose baseline fits. Returns False when a run of train_gpt.py failed as a whole."""
+    batch = args.batch
+    while batch >= 1:
+        stem = "rok-%s-%s-h%d-s%d-mb%d" % (gpu, arch, h, seq, batch)
+        runs = args.runs.split(",")
+        out = os.path.join(args.out_dir, stem + ".json")
+        if args.resume:
+            done, oom = runs_done(args.out_dir, stem)
+            if oom:
+                print("rok_grid: %s: its baseline ran out of memory before; half the micro-batch" % stem, flush=True)
+                batch //= 2
+                continue
+            missing = [r for r in runs if r not in done]
+            if not missing:
+                print("rok_grid: %s: every run asked for is there; skipped" % stem, flush=True)
+                return True
+            runs = ["baseline"] + [r for r in missing if r != "baseline"]
+            out = next_part(args.out_dir, stem)
+        cmd = train_gpt_command(arch=arch, layers=layers, d_model=h, seq=seq, batch=batch,
+                                steps=args.steps, warmup=args.warmup, runs=",".join(runs),
+                                host_tier=args.host_tier, out=out)
+        print("rok_grid:", shlex.join(cmd), flush=True)
+        rc = subprocess.call(cmd)
+        if not os.path.exists(out):
+            return False
+        result = load(out)
+        result["grid_command"] = shlex.join([sys.executable] + sys.argv)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+            f.write("\n")
+        if out_of_memory(result) and batch > 1:
+            print("rok_grid: %s: the baseline ran out of memory; half the micro-batch" % stem, flush=True)
+            batch //= 2
+            continue
+        try:
+            from plot import plot_file
+
+            plot_file(out)  # the ROK curve, beside the JSON
+        except ImportError as e:
+            print(f"rok_grid: no plot ({e}): pip install matplotlib", file=sys.stderr)
+        return rc == 0
+    return False
 
 
 if __name__ == "__main__":

@@ -318,3 +318,42 @@ def test_freed_memory_is_set_beside_the_bound_and_the_working_set_floor():
     assert q["freed_vs_achievable"] == 11 / 14
     # Without the floor measured, nothing is claimed against it.
     assert ratios_to({**base, "no_grad_fwd_peak_bytes": None}, run)["freed_vs_achievable"] is None
+
+
+def test_the_grid_halves_the_micro_batch_where_the_baseline_does_not_fit_and_resumes(tmp_path, monkeypatch, capsys):
+    # train_gpt.py stood in for: at micro-batch 16 the baseline runs out of memory, at 8
+    # every run completes.
+    import types
+
+    import rok_grid
+
+    calls = []
+
+    def fake_call(cmd):
+        arg = dict(zip(cmd[2::2], cmd[3::2]))
+        calls.append((int(arg["--batch"]), arg["--runs"], os.path.basename(arg["--out"])))
+        fits = int(arg["--batch"]) <= 8
+        runs = {r: ({"ok": True, "run": r} if fits else {"ok": False, "run": r, "error": "OutOfMemoryError: CUDA out of memory."})
+                for r in arg["--runs"].split(",")}
+        with open(arg["--out"], "w") as f:
+            json.dump({"benchmark": "train_gpt", "runs": runs}, f)
+        return 0
+
+    monkeypatch.setattr(rok_grid.subprocess, "call", fake_call)
+    monkeypatch.setitem(sys.modules, "plot", types.SimpleNamespace(plot_file=lambda path: None))
+    grid = ["--gpu-name", "x", "--out-dir", str(tmp_path), "--shapes", "8192x4", "--seqs", "1024"]
+    assert rok_grid.main(grid + ["--runs", "baseline,checkpoint"]) == 0
+    assert calls == [(16, "baseline,checkpoint", "rok-x-gpt-h8192-s1024-mb16.json"),
+                     (8, "baseline,checkpoint", "rok-x-gpt-h8192-s1024-mb8.json")]
+    # Resumed with one more run: mb16 is not tried again; the missing run goes to a part
+    # file of its own, with a baseline.
+    calls.clear()
+    assert rok_grid.main(grid + ["--runs", "baseline,checkpoint,spillway-host", "--resume"]) == 0
+    assert calls == [(8, "baseline,spillway-host", "rok-x-gpt-h8192-s1024-mb8-part2.json")]
+    assert rok_grid.runs_done(str(tmp_path), "rok-x-gpt-h8192-s1024-mb8") == ({"baseline", "checkpoint", "spillway-host"}, False)
+    # Everything there: nothing runs.
+    calls.clear()
+    assert rok_grid.main(grid + ["--runs", "baseline,checkpoint,spillway-host", "--resume"]) == 0
+    assert calls == [] and "skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        rok_grid.main(grid + ["--batch", "0"])
