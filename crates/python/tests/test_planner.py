@@ -296,6 +296,10 @@ def test_a_profile_round_trips_through_plain_data():
     assert back == prof
     with pytest.raises(ValueError, match="segments"):
         planner.Profile.from_dict({"segment": []})
+    with pytest.raises(ValueError, match="segment 0 of the profile: .*fwd_ms"):
+        planner.Profile.from_dict({"segments": [{"fwd": 1.0}]})
+    with pytest.raises(ValueError, match="segments"):
+        planner.Profile.from_dict([1, 2])
 
 
 def test_the_search_crosses_moves_that_free_nothing_one_by_one():

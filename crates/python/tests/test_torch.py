@@ -760,6 +760,42 @@ def test_goals_plan_from_the_measured_step_and_keep_gradients_bitwise_equal(tmp_
         assert s["recomputed_segments"] == []
 
 
+def test_a_time_goal_plan_found_under_a_budget_holds_forward_to_it(tmp_path, monkeypatch):
+    # Where a time goal's best plan is one that makes forward wait for writes, the plan
+    # carries the budget it was found under: the offloader bounds the writes under way by
+    # it (less the kept bytes and the one-tensor window) as it does for budget=, and
+    # gradients stay bitwise equal.
+    import spillway.torch.offloader as offloader_module
+    import spillway.torch.planner as planner_module
+
+    model, data = gpt("cpu"), gpt_batch("cpu")
+    _, want = run_step(model, data)
+    real = offloader_module.plan_rok
+    held = {}
+
+    def under_a_budget(profile, tiers, **kw):
+        got = real(profile, tiers, **kw)
+        if kw.get("max_slowdown") is None:
+            return got
+        budget = int(0.5 * profile.activation_bytes)
+        found = real(profile, tiers, budget=budget, window=planner_module.largest_offloaded,
+                     allow_recompute=kw["allow_recompute"], prefetch_segments=kw["prefetch_segments"])
+        held["budget"] = budget
+        return dataclasses.replace(found, goal=got.goal)
+
+    monkeypatch.setattr(offloader_module, "plan_rok", under_a_budget)
+    with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20, max_slowdown=2.0) as off:
+        for _ in range(3):
+            _, got = run_step(model, data, off.step())
+            assert_bitwise_equal(got, want)
+        rok = off._rok
+        assert rok.budget == held["budget"]
+        assert off._plan_pending_limit == max(rok.budget - rok.outcome.kept_bytes - (rok.outcome.window_bytes or 0), 0)
+        assert off._fetch_window(12345) == 12345  # one tensor, as under budget=
+        assert off.stats()["policy"]["plan_summary"]["held_under_bytes"] == rok.budget
+        assert 0 < off.stats()["last_step"]["held_peak_bytes"] <= rok.budget
+
+
 def test_profiling_steps_may_offload_for_a_batch_that_fits_only_so(tmp_path):
     # profile="offload": the steps the plan is made from offload every segment but the last
     # (as policy="all"), so a micro-batch that fits only with offloading can be planned;

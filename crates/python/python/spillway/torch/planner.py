@@ -159,10 +159,17 @@ class Profile:
     @classmethod
     def from_dict(cls, data: Dict[str, object]) -> "Profile":
         """A profile from :meth:`to_dict`'s data (e.g. a recorded step's)."""
-        segs = data.get("segments")
+        segs = data.get("segments") if isinstance(data, dict) else None
         if not isinstance(segs, list):
-            raise ValueError("a profile holds a list of 'segments'")
-        return cls([SegmentProfile(**s) for s in segs])
+            raise ValueError("a profile holds a list of 'segments' (as Profile.to_dict writes it)")
+        out = []
+        for i, s in enumerate(segs):
+            try:
+                out.append(SegmentProfile(**s))
+            except TypeError as e:
+                raise ValueError(f"segment {i} of the profile: {e} (fields: fwd_ms, bwd_ms, tensors, input_bytes, "
+                                 "inner, save_ms, rebuild_ms)") from None
+        return cls(out)
 
     def tensor_ids(self) -> List[Tuple[int, int]]:
         """(segment, index in segment) of every tensor, in save order."""
