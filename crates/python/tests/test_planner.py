@@ -384,9 +384,16 @@ def default_window(largest):
 def test_recorded_steps_more_time_never_frees_less(path):
     prof, tiers = recorded_step(path)
     step = prof.step_ms
+    held = prof.activation_bytes
+    for ratio in (1.0, 1.005):  # under the default goal's 1%: its plan is no start then
+        tight = planner.plan(prof, tiers, max_slowdown=ratio, window=default_window, prefetch_segments=2)
+        assert tight.outcome.extra_ms <= (ratio - 1) * step + 1e-9, tight.reason
+        assert tight.outcome.activation_bytes <= held, (ratio, tight.reason)
+        held = tight.outcome.activation_bytes
     got = planner.plan(prof, tiers, window=default_window, prefetch_segments=2)
     assert got.outcome.extra_ms <= planner.ADAPTIVE_TOLERANCE * step + 1e-9, got.reason
     assert got.outcome.activation_bytes < prof.activation_bytes, got.reason
+    assert got.outcome.activation_bytes <= held, got.reason
     held = got.outcome.activation_bytes
     for ratio in (1.02, 1.05, 1.1, 1.2):
         slower = planner.plan(prof, tiers, max_slowdown=ratio, window=default_window, prefetch_segments=2)
@@ -433,3 +440,28 @@ def test_a_recorded_block_plans_as_well_as_brute_force(path):
     best = planner.brute_force(prof, tiers, budget=budget)[2]
     assert got.outcome.activation_bytes <= budget, got.reason
     assert got.outcome.extra_ms <= 1.25 * best.extra_ms + 1.0, (got.reason, best)
+
+
+def test_a_deep_model_plans_in_simulations_linear_in_its_tensors(monkeypatch):
+    # The recorded Llama block repeated to 32 layers (over 400 saved tensors): the search
+    # simulates a number of plans that grows with the tensors, not with their square or
+    # cube (each greedy step simulates moves in the order of their last worth and stops
+    # where no move left can beat the best found).
+    import copy
+
+    prof, tiers = recorded_step(PROFILES[[p.stem for p in PROFILES].index("h100-llama-h8192-s1024-mb16")])
+    deep = planner.Profile([prof.segments[0]] + [copy.deepcopy(prof.segments[2]) for _ in range(31)] + [prof.segments[-1]])
+    tensors = len(deep.tensor_ids())
+    assert tensors > 400
+    real, calls = planner.simulate, [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "simulate", counted)
+    for goal in (dict(window=default_window), dict(budget=int(0.25 * deep.activation_bytes), window=planner.largest_offloaded)):
+        calls[0] = 0
+        got = planner.plan(deep, tiers, prefetch_segments=2, **goal)
+        assert calls[0] <= 20 * tensors, (goal, calls[0])
+        assert got.outcome.activation_bytes < deep.activation_bytes, got.reason

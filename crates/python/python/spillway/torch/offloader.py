@@ -610,8 +610,12 @@ class Offloader:
         # keeping that one.
         budget = self.budget
 
-        def window(largest: int) -> int:
+        def rule(largest: int) -> int:
             return self._fetch_window(largest, tight=budget is not None)
+
+        # A window the user fixed is the same number for every plan (the time goal's
+        # budget plans included).
+        window: Any = self.fetch_ahead_bytes if self.fetch_ahead_bytes is not None else rule
 
         rok = plan_rok(
             profile,
@@ -622,7 +626,11 @@ class Offloader:
             window=window,
             prefetch_segments=self.prefetch_segments,
         )
-        if budget is None and self.profile == "offload" and rok.outcome.activation_bytes > self._profiled_held:
+        # (What the profiling steps held counts the reads ahead as backward started: so
+        # does this comparison.)
+        if budget is None and self.profile == "offload" and (
+            rok.outcome.activation_bytes + (rok.outcome.window_bytes or 0) > self._profiled_held
+        ):
             # Profiled offloading everything: what was held then is known to fit, a plan
             # that keeps more may not. Hold it to that.
             budget = self._profiled_held

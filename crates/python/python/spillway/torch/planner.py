@@ -39,8 +39,8 @@ Goals:
 - ``max_slowdown=x``: the most memory freed with the step at most ``x`` times as long.
 - ``budget=B``: activation memory at most ``B`` bytes at the least extra time.
 
-Each goal is met by a greedy search over *moves* (offload a tensor or the rest of a
-segment, rebuild a tensor, or recompute a segment), taking at each step
+Each goal is met by a greedy search over *moves* (offload the next or the smallest
+tensor of a segment, or the rest of it, rebuild a tensor, or recompute a segment), taking at each step
 the move that frees the most bytes per extra millisecond, from several starts: nothing
 done, the cheapest rebuilds the goal's time allows (rebuilt bytes leave the write
 bandwidth to others), and for ``max_slowdown`` the adaptive plan. Moves that free
@@ -55,6 +55,8 @@ plan. The tests compare them with brute force on recorded profiles.
 from __future__ import annotations
 
 import collections
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
@@ -253,15 +255,17 @@ def _gbps_ms(nbytes: int, gbps: float) -> float:
 
 def plan_window(window: Union[int, WindowRule, None], offloaded: Sequence[int]) -> Optional[int]:
     """The copy-back window in bytes for a plan offloading tensors of the given sizes:
-    ``window`` itself when a number or None; for a rule (such as :func:`largest_offloaded`), the rule
-    applied to the largest of them, and never less than it (None when the plan offloads
-    nothing)."""
-    if callable(window):
-        largest = max(offloaded, default=0)
-        return max(int(window(largest)), largest) if largest > 0 else None
-    if window is not None and not isinstance(window, int):
+    None for None; a number of bytes, or a rule (such as :func:`largest_offloaded`) applied
+    to the largest of them, and never less than that largest tensor (backward reads at
+    least one ahead); None when the plan offloads nothing."""
+    if window is None:
+        return None
+    if not callable(window) and not isinstance(window, numbers.Integral):
         raise ValueError(f"window={window!r}: a number of bytes, None, or a rule of the largest offloaded tensor")
-    return window
+    largest = max(offloaded, default=0)
+    if largest <= 0:
+        return None
+    return max(int(window(largest) if callable(window) else window), largest)
 
 
 def simulate(
@@ -422,8 +426,8 @@ State = Tuple[FrozenSet[Tuple[int, int]], FrozenSet[int], FrozenSet[Tuple[int, i
 
 
 def _moves(profile: Profile, state: State) -> List[Tuple[str, object]]:
-    """Moves from a plan: offload a tensor of a segment neither offloaded nor rebuilt, or
-    all of them (one tensor at a time may free nothing until
+    """Moves from a plan: offload the next tensor (in save order) of a segment neither
+    offloaded nor rebuilt, or its smallest such tensor, or all of them (one tensor at a time may free nothing until
     several have gone: the first reads ahead in backward hold as many bytes as the last
     offloads free), offload a recomputed segment's input, rebuild a segment's cheapest
     tensor per byte, or recompute a segment."""
@@ -436,9 +440,13 @@ def _moves(profile: Profile, state: State) -> List[Tuple[str, object]]:
                 out.append(("offload", (i, -1)))
             first = s.inner_count
         rest = [(i, k) for k in range(first, len(s.tensors)) if (i, k) not in offload and (i, k) not in rebuild]
-        # Any one of them: the next in save order has the most time to be written, but a
-        # large one there can hold the channel up for the smaller ones after it.
-        out.extend(("offload", t) for t in rest)
+        # The next in save order has the most time to be written, but a large one there
+        # can hold the channel up for the smaller ones after it: the smallest is a move too.
+        if rest:
+            out.append(("offload", rest[0]))
+            smallest = min(rest, key=lambda t: s.tensors[t[1]])
+            if smallest != rest[0]:
+                out.append(("offload", smallest))
         if len(rest) > 1:
             out.append(("offload_rest", i))
         # Of the segment's rebuilds, the one that frees the most bytes per millisecond (a
@@ -550,28 +558,44 @@ def plan(
         cur = sim(state)
         found = (state, cur)
         flat_steps = 0
+        # Each move's key when last simulated. A move's worth mostly falls as others are
+        # taken (they free its bytes' moment, or take the bandwidth it needed), so moves are
+        # simulated in the order of their last keys, and once the best fresh key is above
+        # every last key left, the rest are not simulated again (a lazy greedy search:
+        # planning a deep model's step is otherwise cubic in its saved tensors).
+        last: Dict[Tuple[str, object], Tuple[bool, float]] = {}
+        unseen = (True, math.inf)
         while True:
             if budget is not None and cur.activation_bytes <= budget:
                 break
             best, flat = None, None
-            for mv in _moves(profile, state):
-                if _move_segment(mv) in frozen or (not mv[0].startswith("offload") and not allow_recompute):
-                    continue
+            moves = [
+                mv
+                for mv in _moves(profile, state)
+                if _move_segment(mv) not in frozen and (mv[0].startswith("offload") or allow_recompute)
+            ]
+            moves.sort(key=lambda mv: last.get(mv, unseen), reverse=True)
+            for mv in moves:
+                if best is not None and best[0] >= last.get(mv, unseen):
+                    break
                 s2 = _apply(profile, mv, state)
                 out = sim(s2)
                 freed = cur.activation_bytes - out.activation_bytes
                 if out.extra_ms > allowed + 1e-9:
+                    last[mv] = (False, -1.0)
                     continue
                 if freed <= 0:
                     # Frees nothing yet: a step across a plateau (several tensors in a
                     # saturated write channel, or the first reads ahead, free nothing
                     # one by one), the one that costs least.
+                    last[mv] = (False, 0.0)
                     if freed == 0 and mv[0] == "offload" and (flat is None or out.extra_ms < flat[1].extra_ms - 1e-9):
                         flat = (s2, out)
                     continue
                 cost = max(out.extra_ms - cur.extra_ms, 0.0)
                 # Free moves first (most bytes), then the most bytes per extra millisecond.
                 key = (cost <= 1e-9, freed / max(cost, 1e-9))
+                last[mv] = key
                 if best is None or key > best[0]:
                     best = (key, s2, out)
             if best is not None:
@@ -622,6 +646,8 @@ def plan(
         starts.append((free.offload, free.recompute, free.rebuild))
     state, cur = None, None
     for start in starts:
+        if budget is None and sim(start).extra_ms > allowed + 1e-9:
+            continue  # a start over the goal's time (the adaptive plan, for a ratio under 1.01)
         s2, out = greedy(start)
         if cur is None or better(out, cur):
             state, cur = s2, out
@@ -681,9 +707,9 @@ def _least_budget_within(
     whose extra time is within ``allowed`` milliseconds, or None. Its window is one tensor
     (:func:`largest_offloaded`), as the offloader reads under a budget, unless ``window`` is a fixed
     number of bytes."""
-    rule = window if isinstance(window, int) else largest_offloaded
+    rule = window if isinstance(window, numbers.Integral) else largest_offloaded
     lo, hi, found = 0, above, None
-    for _ in range(_BUDGET_STEPS):
+    for _ in range(_BUDGET_STEPS if above > 0 else 0):
         mid = (lo + hi) // 2
         got = plan(
             profile,
