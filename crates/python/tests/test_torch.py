@@ -672,11 +672,21 @@ def test_a_step_is_planned_again_only_when_its_io_made_it_slower(tmp_path):
         off._profiling = False
         for i, (write_share, scales) in enumerate([(0.0, (1.0, 0.8)), (1.0, (0.8, 0.8)), (0.5, (0.64, 0.64))]):
             seconds = late * (1 - 0.01 * i)
+            warm_up(off, seconds)
             off._step_write_wait = write_share * 0.1 * seconds
             off._end_step(seconds, 0.1 * seconds)
             assert (off._write_scale, off._read_scale) == pytest.approx(scales)
             reason = off.stats()["policy"]["reason"]
             assert "planned again with write bandwidth x%.2f, read x%.2f" % scales in reason, reason
+
+
+def warm_up(off, seconds):
+    """Ends a new plan's first step, late and stalled: it is not judged (it warms the plan
+    up), and nothing changes."""
+    scales, reason = (off._write_scale, off._read_scale), off.stats()["policy"]["reason"]
+    off._step_write_wait = 0.1 * seconds
+    off._end_step(seconds * 2, 0.2 * seconds)
+    assert (off._write_scale, off._read_scale) == scales and off.stats()["policy"]["reason"] == reason
 
 
 def revised_once(model, data, off):
@@ -689,9 +699,11 @@ def revised_once(model, data, off):
     predicted = sum(s.fwd_ms + s.bwd_ms for s in off._profiled) + off._rok.outcome.extra_ms
     late = predicted * 1.2 / 1e3
     off._profiling = False
+    warm_up(off, late)
     off._step_write_wait = 0.1 * late
     off._end_step(late, 0.1 * late)
     assert (off._write_scale, off._read_scale) == pytest.approx((0.8, 1.0))
+    warm_up(off, late)  # the revision's first step
     return first, late
 
 
@@ -1070,6 +1082,7 @@ def test_a_budget_revision_scales_the_write_bandwidth_by_the_measured_wait(tmp_p
         predicted = sum(s.fwd_ms + s.bwd_ms for s in off._profiled) + off._rok.outcome.extra_ms
         late = predicted * 1.5 / 1e3
         off._profiling = False
+        warm_up(off, late)
         off._step_write_wait = 0.02  # 20 ms waited where 10 were predicted
         off._end_step(late, 0.02)
         assert off._write_scale == pytest.approx(0.5) and off._read_scale == 1.0

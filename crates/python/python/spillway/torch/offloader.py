@@ -289,6 +289,7 @@ class Offloader:
         # and the plan then stays: lowering the bandwidths further would not help.
         self._overran: List[Tuple[Tuple[float, float], float]] = []
         self._settled = False
+        self._plan_fresh = False  # a plan made or revised, whose first step has not ended
         self._profiled: List[Segment] = []  # the measured step's segments
         self._profiled_held = 0  # saved bytes it held at most
         self._totals = dict(
@@ -446,10 +447,16 @@ class Offloader:
                 self._profiled = list(segs)
                 self._profiled_held = self._held_peak
                 self._plan = self._make_plan()
+                self._plan_fresh = True
                 self._plan.details["profiled_step"] = self._steps
                 _log.info("spillway plan after step %d: %s", self._steps, self._plan.reason)
             elif self._plan is not None and self._rok is not None and not self._settled:
-                if self._step_overran(seconds, stall):
+                if self._plan_fresh:
+                    # A plan's first step warms it up (pinned buffers, the allocator, a
+                    # compiled model's graphs for a new set of recomputed blocks): it is
+                    # neither revised nor judged.
+                    self._plan_fresh = False
+                elif self._step_overran(seconds, stall):
                     self._revise_plan(seconds, stall)
                 elif self._overran:
                     self._keep_or_go_back(seconds)
@@ -482,6 +489,7 @@ class Offloader:
             if read_wait >= 0.25 * stall:
                 self._read_scale *= _scale_down(o.read_stall_ms, read_wait * 1e3)
             self._plan = self._make_plan()
+            self._plan_fresh = True
             self._plan.reason = (
                 f"{head} ({write_wait * 1e3:.1f} on writes, {read_wait * 1e3:.1f} on reads): planned again "
                 f"with write bandwidth x{self._write_scale:.2f}, read x{self._read_scale:.2f}; " + self._plan.reason
