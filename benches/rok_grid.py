@@ -23,7 +23,7 @@ Writes one JSON per shape under --out-dir (rok-<gpu>-<arch>-h<h>-s<seq>-mb<batch
 with the command that made it) and, where matplotlib is installed, one PNG per shape: step
 time against activation memory, one point per run. Where the baseline runs out of memory
 at --batch, the shape runs again at half the micro-batch (down to 1). With --resume the grid
-goes on where earlier invocations left it (a grid may take several GPU sessions): a shape
+goes on where earlier invocations left it (a grid may take several sittings): a shape
 whose files already hold every run asked for is skipped, and one that lacks some runs gets
 them, with a baseline of their own (ratios stay within one invocation), in a new part file
 (...-mb<batch>-part<N>.json); a micro-batch whose baseline ran out of memory is not tried
