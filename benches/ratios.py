@@ -37,8 +37,7 @@ def schedule_bound_bytes(result):
         return None
     p = _planner()
     profile = p.Profile.from_dict(data)
-    host = policy.get("host_tier_bytes") or 0
-    tiers = p.Tiers(0.0, 0.0, host, write, read or write) if host else p.Tiers(write, read or write)
+    tiers = p.Tiers.measured(write, read or write, policy.get("host_tier_bytes") or 0)
     rebuild = frozenset(profile.rebuildable())
     offload = frozenset(t for t in profile.tensor_ids() if t not in rebuild)
     held = p.simulate(profile, tiers, offload, frozenset(), rebuild=rebuild).activation_bytes

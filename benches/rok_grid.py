@@ -156,8 +156,7 @@ def print_summary(out_dir):
     print("|" + "---|" * len(head))
     for name in sorted(os.listdir(out_dir)):
         if name.startswith("rok-") and name.endswith(".json"):
-            with open(os.path.join(out_dir, name)) as f:
-                result = json.load(f)
+            result = load(os.path.join(out_dir, name))
             if result.get("benchmark") != "train_gpt":
                 continue  # e.g. max_batch.py's results beside the grid
             for row in summary_rows(result):

@@ -362,10 +362,7 @@ PROFILES = sorted((pathlib.Path(__file__).resolve().parent / "profiles").glob("*
 def recorded_step(path):
     rec = json.loads(path.read_text())
     t = rec["tiers"]
-    if t["host_tier_bytes"]:
-        tiers = planner.Tiers(0.0, 0.0, t["host_tier_bytes"], t["write_gbps"], t["read_gbps"])
-    else:
-        tiers = planner.Tiers(t["write_gbps"], t["read_gbps"])
+    tiers = planner.Tiers.measured(t["write_gbps"], t["read_gbps"], t["host_tier_bytes"])
     return planner.Profile.from_dict(rec["profile"]), tiers
 
 

@@ -473,27 +473,21 @@ class Offloader:
         self._overran.append((scales, seconds))
         head = f"step {self._steps} stalled {stall * 1e3:.1f} ms of {seconds * 1e3:.1f} ms"
         if best is not None and seconds >= best[1]:
-            self._write_scale, self._read_scale = best[0]
-            self._settled = True
-            self._plan = self._make_plan()
-            self._plan.reason = (
-                f"{head}, slower than the {best[1] * 1e3:.1f} ms of the plan with write bandwidth "
-                f"x{best[0][0]:.2f}, read x{best[0][1]:.2f}: back to that plan, which stays; " + self._plan.reason
-            )
-        else:
-            write_wait = self._step_write_wait
-            read_wait = stall - write_wait
-            o = self._rok.outcome
-            if write_wait >= 0.25 * stall:
-                self._write_scale *= _scale_down(o.write_wait_ms, write_wait * 1e3)
-            if read_wait >= 0.25 * stall:
-                self._read_scale *= _scale_down(o.read_stall_ms, read_wait * 1e3)
-            self._plan = self._make_plan()
-            self._plan_fresh = True
-            self._plan.reason = (
-                f"{head} ({write_wait * 1e3:.1f} on writes, {read_wait * 1e3:.1f} on reads): planned again "
-                f"with write bandwidth x{self._write_scale:.2f}, read x{self._read_scale:.2f}; " + self._plan.reason
-            )
+            self._go_back(head, *best)
+            return
+        write_wait = self._step_write_wait
+        read_wait = stall - write_wait
+        o = self._rok.outcome
+        if write_wait >= 0.25 * stall:
+            self._write_scale *= _scale_down(o.write_wait_ms, write_wait * 1e3)
+        if read_wait >= 0.25 * stall:
+            self._read_scale *= _scale_down(o.read_stall_ms, read_wait * 1e3)
+        self._plan = self._make_plan()
+        self._plan_fresh = True
+        self._plan.reason = (
+            f"{head} ({write_wait * 1e3:.1f} on writes, {read_wait * 1e3:.1f} on reads): planned again "
+            f"with write bandwidth x{self._write_scale:.2f}, read x{self._read_scale:.2f}; " + self._plan.reason
+        )
         _log.info("spillway plan revised: %s", self._plan.reason)
 
     def _keep_or_go_back(self, seconds: float) -> None:
@@ -502,14 +496,18 @@ class Offloader:
         less may still cost more, recomputing say), and stays."""
         scales, best = min(self._overran, key=lambda tried: tried[1])
         self._settled = True
-        if seconds <= best:
-            return
+        if seconds > best:
+            self._go_back(f"step {self._steps} took {seconds * 1e3:.1f} ms", scales, best)
+
+    def _go_back(self, head: str, scales: Tuple[float, float], seconds: float) -> None:
+        """Back to the plan made with bandwidth ``scales``, the fastest tried (its step took
+        ``seconds``), for good; ``head`` says what the step that brought it back did."""
         self._write_scale, self._read_scale = scales
+        self._settled = True
         self._plan = self._make_plan()
         self._plan.reason = (
-            f"step {self._steps} took {seconds * 1e3:.1f} ms, slower than the {best * 1e3:.1f} ms of the plan "
-            f"with write bandwidth x{scales[0]:.2f}, read x{scales[1]:.2f}: back to that plan, which stays; "
-            + self._plan.reason
+            f"{head}, slower than the {seconds * 1e3:.1f} ms of the plan with write bandwidth "
+            f"x{scales[0]:.2f}, read x{scales[1]:.2f}: back to that plan, which stays; " + self._plan.reason
         )
         _log.info("spillway plan revised: %s", self._plan.reason)
 
@@ -606,12 +604,8 @@ class Offloader:
         )
         # What the plan is made from, for replanning away from the GPU (Profile.from_dict).
         details["profile"] = profile.to_dict()
-        if tier_bytes > 0:
-            # The probe measured the host tier; storage behind it is not planned on (its
-            # bytes are reached only by spilling, in the background).
-            tiers = Tiers(0.0, 0.0, tier_bytes, write_gbps * self._write_scale, read_gbps * self._read_scale)
-        else:
-            tiers = Tiers(write_gbps * self._write_scale, read_gbps * self._read_scale)
+        # The probe measured the host tier where there is one, else the storage.
+        tiers = Tiers.measured(write_gbps * self._write_scale, read_gbps * self._read_scale, tier_bytes)
         # Backward copies tensors back ahead of use, up to the window: a budget holds it too.
         # (A tensor larger than the window still goes, alone.) The window follows from the
         # largest tensor a plan offloads, by the rule backward applies: the planner weighs

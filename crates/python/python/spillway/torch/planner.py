@@ -192,6 +192,15 @@ class Tiers:
     host_write_gbps: float = 0.0
     host_read_gbps: float = 0.0
 
+    @classmethod
+    def measured(cls, write_gbps: float, read_gbps: float, host_bytes: int = 0) -> "Tiers":
+        """The tiers for the one bandwidth the offloader measures: the host tier's where it
+        has a size (storage behind it is reached only by spilling, in the background, and
+        not planned on), else the storage's."""
+        if host_bytes > 0:
+            return cls(0.0, 0.0, host_bytes, write_gbps, read_gbps)
+        return cls(write_gbps, read_gbps)
+
 
 @dataclass
 class Outcome:
