@@ -12,6 +12,7 @@
 
 mod builder;
 mod capacity;
+mod error;
 mod handles;
 mod ops;
 #[cfg(test)]
@@ -31,6 +32,7 @@ use crate::select::{self, Memory};
 use crate::settings::Resolved;
 
 pub use builder::{DirectIoProbe, EngineBuilder, PreparedEngine};
+pub use error::{CapacityRefusal, OpenError};
 use handles::Handles;
 
 /// A running engine with what it runs on, and the handles its caller holds.
@@ -227,7 +229,7 @@ fn storage_capacity(
     unit: u64,
     capacity: Option<u64>,
     host_tier: u64,
-) -> Result<u64> {
+) -> std::result::Result<u64, OpenError> {
     // The host tier's pinned memory counts, with storage on tmpfs or ramfs, against the
     // host's memory.
     capacity::storage_capacity(files, weights, unit, capacity, host_tier)

@@ -16,6 +16,7 @@ use spillway_runtime::{
 };
 use spillway_spdk::pci::PciAddress;
 
+use super::error::OpenError;
 use super::handles::Handles;
 use super::{check_resources, spread_files, storage_capacity, EngineInfo, OpenedEngine};
 use crate::choice::BackendChoice;
@@ -92,8 +93,10 @@ impl<'a> EngineBuilder<'a> {
     }
 
     /// Sets up the device, backend and storage, checking the capacity against the space and
-    /// memory they have, without starting the engine.
-    pub fn prepare(&self) -> Result<PreparedEngine> {
+    /// memory they have, without starting the engine. A capacity the storage cannot hold is
+    /// refused as [`OpenError::Capacity`], with the figures of the filesystem (or memory)
+    /// short of it.
+    pub fn prepare(&self) -> Result<PreparedEngine, OpenError> {
         let settings = self.settings;
         let (mut paths, note) = settings.rank_paths.choose(self.paths, self.rank)?;
         let mut notes: Vec<String> = note.into_iter().collect();
@@ -108,14 +111,15 @@ impl<'a> EngineBuilder<'a> {
         Ok(prepared)
     }
 
-    fn prepare_paths(&self, paths: &[PathBuf]) -> Result<PreparedEngine> {
+    fn prepare_paths(&self, paths: &[PathBuf]) -> Result<PreparedEngine, OpenError> {
         let (capacity, settings) = (self.capacity, self.settings);
         check_resources(paths.len(), capacity, settings)?;
         let path = match paths {
             [] => {
                 return Err(Error::invalid(
                     "no storage path given: pass a path or a list of paths (or, under a launcher, set rank_paths with an entry for each local rank)",
-                ))
+                )
+                .into())
             }
             [one] => one,
             _ => return self.prepare_striped(paths),
@@ -133,7 +137,7 @@ impl<'a> EngineBuilder<'a> {
     }
 
     /// Directory `dir` spread over `files` anonymous files, striped (`why`: for the note).
-    fn prepare_spread(&self, dir: &Path, files: u32, why: &str) -> Result<PreparedEngine> {
+    fn prepare_spread(&self, dir: &Path, files: u32, why: &str) -> Result<PreparedEngine, OpenError> {
         let settings = self.settings;
         check_resources(files as usize, self.capacity, settings)?;
         let spread = vec![dir.to_path_buf(); files as usize];
@@ -159,7 +163,7 @@ impl<'a> EngineBuilder<'a> {
     }
 
     /// The spdk backend on the controller `path` names (or the one given apart from it).
-    fn prepare_controller(&self, path: &Path) -> Result<PreparedEngine> {
+    fn prepare_controller(&self, path: &Path) -> Result<PreparedEngine, OpenError> {
         let mut choices = self.choices();
         if let Controller::FromPath = self.controller {
             choices.pci = Some(controller_address(path)?);
@@ -172,7 +176,7 @@ impl<'a> EngineBuilder<'a> {
     }
 
     /// One file, block device or directory (an anonymous file in it).
-    fn prepare_file(&self, path: &Path) -> Result<PreparedEngine> {
+    fn prepare_file(&self, path: &Path) -> Result<PreparedEngine, OpenError> {
         let (capacity, settings) = (self.capacity, self.settings);
         let setup = select::setup(self.choices(), &settings.faults)?;
         let (path, anonymous) = storage_file(path)?;
@@ -181,7 +185,8 @@ impl<'a> EngineBuilder<'a> {
             return Err(Error::invalid(format!(
                 "{} is a block device: pass capacity= (the bytes the engine may use on it)",
                 path.display()
-            )));
+            ))
+            .into());
         }
         let reserve = capacity.filter(|_| !is_block);
         let capacity = storage_capacity(&[(path.clone(), anonymous)], &[], 1, capacity, settings.host_tier)?;
@@ -196,7 +201,7 @@ impl<'a> EngineBuilder<'a> {
     /// reserves its weight's share of it up front; without, the paths on each filesystem
     /// share half of its free space (see [`storage_capacity`]), used as needed: nothing is
     /// taken up front (on tmpfs that would be host memory held for nothing).
-    fn prepare_striped(&self, paths: &[PathBuf]) -> Result<PreparedEngine> {
+    fn prepare_striped(&self, paths: &[PathBuf]) -> Result<PreparedEngine, OpenError> {
         let (capacity, settings) = (self.capacity, self.settings);
         let mut files = Vec::with_capacity(paths.len());
         for p in paths {
@@ -205,7 +210,8 @@ impl<'a> EngineBuilder<'a> {
                 return Err(Error::invalid(format!(
                     "{} is a block device: pass capacity= (the bytes the engine may use over all paths)",
                     file.display()
-                )));
+                ))
+                .into());
             }
             files.push((file, anonymous));
         }

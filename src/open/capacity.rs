@@ -28,7 +28,8 @@ use std::path::{Path, PathBuf};
 
 use spillway_runtime::{Error, Result};
 
-use crate::fs::{memory_headroom, Filesystem, HostMemory, HEADROOM_MAX};
+use super::error::{CapacityRefusal, OpenError};
+use crate::fs::{memory_headroom, Filesystem, HostMemory};
 use crate::size::format_size;
 
 /// Without an explicit capacity, the paths on a filesystem may fill this fraction of its
@@ -193,7 +194,7 @@ pub(crate) fn check_ram(
     capacity: u64,
     extra_ram: u64,
     mem: Option<HostMemory>,
-) -> Result<()> {
+) -> std::result::Result<(), CapacityRefusal> {
     let ram_bytes = ram_backed_bytes(paths, unit, capacity);
     let (Some(mem), true) = (mem, ram_bytes > 0) else {
         return Ok(());
@@ -203,33 +204,25 @@ pub(crate) fn check_ram(
     if ram_bytes <= ram_room(mem, held, extra_ram) {
         return Ok(());
     }
-    let held = if held > 0 {
-        format!(", plus the {} their files hold already", bytes(held))
-    } else {
-        String::new()
-    };
-    let extra = if extra_ram > 0 {
-        format!(", and {} go to the engine's host memory", bytes(extra_ram))
-    } else {
-        String::new()
-    };
-    Err(Error::invalid(format!(
-        "capacity={capacity} puts {} on {}, on a memory-backed filesystem (tmpfs space is RAM): \
-         the host has {} of memory available{held}, {} of which stay free for everything else \
-         (a tenth of its memory, at most {}){extra}; pass a smaller capacity= (at most {} with \
-         these paths), or put the paths on a disk",
-        bytes(ram_bytes),
-        list(&ram.paths),
-        bytes(mem.available),
-        bytes(memory_headroom(mem.total)),
-        format_size(HEADROOM_MAX),
-        bytes(largest_capacity(paths, unit, extra_ram, Some(mem))),
-    )))
+    Err(CapacityRefusal::Memory {
+        capacity,
+        paths: owned(&ram.paths),
+        wanted: ram_bytes,
+        available: mem.available,
+        held,
+        headroom: memory_headroom(mem.total),
+        extra_ram,
+        largest: largest_capacity(paths, unit, extra_ram, Some(mem)),
+    })
 }
 
 /// Refuses a `capacity` that puts more on the paths of some filesystem than it has
 /// available (its free space, and what their files hold already).
-pub(crate) fn check_filesystems(paths: &[PathFacts], unit: u64, capacity: u64) -> Result<()> {
+pub(crate) fn check_filesystems(
+    paths: &[PathFacts],
+    unit: u64,
+    capacity: u64,
+) -> std::result::Result<(), CapacityRefusal> {
     for g in groups(paths) {
         let ask = share(paths, unit, capacity, g.weight);
         let held = held_credit(paths, unit, capacity, &g.members);
@@ -237,26 +230,16 @@ pub(crate) fn check_filesystems(paths: &[PathFacts], unit: u64, capacity: u64) -
         if ask <= u128::from(available) {
             continue;
         }
-        let held = if held > 0 {
-            format!(" and the {} their files hold already", bytes(held))
-        } else {
-            String::new()
-        };
-        let memory = if g.fs.ram_backed {
-            " (a memory-backed filesystem: its space is RAM)"
-        } else {
-            ""
-        };
-        return Err(Error::invalid(format!(
-            "capacity={capacity} asks {} of the filesystem at {}{memory} for {}, which has {} \
-             available (free space{held}); pass a smaller capacity= (at most {} with these \
-             paths), free space there, or move some of the paths to another filesystem",
-            bytes(sat(ask)),
-            g.fs.mount.display(),
-            list(&g.paths),
-            bytes(available),
-            bytes(largest_capacity(paths, unit, 0, None)),
-        )));
+        return Err(CapacityRefusal::Filesystem {
+            capacity,
+            mount: g.fs.mount.clone(),
+            ram_backed: g.fs.ram_backed,
+            paths: owned(&g.paths),
+            wanted: sat(ask),
+            available,
+            held,
+            largest: largest_capacity(paths, unit, 0, None),
+        });
     }
     Ok(())
 }
@@ -351,7 +334,7 @@ pub(crate) fn settle(
     capacity: Option<u64>,
     extra_ram: u64,
     mem: Option<HostMemory>,
-) -> Result<u64> {
+) -> std::result::Result<u64, OpenError> {
     let capacity = match capacity {
         Some(c) => {
             check_filesystems(paths, unit, c)?;
@@ -423,7 +406,7 @@ pub(super) fn storage_capacity(
     unit: u64,
     capacity: Option<u64>,
     extra_ram: u64,
-) -> Result<u64> {
+) -> std::result::Result<u64, OpenError> {
     let facts = gather(files, weights, capacity)?;
     let on_ram = facts.iter().any(|p| p.fs.as_ref().is_some_and(|f| f.ram_backed));
     let mem = if on_ram { crate::fs::host_memory() } else { None };
@@ -431,7 +414,7 @@ pub(super) fn storage_capacity(
 }
 
 /// `n bytes (size)`.
-fn bytes(n: u64) -> String {
+pub(super) fn bytes(n: u64) -> String {
     if n < 1024 {
         format!("{n} bytes")
     } else {
@@ -440,9 +423,14 @@ fn bytes(n: u64) -> String {
 }
 
 /// The paths, comma-separated.
-fn list(paths: &[&Path]) -> String {
-    let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+pub(super) fn list<P: AsRef<Path>>(paths: &[P]) -> String {
+    let shown: Vec<String> = paths.iter().map(|p| p.as_ref().display().to_string()).collect();
     shown.join(", ")
+}
+
+/// The paths, owned.
+fn owned(paths: &[&Path]) -> Vec<PathBuf> {
+    paths.iter().map(|p| p.to_path_buf()).collect()
 }
 
 #[cfg(test)]

@@ -1,10 +1,7 @@
 //! The bounds of the tensors workload, checked before anything is allocated: a source and
 //! a destination arena must fit in the memory they live in (GPU or host), beside the
-//! engine's staging memory and some headroom; the storage the engine is given must fit on
-//! the filesystem of `--path`.
-
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
+//! engine's staging memory and some headroom. (The storage is the engine builder's to
+//! account, per filesystem: see [`crate::open::OpenError::Capacity`].)
 
 use spillway_runtime::{Error, Result};
 
@@ -53,33 +50,6 @@ pub fn check(memory: &Memory, arenas: u64, staging: u64) -> Result<Vec<String>> 
         )));
     }
     Ok(Vec::new())
-}
-
-/// Checks that `capacity` bytes can be reserved for `path` (a file, existing or not): the
-/// free space of its filesystem plus what the file already holds. Block devices, and
-/// filesystems that cannot be asked, are left to the reservation itself.
-pub fn check_storage(path: &Path, capacity: u64) -> Result<()> {
-    let meta = std::fs::metadata(path).ok();
-    if meta.as_ref().is_some_and(|m| m.file_type().is_block_device()) {
-        return Ok(());
-    }
-    let held = meta.map_or(0, |m| m.blocks() * 512);
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let Some(free) = crate::fs::free_space(dir) else {
-        return Ok(());
-    };
-    if capacity > free.saturating_add(held) {
-        return Err(Error::invalid(format!(
-            "the tensors workload reserves {} of storage at {} (twice the tensors' bytes), but its filesystem has {} free; free space, pass a --path on a larger filesystem, or lower --tensors or --max-size",
-            format_size(capacity),
-            path.display(),
-            format_size(free.saturating_add(held)),
-        )));
-    }
-    Ok(())
 }
 
 /// The memory available now in `memory`.
@@ -142,14 +112,5 @@ mod tests {
             .to_string();
         assert!(err.contains("--tensors") && err.contains("--max-size"), "{err}");
         assert!(check(&Memory::Host, 1 << 20, 1 << 20).unwrap().is_empty());
-    }
-
-    #[test]
-    fn storage_beyond_the_filesystem_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.dat");
-        check_storage(&path, 1 << 20).unwrap();
-        let err = check_storage(&path, u64::MAX).unwrap_err().to_string();
-        assert!(err.contains("--path") && err.contains("--tensors"), "{err}");
     }
 }

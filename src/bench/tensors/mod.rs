@@ -37,7 +37,7 @@ use spillway_runtime::{Device, DeviceBuffer, DirectIo, Error, Event, PrivateFile
 use super::flags;
 use super::progress::Progress;
 use crate::cli::BenchArgs;
-use crate::open::EngineBuilder;
+use crate::open::{EngineBuilder, OpenError};
 use crate::select;
 use crate::settings::Resolved;
 use options::{EngineSettings, Options};
@@ -71,9 +71,6 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         opts.engine.pack_extent_bytes,
         opts.engine.dedup,
     );
-    if args.pci.is_none() {
-        check_storage(&paths, capacity, args.stripe)?;
-    }
     let settings = settings(args, &opts);
     let prepared = builder(args, &paths, capacity, &settings)
         .prepare()
@@ -216,36 +213,16 @@ fn builder<'a>(
         .controller(args.pci)
 }
 
-/// `e`, a refusal of the storage by the engine's capacity accounting (its messages start
-/// with `capacity=`), saying where that capacity comes from: the bench has no flag for it.
-fn blame_capacity(e: Error) -> Error {
+/// `e`, with a refusal of the storage by the engine's capacity accounting
+/// ([`OpenError::Capacity`]: the filesystem or memory short of it, the bytes asked and
+/// those there are) saying where that capacity comes from: the bench has no flag for it.
+fn blame_capacity(e: OpenError) -> Error {
     match e {
-        Error::InvalidArgument(msg) if msg.starts_with("capacity=") => Error::InvalidArgument(format!(
-            "{msg} (capacity= is the storage the tensors workload reserves, twice the tensors' bytes: lower --tensors or --max-size, or pass a --path with more room)"
+        OpenError::Capacity(refusal) => Error::invalid(format!(
+            "{refusal} (capacity= is the storage the tensors workload reserves, twice the tensors' bytes: lower --tensors or --max-size, or pass a --path with more room)"
         )),
-        e => e,
+        OpenError::Other(e) => e,
     }
-}
-
-/// Checks, before anything is written, that each of `paths` has room for its share of
-/// `capacity` (in whole `stripe` units over a striped set), with a refusal naming the
-/// flags that size it; the engine then accounts the space per filesystem as well.
-fn check_storage(paths: &[PathBuf], capacity: u64, stripe: u64) -> Result<()> {
-    let n = paths.len() as u64;
-    let share = if n > 1 {
-        capacity.div_ceil(n * stripe) * stripe
-    } else {
-        capacity
-    };
-    for p in paths {
-        if p.is_dir() {
-            // A directory: an anonymous file in it, not there yet; its free space counts.
-            limits::check_storage(&p.join("<anonymous file>"), share)?;
-        } else {
-            limits::check_storage(p, share)?;
-        }
-    }
-    Ok(())
 }
 
 /// The source and destination arenas, in the run's memory.
@@ -435,4 +412,27 @@ fn trace_error(file: &Path, e: std::io::Error) -> Error {
         format!("writing the trace to {} (check --trace)", file.display()),
         e,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::choice::MemChoice;
+
+    #[test]
+    fn storage_beyond_the_filesystem_is_refused_with_the_flags_to_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = [dir.path().join("t.dat")];
+        let mut settings = Resolved::default();
+        settings.choices.mem = MemChoice::Host;
+        let builder = |capacity| EngineBuilder::new(&paths, Some(capacity), &settings).prepare();
+        builder(1 << 20).expect("a MiB fits");
+        let refused = builder(crate::open::MAX_CAPACITY).unwrap_err();
+        assert!(matches!(refused, OpenError::Capacity(_)), "{refused}");
+        let err = blame_capacity(refused).to_string();
+        let path = paths[0].display().to_string();
+        for want in [path.as_str(), "--path", "--tensors", "--max-size"] {
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
+    }
 }
