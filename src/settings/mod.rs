@@ -276,6 +276,43 @@ impl Settings {
         self.set_at(i, &value.into(), source)
     }
 
+    /// Sets `name` from `source` by `put`, which writes a value already of the setting's type
+    /// into the values, unchecked by the table: for a caller whose own parser gives exactly
+    /// that type, and says more than the setting's text can (`spillway bench`'s
+    /// `--mem host --gpu 1`, which device selection then refuses by name). `put` must write
+    /// `name`'s part of the values and nothing else.
+    pub fn set_typed(
+        &mut self,
+        name: &str,
+        source: Source,
+        put: impl FnOnce(&mut Resolved),
+    ) -> Result<(), SettingsError> {
+        let Some((i, _)) = find(name) else {
+            return Err(SettingsError::unknown(
+                name,
+                &source,
+                unknown_reason("setting", name),
+            ));
+        };
+        put(&mut self.values);
+        self.sources[i] = source;
+        Ok(())
+    }
+
+    /// Puts `name` back at its default, as if no layer had set it: for a caller that reads
+    /// only some of the settings (`spillway bench`'s seq workload has no engine), so that
+    /// the values it ignores are neither checked together nor reported.
+    pub fn reset(&mut self, name: &str) -> Result<(), SettingsError> {
+        let Some((i, setting)) = find(name) else {
+            return Err(SettingsError::unknown(
+                name,
+                &Source::Default,
+                unknown_reason("setting", name),
+            ));
+        };
+        self.set_at(i, &setting.default_value(), Source::Default)
+    }
+
     fn set_at(&mut self, i: usize, value: &Value, source: Source) -> Result<(), SettingsError> {
         let setting = &SETTINGS[i];
         setting.set(&mut self.values, value).map_err(|why| {
@@ -304,10 +341,10 @@ impl Settings {
             .map(|(s, source)| (s, s.get(&self.values), source))
     }
 
-    /// The settings, once checked together (`prefetch_bytes` at most `staging_bytes`, …);
-    /// a refusal names each setting involved and where its value came from. Call it after
-    /// the last layer: settings may disagree until then.
-    pub fn resolve(&self) -> Result<Resolved, SettingsError> {
+    /// The values as [`Settings::resolve`] makes them, the sizes left unset fitted to the
+    /// staging memory, but not yet checked together: for a caller that refuses a
+    /// combination in its own words first (`spillway bench`, naming its flags).
+    pub fn fitted(&self) -> Resolved {
         let mut values = self.values.clone();
         let set = |name: &str| self.source(name).is_some_and(|s| *s != Source::Default);
         values.engine.fit_to_staging(SetSizes {
@@ -315,6 +352,14 @@ impl Settings {
             pack_extent_bytes: set("pack_extent_bytes"),
             pack_threshold: set("pack_threshold"),
         });
+        values
+    }
+
+    /// The settings, once checked together (`prefetch_bytes` at most `staging_bytes`, …);
+    /// a refusal names each setting involved and where its value came from. Call it after
+    /// the last layer: settings may disagree until then.
+    pub fn resolve(&self) -> Result<Resolved, SettingsError> {
+        let values = self.fitted();
         values.engine.check().map_err(|e| {
             // The settings the refusal names, each with where its value came from; the one
             // blamed is the first a caller set, else the first named.
