@@ -9,58 +9,64 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand,
 use spillway_runtime::FaultPlan;
 use spillway_spdk::pci::PciAddress;
 
-use crate::bench::layers::{self, Layers};
+use crate::bench::settings::BenchSettings;
 use crate::size::parse_size;
 
 /// Parses the process's command line (exiting with clap's message on bad input, as
-/// `Cli::parse` does), records which `bench` flags were given explicitly in
-/// [`BenchArgs::given`], so flags of the other workload can be refused, and fills the `bench`
-/// flags left out from the settings layers (environment, settings file; see
-/// [`crate::bench::layers`]). A bad setting exits like bad input: status 2, with a message
-/// naming the setting and where its value came from; so does one file given twice as
-/// `--path` (under two names or one), which a striped set cannot use.
+/// `Cli::parse` does), and records which `bench` flags were given explicitly in
+/// [`BenchArgs::given`], so that flags of the other workload can be refused and the flags
+/// left out take their settings' values from the layers below ([`bench_settings`]).
 pub fn parse() -> Cli {
     let mut command = Cli::command();
     let matches = command.clone().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut command).exit());
     if let Command::Bench(args) = &mut cli.command {
         args.given = given_flags(&matches);
-        if let Err(e) = layers::apply(args).and_then(|()| layers::check_flags(args)) {
-            clap::Error::raw(ErrorKind::InvalidValue, format!("{e}\n")).exit();
-        }
-        if let Err(e) = crate::select::check_path_count(args.path.len()) {
-            clap::Error::raw(ErrorKind::TooManyValues, format!("--path: {e}\n")).exit();
-        }
-        let paths: Vec<&std::path::Path> = args.path.iter().map(PathBuf::as_path).collect();
-        if let Err(e) = spillway_runtime::check_distinct(&paths) {
-            clap::Error::raw(ErrorKind::ArgumentConflict, format!("--path: {e}\n")).exit();
-        }
-        if let Err(e) = check_memory(args) {
-            clap::Error::raw(
-                ErrorKind::ArgumentConflict,
-                format!("{}\n", args.layers.annotate(e)),
-            )
-            .exit();
-        }
     }
     cli
 }
 
-/// Refuses a bench whose backends (`--threads` rings of `--pinned` staging each, per
-/// `--path`) and, for the tensors workload in host memory, `--staging` need more host
+/// The settings of the bench `args` asks for, on the settings layers (environment, settings
+/// file; see [`BenchSettings`]). A bad setting or flag exits like bad input: status 2, with
+/// a message naming the setting and where its value came from, or the flag; so does one
+/// file given twice as `--path` (under two names or one), which a striped set cannot use,
+/// and backends that need more host memory than the host has ([`check_memory`]).
+pub fn bench_settings(args: &BenchArgs) -> BenchSettings {
+    let bench = BenchSettings::load(args)
+        .unwrap_or_else(|e| clap::Error::raw(ErrorKind::InvalidValue, format!("{e}\n")).exit());
+    if let Err(e) = crate::select::check_path_count(bench.paths.len()) {
+        clap::Error::raw(ErrorKind::TooManyValues, format!("--path: {e}\n")).exit();
+    }
+    let paths: Vec<&std::path::Path> = bench.paths.iter().map(PathBuf::as_path).collect();
+    if let Err(e) = spillway_runtime::check_distinct(&paths) {
+        clap::Error::raw(ErrorKind::ArgumentConflict, format!("--path: {e}\n")).exit();
+    }
+    if let Err(e) = check_memory(args, &bench) {
+        clap::Error::raw(
+            ErrorKind::ArgumentConflict,
+            format!("{}\n", bench.layers.annotate(e)),
+        )
+        .exit();
+    }
+    bench
+}
+
+/// Refuses a bench whose backends (`threads` rings of `pinned_bytes` staging each, per
+/// path) and, for the tensors workload in host memory, `staging_bytes` need more host
 /// memory than the host has available ([`crate::select::check_host_memory`]).
-pub fn check_memory(args: &BenchArgs) -> spillway_runtime::Result<()> {
-    let choices = crate::bench::choices(args);
-    let staging = match (args.workload, args.mem) {
-        (Workload::Tensors, MemChoice::Host) => args.staging.unwrap_or(args.layers.engine.staging_bytes),
+pub fn check_memory(args: &BenchArgs, bench: &BenchSettings) -> spillway_runtime::Result<()> {
+    let choices = crate::bench::choices(args, bench);
+    let settings = &bench.resolved;
+    let staging = match (args.workload, choices.mem) {
+        (Workload::Tensors, MemChoice::Host) => settings.engine.staging_bytes,
         _ => 0,
     };
     crate::select::check_host_memory(
         &choices,
-        args.path.len().max(1),
+        bench.paths.len().max(1),
         &[
             ("staging_bytes (--staging)", staging),
-            ("host_tier (--host-tier)", args.host_tier.unwrap_or(0)),
+            ("host_tier (--host-tier)", settings.host_tier),
         ],
         crate::fs::host_memory(),
     )
@@ -186,10 +192,12 @@ impl OpChoice {
     }
 }
 
-/// `spillway bench` arguments. Flags under "Seq workload" apply to `--workload seq` only,
-/// those under "Tensors workload" to `--workload tensors` only; the rest to both. A flag that
-/// stands for a setting (`--qd` for `queue_depth`, …) and is left out takes the setting's
-/// value from the environment or the settings file before its default ([`parse`]).
+/// `spillway bench` arguments: the command line as given. Flags under "Seq workload" apply
+/// to `--workload seq` only, those under "Tensors workload" to `--workload tensors` only;
+/// the rest to both. A flag that stands for a setting (`--qd` for `queue_depth`, …) is that
+/// setting's argument layer; left out, the setting takes its value from the environment or
+/// the settings file before its default ([`bench_settings`]): the bench reads settings
+/// from there, never from these fields.
 #[derive(Clone, Debug, Args)]
 pub struct BenchArgs {
     /// What to measure: `seq` runs --op over --size bytes in --block requests; `tensors`
@@ -423,11 +431,6 @@ pub struct BenchArgs {
     /// Ids of the flags given on the command line (filled by [`parse`]; empty otherwise).
     #[arg(skip)]
     pub given: Vec<String>,
-
-    /// What the settings layers gave the flags left out (filled by [`parse`], which also
-    /// writes their values into the fields above; empty otherwise).
-    #[arg(skip)]
-    pub layers: Layers,
 }
 
 /// `spillway info` arguments.

@@ -13,8 +13,8 @@ fn main() -> ExitCode {
     init_logging();
     let cli = cli::parse();
     let outcome = match &cli.command {
-        Command::Bench(args) => match args.workload {
-            Workload::Seq if args.sweep => bench::sweep::run(args).map(|sweep| {
+        Command::Bench(args) => match (args.workload, cli::bench_settings(args)) {
+            (Workload::Seq, settings) if args.sweep => bench::sweep::run(args, &settings).map(|sweep| {
                 if args.json {
                     bench::sweep::print_json(&sweep);
                 } else {
@@ -22,7 +22,7 @@ fn main() -> ExitCode {
                 }
                 verification_exit(sweep.verification_failed())
             }),
-            Workload::Seq => bench::run(args).map(|results| {
+            (Workload::Seq, settings) => bench::run(args, &settings).map(|results| {
                 let failed = results.iter().any(|r| r.verified == Some(false));
                 if args.json {
                     bench::report::print_json(&results);
@@ -31,7 +31,7 @@ fn main() -> ExitCode {
                 }
                 verification_exit(failed)
             }),
-            Workload::Tensors => bench::tensors::run(args).map(|result| {
+            (Workload::Tensors, settings) => bench::tensors::run(args, &settings).map(|result| {
                 if args.json {
                     bench::tensors::report::print_json(&result);
                 } else {

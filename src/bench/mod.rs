@@ -15,8 +15,9 @@
 //! the offload engine on many small tensors instead. `--sweep` ([`sweep`]) runs the `seq`
 //! workload at every point of a grid of block sizes × queue depths × thread counts.
 //!
-//! Flags left out take their settings' values from the environment or the settings file
-//! ([`layers`]), as the library does; the reports list every value so taken.
+//! Flags left out take their settings' values from the environment or the settings file,
+//! as the library does ([`settings::BenchSettings`]); the reports list every value so taken
+//! ([`layers`]).
 //!
 //! `--faults PLAN` (the `faults` setting) wraps the backend in a
 //! [`FaultyBackend`](spillway_runtime::FaultyBackend) ([`select::setup`]), to see how the
@@ -27,10 +28,12 @@
 
 mod buffer;
 mod driver;
+mod flag_settings;
 mod flags;
 pub mod layers;
 mod progress;
 pub mod report;
+pub mod settings;
 pub mod sweep;
 pub mod tensors;
 pub mod workload;
@@ -44,6 +47,7 @@ use crate::cli::{BenchArgs, OpChoice};
 use crate::select::{self, Choices, Memory, Setup};
 use buffer::BenchBuffer;
 use report::{BenchResult, Latency};
+use settings::BenchSettings;
 use workload::Io;
 
 /// Largest buffer the benchmark allocates without `--verify`; larger sizes reuse it.
@@ -51,16 +55,17 @@ const MAX_BUFFER: u64 = 4 << 30;
 /// Largest `--size` with `--verify` (the whole size is kept in memory to be checked).
 const MAX_VERIFY: u64 = 16 << 30;
 
-/// Runs the `seq` workload described by `args` (see [`tensors::run`] for the other). A
-/// refusal also names the values that came from the environment or the settings file.
-pub fn run(args: &BenchArgs) -> Result<Vec<BenchResult>> {
-    run_seq(args).map_err(|e| args.layers.annotate(e))
+/// Runs the `seq` workload described by `args` with the settings `bench` (see
+/// [`tensors::run`] for the other). A refusal also names the values that came from the
+/// environment or the settings file.
+pub fn run(args: &BenchArgs, bench: &BenchSettings) -> Result<Vec<BenchResult>> {
+    run_seq(args, bench).map_err(|e| bench.layers.annotate(e))
 }
 
-fn run_seq(args: &BenchArgs) -> Result<Vec<BenchResult>> {
+fn run_seq(args: &BenchArgs, bench: &BenchSettings) -> Result<Vec<BenchResult>> {
     flags::check(args)?;
-    validate(args)?;
-    let (paths, setup, path) = storage_setup(args)?;
+    validate(args, bench)?;
+    let (paths, setup, path) = storage_setup(args, bench)?;
     let anonymous = paths.len() == 1 && args.pci.is_none() && path.is_dir();
     // Data already on the target is read as it is (no rewrite) unless --verify needs known
     // data; a new or shorter file is filled first, so reads never hit unwritten extents.
@@ -85,6 +90,7 @@ fn run_seq(args: &BenchArgs) -> Result<Vec<BenchResult>> {
     let (id, target_info) = setup.backend.open(&target)?;
     let mut run = Run {
         args,
+        bench,
         setup: &setup,
         target: id,
         path: display_paths(&paths, args.pci.is_some()),
@@ -92,7 +98,7 @@ fn run_seq(args: &BenchArgs) -> Result<Vec<BenchResult>> {
         written: already_written,
         seeded: false,
         direct_io: target_info.direct_io,
-        notes: args
+        notes: bench
             .layers
             .report_notes()
             .chain(setup.notes.iter().cloned())
@@ -108,26 +114,28 @@ fn run_seq(args: &BenchArgs) -> Result<Vec<BenchResult>> {
 
 /// The run's storage paths, its device and backend (striped over the paths when there are
 /// several), and the path of the target to open.
-fn storage_setup(args: &BenchArgs) -> Result<(Vec<PathBuf>, Setup, PathBuf)> {
-    let paths = storage_paths(args)?;
+fn storage_setup(args: &BenchArgs, bench: &BenchSettings) -> Result<(Vec<PathBuf>, Setup, PathBuf)> {
+    let paths = storage_paths(args, bench)?;
+    let settings = &bench.resolved;
     let (setup, path) = select::setup_striped(
-        choices(args),
-        &args.faults,
+        choices(args, bench),
+        &settings.faults,
         &paths,
-        args.stripe,
-        &args.stripe_weights,
+        settings.stripe_bytes,
+        &settings.stripe_weights,
     )?;
     Ok((paths, setup, path))
 }
 
-/// What the benchmark stores to: the controller of `--pci`, the `--path`s (a directory: an
-/// anonymous file in it; several: striped), or without either an anonymous file in $TMPDIR.
-fn storage_paths(args: &BenchArgs) -> Result<Vec<PathBuf>> {
+/// What the benchmark stores to: the controller of `--pci`, the paths of `bench` (a
+/// directory: an anonymous file in it; several: striped), or without either an anonymous
+/// file in $TMPDIR.
+fn storage_paths(args: &BenchArgs, bench: &BenchSettings) -> Result<Vec<PathBuf>> {
     if let Some(pci) = args.pci {
         return Ok(vec![PathBuf::from(pci.to_string())]);
     }
-    if !args.path.is_empty() {
-        return Ok(args.path.clone());
+    if !bench.paths.is_empty() {
+        return Ok(bench.paths.clone());
     }
     let dir = std::env::temp_dir();
     if !dir.is_dir() {
@@ -152,23 +160,28 @@ fn display_paths(paths: &[PathBuf], controller: bool) -> String {
     paths.iter().map(one).collect::<Vec<_>>().join(" + ")
 }
 
-fn validate(args: &BenchArgs) -> Result<()> {
+/// Refuses a seq run whose flags and settings (`queue_depth`, `threads`) do not fit
+/// together.
+fn validate(args: &BenchArgs, bench: &BenchSettings) -> Result<()> {
+    let Choices {
+        queue_depth: qd,
+        threads,
+        ..
+    } = bench.resolved.choices;
     if args.block > args.size {
         return Err(Error::invalid(format!(
             "--block ({}) is larger than --size ({}); make the block smaller or the size larger",
             args.block, args.size
         )));
     }
-    if args.qd == 0 || args.qd > 4096 {
+    if qd == 0 || qd > 4096 {
         return Err(Error::invalid(format!(
-            "--qd {} is out of range: use 1 to 4096",
-            args.qd
+            "--qd {qd} is out of range: use 1 to 4096"
         )));
     }
-    if args.threads == 0 || args.threads > 256 {
+    if threads == 0 || threads > 256 {
         return Err(Error::invalid(format!(
-            "--threads {} is out of range: use 1 to 256",
-            args.threads
+            "--threads {threads} is out of range: use 1 to 256"
         )));
     }
     if let Some(buffer) = args.buffer {
@@ -208,6 +221,7 @@ fn buffer_len(args: &BenchArgs) -> u64 {
 
 struct Run<'a> {
     args: &'a BenchArgs,
+    bench: &'a BenchSettings,
     setup: &'a Setup,
     target: TargetId,
     /// The target as the report names it.
@@ -298,8 +312,8 @@ impl Run<'_> {
             op,
             ios,
             buffer: &self.buffer,
-            qd: self.args.qd,
-            threads: self.args.threads,
+            qd: self.bench.resolved.choices.queue_depth,
+            threads: self.bench.resolved.choices.threads,
             progress: (!self.args.json).then_some(progress),
         })
         .map_err(|e| select::fault_context(e, what, &self.setup.faults))
@@ -321,8 +335,8 @@ impl Run<'_> {
             bytes: t.bytes,
             block_size: self.args.block,
             buffer_bytes: self.buffer.len(),
-            queue_depth: self.args.qd,
-            threads: self.args.threads,
+            queue_depth: self.bench.resolved.choices.queue_depth,
+            threads: self.bench.resolved.choices.threads,
             seconds,
             throughput_gbps: t.bytes as f64 / seconds / 1e9,
             iops: t.ios as f64 / seconds,
@@ -340,7 +354,7 @@ impl Run<'_> {
             verified: mismatched_bytes.map(|m| m == 0),
             mismatched_bytes,
             notes: self.notes.clone(),
-            from_env_or_file: self.args.layers.taken.clone(),
+            from_env_or_file: self.bench.layers.taken.clone(),
             command: std::env::args().collect::<Vec<_>>().join(" "),
             members: Vec::new(),
             faults: None,
@@ -348,16 +362,12 @@ impl Run<'_> {
     }
 }
 
-/// The choices `spillway bench` flags make (either workload).
-pub fn choices(args: &BenchArgs) -> Choices {
+/// The device and backend choices of a bench run (either workload): its settings', with
+/// the controller of `--pci`.
+pub fn choices(args: &BenchArgs, bench: &BenchSettings) -> Choices {
     Choices {
-        backend: args.backend,
-        mem: args.mem,
-        gpu: args.gpu,
-        queue_depth: args.qd,
-        threads: args.threads,
-        pinned_bytes: args.pinned,
         pci: args.pci,
+        ..bench.resolved.choices
     }
 }
 

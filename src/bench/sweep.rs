@@ -27,8 +27,8 @@ use serde::{Serialize, Serializer};
 use spillway_runtime::{Error, PrivateFile, Result};
 
 use super::flags::SWEEP_ONLY;
-use super::layers;
 use super::report::BenchResult;
+use super::settings::BenchSettings;
 use crate::cli::BenchArgs;
 use crate::select::fault_summary;
 use crate::size::format_size;
@@ -83,8 +83,9 @@ impl std::fmt::Display for Point {
 
 impl Grid {
     /// The grid `args` asks for (see the [module documentation](self)), each value checked
-    /// as its single flag's value is, and the whole at most [`MAX_POINTS`] points.
-    pub fn from_args(args: &BenchArgs) -> Result<Grid> {
+    /// as its single flag's value is (over the settings layers of `bench`), and the whole at
+    /// most [`MAX_POINTS`] points.
+    pub fn from_args(args: &BenchArgs, bench: &BenchSettings) -> Result<Grid> {
         let given = |id: &str| args.given.iter().any(|g| g == id);
         let blocks = if !args.blocks.is_empty() {
             args.blocks.clone()
@@ -109,7 +110,7 @@ impl Grid {
             &DEFAULT_THREADS,
         );
         let grid = Grid { blocks, qds, threads };
-        grid.check(args)?;
+        grid.check(args, bench)?;
         Ok(grid)
     }
 
@@ -143,7 +144,7 @@ impl Grid {
     /// Refuses a grid of more than [`MAX_POINTS`] points, a value given twice in a list, and
     /// a value its single flag would refuse (the same checks: the settings table's caps, and
     /// the bench's own rules against --size and --buffer).
-    fn check(&self, args: &BenchArgs) -> Result<()> {
+    fn check(&self, args: &BenchArgs, bench: &BenchSettings) -> Result<()> {
         if self.len() > MAX_POINTS {
             return Err(Error::invalid(format!(
                 "the sweep has {} points ({} block sizes × {} queue depths × {} thread counts), more than {MAX_POINTS}: shorten --blocks, --qds or --thread-counts",
@@ -163,26 +164,24 @@ impl Grid {
                 format!("the default {list} (give {list} to choose others)")
             }
         };
-        check_values(
-            args,
+        let values = Values { args, bench };
+        values.check(
             &name("--blocks", "--block", "blocks"),
             &self.blocks,
             |b| format_size(*b),
-            |a, b| a.block = b,
+            |a, b| give(a, "block", |a| a.block = b),
         )?;
-        check_values(
-            args,
+        values.check(
             &name("--qds", "--qd", "qds"),
             &self.qds,
             u32::to_string,
-            |a, qd| a.qd = qd,
+            |a, qd| give(a, "qd", |a| a.qd = qd),
         )?;
-        check_values(
-            args,
+        values.check(
             &name("--thread-counts", "--threads", "thread_counts"),
             &self.threads,
             usize::to_string,
-            |a, t| a.threads = t,
+            |a, t| give(a, "threads", |a| a.threads = t),
         )
     }
 }
@@ -198,35 +197,53 @@ fn pick<T: Copy>(list: &[T], single_given: bool, single: T, defaults: &[T]) -> V
     }
 }
 
-/// Refuses a value given twice in `values`, and any value the bench refuses when `set`
-/// puts it into `args` (see [`Grid::check`]); `flag` names where the values came from.
-fn check_values<T: Copy + PartialEq>(
-    args: &BenchArgs,
-    flag: &str,
-    values: &[T],
-    show: impl Fn(&T) -> String,
-    set: impl Fn(&mut BenchArgs, T),
-) -> Result<()> {
-    for (i, v) in values.iter().enumerate() {
-        if values[..i].contains(v) {
-            return Err(Error::invalid(format!(
-                "{flag} lists {} twice: give each value once",
-                show(v)
-            )));
+/// A sweep's command line and settings, against which its values are checked.
+struct Values<'a> {
+    args: &'a BenchArgs,
+    bench: &'a BenchSettings,
+}
+
+impl Values<'_> {
+    /// Refuses a value given twice in `values`, and any value the bench refuses on the
+    /// command line `set` makes of it (see [`Grid::check`]); `flag` names where the values
+    /// came from.
+    fn check<T: Copy + PartialEq>(
+        &self,
+        flag: &str,
+        values: &[T],
+        show: impl Fn(&T) -> String,
+        set: impl Fn(&mut BenchArgs, T),
+    ) -> Result<()> {
+        for (i, v) in values.iter().enumerate() {
+            if values[..i].contains(v) {
+                return Err(Error::invalid(format!(
+                    "{flag} lists {} twice: give each value once",
+                    show(v)
+                )));
+            }
+            let mut one = self.args.clone();
+            set(&mut one, *v);
+            self.bench
+                .for_args(&one)
+                .and_then(|settings| super::validate(&one, &settings))
+                .map_err(|e| {
+                    Error::invalid(format!(
+                        "{flag}: the value {} is refused: {}",
+                        show(v),
+                        message(&e)
+                    ))
+                })?;
         }
-        let mut one = args.clone();
-        set(&mut one, *v);
-        layers::check_flags(&one)
-            .and_then(|()| super::validate(&one))
-            .map_err(|e| {
-                Error::invalid(format!(
-                    "{flag}: the value {} is refused: {}",
-                    show(v),
-                    message(&e)
-                ))
-            })?;
+        Ok(())
     }
-    Ok(())
+}
+
+/// The command line `a` with the flag of clap id `id` given, as `set` gives it.
+fn give(a: &mut BenchArgs, id: &str, set: impl FnOnce(&mut BenchArgs)) {
+    set(a);
+    if !a.given.iter().any(|g| g == id) {
+        a.given.push(id.to_string());
+    }
 }
 
 /// The text of a refusal without its "invalid argument: " prefix.
@@ -354,11 +371,11 @@ impl Sweep {
     }
 }
 
-/// Runs the sweep `args` asks for (`--sweep`); with `--out`, also writes its JSON there. A
-/// refusal before the first point also names the values that came from the environment or
-/// the settings file; a point's error names the point.
-pub fn run(args: &BenchArgs) -> Result<Sweep> {
-    let (grid, points) = plan(args).map_err(|e| args.layers.annotate(e))?;
+/// Runs the sweep `args` asks for (`--sweep`) with the settings `bench`; with `--out`, also
+/// writes its JSON there. A refusal before the first point also names the values that came
+/// from the environment or the settings file; a point's error names the point.
+pub fn run(args: &BenchArgs, bench: &BenchSettings) -> Result<Sweep> {
+    let (grid, points) = plan(args, bench).map_err(|e| bench.layers.annotate(e))?;
     // Made before the first point, so that a bad --out is reported before the run, not
     // after it; put in place once written (see PrivateFile: never through a link).
     let mut out = match &args.out {
@@ -369,9 +386,10 @@ pub fn run(args: &BenchArgs) -> Result<Sweep> {
     };
     let line = PointLine::new(!args.json, points.len());
     let mut done = Vec::with_capacity(points.len());
-    for (i, (point, point_args)) in points.iter().enumerate() {
+    for (i, (point, point_args, settings)) in points.iter().enumerate() {
         line.show(i + 1, point);
-        let results = super::run(point_args).map_err(|e| at_point(e, i + 1, points.len(), point))?;
+        let results =
+            super::run(point_args, settings).map_err(|e| at_point(e, i + 1, points.len(), point))?;
         done.push(PointResult {
             block: point.block,
             qd: point.qd,
@@ -409,35 +427,40 @@ pub fn run(args: &BenchArgs) -> Result<Sweep> {
     Ok(sweep)
 }
 
-/// The grid, and each of its points with the arguments its bench runs with, all checked.
-fn plan(args: &BenchArgs) -> Result<(Grid, Vec<(Point, BenchArgs)>)> {
+/// A point of a sweep, with the command line and the settings its bench runs with.
+type PointRun = (Point, BenchArgs, BenchSettings);
+
+/// The grid, and each of its points with the command line and settings its bench runs
+/// with, all checked.
+fn plan(args: &BenchArgs, bench: &BenchSettings) -> Result<(Grid, Vec<PointRun>)> {
     super::flags::check(args)?;
-    let grid = Grid::from_args(args)?;
-    let points: Vec<(Point, BenchArgs)> = grid
-        .points()
-        .into_iter()
-        .map(|p| (p, point_args(args, &p)))
-        .collect();
-    // Combinations the values alone do not show: the staging of many rings at a deep
-    // queue may not fit the host's memory.
-    let n = points.len();
-    for (i, (point, a)) in points.iter().enumerate() {
-        super::validate(a)
-            .and_then(|()| crate::cli::check_memory(a))
-            .map_err(|e| at_point(e, i + 1, n, point))?;
+    let grid = Grid::from_args(args, bench)?;
+    let n = grid.len();
+    let mut points = Vec::with_capacity(n);
+    for (i, p) in grid.points().into_iter().enumerate() {
+        // Combinations the values alone do not show: the staging of many rings at a deep
+        // queue may not fit the host's memory.
+        let (a, settings) = point_args(args, bench, &p)
+            .and_then(|(a, settings)| {
+                super::validate(&a, &settings)?;
+                crate::cli::check_memory(&a, &settings)?;
+                Ok((a, settings))
+            })
+            .map_err(|e| at_point(e, i + 1, n, &p))?;
+        points.push((p, a, settings));
     }
     Ok((grid, points))
 }
 
-/// `args` for the plain bench of `point`: its block, queue depth and threads set as if given
-/// on the command line, the sweep's own flags gone, and the `queue_depth` and `threads`
-/// values of the environment or the settings file (which the sweep overrides) no longer
-/// listed as taken, but noted as unused.
-fn point_args(args: &BenchArgs, point: &Point) -> BenchArgs {
+/// The command line and settings of the plain bench of `point`: its block, queue depth and
+/// threads given as if on the command line, the sweep's own flags gone; the `queue_depth`
+/// and `threads` values of the environment or the settings file (which the sweep
+/// overrides) are then not taken, but noted as unused.
+fn point_args(args: &BenchArgs, bench: &BenchSettings, point: &Point) -> Result<(BenchArgs, BenchSettings)> {
     let mut a = args.clone();
-    a.block = point.block;
-    a.qd = point.qd;
-    a.threads = point.threads;
+    give(&mut a, "block", |a| a.block = point.block);
+    give(&mut a, "qd", |a| a.qd = point.qd);
+    give(&mut a, "threads", |a| a.threads = point.threads);
     a.sweep = false;
     a.blocks.clear();
     a.qds.clear();
@@ -445,22 +468,17 @@ fn point_args(args: &BenchArgs, point: &Point) -> BenchArgs {
     a.out = None;
     a.given
         .retain(|g| g != "sweep" && !SWEEP_ONLY.iter().any(|(id, _)| g == id));
-    for id in ["block", "qd", "threads"] {
-        if !a.given.iter().any(|g| g == id) {
-            a.given.push(id.to_string());
-        }
-    }
-    let (overridden, kept) = std::mem::take(&mut a.layers.taken)
-        .into_iter()
-        .partition(|t| SET_BY_SWEEP.contains(&t.setting));
-    a.layers.taken = kept;
-    let overridden: Vec<layers::Taken> = overridden;
-    a.layers.notes.extend(
-        overridden
-            .iter()
-            .map(|t| format!("{t} not used: the sweep sets {} for each point", t.setting)),
-    );
-    a
+    let mut settings = bench.for_args(&a)?;
+    let overridden = bench
+        .layers
+        .taken
+        .iter()
+        .filter(|t| SET_BY_SWEEP.contains(&t.setting));
+    settings
+        .layers
+        .notes
+        .extend(overridden.map(|t| format!("{t} not used: the sweep sets {} for each point", t.setting)));
+    Ok((a, settings))
 }
 
 /// `e`, saying at which point of the sweep it happened, with the exit status it had.
@@ -654,6 +672,7 @@ mod tests {
 
     use super::*;
 
+    use crate::bench::settings::of;
     use crate::exit::{status_of, BAD_INPUT, FAILURE, MISMATCH};
 
     /// `spillway bench ARGS`, parsed as [`crate::cli::parse`] does (without the layers).
@@ -661,9 +680,14 @@ mod tests {
         crate::cli::bench_args(args)
     }
 
+    /// The grid of `args`, over no settings layers.
+    fn grid(args: &BenchArgs) -> Result<Grid> {
+        Grid::from_args(args, &of(args, &[])?)
+    }
+
     #[test]
     fn each_dimension_is_its_list_else_its_flag_else_the_defaults() {
-        let g = Grid::from_args(&bench(&["--sweep"])).unwrap();
+        let g = grid(&bench(&["--sweep"])).unwrap();
         assert_eq!(g.blocks, DEFAULT_BLOCKS);
         assert_eq!(
             (g.qds.as_slice(), g.threads.as_slice()),
@@ -671,15 +695,15 @@ mod tests {
         );
         assert_eq!(g.len(), 36);
 
-        let g = Grid::from_args(&bench(&["--sweep", "--threads", "4", "--qds", "2,1"])).unwrap();
+        let g = grid(&bench(&["--sweep", "--threads", "4", "--qds", "2,1"])).unwrap();
         assert_eq!((g.qds, g.threads), (vec![2, 1], vec![4]));
-        let g = Grid::from_args(&bench(&["--sweep", "--block", "256K", "--qd", "8"])).unwrap();
+        let g = grid(&bench(&["--sweep", "--block", "256K", "--qd", "8"])).unwrap();
         assert_eq!((g.blocks, g.qds), (vec![256 << 10], vec![8]));
 
         // Default block sizes larger than --size are left out.
-        let g = Grid::from_args(&bench(&["--sweep", "--size", "2M"])).unwrap();
+        let g = grid(&bench(&["--sweep", "--size", "2M"])).unwrap();
         assert_eq!(g.blocks, [64 << 10, 1 << 20]);
-        let e = Grid::from_args(&bench(&["--sweep", "--size", "32K"])).unwrap_err();
+        let e = grid(&bench(&["--sweep", "--size", "32K"])).unwrap_err();
         assert!(e.to_string().contains("--blocks"), "{e}");
     }
 
@@ -709,13 +733,13 @@ mod tests {
             (&["--qds", "4,4"], "--qds lists 4 twice"),
             (&["--blocks", "1M,1024K"], "--blocks lists 1 MiB twice"),
         ] {
-            let e = Grid::from_args(&bench(&[&["--sweep"], flags].concat())).unwrap_err();
+            let e = grid(&bench(&[&["--sweep"], flags].concat())).unwrap_err();
             assert_eq!(status_of(&e), BAD_INPUT);
             assert!(e.to_string().contains(expected), "{flags:?}: {e}");
         }
         let many: Vec<String> = (1..=9).map(|n| n.to_string()).collect();
         let many = many.join(",");
-        let e = Grid::from_args(&bench(&[
+        let e = grid(&bench(&[
             "--sweep",
             "--qds",
             &many,
@@ -730,30 +754,36 @@ mod tests {
 
     #[test]
     fn a_point_s_values_win_over_the_environment_and_the_sweep_flags_go() {
-        let settings = crate::settings::Settings::load_from([
+        let vars = [
             ("SPILLWAY_QUEUE_DEPTH", "32"),
             ("SPILLWAY_STRIPE_BYTES", "256KiB"),
-        ])
-        .unwrap();
-        let mut args = bench(&["--sweep", "--thread-counts", "2", "--out", "/tmp/x.json"]);
-        layers::apply_layers(&mut args, &settings, || Ok(None)).unwrap();
-        assert_eq!(args.qd, 32, "the environment's queue depth");
+        ];
+        let args = bench(&["--sweep", "--thread-counts", "2", "--out", "/tmp/x.json"]);
+        let settings = of(&args, &vars).unwrap();
+        assert_eq!(
+            settings.resolved.choices.queue_depth, 32,
+            "the environment's queue depth"
+        );
         let point = Point {
             block: 4096,
             qd: 4,
             threads: 2,
         };
-        let a = point_args(&args, &point);
-        assert_eq!((a.block, a.qd, a.threads, a.sweep), (4096, 4, 2, false));
-        let taken: Vec<&str> = a.layers.taken.iter().map(|t| t.setting).collect();
+        let (a, s) = point_args(&args, &settings, &point).unwrap();
+        let choices = s.resolved.choices;
+        assert_eq!(
+            (a.block, choices.queue_depth, choices.threads, a.sweep),
+            (4096, 4, 2, false)
+        );
+        let taken: Vec<&str> = s.layers.taken.iter().map(|t| t.setting).collect();
         assert_eq!(taken, ["stripe_bytes"]);
         assert!(
-            a.layers
+            s.layers
                 .notes
                 .iter()
                 .any(|n| n == "queue_depth=32 from SPILLWAY_QUEUE_DEPTH not used: the sweep sets queue_depth for each point"),
             "{:?}",
-            a.layers.notes
+            s.layers.notes
         );
         assert!(a.out.is_none() && a.thread_counts.is_empty());
         for id in ["sweep", "thread_counts", "out"] {

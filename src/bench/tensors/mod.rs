@@ -36,8 +36,10 @@ use spillway_runtime::{Device, DeviceBuffer, DirectIo, Error, Event, PrivateFile
 
 use super::flags;
 use super::progress::Progress;
+use super::settings::BenchSettings;
 use crate::cli::BenchArgs;
 use crate::open::{EngineBuilder, OpenError};
+use crate::rank::RankPaths;
 use crate::select;
 use crate::settings::Resolved;
 use options::{EngineSettings, Options};
@@ -49,16 +51,16 @@ use report::{Phase, TensorsResult};
 const POISON_SOURCE: u64 = 0xdead_beef_0bad_f00d;
 const POISON_DESTINATION: u64 = 0x0bad_cafe_dead_d00d;
 
-/// Runs the tensors workload described by `args`. A refusal also names the values that came
-/// from the environment or the settings file.
-pub fn run(args: &BenchArgs) -> Result<TensorsResult> {
-    run_tensors(args).map_err(|e| args.layers.annotate(e))
+/// Runs the tensors workload described by `args` with the settings `bench`. A refusal also
+/// names the values that came from the environment or the settings file.
+pub fn run(args: &BenchArgs, bench: &BenchSettings) -> Result<TensorsResult> {
+    run_tensors(args, bench).map_err(|e| bench.layers.annotate(e))
 }
 
-fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
+fn run_tensors(args: &BenchArgs, bench: &BenchSettings) -> Result<TensorsResult> {
     flags::check(args)?;
-    let opts = Options::from_args(args)?;
-    let paths = super::storage_paths(args)?;
+    let opts = Options::from_args(args, bench)?;
+    let paths = super::storage_paths(args, bench)?;
     let plan = Plan::new(
         opts.tensors,
         opts.duplicates,
@@ -71,12 +73,18 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         opts.engine.pack_extent_bytes,
         opts.engine.dedup,
     );
-    let settings = settings(args, &opts);
+    // The engine opens with the bench's settings and its options' engine; ranks are settled
+    // already (the bench's settings chose this rank's paths).
+    let settings = Resolved {
+        engine: opts.engine.clone(),
+        rank_paths: RankPaths::default(),
+        ..bench.resolved.clone()
+    };
     let prepared = builder(args, &paths, capacity, &settings)
         .prepare()
         .map_err(blame_capacity)?;
     let setup = prepared.setup();
-    let mut notes: Vec<String> = args.layers.report_notes().collect();
+    let mut notes: Vec<String> = bench.layers.report_notes().collect();
     notes.extend(prepared.notes().cloned());
     notes.extend(limits::check(
         &setup.memory,
@@ -159,8 +167,8 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         dedup: opts.engine.dedup,
         engine: EngineSettings::of(&opts.engine),
         storage_capacity: opened.info.capacity,
-        queue_depth: args.qd,
-        threads: args.threads,
+        queue_depth: settings.choices.queue_depth,
+        threads: settings.choices.threads,
         direct_io: probe.direct_io,
         host_staging: opened.gpu().is_some() && backend.host_staging,
         gds_mode: backend.transfer_mode.map(str::to_string),
@@ -171,27 +179,11 @@ fn run_tensors(args: &BenchArgs) -> Result<TensorsResult> {
         mismatched_tensors,
         trace,
         notes,
-        from_env_or_file: args.layers.taken.clone(),
+        from_env_or_file: bench.layers.taken.clone(),
         engine_stats: engine.stats(),
         faults: opened.fault_report(),
         host_tier: opened.host_tier_stats(),
     })
-}
-
-/// The settings the run's engine opens with: its flags over the settings layers (applied
-/// to `args` by [`super::layers`]), the engine configuration checked in `opts`. Ranks are
-/// settled already: the layers chose this rank's paths.
-fn settings(args: &BenchArgs, opts: &Options) -> Resolved {
-    Resolved {
-        choices: super::choices(args),
-        engine: opts.engine.clone(),
-        host_tier: args.host_tier.unwrap_or(0),
-        spread_files: args.spread,
-        stripe_bytes: args.stripe,
-        stripe_weights: args.stripe_weights.clone(),
-        faults: args.faults.clone(),
-        ..Resolved::default()
-    }
 }
 
 /// The engine users open ([`EngineBuilder`]), on `paths` with the plan's `capacity`:

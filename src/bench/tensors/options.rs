@@ -1,12 +1,14 @@
-//! The tensors workload's settings: checked against each other, with every refusal naming
-//! the flag to change, and the engine configuration they make.
+//! The tensors workload's options: its own flags checked against each other, and the
+//! engine's settings checked in the words of the flags that set them, every refusal naming
+//! the flag to change.
 
 use std::path::PathBuf;
 
 use serde::Serialize;
-use spillway_runtime::engine::{EngineConfig, SetSizes};
+use spillway_runtime::engine::EngineConfig;
 use spillway_runtime::{Error, Result};
 
+use crate::bench::settings::BenchSettings;
 use crate::cli::BenchArgs;
 use crate::size::format_size;
 
@@ -85,9 +87,10 @@ impl EngineSettings {
 }
 
 impl Options {
-    /// Checks the tensors workload's flags and resolves the engine's settings: a size left
-    /// out takes the engine default, shrunk to fit a smaller `--staging`.
-    pub fn from_args(args: &BenchArgs) -> Result<Options> {
+    /// Checks the tensors workload's own flags; the engine's settings are those of `bench`
+    /// (resolved: a size left out takes the engine default, shrunk to fit a smaller
+    /// `--staging`), with the timeline on for `--trace`.
+    pub fn from_args(args: &BenchArgs, bench: &BenchSettings) -> Result<Options> {
         if args.tensors == 0 {
             return Err(Error::invalid(
                 "--tensors 0: the tensors workload needs at least 1 tensor",
@@ -131,7 +134,11 @@ impl Options {
                 calls
             )));
         }
-        let notes = no_effect_notes(args);
+        let notes = no_effect_notes(args, bench);
+        let engine = EngineConfig {
+            timeline: args.trace.is_some() || bench.resolved.engine.timeline,
+            ..bench.resolved.engine.clone()
+        };
         Ok(Options {
             tensors: args.tensors as usize,
             duplicates: duplicates as usize,
@@ -139,7 +146,7 @@ impl Options {
             min_size: args.min_size,
             max_size: args.max_size,
             seed: args.seed,
-            engine: engine_config(args)?,
+            engine,
             trace: args.trace.clone(),
             notes,
         })
@@ -153,14 +160,14 @@ impl Options {
 
 /// Notes for packing flags given while packing is off (by --no-pack, or by the `pack`
 /// setting from the environment or the settings file).
-fn no_effect_notes(args: &BenchArgs) -> Vec<String> {
-    if !args.no_pack {
+fn no_effect_notes(args: &BenchArgs, bench: &BenchSettings) -> Vec<String> {
+    if bench.resolved.engine.pack {
         return Vec::new();
     }
     let off = if args.given.iter().any(|g| g == "no_pack") {
         "--no-pack".to_string()
     } else {
-        let taken = args.layers.taken.iter().find(|t| t.setting == "pack");
+        let taken = bench.layers.taken.iter().find(|t| t.setting == "pack");
         taken.map_or_else(|| "packing off".to_string(), ToString::to_string)
     };
     [
@@ -179,32 +186,12 @@ fn duplicate_calls(tensors: u64, dup: f64) -> u64 {
     (tensors as f64 * dup / (1.0 - dup)).round() as u64
 }
 
-/// The engine configuration of `args`, refusing combinations the engine cannot run with a
-/// message naming the flags. It starts from the settings layers' configuration (so the
-/// settings without a flag, such as `alignment`, come from the environment or the file);
-/// a size that neither a flag nor a layer gave is its default, shrunk to fit the staging.
-fn engine_config(args: &BenchArgs) -> Result<EngineConfig> {
-    let base = args.layers.engine.clone();
-    let staging = args.staging.unwrap_or(base.staging_bytes);
-    let pack = !args.no_pack;
-    let mut cfg = EngineConfig {
-        staging_bytes: staging,
-        prefetch_bytes: args.prefetch.unwrap_or(base.prefetch_bytes),
-        pack_extent_bytes: args.pack_extent.unwrap_or(base.pack_extent_bytes),
-        pack_threshold: args.pack_threshold.unwrap_or(base.pack_threshold),
-        pack,
-        dedup: !args.no_dedup,
-        checksums: args.verify,
-        timeline: args.trace.is_some() || base.timeline,
-        ..base
-    };
-    // The library's rule: sizes left at their defaults shrink to fit the staging memory.
-    cfg.fit_to_staging(SetSizes {
-        prefetch_bytes: args.prefetch.is_some(),
-        pack_extent_bytes: args.pack_extent.is_some(),
-        pack_threshold: args.pack_threshold.is_some(),
-    });
+/// Refuses combinations of the engine's settings (the sizes left unset already fitted to
+/// the staging memory) that the engine cannot run with, in the words of the flags that set
+/// them; the settings' own check ([`crate::settings::Settings::resolve`]) refuses the rest.
+pub(crate) fn check_engine(cfg: &EngineConfig) -> Result<()> {
     let size = format_size;
+    let (staging, pack) = (cfg.staging_bytes, cfg.pack);
     if staging < 2 * cfg.alignment {
         return Err(Error::invalid(format!(
             "--staging {} is too small: the engine needs at least {} (two {} alignment units)",
@@ -234,9 +221,7 @@ fn engine_config(args: &BenchArgs) -> Result<EngineConfig> {
             size(cfg.pack_extent_bytes)
         )));
     }
-    // Anything the checks above missed is still refused, in the engine's words.
-    cfg.validate()?;
-    Ok(cfg)
+    Ok(())
 }
 
 #[cfg(test)]
