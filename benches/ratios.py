@@ -23,25 +23,16 @@ def _planner():
 
 def schedule_bound_bytes(result):
     """The bytes freed at forward's peak by the schedule the measured step allows, forward
-    never waiting: from the step the run planned from (policy.profile: when each tensor
-    was saved, its bytes, which can be rebuilt) and the bandwidth it measured, every tensor
-    that can be rebuilt is, every other one is written in save order at that bandwidth,
-    none before its save, and only writes done by the end of forward count. Tighter than
-    the per-layer bound (34*s*b*h bytes over forward's time): the last tensors saved cannot
-    be written by then. (Not strict: leaving a large early tensor out can let the ones
-    after it finish sooner.) None without a profile."""
+    never waiting (the planner's schedule_bound): from the step the run planned from
+    (policy.profile) and the bandwidth it measured. None without a profile."""
     policy = result.get("policy") or {}
     data = policy.get("profile")
     write, read = policy.get("write_gbps"), policy.get("read_gbps")
     if not data or not write:
         return None
     p = _planner()
-    profile = p.Profile.from_dict(data)
     tiers = p.Tiers.measured(write, read or write, policy.get("host_tier_bytes") or 0)
-    rebuild = frozenset(profile.rebuildable())
-    offload = frozenset(t for t in profile.tensor_ids() if t not in rebuild)
-    held = p.simulate(profile, tiers, offload, frozenset(), rebuild=rebuild).activation_bytes
-    return profile.activation_bytes - held
+    return p.schedule_bound(p.Profile.from_dict(data), tiers)
 
 
 def ratios_to(baseline, result):

@@ -405,6 +405,31 @@ def test_recorded_steps_meet_budgets_faster_than_recomputing_every_block(path, f
     assert got.outcome.extra_ms < checkpoint.extra_ms, (got.reason, checkpoint)
 
 
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+def test_recorded_steps_free_nine_tenths_of_what_the_schedule_allows(path):
+    # The planner against physics on measured steps: what it frees at forward's peak beside
+    # the most any plan frees without forward waiting (every rebuildable tensor rebuilt,
+    # every other one written in save order at the measured bandwidth; the last ones saved
+    # cannot be written by forward's end). The bound counts rebuilds as free: on the GPT
+    # steps they take about 1% of the step and the default goal is held to it; the
+    # Llama step's rebuilds take 2.5% of it (RMSNorm and SwiGLU outputs; 12.7 ms), so its
+    # default goal rebuilds what 1% pays for and frees 0.71x, and it is held to the bound
+    # within 1.05x.
+    prof, tiers = recorded_step(path)
+    bound = planner.schedule_bound(prof, tiers)
+    assert 0 < bound < prof.activation_bytes
+    rebuild_ms = sum(prof.segments[i].rebuild_cost(k) for i, k in prof.rebuildable())
+    llama = "llama" in path.stem
+    assert rebuild_ms / prof.step_ms > 0.02 if llama else rebuild_ms / prof.step_ms < 0.012
+    goal = {"max_slowdown": 1.05} if llama else {}
+    got = planner.plan(prof, tiers, window=default_window, prefetch_segments=2, **goal)
+    freed = prof.activation_bytes - got.outcome.activation_bytes
+    assert freed >= 0.9 * bound, (freed / bound, got.reason)
+    # and the bound bounds, to within its slack (leaving a large early tensor out can let
+    # the ones after it finish sooner)
+    assert freed <= 1.02 * bound, (freed / bound, got.reason)
+
+
 def test_a_recorded_budget_keeps_the_logits_its_window_would_reserve():
     # GPT at hidden 8192 on the H100: the 2 GB logits are saved last and used first. Under
     # 25% of the activation bytes, the plan keeps them, and reserves the 1 GiB of the

@@ -815,6 +815,19 @@ def _budget_search(profile: Profile, sim, budget: int, frozen, allow_recompute: 
         best, recompute = step_best, step_best[0][1]
 
 
+def schedule_bound(profile: Profile, tiers: Tiers) -> int:
+    """The most bytes any plan can free at forward's peak without forward waiting, on this
+    step and these tiers: every tensor that can be rebuilt is rebuilt, every other one is
+    written in save order, none before its save, and only writes done by forward's end
+    count. Tighter than a per-layer bound (each layer's bytes over its compute time): the
+    last tensors saved cannot be off the GPU by the end of forward. Not strict: leaving a
+    large early tensor out can let the ones after it finish sooner."""
+    rebuild = frozenset(profile.rebuildable())
+    offload = frozenset(t for t in profile.tensor_ids() if t not in rebuild)
+    held = simulate(profile, tiers, offload, frozenset(), rebuild=rebuild).activation_bytes
+    return profile.activation_bytes - held
+
+
 def brute_force(
     profile: Profile,
     tiers: Tiers,
