@@ -266,13 +266,7 @@ impl Settings {
         value: impl Into<Value>,
         source: Source,
     ) -> Result<(), SettingsError> {
-        let Some((i, _)) = find(name) else {
-            return Err(SettingsError::unknown(
-                name,
-                &source,
-                unknown_reason("setting", name),
-            ));
-        };
+        let (i, _) = known(name, &source)?;
         self.set_at(i, &value.into(), source)
     }
 
@@ -287,13 +281,7 @@ impl Settings {
         source: Source,
         put: impl FnOnce(&mut Resolved),
     ) -> Result<(), SettingsError> {
-        let Some((i, _)) = find(name) else {
-            return Err(SettingsError::unknown(
-                name,
-                &source,
-                unknown_reason("setting", name),
-            ));
-        };
+        let (i, _) = known(name, &source)?;
         put(&mut self.values);
         self.sources[i] = source;
         Ok(())
@@ -303,13 +291,7 @@ impl Settings {
     /// only some of the settings (`spillway bench`'s seq workload has no engine), so that
     /// the values it ignores are neither checked together nor reported.
     pub fn reset(&mut self, name: &str) -> Result<(), SettingsError> {
-        let Some((i, setting)) = find(name) else {
-            return Err(SettingsError::unknown(
-                name,
-                &Source::Default,
-                unknown_reason("setting", name),
-            ));
-        };
+        let (i, setting) = known(name, &Source::Default)?;
         self.set_at(i, &setting.default_value(), Source::Default)
     }
 
@@ -443,4 +425,10 @@ fn unknown_reason(what: &str, name: &str) -> String {
         "unknown {what} {name:?}{hint}; the settings are {}",
         names().collect::<Vec<_>>().join(", ")
     )
+}
+
+/// The table's index and entry of setting `name`, or the refusal of an unknown name given
+/// from `source`.
+fn known(name: &str, source: &Source) -> Result<(usize, &'static Setting), SettingsError> {
+    find(name).ok_or_else(|| SettingsError::unknown(name, source, unknown_reason("setting", name)))
 }
