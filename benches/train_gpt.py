@@ -480,8 +480,10 @@ def stats_delta(before, after, key):
 class SaveTrace:
     """What the offloader did in one step (a diagnosis aid, on with the environment
     variable TRAIN_GPT_SAVE_TRACE=<file prefix>), as rows of JSON in host milliseconds from
-    the step's start: at each save, the bytes kept, still being written, and allocated;
-    each wait of forward for writes; the start of backward; and each use in backward of an
+    the step's start: at each save, the bytes kept, still being written, allocated, and the
+    most allocated since the step began (the row where it jumps follows the moment forward's
+    peak was reached); each wait of forward for writes; the start of backward (allocated and
+    the most allocated then, after the loss); and each use in backward of an
     offloaded tensor with the time the host waited for its copy. With SPILLWAY_TIMELINE=1
     the engine's timeline (every copy, per tier) is written beside it as Chrome trace JSON."""
 
@@ -504,7 +506,7 @@ class SaveTrace:
         def note_held_traced():
             note_held()
             self.rows.append((self._ms(), len(off._segments), off._kept_step, off._pending_bytes,
-                              torch.cuda.memory_allocated()))
+                              torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()))
 
         def bound_pending_traced():
             at, before = self._ms(), off._pending_bytes
@@ -513,7 +515,9 @@ class SaveTrace:
                                     pending_before=before, pending_after=off._pending_bytes))
 
         def on_backward_start_traced():
-            self.events.append(dict(event="backward_start", ms=self._ms(), pending=off._pending_bytes))
+            self.events.append(dict(event="backward_start", ms=self._ms(), pending=off._pending_bytes,
+                                    allocated=torch.cuda.memory_allocated(),
+                                    max_allocated=torch.cuda.max_memory_allocated()))
             on_backward_start()
 
         def take_traced(key, consumer):
@@ -527,12 +531,15 @@ class SaveTrace:
         off._note_held, off._bound_pending = note_held_traced, bound_pending_traced
         off._on_backward_start, off._ahead.take = on_backward_start_traced, take_traced
 
-    def write(self, prefix):
+    def write(self, prefix, memory):
+        """Writes the trace to <prefix>.json; `memory`: the step's (allocated before it,
+        forward's peak, the step's peak), as the run measured them."""
         off = self.off
         off._note_held, off._bound_pending, off._on_backward_start, off._ahead.take = self._own
         with open(prefix + ".json", "w") as f:
-            json.dump({"columns": ["ms", "segments", "kept", "pending", "allocated"], "rows": self.rows,
-                       "events": self.events, "last_step": off.stats().get("last_step")}, f)
+            json.dump({"columns": ["ms", "segments", "kept", "pending", "allocated", "max_allocated"],
+                       "rows": self.rows, "events": self.events, "last_step": off.stats().get("last_step"),
+                       "step_memory": dict(zip(("before", "forward_peak", "step_peak"), memory))}, f)
         if os.environ.get("SPILLWAY_TIMELINE") == "1":
             off.engine.write_trace(prefix + "-engine.json")
 
@@ -681,7 +688,7 @@ def run_one(args):
             log("%s: step %d/%d %.1f ms loss %.4f" % (name, i + 1, args.steps, times_ms[-1], losses[-1]))
 
         if trace is not None:
-            trace.write(os.environ["TRAIN_GPT_SAVE_TRACE"] + "-" + name)
+            trace.write(os.environ["TRAIN_GPT_SAVE_TRACE"] + "-" + name, mems[-1])
         if name == "baseline":
             # The working-set floor: forward's peak with nothing saved for backward (no
             # grad). No offloader lowers forward's peak below it: every tensor is made, and
