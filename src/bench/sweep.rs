@@ -225,7 +225,7 @@ impl Values<'_> {
             set(&mut one, *v);
             self.bench
                 .for_args(&one)
-                .and_then(|settings| super::validate(&one, &settings))
+                .and_then(|_| super::validate(&one))
                 .map_err(|e| {
                     Error::invalid(format!(
                         "{flag}: the value {} is refused: {}",
@@ -442,7 +442,7 @@ fn plan(args: &BenchArgs, bench: &BenchSettings) -> Result<(Grid, Vec<PointRun>)
         // queue may not fit the host's memory.
         let (a, settings) = point_args(args, bench, &p)
             .and_then(|(a, settings)| {
-                super::validate(&a, &settings)?;
+                super::validate(&a)?;
                 crate::cli::check_memory(&a, &settings)?;
                 Ok((a, settings))
             })
