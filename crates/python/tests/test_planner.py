@@ -430,6 +430,36 @@ def test_recorded_steps_free_nine_tenths_of_what_the_schedule_allows(path):
     assert freed <= 1.02 * bound, (freed / bound, got.reason)
 
 
+@pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
+def test_a_plans_timeline_gives_the_memory_it_predicts(path):
+    # The offloader holds forward to the plan's timeline (at each save it waits for the
+    # writes the plan has done by then): that timeline must be the one the memory was
+    # predicted from. At every save, what is held is what was kept so far and what was
+    # offloaded so far with its write not done; the most of it is the plan's activation
+    # memory. Every save is timed, rebuilt ones too; every write ends after its save.
+    prof, tiers = recorded_step(path)
+    for goal in ({}, {"max_slowdown": 1.05}):
+        got = planner.plan(prof, tiers, window=default_window, prefetch_segments=2, **goal)
+        o = got.outcome
+        saved = {(i, k) for i, k in prof.tensor_ids() if i not in got.recompute or k >= prof.segments[i].inner_count}
+        assert set(o.save_ms) == saved | {(i, -1) for i in got.recompute}, got.reason
+        assert set(o.write_done_ms) == set(got.offload), got.reason
+        assert all(o.write_done_ms[t] > o.save_ms[t] for t in got.offload), got.reason
+        order = sorted(o.save_ms, key=lambda t: (o.save_ms[t], t))
+        size = {(i, k): s.tensors[k] for i, s in enumerate(prof.segments) for k in range(len(s.tensors))}
+        size.update({(i, -1): s.input_bytes for i, s in enumerate(prof.segments)})
+        held, kept = 0, 0
+        for n, t in enumerate(order):
+            at = o.save_ms[t]
+            if t in got.rebuild:
+                continue
+            if t not in got.offload:
+                kept += size[t]
+            pending = sum(size[u] for u in order[: n + 1] if u in got.offload and o.write_done_ms[u] > at)
+            held = max(held, kept + pending)
+        assert held == o.activation_bytes, (held, o.activation_bytes, got.reason)
+
+
 def test_a_recorded_budget_keeps_the_logits_its_window_would_reserve():
     # GPT at hidden 8192 on the H100: the 2 GB logits are saved last and used first. Under
     # 25% of the activation bytes, the plan keeps them, and reserves the 1 GiB of the

@@ -610,6 +610,64 @@ def test_a_budget_bounds_the_saved_bytes_held(tmp_path, fraction):
     assert 0 < s["last_step"]["held_peak_bytes"] <= budget, (s["last_step"], budget, total)
 
 
+class LaggingCopies:
+    """An engine whose copies out of memory are seen done by a poll only once the host has
+    waited for them: the host as far ahead of the GPU as it can get (a poll at a save sees
+    the GPU several saves behind)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self._waited = set()
+
+    def wait_source_released(self, handle):
+        self._waited.add(handle)
+        return self._engine.wait_source_released(handle)
+
+    def source_released(self, handle):
+        return handle in self._waited and self._engine.source_released(handle)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+def test_forward_holds_no_more_at_any_save_than_the_plan_though_the_host_runs_ahead(tmp_path):
+    # The plan counts a tensor free once its write is done; the offloader makes it so at
+    # every save by waiting for the writes the plan has done by then. Without that wait, a
+    # host running ahead sees no write done and holds every offloaded tensor to the end of
+    # forward: the peak of a planned step stayed where the plan said it would fall.
+    model, data = gpt("cpu", layers=6), gpt_batch("cpu")
+    _, want = run_step(model, data)
+    with offloader(model, tmp_path, policy="adaptive") as off:
+        off._bandwidth = (5.0, 5.0)  # GB/s: each write is planned done within the next op
+        for _ in range(2):
+            run_step(model, data, off.step())
+        rok, segs = off._rok, off._profiled
+        assert rok.offload and not rok.recompute, rok.reason
+        size = {(i, k): b for i, s in enumerate(segs) for k, b in enumerate(s.tensors)}
+        real_engine, real_release = off.engine, off._release_planned
+        seen = []
+
+        def watch(key):
+            real_release(key)
+            at = off._planned_ms(key)
+            if at is None:
+                return
+            before = list(off._positions.values())[:-1]  # saved before this one, in order
+            planned = sum(size[t] for t in before if t in rok.offload and rok.outcome.write_done_ms[t] > at)
+            seen.append((off._pending_bytes, planned))
+
+        off.engine, off._release_planned = LaggingCopies(real_engine), watch
+        try:
+            for _ in range(2):
+                _, got = run_step(model, data, off.step())
+                assert_bitwise_equal(got, want)
+        finally:
+            off.engine = real_engine
+    assert len(seen) >= 2 * sum(len(s.tensors) for s in segs) - 2, seen
+    assert max(p for p, _ in seen) > 0, "no write was still under way at a save"
+    assert all(pending <= planned for pending, planned in seen), seen
+
+
 def test_a_budget_holds_the_copy_back_window_to_one_tensor(tmp_path):
     # Under a budget, backward copies back one tensor ahead of use, not two: every byte of
     # the window counts against the budget. The default budget bounds held bytes all the same.

@@ -252,6 +252,9 @@ class Offloader:
         # decision taken for each storage key (its other views follow it).
         self._saves_in_segment: Dict[int, int] = {}
         self._decisions: Dict[Tuple[int, int], bool] = {}
+        # Each storage key's tensor in the plan's profile: (segment, index; -1 a recomputed
+        # block's input), for the plan's timing of its save and of its write.
+        self._positions: Dict[Tuple[int, int], Tuple[int, int]] = {}
         self._rok: Optional[RokPlan] = None
         # Blocks recomputed: index -> the forward set on the instance before (None: none).
         self._recomputed: Dict[int, Any] = {}
@@ -402,6 +405,7 @@ class Offloader:
         self._keys_seen = set()
         self._saves_in_segment = {}
         self._decisions = {}
+        self._positions = {}
         self._rebuild_keys = set()
         # Notes of cheap operations are taken in eager steps that may rebuild: the step
         # measured for the plan, and planned steps that rebuild something.
@@ -818,20 +822,19 @@ class Offloader:
             k = self._saves_in_segment.get(seg.index, 0)
             self._saves_in_segment[seg.index] = k + 1
             if seg.index in rok.recompute and seg.inner is None:
-                decided = (seg.index, -1) in rok.offload  # the block's input, saved by recompute
+                tensor = (seg.index, -1)  # the block's input, saved by recompute
             elif seg.index in rok.recompute:
                 # After the recomputed block returned (the head after the last block): as
                 # planned for that tensor, counted after the block's own in the profile.
                 inner = self._profiled[seg.index].inner if seg.index < len(self._profiled) else None
                 tensor = (seg.index, (inner or 0) + seg.tail_saves)
-                decided = tensor in rok.offload
-                if tensor in rok.rebuild:
-                    self._rebuild_keys.add(key)
                 seg.tail_saves += 1
             else:
-                decided = (seg.index, k) in rok.offload
-                if (seg.index, k) in rok.rebuild:
-                    self._rebuild_keys.add(key)
+                tensor = (seg.index, k)
+            decided = tensor in rok.offload
+            if tensor in rok.rebuild:
+                self._rebuild_keys.add(key)
+            self._positions[key] = tensor
         self._decisions[key] = decided
         return decided
 
@@ -910,6 +913,8 @@ class Offloader:
                     recipe = self._producers.recipe(t) if spec is None else None
                     seg.rebuild_events.append(recipe.events if recipe is not None else None)
         offloading = self._offloading(seg, key)
+        if first:
+            self._release_planned(key)
         if not offloading and key in self._rebuild_keys and spec is None:
             recipe = self._producers.recipe(t) if self._producing else None
             if recipe is not None:
@@ -938,6 +943,7 @@ class Offloader:
         st = t.untyped_storage()
         handle = self.engine.offload(key, [(st.data_ptr(), st.nbytes())], stream)
         rec = Stored(self, handle, key, t, seg.index)
+        rec.due_ms = self._planned_ms(key, write=True)
         if spec is not None:
             rec.dtensor = (spec, whole.requires_grad)
             self._totals["offloaded_dtensors"] += 1
@@ -984,6 +990,54 @@ class Offloader:
         held = self._kept_step + self._pending_bytes + self._ahead.ahead_bytes
         if held > self._held_peak:
             self._held_peak = held
+
+    def _planned_ms(self, key: Tuple[int, int], write: bool = False) -> Optional[float]:
+        """When the plan has the tensor of storage ``key`` saved (or, with ``write``, its
+        write done), in milliseconds from forward's start; None where the plan does not
+        say (no plan per tensor, a tensor it did not see)."""
+        pos = self._positions.get(key)
+        if pos is None or self._rok is None:
+            return None
+        o = self._rok.outcome
+        return (o.write_done_ms if write else o.save_ms).get(pos)
+
+    def _release_planned(self, key: Tuple[int, int]) -> None:
+        """At the first save of storage ``key``: waits for the writes the plan has done by
+        this save, and lets go of their tensors.
+
+        The plan counts a tensor's memory free from the end of its write, but memory comes
+        back only when the host sees the write done, and the host runs ahead of the GPU
+        (up to ``run_ahead`` saves, which in a long matrix product is tens of
+        milliseconds). Seen only at the saves after it, a write done in time for the peak
+        would hold its memory through the peak (the head's logits and loss, allocated
+        between the last saves). Waiting here costs the step nothing while the writes keep
+        to the plan: the host waits for what the GPU has already done or is about to do,
+        with the work launched before this save still queued. A write later than planned
+        shows as a write wait, and a step it slows is planned again with less bandwidth."""
+        at = self._planned_ms(key)
+        if at is None or not self._inflight:
+            return
+        due = []
+        for ref in self._inflight:
+            rec = ref()
+            if rec is not None and rec.source is not None and not rec.kept and rec.due_ms is not None:
+                if rec.due_ms <= at:
+                    due.append(rec)
+        if not due:
+            return
+        t0 = time.perf_counter()
+        for rec in due:
+            if rec.source is None or rec.handle is None:
+                continue
+            if self.engine.wait_source_released(rec.handle):
+                rec.check_version()
+                rec.drop_source()
+            else:
+                rec.keep_source()  # held until release: waiting would never end
+        self._poll_sources()
+        waited = time.perf_counter() - t0
+        self._step_stall += waited
+        self._step_write_wait += waited
 
     def _bound_pending(self) -> None:
         """Waits for the oldest writes while more than ``max_pending_bytes`` are held."""

@@ -24,14 +24,17 @@ under a candidate plan:
 
 The activation memory of a plan is the most forward holds at any moment: tensors kept,
 recompute inputs kept, and offloaded tensors whose writes are not done (writes that lag
-behind the saves hold memory before the end of forward, too); under a budget, which holds
-up to backward's start, also the first tensors read back ahead of use as backward starts
-(up to the copy-back window). Under a budget, forward waits for the oldest writes whenever those under way pass what the budget
-leaves beside the kept bytes and the window, as the offloader does, so the budget holds
+behind the saves hold memory before the end of forward, too); under a budget, which
+holds up to backward's start, also the first tensors read back ahead of use as backward
+starts (up to the copy-back window). The simulation's timeline (when each tensor is
+saved, when each write is done) goes with the plan: the offloader waits at each save for
+the writes done by then, so that forward holds what was predicted. Under a budget,
+forward waits for the oldest writes whenever those under way pass what the budget leaves
+beside the kept bytes and the window, as the offloader does, so the budget holds
 throughout. The window depends on the plan, as the offloader's does (under a budget, the
-largest tensor the plan offloads: :func:`largest_offloaded`): a plan that keeps its largest tensor
-reserves less. The cost of a plan
-is its extra step time: forward's waits for writes, read stalls, and recompute.
+largest tensor the plan offloads: :func:`largest_offloaded`): a plan that keeps its
+largest tensor reserves less. The cost of a plan is its extra step time: forward's waits
+for writes, read stalls, and recompute.
 
 Goals:
 
@@ -216,6 +219,13 @@ class Outcome:
     kept_bytes: int = 0  # bytes not offloaded (kept tensors, recompute inputs kept)
     rebuilt_bytes: int = 0  # bytes rebuilt in backward instead of kept or written
     window_bytes: Optional[int] = None  # the copy-back window it was planned with
+    #: Milliseconds from forward's start to the save of each tensor (segment, index; -1:
+    #: a recomputed segment's input), forward's waits included, as simulated.
+    save_ms: Dict[Tuple[int, int], float] = field(default_factory=dict)
+    #: Milliseconds from forward's start to the end of each offloaded tensor's write, as
+    #: simulated: the plan's memory counts the tensor free from then on, so by the first
+    #: save at or after it the offloader has waited for that write (see ``Offloader``).
+    write_done_ms: Dict[Tuple[int, int], float] = field(default_factory=dict)
 
 
 @dataclass
@@ -301,9 +311,11 @@ def simulate(
     rebuilt_bytes = 0
     rebuild_ms = 0.0
     # Forward: what is saved when, in order. A recomputed segment saves its input only,
-    # at its start; offloading it is the move (i, -1).
-    # (time, bytes, segment, offloaded, fraction of the segment's backward done when needed)
-    saves: List[Tuple[float, int, int, bool, float]] = []
+    # at its start; offloading it is the move (i, -1). A rebuilt tensor is saved too, and
+    # holds nothing: its entry (0 bytes, not offloaded) only marks the moment.
+    # (time, bytes, segment, offloaded, fraction of the segment's backward done when needed,
+    # the tensor)
+    saves: List[Tuple[float, int, int, bool, float, Tuple[int, int]]] = []
     clock = 0.0
     for i, s in enumerate(segs):
         n = len(s.tensors)
@@ -311,21 +323,23 @@ def simulate(
         if i in recompute:
             # Recompute needs its input first thing in the segment's backward; what comes
             # after the block (the head) is saved all the same.
-            saves.append((clock, s.input_bytes, i, (i, -1) in offload, 0.0))
+            saves.append((clock, s.input_bytes, i, (i, -1) in offload, 0.0, (i, -1)))
             first = s.inner_count
         for k in range(first, n):
+            at = clock + s.save_at(k)
             if (i, k) in rebuild:
                 cost = s.rebuild_cost(k)
                 if cost is not None:
                     rebuilt_bytes += s.tensors[k]
                     rebuild_ms += cost
+                    saves.append((at, 0, i, False, 0.0, (i, k)))
                     continue
             # Backward uses a segment's tensors in reverse: the last saved first.
-            saves.append((clock + s.save_at(k), s.tensors[k], i, (i, k) in offload, (n - 1 - k) / max(n, 1)))
+            saves.append((at, s.tensors[k], i, (i, k) in offload, (n - 1 - k) / max(n, 1), (i, k)))
         clock += s.fwd_ms
     t_forward = clock
-    kept_total = sum(b for _, b, _, off, _ in saves if not off or b == 0)
-    window = plan_window(window, [b for _, b, _, off, _ in saves if off and b > 0])
+    kept_total = sum(b for _, b, _, off, _, _ in saves if not off or b == 0)
+    window = plan_window(window, [b for _, b, _, off, _, _ in saves if off and b > 0])
     limit = None if budget is None else max(budget - kept_total - (window or 0), 0)
     # Forward, save by save: the bytes held are those kept so far plus those whose writes
     # are not done. Writes run one after another in save order, none before its save.
@@ -337,8 +351,13 @@ def simulate(
     inflight: Deque[Tuple[float, int]] = collections.deque()  # (end, bytes), in end order
     held = 0
     placed: List[Tuple[int, int, bool, float]] = []  # (segment, bytes, in host tier, due fraction)
-    for t0, b, i, off, frac in saves:
+    save_ms: Dict[Tuple[int, int], float] = {}
+    write_done_ms: Dict[Tuple[int, int], float] = {}
+    for t0, b, i, off, frac, tensor in saves:
         t = t0 + delay
+        save_ms[tensor] = t
+        if tensor in rebuild and b == 0:
+            continue  # a rebuilt tensor: its moment only
         while inflight and inflight[0][0] <= t:  # a write done by a save freed its bytes first
             pending -= inflight.popleft()[1]
         if not off or b == 0:
@@ -351,6 +370,7 @@ def simulate(
         written += b
         placed.append((i, b, in_host, frac))
         inflight.append((chan, b))
+        write_done_ms[tensor] = chan
         pending += b
         while limit is not None and pending > limit and inflight:
             end, done = inflight.popleft()
@@ -427,6 +447,8 @@ def simulate(
         kept_bytes=kept_total,
         rebuilt_bytes=rebuilt_bytes,
         window_bytes=window,
+        save_ms=save_ms,
+        write_done_ms=write_done_ms,
     )
 
 

@@ -31,7 +31,7 @@ class Stored:
 
     __slots__ = (
         "owner", "handle", "key", "nbytes", "dtype", "size", "stride", "offset",
-        "version", "segment", "source", "alive", "modified", "unpacked", "kept", "dtensor", "__weakref__",
+        "version", "segment", "source", "alive", "modified", "unpacked", "kept", "dtensor", "due_ms", "__weakref__",
     )
 
     def __init__(self, owner: "Offloader", handle: int, key: Tuple[int, int], t: torch.Tensor, segment: int):
@@ -52,6 +52,8 @@ class Stored:
         self.kept = False  # the engine reads it until release (no copy on storage)
         #: (spec, requires_grad) of the DTensor whose local shard this is; None: a tensor.
         self.dtensor: Optional[Tuple[Any, bool]] = None
+        #: When the plan has its write done (ms from forward's start); None: not planned.
+        self.due_ms: Optional[float] = None
 
     def drop_source(self) -> None:
         """The engine has read the tensor: let go of it (and of its count as pending)."""
