@@ -500,7 +500,10 @@ fn tensors_json(out: &Output) -> serde_json::Value {
 fn fetching_the_default_tensor_mix_reads_little_more_than_it_fetches() {
     // Random sizes and 10% duplicate offloads (the default mix): a duplicate's prefetch
     // comes long before the rest of its extent is wanted. Reading the whole extent for it
-    // read every byte about ten times over; its fetch now reads the tensor alone.
+    // read every byte about ten times over; its fetch now reads the tensor alone. Nor is
+    // an extent read twice when a duplicate's request starts the scan through it (the
+    // scan's requests, queued behind, wait on the same load): 1.08 read per byte fetched
+    // before, 1.02 now.
     let dir = tempfile::tempdir().unwrap();
     let out = host_bench(
         dir.path(),
@@ -525,7 +528,7 @@ fn fetching_the_default_tensor_mix_reads_little_more_than_it_fetches() {
         .unwrap();
     assert!(v["duplicate_calls"].as_u64().unwrap() > 0);
     assert!(
-        read <= 1.25 * fetched,
+        read <= 1.06 * fetched,
         "read amplification {:.2}: {read} bytes read for {fetched} fetched",
         read / fetched
     );

@@ -1124,6 +1124,49 @@ fn a_lone_prefetch_request_reads_ahead_only_its_tensor_and_its_fetch_is_a_hit() 
 }
 
 #[test]
+fn a_duplicates_request_ahead_of_its_extents_scan_reads_the_extent_once() {
+    // Ten tensors to an extent, read ahead within three extents; tensor 0 (the first of
+    // its extent) offloaded again last, a duplicate. Everything is asked for in reverse,
+    // as the tensors bench does, the duplicate after the first three extents (which fill
+    // the budget, so it waits in the queue). With its extent's scan far behind it, the
+    // duplicate reads its own bytes alone (it read the whole extent, and held it in the
+    // budget until the scan came). With the scan within reach behind it, the duplicate's
+    // request loads the extent for the scan too, and the load stays until the scan is
+    // fetched: each extent is read once.
+    for (tensors, extents_read, slots_read) in [(60u64, 6, 1), (50, 5, 0)] {
+        let r = slot_rig(3 << 20, false);
+        let (srcs, hs) = offload_slot_tensors(&r, tensors);
+        // SAFETY: `srcs` outlives the engine's use of it.
+        let dup = unsafe {
+            r.engine
+                .offload(TensorKey::new(0, 0), &region(&srcs[0]), None)
+                .unwrap()
+        };
+        let s = r.engine.stats().counters;
+        assert_eq!((s.dedup_hits, s.extents_written), (1, tensors / 10), "{s:?}");
+        let mut order: Vec<(Handle, u64)> =
+            hs.iter().enumerate().rev().map(|(i, &h)| (h, i as u64)).collect();
+        order.insert(30, (dup, 0));
+        for &(h, _) in &order {
+            r.engine.prefetch(h).unwrap();
+        }
+        for &(h, seed) in &order {
+            assert_eq!(fetch_check(&r, h, SLOT_TENSOR, seed), 0);
+        }
+        let s = r.engine.stats().counters;
+        assert_eq!(
+            (s.prefetched_extents, s.prefetched_slots, s.demand_reads),
+            (extents_read, slots_read, 0),
+            "{tensors} tensors: {s:?}"
+        );
+        for &(h, _) in &order {
+            r.engine.release(h).unwrap();
+        }
+        r.engine.drain().unwrap();
+    }
+}
+
+#[test]
 fn a_fetch_that_comes_while_its_slot_is_read_waits_for_it() {
     let r = Arc::new(slot_rig(4 << 20, true));
     let (_srcs, hs) = offload_slot_tensors(&r, 10);

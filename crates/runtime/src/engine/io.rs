@@ -2,6 +2,7 @@
 //! extents, and of slots for lone requests) within the budgets (staging memory, direct
 //! write bytes, prefetch bytes), and handling their completions.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -447,7 +448,13 @@ impl State {
                     }
                 }
                 match self.start_load_now(req.group) {
-                    Ok(true) => {}
+                    // The rest of the scan waits on this load too: a fetch of the tensor
+                    // that started it must not end the load before the others are served.
+                    Ok(true) => {
+                        for h in self.coming_for(req.group) {
+                            self.attach(h, req.group);
+                        }
+                    }
                     Ok(false) => break,
                     Err(_) => {
                         self.reads.queue.pop_front();
@@ -460,14 +467,55 @@ impl State {
         }
     }
 
-    /// True when a request for tensor `eid` looks like the start of a scan through its
-    /// extent `gid`: the tensor is the first or the last there still waiting to be fetched,
-    /// itself counted (tensors are requested in the order they were offloaded, or in
-    /// reverse). Anything else (a deduplicated tensor needed again, a random access) is a
-    /// lone request, for which reading the whole extent would read it many times over.
+    /// True when the request at the front of the prefetch queue, for tensor `eid`, looks
+    /// like the start of a scan through its extent `gid`: the tensor is the first or the
+    /// last there still waiting to be fetched, itself counted (tensors are requested in
+    /// the order they were offloaded, or in reverse), and, where the queue shows what
+    /// comes next (a caller that asks for many tensors ahead, as the tensors bench does),
+    /// the requests for this extent among the next ones ([`State::coming_for`]) ask for
+    /// at least half its bytes. Anything else (a deduplicated tensor wanted again, a
+    /// random access, also where its tensor happens to be the first or last of its
+    /// extent) is a lone request, for which reading the whole extent would read most of
+    /// it for nothing.
     fn starts_a_scan(&self, gid: u64, eid: u64) -> bool {
-        self.tensors
-            .first_or_last_waiting(&self.groups[&gid].entries, eid)
+        let g = &self.groups[&gid];
+        if !self.tensors.first_or_last_waiting(&g.entries, eid) {
+            return false;
+        }
+        if self.reads.queue.len() < 2 {
+            return true;
+        }
+        let mut wanted: HashSet<u64> = HashSet::from([eid]);
+        for h in self.coming_for(gid) {
+            if let Some(rec) = self.tensors.handle(h) {
+                wanted.insert(rec.entry);
+            }
+        }
+        let bytes: u64 = wanted
+            .iter()
+            .filter_map(|e| self.tensors.entries.get(e))
+            .map(|e| e.len)
+            .sum();
+        bytes.saturating_mul(2) >= g.len
+    }
+
+    /// The handles of the live requests for group `gid` among those queued behind the
+    /// front one, as far as twice the group's tensors: the rest of a scan through it.
+    fn coming_for(&self, gid: u64) -> Vec<u64> {
+        let window = 2 * self.groups.get(&gid).map_or(0, |g| g.entries.len());
+        self.reads
+            .queue
+            .iter()
+            .skip(1)
+            .take(window)
+            .filter(|r| r.group == gid)
+            .filter(|r| {
+                self.tensors
+                    .handle(r.handle)
+                    .is_some_and(|rec| rec.fetched_at < r.at)
+            })
+            .map(|r| r.handle)
+            .collect()
     }
 
     /// Serves the lone prefetch request of handle `h` (tensor `eid` in group `gid`) by
