@@ -222,6 +222,30 @@ def test_a_rebuilt_tensor_is_neither_held_nor_written_and_costs_its_rebuild():
     assert same.activation_bytes == kept.activation_bytes and same.extra_ms == 0.0
 
 
+def test_a_rebuild_needs_what_it_reads_when_it_rebuilds_not_at_that_tensors_own_use():
+    # A block saves A, then B (made from A by one cheap operation), then C. Backward uses
+    # C, then B, then A: rebuilding B reads A a third of the block's backward before A's
+    # own use. A, offloaded, takes 10 ms to read back: in time for its own use (13.3 ms
+    # into the block's backward), 3.3 ms late for B's rebuild (6.7 ms).
+    def block(inputs):
+        seg = planner.SegmentProfile(10.0, 20.0, [100 * MB] * 3, 0, rebuild_ms=[None, 0.05, None],
+                                     rebuild_inputs=inputs)
+        return planner.Profile([planner.SegmentProfile(0.5, 1.0, [], 0), seg])
+
+    tiers = planner.Tiers(10.0, 10.0)
+    plan = dict(offload=frozenset({(1, 0)}), recompute=frozenset(), rebuild=frozenset({(1, 1)}))
+    unknown = planner.simulate(block(None), tiers, **plan)
+    assert unknown.read_stall_ms == 0.0
+    prof = block([None, [(1, 0)], None])
+    known = planner.simulate(prof, tiers, **plan)
+    assert known.read_stall_ms == pytest.approx(10.0 - 20.0 / 3)
+    # Not rebuilt, B asks for nothing; and what a profile records of it round-trips.
+    assert planner.simulate(prof, tiers, frozenset({(1, 0)}), frozenset()).read_stall_ms == 0.0
+    again = planner.Profile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    assert again.segments[1].inputs_of(1) == [(1, 0)]
+    assert planner.simulate(again, tiers, **plan).read_stall_ms == known.read_stall_ms
+
+
 def test_slow_storage_frees_more_by_rebuilding_than_by_moving():
     # Storage that takes a fraction of a block's bytes in time: rebuilding the cheap tensor
     # frees its bytes and leaves the write bandwidth to the others.

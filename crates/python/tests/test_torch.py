@@ -937,6 +937,31 @@ def force_plan(off, offload_rest):
     return rebuild
 
 
+def test_the_measured_step_records_what_each_rebuild_reads(tmp_path):
+    # The planner needs a rebuilt tensor's inputs back when backward rebuilds it, which
+    # can come before their own use: the profile says which saved tensors each rebuild
+    # reads. In the GPT block: a layer norm's output reads the norm's input, the GELU's
+    # output the MLP's first product (as large as it, saved just before it).
+    model, data = gpt("cpu"), gpt_batch("cpu")
+    with planned_with(model, data, tmp_path, 1.0) as off:
+        segs = off._profiled
+        profile = off.stats()["policy"]["profile"]["segments"]
+    found = 0
+    for s in segs:
+        assert len(s.rebuild_inputs) == len(s.tensors), s
+        for k, (ms, inputs) in enumerate(zip(s.rebuild_ms, s.rebuild_inputs)):
+            assert (ms is None) == (inputs is None), (s.index, k, ms, inputs)
+            if inputs is None:
+                continue
+            assert inputs and all((i, j) < (s.index, k) for i, j in inputs), (s.index, k, inputs)
+            if [(s.index, k - 1)] == inputs and s.tensors[k - 1] == s.tensors[k]:
+                found += 1
+    assert found >= len(off._blocks) - 1, [(s.rebuild_ms, s.rebuild_inputs) for s in segs]
+    assert [[None if x is None else [tuple(p) for p in x] for x in seg["rebuild_inputs"]] for seg in profile] == [
+        [None if x is None else list(x) for x in s.rebuild_inputs] for s in segs
+    ]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_tensors_made_by_cheap_operations_are_rebuilt_bitwise(tmp_path, device):
     # Storage too slow to matter: what the plan frees, it frees by rebuilding the norms' and

@@ -18,7 +18,7 @@ from . import compat
 from .compat import CAPTURE_MESSAGE, POOL_MESSAGE, CudaGraphError
 from .planner import Profile, RokPlan, SegmentProfile, Tiers, plan as plan_rok
 from .policy import Plan, Segment
-from .rebuild import Fixed, Producers, Rebuilt, SavedRef, check_fixed, elapsed_ms
+from .rebuild import Fixed, Producers, Rebuilt, Recipe, SavedRef, check_fixed, elapsed_ms
 from .saved import InPlaceModificationError, Kept, Stored
 
 _log = logging.getLogger("spillway.torch")
@@ -255,6 +255,8 @@ class Offloader:
         # Each storage key's tensor in the plan's profile: (segment, index; -1 a recomputed
         # block's input), for the plan's timing of its save and of its write.
         self._positions: Dict[Tuple[int, int], Tuple[int, int]] = {}
+        # In a profiling step, each storage key's tensor: (segment, index).
+        self._profiled_at: Dict[Tuple[int, int], Tuple[int, int]] = {}
         self._rok: Optional[RokPlan] = None
         # Blocks recomputed: index -> the forward set on the instance before (None: none).
         self._recomputed: Dict[int, Any] = {}
@@ -406,6 +408,7 @@ class Offloader:
         self._saves_in_segment = {}
         self._decisions = {}
         self._positions = {}
+        self._profiled_at = {}
         self._rebuild_keys = set()
         # Notes of cheap operations are taken in eager steps that may rebuild: the step
         # measured for the plan, and planned steps that rebuild something.
@@ -602,6 +605,7 @@ class Offloader:
                     s.inner,
                     list(s.save_ms) if len(s.save_ms) == len(s.tensors) else None,
                     list(s.rebuild_ms) if len(s.rebuild_ms) == len(s.tensors) else None,
+                    list(s.rebuild_inputs) if len(s.rebuild_inputs) == len(s.tensors) else None,
                 )
                 for s in segs
             ]
@@ -908,10 +912,12 @@ class Offloader:
             seg.saved_bytes += nbytes
             seg.tensors.append(nbytes)
             if self._profiling:
+                self._profiled_at[key] = (seg.index, len(seg.tensors) - 1)
                 seg.save_marks.append(self._mark())
                 if self._producing:
                     recipe = self._producers.recipe(t) if spec is None else None
                     seg.rebuild_events.append(recipe.events if recipe is not None else None)
+                    seg.rebuild_inputs.append(self._recipe_inputs(recipe) if recipe is not None else None)
         offloading = self._offloading(seg, key)
         if first:
             self._release_planned(key)
@@ -961,6 +967,19 @@ class Offloader:
         self._bound_pending()
         self._note_held()
         return self._note_saved(t, rec)
+
+    def _recipe_inputs(self, recipe: Recipe) -> List[Tuple[int, int]]:
+        """Where the saved tensors that ``recipe`` reads were saved in this (profiling)
+        step: (segment, index) of each; rebuilding needs them in backward by then."""
+        out = []
+        for x in recipe.leaves:
+            if not isinstance(x, SavedRef):
+                continue
+            known = self._storage_ids.get(x.input.ptr)
+            pos = None if known is None else self._profiled_at.get((known[0], x.input.version))
+            if pos is not None and pos not in out:
+                out.append(pos)
+        return out
 
     def _source_held(self, rec: Stored) -> None:
         """``rec`` holds its storage until its write is done: pending, once per storage

@@ -9,7 +9,8 @@ under a candidate plan:
   earlier than its save. The first ``host_bytes`` go at the host tier's write bandwidth,
   the rest at the storage's. A tensor's memory is free once its write is done.
 - **Reads** run in backward order from the end of the forward pass, each needed when
-  backward reaches it, at most the copy-back window ahead of use; the last
+  backward reaches it, or earlier where backward rebuilds a tensor from it (see
+  ``SegmentProfile.rebuild_inputs``), at most the copy-back window ahead of use; the last
   ``host_bytes`` written come from the host tier, the rest from storage. A read that is
   late stalls the step by the difference.
 - **Recompute** (activation checkpointing) of a segment saves its block's input instead
@@ -99,12 +100,23 @@ class SegmentProfile:
     #: tensors (the one cheap operation that made it, measured), or None where it cannot
     #: be rebuilt. None: no tensor can.
     rebuild_ms: Optional[List[Optional[float]]] = None
+    #: Per tensor of ``tensors``: where it can be rebuilt, the tensors saved before it that
+    #: rebuilding it reads, as (segment, index) pairs; backward needs them when it rebuilds
+    #: the tensor, which may come before their own use. None: not recorded (each tensor
+    #: is then needed at its own use only).
+    rebuild_inputs: Optional[List[Optional[List[Tuple[int, int]]]]] = None
 
     def rebuild_cost(self, k: int) -> Optional[float]:
         """Milliseconds to rebuild tensor ``k`` in backward, or None (it cannot be)."""
         if self.rebuild_ms is None or k >= len(self.rebuild_ms) or k >= len(self.tensors):
             return None
         return self.rebuild_ms[k]
+
+    def inputs_of(self, k: int) -> List[Tuple[int, int]]:
+        """The tensors rebuilding tensor ``k`` reads (see ``rebuild_inputs``)."""
+        if self.rebuild_inputs is None or k >= len(self.rebuild_inputs) or not self.rebuild_inputs[k]:
+            return []
+        return [(int(i), int(j)) for i, j in self.rebuild_inputs[k]]
 
     def save_at(self, k: int) -> float:
         """When, after the segment's forward starts, its ``k``-th tensor is saved."""
@@ -156,6 +168,11 @@ class Profile:
                     inner=s.inner,
                     save_ms=ms(s.save_ms),
                     rebuild_ms=ms(s.rebuild_ms),
+                    **(
+                        {}
+                        if s.rebuild_inputs is None
+                        else dict(rebuild_inputs=[None if x is None else [list(p) for p in x] for x in s.rebuild_inputs])
+                    ),
                 )
                 for s in self.segments
             ]
@@ -173,7 +190,7 @@ class Profile:
                 out.append(SegmentProfile(**s))
             except TypeError as e:
                 raise ValueError(f"segment {i} of the profile: {e} (fields: fwd_ms, bwd_ms, tensors, input_bytes, "
-                                 "inner, save_ms, rebuild_ms)") from None
+                                 "inner, save_ms, rebuild_ms, rebuild_inputs)") from None
         return cls(out)
 
     def tensor_ids(self) -> List[Tuple[int, int]]:
@@ -316,6 +333,7 @@ def simulate(
     # (time, bytes, segment, offloaded, fraction of the segment's backward done when needed,
     # the tensor)
     saves: List[Tuple[float, int, int, bool, float, Tuple[int, int]]] = []
+    rebuilt: List[Tuple[int, int]] = []
     clock = 0.0
     for i, s in enumerate(segs):
         n = len(s.tensors)
@@ -332,6 +350,7 @@ def simulate(
                 if cost is not None:
                     rebuilt_bytes += s.tensors[k]
                     rebuild_ms += cost
+                    rebuilt.append((i, k))
                     saves.append((at, 0, i, False, 0.0, (i, k)))
                     continue
             # Backward uses a segment's tensors in reverse: the last saved first.
@@ -350,7 +369,8 @@ def simulate(
     pending = 0
     inflight: Deque[Tuple[float, int]] = collections.deque()  # (end, bytes), in end order
     held = 0
-    placed: List[Tuple[int, int, bool, float]] = []  # (segment, bytes, in host tier, due fraction)
+    # (segment, bytes, in host tier, due fraction, the tensor)
+    placed: List[Tuple[int, int, bool, float, Tuple[int, int]]] = []
     save_ms: Dict[Tuple[int, int], float] = {}
     write_done_ms: Dict[Tuple[int, int], float] = {}
     for t0, b, i, off, frac, tensor in saves:
@@ -368,7 +388,7 @@ def simulate(
         gbps = tiers.host_write_gbps if in_host else tiers.storage_write_gbps
         chan = max(chan, t) + _gbps_ms(b, gbps)
         written += b
-        placed.append((i, b, in_host, frac))
+        placed.append((i, b, in_host, frac, tensor))
         inflight.append((chan, b))
         write_done_ms[tensor] = chan
         pending += b
@@ -411,6 +431,7 @@ def simulate(
             return len(segs) - 1
         return min(i + prefetch_segments, len(segs) - 1)
 
+    early = _needed_by_rebuilds(segs, rebuilt, need)
     if budget is not None and window is not None and placed:
         # Under a budget, which holds up to backward's start: as backward starts, the first
         # reads ahead (those it may read then, within the window) join what forward still
@@ -421,21 +442,27 @@ def simulate(
             j -= 1
         held = max(held, kept_total + pending_end + first)
     for j in range(len(placed) - 1, -1, -1):
-        i, b, _, frac = placed[j]
+        i, b, _, frac, tensor = placed[j]
         if window is not None:
             while ahead and ahead_bytes + b > window:  # room comes as earlier ones are used
                 used, nbytes = ahead.popleft()
                 ahead_bytes -= nbytes
                 chan = max(chan, used)
         gbps = tiers.host_read_gbps if in_host_at_bwd[j] else tiers.storage_read_gbps
-        chan = max(chan, need[readable_from(i)] + stall) + _gbps_ms(b, gbps)
-        due = need[i] + frac * segs[i].bwd_ms + stall
+        # Needed at its own use, or earlier where a rebuild reads it (then readable from
+        # the rebuild's segment on).
+        own = need[i] + frac * segs[i].bwd_ms + stall
+        due, readable = own, readable_from(i)
+        if tensor in early:
+            at, user = early[tensor]
+            due, readable = min(own, at + stall), max(readable, readable_from(user))
+        chan = max(chan, need[readable] + stall) + _gbps_ms(b, gbps)
         if chan > due:
             stall += chan - due
-            due = chan
-        ahead.append((due, b))
+            own += chan - due
+        ahead.append((max(own, chan), b))
         ahead_bytes += b
-    host_b = sum(b for _, b, h, _ in placed if h)
+    host_b = sum(b for _, b, h, _, _ in placed if h)
     return Outcome(
         activation_bytes=held,
         extra_ms=delay + stall + recompute_ms,
@@ -450,6 +477,33 @@ def simulate(
         save_ms=save_ms,
         write_done_ms=write_done_ms,
     )
+
+
+def _needed_by_rebuilds(
+    segs: Sequence[SegmentProfile], rebuilt: Sequence[Tuple[int, int]], need: Dict[int, float]
+) -> Dict[Tuple[int, int], Tuple[float, int]]:
+    """For each tensor that a rebuild reads, the earliest time backward rebuilds a tensor
+    from it (from the same clock as ``need``, each segment's backward start) and that
+    tensor's segment. A rebuilt input is no read: the rebuild reads its inputs then."""
+    rebuilt_set = set(rebuilt)
+    out: Dict[Tuple[int, int], Tuple[float, int]] = {}
+
+    def mark(u: Tuple[int, int], at: float, user: int, depth: int) -> None:
+        if u in rebuilt_set:
+            if depth < 8:  # a chain of rebuilds: what the first one reads, then
+                for v in segs[u[0]].inputs_of(u[1]):
+                    mark(v, at, user, depth + 1)
+            return
+        if u not in out or at < out[u][0]:
+            out[u] = (at, user)
+
+    for i, k in rebuilt:
+        s = segs[i]
+        n = len(s.tensors)
+        at = need[i] + (n - 1 - k) / max(n, 1) * s.bwd_ms
+        for u in s.inputs_of(k):
+            mark(u, at, i, 0)
+    return out
 
 
 #: A plan under search: (offloaded tensors, recomputed segments, rebuilt tensors).

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -34,6 +34,9 @@ class Segment:
     #: the milliseconds that operation took (None: it cannot be rebuilt).
     rebuild_events: List[Any] = field(default_factory=list)
     rebuild_ms: List[Optional[float]] = field(default_factory=list)
+    #: In profiling steps, per tensor of ``tensors``: where it can be rebuilt, the tensors
+    #: saved before it that rebuilding it reads ((segment, index) of each), else None.
+    rebuild_inputs: List[Optional[List[Tuple[int, int]]]] = field(default_factory=list)
     #: Bytes of the block's input (0 for the stretch before the first block).
     input_bytes: int = 0
     #: The block (index into the offloader's blocks) whose forward starts it; -1: none.
