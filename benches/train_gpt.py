@@ -36,7 +36,11 @@ same batches:
 
 What each run reports (over --steps timed steps, after --warmup untimed ones; every step
 is forward, backward, optimizer step and zero_grad(set_to_none=True), timed with
-torch.cuda.synchronize() on both sides):
+torch.cuda.synchronize() on both sides). After the warmup, a spillway run also takes up to
+--settle-steps steps of forward and backward alone (the weights stay the other runs') until
+its plan has settled (Offloader.settled: an adaptive offloader profiles, plans, and may plan
+again while it sees steps stall), so that the timed steps show the steady state;
+settle_steps says how many it took and settled whether it had:
 
   step_ms            median step time
   peak_mem_bytes     torch.cuda.max_memory_allocated() over the timed steps
@@ -402,6 +406,9 @@ def build_parser():
     run = ap.add_argument_group("runs and output")
     run.add_argument("--runs", type=parse_runs, default=list(RUNS),
                      help="comma list of runs (default %s)" % ",".join(RUNS))
+    run.add_argument("--settle-steps", type=int, default=10,
+                     help="spillway runs: at most this many more steps after the warmup, forward and "
+                     "backward only, until the Offloader's plan has settled (default 10)")
     run.add_argument("--out", default=None, help="write the results as JSON to this file")
     run.add_argument("--run-timeout", type=float, default=3600.0,
                      help="seconds one run may take before it is killed (default 3600)")
@@ -415,6 +422,8 @@ def parse_args(argv=None):
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.settle_steps < 0:
+        raise SystemExit("--settle-steps must be >= 0")
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("train_gpt.py: --steps must be >= 1 and --warmup >= 0")
     return args
@@ -667,6 +676,19 @@ def run_one(args):
         for i in range(args.warmup):
             loss, _ = train_step(*batches[i])
             log("%s: warmup %d/%d loss %.4f" % (name, i + 1, args.warmup, loss.item()))
+        if offloader is not None:
+            # Until the plan settles: forward and backward only, so that the weights, and
+            # the timed steps' losses, stay those of the runs without an offloader.
+            settle = 0
+            while not offloader.settled and settle < args.settle_steps:
+                x, y = batches[settle % max(args.warmup, 1)]
+                with context():
+                    model(x, y).backward()
+                optimizer.zero_grad(set_to_none=True)
+                settle += 1
+            result["settle_steps"] = settle
+            result["settled"] = offloader.settled
+            log("%s: %d steps to settle the plan (%s)" % (name, settle, "settled" if offloader.settled else "not settled"))
 
         torch.cuda.synchronize()
         stats_before = offloader.stats() if offloader is not None else None

@@ -638,7 +638,7 @@ def test_forward_holds_no_more_at_any_save_than_the_plan_though_the_host_runs_ah
     model, data = gpt("cpu", layers=6), gpt_batch("cpu")
     _, want = run_step(model, data)
     with offloader(model, tmp_path, policy="adaptive") as off:
-        off._bandwidth = (5.0, 5.0)  # GB/s: each write is planned done within the next op
+        off._bandwidth = (0.5, 0.5)  # GB/s: each write is planned done a few saves after its own
         for _ in range(2):
             run_step(model, data, off.step())
         rok, segs = off._rok, off._profiled
@@ -736,6 +736,28 @@ def test_a_step_is_planned_again_only_when_its_io_made_it_slower(tmp_path):
             assert (off._write_scale, off._read_scale) == pytest.approx(scales)
             reason = off.stats()["policy"]["reason"]
             assert "planned again with write bandwidth x%.2f, read x%.2f" % scales in reason, reason
+
+
+def test_settled_says_when_the_plan_has_stopped_changing(tmp_path):
+    # Benchmarks time steps once the plan has settled: planned after the profiling steps,
+    # then its first step (warm-up) and one judged without a revision. A revision starts
+    # it over.
+    model, data = gpt("cpu"), gpt_batch("cpu")
+    with offloader(model, tmp_path, policy="adaptive") as off:
+        off._bandwidth = (1e-6, 1e-6)  # GB/s: the plan rebuilds, and no write makes a step wait
+        seen = []
+        for _ in range(5):
+            assert not off.settled or off._rok is not None
+            run_step(model, data, off.step())
+            seen.append((off._rok is not None, off.settled))
+        first = next(i for i, (planned, _) in enumerate(seen) if planned)
+        assert [settled for _, settled in seen[first:first + 3]] == [False, False, True], seen
+        assert off.stats()["policy"]["reason"] == off._plan.reason
+        off._revise_plan(1.0, 0.1)
+        assert not off.settled
+        for _ in range(3):
+            run_step(model, data, off.step())
+        assert off.settled
 
 
 def warm_up(off, seconds):

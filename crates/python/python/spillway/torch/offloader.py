@@ -295,6 +295,7 @@ class Offloader:
         self._overran: List[Tuple[Tuple[float, float], float]] = []
         self._settled = False
         self._plan_fresh = False  # a plan made or revised, whose first step has not ended
+        self._plan_steps = 0  # steps that ended under the plan in force
         self._profiled: List[Segment] = []  # the measured step's segments
         self._profiled_held = 0  # saved bytes it held at most
         self._totals = dict(
@@ -335,6 +336,19 @@ class Offloader:
             # A step that failed, or that is refused below, does not shape the plan.
             self._end_step(time.perf_counter() - t0, self._step_stall, completed and not self._blocks_missed())
         self._check_blocks_ran()
+
+    @property
+    def settled(self) -> bool:
+        """Whether the plan has stopped changing, so that steps from here on show the
+        steady state: the plan in force has run two steps (its first, which warms it up,
+        and one judged without a revision), or stays for good. An adaptive offloader's
+        first steps profile, plan and may plan again; a benchmark times steps once this
+        is true."""
+        if self._plan is None:
+            return False
+        if self.policy != "adaptive" or self._rok is None or self._settled:
+            return self._plan_steps >= 1
+        return self._plan_steps >= 2
 
     def stats(self) -> Dict[str, Any]:
         """Totals since the offloader started, the last step's figures, the engine's
@@ -448,6 +462,8 @@ class Offloader:
         )
         if plan and self.policy == "all" and self._plan is not None:
             self._plan.offload_segments = max(0, len(segs) - self.keep_last)
+        if plan and not self._profiling and self._plan is not None:
+            self._plan_steps += 1
         if plan and self.policy == "adaptive":
             if self._profiling:
                 # The measured step is what every later plan is made from.
@@ -455,6 +471,7 @@ class Offloader:
                 self._profiled_held = self._held_peak
                 self._plan = self._make_plan()
                 self._plan_fresh = True
+                self._plan_steps = 0
                 self._plan.details["profiled_step"] = self._steps
                 _log.info("spillway plan after step %d: %s", self._steps, self._plan.reason)
             elif self._plan is not None and self._rok is not None and not self._settled:
@@ -491,6 +508,7 @@ class Offloader:
             self._read_scale *= _scale_down(o.read_stall_ms, read_wait * 1e3)
         self._plan = self._make_plan()
         self._plan_fresh = True
+        self._plan_steps = 0
         self._plan.reason = (
             f"{head} ({write_wait * 1e3:.1f} on writes, {read_wait * 1e3:.1f} on reads): planned again "
             f"with write bandwidth x{self._write_scale:.2f}, read x{self._read_scale:.2f}; " + self._plan.reason
@@ -512,6 +530,7 @@ class Offloader:
         self._write_scale, self._read_scale = scales
         self._settled = True
         self._plan = self._make_plan()
+        self._plan_steps = 0
         self._plan.reason = (
             f"{head}, slower than the {seconds * 1e3:.1f} ms of the plan with write bandwidth "
             f"x{scales[0]:.2f}, read x{scales[1]:.2f}: back to that plan, which stays; " + self._plan.reason
