@@ -422,7 +422,7 @@ impl State {
     /// Serves the prefetch queue in order: a request whose extent is loading or loaded is
     /// attached to that load; otherwise, while the prefetch budget and staging memory
     /// allow, its extent is read if the request starts a scan through it
-    /// ([`State::starts_a_scan`]), and for a lone request only its tensor's bytes are read
+    /// ([`State::scan_from`]), and for a lone request only its tensor's bytes are read
     /// ahead, into a slot ([`State::start_slot_now`]). Requests overtaken by their fetch are
     /// dropped.
     fn start_prefetches(&mut self) {
@@ -437,7 +437,7 @@ impl State {
             }
             if matches!(self.groups[&req.group].load, LoadState::Idle) {
                 let eid = self.tensors.handle(req.handle).expect("live").entry;
-                if !self.starts_a_scan(req.group, eid) {
+                let Some(scan) = self.scan_from(req.group, eid) else {
                     match self.start_slot_now(req.handle, eid, req.group) {
                         Ok(false) => break,
                         // Read ahead, or (failed to start) left for its fetch to read.
@@ -446,12 +446,12 @@ impl State {
                             continue;
                         }
                     }
-                }
+                };
                 match self.start_load_now(req.group) {
                     // The rest of the scan waits on this load too: a fetch of the tensor
                     // that started it must not end the load before the others are served.
                     Ok(true) => {
-                        for h in self.coming_for(req.group) {
+                        for h in scan {
                             self.attach(h, req.group);
                         }
                     }
@@ -467,36 +467,38 @@ impl State {
         }
     }
 
-    /// True when the request at the front of the prefetch queue, for tensor `eid`, looks
-    /// like the start of a scan through its extent `gid`: the tensor is the first or the
-    /// last there still waiting to be fetched, itself counted (tensors are requested in
-    /// the order they were offloaded, or in reverse), and, where the queue shows what
-    /// comes next (a caller that asks for many tensors ahead, as the tensors bench does),
-    /// the requests for this extent among the next ones ([`State::coming_for`]) ask for
-    /// at least half its bytes. Anything else (a deduplicated tensor wanted again, a
-    /// random access, also where its tensor happens to be the first or last of its
-    /// extent) is a lone request, for which reading the whole extent would read most of
-    /// it for nothing.
-    fn starts_a_scan(&self, gid: u64, eid: u64) -> bool {
+    /// Whether the request at the front of the prefetch queue, for tensor `eid`, looks
+    /// like the start of a scan through its extent `gid`, and if so the handles of the
+    /// rest of that scan already queued (which then wait on the extent's load). A scan
+    /// starts where the tensor is the first or the last there still waiting to be
+    /// fetched, itself counted (tensors are requested in the order they were offloaded,
+    /// or in reverse), and, where the queue shows what comes next (a caller that asks for
+    /// many tensors ahead, as the tensors bench does), the requests for this extent among
+    /// the next ones ([`State::coming_for`]) ask for at least half its bytes. Anything
+    /// else (a deduplicated tensor wanted again, a random access, also where its tensor
+    /// happens to be the first or last of its extent) is a lone request (`None`), for
+    /// which reading the whole extent would read most of it for nothing.
+    fn scan_from(&self, gid: u64, eid: u64) -> Option<Vec<u64>> {
         let g = &self.groups[&gid];
         if !self.tensors.first_or_last_waiting(&g.entries, eid) {
-            return false;
+            return None;
         }
         if self.reads.queue.len() < 2 {
-            return true;
+            return Some(Vec::new());
         }
+        let coming = self.coming_for(gid);
         let mut wanted: HashSet<u64> = HashSet::from([eid]);
-        for h in self.coming_for(gid) {
-            if let Some(rec) = self.tensors.handle(h) {
-                wanted.insert(rec.entry);
-            }
-        }
+        wanted.extend(
+            coming
+                .iter()
+                .filter_map(|&h| self.tensors.handle(h).map(|rec| rec.entry)),
+        );
         let bytes: u64 = wanted
             .iter()
             .filter_map(|e| self.tensors.entries.get(e))
             .map(|e| e.len)
             .sum();
-        bytes.saturating_mul(2) >= g.len
+        (bytes.saturating_mul(2) >= g.len).then_some(coming)
     }
 
     /// The handles of the live requests for group `gid` among those queued behind the

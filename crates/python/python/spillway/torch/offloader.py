@@ -1065,15 +1065,24 @@ class Offloader:
             return
         t0 = time.perf_counter()
         for rec in due:
-            if rec.source is None or rec.handle is None:
-                continue
-            if self.engine.wait_source_released(rec.handle):
-                rec.check_version()
-                rec.drop_source()
-            else:
-                rec.keep_source()  # held until release: waiting would never end
+            self._wait_write(rec)
         self._poll_sources()
-        waited = time.perf_counter() - t0
+        self._count_write_wait(t0)
+
+    def _wait_write(self, rec: Stored) -> None:
+        """Waits for ``rec``'s write and lets go of its tensor; one that no write will
+        copy (the storage was full, the write failed) stays held until release."""
+        if rec.source is None or rec.handle is None:
+            return
+        if self.engine.wait_source_released(rec.handle):
+            rec.check_version()
+            rec.drop_source()
+        else:
+            rec.keep_source()  # waiting would never end
+
+    def _count_write_wait(self, since: float) -> None:
+        """Counts the host's wait for writes since ``since`` (perf_counter seconds)."""
+        waited = time.perf_counter() - since
         self._step_stall += waited
         self._step_write_wait += waited
 
@@ -1087,13 +1096,10 @@ class Offloader:
         t0 = time.perf_counter()
         while self._pending_bytes > limit and self._inflight:
             rec = self._inflight[0]()
-            if rec is not None and rec.source is not None and rec.handle is not None:
-                if not self.engine.wait_source_released(rec.handle):
-                    rec.keep_source()  # held until release: waiting would never end
+            if rec is not None:
+                self._wait_write(rec)
             self._poll_sources()
-        waited = time.perf_counter() - t0
-        self._step_stall += waited
-        self._step_write_wait += waited
+        self._count_write_wait(t0)
 
     def _pace(self) -> None:
         """Keeps the host at most ``run_ahead`` saves (or uses) ahead of the GPU in steps

@@ -118,6 +118,12 @@ class SegmentProfile:
             return []
         return [(int(i), int(j)) for i, j in self.rebuild_inputs[k]]
 
+    def use_fraction(self, k: int) -> float:
+        """How much of the segment's backward is done when backward needs tensor ``k``
+        (backward uses a segment's tensors in reverse: the last saved first)."""
+        n = len(self.tensors)
+        return (n - 1 - k) / max(n, 1)
+
     def save_at(self, k: int) -> float:
         """When, after the segment's forward starts, its ``k``-th tensor is saved."""
         if self.save_ms is not None and len(self.save_ms) == len(self.tensors):
@@ -353,8 +359,7 @@ def simulate(
                     rebuilt.append((i, k))
                     saves.append((at, 0, i, False, 0.0, (i, k)))
                     continue
-            # Backward uses a segment's tensors in reverse: the last saved first.
-            saves.append((at, s.tensors[k], i, (i, k) in offload, (n - 1 - k) / max(n, 1), (i, k)))
+            saves.append((at, s.tensors[k], i, (i, k) in offload, s.use_fraction(k), (i, k)))
         clock += s.fwd_ms
     t_forward = clock
     kept_total = sum(b for _, b, _, off, _, _ in saves if not off or b == 0)
@@ -499,8 +504,7 @@ def _needed_by_rebuilds(
 
     for i, k in rebuilt:
         s = segs[i]
-        n = len(s.tensors)
-        at = need[i] + (n - 1 - k) / max(n, 1) * s.bwd_ms
+        at = need[i] + s.use_fraction(k) * s.bwd_ms
         for u in s.inputs_of(k):
             mark(u, at, i, 0)
     return out
