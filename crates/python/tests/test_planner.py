@@ -89,11 +89,16 @@ def test_simulation_counts_writes_not_done_by_the_peak_as_held():
     slow = planner.simulate(prof, planner.Tiers(0.001, 0.001), everything, frozenset())
     assert slow.activation_bytes == prof.activation_bytes
     fast = planner.simulate(prof, planner.Tiers(1000.0, 1000.0), everything, frozenset())
-    # The last tensor is saved at the peak itself: no write, however fast, is done by then.
-    assert fast.activation_bytes == 100 * MB and fast.extra_ms < 1.0
-    # A budget of nothing: forward waits for each write (0.1 ms each) before it goes on.
+    # The first write is done 0.1 ms after its save, but the offloader lets go of a written
+    # tensor at a save: the next one, whose tensor was made before it. However fast the
+    # writes, both are held then.
+    assert fast.activation_bytes == 200 * MB and fast.extra_ms < 1.0
+    assert fast.release_ms == fast.save_ms
+    # A budget of nothing: each save waits for its write (0.1 ms each) before forward goes
+    # on; the tensor being saved is held all the same.
     waited = planner.simulate(prof, planner.Tiers(1000.0, 1000.0), everything, frozenset(), budget=0)
-    assert waited.activation_bytes == 0 and waited.write_wait_ms == pytest.approx(0.2)
+    assert waited.activation_bytes == 100 * MB and waited.write_wait_ms == pytest.approx(0.2)
+    assert waited.release_ms[(1, 0)] == pytest.approx(waited.write_done_ms[(1, 0)])
 
 
 def test_goals_are_checked():
@@ -113,17 +118,22 @@ def test_the_peak_is_the_worst_moment_of_forward_not_only_its_end():
     prof = planner.Profile(segs)
     first = frozenset({(0, k) for k in range(4)})
     # 100 MB in 5 ms at 20 GB/s: writes end at 7.5, 12.5, 17.5 and 22.5 ms (the first
-    # starts at its save, 2.5 ms); the saves come at 2.5, 5, 7.5, 10, 15 and 20 ms.
+    # starts at its save, 2.5 ms); the saves come at 2.5, 5, 7.5, 10, 15 and 20 ms. A
+    # written tensor is let go at the first save after its write, once that save's tensor
+    # has been made.
     out = planner.simulate(prof, planner.Tiers(20.0, 20.0), first, frozenset())
-    # At 10 ms: four saved, one write done. At the end (20 ms): three done, one not.
+    # As the kept block's first tensor is made (before 15 ms): three writes not seen done
+    # (at 10 ms only the first was). At the end (20 ms): the kept block and the last write.
     at_end = 100 * MB + 100 * MB
-    assert out.activation_bytes == 300 * MB > at_end
-    # A budget of 200 MB leaves 100 MB beside the kept block for writes under way: each
-    # save past that waits for the oldest write (2.5 ms, 2.5 ms, 2.5 ms), and the most held
-    # at any moment is 100 MB.
+    assert out.activation_bytes == 350 * MB > at_end
+    # A budget of 200 MB leaves 100 MB beside the kept block for the writes under way and
+    # the tensor being made: each save waits for its own write before the next tensor is
+    # made (2.5 + 5 + 5 + 5 ms, less the 2.5 ms before the second save), and the most held
+    # is the last write beside the kept block's first tensor.
     waited = planner.simulate(prof, planner.Tiers(20.0, 20.0), first, frozenset(), budget=200 * MB)
-    assert waited.activation_bytes == 100 * MB and waited.kept_bytes == 100 * MB
-    assert waited.write_wait_ms == pytest.approx(7.5)
+    assert waited.activation_bytes == 150 * MB and waited.kept_bytes == 100 * MB
+    assert waited.write_wait_ms == pytest.approx(15.0)
+    assert all(waited.release_ms[(0, k)] == waited.write_done_ms[(0, k)] for k in range(3))
 
 
 def test_the_copy_back_window_delays_reads_until_earlier_ones_are_used():
@@ -171,40 +181,41 @@ def test_a_budget_is_met_faster_than_recomputing_every_block(fraction):
 
 def test_recomputing_a_block_keeps_what_is_saved_after_it():
     # The last block's segment also holds what runs after the block (the head): two of its
-    # three tensors are the block's own, the third is saved after the block returned.
-    # Recomputing the block saves its input instead of those two; the head's tensor is
-    # saved all the same, and may be offloaded on its own.
+    # four tensors are the block's own, the other two are saved after the block returned.
+    # Recomputing the block saves its input instead of those two; the head's tensors are
+    # saved all the same, and may be offloaded on their own.
     prof = planner.Profile([planner.SegmentProfile(0.5, 1.0, [], 0),
-                            planner.SegmentProfile(10.0, 20.0, [100 * MB, 100 * MB, 30 * MB], 10 * MB, inner=2)])
+                            planner.SegmentProfile(10.0, 20.0, [100 * MB, 100 * MB, 15 * MB, 15 * MB], 10 * MB, inner=2)])
     tiers = planner.Tiers(10.0, 10.0)
     kept = planner.simulate(prof, tiers, frozenset(), frozenset({1}))
     assert kept.kept_bytes == 10 * MB + 30 * MB and kept.recompute_ms == 10.0
     head_out = planner.simulate(prof, tiers, frozenset({(1, 2)}), frozenset({1}))
-    assert head_out.kept_bytes == 10 * MB and head_out.storage_bytes == 30 * MB
-    # A budget below what recompute keeps needs the head's tensor offloaded too.
-    got = planner.plan(prof, tiers, budget=20 * MB)
-    assert 1 in got.recompute and (1, 2) in got.offload, got.reason
-    assert got.outcome.activation_bytes <= 20 * MB
-    assert planner.brute_force(prof, tiers, budget=20 * MB)[2].activation_bytes <= 20 * MB
+    assert head_out.kept_bytes == 25 * MB and head_out.storage_bytes == 15 * MB
+    # A budget below what recompute keeps needs a head's tensor offloaded too.
+    got = planner.plan(prof, tiers, budget=25 * MB)
+    assert 1 in got.recompute and {(1, 2), (1, 3)} & got.offload, got.reason
+    assert got.outcome.activation_bytes <= 25 * MB
+    assert planner.brute_force(prof, tiers, budget=25 * MB)[2].activation_bytes <= 25 * MB
 
 
 def test_measured_save_times_place_the_writes():
-    # One block of 10 ms saving two 40 MB tensors, written at 10 GB/s (4 ms each). Spread
-    # evenly, the first is saved at 5 ms and written by 9: it lowers forward's peak. Saved
-    # as measured, both in the block's last millisecond, neither write is done by the end
-    # of forward, and offloading lowers nothing.
+    # One block of 12 ms saving three 40 MB tensors, written at 20 GB/s (2 ms each). Spread
+    # evenly, the first is saved at 4 ms and written by 6: the save at 8 lets go of it
+    # before the third tensor is made, and forward holds two at most. Saved as measured,
+    # all in the block's last milliseconds, no write is seen done before the third is
+    # made, and offloading lowers nothing.
     def block(save_ms):
-        return planner.Profile([planner.SegmentProfile(10.0, 20.0, [40 * MB, 40 * MB], 0, None, save_ms)])
+        return planner.Profile([planner.SegmentProfile(12.0, 24.0, [40 * MB] * 3, 0, None, save_ms)])
 
-    tiers = planner.Tiers(10.0, 10.0)
-    both = frozenset({(0, 0), (0, 1)})
-    even = planner.simulate(block(None), tiers, both, frozenset())
-    late = planner.simulate(block([9.0, 10.0]), tiers, both, frozenset())
-    assert even.activation_bytes == 40 * MB
-    assert late.activation_bytes == 80 * MB
+    tiers = planner.Tiers(20.0, 20.0)
+    every = frozenset({(0, 0), (0, 1), (0, 2)})
+    even = planner.simulate(block(None), tiers, every, frozenset())
+    late = planner.simulate(block([10.0, 11.0, 12.0]), tiers, every, frozenset())
+    assert even.activation_bytes == 80 * MB
+    assert late.activation_bytes == 120 * MB
     # The planner plans from the same times.
-    assert planner.plan(block(None), tiers).outcome.activation_bytes == 40 * MB
-    assert planner.plan(block([9.0, 10.0]), tiers).outcome.activation_bytes == 80 * MB
+    assert planner.plan(block(None), tiers).outcome.activation_bytes == 80 * MB
+    assert planner.plan(block([10.0, 11.0, 12.0]), tiers).outcome.activation_bytes == 120 * MB
     # Times that do not match the tensors (or none) fall back to the even spread.
     assert planner.SegmentProfile(10.0, 20.0, [1, 2], 0, None, [3.0]).save_at(0) == 5.0
 
@@ -293,22 +304,23 @@ def test_the_window_under_a_budget_is_the_largest_tensor_the_plan_offloads():
 
 
 def test_reads_ahead_as_backward_starts_count_as_held_under_a_budget():
-    # One block, two 100 MB tensors, both offloaded and written long before forward ends.
-    # A budget holds up to backward's start: as it starts, the window's reads ahead are held,
-    # one tensor (100 MB window) or both (200 MB). The other goals free memory at forward's
-    # end, where nothing is held; without a window nothing is counted either.
-    prof = planner.Profile([planner.SegmentProfile(100.0, 200.0, [100 * MB, 100 * MB], 0, None, [1.0, 2.0])])
+    # One block, three 100 MB tensors, all offloaded and written long before forward ends;
+    # in forward at most two are held (a tensor being made beside the write before it). A
+    # budget holds up to backward's start: as it starts, the window's reads ahead are held,
+    # one tensor (100 MB window), two or all three (300 MB). The other goals free memory
+    # at forward's end, where nothing is held; without a window nothing is counted either.
+    prof = planner.Profile([planner.SegmentProfile(100.0, 200.0, [100 * MB] * 3, 0, None, [1.0, 2.0, 3.0])])
     tiers = planner.Tiers(100.0, 100.0)
-    both = frozenset({(0, 0), (0, 1)})
+    every = frozenset({(0, 0), (0, 1), (0, 2)})
 
     def held(window, budget=1000 * MB):
-        return planner.simulate(prof, tiers, both, frozenset(), budget, window).activation_bytes
+        return planner.simulate(prof, tiers, every, frozenset(), budget, window).activation_bytes
 
-    assert held(None) == 100 * MB  # the write under way at 2 ms
-    assert held(100 * MB) == 100 * MB and held(200 * MB) == 200 * MB
+    assert held(None) == 200 * MB
+    assert held(100 * MB) == 200 * MB and held(300 * MB) == 300 * MB
     # At least one tensor is read ahead, whatever the window.
-    assert held(1) == 100 * MB
-    assert planner.simulate(prof, tiers, both, frozenset(), window=200 * MB).activation_bytes == 100 * MB
+    assert held(1) == 200 * MB
+    assert planner.simulate(prof, tiers, every, frozenset(), window=300 * MB).activation_bytes == 200 * MB
 
 
 def test_a_profile_round_trips_through_plain_data():
@@ -340,14 +352,14 @@ def test_a_budget_is_met_where_single_offloads_free_nothing():
 
 
 def test_the_benches_schedule_bound_counts_only_writes_done_by_the_end_of_forward():
-    # One 10 ms block saving three 40 MB tensors, at 1, 2 and 10 ms, written at 10 GB/s (4
-    # ms each): at 2 ms the first two are held (one being written, one waiting), at 10 ms
-    # the last, which cannot be written by the end. 80 MB are held at 2 ms: 40 MB can go.
-    # Rebuilding the second needs no bandwidth: 40 MB held at most, so 80 MB can go.
+    # One 10 ms block saving three 40 MB tensors, at 1, 6 and 10 ms, written at 10 GB/s (4
+    # ms each, done at 5, 10 and 14): as the second and the third are made, the write
+    # before each is not seen done (80 MB held); the last cannot be written by the end. 40
+    # MB can go. Rebuilding the second needs no bandwidth: 40 MB held at most, 80 MB can go.
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3] / "benches"))
     import ratios
 
-    prof = planner.Profile([planner.SegmentProfile(10.0, 20.0, [40 * MB] * 3, 0, None, [1.0, 2.0, 10.0])])
+    prof = planner.Profile([planner.SegmentProfile(10.0, 20.0, [40 * MB] * 3, 0, None, [1.0, 6.0, 10.0])])
     result = {"policy": {"profile": prof.to_dict(), "write_gbps": 10.0, "read_gbps": 10.0}}
     assert ratios.schedule_bound_bytes(result) == 40 * MB
     prof.segments[0].rebuild_ms = [None, 0.1, None]
@@ -449,18 +461,20 @@ def test_recorded_steps_free_nine_tenths_of_what_the_schedule_allows(path):
     got = planner.plan(prof, tiers, window=default_window, prefetch_segments=2, **goal)
     freed = prof.activation_bytes - got.outcome.activation_bytes
     assert freed >= 0.9 * bound, (freed / bound, got.reason)
-    # and the bound bounds, to within its slack (leaving a large early tensor out can let
-    # the ones after it finish sooner)
-    assert freed <= 1.02 * bound, (freed / bound, got.reason)
+    # and the bound bounds, to within its slack: leaving tensors out lets the ones after
+    # them finish sooner, and a write seen done at an earlier save frees its bytes before
+    # more are made (8.6% on the striped /dev/shm step, whose writes lag furthest)
+    assert freed <= 1.1 * bound, (freed / bound, got.reason)
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=lambda p: p.stem)
 def test_a_plans_timeline_gives_the_memory_it_predicts(path):
     # The offloader holds forward to the plan's timeline (at each save it waits for the
-    # writes the plan has done by then): that timeline must be the one the memory was
-    # predicted from. At every save, what is held is what was kept so far and what was
-    # offloaded so far with its write not done; the most of it is the plan's activation
-    # memory. Every save is timed, rebuilt ones too; every write ends after its save.
+    # writes the plan has done by that save's release time): that timeline must be the one
+    # the memory was predicted from. As each tensor is made, what is held is what was kept
+    # before it, what was offloaded before it with its write not done by the save before's
+    # release, and the tensor itself; the most of it is the plan's activation memory.
+    # Every save is timed, rebuilt ones too; every write ends after its save.
     prof, tiers = recorded_step(path)
     for goal in ({}, {"max_slowdown": 1.05}):
         got = planner.plan(prof, tiers, window=default_window, prefetch_segments=2, **goal)
@@ -472,15 +486,15 @@ def test_a_plans_timeline_gives_the_memory_it_predicts(path):
         order = sorted(o.save_ms, key=lambda t: (o.save_ms[t], t))
         size = {(i, k): s.tensors[k] for i, s in enumerate(prof.segments) for k in range(len(s.tensors))}
         size.update({(i, -1): s.input_bytes for i, s in enumerate(prof.segments)})
-        held, kept = 0, 0
+        assert all(o.release_ms[t] >= o.save_ms[t] for t in o.save_ms), got.reason
+        held, kept, released = 0, 0, 0.0
         for n, t in enumerate(order):
-            at = o.save_ms[t]
-            if t in got.rebuild:
-                continue
+            b = 0 if t in got.rebuild else size[t]
+            pending = sum(size[u] for u in order[:n] if u in got.offload and o.write_done_ms[u] > released)
+            held = max(held, kept + pending + b)
             if t not in got.offload:
-                kept += size[t]
-            pending = sum(size[u] for u in order[: n + 1] if u in got.offload and o.write_done_ms[u] > at)
-            held = max(held, kept + pending)
+                kept += b
+            released = o.release_ms[t]
         assert held == o.activation_bytes, (held, o.activation_bytes, got.reason)
 
 
@@ -538,14 +552,14 @@ def test_a_deep_model_plans_in_simulations_linear_in_its_tensors(monkeypatch):
 
 
 def test_the_search_crosses_moves_that_free_nothing_one_by_one(monkeypatch):
-    # The recorded step at hidden 12288 on striped /dev/shm, within 1.2x: in the saturated
-    # write channel one more tensor frees nothing until several have gone. Crossing such
-    # moves frees more than stopping at the first of them.
+    # The recorded step at hidden 12288 on striped /dev/shm, the default goal: in the
+    # saturated write channel one more tensor frees nothing until several have gone.
+    # Crossing such moves frees more than stopping at the first of them.
     prof, tiers = recorded_step(PROFILES[[p.stem for p in PROFILES].index("h100-gpt-h12288-s1024-mb8-shm8")])
 
     def held():
-        got = planner.plan(prof, tiers, max_slowdown=1.2, window=default_window, prefetch_segments=2)
-        assert got.outcome.extra_ms <= 0.2 * prof.step_ms + 1e-9
+        got = planner.plan(prof, tiers, window=default_window, prefetch_segments=2)
+        assert got.outcome.extra_ms <= planner.ADAPTIVE_TOLERANCE * prof.step_ms + 1e-9
         return got.outcome.activation_bytes
 
     crossing = held()

@@ -1030,18 +1030,20 @@ class Offloader:
             self._held_peak = held
 
     def _planned_ms(self, key: Tuple[int, int], write: bool = False) -> Optional[float]:
-        """When the plan has the tensor of storage ``key`` saved (or, with ``write``, its
-        write done), in milliseconds from forward's start; None where the plan does not
-        say (no plan per tensor, a tensor it did not see)."""
+        """When the plan lets go, at the save of the tensor of storage ``key``, of the
+        writes done by then (or, with ``write``, when its own write is done), in
+        milliseconds from forward's start; None where the plan does not say (no plan per
+        tensor, a tensor it did not see)."""
         pos = self._positions.get(key)
         if pos is None or self._rok is None:
             return None
         o = self._rok.outcome
-        return (o.write_done_ms if write else o.save_ms).get(pos)
+        return (o.write_done_ms if write else o.release_ms).get(pos)
 
     def _release_planned(self, key: Tuple[int, int]) -> None:
         """At the first save of storage ``key``: waits for the writes the plan has done by
-        this save, and lets go of their tensors.
+        this save (under a budget, also those it needs gone to make room for the next
+        tensor before that is made), and lets go of their tensors.
 
         The plan counts a tensor's memory free from the end of its write, but memory comes
         back only when the host sees the write done, and the host runs ahead of the GPU

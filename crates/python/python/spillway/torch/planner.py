@@ -27,11 +27,16 @@ The activation memory of a plan is the most forward holds at any moment: tensors
 recompute inputs kept, and offloaded tensors whose writes are not done (writes that lag
 behind the saves hold memory before the end of forward, too); under a budget, which
 holds up to backward's start, also the first tensors read back ahead of use as backward
-starts (up to the copy-back window). The simulation's timeline (when each tensor is
-saved, when each write is done) goes with the plan: the offloader waits at each save for
-the writes done by then, so that forward holds what was predicted. Under a budget,
-forward waits for the oldest writes whenever those under way pass what the budget leaves
-beside the kept bytes and the window, as the offloader does, so the budget holds
+starts (up to the copy-back window). The offloader lets go of a written tensor at a save
+(the only moments it runs in forward), and a tensor exists from the start of the
+operation that makes it, before its save: so as each tensor is made, forward holds it
+beside every write not done by the save before (a write that ends during the head's
+long matrix product frees nothing for the logits it makes). The simulation's timeline
+(when each tensor is saved, when each write is done, and up to when each save waits for
+writes) goes with the plan: the offloader waits at each save for the writes done by then,
+so that forward holds what was predicted. Under a budget, forward waits for the oldest
+writes whenever those under way, with the next tensor to be made, pass what the budget
+leaves beside the kept bytes and the window, as the offloader does, so the budget holds
 throughout. The window depends on the plan, as the offloader's does (under a budget, the
 largest tensor the plan offloads: :func:`largest_offloaded`): a plan that keeps its
 largest tensor reserves less. The cost of a plan is its extra step time: forward's waits
@@ -246,9 +251,13 @@ class Outcome:
     #: a recomputed segment's input), forward's waits included, as simulated.
     save_ms: Dict[Tuple[int, int], float] = field(default_factory=dict)
     #: Milliseconds from forward's start to the end of each offloaded tensor's write, as
-    #: simulated: the plan's memory counts the tensor free from then on, so by the first
-    #: save at or after it the offloader has waited for that write (see ``Offloader``).
+    #: simulated: the plan's memory counts the tensor free from the first save whose
+    #: release time (``release_ms``) is at or after it (see ``Offloader``).
     write_done_ms: Dict[Tuple[int, int], float] = field(default_factory=dict)
+    #: At the first save of each tensor, the offloader waits for the writes done by this
+    #: time (milliseconds from forward's start) and lets go of their tensors: the save's own
+    #: time, or under a budget later, where the next tensor needs room before it is made.
+    release_ms: Dict[Tuple[int, int], float] = field(default_factory=dict)
 
 
 @dataclass
@@ -365,8 +374,10 @@ def simulate(
     kept_total = sum(b for _, b, _, off, _, _ in saves if not off or b == 0)
     window = plan_window(window, [b for _, b, _, off, _, _ in saves if off and b > 0])
     limit = None if budget is None else max(budget - kept_total - (window or 0), 0)
-    # Forward, save by save: the bytes held are those kept so far plus those whose writes
-    # are not done. Writes run one after another in save order, none before its save.
+    # Forward, save by save. A tensor exists from the start of the operation that makes it,
+    # before its save: the offloader lets go of written tensors only at saves, so at that
+    # moment forward holds it beside the kept bytes and every write not done by the save
+    # before. Writes run one after another in save order, none before its save.
     delay = 0.0  # forward's waits for writes so far (under a budget)
     chan = 0.0
     written = 0
@@ -377,33 +388,48 @@ def simulate(
     # (segment, bytes, in host tier, due fraction, the tensor)
     placed: List[Tuple[int, int, bool, float, Tuple[int, int]]] = []
     save_ms: Dict[Tuple[int, int], float] = {}
+    release_ms: Dict[Tuple[int, int], float] = {}
     write_done_ms: Dict[Tuple[int, int], float] = {}
-    for t0, b, i, off, frac, tensor in saves:
-        t = t0 + delay
-        save_ms[tensor] = t
-        if tensor in rebuild and b == 0:
-            continue  # a rebuilt tensor: its moment only
-        while inflight and inflight[0][0] <= t:  # a write done by a save freed its bytes first
-            pending -= inflight.popleft()[1]
-        if not off or b == 0:
-            kept += b
-            held = max(held, kept + pending)
-            continue
-        in_host = written + b <= tiers.host_bytes
-        gbps = tiers.host_write_gbps if in_host else tiers.storage_write_gbps
-        chan = max(chan, t) + _gbps_ms(b, gbps)
-        written += b
-        placed.append((i, b, in_host, frac, tensor))
-        inflight.append((chan, b))
-        write_done_ms[tensor] = chan
-        pending += b
-        while limit is not None and pending > limit and inflight:
+    last: Optional[Tuple[int, int]] = None  # the save before, whose hook makes room
+    t_last = 0.0  # its time
+
+    def wait_oldest(room: int, hook: Tuple[int, int], since: float) -> float:
+        """Under a budget, the save ``hook`` (at ``since``) waits for the oldest writes
+        until at most ``room`` bytes are under way; forward waits with it. Returns the
+        time it goes on."""
+        nonlocal pending, delay
+        while limit is not None and pending > room and inflight:
             end, done = inflight.popleft()
             pending -= done
-            if end > t:
-                delay += end - t
-                t = end
-        held = max(held, kept + pending)
+            if end > since:
+                delay += end - since
+                since = end
+            release_ms[hook] = max(release_ms[hook], end)
+        return since
+
+    for t0, b, i, off, frac, tensor in saves:
+        if off and b > 0 and last is not None and limit is not None:
+            # Room for this tensor is made before it is, by the save before.
+            t_last = wait_oldest(limit - b, last, t_last)
+        t = t0 + delay
+        held = max(held, kept + pending + b)
+        save_ms[tensor] = release_ms[tensor] = t
+        last = tensor
+        while inflight and inflight[0][0] <= t:
+            pending -= inflight.popleft()[1]
+        if not off or b == 0:
+            kept += b  # kept, or a rebuilt tensor's moment (0 bytes)
+        else:
+            in_host = written + b <= tiers.host_bytes
+            gbps = tiers.host_write_gbps if in_host else tiers.storage_write_gbps
+            chan = max(chan, t) + _gbps_ms(b, gbps)
+            written += b
+            placed.append((i, b, in_host, frac, tensor))
+            inflight.append((chan, b))
+            write_done_ms[tensor] = chan
+            pending += b
+            t = wait_oldest(limit, tensor, t) if limit is not None else t
+        t_last = t
     t_end = t_forward + delay
     pending_end = sum(b for end, b in inflight if end > t_end)
     # The host tier keeps the newest bytes: those placed past it were written after
@@ -481,6 +507,7 @@ def simulate(
         window_bytes=window,
         save_ms=save_ms,
         write_done_ms=write_done_ms,
+        release_ms=release_ms,
     )
 
 
@@ -899,9 +926,10 @@ def schedule_bound(profile: Profile, tiers: Tiers) -> int:
     """The most bytes any plan can free at forward's peak without forward waiting, on this
     step and these tiers: every tensor that can be rebuilt is rebuilt, every other one is
     written in save order, none before its save, and only writes done by forward's end
-    count. Tighter than a per-layer bound (each layer's bytes over its compute time): the
-    last tensors saved cannot be off the GPU by the end of forward. Not strict: leaving a
-    large early tensor out can let the ones after it finish sooner."""
+    count, each freeing its bytes at the first save after it. Tighter than a per-layer
+    bound (each layer's bytes over its compute time): the last tensors saved cannot be off
+    the GPU by the end of forward. Not strict: leaving tensors out lets the ones after them
+    finish sooner and be seen done at an earlier save."""
     rebuild = frozenset(profile.rebuildable())
     offload = frozenset(t for t in profile.tensor_ids() if t not in rebuild)
     held = simulate(profile, tiers, offload, frozenset(), rebuild=rebuild).activation_bytes
