@@ -524,13 +524,41 @@ def test_the_host_tier_serves_both_policies_with_gradients_bitwise(tmp_path, dev
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="measures GPU memory: needs a CUDA GPU")
+def forward_ms(model, batch):
+    """Milliseconds of one forward pass (no offloading), timed on the GPU."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.no_grad():
+        model(*batch)
+        start.record()
+        model(*batch)
+        end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def copy_out_gbps(nbytes=256 << 20):
+    """GB/s of one device-to-pinned-host copy of ``nbytes``, timed on the GPU."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    dst.copy_(src, non_blocking=True)
+    start.record()
+    dst.copy_(src, non_blocking=True)
+    end.record()
+    torch.cuda.synchronize()
+    return nbytes / (start.elapsed_time(end) * 1e6)
+
+
 def test_the_peak_falls_by_what_the_host_tier_took_before_it(tmp_path):
     # Offloaded tensors whose copies into the host tier are done give their GPU memory back
-    # during forward: the peak falls by about what was offloaded (all but the last block).
+    # during forward: the peak falls by at least half of what the host tier can take in
+    # forward's time at the measured copy bandwidth (all offloaded bytes, where forward is
+    # long enough). Nothing given back during forward fails this.
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=512, seq_len=512, n_layer=6, n_head=8, d_model=512)
     model = GPT(cfg, device="cuda")
     x = torch.randint(0, 512, (16, 512), device="cuda")
+    movable = copy_out_gbps() * 1e6 * forward_ms(model, (x, x))
 
     def peak_of(ctx=None):
         model.zero_grad(set_to_none=True)
@@ -551,7 +579,7 @@ def test_the_peak_falls_by_what_the_host_tier_took_before_it(tmp_path):
         tier = off.engine.stats()["host_tier"]
     assert_bitwise_equal(got, want)
     assert offloaded > 0 and tier["bytes_in"] > 0
-    assert peak <= base - 0.5 * offloaded, (base, peak, offloaded)
+    assert peak <= base - 0.5 * min(offloaded, movable), (base, peak, offloaded, movable)
 
 
 @pytest.mark.parametrize("device", DEVICES)
