@@ -523,7 +523,6 @@ def test_the_host_tier_serves_both_policies_with_gradients_bitwise(tmp_path, dev
         assert tier["bytes_spilled"] > 0 and tier["bytes_read_storage"] > 0, tier
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures GPU memory: needs a CUDA GPU")
 def forward_ms(model, batch):
     """Milliseconds of one forward pass (no offloading), timed on the GPU."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -549,6 +548,7 @@ def copy_out_gbps(nbytes=256 << 20):
     return nbytes / (start.elapsed_time(end) * 1e6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures GPU memory: needs a CUDA GPU")
 def test_the_peak_falls_by_what_the_host_tier_took_before_it(tmp_path):
     # Offloaded tensors whose copies into the host tier are done give their GPU memory back
     # during forward: the peak falls by at least half of what the host tier can take in
