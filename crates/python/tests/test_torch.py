@@ -747,11 +747,20 @@ def test_a_step_is_planned_again_only_when_its_io_made_it_slower(tmp_path):
     with offloader(model, tmp_path, policy="adaptive", probe_bytes=8 << 20) as off:
         for _ in range(2):
             run_step(model, data, off.step())
-        predicted = sum(s.fwd_ms + s.bwd_ms for s in off._profiled) + off._rok.outcome.extra_ms
+        segments_ms = sum(s.fwd_ms + s.bwd_ms for s in off._profiled)
+        assert off._profiled_seconds > 0
+        predicted = max(segments_ms, off._profiled_seconds * 1e3) + off._rok.outcome.extra_ms
         on_time, late = predicted * 1.01 / 1e3, predicted * 1.2 / 1e3
         assert not off._step_overran(on_time, stall=0.5 * on_time)
         assert not off._step_overran(late, stall=0.0)
         assert off._step_overran(late, stall=0.1 * late)
+        # What runs between the segments counts: the profiled step took 10% more than its
+        # segments' sum, and a step 5% over that sum (with host waits) is on time.
+        off._profiled_seconds = 1.1 * segments_ms / 1e3
+        busy = (1.05 * segments_ms + off._rok.outcome.extra_ms) / 1e3
+        assert not off._step_overran(busy, stall=0.1 * busy)
+        off._profiled_seconds = 0.0
+        assert off._step_overran(busy, stall=0.1 * busy)
         # A step that overran is planned again with less of the bandwidth it waited on, and
         # says why: here reads (backward), then writes (forward), then both. (Each revision
         # made the step faster, though not yet on time.)

@@ -298,6 +298,7 @@ class Offloader:
         self._plan_steps = 0  # steps that ended under the plan in force
         self._profiled: List[Segment] = []  # the measured step's segments
         self._profiled_held = 0  # saved bytes it held at most
+        self._profiled_seconds = 0.0  # its wall time, measured as every step's
         self._totals = dict(
             offloaded_tensors=0, offloaded_dtensors=0, kept_tensors=0, rebuilt_tensors=0, bytes_offloaded=0, bytes_kept=0,
             bytes_rebuilt=0, rebuild_missed=0, bytes_fetched=0, bytes_fetched_ahead=0, stall_s=0.0, step_s=0.0,
@@ -469,6 +470,7 @@ class Offloader:
                 # The measured step is what every later plan is made from.
                 self._profiled = list(segs)
                 self._profiled_held = self._held_peak
+                self._profiled_seconds = seconds
                 self._plan = self._make_plan()
                 self._plan_fresh = True
                 self._plan_steps = 0
@@ -541,8 +543,12 @@ class Offloader:
         """Whether a planned step was slowed by its I/O: the host waited for it (more than
         2% of the step) and the step took longer than the plan predicted (by more than
         3%). Host waits alone are not enough: the host runs ahead of the GPU, and a wait
-        while the GPU still has work queued costs the step nothing."""
-        predicted_ms = sum(s.fwd_ms + s.bwd_ms for s in self._profiled) + self._rok.outcome.extra_ms
+        while the GPU still has work queued costs the step nothing. The prediction starts
+        from the profiled step's wall time, measured as this one was: its segments' times
+        leave out what runs between them (the loss, hooks, launches), a few percent of a
+        step."""
+        profiled_ms = max(sum(s.fwd_ms + s.bwd_ms for s in self._profiled), self._profiled_seconds * 1e3)
+        predicted_ms = profiled_ms + self._rok.outcome.extra_ms
         return stall > 0.02 * seconds and seconds * 1e3 > STEP_OVERRUN * predicted_ms
 
     def _drop_step_state(self) -> None:
