@@ -423,7 +423,7 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.settle_steps < 0:
-        raise SystemExit("--settle-steps must be >= 0")
+        raise SystemExit("train_gpt.py: --settle-steps must be >= 0")
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("train_gpt.py: --steps must be >= 1 and --warmup >= 0")
     return args

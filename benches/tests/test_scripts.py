@@ -357,3 +357,13 @@ def test_the_grid_halves_the_micro_batch_where_the_baseline_does_not_fit_and_res
     assert calls == [] and "skipped" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         rok_grid.main(grid + ["--batch", "0"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--settle-steps", "-1"], "--settle-steps must be >= 0"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_train_gpt_refuses_bad_step_counts_by_name(flags, message):
+    pytest.importorskip("torch")
+    out = subprocess.run([sys.executable, str(BENCHES / "train_gpt.py"), *flags], capture_output=True, text=True)
+    assert out.returncode != 0 and message in out.stderr, (out.returncode, out.stderr)

@@ -393,12 +393,12 @@ def simulate(
     last: Optional[Tuple[int, int]] = None  # the save before, whose hook makes room
     t_last = 0.0  # its time
 
-    def wait_oldest(room: int, hook: Tuple[int, int], since: float) -> float:
+    def wait_oldest(room: Optional[int], hook: Tuple[int, int], since: float) -> float:
         """Under a budget, the save ``hook`` (at ``since``) waits for the oldest writes
         until at most ``room`` bytes are under way; forward waits with it. Returns the
-        time it goes on."""
+        time it goes on (``since`` without a budget)."""
         nonlocal pending, delay
-        while limit is not None and pending > room and inflight:
+        while room is not None and pending > room and inflight:
             end, done = inflight.popleft()
             pending -= done
             if end > since:
@@ -408,9 +408,9 @@ def simulate(
         return since
 
     for t0, b, i, off, frac, tensor in saves:
-        if off and b > 0 and last is not None and limit is not None:
+        if off and b > 0 and last is not None:
             # Room for this tensor is made before it is, by the save before.
-            t_last = wait_oldest(limit - b, last, t_last)
+            t_last = wait_oldest(None if limit is None else limit - b, last, t_last)
         t = t0 + delay
         held = max(held, kept + pending + b)
         save_ms[tensor] = release_ms[tensor] = t
@@ -428,7 +428,7 @@ def simulate(
             inflight.append((chan, b))
             write_done_ms[tensor] = chan
             pending += b
-            t = wait_oldest(limit, tensor, t) if limit is not None else t
+            t = wait_oldest(limit, tensor, t)
         t_last = t
     t_end = t_forward + delay
     pending_end = sum(b for end, b in inflight if end > t_end)
